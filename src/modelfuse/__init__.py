@@ -1,0 +1,2 @@
+"""modelfuse: fuse trained neural networks."""
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Reading and checking arrays of predictions, scores and labels.
+
+Shared by the ensemble, calibration and comparison commands so that every one
+of them accepts the same files (``.npy``, ``.npz``, ``.csv``) and rejects bad
+input with the same one-line messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from modelfuse.errors import DataError
+
+__all__ = [
+    "check_labels",
+    "check_predictions",
+    "load_array",
+]
+
+PredictionKind = Literal["probabilities", "logits"]
+
+
+def load_array(path: str | Path, *, key: str | None = None) -> np.ndarray:
+    """Load one array from ``.npy``, ``.npz`` or ``.csv``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file. A ``.npz`` holding one array needs no ``key``; with several,
+        ``key`` names the one to read (or use ``FILE.npz:KEY`` as the path).
+        A ``.csv`` is read as numbers; a header line is skipped when present.
+    key : str, optional
+        The array's name inside a ``.npz``.
+
+    Returns
+    -------
+    numpy.ndarray
+
+    Raises
+    ------
+    DataError
+        The file is missing, unreadable, of an unknown type, or empty.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "a.npy")
+    >>> np.save(p, np.eye(2)); load_array(p).shape
+    (2, 2)
+    """
+    text = str(path)
+    if key is None and text.endswith(".npz") is False and ".npz:" in text:
+        text, key = text.split(".npz:", 1)
+        text += ".npz"
+    p = Path(text)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; give the path of a .npy, .npz or .csv file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if key is None:
+                    if len(names) != 1:
+                        raise DataError(
+                            f"{p}: holds {len(names)} arrays ({', '.join(names)}); "
+                            f"name one as {p}:NAME"
+                        )
+                    key = names[0]
+                if key not in names:
+                    raise DataError(
+                        f"{p}: no array named {key!r}; it holds {', '.join(names) or 'none'}"
+                    )
+                array = archive[key]
+        elif suffix == ".csv":
+            array = _load_csv(p)
+        else:
+            raise DataError(f"{p}: unknown file type {suffix!r}; expected .npy, .npz or .csv")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{p}: cannot be read as {suffix} ({exc})") from None
+    if array.size == 0:
+        raise DataError(f"{p}: the array is empty (shape {array.shape}); expected data")
+    return array
+
+
+def _load_csv(path: Path) -> np.ndarray:
+    with path.open() as handle:
+        first = handle.readline()
+    cells = [c.strip() for c in first.split(",")]
+    skip = 0
+    try:
+        [float(c) for c in cells if c]
+    except ValueError:
+        skip = 1  # a header line
+    array = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=1)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    return array
+
+
+def check_predictions(
+    predictions: np.ndarray,
+    kind: PredictionKind,
+    *,
+    source: str = "predictions",
+    atol: float = 1e-3,
+) -> np.ndarray:
+    """Check an array of predictions and return it as floating point.
+
+    Parameters
+    ----------
+    predictions : array of shape (..., n_classes)
+        Probabilities or logits; the last axis holds the classes.
+    kind : {"probabilities", "logits"}
+        What the numbers are. Never guessed: probabilities must be in [0, 1]
+        and sum to one over the last axis (within ``atol``).
+    source : str
+        Names the file or argument in error messages.
+    atol : float
+        Tolerance on the sums of probabilities.
+
+    Raises
+    ------
+    DataError
+        Empty, not at least 2-D, NaN or inf, or probabilities that do not sum to one.
+    """
+    if kind not in ("probabilities", "logits"):
+        raise DataError(f"{source}: kind must be 'probabilities' or 'logits', got {kind!r}")
+    array = np.asarray(predictions)
+    if array.size == 0:
+        raise DataError(f"{source}: the array is empty (shape {array.shape}); expected predictions")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{source}: expected real numbers, got dtype {array.dtype}")
+    if array.ndim < 2:
+        raise DataError(
+            f"{source}: expected shape (n_samples, n_classes), got {array.shape}; "
+            "for a binary score give two columns (1 - p, p)"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float64)
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = np.argwhere(~finite)[0]
+        raise DataError(
+            f"{source}: {int((~finite).sum())} NaN or inf values, the first at index "
+            f"{tuple(int(i) for i in where)}; remove or repair them"
+        )
+    if kind == "probabilities":
+        if array.min() < -atol or array.max() > 1 + atol:
+            raise DataError(
+                f"{source}: probabilities must lie in [0, 1], got values in "
+                f"[{array.min():.4g}, {array.max():.4g}]; pass kind='logits' if these are logits"
+            )
+        sums = array.sum(axis=-1)
+        bad = np.abs(sums - 1) > atol
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataError(
+                f"{source}: probabilities must sum to 1 over the last axis, but "
+                f"{int(bad.sum())} rows do not (row {first} sums to {sums[first]:.6g}); "
+                "pass kind='logits' if these are logits"
+            )
+    return array
+
+
+def check_labels(
+    labels: np.ndarray,
+    *,
+    n_samples: int | None = None,
+    n_classes: int | None = None,
+    source: str = "labels",
+) -> np.ndarray:
+    """Check integer class labels and return them as ``int64``.
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,)
+    n_samples : int, optional
+        The expected length (that of the predictions).
+    n_classes : int, optional
+        Labels must lie in ``[0, n_classes)``.
+    source : str
+        Names the file or argument in error messages.
+
+    Raises
+    ------
+    DataError
+        Empty, not 1-D, not integral, NaN, wrong length, or outside the class range.
+    """
+    array = np.asarray(labels)
+    if array.size == 0:
+        raise DataError(f"{source}: the array is empty; expected one label per sample")
+    if array.ndim != 1:
+        raise DataError(f"{source}: expected shape (n_samples,), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{source}: expected integer class labels, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{source}: contains NaN or inf; expected integer class labels")
+        if not np.all(array == np.round(array)):
+            raise DataError(f"{source}: expected integer class labels, got fractional values")
+    array = array.astype(np.int64)
+    if n_samples is not None and array.shape[0] != n_samples:
+        raise DataError(
+            f"{source}: {array.shape[0]} labels for {n_samples} predictions; "
+            "expected one label per sample"
+        )
+    if array.min() < 0 or (n_classes is not None and array.max() >= n_classes):
+        hi = "" if n_classes is None else f" for {n_classes} classes"
+        raise DataError(
+            f"{source}: labels must lie in [0, {n_classes if n_classes is not None else 'n'})"
+            f"{hi}, got values in [{array.min()}, {array.max()}]"
+        )
+    return array
