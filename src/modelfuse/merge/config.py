@@ -1,0 +1,172 @@
+"""The merge configuration: YAML (mergekit's format) validated by pydantic.
+
+A mergekit configuration is accepted as it is::
+
+    merge_method: task_arithmetic
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 1.0}
+      - model: ./code
+        parameters: {weight: [0.2, 0.8]}     # a gradient over the layers
+    parameters:
+      lambda: 0.8
+    dtype: bfloat16
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.parameters import ParameterSetting, format_validation_error
+
+__all__ = [
+    "DTYPES",
+    "DTypeName",
+    "MergeConfig",
+    "ModelEntry",
+    "load_config",
+    "resolve_dtype",
+]
+
+DTypeName = Literal["float32", "float16", "bfloat16"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(name: str | None, *, key: str = "dtype") -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None; unknown names list the valid ones."""
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(
+            f"{key}: unknown dtype {name!r}; valid: float32, float16, bfloat16"
+        ) from None
+
+
+class ModelEntry(BaseModel):
+    """One input model: ``{model: PATH, parameters: {...}, statistics: PATH}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local path of a checkpoint file or model folder")
+    parameters: dict[str, ParameterSetting] | None = Field(
+        None, description="per-model parameter settings (override the global ones)"
+    )
+    statistics: str | None = Field(
+        None,
+        description="safetensors file of statistics (Fisher diagonal or Gram matrices) "
+        "for data-aware methods",
+    )
+
+
+class MergeConfig(BaseModel):
+    """A merge: the method, the models, the base and the parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str = Field(description="name of a registered merge method")
+    models: list[ModelEntry] = Field(min_length=1, description="the models to merge")
+    base_model: str | None = Field(None, description="the base (pre-trained) model")
+    parameters: dict[str, ParameterSetting] | None = Field(
+        None, description="global parameter settings"
+    )
+    dtype: str | None = Field(None, description="compute dtype the inputs are cast to")
+    out_dtype: str | None = Field(None, description="dtype of the written tensors")
+    tokenizer_source: Literal["base"] | None = Field(
+        None,
+        description="where the tokenizer comes from; modelfuse copies it from the base "
+        "model (or the first model) and supports only 'base'",
+    )
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; valid: float32, float16, bfloat16")
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _bare_paths(cls, value: Any) -> Any:
+        # ``models: [./a, ./b]`` is a convenient shorthand for ``[{model: ./a}, ...]``.
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[MergeConfig, Path]:
+    """Read and validate a configuration.
+
+    Parameters
+    ----------
+    source : path, dict or MergeConfig
+        A YAML file, an already-parsed mapping, or a configuration.
+
+    Returns
+    -------
+    (MergeConfig, Path)
+        The configuration and the folder that relative model paths are
+        resolved against as a fall-back (the YAML file's folder, else the
+        working directory).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a key is unknown or invalid; the
+        message names the file and every offending key.
+
+    Examples
+    --------
+    >>> cfg, _ = load_config({"merge_method": "linear", "models": ["a", "b"]})
+    >>> [m.model for m in cfg.models]
+    ['a', 'b']
+    """
+    if isinstance(source, MergeConfig):
+        return source, Path.cwd()
+    where = "configuration"
+    folder = Path.cwd()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', exc)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
+        folder = path.resolve().parent
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where}: expected a mapping with merge_method and models, got {type(data).__name__}"
+        )
+    try:
+        return MergeConfig.model_validate(data), folder
+    except ValidationError as exc:
+        message = format_validation_error(exc, where=where)
+        if any(err["type"] == "extra_forbidden" for err in exc.errors()):
+            message += "; valid keys: " + ", ".join(MergeConfig.model_fields)
+        raise ConfigError(message) from None

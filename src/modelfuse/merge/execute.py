@@ -1,0 +1,174 @@
+"""Running a plan: read, merge and hand over each tensor, in a small thread pool.
+
+Shared by the streaming file merge (:mod:`modelfuse.merge.engine`) and the
+in-memory merge (:mod:`modelfuse.merge.state_dict`): they differ only in where
+the inputs come from and where the results go.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+
+from modelfuse.errors import ModelfuseError
+from modelfuse.merge.plan import MergePlan, TensorTask
+
+__all__ = [
+    "NonFiniteInputWarning",
+    "default_threads",
+    "execute_plan",
+    "prepare_stream",
+    "tensor_generator",
+]
+
+
+class NonFiniteInputWarning(UserWarning):
+    """An input tensor holds NaN or inf values."""
+
+
+def tensor_generator(seed: int | None, name: str) -> torch.Generator:
+    """A generator seeded from ``seed`` and the tensor's name.
+
+    The stream of random numbers for a tensor depends only on the seed and the
+    name, never on the order in which tensors are merged or on the thread.
+    """
+    base = 0 if seed is None else int(seed)
+    mixed = (base * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _read(plan: MergePlan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    compute = plan.compute_dtype
+    warned = []
+
+    def load(source: Any, label: str) -> torch.Tensor:
+        tensor = source.read(task.name)
+        if compute is not None and tensor.dtype != compute:
+            tensor = tensor.to(compute)
+        tensor = tensor.to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            warned.append(label)
+        return tensor
+
+    tensors = [load(m.source, m.label) for m in plan.models]
+    base = load(plan.base.source, plan.base.label) if plan.base is not None else None
+    for label in warned:
+        warnings.warn(
+            f"{label}: tensor {task.name} holds NaN or inf values; the merged tensor may too",
+            NonFiniteInputWarning,
+            stacklevel=2,
+        )
+    return tensors, base
+
+
+def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Tensor:
+    if task.action == "copy":  # non-float tensors (ids, masks): the reference's, as they are
+        return plan.reference.source.read(task.name).clone()
+    tensors, base = _read(plan, task)
+    method = plan.method
+    kwargs = dict(task.parameters)
+    kwargs.update({k: v for k, v in extra.items() if k in method.accepts})
+    if "name" in method.accepts:
+        kwargs["name"] = task.name
+    if "generator" in method.accepts:
+        kwargs["generator"] = tensor_generator(task.parameters.get("random_seed"), task.name)
+    if "statistics" in method.accepts:
+        stats: dict[str, list[torch.Tensor | None]] = {}
+        for kind in method.statistics:
+            stats[kind] = [
+                m.statistics.read(task.name)
+                if m.statistics is not None and task.name in m.statistics
+                else None
+                for m in plan.models
+            ]
+        kwargs["statistics"] = stats
+    try:
+        result = method.function(tensors, base, **kwargs)
+    except ModelfuseError as exc:
+        raise type(exc)(f"tensor {task.name}: {exc}") from None
+    if tuple(result.shape) != task.shape:
+        raise RuntimeError(
+            f"merge method {method.name!r} returned shape {list(result.shape)} for tensor "
+            f"{task.name}, expected {list(task.shape)}"
+        )
+    return result.to(task.out_dtype).contiguous()
+
+
+def prepare_stream(plan: MergePlan) -> Callable[[], Iterator[tuple[str, list, Any, Any]]]:
+    """A re-iterable stream of ``(name, tensors, base, parameters)`` over merged tensors."""
+
+    def stream() -> Iterator[tuple[str, list, Any, Any]]:
+        for task in plan.tasks:
+            if task.action != "merge":
+                continue
+            tensors, base = _read(plan, task)
+            yield task.name, tensors, base, task.parameters
+
+    return stream
+
+
+def execute_plan(
+    plan: MergePlan,
+    sink: Callable[[TensorTask, torch.Tensor], None],
+    *,
+    threads: int = 1,
+    on_done: Callable[[TensorTask], None] | None = None,
+) -> None:
+    """Merge every tensor of ``plan`` and pass each result to ``sink`` as soon as it is ready.
+
+    At most ``threads + 1`` tensors are in flight, so memory is bounded by a few
+    tensors whatever the model size. ``sink`` may be called from worker threads.
+    The first error stops the work and is raised.
+    """
+    extra: dict[str, Any] = {}
+    if plan.method.prepare is not None:
+        extra = plan.method.prepare(prepare_stream(plan))
+
+    def work(task: TensorTask) -> TensorTask:
+        sink(task, _call(plan, task, extra))
+        return task
+
+    if threads <= 1:
+        for task in plan.tasks:
+            work(task)
+            if on_done is not None:
+                on_done(task)
+        return
+
+    pending: set[Future[TensorTask]] = set()
+    queue = iter(plan.tasks)
+    limit = threads + 1
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
+        try:
+            for task in queue:
+                pending.add(pool.submit(work, task))
+                while len(pending) >= limit:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        finished = future.result()
+                        if on_done is not None:
+                            on_done(finished)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished = future.result()
+                    if on_done is not None:
+                        on_done(finished)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def default_threads() -> int:
+    """All cores available to this process, as ``--threads`` defaults to."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+

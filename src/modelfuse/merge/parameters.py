@@ -1,0 +1,187 @@
+"""Merge parameters: how they are declared, written and resolved per tensor.
+
+Every merge method declares its parameters once, as a pydantic model (a
+subclass of :class:`MethodParameters`). A field annotated with
+:data:`PER_MODEL` takes one value per input model (``weight``, ``density``);
+the others are global (``normalize``, ``lambda``). The configuration (YAML or
+keyword arguments), the command line's ``--help`` and every error message come
+from that declaration.
+
+A parameter *setting* is written as mergekit writes it:
+
+- a scalar: ``0.5``;
+- a gradient: ``[0, 0.3, 1]``, interpolated linearly over the layer index;
+- name filters: ``[{filter: self_attn, value: 0.2}, {value: 0.8}]``; the first
+  entry whose filter is a substring of the tensor's name wins, an entry
+  without a filter (or ``"*"``) is the fallback; a value may itself be a
+  gradient.
+
+Layer position ``t``: the tensors of layer ``i`` of ``n`` get ``t = i / (n - 1)``
+(``t = 1`` for a single layer); tensors outside the layers get ``t = 0`` when
+they are embeddings (their name contains ``embed``, ``wte`` or ``wpe``) and
+``t = 1`` otherwise (final norm, output head), as in mergekit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from modelfuse.errors import ConfigError
+
+__all__ = [
+    "PER_MODEL",
+    "Conditional",
+    "MethodParameters",
+    "ParameterSetting",
+    "Scalar",
+    "evaluate_setting",
+    "format_validation_error",
+]
+
+Scalar = bool | int | float | str
+
+
+class Conditional(BaseModel):
+    """One entry of a filtered setting: ``{filter: NAME-PART, value: SETTING}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: str | None = None
+    value: Scalar | list[float] | list[Scalar]
+
+
+ParameterSetting = Scalar | list[float] | list[Scalar] | list[Conditional] | Conditional
+
+
+class _PerModel:
+    """Marker placed in ``Annotated`` metadata of per-model parameters."""
+
+    def __repr__(self) -> str:
+        return "PER_MODEL"
+
+
+PER_MODEL = _PerModel()
+"""Annotate a field ``Annotated[float, PER_MODEL]`` to take one value per model."""
+
+
+class MethodParameters(BaseModel):
+    """Base class of the resolved, validated parameters of a merge method.
+
+    Fields are the parameters of the method for one tensor; per-model fields
+    (annotated with :data:`PER_MODEL`) are validated once per model. Fields may
+    carry an alias for names that are Python keywords (``lambda``).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    method_name: ClassVar[str] = ""
+
+    @classmethod
+    def per_model_fields(cls) -> tuple[str, ...]:
+        """Python names of the per-model fields."""
+        return tuple(
+            name for name, info in cls.model_fields.items() if PER_MODEL in info.metadata
+        )
+
+    @classmethod
+    def global_fields(cls) -> tuple[str, ...]:
+        """Python names of the global fields."""
+        per = set(cls.per_model_fields())
+        return tuple(name for name in cls.model_fields if name not in per)
+
+    @classmethod
+    def config_name(cls, field: str) -> str:
+        """The name under which ``field`` is written in a configuration."""
+        info = cls.model_fields[field]
+        return info.alias or field
+
+    @classmethod
+    def field_for(cls, config_name: str) -> str | None:
+        """The Python field of a configuration key, or None if the method has no such key."""
+        for name, info in cls.model_fields.items():
+            if config_name in (name, info.alias):
+                return name
+        return None
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str, str]]:
+        """Rows ``(name, scope, default, description)`` for help texts and docs."""
+        rows = []
+        per = set(cls.per_model_fields())
+        for name, info in cls.model_fields.items():
+            default = "required" if info.is_required() else repr(info.default)
+            scope = "per model" if name in per else "global"
+            rows.append((cls.config_name(name), scope, default, info.description or ""))
+        return rows
+
+
+def _interpolate(values: Sequence[Any], t: float) -> Any:
+    if len(values) == 0:
+        raise ConfigError("a gradient needs at least one value, got an empty list")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        scaled = t * (len(values) - 1)
+        i0 = min(int(math.floor(scaled)), len(values) - 1)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * float(values[i0]) + frac * float(values[i1])
+    return values[int(t * (len(values) - 1))]
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Resolve one parameter setting for one tensor.
+
+    Parameters
+    ----------
+    setting : scalar, list of numbers, list of conditionals, or conditional
+        The value as written in the configuration.
+    tensor_name : str
+        The name of the output tensor; filters match substrings of it.
+    t : float
+        The tensor's layer position in [0, 1].
+
+    Returns
+    -------
+    The resolved scalar, or ``None`` when filters are given and none matches.
+
+    Examples
+    --------
+    >>> evaluate_setting([0.0, 1.0], "model.layers.3.mlp.up_proj.weight", 0.25)
+    0.25
+    >>> evaluate_setting([{"filter": "mlp", "value": 2.0}, {"value": 1.0}], "x.mlp.w", 0.0)
+    2.0
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, Mapping):
+        setting = [Conditional.model_validate(setting)]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, (list, tuple)):
+        if all(isinstance(v, (bool, int, float, str)) for v in setting):
+            return _interpolate(setting, t)
+        for entry in setting:
+            cond = entry if isinstance(entry, Conditional) else Conditional.model_validate(entry)
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return evaluate_setting(cond.value, tensor_name, t)
+        return None
+    raise ConfigError(
+        f"parameter setting {setting!r} is not a number, a list of numbers (gradient) "
+        "or a list of {filter, value} entries"
+    )
+
+
+def format_validation_error(exc: ValidationError, *, where: str) -> str:
+    """One line from a pydantic ValidationError: each failing key, what was wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        received = err.get("input")
+        text = err["msg"]
+        if err["type"] == "extra_forbidden":
+            text = "unknown key"
+        parts.append(f"{loc}: {text} (got {received!r})")
+    return f"{where}: " + "; ".join(parts)

@@ -1,0 +1,131 @@
+"""The one registry of merge methods.
+
+A merge method is a pure function of the tensors of one name::
+
+    function(tensors: list[Tensor], base: Tensor | None, **parameters) -> Tensor
+
+``tensors`` are the input models' tensors in float32 (never modified), ``base``
+the base model's tensor or ``None``, and ``parameters`` the method's declared
+parameters resolved for this tensor (per-model ones as lists, one value per
+model). A function may also accept these keywords, which the engine fills in
+when the signature asks for them:
+
+``name``
+    the tensor's name;
+``generator``
+    a ``torch.Generator`` seeded from ``random_seed`` and the tensor's name, so
+    that results do not depend on the order or the thread that merges tensors;
+``statistics``
+    ``{kind: list[Tensor | None]}``, per-model statistics tensors of the same
+    name (Fisher diagonals, Gram matrices) for data-aware methods;
+anything returned by the method's ``prepare`` pass (whole-model scalars).
+
+Registering a method is one entry in the :data:`METHODS` dict at the end of
+this file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.linear import LinearParameters, linear
+from modelfuse.merge.parameters import MethodParameters
+from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "PrepareInput",
+    "get_method",
+    "method_table",
+]
+
+PrepareInput = Callable[[], Iterator[tuple[str, list[torch.Tensor], "torch.Tensor | None", Any]]]
+"""Calling it streams ``(name, tensors, base, parameters)`` over every merged tensor once."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes
+    ----------
+    name : str
+        The name used in configurations (``merge_method``).
+    function : callable
+        The per-tensor function (see the module docstring).
+    parameters : type of MethodParameters
+        The declaration of every parameter, with defaults and bounds.
+    summary : str
+        One line for ``--help`` and error messages.
+    requires_base : bool
+        Whether a ``base_model`` is required.
+    min_models, max_models : int, int or None
+        How many input models (the base not counted) the method takes.
+    statistics : tuple of str
+        Statistics each model must provide (``"fisher"``, ``"gram"``).
+    prepare : callable, optional
+        ``prepare(stream: PrepareInput) -> dict`` computes whole-model values in
+        an extra pass before merging; the dict is passed to every call.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    parameters: type[MethodParameters]
+    summary: str
+    requires_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    statistics: tuple[str, ...] = ()
+    prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
+    accepts: frozenset[str] = field(default=frozenset(), compare=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(inspect.signature(self.function).parameters)
+        object.__setattr__(self, "accepts", names)
+
+
+def get_method(name: str, *, where: str = "merge_method") -> MergeMethod:
+    """Look a method up by name; an unknown name lists the valid ones.
+
+    Examples
+    --------
+    >>> import modelfuse.merge
+    >>> get_method("linear").name
+    'linear'
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        valid = ", ".join(sorted(METHODS))
+        raise ConfigError(f"{where}: unknown merge method {name!r}; valid methods: {valid}") from None
+
+
+def method_table(methods: Mapping[str, MergeMethod] | None = None) -> list[tuple[str, str]]:
+    """``(name, summary)`` for every method, sorted by name."""
+    methods = METHODS if methods is None else methods
+    return [(name, methods[name].summary) for name in sorted(methods)]
+
+
+METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod(
+        "linear",
+        linear,
+        LinearParameters,
+        "weighted average of the models (model soup)",
+    ),
+    "task_arithmetic": MergeMethod(
+        "task_arithmetic",
+        task_arithmetic,
+        TaskArithmeticParameters,
+        "base + lambda * weighted sum of task vectors",
+        requires_base=True,
+    ),
+}
+"""Every merge method, by the name used in configurations."""

@@ -1,0 +1,152 @@
+"""Merging state dicts held in memory, for people holding ``nn.Module``s."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.config import resolve_dtype
+from modelfuse.merge.execute import execute_plan
+from modelfuse.merge.plan import ModelInput, TensorTask, build_plan
+from modelfuse.merge.registry import get_method
+
+__all__ = ["StateDictSource", "merge_state_dicts"]
+
+
+@dataclass(frozen=True)
+class _Header:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class StateDictSource:
+    """A state dict seen through the same interface as a checkpoint on disk."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise ConfigError(
+                    f"{label}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                    "pass model.state_dict()"
+                )
+        self._tensors = state_dict
+        self.label = label
+
+    def keys(self) -> list[str]:
+        return list(self._tensors.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def info(self, name: str) -> _Header:
+        tensor = self._tensors[name]
+        return _Header(tuple(tensor.shape), tensor.dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
+
+
+def merge_state_dicts(
+    method: str,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    threads: int = 1,
+    **parameters: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge state dicts in memory with any registered method.
+
+    Parameters
+    ----------
+    method : str
+        A merge method's name (``"linear"``, ``"task_arithmetic"``, ...; see
+        ``modelfuse.merge.METHODS``).
+    state_dicts : sequence of mappings name -> Tensor
+        The models to merge (e.g. ``[m.state_dict() for m in models]``). Not modified.
+    base : mapping name -> Tensor, optional
+        The base (pre-trained) model, for methods that use task vectors.
+    weights : sequence of float, optional
+        Shorthand for the per-model ``weight`` parameter.
+    model_parameters : sequence of mappings, optional
+        Per-model parameter settings, one mapping per model, as under
+        ``models[i].parameters`` in a configuration.
+    fishers, grams : sequence of mappings, optional
+        Per-model statistics for data-aware methods (Fisher diagonals, Gram matrices).
+    dtype, out_dtype : {"float32", "float16", "bfloat16"}, optional
+        Compute dtype the inputs are cast to, and dtype of the result
+        (default: the input's). Accumulation is in float32 either way.
+    threads : int, default 1
+        Tensors merged at once.
+    **parameters
+        Global parameter settings (scalars, gradients or name filters), as
+        under ``parameters`` in a configuration; ``lambda`` may be given as
+        ``lambda_``.
+
+    Returns
+    -------
+    dict name -> Tensor
+        New tensors; the inputs are left untouched.
+
+    Examples
+    --------
+    >>> a = {"w": torch.tensor([1.0, 2.0])}
+    >>> b = {"w": torch.tensor([3.0, 6.0])}
+    >>> merge_state_dicts("linear", [a, b], weights=[1, 3])["w"]
+    tensor([2.5000, 5.0000])
+    """
+    merge_method = get_method(method, where="method")
+    n = len(state_dicts)
+    if model_parameters is not None and len(model_parameters) != n:
+        raise ConfigError(
+            f"model_parameters: {len(model_parameters)} entries for {n} models; give one per model"
+        )
+    per_model = [dict(p) for p in model_parameters] if model_parameters else [{} for _ in range(n)]
+    if weights is not None:
+        if len(weights) != n:
+            raise ConfigError(f"weights: {len(weights)} weights for {n} models; give one per model")
+        for entry, w in zip(per_model, weights):
+            entry["weight"] = float(w)
+    if fishers is not None and grams is not None:
+        raise ConfigError("give fishers or grams, not both")
+    stats = fishers if fishers is not None else grams
+    if stats is not None and len(stats) != n:
+        raise ConfigError(f"statistics: {len(stats)} entries for {n} models; give one per model")
+    if "lambda_" in parameters:
+        parameters["lambda"] = parameters.pop("lambda_")
+
+    models = [
+        ModelInput(
+            label=f"model {i}",
+            source=StateDictSource(sd, f"model {i}"),
+            parameters=per_model[i],
+            statistics=None if stats is None else StateDictSource(stats[i], f"statistics {i}"),
+        )
+        for i, sd in enumerate(state_dicts)
+    ]
+    base_input = None if base is None else ModelInput("base", StateDictSource(base, "base"))
+    plan = build_plan(
+        merge_method,
+        models,
+        base_input,
+        parameters,
+        compute_dtype=resolve_dtype(dtype),
+        out_dtype=resolve_dtype(out_dtype, key="out_dtype"),
+    )
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(task: TensorTask, tensor: torch.Tensor) -> None:
+        out[task.name] = tensor
+
+    with torch.no_grad():
+        execute_plan(plan, keep, threads=threads)
+    return {task.name: out[task.name] for task in plan.tasks}
