@@ -16,6 +16,7 @@ from modelfuse.cli._app import app
 from modelfuse.errors import ModelfuseError
 
 # Importing a command module registers its commands on ``app``.
+from modelfuse.cli import merge as _merge  # noqa: E402,F401  isort: skip
 
 
 __all__ = ["app", "main"]

@@ -3,8 +3,16 @@
 Each method is a pure function of the tensors of one name (see
 :mod:`modelfuse.merge.registry`); :func:`merge` streams checkpoints on disk
 through one of them, :func:`merge_state_dicts` does the same in memory.
+
+The package itself is callable: ``modelfuse.merge(config, out)`` is
+``modelfuse.merge.merge(config, out)``.
 """
 
+import sys
+import types
+from typing import Any
+
+from modelfuse.merge.engine import MergeResult, merge, plan_merge
 from modelfuse.merge.linear import linear
 from modelfuse.merge.registry import METHODS, MergeMethod, get_method
 from modelfuse.merge.state_dict import merge_state_dicts
@@ -13,8 +21,19 @@ from modelfuse.merge.task_arithmetic import task_arithmetic
 __all__ = [
     "METHODS",
     "MergeMethod",
+    "MergeResult",
     "get_method",
     "linear",
+    "merge",
     "merge_state_dicts",
+    "plan_merge",
     "task_arithmetic",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> MergeResult:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

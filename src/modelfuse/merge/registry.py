@@ -66,6 +66,9 @@ class MergeMethod:
         One line for ``--help`` and error messages.
     requires_base : bool
         Whether a ``base_model`` is required.
+    optional_base : bool
+        Whether the method uses a base model when one is given (without
+        requiring one). The base of a method that uses none is not read.
     min_models, max_models : int, int or None
         How many input models (the base not counted) the method takes.
     statistics : tuple of str
@@ -80,11 +83,17 @@ class MergeMethod:
     parameters: type[MethodParameters]
     summary: str
     requires_base: bool = False
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     statistics: tuple[str, ...] = ()
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
     accepts: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the base model's tensors are passed to :attr:`function`."""
+        return self.requires_base or self.optional_base
 
     def __post_init__(self) -> None:
         names = frozenset(inspect.signature(self.function).parameters)
