@@ -1,0 +1,237 @@
+"""PyTorch checkpoints (``.bin``, ``.pt``, ``.pth``), loaded safely and lazily.
+
+Files are loaded with ``torch.load(weights_only=True)`` only: the restricted
+unpickler that accepts tensors and plain containers and refuses arbitrary
+objects, so no code from the file runs. Files in torch's zip format (every
+``torch.save`` since torch 1.6) are memory-mapped (``mmap=True``), so opening
+reads the small pickled structure and no tensor data until a tensor is read.
+A nested state dict (``{"state_dict": {...}, "epoch": 3}``) is unwrapped.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from modelfuse.checkpoint.base import Checkpoint, TensorInfo
+from modelfuse.errors import CheckpointError
+
+__all__ = [
+    "TorchCheckpoint",
+    "load_state_dict",
+]
+
+#: Keys under which training scripts nest the model's state dict, in order of preference.
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "model_state", "weights")
+
+_CONVERT = (
+    "load it in code you trust and save its tensors with safetensors.torch.save_file, "
+    "then pass the .safetensors file"
+)
+
+
+def _holds_tensors(value: object) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _unwrap(path: Path, loaded: object) -> Mapping[object, object]:
+    """Find the state dict inside what ``torch.load`` returned."""
+    current, trail = loaded, []
+    while isinstance(current, Mapping) and not _holds_tensors(current):
+        nested = [k for k, v in current.items() if isinstance(v, Mapping) and _search(v)]
+        preferred = [k for k in NESTED_KEYS if k in nested]
+        if preferred:
+            key = preferred[0]
+        elif len(nested) == 1:
+            key = nested[0]
+        elif nested:
+            names = ", ".join(repr(k) for k in nested[:6])
+            raise CheckpointError(
+                f"{path}: holds several nested dicts of tensors ({names}) and none is named "
+                f"{' or '.join(repr(k) for k in NESTED_KEYS[:3])}; expected one state dict; "
+                "save the one you want to merge on its own"
+            )
+        else:
+            break
+        trail.append(key)
+        current = current[key]
+    if not isinstance(current, Mapping) or not _holds_tensors(current):
+        found = type(loaded).__name__
+        where = "".join(f"[{k!r}]" for k in trail)
+        raise CheckpointError(
+            f"{path}{where}: holds no tensors (found a {found}); expected a state dict mapping "
+            "names to tensors; pass a checkpoint of model weights"
+        )
+    return current
+
+
+def _search(value: Mapping[object, object], depth: int = 0) -> bool:
+    if _holds_tensors(value):
+        return True
+    if depth >= 4:
+        return False
+    return any(isinstance(v, Mapping) and _search(v, depth + 1) for v in value.values())
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load the state dict of a PyTorch checkpoint without unpickling arbitrary objects.
+
+    Parameters
+    ----------
+    path : Path
+        A file written by ``torch.save``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Name -> tensor; tensors of zip-format files are memory-mapped views of
+        the file (no data read yet). Non-tensor entries are left out.
+
+    Raises
+    ------
+    CheckpointError
+        The file is not a PyTorch checkpoint or is corrupt, holds objects other
+        than tensors and containers, or holds no tensors.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+    >>> torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, path)
+    >>> list(load_state_dict(Path(path)))
+    ['w']
+    """
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: cannot be opened ({exc.strerror}); check the path and its permissions"
+        ) from None
+    is_zip = magic.startswith(b"PK") and zipfile.is_zipfile(path)
+    if not is_zip and not magic.startswith(b"\x80"):
+        raise CheckpointError(
+            f"{path}: is not a PyTorch checkpoint (expected a file written by torch.save, found "
+            f"bytes {magic!r}); pass a .safetensors, .bin or .pt file of model weights"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if found or "Weights only load failed" in message:
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path}: holds objects other than tensors{what}; modelfuse loads PyTorch files "
+                f"with weights_only=True and does not unpickle untrusted code; {_CONVERT}"
+            ) from None
+        raise _corrupt(path, exc) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... on bad files
+        raise _corrupt(path, exc) from None
+    state = _unwrap(path, loaded)
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"{path}: tensor key {key!r} is a {type(key).__name__}, expected a string name; "
+                "save the state dict with string keys"
+            )
+        if value.layout != torch.strided or value.is_quantized:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {value.layout} or quantized; expected dense tensors; "
+                "convert it to a dense tensor before merging"
+            )
+        result[key] = value
+    return result
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return CheckpointError(
+        f"{path}: cannot be loaded as a PyTorch checkpoint ({reason}); the file is truncated, "
+        "corrupt or not a checkpoint; re-save or re-download it"
+    )
+
+
+class TorchCheckpoint(Checkpoint):
+    """A checkpoint of one or several PyTorch files, loaded with ``weights_only=True``.
+
+    Use :func:`modelfuse.checkpoint.open_checkpoint` rather than this class.
+
+    Parameters
+    ----------
+    path : Path
+        What the user gave (file, index file or folder), for messages.
+    files : sequence of Path
+        The files (shards), in order.
+    folder : Path, optional
+        The model folder the weights belong to.
+    weight_map : mapping of str to Path, optional
+        For a sharded checkpoint, the index's tensor -> shard map.
+    index : Path, optional
+        The index file, for messages.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "m.pt"
+    >>> torch.save({"model": {"w": torch.arange(3)}, "epoch": 1}, path)
+    >>> with TorchCheckpoint(path, [path]) as ckpt:
+    ...     ckpt.keys(), ckpt.read("w").tolist()
+    (['w'], [0, 1, 2])
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        files: Sequence[Path],
+        *,
+        folder: Path | None = None,
+        weight_map: Mapping[str, Path] | None = None,
+        index: Path | None = None,
+    ) -> None:
+        super().__init__(path, folder)
+        self._tensors: dict[str, torch.Tensor] = {}
+        for file_path in files:
+            for name, tensor in load_state_dict(file_path).items():
+                if name in self._tensors:
+                    raise CheckpointError(
+                        f"{file_path}: tensor {name!r} is also in {self._infos[name].file}; "
+                        "expected each tensor in one shard; remove the duplicate shard"
+                    )
+                self._tensors[name] = tensor
+                self._infos[name] = TensorInfo(
+                    name,
+                    tuple(tensor.shape),
+                    tensor.dtype,
+                    tensor.numel() * tensor.element_size(),
+                    file_path,
+                )
+        for name, shard in (weight_map or {}).items():
+            info = self._infos.get(name)
+            if info is None or info.file != shard:
+                raise CheckpointError(
+                    f"{index}: names tensor {name!r} in shard {shard.name}, but {shard} does not "
+                    "hold it; the shard or the index is wrong; re-download or re-save the checkpoint"
+                )
+
+    def read(self, name: str) -> torch.Tensor:
+        """Return a fresh contiguous copy of tensor ``name``."""
+        info = self.info(name)
+        source = self._tensors.get(name)
+        if source is None:
+            raise CheckpointError(f"{self.path}: read {name!r} after close(); open it again")
+        out = torch.empty(info.shape, dtype=info.dtype)
+        out.copy_(source)
+        return out
+
+    def close(self) -> None:
+        """Drop the memory-mapped tensors; idempotent."""
+        self._tensors = {}

@@ -1,0 +1,564 @@
+"""A streaming, atomic safetensors writer.
+
+:class:`CheckpointWriter` is told every output tensor's name, shape and dtype
+up front, so it lays out the shards before any tensor exists: it writes each
+shard's header at once and then writes each tensor's bytes at its
+precomputed offset as soon as it arrives, in any order, from any thread.
+Everything goes into a temporary folder beside the target, which is moved
+into place only when every tensor has been written exactly once; an error or
+an interruption removes the temporary folder and leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Literal
+
+import torch
+
+from modelfuse.checkpoint.dtypes import SAFETENSORS_DTYPES, dtype_code, itemsize
+from modelfuse.checkpoint.safetensors_format import encode_header
+from modelfuse.checkpoint.sizes import parse_size
+from modelfuse.errors import CheckpointError, OutputError
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "INDEX_NAME",
+    "CheckpointWriter",
+    "is_model_file",
+    "shard_names",
+]
+
+#: Hugging Face's default shard budget: 5GB (decimal).
+DEFAULT_SHARD_SIZE = 5_000_000_000
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+#: Non-weight files of a Hugging Face model folder that belong with merged weights.
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "merges.txt",
+    "tokenizer*",
+    "vocab*",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+_State = Literal["open", "committing", "committed", "aborted"]
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of a model folder is a non-weight file to copy beside merged weights.
+
+    Examples
+    --------
+    >>> [is_model_file(n) for n in ["config.json", "tokenizer.json", "model.safetensors"]]
+    [True, True, False]
+    """
+    if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+        return False
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of ``count`` shards, as Hugging Face names them.
+
+    Examples
+    --------
+    >>> shard_names(1), shard_names(2)
+    (['model.safetensors'], ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'])
+    """
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one planned tensor goes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    shard: int
+    offset: int
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (the one low-level write of this module)."""
+    done, total = 0, len(data)
+    while done < total:
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in C order, without modifying it (copies only when needed)."""
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open folders; their renames are durable anyway
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _cleanup(folder: Path, fds: list[int]) -> None:
+    """Close the shard files and remove the temporary folder."""
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Write a safetensors checkpoint tensor by tensor, atomically.
+
+    Parameters
+    ----------
+    out : str or path-like
+        The output folder. It must not exist unless ``overwrite`` is true;
+        missing parent folders are created.
+    tensors : sequence of (name, shape, dtype)
+        Every tensor the checkpoint will hold, in order. Shards are filled in
+        this order; within a shard, tensors with wider elements come first so
+        that every tensor's data is aligned to its element size.
+    shard_size : int or str, default 5_000_000_000
+        Byte budget of one shard (``"5GB"`` strings are accepted too). A new
+        shard starts when the next tensor would exceed it; a tensor larger
+        than the budget gets a shard of its own.
+    overwrite : bool, default False
+        Replace an existing ``out``, only once the new checkpoint is complete.
+    metadata : dict of str to str, optional
+        Stored in every shard's ``__metadata__``, beside ``"format": "pt"``
+        (which transformers requires, so it always wins).
+
+    Attributes
+    ----------
+    out : Path
+        The target folder.
+    bytes_written : int
+        Tensor bytes written so far (for progress bars).
+
+    Raises
+    ------
+    OutputError
+        ``out`` exists and ``overwrite`` is false; a dtype cannot be stored
+        in safetensors; the disk fills up or a write fails (the temporary
+        folder is removed and ``out`` is untouched).
+
+    Notes
+    -----
+    One shard is written as ``model.safetensors``; several as
+    ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
+    in Hugging Face's format. Files are written into
+    ``OUT.parent/.OUT.name.tmp-XXXX`` and renamed into place by
+    :meth:`commit`. Leaving a ``with`` block without :meth:`commit` (normally
+    or by an exception) calls :meth:`abort`.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from modelfuse.checkpoint import open_checkpoint
+    >>> out = Path(tempfile.mkdtemp()) / "merged"
+    >>> plan = [("a", (2,), torch.float32), ("b", (3,), torch.bfloat16)]
+    >>> with CheckpointWriter(out, plan) as writer:
+    ...     writer.write("b", torch.ones(3, dtype=torch.bfloat16))
+    ...     writer.write("a", torch.zeros(2))
+    ...     _ = writer.commit()
+    >>> sorted(p.name for p in out.iterdir())
+    ['model.safetensors']
+    >>> with open_checkpoint(out) as ckpt:
+    ...     ckpt.read("b").tolist()
+    [1.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        shard_size: int | str = DEFAULT_SHARD_SIZE,
+        overwrite: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self._target = self.out.absolute()
+        budget = parse_size(shard_size)
+        if metadata is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise TypeError(f"metadata must map strings to strings; got {dict(metadata)!r:.200}")
+        self._metadata = {**(metadata or {}), "format": "pt"}
+        if os.path.lexists(self._target) and not overwrite:
+            raise OutputError(
+                f"{self.out}: already exists; expected a new output path; pass --overwrite "
+                "(overwrite=True) to replace it, or choose another path"
+            )
+        shards = self._plan(tensors, budget)
+        self._names = shard_names(len(shards))
+        self._lock = threading.Condition()
+        self._state: _State = "open"
+        self._active = 0
+        self._written: set[str] = set()
+        self._bytes_written = 0
+        self._extra: set[str] = set()
+        self._fds: list[int] = []
+        try:
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-",
+                                              dir=self._target.parent))
+        except OSError as exc:
+            raise OutputError(
+                f"{self.out}: cannot create a temporary folder in {self._target.parent} "
+                f"({exc.strerror}); expected a writable folder; check the path and permissions"
+            ) from None
+        self._finalizer = weakref.finalize(self, _cleanup, self._tmp, self._fds)
+        try:
+            self._create_shards(shards)
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc, "the shard headers") from exc
+
+    def _plan(
+        self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], budget: int
+    ) -> list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]:
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        seen: set[str] = set()
+        size = 0
+        for name, shape, dtype in tensors:
+            if not isinstance(name, str) or name in seen or name == "__metadata__":
+                raise ValueError(f"tensor name {name!r} is not a string, is reserved or is repeated")
+            seen.add(name)
+            shape = tuple(int(d) for d in shape)
+            if any(d < 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape {shape} has a negative dimension")
+            if dtype_code(dtype) is None:
+                known = ", ".join(str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values())
+                raise OutputError(
+                    f"{self.out}: tensor {name!r} has dtype {dtype}, which safetensors cannot "
+                    f"store; expected one of {known}; choose another output dtype"
+                )
+            nbytes = math.prod(shape) * itemsize(dtype)
+            if shards[-1] and size + nbytes > budget:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape, dtype, nbytes))
+            size += nbytes
+        return shards
+
+    def _create_shards(self, shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]) -> None:
+        self._slots: dict[str, _Slot] = {}
+        for number, (file_name, members) in enumerate(zip(self._names, shards)):
+            ordered = sorted(members, key=lambda m: -itemsize(m[2]))
+            entries, cursor = [], 0
+            for name, shape, dtype, nbytes in ordered:
+                entries.append((name, dtype, shape, cursor, cursor + nbytes))
+                cursor += nbytes
+            header = encode_header(entries, self._metadata)
+            for name, dtype, shape, begin, end in entries:
+                self._slots[name] = _Slot(name, shape, dtype, end - begin, number, len(header) + begin)
+            fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            _write_at(fd, memoryview(header), 0)
+            os.ftruncate(fd, len(header) + cursor)
+
+    @property
+    def bytes_written(self) -> int:
+        """Tensor bytes written so far."""
+        return self._bytes_written
+
+    @property
+    def files(self) -> list[str]:
+        """The weight files the checkpoint will hold (shards, then the index if sharded)."""
+        return self._names + ([INDEX_NAME] if len(self._names) > 1 else [])
+
+    def _write_error(self, exc: OSError, what: str) -> OutputError:
+        if exc.errno in _DISK_FULL:
+            return OutputError(
+                f"{self.out}: the disk filled up while writing {what} into {self._tmp}; nothing "
+                f"was written to {self.out}; free space and run again"
+            )
+        return OutputError(
+            f"{self.out}: could not write {what} into {self._tmp} ({exc.strerror or exc}); "
+            f"nothing was written to {self.out}; check the folder's permissions and free space, "
+            "then run again"
+        )
+
+    def _check_open(self, action: str) -> None:
+        if self._state != "open":
+            raise OutputError(
+                f"{self.out}: {action} after the writer was {self._state}; expected an open "
+                "writer; create a new CheckpointWriter"
+            )
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor ``name`` at its place; thread-safe, in any order, once per name.
+
+        The tensor is only read, never modified; it may live on any device.
+
+        Raises
+        ------
+        ValueError
+            ``name`` is not in the plan, was already written, or ``tensor``'s
+            shape or dtype differs from the plan.
+        OutputError
+            The write failed (e.g. the disk filled up): the writer aborts.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"{self.out}: tensor {name!r} is not among the planned tensors")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise ValueError(
+                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)} "
+                f"but written as {tensor.dtype} {list(tensor.shape)}"
+            )
+        with self._lock:
+            self._check_open(f"write({name!r})")
+            if name in self._written:
+                raise ValueError(f"{self.out}: tensor {name!r} was already written")
+            self._written.add(name)
+            self._active += 1
+        failure: OSError | None = None
+        done = False
+        try:
+            _write_at(self._fds[slot.shard], _tensor_bytes(tensor), slot.offset)
+            done = True
+        except OSError as exc:
+            failure = exc
+        finally:
+            with self._lock:
+                self._active -= 1
+                if done:
+                    self._bytes_written += slot.nbytes
+                else:
+                    self._written.discard(name)
+                self._lock.notify_all()
+        if failure is not None:
+            self.abort()
+            raise self._write_error(failure, f"tensor {name!r}") from failure
+
+    def add_file(self, relative_name: str, source: Path | bytes | str) -> None:
+        """Add a non-weight file to the checkpoint (``modelfuse.yaml``, ``config.json``, ...).
+
+        Parameters
+        ----------
+        relative_name : str
+            Its path inside the output folder, e.g. ``"config.json"``.
+        source : Path, bytes or str
+            A file to copy (:class:`~pathlib.Path`), raw bytes, or text
+            (``str``, written as UTF-8; a ``str`` is content, never a path).
+            Adding a name twice replaces the earlier content.
+        """
+        relative = PurePosixPath(relative_name)
+        if (
+            not relative_name
+            or relative.is_absolute()
+            or ".." in relative.parts
+            or relative_name in self.files
+        ):
+            raise ValueError(
+                f"{self.out}: extra file name {relative_name!r} must be a relative path inside "
+                f"the output that is not one of the weight files {', '.join(self.files)}"
+            )
+        with self._lock:
+            self._check_open(f"add_file({relative_name!r})")
+        target = self._tmp.joinpath(*relative.parts)
+        if isinstance(source, os.PathLike) and not Path(source).is_file():
+            raise CheckpointError(
+                f"{source}: no such file to copy into {self.out} as {relative_name}; "
+                "check the model folder"
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, os.PathLike):
+                shutil.copyfile(source, target)
+            elif isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                target.write_text(source, encoding="utf-8")
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc, relative_name) from exc
+        self._extra.add(relative_name)
+
+    def copy_model_files(self, folder: Path) -> list[str]:
+        """Copy the non-weight files of a Hugging Face model folder into the checkpoint.
+
+        Copies ``config.json``, ``generation_config.json``, tokenizer files
+        (``tokenizer*``, ``special_tokens_map.json``, ``added_tokens.json``,
+        ``vocab*``, ``merges.txt``, ``*.model``, ``*.tiktoken``),
+        ``chat_template*`` and processor configs; never weights. Files
+        already given with :meth:`add_file` are kept.
+
+        Returns
+        -------
+        list of str
+            The names copied.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{folder}: no such folder; expected the model folder holding config.json and "
+                "tokenizer files; check the path"
+            )
+        copied = []
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and is_model_file(path.name) and path.name not in self._extra:
+                self.add_file(path.name, path)
+                copied.append(path.name)
+        return copied
+
+    def commit(self) -> Path:
+        """Check every tensor was written once, flush to disk, and move the folder into place.
+
+        Returns
+        -------
+        Path
+            ``out``.
+
+        Raises
+        ------
+        OutputError
+            Some planned tensors were never written, ``out`` appeared meanwhile
+            (without ``overwrite``), or flushing or renaming failed. The
+            writer is aborted: nothing is left behind and ``out`` is untouched.
+        """
+        with self._lock:
+            if self._state == "committed":
+                return self.out
+            self._check_open("commit()")
+            self._state = "committing"
+            while self._active:
+                self._lock.wait()
+        missing = [name for name in self._slots if name not in self._written]
+        if missing:
+            self.abort()
+            shown = ", ".join(repr(n) for n in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise OutputError(
+                f"{self.out}: {len(missing)} of {len(self._slots)} planned tensors were never "
+                f"written ({shown}{more}); nothing was written to {self.out}"
+            )
+        try:
+            while self._fds:
+                fd = self._fds.pop(0)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if len(self._names) > 1:
+                self._write_index()
+            for name in self._extra:
+                _fsync_path(self._tmp / name)
+            _fsync_path(self._tmp, directory=True)
+            self._move_into_place()
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc, "the checkpoint") from exc
+        with self._lock:
+            self._state = "committed"
+        self._finalizer.detach()
+        return self.out
+
+    def _write_index(self) -> None:
+        weight_map = {name: self._names[slot.shard] for name, slot in self._slots.items()}
+        total = sum(slot.nbytes for slot in self._slots.values())
+        document = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+        fd = os.open(self._tmp / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_at(fd, memoryview(data), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _move_into_place(self) -> None:
+        target = self._target
+        if not os.path.lexists(target):
+            os.rename(self._tmp, target)
+        elif not self.overwrite:
+            raise OutputError(
+                f"{self.out}: appeared while the checkpoint was being written; expected a new "
+                "output path; pass --overwrite (overwrite=True) to replace it, or choose another path"
+            )
+        else:
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = backup / "previous"
+            os.rename(target, old)
+            try:
+                os.rename(self._tmp, target)
+            except OSError:
+                os.rename(old, target)
+                shutil.rmtree(backup, ignore_errors=True)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        _fsync_path(target.parent, directory=True)
+
+    def abort(self) -> None:
+        """Stop writing and remove the temporary folder; ``out`` is untouched. Idempotent."""
+        with self._lock:
+            if self._state in ("committed", "aborted"):
+                return
+            self._state = "aborted"
+            while self._active:
+                self._lock.wait()
+        self._finalizer()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != "committed":
+            self.abort()
