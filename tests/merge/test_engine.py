@@ -1,0 +1,301 @@
+"""The streaming file merge, end to end, against formulas written out here."""
+
+from __future__ import annotations
+
+import errno
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import modelfuse
+from modelfuse.errors import CheckpointError, ConfigError, OutputError
+from modelfuse.merge.engine import describe_plan, plan_merge
+
+from .conftest import random_state, tiny_llama
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_linear_merge_of_llama_folders_sharded_and_loadable(llama_folders, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    weights = [0.5, 0.3, 0.2]
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(f), "parameters": {"weight": w}} for f, w in zip(llama_folders, weights)
+        ],
+    }
+    out = tmp_path / "merged"
+    result = modelfuse.merge(config, out, shard_size="40KB", threads=2)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert (out / "config.json").is_file() and (out / "modelfuse.yaml").is_file()
+    inputs = [load_file(f / "model.safetensors") for f in llama_folders]
+    seen = set()
+    for shard in shards:
+        with safe_open(out / shard, framework="pt") as handle:
+            for name in handle.keys():
+                expected = sum(w * sd[name] for w, sd in zip(weights, inputs)) / sum(weights)
+                torch.testing.assert_close(handle.get_tensor(name), expected)
+                seen.add(name)
+    assert seen == set(inputs[0]) == set(index["weight_map"])
+    assert result.tensors == len(seen)
+    assert index["metadata"]["total_size"] == result.bytes
+
+    merged = LlamaForCausalLM.from_pretrained(out).eval()
+    reference = tiny_llama(seed=0)
+    reference.load_state_dict(
+        {k: sum(w * sd[k] for w, sd in zip(weights, inputs)) / sum(weights) for k in inputs[0]},
+        strict=False,
+    )
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits)
+
+
+def _write(path: Path, state: dict[str, torch.Tensor], fmt: str) -> Path:
+    if fmt == "safetensors":
+        save_file(state, path.with_suffix(".safetensors"))
+        return path.with_suffix(".safetensors")
+    if fmt == "bin":
+        torch.save(state, path.with_suffix(".bin"))
+        return path.with_suffix(".bin")
+    if fmt == "nested-pt":
+        torch.save({"epoch": 3, "state_dict": state}, path.with_suffix(".pt"))
+        return path.with_suffix(".pt")
+    raise ValueError(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "nested-pt"])
+def test_task_arithmetic_bf16_every_format(tmp_path, fmt):
+    states = [random_state(i, torch.bfloat16) for i in range(3)]
+    paths = [_write(tmp_path / f"m{i}", sd, fmt) for i, sd in enumerate(states)]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths[0]),
+        "models": [
+            {"model": str(paths[1]), "parameters": {"weight": 0.7}},
+            {"model": str(paths[2]), "parameters": {"weight": -0.4}},
+        ],
+        "parameters": {"lambda": 1.5},
+    }
+    out = tmp_path / "out"
+    modelfuse.merge(config, out, threads=1)
+    merged = load_file(out / "model.safetensors")
+    for name, base in states[0].items():
+        if not base.is_floating_point():
+            assert torch.equal(merged[name], base)
+            continue
+        b, a, c = (s[name].float() for s in states)
+        expected = (b + 1.5 * (0.7 * (a - b) - 0.4 * (c - b))).to(torch.bfloat16)
+        assert merged[name].dtype == torch.bfloat16
+        torch.testing.assert_close(merged[name], expected, atol=0, rtol=0)
+
+
+def test_dtype_and_out_dtype(tmp_path):
+    states = [random_state(i) for i in range(2)]
+    paths = [_write(tmp_path / f"m{i}", sd, "safetensors") for i, sd in enumerate(states)]
+    config = {
+        "merge_method": "linear",
+        "models": [str(p) for p in paths],
+        "dtype": "float16",
+        "out_dtype": "bfloat16",
+    }
+    modelfuse.merge(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.0.mlp.weight"
+    halves = [s[name].to(torch.float16).float() for s in states]
+    expected = ((halves[0] + halves[1]) / 2).to(torch.bfloat16)
+    torch.testing.assert_close(merged[name], expected, atol=0, rtol=0)
+
+
+def test_threads_do_not_change_the_result(tmp_path):
+    paths = [_write(tmp_path / f"m{i}", random_state(i), "safetensors") for i in range(3)]
+    config = {"merge_method": "linear", "models": [str(p) for p in paths]}
+    modelfuse.merge(config, tmp_path / "one", threads=1)
+    modelfuse.merge(config, tmp_path / "two", threads=2)
+    one = (tmp_path / "one" / "model.safetensors").read_bytes()
+    two = (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert one == two
+
+
+def test_yaml_file_with_relative_paths_and_record(tmp_path, monkeypatch):
+    for i in range(2):
+        _write(tmp_path / f"m{i}", random_state(i), "safetensors")
+    (tmp_path / "soup.yaml").write_text(
+        "merge_method: linear\nmodels:\n  - model: m0.safetensors\n  - model: m1.safetensors\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # relative paths fall back to the YAML's folder
+    out = tmp_path / "out"
+    modelfuse.merge(tmp_path / "soup.yaml", out)
+    record = (out / "modelfuse.yaml").read_text()
+    assert f"modelfuse_version: {modelfuse.__version__}" in record
+    assert "merge_method: linear" in record
+
+
+def test_dry_run_plan_describes_every_tensor(tmp_path):
+    paths = [_write(tmp_path / f"m{i}", random_state(i), "safetensors") for i in range(2)]
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(paths[0]), "parameters": {"weight": [1.0, 0.0]}}, str(paths[1])],
+    }
+    plan = plan_merge(config)
+    text = describe_plan(plan)
+    assert "model.layers.1.mlp.weight [4, 4] float32 merge t=1.000 normalize=True, weight=[0, 1]" in text
+    assert "position_ids [6] int64 copy" in text
+    assert not (tmp_path / "out").exists()
+
+
+# ---- bad input: one message naming the culprit, and nothing left at OUT ----
+
+
+def _config(paths, method="linear", **extra):
+    return {"merge_method": method, "models": [str(p) for p in paths], **extra}
+
+
+def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_model_file(tmp_path):
+    good = _write(tmp_path / "m0", random_state(0), "safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="nothere.safetensors"):
+        modelfuse.merge(_config([good, tmp_path / "nothere.safetensors"]), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_hub_reference_is_not_downloaded(tmp_path):
+    good = _write(tmp_path / "m0", random_state(0), "safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="does not download"):
+        modelfuse.merge(_config([good, "meta-llama/Llama-2-7b-hf"]), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_not_a_checkpoint(tmp_path):
+    good = _write(tmp_path / "m0", random_state(0), "safetensors")
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("these are my notes, not weights")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="notes.safetensors"):
+        modelfuse.merge(_config([good, bad]), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_truncated_safetensors(tmp_path):
+    good = _write(tmp_path / "m0", random_state(0), "safetensors")
+    cut = _write(tmp_path / "m1", random_state(1), "safetensors")
+    cut.write_bytes(cut.read_bytes()[:-10])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="m1.safetensors"):
+        modelfuse.merge(_config([good, cut]), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_header_length_past_end_of_file(tmp_path):
+    good = _write(tmp_path / "m0", random_state(0), "safetensors")
+    bad = tmp_path / "m1.safetensors"
+    bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="m1.safetensors"):
+        modelfuse.merge(_config([good, bad]), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_shape_mismatches_all_listed(tmp_path):
+    a, b = random_state(0), random_state(1)
+    b["model.layers.0.mlp.weight"] = torch.zeros(4, 5)
+    b["model.norm.weight"] = torch.zeros(5)
+    del b["model.layers.1.mlp.weight"]
+    paths = [_write(tmp_path / "a", a, "safetensors"), _write(tmp_path / "b", b, "safetensors")]
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as info:
+        modelfuse.merge(_config(paths), out)
+    message = str(info.value)
+    assert "3 problems" in message
+    assert "model.layers.0.mlp.weight has shape [4, 4]" in message
+    assert "model.norm.weight has shape [4]" in message
+    assert "model.layers.1.mlp.weight is in" in message and "missing from" in message
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_unknown_method_and_parameter(tmp_path):
+    paths = [_write(tmp_path / f"m{i}", random_state(i), "safetensors") for i in range(2)]
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="unknown merge method 'avg'; valid methods:"):
+        modelfuse.merge(_config(paths, method="avg"), out)
+    with pytest.raises(ConfigError, match="unknown parameter 'alpha'.*valid parameters: weight"):
+        modelfuse.merge(_config(paths, parameters={"alpha": 0.5}), out)
+    with pytest.raises(ConfigError, match="unknown key.*valid keys: merge_method"):
+        modelfuse.merge(_config(paths, merge_methd="linear"), out)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_output_exists_without_overwrite(tmp_path):
+    paths = [_write(tmp_path / f"m{i}", random_state(i), "safetensors") for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+        modelfuse.merge(_config(paths), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    modelfuse.merge(_config(paths), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    import modelfuse.checkpoint.writer as writer_module
+
+    paths = [_write(tmp_path / f"m{i}", random_state(i), "safetensors") for i in range(2)]
+    calls = {"n": 0}
+    real = writer_module._write_at
+
+    def full_disk(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the headers go through; a tensor's bytes do not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module, "_write_at", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="disk filled up"):
+        modelfuse.merge(_config(paths), out, shard_size="200B")
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_nan_input_is_a_warning_naming_the_tensor(tmp_path):
+    a, b = random_state(0), random_state(1)
+    b["model.norm.weight"][1] = float("nan")
+    paths = [_write(tmp_path / "a", a, "safetensors"), _write(tmp_path / "b", b, "safetensors")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = modelfuse.merge(_config(paths), tmp_path / "out")
+    assert any("model.norm.weight" in str(w.message) and "NaN" in str(w.message) for w in caught)
+    assert any("model.norm.weight" in w for w in result.warnings)
+
+
+def test_base_listed_among_models_is_not_merged_twice(tmp_path):
+    states = [random_state(i) for i in range(2)]
+    paths = [_write(tmp_path / f"m{i}", sd, "safetensors") for i, sd in enumerate(states)]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths[0]),
+        "models": [str(paths[0]), str(paths[1])],
+    }
+    result = modelfuse.merge(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.norm.weight"
+    torch.testing.assert_close(merged[name], states[1][name])
+    assert any("base model" in note for note in result.notes)
