@@ -1,0 +1,141 @@
+"""PyTorch .bin/.pt checkpoints: round trips against torch.load, nesting, refusing pickled code."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_testing import assert_same
+
+from modelfuse.checkpoint import TorchCheckpoint, open_checkpoint, torch_format
+from modelfuse.errors import CheckpointError
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth"])
+def test_round_trip_bit_exact(tmp_path: Path, tensors: dict[str, torch.Tensor], suffix) -> None:
+    path = tmp_path / f"model{suffix}"
+    torch.save(tensors, path)
+    reference = torch.load(path, weights_only=True)
+    with open_checkpoint(path) as ckpt:
+        assert isinstance(ckpt, TorchCheckpoint)
+        assert ckpt.keys() == list(reference)
+        for name, expected in reference.items():
+            assert_same(ckpt.read(name), expected)
+            info = ckpt.info(name)
+            assert (info.shape, info.dtype, info.file) == (tuple(expected.shape), expected.dtype, path)
+            assert info.nbytes == expected.numel() * expected.element_size()
+
+
+def test_legacy_non_zip_format(tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(3, 2).to(torch.bfloat16), "b": torch.arange(4)}
+    path = tmp_path / "old.bin"
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    with open_checkpoint(path) as ckpt:
+        for name, tensor in tensors.items():
+            assert_same(ckpt.read(name), tensor)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3, "global_step": 100},
+        lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}},
+        lambda sd: {"model": {"module": sd}, "config": {"lr": 0.1}},
+        lambda sd: {"ema": collections.OrderedDict(sd)},
+    ],
+    ids=["state_dict", "model", "model.module", "single-nested"],
+)
+def test_nested_state_dicts_are_unwrapped(tmp_path: Path, wrap) -> None:
+    state = {"layer.weight": torch.randn(2, 3), "layer.bias": torch.randn(2)}
+    path = tmp_path / "ckpt.pt"
+    torch.save(wrap(state), path)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.keys() == list(state)
+        for name, tensor in state.items():
+            assert_same(ckpt.read(name), tensor)
+
+
+def test_non_tensor_entries_beside_tensors_are_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2), "version": 2, "note": "x"}, path)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.keys() == ["w"]
+
+
+def test_read_is_a_fresh_contiguous_copy(tmp_path: Path) -> None:
+    shared = torch.arange(6.0)
+    path = tmp_path / "m.pt"
+    torch.save({"a": shared, "b": shared.view(2, 3).t()}, path)  # one storage, two views
+    with open_checkpoint(path) as ckpt:
+        a = ckpt.read("a")
+        b = ckpt.read("b")
+        a += 100
+        assert b.is_contiguous() and torch.equal(b, torch.arange(6.0).view(2, 3).t())
+        assert torch.equal(ckpt.read("a"), torch.arange(6.0))
+
+
+def test_opening_reads_no_tensor_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(1000)}, path)
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    state = torch_format.load_state_dict(path)
+    # Memory-mapped: the tensor's data lies in a mapping of the file, not in a private copy.
+    pointer = state["w"].data_ptr()
+    regions = [line.split()[0].split("-") for line in maps.read_text().splitlines()
+               if line.endswith(str(path))]
+    assert any(int(lo, 16) <= pointer < int(hi, 16) for lo, hi in regions)
+
+
+def test_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "trainer.bin"
+    torch.save({"w": torch.ones(1), "args": argparse.Namespace(lr=0.1)}, path)
+    message = _error(path)
+    assert "holds objects other than tensors (argparse.Namespace)" in message
+    assert "does not unpickle untrusted code" in message and "safetensors" in message
+
+
+def test_no_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "empty.bin"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    message = _error(path)
+    assert "holds no tensors" in message and "expected a state dict" in message
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    torch.save({"w": torch.ones(100)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    message = _error(path)
+    assert "cannot be loaded as a PyTorch checkpoint" in message and "corrupt" in message
+
+
+def test_garbage_with_a_torch_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    path.write_text("definitely not pickled tensors")
+    assert "is not a PyTorch checkpoint" in _error(path)
+
+
+def test_several_nested_candidates_are_ambiguous(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"encoder": {"w": torch.ones(1)}, "decoder": {"w": torch.ones(1)}}, path)
+    message = _error(path)
+    assert "'encoder'" in message and "'decoder'" in message and "on its own" in message
+
+
+def test_non_string_keys(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({0: torch.ones(1)}, path)
+    assert "tensor key 0 is a int" in _error(path)
