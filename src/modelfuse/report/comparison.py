@@ -1,0 +1,139 @@
+"""The report of a comparison of candidates: tables, forest plots, critical-difference diagram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from modelfuse.report.document import Section, write_report
+from modelfuse.report.plots import critical_difference_diagram, forest_plot
+from modelfuse.report.table import comparison_rows
+
+__all__ = ["write_comparison_report"]
+
+
+def write_comparison_report(
+    comparison: Any,
+    folder: str | Path,
+    *,
+    title: str | None = None,
+    command: str = "",
+    html_report: bool = True,
+) -> list[Path]:
+    """Write the figures and ``report.md`` / ``report.html`` of a comparison into a folder.
+
+    Files: ``forest.png`` (each candidate's metric and interval, the
+    reference's value dashed), ``differences.png`` (each difference to the
+    reference and its paired interval, 0 dashed; two or more candidates),
+    ``critical_difference.png`` (three or more candidates, when the Friedman
+    test ran), ``report.md`` and ``report.html``.
+
+    Parameters
+    ----------
+    comparison : modelfuse.evaluation.Comparison
+    folder : str or Path
+        An existing folder.
+    title : str, optional
+    command : str
+        The command line that produced the comparison, shown in the report.
+    html_report : bool
+
+    Returns
+    -------
+    list of Path
+        Every file written.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> from modelfuse.evaluation import compare_predictions
+    >>> y = np.array([0, 1] * 50); p = np.eye(2)[y]
+    >>> c = compare_predictions({"a": p, "b": p[::-1]}, y, n_resamples=50)
+    >>> sorted(f.name for f in write_comparison_report(c, tempfile.mkdtemp()))
+    ['differences.png', 'forest.png', 'report.html', 'report.md']
+    """
+    root = Path(folder)
+    written: list[Path] = []
+    level = f"{comparison.confidence_level:.0%}"
+    names = [c.name for c in comparison.candidates]
+    reference = next(c for c in comparison.candidates if c.name == comparison.reference)
+    written.append(
+        forest_plot(
+            names,
+            [c.estimate.statistic for c in comparison.candidates],
+            [c.estimate.ci for c in comparison.candidates],
+            root / "forest.png",
+            reference_value=reference.estimate.statistic,
+            xlabel=f"{comparison.metric} ({level} {reference.estimate.method} interval)",
+            title=f"{comparison.metric} of each candidate",
+        )
+    )
+    others = [c for c in comparison.candidates if c.difference is not None]
+    images = [("forest.png", f"{comparison.metric} with {level} intervals")]
+    if others:
+        written.append(
+            forest_plot(
+                [c.name for c in others],
+                [c.difference.statistic for c in others],
+                [c.difference.ci for c in others],
+                root / "differences.png",
+                reference_value=0.0,
+                xlabel=f"{comparison.metric} minus that of {comparison.reference}",
+                title=f"difference to {comparison.reference} ({level} paired intervals)",
+            )
+        )
+        images.append(("differences.png", f"differences to {comparison.reference}"))
+    headers, rows = comparison_rows(comparison)
+    better = "higher" if comparison.greater_is_better else "lower"
+    intro = (
+        f"{len(names)} candidates scored on the same {comparison.n_samples} samples by "
+        f"{comparison.metric} ({better} is better). Intervals: {reference.estimate.method}, "
+        f"{reference.estimate.n_resamples} resamples; differences to {comparison.reference} "
+        "use paired resamples. p-values: "
+        f"{comparison.test} test against {comparison.reference}, Holm-adjusted over "
+        f"{len(others)} comparison(s)."
+    )
+    sections = [
+        Section(
+            "Results",
+            (intro,),
+            table=(headers, rows),
+            images=tuple(images),
+            preformatted=command,
+        )
+    ]
+    if comparison.friedman is not None:
+        f = comparison.friedman
+        ranks = dict(zip(f.compared, f.mean_ranks))
+        written.append(
+            critical_difference_diagram(
+                ranks,
+                f.critical_difference,
+                root / "critical_difference.png",
+                title=f"mean ranks over {f.n_blocks} blocks (Nemenyi CD, alpha={f.alpha})",
+            )
+        )
+        sections.append(
+            Section(
+                "Ranking",
+                (
+                    f"The samples were cut into {f.n_blocks} disjoint blocks and the candidates "
+                    f"ranked by {comparison.metric} in each (1 = best). Friedman chi2 = "
+                    f"{f.statistic:.4g} on {f.df} df, p = {f.pvalue:.4g}. Candidates joined by "
+                    f"a bar differ by less than Nemenyi's critical difference "
+                    f"{f.critical_difference:.3g} at alpha = {f.alpha}.",
+                ),
+                table=(
+                    ["model", "mean rank"],
+                    [[n, f"{r:.2f}"] for n, r in sorted(ranks.items(), key=lambda kv: kv[1])],
+                ),
+                images=(("critical_difference.png", "critical-difference diagram"),),
+            )
+        )
+    md, page = write_report(
+        root, title or f"Comparison by {comparison.metric}", sections, html_report=html_report
+    )
+    written.append(md)
+    if page is not None:
+        written.append(page)
+    return written
