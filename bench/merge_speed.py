@@ -1,0 +1,202 @@
+"""Merge speed and memory against the I/O floor, every method in a fresh process.
+
+Generates once, into --cache, N Hugging Face Llama-format checkpoints (default
+3 x about 220M parameters in bfloat16: hidden 1024, intermediate 2816, 12
+layers, 16 heads, vocab 32000), then measures in one run:
+
+- the I/O floor: read every input tensor once and write one output of the same size;
+- each merge method: ``modelfuse.merge`` of the N checkpoints.
+
+Each measurement runs in its own process and reports wall seconds and peak RSS.
+
+    python bench/merge_speed.py                 # every registered method
+    python bench/merge_speed.py --methods linear ties --scale 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 1024, 2816, 12, 16, 32000
+
+# Parameters a benchmark run gives each method (methods not listed run on their defaults).
+METHOD_PARAMETERS: dict[str, dict] = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.8},
+    "ties": {"density": 0.5},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+    "slerp": {"t": 0.4},
+}
+
+
+def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        kv = HIDDEN  # no grouped-query attention: 16 key-value heads
+        shapes += [
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)),
+        ]
+    shapes += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return shapes
+
+
+def generate(cache: Path, n_models: int, layers: int) -> list[Path]:
+    """Write the checkpoints once; later runs reuse them."""
+    from modelfuse.checkpoint import CheckpointWriter
+
+    shapes = llama_shapes(layers)
+    folders = [cache / f"llama-{layers}l-{i}" for i in range(n_models)]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "vocab_size": VOCAB,
+        "torch_dtype": "bfloat16",
+    }
+    for i, folder in enumerate(folders):
+        if (folder / "config.json").is_file():
+            continue
+        print(f"generating {folder} ...", flush=True)
+        layout = [(name, shape, torch.bfloat16) for name, shape in shapes]
+        with CheckpointWriter(folder, layout, shard_size="5GB", overwrite=True) as writer:
+            for j, (name, shape) in enumerate(shapes):
+                g = torch.Generator().manual_seed(j)  # the same "pre-trained" values in every model
+                base = torch.randn(shape, generator=g) * 0.02
+                if i > 0:  # fine-tunes: the base plus a small model-specific change
+                    g.manual_seed(1_000_003 * i + j)
+                    base += torch.randn(shape, generator=g) * 0.002
+                writer.write(name, base.to(torch.bfloat16))
+            writer.add_file("config.json", json.dumps(config, indent=2))
+            writer.commit()
+    return folders
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_io_floor(folders: list[Path], out: Path) -> dict:
+    from modelfuse.checkpoint import CheckpointWriter, open_checkpoint
+
+    start = time.perf_counter()
+    checkpoints = [open_checkpoint(f) for f in folders]
+    names = checkpoints[0].keys()
+    layout = [(n, tuple(checkpoints[0].info(n).shape), checkpoints[0].info(n).dtype) for n in names]
+    with CheckpointWriter(out, layout, overwrite=True) as writer:
+        for name in names:
+            tensors = [c.read(name) for c in checkpoints]
+            writer.write(name, tensors[0])
+            del tensors
+        writer.commit()
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+
+
+def child_merge(method: str, folders: list[Path], out: Path, threads: int | None) -> dict:
+    import modelfuse
+    from modelfuse.merge.registry import get_method
+
+    spec = get_method(method)
+    models = [str(f) for f in folders]
+    config: dict = {"merge_method": method, "parameters": METHOD_PARAMETERS.get(method, {})}
+    if spec.uses_base:
+        config["base_model"], models = models[0], models[1:]
+    if spec.max_models is not None:
+        models = models[: spec.max_models]
+    config["models"] = models
+    start = time.perf_counter()
+    modelfuse.merge(config, out, threads=threads, overwrite=True)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_child(args: argparse.Namespace, what: str, folders: list[Path], out: Path) -> dict:
+    command = [
+        sys.executable, __file__, "--child", what, "--out", str(out),
+        "--folders", *[str(f) for f in folders],
+    ]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="where checkpoints are generated once")
+    parser.add_argument("--models", type=int, default=3, help="number of checkpoints")
+    parser.add_argument("--scale", type=int, default=1, help="multiply the number of layers (2: twice as large)")
+    parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered one)")
+    parser.add_argument("--threads", type=int, default=None, help="merge threads (default: all cores)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folders", nargs="*", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        if args.child == "io-floor":
+            result = child_io_floor(args.folders, args.out)
+        else:
+            result = child_merge(args.child, args.folders, args.out, args.threads)
+        print(json.dumps(result))
+        return
+
+    from modelfuse.merge.registry import METHODS
+
+    layers = LAYERS * args.scale
+    folders = generate(args.cache, args.models, layers)
+    size_mb = sum(p.stat().st_size for p in folders[0].glob("*.safetensors")) / 1e6
+    methods = args.methods or sorted(METHODS)
+    print(f"{args.models} checkpoints x {size_mb:.0f} MB ({layers} layers, bfloat16); "
+          f"threads={args.threads or os.cpu_count()}")
+    scratch = Path(tempfile.mkdtemp(prefix="modelfuse-bench-", dir=args.cache))
+    try:
+        def best(what: str) -> dict:
+            runs = [run_child(args, what, folders, scratch / "out") for _ in range(args.repeat)]
+            ok = [r for r in runs if "error" not in r]
+            return min(ok, key=lambda r: r["seconds"]) if ok else runs[0]
+
+        floor = best("io-floor")
+        print(f"{'method':<18} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>12}")
+        print(f"{'(I/O floor)':<18} {floor['seconds']:8.2f} {1.0:8.2f} {floor['peak_rss_mb']:12.0f}")
+        for method in methods:
+            result = best(method)
+            if "error" in result:
+                print(f"{method:<18} failed: {result['error']}")
+                continue
+            ratio = result["seconds"] / floor["seconds"]
+            print(f"{method:<18} {result['seconds']:8.2f} {ratio:8.2f} {result['peak_rss_mb']:12.0f}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
