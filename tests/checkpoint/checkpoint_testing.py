@@ -1,4 +1,4 @@
-"""Helpers shared by the checkpoint tests (imported by name; conftest puts this folder on sys.path)."""
+"""Helpers shared by the checkpoint tests (conftest puts this folder on sys.path)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,5 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def leftovers(parent: Path, name: str) -> list[str]:
     """Temporary or backup folders a writer left beside ``parent / name``."""
     return sorted(
-        p.name
-        for p in parent.iterdir()
-        if p.name.startswith((f".{name}.tmp-", f".{name}.old-"))
+        p.name for p in parent.iterdir() if p.name.startswith((f".{name}.tmp-", f".{name}.old-"))
     )
-

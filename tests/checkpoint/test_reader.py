@@ -69,8 +69,9 @@ def test_written_checkpoint_reads_back_in_plan_order(tmp_path: Path) -> None:
     tensors = make_tensors(seed=4)
     out = tmp_path / "out"
     same_width = {n: t for n, t in tensors.items() if t.element_size() == 2}
-    with CheckpointWriter(out, [(n, tuple(t.shape), t.dtype) for n, t in same_width.items()],
-                          shard_size=40) as writer:
+    with CheckpointWriter(
+        out, [(n, tuple(t.shape), t.dtype) for n, t in same_width.items()], shard_size=40
+    ) as writer:
         for name, tensor in same_width.items():
             writer.write(name, tensor)
         writer.commit()
@@ -227,8 +228,9 @@ def test_index_naming_a_tensor_missing_from_its_shard(tmp_path: Path, tensors) -
     index["weight_map"]["ghost.weight"] = "model-00001-of-00003.safetensors"
     index_path.write_text(json.dumps(index))
     message = _error(folder)
-    assert message.startswith(f"{index_path}: names tensor 'ghost.weight' in shard "
-                              "model-00001-of-00003.safetensors")
+    assert message.startswith(
+        f"{index_path}: names tensor 'ghost.weight' in shard model-00001-of-00003.safetensors"
+    )
 
 
 def test_index_that_is_not_json(tmp_path: Path) -> None:

@@ -175,8 +175,9 @@ def test_file_shorter_than_the_length_field(tmp_path: Path) -> None:
 
 
 def test_header_length_past_end_of_file(tmp_path: Path) -> None:
-    path = _craft(tmp_path / "m.safetensors", {"w": _entry("F32", [1], 0, 4)}, b"\0" * 4,
-                  length=10_000)
+    path = _craft(
+        tmp_path / "m.safetensors", {"w": _entry("F32", [1], 0, 4)}, b"\0" * 4, length=10_000
+    )
     message = _error(path)
     assert "10000" in message and "truncated" in message
 

@@ -33,7 +33,11 @@ def test_round_trip_bit_exact(tmp_path: Path, tensors: dict[str, torch.Tensor], 
         for name, expected in reference.items():
             assert_same(ckpt.read(name), expected)
             info = ckpt.info(name)
-            assert (info.shape, info.dtype, info.file) == (tuple(expected.shape), expected.dtype, path)
+            assert (info.shape, info.dtype, info.file) == (
+                tuple(expected.shape),
+                expected.dtype,
+                path,
+            )
             assert info.nbytes == expected.numel() * expected.element_size()
 
 
@@ -94,8 +98,11 @@ def test_opening_reads_no_tensor_data(tmp_path: Path) -> None:
     state = torch_format.load_state_dict(path)
     # Memory-mapped: the tensor's data lies in a mapping of the file, not in a private copy.
     pointer = state["w"].data_ptr()
-    regions = [line.split()[0].split("-") for line in maps.read_text().splitlines()
-               if line.endswith(str(path))]
+    regions = [
+        line.split()[0].split("-")
+        for line in maps.read_text().splitlines()
+        if line.endswith(str(path))
+    ]
     assert any(int(lo, 16) <= pointer < int(hi, 16) for lo, hi in regions)
 
 

@@ -7,6 +7,8 @@ import json
 import math
 import random
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -96,8 +98,9 @@ def test_sharded_layout_and_index(tmp_path: Path) -> None:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"] == {"total_size": sum(sizes)}
     keys = list(tensors)
-    assert index["weight_map"] == {keys[i]: names[s] for s, members in enumerate(expected)
-                                   for i in members}
+    assert index["weight_map"] == {
+        keys[i]: names[s] for s, members in enumerate(expected) for i in members
+    }
     for s, members in enumerate(expected):
         with safe_open(str(out / names[s]), "pt") as reference:
             assert sorted(reference.keys()) == sorted(keys[i] for i in members)
@@ -119,8 +122,13 @@ def test_sharded_checkpoint_loads_in_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     source = tmp_path / "source"
@@ -149,8 +157,10 @@ def test_sharded_checkpoint_loads_in_transformers(tmp_path: Path) -> None:
 
 def test_concurrent_writes_in_random_order(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
-    tensors = {f"layer.{i}.weight": torch.randn(16, 8 + i, generator=g).to(torch.bfloat16)
-               for i in range(40)}
+    tensors = {
+        f"layer.{i}.weight": torch.randn(16, 8 + i, generator=g).to(torch.bfloat16)
+        for i in range(40)
+    }
     names = list(tensors)
     random.Random(3).shuffle(names)
     errors: list[BaseException] = []
@@ -402,11 +412,26 @@ def test_repeated_names_in_the_plan(tmp_path: Path) -> None:
 def test_add_file_and_copy_model_files(tmp_path: Path) -> None:
     source = tmp_path / "base"
     source.mkdir()
-    wanted = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-              "chat_template.jinja", "added_tokens.json"]
-    unwanted = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "README.md", "training_args.bin", "vocab.safetensors"]
+    wanted = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "added_tokens.json",
+    ]
+    unwanted = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "README.md",
+        "training_args.bin",
+        "vocab.safetensors",
+    ]
     for name in wanted + unwanted:
         (source / name).write_text(f"content of {name}")
     (source / "sub").mkdir()
@@ -443,8 +468,11 @@ def test_copy_model_files_from_a_missing_folder(tmp_path: Path) -> None:
 
 
 def test_empty_and_scalar_tensors(tmp_path: Path) -> None:
-    tensors = {"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5, dtype=torch.float64),
-               "mask": torch.tensor([True, False, True])}
+    tensors = {
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "mask": torch.tensor([True, False, True]),
+    }
     out = _write_all(tmp_path / "out", tensors)
     read_back = _read_with_safetensors(out)
     for name, tensor in tensors.items():
@@ -462,3 +490,17 @@ def test_every_dtype_survives_sharding(tmp_path: Path) -> None:
         json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"],
         sum(t.numel() * t.element_size() for t in tensors.values()),
     )
+
+
+def test_an_interrupted_process_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = (
+        "import sys, torch\n"
+        "from modelfuse.checkpoint import CheckpointWriter\n"
+        "w = CheckpointWriter(sys.argv[1], [('a', (2,), torch.float32), ('b', (2,), torch.float32)])\n"
+        "w.write('a', torch.ones(2))\n"
+        "raise KeyboardInterrupt\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True)
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
+    assert not out.exists() and leftovers(tmp_path, "out") == []

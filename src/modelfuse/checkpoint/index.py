@@ -79,7 +79,7 @@ def read_index(path: Path) -> ShardIndex:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(
-            f"{path}: has no \"weight_map\" mapping tensor names to shard file names; "
+            f'{path}: has no "weight_map" mapping tensor names to shard file names; '
             "expected a Hugging Face shard index; re-download or re-save the checkpoint"
         )
     if not weight_map:

@@ -218,7 +218,8 @@ class TorchCheckpoint(Checkpoint):
             if info is None or info.file != shard:
                 raise CheckpointError(
                     f"{index}: names tensor {name!r} in shard {shard.name}, but {shard} does not "
-                    "hold it; the shard or the index is wrong; re-download or re-save the checkpoint"
+                    "hold it; the shard or the index is wrong; "
+                    "re-download or re-save the checkpoint"
                 )
 
     def read(self, name: str) -> torch.Tensor:

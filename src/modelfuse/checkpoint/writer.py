@@ -85,8 +85,10 @@ def shard_names(count: int) -> list[str]:
 
     Examples
     --------
-    >>> shard_names(1), shard_names(2)
-    (['model.safetensors'], ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'])
+    >>> shard_names(1)
+    ['model.safetensors']
+    >>> shard_names(2)
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
     if count == 1:
         return [SINGLE_NAME]
@@ -247,8 +249,9 @@ class CheckpointWriter:
         self._fds: list[int] = []
         try:
             self._target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-",
-                                              dir=self._target.parent))
+            self._tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=self._target.parent)
+            )
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot create a temporary folder in {self._target.parent} "
@@ -269,13 +272,17 @@ class CheckpointWriter:
         size = 0
         for name, shape, dtype in tensors:
             if not isinstance(name, str) or name in seen or name == "__metadata__":
-                raise ValueError(f"tensor name {name!r} is not a string, is reserved or is repeated")
+                raise ValueError(
+                    f"tensor name {name!r} is not a string, is reserved or is repeated"
+                )
             seen.add(name)
             shape = tuple(int(d) for d in shape)
             if any(d < 0 for d in shape):
                 raise ValueError(f"tensor {name!r}: shape {shape} has a negative dimension")
             if dtype_code(dtype) is None:
-                known = ", ".join(str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values())
+                known = ", ".join(
+                    str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values()
+                )
                 raise OutputError(
                     f"{self.out}: tensor {name!r} has dtype {dtype}, which safetensors cannot "
                     f"store; expected one of {known}; choose another output dtype"
@@ -288,7 +295,9 @@ class CheckpointWriter:
             size += nbytes
         return shards
 
-    def _create_shards(self, shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]) -> None:
+    def _create_shards(
+        self, shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]
+    ) -> None:
         self._slots: dict[str, _Slot] = {}
         for number, (file_name, members) in enumerate(zip(self._names, shards)):
             ordered = sorted(members, key=lambda m: -itemsize(m[2]))
@@ -298,7 +307,9 @@ class CheckpointWriter:
                 cursor += nbytes
             header = encode_header(entries, self._metadata)
             for name, dtype, shape, begin, end in entries:
-                self._slots[name] = _Slot(name, shape, dtype, end - begin, number, len(header) + begin)
+                self._slots[name] = _Slot(
+                    name, shape, dtype, end - begin, number, len(header) + begin
+                )
             fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds.append(fd)
             _write_at(fd, memoryview(header), 0)
@@ -350,7 +361,9 @@ class CheckpointWriter:
         if slot is None:
             raise ValueError(f"{self.out}: tensor {name!r} is not among the planned tensors")
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(
+                f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
         if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise ValueError(
                 f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)} "
@@ -526,7 +539,8 @@ class CheckpointWriter:
         elif not self.overwrite:
             raise OutputError(
                 f"{self.out}: appeared while the checkpoint was being written; expected a new "
-                "output path; pass --overwrite (overwrite=True) to replace it, or choose another path"
+                "output path; pass --overwrite (overwrite=True) to replace it, "
+                "or choose another path"
             )
         else:
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
