@@ -1,0 +1,152 @@
+"""Scores: held-out measures of a state dict that the searches maximise.
+
+A *score* is any callable ``score(state_dict) -> float`` where higher is
+better. It is called with a mapping name -> Tensor holding every entry of the
+model's ``state_dict()`` and must not modify it. The factories here build
+scores for a classifier ``model`` on fixed ``batches`` of ``(inputs, labels)``:
+each call runs the model in eval mode under ``torch.no_grad()`` with the given
+weights substituted through :func:`torch.func.functional_call`, so the
+module's own weights are never touched, and its training flag is restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from modelfuse.errors import DataError
+from modelfuse.search._state import check_model_keys
+
+__all__ = ["Score", "accuracy_score", "model_outputs", "nll_score"]
+
+Score = Callable[[Mapping[str, torch.Tensor]], float]
+"""``score(state_dict) -> float``, higher is better."""
+
+
+def _labelled_batches(batches: Iterable[Any], where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise DataError(
+                f"{where}: batch {i} is a {type(batch).__name__}; expected a pair "
+                "(inputs, labels) of tensors"
+            )
+        x, y = batch
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise DataError(f"{where}: batch {i} must hold two tensors (inputs, labels)")
+        if y.dtype.is_floating_point or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"{where}: batch {i}: labels must be integer class indices of shape "
+                f"({x.shape[0]},), got dtype {y.dtype} and shape {tuple(y.shape)}"
+            )
+        out.append((x, y))
+    if not out:
+        raise DataError(f"{where}: no batches given; pass a non-empty list of (inputs, labels)")
+    return out
+
+
+def model_outputs(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
+    """Outputs of ``model`` with the weights ``state_dict``, in eval mode, without gradients.
+
+    The module keeps its own weights and its training flag.
+
+    Examples
+    --------
+    >>> m = torch.nn.Linear(2, 1)
+    >>> sd = {"weight": torch.tensor([[1.0, 2.0]]), "bias": torch.tensor([0.5])}
+    >>> model_outputs(m, sd, torch.tensor([[1.0, 1.0]]))
+    tensor([[3.5000]])
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return functional_call(model, dict(state_dict), (inputs,))
+    finally:
+        model.train(was_training)
+
+
+def _score_factory(
+    model: nn.Module, batches: Iterable[Any], name: str, per_batch: Callable[..., torch.Tensor]
+) -> Score:
+    data = _labelled_batches(batches, name)
+    total = sum(int(y.shape[0]) for _, y in data)
+
+    def score(state_dict: Mapping[str, torch.Tensor]) -> float:
+        check_model_keys(model, state_dict, name)
+        value = 0.0
+        for x, y in data:
+            logits = model_outputs(model, state_dict, x)
+            value += float(per_batch(logits, y))
+        return value / total
+
+    score.__name__ = name
+    return score
+
+
+def accuracy_score(model: nn.Module, batches: Iterable[Any]) -> Score:
+    """A score: the top-1 accuracy of the classifier ``model`` on ``batches``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps a batch of inputs to logits of shape (n, n_classes). Only its
+        architecture is used; each call substitutes the weights it is given.
+    batches : iterable of (Tensor, Tensor)
+        ``(inputs, labels)`` pairs, labels integer class indices; read once,
+        when the score is built.
+
+    Returns
+    -------
+    callable
+        ``score(state_dict) -> float``, the fraction of samples (over all
+        batches) whose arg-max logit is the label.
+
+    Examples
+    --------
+    >>> _ = torch.manual_seed(0); m = torch.nn.Linear(3, 2)
+    >>> x = torch.randn(8, 3); y = m(x).argmax(1).detach()
+    >>> accuracy_score(m, [(x, y)])(m.state_dict())
+    1.0
+    """
+    return _score_factory(
+        model, batches, "accuracy_score", lambda z, y: (z.argmax(dim=-1) == y).sum()
+    )
+
+
+def nll_score(model: nn.Module, batches: Iterable[Any]) -> Score:
+    """A score: minus the mean negative log-likelihood of the classifier ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps a batch of inputs to logits of shape (n, n_classes).
+    batches : iterable of (Tensor, Tensor)
+        ``(inputs, labels)`` pairs, read once when the score is built.
+
+    Returns
+    -------
+    callable
+        ``score(state_dict) -> float`` equal to
+        :math:`\\frac{1}{n}\\sum_i \\log \\mathrm{softmax}(z_i)_{y_i}` over every
+        sample of every batch (the negated NLL, so that higher is better).
+
+    Examples
+    --------
+    >>> m = torch.nn.Linear(1, 2)
+    >>> sd = {"weight": torch.zeros(2, 1), "bias": torch.zeros(2)}
+    >>> round(nll_score(m, [(torch.ones(4, 1), torch.tensor([0, 1, 0, 1]))])(sd), 4)
+    -0.6931
+    """
+    return _score_factory(
+        model,
+        batches,
+        "nll_score",
+        lambda z, y: -torch.nn.functional.cross_entropy(z.float(), y, reduction="sum"),
+    )

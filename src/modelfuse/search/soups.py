@@ -1,0 +1,139 @@
+"""Model soups: the uniform average and the greedy soup of fine-tuned models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from modelfuse.merge.state_dict import merge_state_dicts
+from modelfuse.search._state import check_matching, is_float
+from modelfuse.search.results import Candidate, SearchResult
+from modelfuse.search.scores import Score
+
+__all__ = ["greedy_soup", "uniform_soup"]
+
+
+def uniform_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform soup: the plain average of every model's weights.
+
+    Parameters
+    ----------
+    state_dicts : sequence of mappings name -> Tensor
+        Models of one architecture, usually fine-tuned from one pre-trained
+        model. Not modified.
+
+    Returns
+    -------
+    dict name -> Tensor
+        :math:`\\frac{1}{N}\\sum_i \\theta_i` for floating-point tensors;
+        other tensors (counters, ids) are the first model's.
+
+    References
+    ----------
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned
+    models improves accuracy without increasing inference time", ICML 2022.
+
+    Examples
+    --------
+    >>> uniform_soup([{"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([2.0, 3.0])}])["w"]
+    tensor([1., 2.])
+    """
+    check_matching(state_dicts)
+    return merge_state_dicts("linear", state_dicts)
+
+
+def _include(
+    average: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
+    """The running average of ``count`` models with one more model added."""
+    out = {}
+    for key, value in average.items():
+        if is_float(value):
+            out[key] = value * (count / (count + 1)) + new[key].to(value.dtype) / (count + 1)
+        else:
+            out[key] = value
+    return out
+
+
+def greedy_soup(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    score: Score,
+    *,
+    strict: bool = True,
+) -> SearchResult:
+    """The greedy soup: add models to the average only while a held-out score improves.
+
+    The models are scored alone and sorted best first (ties keep the input
+    order). The soup starts as the best model; each next model is tried in
+    the running average and kept only if the score of the average improves
+    on the best so far: strictly (``>``, the paper's rule) when ``strict``,
+    or when it is at least as good (``>=``) otherwise. The average is kept
+    incrementally, :math:`\\bar\\theta_{k+1} = \\frac{k}{k+1}\\bar\\theta_k +
+    \\frac{1}{k+1}\\theta`, in float32 for float tensors (others are the best
+    model's).
+
+    Because the soup only ever changes when its score improves, its score is
+    never below that of the best single model on the data ``score`` uses.
+
+    Parameters
+    ----------
+    state_dicts : sequence of mappings name -> Tensor
+        Models of one architecture, fine-tuned from one pre-trained model.
+        Not modified.
+    score : callable
+        ``score(state_dict) -> float`` on held-out data, higher is better
+        (e.g. :func:`modelfuse.search.accuracy_score`).
+    strict : bool, default True
+        Require a strict improvement to add a model; ``False`` adds models
+        that leave the score unchanged too.
+
+    Returns
+    -------
+    SearchResult
+        ``parameters``: ``{"ingredients": tuple of input indices in the order
+        they were added, "order": every index sorted by its own score}``;
+        ``state_dict``: the soup; ``score``: its score; ``trace``: first one
+        candidate per model alone (``{"model": i}``), then one per tried soup
+        (``{"ingredients": (...), "accepted": bool}``).
+
+    References
+    ----------
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned
+    models improves accuracy without increasing inference time", ICML 2022,
+    Recipe 1 (GreedySoup).
+
+    Examples
+    --------
+    >>> sds = [{"w": torch.tensor([v])} for v in (1.0, 3.0, 10.0)]
+    >>> score = lambda sd: -abs(float(sd["w"]) - 2.0)
+    >>> result = greedy_soup(sds, score)
+    >>> result.parameters["ingredients"], float(result.state_dict["w"])
+    ((0, 1), 2.0)
+    """
+    check_matching(state_dicts)
+    trace: list[Candidate] = []
+    alone = []
+    for i, sd in enumerate(state_dicts):
+        s = float(score(sd))
+        alone.append(s)
+        trace.append(Candidate({"model": i}, s))
+    order = sorted(range(len(state_dicts)), key=lambda i: -alone[i])
+    first = order[0]
+    soup = {
+        k: v.detach().to(torch.float32) if is_float(v) else v.detach().clone()
+        for k, v in state_dicts[first].items()
+    }
+    ingredients = [first]
+    best = alone[first]
+    for i in order[1:]:
+        candidate = _include(soup, state_dicts[i], len(ingredients))
+        s = float(score(candidate))
+        accepted = s > best if strict else s >= best
+        trace.append(Candidate({"ingredients": (*ingredients, i), "accepted": accepted}, s))
+        if accepted:
+            soup, best = candidate, s
+            ingredients.append(i)
+    return SearchResult(
+        {"ingredients": tuple(ingredients), "order": tuple(order)}, soup, best, tuple(trace)
+    )
