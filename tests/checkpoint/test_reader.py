@@ -259,3 +259,10 @@ def test_the_same_tensor_in_two_shards(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     message = _error(tmp_path)
     assert "'w' is also in" in message
+
+
+def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path: Path) -> None:
+    folder = _save_sharded(tmp_path / "model", {"w": torch.zeros(2), "v": torch.zeros(1)}, 2)
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    with open_checkpoint(folder) as ckpt:
+        assert ckpt.keys() == ["w"] and ckpt.read("w").tolist() == [1.0, 1.0]

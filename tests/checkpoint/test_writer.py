@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import random
+import stat
 import struct
 import subprocess
 import sys
@@ -504,3 +506,14 @@ def test_an_interrupted_process_leaves_no_temporary_folder(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True)
     assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_output_permissions_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        out = _write_all(tmp_path / "out", {"a": torch.ones(2)}, shard_size=4)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name

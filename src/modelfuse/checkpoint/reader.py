@@ -149,7 +149,7 @@ def _open_index(index_path: Path, given: Path, folder: Path | None) -> Checkpoin
 def _open_folder(folder: Path) -> Checkpoint:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     names = {p.name: p for p in files}
-    for preferred in ("model.safetensors.index.json", "model.safetensors"):
+    for preferred in ("model.safetensors", "model.safetensors.index.json"):
         if preferred in names:
             return _open_file(names[preferred], folder, folder)
     indexes = [p for p in files if p.name.endswith(".safetensors.index.json")]
@@ -159,7 +159,7 @@ def _open_folder(folder: Path) -> Checkpoint:
     )
     if chosen is not None:
         return _open_file(chosen, folder, folder)
-    for preferred in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
+    for preferred in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
         if preferred in names:
             return _open_file(names[preferred], folder, folder)
     indexes = [p for p in files if p.name.endswith((".bin.index.json", ".pt.index.json"))]

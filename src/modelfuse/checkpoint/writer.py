@@ -16,8 +16,8 @@ import fnmatch
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -142,6 +142,17 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _make_sibling(target: Path, tag: str) -> Path:
+    """Create the empty folder ``.NAME.TAG-XXXXXXXX`` beside ``target``, with the umask's mode."""
+    while True:
+        folder = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+
+
 def _cleanup(folder: Path, fds: list[int]) -> None:
     """Close the shard files and remove the temporary folder."""
     while fds:
@@ -249,9 +260,7 @@ class CheckpointWriter:
         self._fds: list[int] = []
         try:
             self._target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(
-                tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=self._target.parent)
-            )
+            self._tmp = _make_sibling(self._target, "tmp")
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot create a temporary folder in {self._target.parent} "
@@ -310,7 +319,7 @@ class CheckpointWriter:
                 self._slots[name] = _Slot(
                     name, shape, dtype, end - begin, number, len(header) + begin
                 )
-            fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             self._fds.append(fd)
             _write_at(fd, memoryview(header), 0)
             os.ftruncate(fd, len(header) + cursor)
@@ -525,7 +534,7 @@ class CheckpointWriter:
         total = sum(slot.nbytes for slot in self._slots.values())
         document = {"metadata": {"total_size": total}, "weight_map": weight_map}
         data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-        fd = os.open(self._tmp / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self._tmp / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             _write_at(fd, memoryview(data), 0)
             os.fsync(fd)
@@ -543,7 +552,7 @@ class CheckpointWriter:
                 "or choose another path"
             )
         else:
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            backup = _make_sibling(target, "old")
             old = backup / "previous"
             os.rename(target, old)
             try:
