@@ -1,5 +1,6 @@
 """Post-hoc calibration: calibrators, calibration metrics and reliability diagrams."""
 
+from modelfuse.calibration.base import Calibrator, check_calibration_set
 from modelfuse.calibration.metrics import (
     adaptive_calibration_error,
     brier_score,
@@ -8,12 +9,26 @@ from modelfuse.calibration.metrics import (
     maximum_calibration_error,
     negative_log_likelihood,
 )
+from modelfuse.calibration.one_vs_rest import HistogramBinning, IsotonicCalibration, PlattScaling
+from modelfuse.calibration.registry import CALIBRATORS, calibrator_from_json, make_calibrator
+from modelfuse.calibration.scaling import MatrixScaling, TemperatureScaling, VectorScaling
 
 __all__ = [
+    "CALIBRATORS",
+    "Calibrator",
+    "HistogramBinning",
+    "IsotonicCalibration",
+    "MatrixScaling",
+    "PlattScaling",
+    "TemperatureScaling",
+    "VectorScaling",
     "adaptive_calibration_error",
     "brier_score",
     "calibration_bins",
+    "calibrator_from_json",
+    "check_calibration_set",
     "expected_calibration_error",
+    "make_calibrator",
     "maximum_calibration_error",
     "negative_log_likelihood",
 ]

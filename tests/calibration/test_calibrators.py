@@ -1,0 +1,195 @@
+"""Calibrators: known temperatures, closed forms, scikit-learn equivalents, conventions, saved form."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from modelfuse.calibration import (
+    CALIBRATORS,
+    HistogramBinning,
+    IsotonicCalibration,
+    MatrixScaling,
+    PlattScaling,
+    TemperatureScaling,
+    VectorScaling,
+    calibrator_from_json,
+    expected_calibration_error,
+    make_calibrator,
+    negative_log_likelihood,
+)
+from modelfuse.errors import ConfigError, DataError
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    u = rng.uniform(size=(probs.shape[0], 1))
+    return np.minimum((u > probs.cumsum(axis=1)).sum(axis=1), probs.shape[1] - 1)
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_temperature_scaling_recovers_a_known_temperature(true_t: float) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, size=(20_000, 5))
+    labels = _sample_labels(rng, _softmax(logits / true_t))
+    cal = TemperatureScaling().fit(logits, labels)
+    assert cal.temperature_ == pytest.approx(true_t, rel=0.05)
+    # argmax is unchanged; the calibrated predictor is better calibrated
+    np.testing.assert_array_equal(cal.predict(logits), logits.argmax(axis=1))
+    assert expected_calibration_error(cal.predict_proba(logits), labels) < 0.02
+
+
+def test_temperature_is_the_nll_minimiser_by_grid() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0.0, 2.0, size=(2000, 3))
+    labels = _sample_labels(rng, _softmax(logits / 1.7))
+    fitted = TemperatureScaling().fit(logits, labels).temperature_
+    grid = np.linspace(0.5, 4.0, 3501)
+    nll = [negative_log_likelihood(_softmax(logits / t), labels) for t in grid]
+    assert fitted == pytest.approx(grid[int(np.argmin(nll))], abs=2e-3)
+
+
+def test_vector_and_matrix_scaling_recover_a_known_affine_map() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0.0, 2.0, size=(30_000, 3))
+    w, b = np.array([0.5, 1.0, 2.0]), np.array([0.3, -0.2, 0.0])
+    labels = _sample_labels(rng, _softmax(logits * w + b))
+    vec = VectorScaling().fit(logits, labels)
+    # softmax is invariant to a common shift of b; compare centred biases
+    np.testing.assert_allclose(vec.coef_, w, atol=0.08)
+    np.testing.assert_allclose(vec.intercept_ - vec.intercept_.mean(), b - b.mean(), atol=0.08)
+    mat = MatrixScaling().fit(logits, labels)
+    probs_true = _softmax(logits * w + b)
+    assert np.abs(mat.predict_proba(logits) - probs_true).mean() < 0.02
+
+
+def test_platt_matches_sklearn_logistic_regression_on_the_log_odds() -> None:
+    rng = np.random.default_rng(3)
+    p1 = rng.uniform(0.01, 0.99, size=3000)
+    labels = (rng.uniform(size=3000) < p1**2).astype(int)
+    probs = np.stack([1 - p1, p1], axis=1)
+    cal = PlattScaling(smoothing=False).fit(probs, labels)
+    s = np.log(p1 / (1 - p1))[:, None]
+    ref = LogisticRegression(C=1e10, max_iter=1000).fit(s, labels)
+    assert cal.coef_[0] == pytest.approx(ref.coef_[0, 0], rel=1e-3)
+    assert cal.intercept_[0] == pytest.approx(ref.intercept_[0], abs=1e-3)
+    np.testing.assert_allclose(cal.predict_proba(probs), ref.predict_proba(s), atol=1e-4)
+
+
+def test_platt_smoothing_uses_platts_targets() -> None:
+    # Separable data: Platt's targets (N+ + 1)/(N+ + 2) = 3/4 and 1/(N- + 2) = 1/4 keep the
+    # slope finite. A soft target t is a positive of weight t plus a negative of weight 1 - t,
+    # so sklearn's weighted logistic regression is an independent reference.
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1])
+    cal = PlattScaling().fit(scores, labels)
+    s = np.log(scores[:, 1] / scores[:, 0])
+    t = np.where(labels == 1, 3 / 4, 1 / 4)
+    ref = LogisticRegression(C=1e10, tol=1e-10, max_iter=10_000).fit(
+        np.concatenate([s, s])[:, None],
+        np.concatenate([np.ones(4), np.zeros(4)]),
+        sample_weight=np.concatenate([t, 1 - t]),
+    )
+    assert cal.coef_[0] == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+    assert cal.intercept_[0] == pytest.approx(ref.intercept_[0], abs=1e-4)
+    assert np.isfinite(cal.coef_[0])
+
+
+def test_isotonic_matches_sklearn_in_the_binary_case() -> None:
+    rng = np.random.default_rng(4)
+    p1 = rng.uniform(size=500)
+    labels = (rng.uniform(size=500) < p1**3).astype(int)
+    probs = np.stack([1 - p1, p1], axis=1)
+    cal = IsotonicCalibration().fit(probs, labels)
+    ref = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(p1, labels)
+    test = rng.uniform(size=200)
+    got = cal.predict_proba(np.stack([1 - test, test], axis=1))[:, 1]
+    np.testing.assert_allclose(got, ref.predict(test), atol=1e-12)
+
+
+def test_one_vs_rest_renormalises_by_hand() -> None:
+    # Three classes; histogram binning with one bin per class maps p_c to the class frequency.
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]])
+    labels = np.array([0, 0, 1, 2])
+    cal = HistogramBinning(n_bins=1).fit(probs, labels)
+    # each q_c = frequency of class c: (0.5, 0.25, 0.25), already summing to one
+    np.testing.assert_allclose(cal.predict_proba(probs), np.tile([0.5, 0.25, 0.25], (4, 1)))
+    two_bins = HistogramBinning(n_bins=2).fit(probs, labels)
+    # class 0: (0, .5] holds {.2 yes, .3 no, .5 no} -> 1/3; (.5, 1] holds {.6 yes} -> 1
+    # class 1: all in (0, .5]: {.3 no, .5 no, .3 yes, .25 no} -> .25
+    # class 2: all in (0, .5]: {.1 no, .3 no, .4 no, .25 yes} -> .25
+    q = np.array([[1.0, 0.25, 0.25], [1 / 3, 0.25, 0.25]])
+    expected = q / q.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(two_bins.predict_proba(probs[:2]), expected)
+
+
+def test_histogram_quantile_binning_is_equal_mass() -> None:
+    rng = np.random.default_rng(5)
+    p1 = rng.uniform(size=1000) ** 2
+    labels = (rng.uniform(size=1000) < p1).astype(int)
+    cal = HistogramBinning(n_bins=4, binning="quantile").fit(np.stack([1 - p1, p1], 1), labels)
+    edges = cal.edges_[0]
+    inner = np.searchsorted(edges, p1, side="left") - 1
+    counts = np.bincount(np.clip(inner, 0, 3), minlength=4)
+    assert counts.min() >= 240 and counts.max() <= 260
+
+
+@pytest.mark.parametrize("method", sorted(CALIBRATORS))
+def test_every_calibrator_follows_sklearn_conventions_and_round_trips_json(method: str) -> None:
+    rng = np.random.default_rng(6)
+    logits = rng.normal(0.0, 2.0, size=(400, 3))
+    labels = _sample_labels(rng, _softmax(logits / 2))
+    cal = make_calibrator(method, kind="logits")
+    assert clone(cal).get_params() == cal.get_params()
+    with pytest.raises(NotFittedError):
+        cal.predict_proba(logits)
+    cal.fit(logits, labels)
+    probs = cal.predict_proba(logits)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert negative_log_likelihood(probs, labels) < negative_log_likelihood(
+        _softmax(logits), labels
+    )
+    saved = json.loads(json.dumps(cal.to_json()))
+    again = calibrator_from_json(saved)
+    np.testing.assert_allclose(again.predict_proba(logits), probs, atol=1e-12)
+    assert type(again) is type(cal)
+
+
+def test_probabilities_kind_is_accepted_by_scaling() -> None:
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0.0, 3.0, size=(5000, 4))
+    labels = _sample_labels(rng, _softmax(logits / 2.0))
+    from_logits = TemperatureScaling().fit(logits, labels)
+    from_probs = TemperatureScaling(kind="probabilities").fit(_softmax(logits), labels)
+    assert from_probs.temperature_ == pytest.approx(from_logits.temperature_, rel=1e-4)
+
+
+def test_bad_calibration_sets() -> None:
+    logits = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    with pytest.raises(DataError, match="only class 1"):
+        TemperatureScaling().fit(logits, np.array([1, 1, 1]))
+    with pytest.raises(DataError, match="labels must lie"):
+        PlattScaling(kind="logits").fit(logits, np.array([0, 1, 2]))
+    with pytest.raises(DataError, match="3 predictions"):
+        IsotonicCalibration(kind="logits").fit(logits, np.array([0, 1]))
+    with pytest.raises(DataError, match="NaN"):
+        TemperatureScaling().fit(np.array([[np.inf, 0.0], [0.0, 1.0]]), np.array([0, 1]))
+    with pytest.raises(DataError, match="empty"):
+        TemperatureScaling().fit(np.zeros((0, 2)), np.zeros(0, dtype=int))
+    fitted = TemperatureScaling().fit(logits, np.array([0, 1, 0]))
+    with pytest.raises(DataError, match="as in fit"):
+        fitted.predict_proba(np.zeros((2, 3)))
+    with pytest.raises(ConfigError, match="unknown 'beta'"):
+        make_calibrator("beta")
+    with pytest.raises(ConfigError, match="expected method"):
+        TemperatureScaling.from_json({"method": "platt"})
