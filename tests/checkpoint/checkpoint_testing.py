@@ -26,6 +26,10 @@ def make_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         "empty": torch.zeros(0, 4),
         "fp8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
         "fp8b": torch.randn(8, generator=g).to(torch.float8_e5m2),
+        "complex": torch.randn(3, generator=g, dtype=torch.complex64),
+        "u16": torch.tensor([0, 1, 65535], dtype=torch.int32).to(torch.uint16),
+        "u32": torch.tensor([0, 7, 2**31], dtype=torch.int64).to(torch.uint32),
+        "u64": torch.tensor([0, 9, 2**62], dtype=torch.int64).to(torch.uint64),
     }
     return tensors
 
