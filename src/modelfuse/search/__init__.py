@@ -1,4 +1,4 @@
-"""Choosing merge coefficients on data: soups, grid/random/evolutionary search, AdaMerging.
+"""Choosing merge coefficients on data: soups, grid/random/evolutionary search, AdaMerging, DaWin.
 
 A *score* is any callable ``score(state_dict) -> float``, higher is better
 (see :mod:`modelfuse.search.scores` for accuracy and NLL of a classifier).
@@ -7,6 +7,7 @@ merged weights and the trace of every candidate it scored.
 """
 
 from modelfuse.search.adamerging import adamerging, prediction_entropy
+from modelfuse.search.dawin import DaWinClassifier, dawin_lambdas
 from modelfuse.search.evolution import evolutionary_search
 from modelfuse.search.parameter_search import grid_search, merge_with_settings, random_search
 from modelfuse.search.results import Candidate, SearchResult
@@ -16,10 +17,12 @@ from modelfuse.search.wise_ft import wise_ft_sweep
 
 __all__ = [
     "Candidate",
+    "DaWinClassifier",
     "Score",
     "SearchResult",
     "accuracy_score",
     "adamerging",
+    "dawin_lambdas",
     "evolutionary_search",
     "greedy_soup",
     "grid_search",
