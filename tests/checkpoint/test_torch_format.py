@@ -57,8 +57,9 @@ def test_legacy_non_zip_format(tmp_path: Path) -> None:
         lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}},
         lambda sd: {"model": {"module": sd}, "config": {"lr": 0.1}},
         lambda sd: {"ema": collections.OrderedDict(sd)},
+        lambda sd: {"state_dict": sd, "best_score": torch.tensor(0.93)},
     ],
-    ids=["state_dict", "model", "model.module", "single-nested"],
+    ids=["state_dict", "model", "model.module", "single-nested", "tensor-beside"],
 )
 def test_nested_state_dicts_are_unwrapped(tmp_path: Path, wrap) -> None:
     state = {"layer.weight": torch.randn(2, 3), "layer.bias": torch.randn(2)}

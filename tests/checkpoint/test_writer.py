@@ -18,6 +18,7 @@ import pytest
 import torch
 from checkpoint_testing import assert_same, leftovers, make_tensors
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from modelfuse.checkpoint import CheckpointWriter, open_checkpoint
 from modelfuse.checkpoint import writer as writer_module
@@ -517,3 +518,21 @@ def test_output_permissions_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
+
+
+def test_a_read_error_mid_merge_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "in.safetensors"
+    tensors = {"a": torch.randn(50), "b": torch.randn(50)}
+    save_file(tensors, str(source))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as caught:
+        with open_checkpoint(source) as ckpt, CheckpointWriter(out, _plan(tensors)) as writer:
+            first, second = ckpt.keys()
+            writer.write(first, ckpt.read(first))
+            with open(source, "r+b") as handle:  # the file shrinks under the running merge
+                handle.truncate(source.stat().st_size - 100)
+            writer.write(second, ckpt.read(second))
+            writer.commit()
+    message = str(caught.value)
+    assert message.startswith(f"{source}: tensor '{second}': read 100 of its 200 bytes")
+    assert not out.exists() and leftovers(tmp_path, "out") == []

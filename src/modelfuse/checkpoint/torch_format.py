@@ -41,11 +41,13 @@ def _holds_tensors(value: object) -> bool:
 def _unwrap(path: Path, loaded: object) -> Mapping[object, object]:
     """Find the state dict inside what ``torch.load`` returned."""
     current, trail = loaded, []
-    while isinstance(current, Mapping) and not _holds_tensors(current):
+    while isinstance(current, Mapping):
         nested = [k for k, v in current.items() if isinstance(v, Mapping) and _search(v)]
         preferred = [k for k in NESTED_KEYS if k in nested]
-        if preferred:
+        if preferred:  # before top-level tensors: {"state_dict": {...}, "best_score": tensor}
             key = preferred[0]
+        elif _holds_tensors(current):
+            break
         elif len(nested) == 1:
             key = nested[0]
         elif nested:
