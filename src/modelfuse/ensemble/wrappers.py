@@ -95,7 +95,8 @@ class _MemberEnsemble(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """The class of largest ensemble probability."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # raises NotFittedError first
+        return self.classes_[proba.argmax(axis=1)]
 
 
 class VotingEnsemble(_MemberEnsemble):
