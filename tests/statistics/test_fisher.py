@@ -54,7 +54,9 @@ def test_empirical_fisher_of_softmax_regression_equals_closed_form():
     model, x, y = _softmax_regression(seed=1)
     fisher = fisher_diagonal(model, _batches(x, y, 16), kind="empirical")
     X = x.double().numpy()
-    p = _softmax(X @ model.weight.detach().double().numpy().T + model.bias.detach().double().numpy())
+    p = _softmax(
+        X @ model.weight.detach().double().numpy().T + model.bias.detach().double().numpy()
+    )
     onehot = np.eye(p.shape[1])[y.numpy()]
     # F_W[k, j] = mean_n (1[y=k] - p_k)^2 x_j^2
     r2 = (onehot - p) ** 2
@@ -180,7 +182,9 @@ def test_mapping_inputs_and_logits_attribute_are_understood():
     mask = torch.ones(8, 5)
     mask[:, 3:] = 0
     y = torch.randint(0, 2, (8,))
-    fisher = fisher_diagonal(model, [({"input_ids": ids, "attention_mask": mask}, y)], kind="empirical")
+    fisher = fisher_diagonal(
+        model, [({"input_ids": ids, "attention_mask": mask}, y)], kind="empirical"
+    )
     # token embeddings of masked positions and unused ids get no gradient
     used = torch.zeros(10, dtype=torch.bool)
     used[ids[:, :3].unique()] = True

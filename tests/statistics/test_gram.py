@@ -13,10 +13,14 @@ def test_gram_of_each_linear_layer_is_xtx_over_n():
     x = torch.randn(25, 4)
     grams = gram_matrices(model, [x[:10], x[10:20], x[20:]])
     X0 = x.double().numpy()
-    hidden = np.maximum(X0 @ model[0].weight.detach().double().numpy().T
-                        + model[0].bias.detach().double().numpy(), 0.0)
+    hidden = np.maximum(
+        X0 @ model[0].weight.detach().double().numpy().T + model[0].bias.detach().double().numpy(),
+        0.0,
+    )
     np.testing.assert_allclose(grams["0.weight"].numpy(), X0.T @ X0 / 25, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(grams["2.weight"].numpy(), hidden.T @ hidden / 25, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        grams["2.weight"].numpy(), hidden.T @ hidden / 25, rtol=1e-5, atol=1e-7
+    )
     assert grams.kind == "gram" and grams.n_examples == 25
 
 
@@ -24,8 +28,9 @@ def test_extra_dimensions_count_every_position_as_a_row_and_n_examples_cuts():
     torch.manual_seed(1)
     layer = nn.Linear(3, 2)
     x = torch.randn(8, 5, 3)  # (batch, positions, features)
-    grams = gram_matrices(layer, [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], None)],
-                          n_examples=6)
+    grams = gram_matrices(
+        layer, [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], None)], n_examples=6
+    )
     rows = x[:6].reshape(-1, 3).double().numpy()  # 6 examples x 5 positions = 30 rows
     np.testing.assert_allclose(grams["weight"].numpy(), rows.T @ rows / 30, rtol=1e-5, atol=1e-7)
     assert grams.n_examples == 6

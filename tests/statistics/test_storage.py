@@ -10,8 +10,12 @@ from modelfuse.statistics import Statistics, load, save
 
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     shared = torch.arange(6.0).reshape(2, 3)
-    stats = Statistics({"a.weight": shared, "b.weight": shared, "c": torch.ones(2)},
-                       kind="fisher", n_examples=123, estimator="empirical")
+    stats = Statistics(
+        {"a.weight": shared, "b.weight": shared, "c": torch.ones(2)},
+        kind="fisher",
+        n_examples=123,
+        estimator="empirical",
+    )
     path = save(stats, tmp_path / "f.safetensors")
     assert os.listdir(tmp_path) == ["f.safetensors"]  # no temporary file left behind
     back = load(path)

@@ -13,8 +13,11 @@ import types
 from typing import Any
 
 from modelfuse.merge.engine import MergeResult, merge, plan_merge
+from modelfuse.merge.fisher import fisher
+from modelfuse.merge.gradient_matching import gradient_matching
 from modelfuse.merge.linear import linear
 from modelfuse.merge.registry import METHODS, MergeMethod, get_method
+from modelfuse.merge.regmean import RegMeanJitterWarning, regmean
 from modelfuse.merge.state_dict import merge_state_dicts
 from modelfuse.merge.task_arithmetic import task_arithmetic
 
@@ -22,11 +25,15 @@ __all__ = [
     "METHODS",
     "MergeMethod",
     "MergeResult",
+    "RegMeanJitterWarning",
+    "fisher",
     "get_method",
+    "gradient_matching",
     "linear",
     "merge",
     "merge_state_dicts",
     "plan_merge",
+    "regmean",
     "task_arithmetic",
 ]
 

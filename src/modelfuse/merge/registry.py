@@ -34,8 +34,11 @@ from typing import Any
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.fisher import FisherParameters, fisher
+from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.parameters import MethodParameters
+from modelfuse.merge.regmean import RegMeanParameters, regmean
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 
 __all__ = [
@@ -135,6 +138,28 @@ METHODS: dict[str, MergeMethod] = {
         TaskArithmeticParameters,
         "base + lambda * weighted sum of task vectors",
         requires_base=True,
+    ),
+    "fisher": MergeMethod(
+        "fisher",
+        fisher,
+        FisherParameters,
+        "Fisher-weighted average (needs each model's Fisher diagonal)",
+        statistics=("fisher",),
+    ),
+    "regmean": MergeMethod(
+        "regmean",
+        regmean,
+        RegMeanParameters,
+        "linear layers fitted to every model's outputs (needs Gram matrices)",
+        statistics=("gram",),
+    ),
+    "gradient_matching": MergeMethod(
+        "gradient_matching",
+        gradient_matching,
+        GradientMatchingParameters,
+        "base + Fisher-precision-weighted task vectors (needs Fisher diagonals)",
+        requires_base=True,
+        statistics=("fisher",),
     ),
 }
 """Every merge method, by the name used in configurations."""

@@ -147,9 +147,13 @@ def fisher_diagonal(
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_BYTES // per_example_bytes)
     device = model_device(model)
-    sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()}
+    sums = {
+        name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()
+    }
 
-    def weighted_logits(parameters: dict[str, torch.Tensor], inputs: Inputs, r: torch.Tensor) -> torch.Tensor:
+    def weighted_logits(
+        parameters: dict[str, torch.Tensor], inputs: Inputs, r: torch.Tensor
+    ) -> torch.Tensor:
         single = _single(inputs)
         if isinstance(single, torch.Tensor):
             output = functional_call(model, (parameters, buffers), (single,))
@@ -168,7 +172,9 @@ def fisher_diagonal(
 
     n_seen = 0
     with evaluation_mode(model):
-        for batch in iterate_batches(batches, n_examples, device=device, need_labels=kind == "empirical"):
+        for batch in iterate_batches(
+            batches, n_examples, device=device, need_labels=kind == "empirical"
+        ):
             with torch.no_grad():
                 logits = extract_logits(
                     call_model(model, batch.inputs), where=f"model output (after {n_seen} examples)"
