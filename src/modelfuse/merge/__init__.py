@@ -12,6 +12,8 @@ import sys
 import types
 from typing import Any
 
+from modelfuse.merge.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from modelfuse.merge.dare import dare_linear, dare_ties
 from modelfuse.merge.engine import MergeResult, merge, plan_merge
 from modelfuse.merge.fisher import fisher
 from modelfuse.merge.gradient_matching import gradient_matching
@@ -20,13 +22,20 @@ from modelfuse.merge.registry import METHODS, MergeMethod, get_method
 from modelfuse.merge.regmean import RegMeanJitterWarning, regmean
 from modelfuse.merge.state_dict import merge_state_dicts
 from modelfuse.merge.task_arithmetic import task_arithmetic
+from modelfuse.merge.task_vectors import generalized_task_arithmetic
+from modelfuse.merge.ties import ties
 
 __all__ = [
     "METHODS",
     "MergeMethod",
     "MergeResult",
     "RegMeanJitterWarning",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
     "fisher",
+    "generalized_task_arithmetic",
     "get_method",
     "gradient_matching",
     "linear",
@@ -35,6 +44,7 @@ __all__ = [
     "plan_merge",
     "regmean",
     "task_arithmetic",
+    "ties",
 ]
 
 

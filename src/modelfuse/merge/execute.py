@@ -100,12 +100,20 @@ def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Ten
     return result.to(task.out_dtype).contiguous()
 
 
-def prepare_stream(plan: MergePlan) -> Callable[[], Iterator[tuple[str, list, Any, Any]]]:
-    """A re-iterable stream of ``(name, tensors, base, parameters)`` over merged tensors."""
+def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[str, list, Any, Any]]]:
+    """A re-iterable stream of ``(name, tensors, base, parameters)`` over merged tensors.
 
-    def stream() -> Iterator[tuple[str, list, Any, Any]]:
+    ``stream(select)`` with ``select(name, parameters) -> bool`` reads and yields
+    only the tensors it selects (decided from the parameters, before reading).
+    """
+
+    def stream(
+        select: Callable[[str, Any], bool] | None = None,
+    ) -> Iterator[tuple[str, list, Any, Any]]:
         for task in plan.tasks:
             if task.action != "merge":
+                continue
+            if select is not None and not select(task.name, task.parameters):
                 continue
             tensors, base = _read(plan, task)
             yield task.name, tensors, base, task.parameters

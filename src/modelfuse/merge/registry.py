@@ -34,12 +34,20 @@ from typing import Any
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.breadcrumbs import (
+    BreadcrumbsParameters,
+    BreadcrumbsTiesParameters,
+    breadcrumbs,
+    breadcrumbs_ties,
+)
+from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
 from modelfuse.merge.fisher import FisherParameters, fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.parameters import MethodParameters
 from modelfuse.merge.regmean import RegMeanParameters, regmean
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
+from modelfuse.merge.ties import TiesParameters, prepare_ties, ties
 
 __all__ = [
     "METHODS",
@@ -49,8 +57,9 @@ __all__ = [
     "method_table",
 ]
 
-PrepareInput = Callable[[], Iterator[tuple[str, list[torch.Tensor], "torch.Tensor | None", Any]]]
-"""Calling it streams ``(name, tensors, base, parameters)`` over every merged tensor once."""
+PrepareInput = Callable[..., Iterator[tuple[str, list[torch.Tensor], "torch.Tensor | None", Any]]]
+"""Calling it streams ``(name, tensors, base, parameters)`` over every merged tensor once;
+``stream(select)`` reads only the tensors for which ``select(name, parameters)`` is true."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,42 @@ METHODS: dict[str, MergeMethod] = {
         "base + Fisher-precision-weighted task vectors (needs Fisher diagonals)",
         requires_base=True,
         statistics=("fisher",),
+    ),
+    "ties": MergeMethod(
+        "ties",
+        ties,
+        TiesParameters,
+        "TIES: trim task vectors to density, elect signs, disjoint mean",
+        requires_base=True,
+        prepare=prepare_ties,
+    ),
+    "dare_linear": MergeMethod(
+        "dare_linear",
+        dare_linear,
+        DareLinearParameters,
+        "DARE: random drop with 1/density rescale, then task arithmetic",
+        requires_base=True,
+    ),
+    "dare_ties": MergeMethod(
+        "dare_ties",
+        dare_ties,
+        DareTiesParameters,
+        "DARE: random drop with 1/density rescale, then TIES sign election",
+        requires_base=True,
+    ),
+    "breadcrumbs": MergeMethod(
+        "breadcrumbs",
+        breadcrumbs,
+        BreadcrumbsParameters,
+        "breadcrumbs: drop the largest gamma and smallest entries, then task arithmetic",
+        requires_base=True,
+    ),
+    "breadcrumbs_ties": MergeMethod(
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
+        BreadcrumbsTiesParameters,
+        "breadcrumbs, then TIES sign election",
+        requires_base=True,
     ),
 }
 """Every merge method, by the name used in configurations."""

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.merge.magnitude_selection import global_top_k, kth_largest, top_k_mask
+
+from ._reference import top_k_positions
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 200_003])
+def test_kth_largest_equals_the_sorted_order(n):
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=g).abs()
+    ordered = torch.sort(values, descending=True).values
+    for k in sorted({1, max(1, n // 7), max(1, n // 2), n}):
+        assert kth_largest(values, k) == float(ordered[k - 1])
+
+
+def test_kth_largest_on_structured_data_falls_back_exactly():
+    # A strided sample of a periodic tensor sees one value only: the bracket fails.
+    values = torch.arange(300_000, dtype=torch.float32) % 65536
+    ordered = torch.sort(values, descending=True).values
+    for k in (1, 1234, 150_000, 299_999):
+        assert kth_largest(values, k) == float(ordered[k - 1])
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 250, 999, 1000])
+def test_top_k_mask_keeps_exactly_k_with_index_order_ties(k):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 20, (1000,), generator=g).float()  # many ties
+    expected = np.zeros(1000, dtype=bool)
+    expected[top_k_positions(values.numpy(), k)] = True
+    assert np.array_equal(top_k_mask(values, k).numpy(), expected)
+
+
+def test_global_top_k_equals_selection_on_the_concatenation():
+    g = torch.Generator().manual_seed(1)
+    sizes = [5, 400, 1, 2000, 333]
+    chunks = [(f"t{i}", [torch.randint(0, 50, (s,), generator=g).float() / 8 for _ in range(3)])
+              for i, s in enumerate(sizes)]
+    densities = [0.0, 0.25, 1.0]
+    selections = global_top_k(lambda: iter(chunks), densities)
+    for i, d in enumerate(densities):
+        flat = torch.cat([c[1][i] for c in chunks]).numpy()
+        k = int(d * flat.size)
+        expected = np.zeros(flat.size, dtype=bool)
+        expected[top_k_positions(flat, k)] = True
+        got = torch.cat([selections[i].mask(c[1][i], c[0]) for c in chunks]).numpy()
+        assert np.array_equal(got, expected)
+        assert selections[i].kept == k and selections[i].total == flat.size

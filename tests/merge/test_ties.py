@@ -1,0 +1,181 @@
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge import merge_state_dicts
+from modelfuse.merge.ties import TiesParameters, ties
+
+from ._reference import combine, trim
+
+
+def _models(n, shape=(6, 7), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype).float() for _ in range(n + 1)]
+
+
+def _ref(base, tensors, weights, density, lam=1.0, normalize=True, consensus="sum"):
+    b = base.double().numpy()
+    taus = [trim(t.double().numpy() - b, d) for t, d in zip(tensors, density)]
+    return torch.from_numpy(combine(b, taus, weights, lam, normalize, consensus)).float()
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_formula(consensus, normalize):
+    base, *tensors = _models(3)
+    w, d = [0.7, 1.3, -0.4], [0.3, 0.5, 0.9]
+    result = ties(tensors, base, weight=w, density=d, lambda_=1.7, normalize=normalize,
+                  consensus_method=consensus)
+    expected = _ref(base, tensors, w, d, 1.7, normalize, consensus)
+    torch.testing.assert_close(result, expected)
+
+
+def test_ties_in_magnitude_keep_exactly_k_lowest_index_first():
+    # bfloat16 values repeat often: exactly int(density * n) entries survive.
+    base, *tensors = _models(2, shape=(40, 50), dtype=torch.bfloat16)
+    result = ties(tensors, base, density=[0.2, 0.35])
+    torch.testing.assert_close(result, _ref(base, tensors, [1, 1], [0.2, 0.35]))
+
+
+def test_count_election_differs_from_sum():
+    base = torch.zeros(1)
+    tensors = [torch.tensor([-10.0]), torch.tensor([1.0]), torch.tensor([2.0])]
+    assert ties(tensors, base, consensus_method="sum").item() == -10.0
+    assert ties(tensors, base, consensus_method="count").item() == 1.5
+
+
+def test_density_zero_returns_base_and_one_keeps_everything():
+    base, *tensors = _models(2)
+    torch.testing.assert_close(ties(tensors, base, density=0.0), base)
+    torch.testing.assert_close(ties(tensors, base, density=1.0),
+                               _ref(base, tensors, [1, 1], [1, 1]))
+
+
+def test_all_zero_task_vectors_give_the_base():
+    base, _ = _models(1)
+    torch.testing.assert_close(ties([base.clone(), base.clone()], base, density=0.5), base)
+
+
+def _opposite(seed=3):
+    base, tau = ((t * 16).round() / 16 for t in _models(1, seed=seed))  # exact in float32
+    return base, tau, base + tau, base - tau
+
+
+def test_opposite_signs_everywhere_elect_plus():
+    base, tau, a, b = _opposite()  # tau_b = -tau_a everywhere: the sum is 0, so + is elected
+    torch.testing.assert_close(ties([a, b], base), base + tau.abs(), rtol=0, atol=0)
+    torch.testing.assert_close(ties([a, b], base, consensus_method="count"), base + tau.abs())
+
+
+def test_one_model_normalized_is_its_trimmed_task_vector_whatever_the_weight():
+    base, a = _models(1)
+    tau = torch.from_numpy(trim((a - base).double().numpy(), 0.4)).float()
+    torch.testing.assert_close(ties([a], base, weight=[3.0], density=0.4, lambda_=0.5),
+                               base + 0.5 * tau)
+
+
+def test_defaults_are_mergekit_defaults():
+    p = TiesParameters()
+    assert (p.normalize, p.lambda_, p.rescale, p.consensus_method, p.scope) == (
+        True, 1.0, False, "sum", "tensor")
+    assert p.weight == 1.0 and p.density == 1.0
+
+
+def test_reads_a_mergekit_parameter_block():
+    base, a, b = _models(2)
+    sd = [{"w": a}, {"w": b}]
+    out = merge_state_dicts(
+        "ties", sd, {"w": base},
+        model_parameters=[{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}],
+        normalize=False, int8_mask=True, **{"lambda": 0.9},
+    )["w"]
+    torch.testing.assert_close(out, _ref(base, [a, b], [0.6, 0.4], [0.5, 0.7], 0.9, False))
+
+
+def _split_model(seed, sizes, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.w": torch.randn(s, generator=g).to(dtype).float()
+            for i, s in enumerate(sizes)}
+
+
+def test_global_scope_threshold_equals_the_concatenated_models():
+    sizes = [37, 500, 1200, 9, 3000, 64, 777, 2500]
+    base = _split_model(0, sizes)
+    models = [_split_model(s, sizes) for s in (1, 2)]
+    densities = [0.1, 0.37]
+    from modelfuse.merge.execute import prepare_stream
+    from modelfuse.merge.plan import ModelInput, build_plan
+    from modelfuse.merge.registry import get_method
+    from modelfuse.merge.state_dict import StateDictSource
+
+    method = get_method("ties")
+    plan = build_plan(
+        method,
+        [ModelInput(f"m{i}", StateDictSource(sd, f"m{i}"), {"density": d})
+         for i, (sd, d) in enumerate(zip(models, densities))],
+        ModelInput("base", StateDictSource(base, "base")),
+        {"scope": "global"},
+    )
+    thresholds = method.prepare(prepare_stream(plan))["magnitude_thresholds"]
+    names = list(base)
+    for i, (sd, d) in enumerate(zip(models, densities)):
+        concatenated = torch.cat([(sd[k] - base[k]).abs() for k in names])
+        k = int(d * concatenated.numel())
+        kth = float(torch.sort(concatenated, descending=True).values[k - 1])
+        assert thresholds[i].value == kth
+        assert thresholds[i].kept == k and thresholds[i].total == concatenated.numel()
+
+    merged = merge_state_dicts("ties", models, base, scope="global",
+                               model_parameters=[{"density": d} for d in densities])
+    flat_base = torch.cat([base[k] for k in names])
+    flat = [torch.cat([sd[k] for k in names]) for sd in models]
+    expected = _ref(flat_base, flat, [1, 1], densities)
+    torch.testing.assert_close(torch.cat([merged[k] for k in names]), expected)
+
+
+def test_global_scope_applies_only_to_the_tensors_that_ask_for_it():
+    sizes = [300, 400, 500]
+    base = _split_model(0, sizes, torch.float32)
+    models = [_split_model(s, sizes, torch.float32) for s in (1, 2)]
+    scope = [{"filter": "layers.2", "value": "tensor"}, {"value": "global"}]
+    merged = merge_state_dicts("ties", models, base, scope=scope, density=0.3)
+    names = ["model.layers.0.w", "model.layers.1.w"]
+    flat_base = torch.cat([base[k] for k in names])
+    flat = [torch.cat([sd[k] for k in names]) for sd in models]
+    torch.testing.assert_close(torch.cat([merged[k] for k in names]),
+                               _ref(flat_base, flat, [1, 1], [0.3, 0.3]))
+    last = "model.layers.2.w"
+    torch.testing.assert_close(
+        merged[last], _ref(base[last], [sd[last] for sd in models], [1, 1], [0.3, 0.3]))
+
+
+def test_global_scope_needs_one_density_per_model():
+    sizes = [30, 40]
+    base = _split_model(0, sizes)
+    models = [_split_model(1, sizes)]
+    with pytest.raises(ConfigError, match="one density over the whole model"):
+        merge_state_dicts("ties", models, base, scope="global", density=[0.2, 0.5])
+
+
+def test_global_scope_outside_the_engine_is_an_error():
+    base, a = _models(1)
+    with pytest.raises(ConfigError, match="prepare"):
+        ties([a], base, scope="global", density=0.5)
+
+
+def test_density_out_of_range_is_a_config_error():
+    base, a = _models(1)
+    with pytest.raises(ConfigError, match="density"):
+        merge_state_dicts("ties", [{"w": a}], {"w": base}, density=1.5)
+
+
+def test_l1_rescale_restores_the_norm_of_each_trimmed_task_vector():
+    base, a = _models(1)
+    tau = (a - base).double().numpy()
+    kept = trim(tau, 0.3)
+    kept *= np.abs(tau).sum() / np.abs(kept).sum()
+    result = ties([a], base, density=0.3, rescale=True, rescale_method="l1")
+    torch.testing.assert_close(result, base + torch.from_numpy(kept).float())
+    exact = ties([a], base, density=0.3, rescale=True)
+    torch.testing.assert_close(exact, base + torch.from_numpy(trim(tau, 0.3) / 0.3).float())
