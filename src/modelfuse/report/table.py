@@ -21,6 +21,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _escape(text: str, markdown: bool) -> str:
+    return text.replace("|", "\\|") if markdown else text
+
+
 def format_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],
@@ -56,7 +60,9 @@ def format_table(
         raise ConfigError(
             f"style: unknown table style {style!r}; expected one of {', '.join(TABLE_STYLES)}"
         )
-    cells = [[_cell(v) for v in row] for row in rows]
+    markdown = style == "markdown"
+    headers = [_escape(str(h), markdown) for h in headers]
+    cells = [[_escape(_cell(v), markdown) for v in row] for row in rows]
     for i, row in enumerate(cells):
         if len(row) != len(headers):
             raise ConfigError(
@@ -72,7 +78,7 @@ def format_table(
             v.ljust(w) if a == "left" else v.rjust(w) for v, w, a in zip(values, widths, align)
         ]
         if style == "markdown":
-            return "| " + " | ".join(v.replace("|", "\\|") for v in padded) + " |"
+            return "| " + " | ".join(padded) + " |"
         return "  ".join(padded).rstrip()
 
     if style == "markdown":
