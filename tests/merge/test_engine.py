@@ -299,3 +299,42 @@ def test_base_listed_among_models_is_not_merged_twice(tmp_path):
     name = "model.norm.weight"
     torch.testing.assert_close(merged[name], states[1][name])
     assert any("base model" in note for note in result.notes)
+
+
+def test_added_tokens_keep_their_rows(llama_folders, tmp_path):
+    """A fine-tune with extra vocabulary rows: shared rows merged, extra rows kept."""
+    from transformers import LlamaForCausalLM
+
+    base, small = llama_folders[0], llama_folders[1]
+    grown_state = load_file(llama_folders[2] / "model.safetensors")
+    extra = torch.randn(3, 32)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown_state[name] = torch.cat([grown_state[name], extra])
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    save_file(grown_state, grown / "model.safetensors")
+    config_json = json.loads((llama_folders[2] / "config.json").read_text())
+    config_json["vocab_size"] = 67
+    (grown / "config.json").write_text(json.dumps(config_json))
+
+    config = {"merge_method": "linear", "models": [str(small), str(grown)]}
+    out = tmp_path / "out"
+    result = modelfuse.merge(config, out)
+    merged = load_file(out / "model.safetensors")
+    s = load_file(small / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert merged[name].shape == (67, 32)
+        torch.testing.assert_close(merged[name][:64], (s[name] + grown_state[name][:64]) / 2)
+        torch.testing.assert_close(merged[name][64:], extra)
+    assert any("rows 64-66 are kept from" in note for note in result.notes)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 67
+    LlamaForCausalLM.from_pretrained(out)
+    del base
+
+
+def test_other_tensors_may_not_change_rows(tmp_path):
+    a, b = random_state(0), random_state(1)
+    b["model.layers.0.mlp.weight"] = torch.zeros(6, 4)
+    paths = [_write(tmp_path / "a", a, "safetensors"), _write(tmp_path / "b", b, "safetensors")]
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.weight has shape"):
+        modelfuse.merge(_config(paths), tmp_path / "out")

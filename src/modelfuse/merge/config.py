@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import ParameterSetting, format_validation_error
@@ -31,6 +31,8 @@ __all__ = [
     "DTypeName",
     "MergeConfig",
     "ModelEntry",
+    "SliceEntry",
+    "SliceSourceEntry",
     "load_config",
     "resolve_dtype",
 ]
@@ -77,13 +79,40 @@ class ModelEntry(BaseModel):
     )
 
 
+class SliceSourceEntry(BaseModel):
+    """One source of an output slice: ``{model: PATH, layer_range: [START, STOP]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local path of a checkpoint file or model folder")
+    layer_range: tuple[int, int] = Field(description="layers [START, STOP) of the model")
+    parameters: dict[str, ParameterSetting] | None = Field(
+        None, description="per-source parameter settings"
+    )
+
+
+class SliceEntry(BaseModel):
+    """One output slice: ``{sources: [...], base_model: PATH, parameters: {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSourceEntry] = Field(min_length=1)
+    base_model: str | None = Field(None, description="the slice's base model (one of its sources)")
+    parameters: dict[str, ParameterSetting] | None = Field(
+        None, description="parameter settings for this slice"
+    )
+
+
 class MergeConfig(BaseModel):
-    """A merge: the method, the models, the base and the parameters."""
+    """A merge: the method, the models (or slices), the base and the parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str = Field(description="name of a registered merge method")
-    models: list[ModelEntry] = Field(min_length=1, description="the models to merge")
+    models: list[ModelEntry] | None = Field(None, description="the models to merge")
+    slices: list[SliceEntry] | None = Field(
+        None, description="output layer slices (mergekit's slices: syntax) instead of models"
+    )
     base_model: str | None = Field(None, description="the base (pre-trained) model")
     parameters: dict[str, ParameterSetting] | None = Field(
         None, description="global parameter settings"
@@ -102,6 +131,16 @@ class MergeConfig(BaseModel):
         if value is not None and value not in DTYPES:
             raise ValueError(f"unknown dtype {value!r}; valid: float32, float16, bfloat16")
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' and 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty; list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty; list at least one slice")
+        return self
 
     @field_validator("models", mode="before")
     @classmethod

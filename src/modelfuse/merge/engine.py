@@ -10,6 +10,8 @@ Memory is bounded by a few tensors, never by the model size.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import resource
 import sys
 import time
@@ -26,8 +28,16 @@ from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import MergeConfig, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
-from modelfuse.merge.plan import MergePlan, ModelInput, TensorTask, build_plan
-from modelfuse.merge.registry import get_method
+from modelfuse.merge.plan import (
+    MergePlan,
+    ModelInput,
+    OutputSlice,
+    SliceSource,
+    TensorTask,
+    build_plan,
+    build_slice_plan,
+)
+from modelfuse.merge.registry import MergeMethod, get_method
 
 __all__ = ["MergeResult", "describe_plan", "merge", "plan_merge"]
 
@@ -104,9 +114,16 @@ def _open_all(config: MergeConfig, folder: Path) -> _Opened:
             opened[key] = open_checkpoint(location)
         return opened[key]
 
+    compute = resolve_dtype(config.dtype)
+    out_dtype = resolve_dtype(config.out_dtype, key="out_dtype")
     try:
         base_ckpt = get(config.base_model) if config.base_model is not None else None
-        entries = list(config.models)
+        if config.slices is not None:
+            plan = _slice_plan(config, method, get, compute, out_dtype)
+            first = plan.models[0].source
+            files_from = base_ckpt.folder if base_ckpt is not None else first.folder
+            return _Opened(plan, config, list(opened.values()), files_from, notes)
+        entries = list(config.models or [])
         if base_ckpt is not None and method.uses_base:
             kept = [e for e in entries if get(e.model) is not base_ckpt]
             if len(kept) < len(entries):
@@ -133,15 +150,83 @@ def _open_all(config: MergeConfig, folder: Path) -> _Opened:
             models,
             base,
             config.parameters or {},
-            compute_dtype=resolve_dtype(config.dtype),
-            out_dtype=resolve_dtype(config.out_dtype, key="out_dtype"),
+            compute_dtype=compute,
+            out_dtype=out_dtype,
         )
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()
         raise
     files_from = base_ckpt.folder if base_ckpt is not None else models[0].source.folder
-    return _Opened(plan, config, list(opened.values()), files_from, notes)
+    return _Opened(plan, config, list(opened.values()), files_from, notes + plan.notes)
+
+
+def _slice_plan(
+    config: MergeConfig,
+    method: MergeMethod,
+    get: Callable[[str], Checkpoint],
+    compute: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+) -> MergePlan:
+    slices = []
+    for number, entry in enumerate(config.slices or []):
+        sources = [
+            SliceSource(
+                ModelInput(
+                    label=f"{src.model} layers {src.layer_range[0]}-{src.layer_range[1] - 1}",
+                    source=get(src.model),
+                    parameters=dict(src.parameters or {}),
+                ),
+                src.layer_range,
+            )
+            for src in entry.sources
+        ]
+        base_ref = entry.base_model or config.base_model
+        base = None
+        if base_ref is not None and method.uses_base:
+            base_ckpt = get(base_ref)
+            matches = [s for s in sources if s.model.source is base_ckpt]
+            if not matches:
+                raise ConfigError(
+                    f"slices[{number}]: the base model {base_ref} is not among the slice's "
+                    "sources; add it as a source with the layer range to use"
+                )
+            base = matches[0]
+        slices.append(OutputSlice(sources, base, dict(entry.parameters or {})))
+    return build_slice_plan(
+        method, slices, config.parameters or {}, compute_dtype=compute, out_dtype=out_dtype
+    )
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_VOCAB_ROWS = re.compile(r"embed_tokens\.weight$|wte\.weight$|word_embeddings\.weight$")
+
+
+def _updated_model_config(files_from: Path | None, plan: MergePlan) -> tuple[str, list[str]] | None:
+    """config.json with the output's layer count and vocabulary size, when they changed."""
+    if files_from is None or not (files_from / "config.json").is_file():
+        return None
+    try:
+        data = json.loads((files_from / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    changes = []
+    if plan.layers is not None:
+        for key in _LAYER_KEYS:
+            if key in data and data[key] != plan.layers:
+                changes.append(f"{key} {data[key]} -> {plan.layers}")
+                data[key] = plan.layers
+    for task in plan.tasks:
+        if task.shared_rows is not None and _VOCAB_ROWS.search(task.name):
+            rows = task.shape[0]
+            if "vocab_size" in data and data["vocab_size"] != rows:
+                changes.append(f"vocab_size {data['vocab_size']} -> {rows}")
+                data["vocab_size"] = rows
+    if not changes:
+        return None
+    return json.dumps(data, indent=2) + "\n", changes
 
 
 def plan_merge(config: str | Path | dict[str, Any] | MergeConfig) -> MergePlan:
@@ -160,6 +245,8 @@ def describe_plan(plan: MergePlan) -> str:
         f"method: {plan.method.name} ({plan.method.summary})",
         f"base: {plan.base.label if plan.base is not None else '(none)'}",
         "models: " + ", ".join(m.label for m in plan.models),
+        *([f"output layers: {plan.layers}"] if plan.layers is not None else []),
+        *plan.notes,
         f"tensors: {len(plan.tasks)} ({plan.total_bytes / 1e9:.3f} GB to write)",
     ]
     for task in plan.tasks:
@@ -167,9 +254,15 @@ def describe_plan(plan: MergePlan) -> str:
             f"{plan.method.parameters.config_name(k)}={_short(v)}" for k, v in task.parameters.items()
         )
         dtype = str(task.out_dtype).removeprefix("torch.")
+        sources = ""
+        if any(n != task.name for n in task.inputs) or plan.layers is not None:
+            sources = " from " + ", ".join(
+                f"{m.label}:{n}" for m, n in zip(task.models, task.inputs)
+            )
         lines.append(
             f"  {task.name} {list(task.shape)} {dtype} {task.action}"
             + (f" t={task.t:.3f} {params}" if task.action == "merge" else "")
+            + sources
         )
     return "\n".join(lines)
 
@@ -272,6 +365,10 @@ def merge(
                 warnings.simplefilter("always")
                 execute_plan(plan, sink, threads=workers, on_done=done)
             notes = list(opened.notes)
+            updated = _updated_model_config(opened.files_from, plan)
+            if updated is not None:
+                writer.add_file("config.json", updated[0])
+                notes.append(f"config.json: {', '.join(updated[1])}")
             if opened.files_from is not None:
                 copied = writer.copy_model_files(opened.files_from)
                 if copied:

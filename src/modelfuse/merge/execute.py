@@ -44,20 +44,28 @@ def tensor_generator(seed: int | None, name: str) -> torch.Generator:
 
 
 def _read(plan: MergePlan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The task's inputs in float32 (after rounding to the compute dtype, if one is set).
+
+    When the inputs' first dimensions differ, only the shared rows are returned.
+    """
     compute = plan.compute_dtype
     warned = []
 
-    def load(source: Any, label: str) -> torch.Tensor:
-        tensor = source.read(task.name)
+    def load(model: Any, input_name: str) -> torch.Tensor:
+        tensor = model.source.read(input_name)
+        if task.shared_rows is not None:
+            tensor = tensor[: task.shared_rows]
         if compute is not None and tensor.dtype != compute:
             tensor = tensor.to(compute)
         tensor = tensor.to(torch.float32)
         if not bool(torch.isfinite(tensor).all()):
-            warned.append(label)
+            warned.append(model.label)
         return tensor
 
-    tensors = [load(m.source, m.label) for m in plan.models]
-    base = load(plan.base.source, plan.base.label) if plan.base is not None else None
+    tensors = [load(m, n) for m, n in zip(task.models, task.inputs)]
+    base = None
+    if task.base is not None and task.base_input is not None:
+        base = load(task.base, task.base_input)
     for label in warned:
         warnings.warn(
             f"{label}: tensor {task.name} holds NaN or inf values; the merged tensor may too",
@@ -67,9 +75,23 @@ def _read(plan: MergePlan, task: TensorTask) -> tuple[list[torch.Tensor], torch.
     return tensors, base
 
 
+def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:
+    """Rows past the shared ones, from the model that has them (or the base)."""
+    if task.extra_from is None or task.shared_rows is None:
+        raise RuntimeError(f"tensor {task.name}: the plan set shared rows without their owner")
+    if task.extra_from < 0 and task.base is not None and task.base_input is not None:
+        owner, input_name = task.base, task.base_input
+    else:
+        owner, input_name = task.models[task.extra_from], task.inputs[task.extra_from]
+    rows = owner.source.read(input_name)[task.shared_rows :]
+    if plan.compute_dtype is not None:
+        rows = rows.to(plan.compute_dtype)
+    return rows.to(task.out_dtype)
+
+
 def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Tensor:
-    if task.action == "copy":  # non-float tensors (ids, masks): the reference's, as they are
-        return plan.reference.source.read(task.name).clone()
+    if task.action == "copy":  # non-float tensors (ids, masks): the first input's, as they are
+        return task.models[0].source.read(task.inputs[0]).clone()
     tensors, base = _read(plan, task)
     method = plan.method
     kwargs = dict(task.parameters)
@@ -82,22 +104,23 @@ def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Ten
         stats: dict[str, list[torch.Tensor | None]] = {}
         for kind in method.statistics:
             stats[kind] = [
-                m.statistics.read(task.name)
-                if m.statistics is not None and task.name in m.statistics
-                else None
-                for m in plan.models
+                m.statistics.read(n) if m.statistics is not None and n in m.statistics else None
+                for m, n in zip(task.models, task.inputs)
             ]
         kwargs["statistics"] = stats
     try:
         result = method.function(tensors, base, **kwargs)
     except ModelfuseError as exc:
         raise type(exc)(f"tensor {task.name}: {exc}") from None
+    result = result.to(task.out_dtype)
+    if task.shared_rows is not None:
+        result = torch.cat([result, _extra_rows(plan, task)])
     if tuple(result.shape) != task.shape:
         raise RuntimeError(
             f"merge method {method.name!r} returned shape {list(result.shape)} for tensor "
             f"{task.name}, expected {list(task.shape)}"
         )
-    return result.to(task.out_dtype).contiguous()
+    return result.contiguous()
 
 
 def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[str, list, Any, Any]]]:

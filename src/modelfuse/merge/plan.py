@@ -22,10 +22,14 @@ from modelfuse.merge.registry import MergeMethod
 __all__ = [
     "MergePlan",
     "ModelInput",
+    "OutputSlice",
+    "SliceSource",
     "TensorSource",
     "TensorTask",
     "build_plan",
+    "build_slice_plan",
     "layer_position",
+    "split_layer_name",
 ]
 
 
@@ -58,7 +62,14 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class TensorTask:
-    """The work for one output tensor."""
+    """The work for one output tensor.
+
+    ``models[i]`` provides its tensor ``inputs[i]``; ``base`` provides
+    ``base_input``. For a ``copy`` the first input is copied as it is. When the
+    inputs' first dimensions differ (a fine-tune that added tokens),
+    ``shared_rows`` rows are merged and the remaining rows are taken from
+    ``models[extra_from]``.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -66,6 +77,12 @@ class TensorTask:
     action: Literal["merge", "copy"]
     parameters: Mapping[str, Any]
     t: float
+    models: tuple[ModelInput, ...] = ()
+    inputs: tuple[str, ...] = ()
+    base: ModelInput | None = None
+    base_input: str | None = None
+    shared_rows: int | None = None
+    extra_from: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +102,7 @@ class MergePlan:
     tasks: list[TensorTask]
     compute_dtype: torch.dtype | None
     notes: list[str] = field(default_factory=list)
+    layers: int | None = None  # the output's layer count when slices renumber layers
 
     @property
     def reference(self) -> ModelInput:
@@ -141,15 +159,21 @@ def _resolve(
     name: str,
     t: float,
     models: Sequence[ModelInput],
-    global_settings: Mapping[str, Any],
+    *levels: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Resolve and validate every parameter of ``method`` for tensor ``name``."""
+    """Resolve and validate every parameter of ``method`` for tensor ``name``.
+
+    A model's own settings win, then ``levels`` from the most specific (a
+    slice's) to the least (the global ``parameters``); a setting whose filters
+    match nothing falls through to the next level, as in mergekit.
+    """
     declaration = method.parameters
     resolved_global: dict[str, Any] = {}
-    for key, setting in global_settings.items():
-        value = evaluate_setting(setting, name, t)
-        if value is not None:
-            resolved_global[key] = value
+    for settings in reversed(levels):
+        for key, setting in settings.items():
+            value = evaluate_setting(setting, name, t)
+            if value is not None:
+                resolved_global[key] = value
     per_model = declaration.per_model_fields()
     per_model_values: dict[str, list[Any]] = {field_name: [] for field_name in per_model}
     validated = None
@@ -190,45 +214,26 @@ def _check_keys(method: MergeMethod, where: str, settings: Mapping[str, Any]) ->
     return problems
 
 
-def build_plan(
+def _check_method(
     method: MergeMethod,
     models: Sequence[ModelInput],
     base: ModelInput | None,
-    global_settings: Mapping[str, Any] | None = None,
-    *,
-    compute_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> MergePlan:
-    """Check the inputs against each other and resolve every tensor's parameters.
-
-    Raises
-    ------
-    ConfigError
-        Unknown or invalid parameters, or a model count the method does not take.
-    CheckpointError
-        Tensors missing from a model, or shape or dtype-kind mismatches; every
-        problem is listed in the one message.
-    """
-    global_settings = dict(global_settings or {})
-    problems: list[str] = []
-    problems += _check_keys(method, "parameters", global_settings)
-    for model in models:
-        problems += _check_keys(method, f"{model.label}: parameters", model.parameters)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    where: str = "",
+) -> None:
+    prefix = f"{where}: " if where else ""
     if method.requires_base and base is None:
         raise ConfigError(
-            f"merge method {method.name!r} needs a base model; set base_model to the "
+            f"{prefix}merge method {method.name!r} needs a base model; set base_model to the "
             "pre-trained checkpoint the models were fine-tuned from"
         )
     if len(models) < method.min_models:
         raise ConfigError(
-            f"merge method {method.name!r} needs at least {method.min_models} models "
+            f"{prefix}merge method {method.name!r} needs at least {method.min_models} models "
             f"besides the base, got {len(models)}"
         )
     if method.max_models is not None and len(models) > method.max_models:
         raise ConfigError(
-            f"merge method {method.name!r} takes at most {method.max_models} models "
+            f"{prefix}merge method {method.name!r} takes at most {method.max_models} models "
             f"besides the base, got {len(models)}"
         )
     for kind in method.statistics:
@@ -247,34 +252,8 @@ def build_plan(
                 f"{', '.join(given)}; remove `statistics:` or choose a data-aware method"
             )
 
-    reference = base if base is not None else models[0]
-    ref_names = reference.source.keys()
-    others = ([base] if base is not None else []) + list(models)
-    mismatches: list[str] = []
-    ref_set = set(ref_names)
-    for model in others:
-        if model is reference:
-            continue
-        names = set(model.source.keys())
-        missing = [n for n in ref_names if n not in names]
-        extra = [n for n in model.source.keys() if n not in ref_set]
-        for n in missing:
-            mismatches.append(f"tensor {n} is in {reference.label} but missing from {model.label}")
-        for n in extra:
-            mismatches.append(f"tensor {n} is in {model.label} but missing from {reference.label}")
-        for n in ref_names:
-            if n not in names:
-                continue
-            a, b = reference.source.info(n), model.source.info(n)
-            if tuple(a.shape) != tuple(b.shape):
-                mismatches.append(
-                    f"tensor {n} has shape {list(a.shape)} in {reference.label} "
-                    f"but {list(b.shape)} in {model.label}"
-                )
-            elif _is_float(a.dtype) != _is_float(b.dtype):
-                mismatches.append(
-                    f"tensor {n} is {a.dtype} in {reference.label} but {b.dtype} in {model.label}"
-                )
+
+def _raise_mismatches(mismatches: list[str]) -> None:
     if mismatches:
         shown = mismatches[:20]
         more = f"; and {len(mismatches) - 20} more" if len(mismatches) > 20 else ""
@@ -282,16 +261,305 @@ def build_plan(
             f"the models do not match ({len(mismatches)} problems): " + "; ".join(shown) + more
         )
 
+
+_GROWABLE = re.compile(r"embed|lm_head|wte|(?:^|\.)output\.weight$|word_embeddings")
+
+
+def _compare(
+    name: str,
+    inputs: Sequence[tuple[ModelInput, str]],
+    mismatches: list[str],
+) -> tuple[tuple[int, ...], int | None, int | None]:
+    """Check one output tensor's inputs; return (shape, shared_rows, extra_from)."""
+    (ref, ref_name), *others = inputs
+    a = ref.source.info(ref_name)
+    shape = tuple(int(x) for x in a.shape)
+    rows = [shape[0]] if shape else []
+    ok = True
+    for model, input_name in others:
+        b = model.source.info(input_name)
+        other = tuple(int(x) for x in b.shape)
+        where = name if input_name == name else f"{name} (from {input_name})"
+        if _is_float(a.dtype) != _is_float(b.dtype):
+            mismatches.append(
+                f"tensor {where} is {a.dtype} in {ref.label} but {b.dtype} in {model.label}"
+            )
+            ok = False
+        elif other != shape:
+            same_tail = len(other) == len(shape) and other[1:] == shape[1:] and len(shape) >= 1
+            if same_tail and _GROWABLE.search(name) and _is_float(a.dtype):
+                rows.append(other[0])
+                continue
+            mismatches.append(
+                f"tensor {where} has shape {list(shape)} in {ref.label} "
+                f"but {list(other)} in {model.label}"
+            )
+            ok = False
+    if not ok or len(set(rows)) <= 1:
+        return shape, None, None
+    largest = max(rows)
+    return (largest, *shape[1:]), min(rows), rows.index(largest)
+
+
+def build_plan(
+    method: MergeMethod,
+    models: Sequence[ModelInput],
+    base: ModelInput | None,
+    global_settings: Mapping[str, Any] | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> MergePlan:
+    """Check the inputs against each other and resolve every tensor's parameters.
+
+    Every tensor of the reference model (the base, else the first model) is
+    merged from the tensors of the same name in every model. Embedding-like
+    tensors (``embed``, ``lm_head``, ``wte``, ``word_embeddings``) whose first
+    dimension differs between models (a fine-tune that added tokens) are
+    merged on their shared rows; the extra rows are kept from the model that
+    has the most, and the plan's notes say so.
+
+    Raises
+    ------
+    ConfigError
+        Unknown or invalid parameters, or a model count the method does not take.
+    CheckpointError
+        Tensors missing from a model, or shape or dtype-kind mismatches; every
+        problem is listed in the one message.
+    """
+    global_settings = dict(global_settings or {})
+    problems: list[str] = []
+    problems += _check_keys(method, "parameters", global_settings)
+    for model in models:
+        problems += _check_keys(method, f"{model.label}: parameters", model.parameters)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    _check_method(method, models, base)
+
+    reference = base if base is not None else models[0]
+    ref_names = reference.source.keys()
+    everyone = ([base] if base is not None else []) + list(models)
+    mismatches: list[str] = []
+    ref_set = set(ref_names)
+    for model in everyone:
+        if model is reference:
+            continue
+        names = set(model.source.keys())
+        for n in ref_names:
+            if n not in names:
+                mismatches.append(
+                    f"tensor {n} is in {reference.label} but missing from {model.label}"
+                )
+        for n in model.source.keys():
+            if n not in ref_set:
+                mismatches.append(
+                    f"tensor {n} is in {model.label} but missing from {reference.label}"
+                )
     positions = layer_position(ref_names)
     tasks = []
+    notes: list[str] = []
     for name in ref_names:
-        info = reference.source.info(name)
-        shape = tuple(int(s) for s in info.shape)
-        if not _is_float(info.dtype):
-            tasks.append(TensorTask(name, shape, info.dtype, "copy", {}, positions[name]))
+        if not all(name in m.source for m in everyone):
+            continue  # reported above
+        shape, shared, extra = _compare(name, [(m, name) for m in everyone], mismatches)
+        if mismatches:
             continue
+        info = reference.source.info(name)
         t = positions[name]
+        if not _is_float(info.dtype):
+            tasks.append(
+                TensorTask(name, shape, info.dtype, "copy", {}, t, (reference,), (name,))
+            )
+            continue
         kwargs = _resolve(method, name, t, models, global_settings)
         dtype = out_dtype or compute_dtype or info.dtype
-        tasks.append(TensorTask(name, shape, dtype, "merge", kwargs, t))
-    return MergePlan(method, list(models), base, tasks, compute_dtype)
+        extra_from = None
+        if shared is not None and extra is not None:
+            # ``extra`` indexes ``everyone``; the base (if any) comes first there.
+            offset = 1 if base is not None else 0
+            extra_from = extra - offset  # -1 means the base
+            owner = base if extra_from < 0 else models[extra_from]
+            notes.append(
+                f"tensor {name}: the models have different numbers of rows; the {shared} shared "
+                f"rows are merged and rows {shared}-{shape[0] - 1} are kept from {owner.label}"
+            )
+        tasks.append(
+            TensorTask(
+                name,
+                shape,
+                dtype,
+                "merge",
+                kwargs,
+                t,
+                tuple(models),
+                tuple(name for _ in models),
+                base,
+                name if base is not None else None,
+                shared,
+                extra_from,
+            )
+        )
+    _raise_mismatches(mismatches)
+    return MergePlan(method, list(models), base, tasks, compute_dtype, notes)
+
+
+@dataclass
+class SliceSource:
+    """One source of an output slice: a model and its layers ``[start, stop)``."""
+
+    model: ModelInput
+    layer_range: tuple[int, int]
+
+
+@dataclass
+class OutputSlice:
+    """Output layers made from the same number of layers of each source."""
+
+    sources: list[SliceSource]
+    base: SliceSource | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+def split_layer_name(name: str) -> tuple[str, int] | None:
+    """``"model.layers.3.mlp.w"`` -> ``("model.layers.{}.mlp.w", 3)``; None outside layers."""
+    match = _LAYER.search(name)
+    if match is None:
+        return None
+    start, stop = match.span(1)
+    template = name[:start].replace("{", "{{").replace("}", "}}") + "{}"
+    template += name[stop:].replace("{", "{{").replace("}", "}}")
+    return template, int(match.group(1))
+
+
+def build_slice_plan(
+    method: MergeMethod,
+    slices: Sequence[OutputSlice],
+    global_settings: Mapping[str, Any] | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> MergePlan:
+    """Plan a merge written with mergekit's ``slices:`` (layer stacking and per-slice merges).
+
+    Output layers are numbered in order across the slices. Output layer ``k``
+    of a slice is merged from layer ``start + k`` of each source (all sources
+    of a slice span the same number of layers), with ``t = k / (n - 1)`` for
+    gradients. Tensors outside the layers come from the first slice's sources
+    when they are embeddings and from the last slice's otherwise, as in mergekit.
+    """
+    global_settings = dict(global_settings or {})
+    problems = _check_keys(method, "parameters", global_settings)
+    for number, piece in enumerate(slices):
+        problems += _check_keys(method, f"slices[{number}].parameters", piece.parameters)
+        for source in piece.sources:
+            problems += _check_keys(
+                method, f"slices[{number}]: {source.model.label}: parameters", source.model.parameters
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    def participants(piece: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
+        if piece.base is None or not method.uses_base:
+            return list(piece.sources), None
+        others = [s for s in piece.sources if s is not piece.base]
+        return others, piece.base
+
+    mismatches: list[str] = []
+    reference = slices[0].sources[0].model
+    ref_names = reference.source.keys()
+    # Layer templates of the reference: tensors of one layer (e.g. "model.layers.{}.mlp.w").
+    templates: list[str] = []
+    outside: list[str] = []
+    for name in ref_names:
+        split = split_layer_name(name)
+        if split is None:
+            outside.append(name)
+        elif split[0] not in templates:
+            templates.append(split[0])
+
+    tasks: list[TensorTask] = []
+
+    def add(
+        name: str,
+        t: float,
+        sources: Sequence[tuple[ModelInput, str]],
+        base: tuple[ModelInput, str] | None,
+        levels: Sequence[Mapping[str, Any]],
+        where: str,
+    ) -> None:
+        everyone = ([base] if base else []) + list(sources)
+        for model, input_name in everyone:
+            if input_name not in model.source:
+                mismatches.append(f"{where}: tensor {input_name} is missing from {model.label}")
+        if mismatches:
+            return
+        shape, _, _ = _compare(name, everyone, mismatches)
+        if mismatches:
+            return
+        first, first_name = everyone[0]
+        info = first.source.info(first_name)
+        if not _is_float(info.dtype):
+            tasks.append(TensorTask(name, shape, info.dtype, "copy", {}, t, (first,), (first_name,)))
+            return
+        models = [m for m, _ in sources]
+        _check_method(method, models, base[0] if base else None, where)
+        kwargs = _resolve(method, name, t, models, *levels)
+        tasks.append(
+            TensorTask(
+                name,
+                shape,
+                out_dtype or compute_dtype or info.dtype,
+                "merge",
+                kwargs,
+                t,
+                tuple(models),
+                tuple(n for _, n in sources),
+                base[0] if base else None,
+                base[1] if base else None,
+            )
+        )
+
+    def edge(piece: OutputSlice, number: int, names: list[str], t: float) -> None:
+        others, base = participants(piece)
+        for name in names:
+            add(
+                name,
+                t,
+                [(s.model, name) for s in others],
+                (base.model, name) if base else None,
+                [piece.parameters, global_settings],
+                f"slices[{number}]",
+            )
+
+    embeddings = [n for n in outside if _EMBEDDING.search(n)]
+    finals = [n for n in outside if not _EMBEDDING.search(n)]
+    edge(slices[0], 0, embeddings, 0.0)
+    layer = 0
+    for number, piece in enumerate(slices):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources}
+        if len(lengths) != 1 or min(lengths) <= 0:
+            ranges = ", ".join(f"{s.model.label} {list(s.layer_range)}" for s in piece.sources)
+            raise ConfigError(
+                f"slices[{number}]: every source must span the same positive number of layers; "
+                f"got {ranges}"
+            )
+        count = lengths.pop()
+        others, base = participants(piece)
+        for k in range(count):
+            t = k / (count - 1) if count > 1 else 1.0
+            for template in templates:
+                add(
+                    template.format(layer),
+                    t,
+                    [(s.model, template.format(s.layer_range[0] + k)) for s in others],
+                    (base.model, template.format(base.layer_range[0] + k)) if base else None,
+                    [piece.parameters, global_settings],
+                    f"slices[{number}]",
+                )
+            layer += 1
+    edge(slices[-1], len(slices) - 1, finals, 1.0)
+    _raise_mismatches(mismatches)
+    models = list({id(s.model): s.model for piece in slices for s in piece.sources}.values())
+    plan = MergePlan(method, models, None, tasks, compute_dtype)
+    plan.layers = layer
+    return plan

@@ -45,6 +45,7 @@ from modelfuse.merge.fisher import FisherParameters, fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.parameters import MethodParameters
+from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 from modelfuse.merge.ties import TiesParameters, prepare_ties, ties
@@ -147,6 +148,13 @@ METHODS: dict[str, MergeMethod] = {
         TaskArithmeticParameters,
         "base + lambda * weighted sum of task vectors",
         requires_base=True,
+    ),
+    "passthrough": MergeMethod(
+        "passthrough",
+        passthrough,
+        PassthroughParameters,
+        "one model's tensor as it is (layer stacking with slices)",
+        max_models=1,
     ),
     "fisher": MergeMethod(
         "fisher",
