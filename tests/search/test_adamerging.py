@@ -65,3 +65,19 @@ def test_adamerging_leaves_the_model_alone_and_checks_options(digits):
         adamerging(model, digits.base, digits.fine_tuned, [digits.x_val], granularity="block")
     with pytest.raises(ConfigError, match="init_lambda"):
         adamerging(model, digits.base, digits.fine_tuned, [digits.x_val], init_lambda=2.0)
+
+
+def test_layer_groups_share_one_coefficient_per_task(digits):
+    models = digits.fine_tuned[1:3]
+    result = adamerging(
+        digits.model, digits.base, models, [digits.x_val], granularity="layer",
+        steps=5, lr=0.05, layer_of=lambda name: name.split(".")[0],
+    )
+    lambdas = result.parameters["lambdas"]
+    assert set(lambdas) == {"0", "2"}
+    assert lambdas["0"] != lambdas["2"]
+    merged = task_arithmetic_by_hand(digits.base, models, lambda k: lambdas[k.split(".")[0]])
+    for k in merged:
+        torch.testing.assert_close(result.state_dict[k], merged[k])
+    with pytest.raises(ConfigError, match="layer_of: only used with granularity='layer'"):
+        adamerging(digits.model, digits.base, models, [digits.x_val], layer_of=str)

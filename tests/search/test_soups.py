@@ -61,3 +61,17 @@ def test_strict_rejects_ties_and_non_strict_accepts_them():
     loose = greedy_soup(sds, lambda sd: 0.0, strict=False)
     assert loose.parameters["ingredients"] == (0, 1, 2)
     assert float(loose.state_dict["w"]) == pytest.approx(3.0)
+
+
+def test_greedy_soup_scores_and_returns_the_models_dtype():
+    sds = [{"w": torch.tensor([v], dtype=torch.float64)} for v in (1.0, 3.0)]
+    seen = []
+
+    def score(sd):
+        seen.append(sd["w"].dtype)
+        return -abs(float(sd["w"]) - 2.0)
+
+    result = greedy_soup(sds, score)
+    assert seen == [torch.float64] * 3
+    assert result.state_dict["w"].dtype == torch.float64
+    assert float(result.state_dict["w"]) == 2.0

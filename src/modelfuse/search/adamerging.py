@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -57,15 +57,19 @@ def adamerging(
     steps: int = 100,
     lr: float = 1e-3,
     bounds: tuple[float, float] | None = (0.0, 1.0),
+    layer_of: Callable[[str], str] | None = None,
 ) -> SearchResult:
     """Learn task arithmetic's coefficients by minimising the merged model's prediction entropy.
 
     The merged weights are :math:`\\theta_p = \\theta_{b,p} + \\sum_k
     \\lambda_{k,p} (\\theta_{k,p} - \\theta_{b,p})` for every parameter
     tensor :math:`p`, with one :math:`\\lambda_k` per task shared by every
-    tensor (``granularity="task"``) or one :math:`\\lambda_{k,p}` per task and
-    parameter tensor (``granularity="layer"``, as in the paper's layer-wise
-    AdaMerging, where every weight and bias tensor is a "layer"). The loss is
+    tensor (``granularity="task"``) or one :math:`\\lambda_{k,l}` per task and
+    layer :math:`l` (``granularity="layer"``). A layer is by default one
+    parameter tensor, as in the paper's layer-wise AdaMerging where every
+    weight and bias tensor has its own coefficient; ``layer_of`` groups
+    tensors instead (``layer_of=lambda name: name.rsplit(".", 1)[0]`` gives a
+    layer's weight and bias one shared coefficient). The loss is
     the mean entropy of ``softmax(model(x))`` over a batch of unlabeled
     inputs, computed through :func:`torch.func.functional_call` with the
     merged weights; Adam takes one step per batch, cycling through
@@ -98,13 +102,17 @@ def adamerging(
     bounds : (float, float) or None, default (0, 1)
         Interval the coefficients are projected onto after every step;
         ``None`` leaves them free.
+    layer_of : callable, optional
+        ``layer_of(tensor_name) -> layer name`` for ``granularity="layer"``;
+        tensors mapped to one name share a coefficient. Default: every
+        parameter tensor is its own layer.
 
     Returns
     -------
     SearchResult
         ``parameters``: ``{"lambdas": (λ_1, ..., λ_K)}`` for task-wise, or
-        ``{"lambdas": {name: (λ_1, ..., λ_K)}}`` per parameter tensor for
-        layer-wise, plus ``"granularity"``; ``state_dict``: the merged
+        ``{"lambdas": {layer: (λ_1, ..., λ_K)}}`` per layer (by default
+        per parameter tensor name) for layer-wise, plus ``"granularity"``; ``state_dict``: the merged
         weights; ``score``: minus the mean entropy of the merged model over
         every sample of every batch; ``trace``: one candidate per step
         (``{"step": t, "lambdas": ...}``, scored by minus the entropy of
@@ -150,17 +158,22 @@ def adamerging(
         k: torch.stack([sd[k].detach().to(torch.float32) - base32[k] for sd in state_dicts])
         for k in learned + buffers
     }
+    if layer_of is not None and granularity != "layer":
+        raise ConfigError("layer_of: only used with granularity='layer'; set it or drop layer_of")
+    group_of = {k: (k if layer_of is None else str(layer_of(k))) for k in learned}
+    groups = list(dict.fromkeys(group_of.values()))
+    group_index = {g: i for i, g in enumerate(groups)}
     n_tasks = len(state_dicts)
-    shape = (n_tasks,) if granularity == "task" else (n_tasks, len(learned))
+    shape = (n_tasks,) if granularity == "task" else (n_tasks, len(groups))
     lambdas = torch.full(shape, float(init_lambda), dtype=torch.float32, requires_grad=True)
 
-    def coefficients(lam: torch.Tensor, index: int) -> torch.Tensor:
-        return lam if granularity == "task" else lam[:, index]
+    def coefficients(lam: torch.Tensor, name: str) -> torch.Tensor:
+        return lam if granularity == "task" else lam[:, group_index[group_of[name]]]
 
     def merged(lam: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = dict(fixed)
-        for i, k in enumerate(learned):
-            c = coefficients(lam, i).reshape((n_tasks,) + (1,) * base32[k].ndim)
+        for k in learned:
+            c = coefficients(lam, k).reshape((n_tasks,) + (1,) * base32[k].ndim)
             out[k] = base32[k] + (c * tasks[k]).sum(dim=0)
         per_task = (lam if granularity == "task" else lam.mean(dim=1)).detach()
         for k in buffers:
@@ -172,7 +185,7 @@ def adamerging(
         values = lam.detach().tolist()
         if granularity == "task":
             return tuple(values)
-        return {k: tuple(row[i] for row in values) for i, k in enumerate(learned)}
+        return {g: tuple(row[i] for row in values) for i, g in enumerate(groups)}
 
     optimizer = torch.optim.Adam([lambdas], lr=lr)
     trace = []

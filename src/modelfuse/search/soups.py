@@ -56,6 +56,13 @@ def _include(
     return out
 
 
+def _in_dtypes(
+    average: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The float32 running average cast back to the models' dtypes (no copy when float32)."""
+    return {k: v.to(reference[k].dtype) for k, v in average.items()}
+
+
 def greedy_soup(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     score: Score,
@@ -128,12 +135,15 @@ def greedy_soup(
     best = alone[first]
     for i in order[1:]:
         candidate = _include(soup, state_dicts[i], len(ingredients))
-        s = float(score(candidate))
+        s = float(score(_in_dtypes(candidate, state_dicts[first])))
         accepted = s > best if strict else s >= best
         trace.append(Candidate({"ingredients": (*ingredients, i), "accepted": accepted}, s))
         if accepted:
             soup, best = candidate, s
             ingredients.append(i)
     return SearchResult(
-        {"ingredients": tuple(ingredients), "order": tuple(order)}, soup, best, tuple(trace)
+        {"ingredients": tuple(ingredients), "order": tuple(order)},
+        _in_dtypes(soup, state_dicts[first]),
+        best,
+        tuple(trace),
     )
