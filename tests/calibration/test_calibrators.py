@@ -1,4 +1,4 @@
-"""Calibrators: known temperatures, closed forms, scikit-learn equivalents, conventions, saved form."""
+"""Calibrators: known temperatures, closed forms, sklearn equivalents, conventions, JSON form."""
 
 from __future__ import annotations
 

@@ -133,9 +133,7 @@ def test_nll_against_sklearn_and_clipping() -> None:
         log_loss(labels, probs, labels=[0, 1, 2])
     )
     zero = np.array([[1.0, 0.0]])
-    assert negative_log_likelihood(zero, np.array([1]), eps=1e-6) == pytest.approx(
-        -math.log(1e-6)
-    )
+    assert negative_log_likelihood(zero, np.array([1]), eps=1e-6) == pytest.approx(-math.log(1e-6))
 
 
 def test_float32_input_gives_the_float64_answer() -> None:

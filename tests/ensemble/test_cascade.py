@@ -32,8 +32,9 @@ def test_matches_a_per_sample_loop(n_classes: int, combine: str) -> None:
     rng = np.random.default_rng(n_classes)
     p = rng.dirichlet(np.ones(n_classes) * 0.7, size=(3, 200))
     costs = [1.0, 2.0, 4.0]
-    result = early_exit_cascade(p, kind="probabilities", threshold=0.5, window=0.2, costs=costs,
-                                combine=combine)
+    result = early_exit_cascade(
+        p, kind="probabilities", threshold=0.5, window=0.2, costs=costs, combine=combine
+    )
     exits, out, saved = _loop(p, 0.5, 0.2, costs, combine == "running")
     np.testing.assert_array_equal(result.exit_stage, exits)
     np.testing.assert_allclose(result.probabilities, out)

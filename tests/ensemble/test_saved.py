@@ -15,7 +15,9 @@ from modelfuse.errors import ConfigError, DataError
 def _library(k: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, k, size=300)
-    logits = rng.normal(size=(3, 300, k)) + np.eye(k)[labels] * np.array([2.0, 1.0, 0.2])[:, None, None]
+    logits = (
+        rng.normal(size=(3, 300, k)) + np.eye(k)[labels] * np.array([2.0, 1.0, 0.2])[:, None, None]
+    )
     return logits, labels
 
 

@@ -10,7 +10,9 @@ from modelfuse.ensemble.selection import caruana_selection
 from modelfuse.errors import ConfigError
 
 
-def _library(seed: int, n_models: int = 8, n: int = 300, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def _library(
+    seed: int, n_models: int = 8, n: int = 300, k: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, k, size=n)
     onehot = np.eye(k)[labels]
@@ -33,9 +35,13 @@ def _naive(probs, labels, metric, n_rounds, n_init):
     if n_init:
         single = [_loss(metric, p, labels) for p in probs]
         chosen = list(np.argsort(single, kind="stable")[:n_init])
-    trajectory = [_loss(metric, probs[chosen[: i + 1]].mean(axis=0), labels) for i in range(len(chosen))]
+    trajectory = [
+        _loss(metric, probs[chosen[: i + 1]].mean(axis=0), labels) for i in range(len(chosen))
+    ]
     for _ in range(n_rounds):
-        losses = [_loss(metric, probs[chosen + [m]].mean(axis=0), labels) for m in range(len(probs))]
+        losses = [
+            _loss(metric, probs[chosen + [m]].mean(axis=0), labels) for m in range(len(probs))
+        ]
         chosen.append(int(np.argmin(losses)))
         trajectory.append(min(losses))
     return chosen, np.array(trajectory)
@@ -46,7 +52,12 @@ def _naive(probs, labels, metric, n_rounds, n_init):
 def test_matches_a_naive_reimplementation(metric: str, n_init: int) -> None:
     probs, labels = _library(0)
     result = caruana_selection(
-        probs, labels, kind="probabilities", metric=metric, n_rounds=12, n_init=n_init,
+        probs,
+        labels,
+        kind="probabilities",
+        metric=metric,
+        n_rounds=12,
+        n_init=n_init,
         random_state=0,
     )
     chosen, trajectory = _naive(probs, labels, metric, 12, n_init)
@@ -61,8 +72,9 @@ def test_matches_a_naive_reimplementation(metric: str, n_init: int) -> None:
 @pytest.mark.parametrize("metric", ["nll", "brier", "accuracy"])
 def test_weights_sum_to_one_and_never_worse_than_the_best_member(seed: int, metric: str) -> None:
     probs, labels = _library(seed)
-    result = caruana_selection(probs, labels, kind="probabilities", metric=metric, n_rounds=20,
-                               n_init=2, random_state=seed)
+    result = caruana_selection(
+        probs, labels, kind="probabilities", metric=metric, n_rounds=20, n_init=2, random_state=seed
+    )
     assert result.weights.sum() == pytest.approx(1.0)
     assert (result.weights >= 0).all()
     best_member = min(_loss(metric, p, labels) for p in probs)
@@ -76,8 +88,11 @@ def test_ties_are_broken_by_the_seed() -> None:
     probs, labels = _library(1, n_models=3)
     twins = np.concatenate([probs, probs])  # every member has an identical twin
     picks = {
-        tuple(caruana_selection(twins, labels, kind="probabilities", n_rounds=1,
-                                random_state=s).counts)
+        tuple(
+            caruana_selection(
+                twins, labels, kind="probabilities", n_rounds=1, random_state=s
+            ).counts
+        )
         for s in range(20)
     }
     assert len(picks) == 2  # the best member or its twin
@@ -88,8 +103,9 @@ def test_ties_are_broken_by_the_seed() -> None:
 
 def test_bagging_averages_the_bags() -> None:
     probs, labels = _library(2)
-    result = caruana_selection(probs, labels, kind="probabilities", n_rounds=10, n_bags=6,
-                               bag_fraction=0.5, random_state=0)
+    result = caruana_selection(
+        probs, labels, kind="probabilities", n_rounds=10, n_bags=6, bag_fraction=0.5, random_state=0
+    )
     assert result.weights.sum() == pytest.approx(1.0)
     assert result.counts.sum() >= 6  # at least one pick per bag
     assert (result.weights > 0).sum() >= 2

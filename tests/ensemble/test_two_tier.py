@@ -32,7 +32,9 @@ def test_learned_group_weights_are_learned_on_the_group_averages() -> None:
     groups = [0, 0, 1, 1]
     result = two_tier_ensemble(p, groups, kind="probabilities", weights="learned", labels=labels)
     inner = np.stack([p[:2].mean(0), p[2:].mean(0)])
-    np.testing.assert_allclose(result.group_weights, learn_weights(inner, labels, kind="probabilities"))
+    np.testing.assert_allclose(
+        result.group_weights, learn_weights(inner, labels, kind="probabilities")
+    )
 
 
 def test_bad_groups() -> None:

@@ -20,8 +20,9 @@ from modelfuse.ensemble.wrappers import SelectionEnsemble, StackingEnsemble, Vot
 @pytest.fixture(scope="module")
 def data():
     X, y = load_wine(return_X_y=True)
-    X_train, X_rest, y_train, y_rest = train_test_split(X, y, test_size=0.5, random_state=0,
-                                                        stratify=y)
+    X_train, X_rest, y_train, y_rest = train_test_split(
+        X, y, test_size=0.5, random_state=0, stratify=y
+    )
     members = [
         make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X_train, y_train),
         GaussianNB().fit(X_train, y_train),
@@ -89,7 +90,8 @@ def test_selection_is_not_worse_than_its_best_member_on_validation(data) -> None
 def test_stacking_on_unfitted_members_with_labels_that_are_not_0_to_k(data) -> None:
     _, X_train, y_train, X, y = data
     names = np.array(["a", "b", "c"])
-    ens = StackingEnsemble([GaussianNB(), DecisionTreeClassifier(random_state=0)], cv=3,
-                           random_state=0).fit(X_train, names[y_train])
+    ens = StackingEnsemble(
+        [GaussianNB(), DecisionTreeClassifier(random_state=0)], cv=3, random_state=0
+    ).fit(X_train, names[y_train])
     assert list(ens.classes_) == ["a", "b", "c"]
     assert (ens.predict(X) == names[y]).mean() > 0.8

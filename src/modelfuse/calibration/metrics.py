@@ -153,9 +153,7 @@ def _reduce(count: np.ndarray, sconf: np.ndarray, shit: np.ndarray, norm: str) -
     return gap.max(axis=-1)
 
 
-def _scored_columns(
-    p: np.ndarray, y: np.ndarray, classwise: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _scored_columns(p: np.ndarray, y: np.ndarray, classwise: bool) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, hit) columns: top-label (n, 1) or one per class (n, K)."""
     if classwise:
         hit = np.zeros(p.shape, dtype=np.float32)

@@ -82,12 +82,30 @@ def reliability_diagram(
 
     fig = Figure(figsize=(5, 6.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    top.bar(left[nonempty], bins["accuracy"][nonempty], width=width[nonempty], align="edge",
-            color="#4C72B0", edgecolor="black", linewidth=0.5, label="accuracy")
+    top.bar(
+        left[nonempty],
+        bins["accuracy"][nonempty],
+        width=width[nonempty],
+        align="edge",
+        color="#4C72B0",
+        edgecolor="black",
+        linewidth=0.5,
+        label="accuracy",
+    )
     gap = bins["confidence"] - bins["accuracy"]
-    top.bar(left[nonempty], gap[nonempty], bottom=bins["accuracy"][nonempty],
-            width=width[nonempty], align="edge", color="#DD8452", alpha=0.6,
-            edgecolor="#C44E52", hatch="//", linewidth=0.5, label="gap to confidence")
+    top.bar(
+        left[nonempty],
+        gap[nonempty],
+        bottom=bins["accuracy"][nonempty],
+        width=width[nonempty],
+        align="edge",
+        color="#DD8452",
+        alpha=0.6,
+        edgecolor="#C44E52",
+        hatch="//",
+        linewidth=0.5,
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -96,11 +114,13 @@ def reliability_diagram(
     top.legend(loc="upper left", title=f"ECE = {ece:.4f} ({n_bins} {binning} bins)")
 
     share = bins["count"] / bins["count"].sum()
-    bottom.bar(left, share, width=width, align="edge", color="#8C8C8C", edgecolor="black",
-               linewidth=0.5)
+    bottom.bar(
+        left, share, width=width, align="edge", color="#8C8C8C", edgecolor="black", linewidth=0.5
+    )
     bottom.axvline(accuracy, color="#4C72B0", linestyle="-", label=f"accuracy {accuracy:.3f}")
-    bottom.axvline(mean_conf, color="#C44E52", linestyle="--",
-                   label=f"mean confidence {mean_conf:.3f}")
+    bottom.axvline(
+        mean_conf, color="#C44E52", linestyle="--", label=f"mean confidence {mean_conf:.3f}"
+    )
     bottom.set_xlabel("confidence (top-label probability)")
     bottom.set_ylabel("share of samples")
     bottom.legend(loc="upper left", fontsize="small")
@@ -110,6 +130,9 @@ def reliability_diagram(
     os.close(handle)
     try:
         fig.savefig(tmp, format="png", dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

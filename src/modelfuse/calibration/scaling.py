@@ -38,9 +38,7 @@ def _unpack(theta: np.ndarray, form: str, k: int) -> tuple[np.ndarray, np.ndarra
     return theta[: k * k].reshape(k, k), theta[k * k :]
 
 
-def apply_logit_scaling(
-    logits: np.ndarray, coef: np.ndarray, intercept: np.ndarray
-) -> np.ndarray:
+def apply_logit_scaling(logits: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
     """Scaled logits: ``z @ coef.T + b`` for a matrix ``coef``, ``coef * z + b`` otherwise.
 
     Examples

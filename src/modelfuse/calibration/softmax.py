@@ -38,9 +38,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e
 
 
-def to_probabilities(
-    scores: np.ndarray, kind: Literal["probabilities", "logits"]
-) -> np.ndarray:
+def to_probabilities(scores: np.ndarray, kind: Literal["probabilities", "logits"]) -> np.ndarray:
     """Probabilities from probabilities (returned as they are) or logits (softmaxed).
 
     Examples

@@ -165,7 +165,7 @@ def fit_ensemble(
 def _check_saved(saved: Any) -> dict[str, Any]:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ConfigError(
-            f"saved ensemble: not a modelfuse ensemble (expected \"format\": \"{FORMAT}\"); "
+            f'saved ensemble: not a modelfuse ensemble (expected "format": "{FORMAT}"); '
             "create one with `modelfuse ensemble ... -o ENSEMBLE.json`"
         )
     if saved.get("method") not in ENSEMBLE_METHODS:

@@ -48,9 +48,7 @@ class _MemberEnsemble(ClassifierMixin, BaseEstimator):
     def _check_members(self) -> list[Any]:
         members = list(self.estimators) if self.estimators is not None else []
         if not members:
-            raise ConfigError(
-                "estimators: expected a non-empty list of fitted models or callables"
-            )
+            raise ConfigError("estimators: expected a non-empty list of fitted models or callables")
         for i, member in enumerate(members):
             if not (hasattr(member, "predict_proba") or callable(member)):
                 raise ConfigError(
@@ -340,6 +338,4 @@ class StackingEnsemble(_MemberEnsemble):
         check_is_fitted(self)
         p = self._member_probabilities(self.estimators_, X)
         features = stacking_features(p, "probabilities", self.features)
-        return aligned_predict_proba(
-            self.final_estimator_, features, np.arange(self.classes_.size)
-        )
+        return aligned_predict_proba(self.final_estimator_, features, np.arange(self.classes_.size))
