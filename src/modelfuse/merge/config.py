@@ -31,6 +31,7 @@ __all__ = [
     "DTypeName",
     "MergeConfig",
     "ModelEntry",
+    "PatchEntry",
     "SliceEntry",
     "SliceSourceEntry",
     "load_config",
@@ -103,6 +104,15 @@ class SliceEntry(BaseModel):
     )
 
 
+class PatchEntry(BaseModel):
+    """A task-vector patch applied to the merged model: ``theta + scale * patch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patch: str = Field(description="a patch written by `modelfuse diff`")
+    scale: float = Field(1.0, description="the patch's factor; negative removes it")
+
+
 class MergeConfig(BaseModel):
     """A merge: the method, the models (or slices), the base and the parameters."""
 
@@ -119,6 +129,9 @@ class MergeConfig(BaseModel):
     )
     dtype: str | None = Field(None, description="compute dtype the inputs are cast to")
     out_dtype: str | None = Field(None, description="dtype of the written tensors")
+    patches: list[PatchEntry] | None = Field(
+        None, description="task-vector patches added to the merged model"
+    )
     tokenizer_source: Literal["base"] | None = Field(
         None,
         description="where the tokenizer comes from; modelfuse copies it from the base "

@@ -28,12 +28,14 @@ from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import MergeConfig, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
+from modelfuse.merge.patch import PatchSource
 from modelfuse.merge.plan import (
     MergePlan,
     ModelInput,
     OutputSlice,
     SliceSource,
     TensorTask,
+    attach_patches,
     build_plan,
     build_slice_plan,
 )
@@ -97,7 +99,7 @@ def _locate(reference: str, folder: Path) -> str:
 class _Opened:
     plan: MergePlan
     config: MergeConfig
-    checkpoints: list[Checkpoint]
+    checkpoints: list[Checkpoint | PatchSource]
     files_from: Path | None
     notes: list[str]
 
@@ -116,13 +118,15 @@ def _open_all(config: MergeConfig, folder: Path) -> _Opened:
 
     compute = resolve_dtype(config.dtype)
     out_dtype = resolve_dtype(config.out_dtype, key="out_dtype")
+    patch_sources: list[PatchSource] = []
     try:
         base_ckpt = get(config.base_model) if config.base_model is not None else None
         if config.slices is not None:
             plan = _slice_plan(config, method, get, compute, out_dtype)
             first = plan.models[0].source
             files_from = base_ckpt.folder if base_ckpt is not None else first.folder
-            return _Opened(plan, config, list(opened.values()), files_from, notes)
+            _open_patches(config, plan, folder, patch_sources)
+            return _Opened(plan, config, [*opened.values(), *patch_sources], files_from, notes)
         entries = list(config.models or [])
         if base_ckpt is not None and method.uses_base:
             kept = [e for e in entries if get(e.model) is not base_ckpt]
@@ -153,12 +157,26 @@ def _open_all(config: MergeConfig, folder: Path) -> _Opened:
             compute_dtype=compute,
             out_dtype=out_dtype,
         )
+        _open_patches(config, plan, folder, patch_sources)
     except BaseException:
-        for ckpt in opened.values():
+        for ckpt in [*opened.values(), *patch_sources]:
             ckpt.close()
         raise
     files_from = base_ckpt.folder if base_ckpt is not None else models[0].source.folder
-    return _Opened(plan, config, list(opened.values()), files_from, notes + plan.notes)
+    return _Opened(
+        plan, config, [*opened.values(), *patch_sources], files_from, notes + plan.notes
+    )
+
+
+def _open_patches(
+    config: MergeConfig, plan: MergePlan, folder: Path, sources: list[PatchSource]
+) -> None:
+    entries = []
+    for entry in config.patches or []:
+        source = PatchSource(_locate(entry.patch, folder))
+        sources.append(source)
+        entries.append((entry.patch, source, entry.scale))
+    attach_patches(plan, entries)
 
 
 def _slice_plan(

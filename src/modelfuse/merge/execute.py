@@ -86,7 +86,7 @@ def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:
     rows = owner.source.read(input_name)[task.shared_rows :]
     if plan.compute_dtype is not None:
         rows = rows.to(plan.compute_dtype)
-    return rows.to(task.out_dtype)
+    return rows.to(torch.float32)
 
 
 def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Tensor:
@@ -112,9 +112,12 @@ def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Ten
         result = method.function(tensors, base, **kwargs)
     except ModelfuseError as exc:
         raise type(exc)(f"tensor {task.name}: {exc}") from None
-    result = result.to(task.out_dtype)
+    result = result.to(torch.float32)
     if task.shared_rows is not None:
         result = torch.cat([result, _extra_rows(plan, task)])
+    for patch, scale in task.patches:
+        result = result + scale * patch.read(task.name).to(torch.float32)
+    result = result.to(task.out_dtype)
     if tuple(result.shape) != task.shape:
         raise RuntimeError(
             f"merge method {method.name!r} returned shape {list(result.shape)} for tensor "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "TensorTask",
     "build_plan",
     "build_slice_plan",
+    "attach_patches",
     "layer_position",
     "split_layer_name",
 ]
@@ -83,6 +84,7 @@ class TensorTask:
     base_input: str | None = None
     shared_rows: int | None = None
     extra_from: int | None = None
+    patches: tuple[tuple[TensorSource, float], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -562,4 +564,50 @@ def build_slice_plan(
     models = list({id(s.model): s.model for piece in slices for s in piece.sources}.values())
     plan = MergePlan(method, models, None, tasks, compute_dtype)
     plan.layers = layer
+    return plan
+
+
+def attach_patches(
+    plan: MergePlan, patches: Sequence[tuple[str, TensorSource, float]]
+) -> MergePlan:
+    """Add ``scale * patch`` to the output tensors each patch holds.
+
+    A patch may hold a subset of the tensors (the others get nothing); a patch
+    tensor that is not in the output, has another shape, or is not floating
+    point is an error, and every such problem is reported together.
+    """
+    if not patches:
+        return plan
+    tasks = {task.name: task for task in plan.tasks}
+    added: dict[str, list[tuple[TensorSource, float]]] = {}
+    problems: list[str] = []
+    for label, source, scale in patches:
+        covered = 0
+        for name in source.keys():
+            task = tasks.get(name)
+            if task is None:
+                problems.append(f"tensor {name} of patch {label} is not in the merged model")
+                continue
+            shape = tuple(int(s) for s in source.info(name).shape)
+            if shape != task.shape:
+                problems.append(
+                    f"tensor {name} has shape {list(shape)} in patch {label} "
+                    f"but {list(task.shape)} in the merged model"
+                )
+            elif task.action != "merge":
+                problems.append(f"tensor {name} is not floating point; patch {label} cannot add to it")
+            else:
+                added.setdefault(name, []).append((source, scale))
+                covered += 1
+        merged = sum(1 for t in plan.tasks if t.action == "merge")
+        if covered < merged:
+            plan.notes.append(f"patch {label} changes {covered} of the {merged} merged tensors")
+    if problems:
+        raise CheckpointError(
+            f"the patches do not fit the model ({len(problems)} problems): " + "; ".join(problems[:20])
+        )
+    plan.tasks = [
+        replace(task, patches=tuple(added[task.name])) if task.name in added else task
+        for task in plan.tasks
+    ]
     return plan

@@ -1,0 +1,52 @@
+"""``modelfuse diff``: the task-vector patch between two checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelfuse.cli._app import app
+
+__all__ = ["diff_command"]
+
+
+@app.command(
+    "diff",
+    help="""Write the difference B - A of two checkpoints as a patch.
+
+Apply it in a merge configuration with `patches: [{patch: PATCH, scale: 0.5}]`;
+several patches add up and a negative scale removes one.
+
+Example:
+
+    modelfuse diff ./clean ./robust -o robust.patch --density 0.1 --dtype bfloat16
+""",
+)
+def diff_command(
+    a: Annotated[Path, typer.Argument(help="the checkpoint the patch starts from")],
+    b: Annotated[Path, typer.Argument(help="the checkpoint the patch leads to")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="the patch folder to write")],
+    density: Annotated[
+        float, typer.Option(help="fraction of entries kept per tensor (largest magnitudes)")
+    ] = 1.0,
+    dtype: Annotated[
+        str | None, typer.Option(help="storage dtype: float32, float16 or bfloat16")
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.merge.patch import diff_checkpoints
+    from modelfuse.progress import progress_bar
+
+    with open_checkpoint(b) as checkpoint:
+        total = sum(1 for n in checkpoint.keys() if checkpoint.info(n).dtype.is_floating_point)
+    with progress_bar("diff", total, enabled=not quiet) as advance:
+        result = diff_checkpoints(
+            a, b, out, density=density, dtype=dtype, shard_size=shard_size,
+            overwrite=overwrite, progress=advance,
+        )
+    print(result.summary())
