@@ -1,0 +1,224 @@
+"""``modelfuse statistics fisher|gram``: Fisher diagonals and Gram matrices for data-aware merges."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from modelfuse.cli._app import app
+from modelfuse.errors import ConfigError, OutputError
+
+__all__ = ["load_factory", "statistics_command"]
+
+
+def load_factory(spec: str) -> tuple[Any, Any]:
+    """Call ``package.module:function`` and check it returns ``(model, batches)``.
+
+    The working directory is importable, so ``--factory my_models:make`` finds
+    ``./my_models.py``.
+
+    Raises
+    ------
+    ConfigError
+        The spec is malformed, the module or function cannot be found, or the
+        result is not an ``(nn.Module, iterable)`` pair.
+    """
+    from torch import nn
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(
+            f"--factory: expected package.module:function, got {spec!r}; e.g. my_models:make"
+        )
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"--factory: cannot import module {module_name!r} ({exc}); run from the folder "
+            "holding it or add it to PYTHONPATH"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(
+            f"--factory: module {module_name!r} has no function {function_name!r}; "
+            "give package.module:function"
+        )
+    result = function()
+    if (
+        not isinstance(result, (tuple, list))
+        or len(result) != 2
+        or not isinstance(result[0], nn.Module)
+    ):
+        raise ConfigError(
+            f"--factory: {spec} returned {type(result).__name__}; expected a pair "
+            "(model: torch.nn.Module, batches: iterable of (inputs, labels) or inputs)"
+        )
+    return result[0], result[1]
+
+
+@app.command(
+    "statistics",
+    help="""Compute Fisher diagonals or Gram matrices of a model on data, for the fisher,
+gradient_matching and regmean merge methods (`statistics: FILE` per model).
+
+Examples:
+
+    modelfuse statistics fisher --model ./sst2 --data train.jsonl --text-column sentence -o sst2.fisher.safetensors
+
+    modelfuse statistics gram --model ./sst2 --data train.csv -o sst2.gram.safetensors
+
+    modelfuse statistics fisher --factory my_models:make -o mlp.fisher.safetensors
+
+A factory takes no arguments and returns (model, batches): batches of (inputs, labels) or of inputs.
+""",
+)
+def statistics_command(
+    what: Annotated[
+        str,
+        typer.Argument(help="fisher (Fisher diagonal) or gram (Gram matrices of linear inputs)"),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .safetensors file to write")],
+    model: Annotated[
+        Path | None, typer.Option(help="a Hugging Face sequence-classification model folder")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="a .jsonl or .csv file of texts")] = None,
+    text_column: Annotated[str, typer.Option(help="the column holding the text")] = "text",
+    label_column: Annotated[
+        str, typer.Option(help="the column holding the label (empirical Fisher only)")
+    ] = "label",
+    factory: Annotated[
+        str | None,
+        typer.Option(help="package.module:function returning (model, batches), for any model"),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option(help="Fisher estimator: exact (model's distribution) or empirical")
+    ] = "exact",
+    n_examples: Annotated[
+        int | None,
+        typer.Option(help="examples used [default: 4096 for fisher, 1000 for gram]", min=1),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="texts per batch", min=1)] = 16,
+    max_length: Annotated[int, typer.Option(help="tokens kept per text", min=1)] = 256,
+    overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    if what not in ("fisher", "gram"):
+        raise ConfigError(f"statistics: unknown kind of statistics {what!r}; valid: fisher, gram")
+    if kind not in ("exact", "empirical"):
+        raise ConfigError(f"--kind: unknown Fisher estimator {kind!r}; valid: exact, empirical")
+    if factory is not None and (model is not None or data is not None):
+        raise ConfigError("give either --factory, or --model with --data, not both")
+    if factory is None and (model is None or data is None):
+        raise ConfigError(
+            "give --model DIR and --data FILE (a Hugging Face classifier and its texts), "
+            "or --factory package.module:function"
+        )
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise OutputError(f"{output}: the folder {output.parent} does not exist; create it first")
+    _run(
+        what,  # type: ignore[arg-type]
+        output,
+        model=model,
+        data=data,
+        text_column=text_column,
+        label_column=label_column,
+        factory=factory,
+        kind=kind,  # type: ignore[arg-type]
+        n_examples=n_examples or (4096 if what == "fisher" else 1000),
+        batch_size=batch_size,
+        max_length=max_length,
+        quiet=quiet,
+    )
+
+
+def _run(
+    what: Literal["fisher", "gram"],
+    output: Path,
+    *,
+    model: Path | None,
+    data: Path | None,
+    text_column: str,
+    label_column: str,
+    factory: str | None,
+    kind: Literal["exact", "empirical"],
+    n_examples: int,
+    batch_size: int,
+    max_length: int,
+    quiet: bool,
+) -> None:
+    from modelfuse.progress import progress_bar
+    from modelfuse.statistics import fisher_diagonal, gram_matrices, save
+
+    needs_labels = what == "fisher" and kind == "empirical"
+    if factory is not None:
+        network, batches = load_factory(factory)
+        total = n_examples
+        source = factory
+    else:
+        from modelfuse.errors import DataError
+        from modelfuse.statistics.huggingface import (
+            label_ids,
+            length_grouped_batches,
+            load_sequence_classifier,
+        )
+        from modelfuse.statistics.text_data import read_text_examples
+
+        if model is None or data is None:
+            raise ConfigError("give --model DIR and --data FILE, or --factory")
+        examples = read_text_examples(
+            data,
+            text_column=text_column,
+            label_column=label_column if needs_labels else None,
+            limit=n_examples,
+        )
+        if needs_labels and examples.labels is None:
+            raise DataError(
+                f"{data}: no column {label_column!r}, but the empirical Fisher needs labels; "
+                "choose it with --label-column or use --kind exact"
+            )
+        network, tokenizer = load_sequence_classifier(model)
+        labels = (
+            None
+            if examples.labels is None
+            else label_ids(examples.labels, network.config, source=str(data))
+        )
+        batches = length_grouped_batches(
+            tokenizer, examples.texts, labels, batch_size=batch_size, max_length=max_length
+        )
+        total = len(examples.texts)
+        source = str(model)
+
+    done = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with progress_bar(f"{what} statistics", total, enabled=not quiet) as advance:
+
+            def progress(n_seen: int) -> None:
+                nonlocal done
+                advance(n_seen - done, 0)
+                done = n_seen
+
+            if what == "fisher":
+                stats = fisher_diagonal(
+                    network, batches, n_examples=n_examples, kind=kind, progress=progress
+                )
+            else:
+                stats = gram_matrices(network, batches, n_examples=n_examples, progress=progress)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"modelfuse: warning: {message}", file=sys.stderr)
+    save(stats, output)
+    label = "Fisher diagonals" if what == "fisher" else "Gram matrices"
+    estimator = f" ({kind})" if what == "fisher" else ""
+    print(
+        f"wrote {label}{estimator} of {len(stats)} tensors of {source}, over "
+        f"{stats.n_examples} examples, to {output}"
+    )

@@ -1,0 +1,246 @@
+"""``modelfuse statistics fisher|gram`` through the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.cli import main
+from modelfuse.statistics import fisher_diagonal, gram_matrices, load
+
+RUN = [
+    sys.executable,
+    "-c",
+    "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))",
+]
+
+WORDS = "the a good bad movie film was is great awful plot acting boring fun".split()
+TEXTS = [
+    "the movie was good",
+    "a bad film",
+    "great plot",
+    "the acting was awful",
+    "boring film",
+    "fun movie is fun",
+    "the plot is bad",
+    "good acting",
+]
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    labels = ["positive", "negative", 1, 0, "negative", "positive", 0, 1]
+    path.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in zip(TEXTS, labels)))
+    return path
+
+
+def _reference_batches(folder: Path, labels: list[int] | None):
+    """Each text alone (no padding): an independent route to the same statistics."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = BertForSequenceClassification.from_pretrained(folder, attn_implementation="eager")
+    batches = []
+    for i, text in enumerate(TEXTS):
+        enc = tokenizer(text, return_tensors="pt")
+        inputs = {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"]}
+        batches.append(inputs if labels is None else (inputs, torch.tensor([labels[i]])))
+    return model, batches
+
+
+def test_empirical_fisher_of_a_bert_classifier(bert_folder, data_file, tmp_path):
+    out = tmp_path / "fisher.safetensors"
+    code = main(
+        [
+            "statistics",
+            "fisher",
+            "--model",
+            str(bert_folder),
+            "--data",
+            str(data_file),
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "y",
+            "--kind",
+            "empirical",
+            "--batch-size",
+            "3",
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    stats = load(out)
+    assert stats.kind == "fisher" and stats.estimator == "empirical" and stats.n_examples == 8
+    labels = [1, 0, 1, 0, 0, 1, 0, 1]
+    model, batches = _reference_batches(bert_folder, labels)
+    assert set(stats) == set(model.state_dict()) - {"bert.embeddings.position_ids"}
+    expected = fisher_diagonal(model, batches, kind="empirical")
+    for name in expected:
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-4, atol=1e-9)
+
+
+def test_gram_of_a_bert_classifier_with_n_examples_and_csv(bert_folder, tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_text("text\n" + "\n".join(TEXTS) + "\n")
+    out = tmp_path / "gram.safetensors"
+    assert (
+        main(
+            [
+                "statistics",
+                "gram",
+                "--model",
+                str(bert_folder),
+                "--data",
+                str(data),
+                "--n-examples",
+                "5",
+                "--quiet",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    stats = load(out)
+    assert stats.kind == "gram" and stats.n_examples == 5
+    model, batches = _reference_batches(bert_folder, None)
+    # per text, positions are rows: G = sum over the 5 texts' tokens of x x^T / number of tokens
+    expected = gram_matrices(model, batches[:5])
+    assert set(stats) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-4, atol=1e-6)
+    classifier = stats["classifier.weight"].double().numpy()
+    assert np.all(np.linalg.eigvalsh(classifier) > -1e-6)  # a Gram matrix is PSD
+
+
+def test_factory_for_any_model_end_to_end_through_a_subprocess(tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+        "    x = torch.randn(20, 3)\n"
+        "    return model, [(x[:10], torch.zeros(10, dtype=torch.long)), (x[10:], torch.ones(10, dtype=torch.long))]\n"
+    )
+    out = tmp_path / "mlp.fisher.safetensors"
+    done = subprocess.run(
+        [*RUN, "statistics", "fisher", "--factory", "my_models:make", "-o", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "over 20 examples" in done.stdout
+    assert "20/20" in done.stderr  # the progress bar counts examples
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_models  # type: ignore[import-not-found]
+
+        model, batches = my_models.make()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_models", None)
+    expected = fisher_diagonal(model, batches)
+    stats = load(out)
+    for name in expected:
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["statistics", "hessian", "--factory", "m:f", "-o", "OUT"], "valid: fisher, gram"),
+        (["statistics", "fisher", "-o", "OUT"], "give --model DIR and --data FILE"),
+        (["statistics", "fisher", "--factory", "nodots", "-o", "OUT"], "package.module:function"),
+        (
+            ["statistics", "fisher", "--factory", "no_such_module_xyz:f", "-o", "OUT"],
+            "cannot import module",
+        ),
+        (
+            ["statistics", "fisher", "--kind", "sampled", "--factory", "m:f", "-o", "OUT"],
+            "exact, empirical",
+        ),
+        (
+            ["statistics", "gram", "--model", "MODEL", "--data", "DATA", "-o", "OUT"],
+            "no column 'text'",
+        ),
+        (
+            [
+                "statistics",
+                "fisher",
+                "--kind",
+                "empirical",
+                "--model",
+                "MODEL",
+                "--data",
+                "DATA",
+                "--text-column",
+                "sentence",
+                "-o",
+                "OUT",
+            ],
+            "no column 'label'",
+        ),
+        (
+            ["statistics", "gram", "--model", "MODEL", "--data", "MISSING", "-o", "OUT"],
+            "no such data file",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, bert_folder, data_file, tmp_path, capsys):
+    replace = {
+        "OUT": str(tmp_path / "out.safetensors"),
+        "MODEL": str(bert_folder),
+        "DATA": str(data_file),
+        "MISSING": str(tmp_path / "missing.jsonl"),
+    }
+    code = main([replace.get(a, a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("modelfuse: error: ") and err.count("\n") == 1
+    assert message in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["statistics", "fisher", "--factory", "m:f", "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
