@@ -18,8 +18,11 @@ from modelfuse.merge.engine import MergeResult, merge, plan_merge
 from modelfuse.merge.fisher import fisher
 from modelfuse.merge.gradient_matching import gradient_matching
 from modelfuse.merge.linear import linear
+from modelfuse.merge.model_stock import model_stock
+from modelfuse.merge.multislerp import multislerp
 from modelfuse.merge.registry import METHODS, MergeMethod, get_method
 from modelfuse.merge.regmean import RegMeanJitterWarning, regmean
+from modelfuse.merge.slerp import slerp
 from modelfuse.merge.state_dict import merge_state_dicts
 from modelfuse.merge.task_arithmetic import task_arithmetic
 from modelfuse.merge.task_vectors import generalized_task_arithmetic
@@ -41,8 +44,11 @@ __all__ = [
     "linear",
     "merge",
     "merge_state_dicts",
+    "model_stock",
+    "multislerp",
     "plan_merge",
     "regmean",
+    "slerp",
     "task_arithmetic",
     "ties",
 ]

@@ -44,9 +44,12 @@ from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_
 from modelfuse.merge.fisher import FisherParameters, fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
+from modelfuse.merge.model_stock import ModelStockParameters, model_stock
+from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp
 from modelfuse.merge.parameters import MethodParameters
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
+from modelfuse.merge.slerp import SlerpParameters, slerp
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 from modelfuse.merge.ties import TiesParameters, prepare_ties, ties
 
@@ -213,6 +216,29 @@ METHODS: dict[str, MergeMethod] = {
         BreadcrumbsTiesParameters,
         "breadcrumbs, then TIES sign election",
         requires_base=True,
+    ),
+    "slerp": MergeMethod(
+        "slerp",
+        slerp,
+        SlerpParameters,
+        "spherical interpolation between two models (t = 0: the base_model)",
+        optional_base=True,
+        max_models=2,
+    ),
+    "multislerp": MergeMethod(
+        "multislerp",
+        multislerp,
+        MultiSlerpParameters,
+        "weighted spherical average of N models, of task vectors when a base is given",
+        optional_base=True,
+    ),
+    "model_stock": MergeMethod(
+        "model_stock",
+        model_stock,
+        ModelStockParameters,
+        "Model Stock: average pulled toward the base by the task vectors' angle",
+        requires_base=True,
+        min_models=2,
     ),
 }
 """Every merge method, by the name used in configurations."""

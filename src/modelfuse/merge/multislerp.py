@@ -1,0 +1,123 @@
+"""Spherical averaging of N models (mergekit's ``multislerp``), optionally of task vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError, DataError
+from modelfuse.merge.parameters import PER_MODEL, MethodParameters
+
+__all__ = ["MultiSlerpParameters", "multislerp"]
+
+
+class MultiSlerpParameters(MethodParameters):
+    """Parameters of :func:`multislerp` (mergekit's ``multislerp``)."""
+
+    weight: Annotated[float, PER_MODEL] = Field(
+        1.0, description="the model's weight (mergekit requires it; modelfuse defaults to 1)"
+    )
+    normalize_weights: bool = Field(True, description="divide the weights by their sum")
+    eps: float = Field(1e-8, gt=0.0, description="small constant for numerical stability")
+
+
+def multislerp(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    weight: Sequence[float] | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    r"""Weighted spherical average of N tensors: barycentric interpolation on the sphere.
+
+    With :math:`x_i` the flattened tensors (task vectors :math:`\theta_i - \theta_b`
+    when a base is given), norms :math:`n_i`, unit vectors
+    :math:`u_i = x_i / (n_i + \epsilon)` and weights :math:`w_i` (divided by
+    their sum when ``normalize_weights``): the weighted mean direction
+    :math:`\hat m = m / \lVert m \rVert`, :math:`m = \sum_i w_i u_i`, is the point
+    of the sphere at which the weighted tangent vectors
+    :math:`\sum_i w_i (u_i - (u_i \cdot \hat m)\hat m)` cancel, so the
+    exponential map of their sum returns :math:`\hat m` itself, and
+
+    .. math:: \theta = (\theta_b) + \hat m \sum_i w_i n_i .
+
+    When :math:`\lVert m \rVert < \epsilon` (antipodal tensors whose weights
+    balance, or all-zero task vectors) no direction is defined: two models,
+    or all-zero inputs, give the linear combination :math:`\sum_i w_i x_i`;
+    otherwise a :class:`~modelfuse.errors.DataError` asks for other weights.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        The models' tensors of one name. Not modified.
+    base : Tensor, optional
+        Work in task-vector space around this tensor.
+    weight : sequence of float, optional
+        One weight per model (default 1).
+    normalize_weights : bool, default True
+        Divide the weights by their sum.
+    eps : float, default 1e-8
+        Stability constant, as in mergekit.
+
+    Returns
+    -------
+    Tensor
+        float32; a single model's tensor is returned as it is.
+
+    References
+    ----------
+    Goddard, "Multi-SLERP", https://goddard.blog/posts/multislerp-wow-what-a-cool-idea;
+    Buss and Fillmore, "Spherical averages and applications to spherical splines
+    and interpolation", ACM Transactions on Graphics 2001.
+
+    Examples
+    --------
+    >>> a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
+    >>> multislerp([a, b])
+    tensor([2.1213, 2.1213])
+    """
+    n = len(tensors)
+    if n == 0:
+        raise ConfigError("multislerp: no models to merge; give at least one")
+    weights = [1.0] * n if weight is None else [float(w) for w in weight]
+    if len(weights) != n:
+        raise ConfigError(f"multislerp: {len(weights)} weights for {n} models; give one per model")
+    if n == 1:
+        return tensors[0].to(torch.float32).clone()
+    if normalize_weights:
+        total = sum(weights)
+        if abs(total) < 1e-12:
+            raise ConfigError(
+                f"multislerp: the weights {weights} sum to zero, so they cannot be normalized; "
+                "change them or set normalize_weights: false"
+            )
+        weights = [w / total for w in weights]
+    origin = None if base is None else base.to(torch.float32)
+
+    def point(i: int) -> torch.Tensor:
+        x = tensors[i].to(torch.float32)
+        return x - origin if origin is not None else x
+
+    norms = [float(torch.linalg.vector_norm(point(i))) for i in range(n)]
+    mean = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    for i in range(n):  # unit vector, then weight: antipodal pairs cancel exactly
+        mean.add_(torch.div(point(i), norms[i] + eps).mul_(weights[i]))
+    mean_norm = float(torch.linalg.vector_norm(mean))
+    if mean_norm < eps:
+        if n == 2 or all(v < eps for v in norms):
+            result = torch.zeros_like(mean)
+            for i in range(n):
+                result.add_(point(i), alpha=weights[i])
+        else:
+            raise DataError(
+                "multislerp: the weighted mean of the models' directions is zero (antipodal "
+                f"tensors whose weights {weights} balance), so no spherical average exists; "
+                "change the weights"
+            )
+    else:
+        result = mean.mul_(sum(w * v for w, v in zip(weights, norms)) / mean_norm)
+    return result.add_(origin) if origin is not None else result

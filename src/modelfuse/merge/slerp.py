@@ -1,0 +1,105 @@
+"""Spherical linear interpolation (SLERP) between two models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.parameters import MethodParameters
+
+__all__ = ["DOT_THRESHOLD", "SlerpParameters", "slerp"]
+
+DOT_THRESHOLD = 0.9995
+"""Above this ``|cos Ω|`` the tensors are treated as colinear and interpolated linearly."""
+
+_EPS = 1e-8
+
+
+class SlerpParameters(MethodParameters):
+    """Parameters of :func:`slerp` (mergekit's ``slerp``)."""
+
+    t: float = Field(
+        description="interpolation factor: 0 gives the base (first) model, 1 the other one"
+    )
+
+
+def slerp(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    t: float,
+) -> torch.Tensor:
+    r"""Spherical interpolation between two tensors, each seen as one flat vector.
+
+    With :math:`a` the base model's tensor (or the first model's, without a
+    base) and :math:`b` the other model's,
+    :math:`\cos\Omega = \hat a \cdot \hat b` and
+
+    .. math:: \theta = \frac{\sin((1-t)\Omega)}{\sin\Omega} a + \frac{\sin(t\Omega)}{\sin\Omega} b .
+
+    When the tensors are nearly parallel or antiparallel
+    (:math:`|\cos\Omega| > 0.9995`) or one of them is zero (no angle is
+    defined), the result is the linear interpolation :math:`(1-t) a + t b`.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        One tensor when ``base`` is given, else two. Not modified.
+    base : Tensor, optional
+        The tensor at ``t = 0`` (mergekit's ``base_model``).
+    t : float
+        Interpolation factor; per tensor through gradients and filters in
+        configurations.
+
+    Returns
+    -------
+    Tensor
+        float32.
+
+    References
+    ----------
+    Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985.
+    https://en.wikipedia.org/wiki/Slerp
+
+    Examples
+    --------
+    >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    >>> slerp([b], a, t=0.5)
+    tensor([0.7071, 0.7071])
+    >>> slerp([a, 3 * a], t=0.5)  # parallel: linear interpolation
+    tensor([2., 0.])
+    """
+    if base is not None:
+        if len(tensors) != 1:
+            raise ConfigError(
+                f"slerp interpolates between two models: with base_model set, give exactly one "
+                f"other model (got {len(tensors)})"
+            )
+        a, b = base, tensors[0]
+    else:
+        if len(tensors) != 2:
+            raise ConfigError(
+                f"slerp interpolates between two models: give two models, or base_model and one "
+                f"other model (got {len(tensors)} models and no base_model)"
+            )
+        a, b = tensors
+    a = a.to(torch.float32)
+    b = b.to(torch.float32)
+    t = float(t)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    norm_a = float(torch.linalg.vector_norm(flat_a))
+    norm_b = float(torch.linalg.vector_norm(flat_b))
+    if norm_a > _EPS and norm_b > _EPS:
+        cos = float(torch.dot(flat_a, flat_b)) / (norm_a * norm_b)
+        cos = min(1.0, max(-1.0, cos))
+        if abs(cos) <= DOT_THRESHOLD:
+            omega = math.acos(cos)
+            sin_omega = math.sin(omega)
+            s0 = math.sin((1.0 - t) * omega) / sin_omega
+            s1 = math.sin(t * omega) / sin_omega
+            return torch.add(a * s0, b, alpha=s1)
+    return torch.lerp(a, b, t)
