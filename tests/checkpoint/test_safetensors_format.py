@@ -265,3 +265,24 @@ def test_encode_header_is_read_by_safetensors(tmp_path: Path) -> None:
         assert reference.metadata() == {"format": "pt"}
         assert torch.equal(reference.get_tensor("x"), x)
         assert torch.equal(reference.get_tensor("y"), y)
+
+
+def test_read_rows_reads_only_those_rows(tmp_path: Path, monkeypatch) -> None:
+    tensors = {"a": torch.randn(7, 3).to(torch.bfloat16), "b": torch.randn(4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    with open_checkpoint(path) as ckpt:
+        start = ckpt._where["a"][1]
+        calls: list[tuple[int, int]] = []
+        real = os.preadv
+
+        def counting(fd, buffers, offset):
+            calls.append((offset, sum(len(b) for b in buffers)))
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", counting)
+        assert_same(ckpt.read_rows("a", 2, 5), tensors["a"][2:5])
+        assert calls == [(start + 2 * 6, 3 * 6)]
+        assert_same(ckpt.read_rows("a", 7, 7), tensors["a"][7:7])
+        with pytest.raises(ValueError, match="rows 3:9 are outside its 7 rows"):
+            ckpt.read_rows("a", 3, 9)

@@ -147,3 +147,15 @@ def test_non_string_keys(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     torch.save({0: torch.ones(1)}, path)
     assert "tensor key 0 is a int" in _error(path)
+
+
+def test_read_rows(tmp_path: Path) -> None:
+    tensor = torch.randn(6, 4).to(torch.float16)
+    path = tmp_path / "m.pt"
+    torch.save({"w": tensor.t()}, path)  # stored transposed: rows are not contiguous
+    with open_checkpoint(path) as ckpt:
+        rows = ckpt.read_rows("w", 1, 3)
+        assert rows.is_contiguous()
+        assert_same(rows, tensor.t()[1:3].contiguous())
+        with pytest.raises(ValueError, match="outside"):
+            ckpt.read_rows("w", 2, 1)

@@ -256,7 +256,7 @@ def test_commit_with_missing_tensors_leaves_nothing(tmp_path: Path) -> None:
         with pytest.raises(OutputError) as caught:
             writer.commit()
     message = str(caught.value)
-    assert "1 of 2 planned tensors were never written ('b')" in message
+    assert "1 of 2 planned tensors were never written in full ('b')" in message
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
 
@@ -535,4 +535,59 @@ def test_a_read_error_mid_merge_leaves_nothing(tmp_path: Path) -> None:
             writer.commit()
     message = str(caught.value)
     assert message.startswith(f"{source}: tensor '{second}': read 100 of its 200 bytes")
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_row_blocks_in_any_order_from_threads(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(7)
+    tensors = {
+        "embed": torch.randn(37, 6, generator=g).to(torch.bfloat16),
+        "head": torch.randn(20, 3, 2, generator=g),
+        "bias": torch.randn(5, generator=g).to(torch.float16),
+    }
+    blocks = []
+    for name, tensor in tensors.items():
+        edges = [0, *sorted(random.Random(len(name)).sample(range(1, len(tensor)), 3)), len(tensor)]
+        blocks += [(name, a, tensor[a:b]) for a, b in zip(edges, edges[1:])]
+    random.Random(1).shuffle(blocks)
+    out = tmp_path / "out"
+    with CheckpointWriter(out, _plan(tensors), shard_size=300) as writer:
+        threads = [
+            threading.Thread(
+                target=lambda part: [writer.write_rows(n, a, t) for n, a, t in part],
+                args=(blocks[i::3],),
+            )
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert writer.bytes_written == sum(t.numel() * t.element_size() for t in tensors.values())
+        writer.commit()
+    read_back = _read_with_safetensors(out)
+    for name, tensor in tensors.items():
+        assert_same(read_back[name], tensor)
+
+
+def test_row_blocks_must_not_overlap_or_leave_gaps(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with CheckpointWriter(out, [("w", (6, 2), torch.float32), ("s", (), torch.float32)]) as writer:
+        writer.write_rows("w", 0, torch.zeros(3, 2))
+        with pytest.raises(ValueError, match="rows 2:4 of tensor 'w' was already written"):
+            writer.write_rows("w", 2, torch.zeros(2, 2))
+        with pytest.raises(ValueError, match="already written"):
+            writer.write("w", torch.zeros(6, 2))
+        with pytest.raises(ValueError, match="expected a non-empty block of whole rows"):
+            writer.write_rows("w", 5, torch.zeros(2, 2))  # runs past row 6
+        with pytest.raises(ValueError, match="expected a non-empty block"):
+            writer.write_rows("w", 3, torch.zeros(3, 3))  # wrong row width
+        with pytest.raises(ValueError, match="expected a non-empty block"):
+            writer.write_rows("s", 0, torch.zeros(1))  # a scalar has no rows
+        writer.write("s", torch.tensor(1.0))
+        writer.write_rows("w", 4, torch.zeros(2, 2))  # rows 3:4 stay unwritten
+        with pytest.raises(
+            OutputError, match=r"1 of 2 planned tensors were never written in full \('w'\)"
+        ):
+            writer.commit()
     assert not out.exists() and leftovers(tmp_path, "out") == []

@@ -136,6 +136,45 @@ class Checkpoint(abc.ABC):
             The checkpoint has no tensor of that name, or its data cannot be read.
         """
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Return rows ``start:stop`` (along the first dimension) of tensor ``name``.
+
+        Lets a caller process a large tensor (an embedding matrix) in blocks,
+        so that memory is bounded by the block, not the tensor. Subclasses
+        read only the bytes of those rows. Safe to call from several threads.
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint has no tensor of that name.
+        ValueError
+            The tensor is a scalar, or ``0 <= start <= stop <= shape[0]`` fails.
+
+        Examples
+        --------
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> from modelfuse.checkpoint import open_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save_file({"w": torch.arange(12.0).reshape(4, 3)}, path)
+        >>> with open_checkpoint(path) as ckpt:
+        ...     ckpt.read_rows("w", 1, 3).tolist()
+        [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+        """
+        self._check_rows(name, start, stop)
+        return self.read(name)[start:stop].clone()
+
+    def _check_rows(self, name: str, start: int, stop: int) -> TensorInfo:
+        info = self.info(name)
+        if not info.shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is a scalar and has no rows")
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(
+                f"{self.path}: tensor {name!r}: rows {start}:{stop} are outside its "
+                f"{info.shape[0]} rows"
+            )
+        return info
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release open files; further reads raise. Idempotent."""

@@ -421,19 +421,30 @@ class SafetensorsCheckpoint(Checkpoint):
         torch.bfloat16
         """
         info = self.info(name)
+        return self._read_span(info, 0, info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Return rows ``start:stop`` of tensor ``name``, reading only their bytes."""
+        info = self._check_rows(name, start, stop)
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return self._read_span(info, start * row_bytes, (stop - start, *info.shape[1:]))
+
+    def _read_span(self, info: TensorInfo, skip: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Read the part of tensor ``info`` that starts ``skip`` bytes in and has ``shape``."""
         if self._closed:
-            raise CheckpointError(f"{self.path}: read {name!r} after close(); open it again")
-        handle, offset = self._where[name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        count = handle.read_into(memoryview(raw.numpy()), offset)
-        if count != info.nbytes:
+            raise CheckpointError(f"{self.path}: read {info.name!r} after close(); open it again")
+        handle, offset = self._where[info.name]
+        nbytes = math.prod(shape) * itemsize(info.dtype)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        count = handle.read_into(memoryview(raw.numpy()), offset + skip)
+        if count != nbytes:
             raise CheckpointError(
-                f"{info.file}: tensor {name!r}: read {count} of its {info.nbytes} bytes; the file "
-                "shrank after it was opened; re-save or re-download it"
+                f"{info.file}: tensor {info.name!r}: read {count} of its {nbytes} bytes; the "
+                "file shrank after it was opened; re-save or re-download it"
             )
-        return raw.view(info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         """Close the files; idempotent."""

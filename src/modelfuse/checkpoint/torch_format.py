@@ -227,10 +227,22 @@ class TorchCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         """Return a fresh contiguous copy of tensor ``name``."""
         info = self.info(name)
+        return self._copy(self._source(name), info.shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Return a fresh contiguous copy of rows ``start:stop`` of tensor ``name``."""
+        info = self._check_rows(name, start, stop)
+        return self._copy(self._source(name)[start:stop], (stop - start, *info.shape[1:]))
+
+    def _source(self, name: str) -> torch.Tensor:
         source = self._tensors.get(name)
         if source is None:
             raise CheckpointError(f"{self.path}: read {name!r} after close(); open it again")
-        out = torch.empty(info.shape, dtype=info.dtype)
+        return source
+
+    @staticmethod
+    def _copy(source: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=source.dtype)
         out.copy_(source)
         return out
 

@@ -106,6 +106,15 @@ class _Slot:
     shard: int
     offset: int
 
+    @property
+    def rows(self) -> int:
+        """Rows along the first dimension; a scalar counts as one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` of ``fd`` (the one low-level write of this module)."""
@@ -254,7 +263,7 @@ class CheckpointWriter:
         self._lock = threading.Condition()
         self._state: _State = "open"
         self._active = 0
-        self._written: set[str] = set()
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # row blocks written, per tensor
         self._bytes_written = 0
         self._extra: set[str] = set()
         self._fds: list[int] = []
@@ -366,6 +375,63 @@ class CheckpointWriter:
         OutputError
             The write failed (e.g. the disk filled up): the writer aborts.
         """
+        slot = self._planned(name, tensor)
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise ValueError(
+                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)} "
+                f"but written as {tensor.dtype} {list(tensor.shape)}"
+            )
+        self._put(slot, 0, slot.rows, tensor, whole=True)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start:start + len(rows)`` of tensor ``name``; thread-safe.
+
+        Lets a caller produce a large tensor in blocks of rows (along the
+        first dimension), so memory is bounded by the block. Blocks may come
+        in any order from any thread; :meth:`commit` checks that they cover
+        every row exactly once.
+
+        Raises
+        ------
+        ValueError
+            ``name`` is not planned or is a scalar, ``rows`` has the wrong
+            dtype or trailing shape, is empty, falls outside the tensor, or
+            overlaps rows already written.
+        OutputError
+            The write failed (e.g. the disk filled up): the writer aborts.
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> out = Path(tempfile.mkdtemp()) / "out"
+        >>> with CheckpointWriter(out, [("w", (4, 2), torch.float32)]) as writer:
+        ...     writer.write_rows("w", 2, torch.ones(2, 2))
+        ...     writer.write_rows("w", 0, torch.zeros(2, 2))
+        ...     _ = writer.commit()
+        >>> from modelfuse.checkpoint import open_checkpoint
+        >>> with open_checkpoint(out) as ckpt:
+        ...     ckpt.read("w")[:, 0].tolist()
+        [0.0, 0.0, 1.0, 1.0]
+        """
+        slot = self._planned(name, rows)
+        count = rows.shape[0] if rows.dim() else 0
+        if (
+            not slot.shape
+            or rows.dim() != len(slot.shape)
+            or tuple(rows.shape[1:]) != slot.shape[1:]
+            or rows.dtype != slot.dtype
+            or count < 1
+            or not 0 <= start <= slot.rows - count
+        ):
+            raise ValueError(
+                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)}; "
+                f"got rows {start}:{start + count} of {rows.dtype} {list(rows.shape)}; expected "
+                f"a non-empty block of whole rows inside the tensor"
+            )
+        self._put(slot, start, start + count, rows, whole=False)
+
+    def _planned(self, name: str, tensor: torch.Tensor) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
             raise ValueError(f"{self.out}: tensor {name!r} is not among the planned tensors")
@@ -373,21 +439,24 @@ class CheckpointWriter:
             raise TypeError(
                 f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
             )
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise ValueError(
-                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)} "
-                f"but written as {tensor.dtype} {list(tensor.shape)}"
-            )
+        return slot
+
+    def _put(self, slot: _Slot, start: int, stop: int, tensor: torch.Tensor, whole: bool) -> None:
+        """Write ``tensor`` as rows ``start:stop`` of ``slot``, recording the block."""
+        block = (start, stop)
         with self._lock:
-            self._check_open(f"write({name!r})")
-            if name in self._written:
-                raise ValueError(f"{self.out}: tensor {name!r} was already written")
-            self._written.add(name)
+            self._check_open(f"write({slot.name!r})")
+            blocks = self._rows.setdefault(slot.name, [])
+            if (whole and blocks) or any(a < stop and start < b for a, b in blocks):
+                what = "" if whole else f" rows {start}:{stop} of"
+                raise ValueError(f"{self.out}:{what} tensor {slot.name!r} was already written")
+            blocks.append(block)
             self._active += 1
         failure: OSError | None = None
         done = False
         try:
-            _write_at(self._fds[slot.shard], _tensor_bytes(tensor), slot.offset)
+            data = _tensor_bytes(tensor)
+            _write_at(self._fds[slot.shard], data, slot.offset + start * slot.row_bytes)
             done = True
         except OSError as exc:
             failure = exc
@@ -395,13 +464,13 @@ class CheckpointWriter:
             with self._lock:
                 self._active -= 1
                 if done:
-                    self._bytes_written += slot.nbytes
+                    self._bytes_written += len(data)
                 else:
-                    self._written.discard(name)
+                    blocks.remove(block)
                 self._lock.notify_all()
         if failure is not None:
             self.abort()
-            raise self._write_error(failure, f"tensor {name!r}") from failure
+            raise self._write_error(failure, f"tensor {slot.name!r}") from failure
 
     def add_file(self, relative_name: str, source: Path | bytes | str) -> None:
         """Add a non-weight file to the checkpoint (``modelfuse.yaml``, ``config.json``, ...).
@@ -496,14 +565,19 @@ class CheckpointWriter:
             self._state = "committing"
             while self._active:
                 self._lock.wait()
-        missing = [name for name in self._slots if name not in self._written]
+        missing = [
+            name
+            for name, slot in self._slots.items()
+            if not self._rows.get(name) or sum(b - a for a, b in self._rows[name]) != slot.rows
+        ]
         if missing:
             self.abort()
             shown = ", ".join(repr(n) for n in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise OutputError(
                 f"{self.out}: {len(missing)} of {len(self._slots)} planned tensors were never "
-                f"written ({shown}{more}); nothing was written to {self.out}"
+                f"written in full ({shown}{more}); expected every tensor written once; "
+                f"nothing was written to {self.out}"
             )
         try:
             while self._fds:
