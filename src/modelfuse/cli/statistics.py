@@ -160,8 +160,11 @@ def _run(
 
     needs_labels = what == "fisher" and kind == "empirical"
     if factory is not None:
+        from modelfuse.statistics.batches import count_examples
+
         network, batches = load_factory(factory)
-        total = n_examples
+        available = count_examples(batches)
+        total = n_examples if available is None else min(n_examples, available)
         source = factory
     else:
         from modelfuse.errors import DataError

@@ -25,6 +25,7 @@ __all__ = [
     "Inputs",
     "ProgressCallback",
     "call_model",
+    "count_examples",
     "evaluation_mode",
     "extract_logits",
     "iterate_batches",
@@ -150,6 +151,27 @@ def iterate_batches(
             break
     if seen == 0:
         raise DataError(f"{where}: no examples; give at least one non-empty batch")
+
+
+def count_examples(batches: Iterable[Any]) -> int | None:
+    """The number of examples in a list or tuple of batches; None for other iterables.
+
+    Examples
+    --------
+    >>> count_examples([torch.zeros(3, 2), (torch.zeros(4, 2), torch.zeros(4))])
+    7
+    >>> count_examples(iter([torch.zeros(3, 2)])) is None
+    True
+    """
+    if not isinstance(batches, (list, tuple)):
+        return None
+    total = 0
+    for index, item in enumerate(batches):
+        inputs = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else item
+        if not isinstance(inputs, (torch.Tensor, Mapping)):
+            return None
+        total += _batch_size(inputs, index)
+    return total
 
 
 def extract_logits(output: Any, *, where: str = "model output") -> torch.Tensor:
