@@ -54,7 +54,7 @@ def test_grid_search_with_per_model_weight_vectors_and_fixed_parameters():
 
 
 def test_unknown_or_clashing_parameters_are_reported():
-    with pytest.raises(ConfigError, match="unknown parameter 'density'.*valid parameters"):
+    with pytest.raises(ConfigError, match="space: unknown parameter 'density'.*valid parameters"):
         grid_search("task_arithmetic", MODELS, BASE, {"density": [0.5]}, score)
     with pytest.raises(ConfigError, match="both searched and fixed"):
         grid_search("linear", MODELS, None, {"weight": [1.0]}, score, parameters={"weight": 2.0})

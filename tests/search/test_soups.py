@@ -75,3 +75,13 @@ def test_greedy_soup_scores_and_returns_the_models_dtype():
     assert seen == [torch.float64] * 3
     assert result.state_dict["w"].dtype == torch.float64
     assert float(result.state_dict["w"]) == 2.0
+
+
+def test_mismatched_models_are_reported():
+    from modelfuse.errors import CheckpointError
+
+    a = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"state_dicts\[1\] does not match.*missing \[b\]"):
+        uniform_soup([a, {"w": torch.zeros(2)}])
+    with pytest.raises(CheckpointError, match=r"shape mismatches \[w \[2\] vs \[3\]\]"):
+        greedy_soup([a, {"w": torch.zeros(3), "b": torch.zeros(1)}], lambda sd: 0.0)

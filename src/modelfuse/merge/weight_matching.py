@@ -305,7 +305,15 @@ def matching_objective(
     """:math:`\\sum \\langle W_a, W_b \\rangle` over the tensors weight matching compares.
 
     After ``apply_permutation(spec, weight_matching(spec, a, b), b)`` this is
-    at least its value on the unaligned ``b``.
+    at least its value on the unaligned ``b``. Tensors in ``spec.apply_only``
+    are left out.
+
+    Examples
+    --------
+    >>> spec = PermutationSpec({"w": ("P", None)})
+    >>> a, b = {"w": torch.eye(2)}, {"w": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}
+    >>> matching_objective(spec, a, b), matching_objective(spec, a, a)
+    (0.0, 2.0)
     """
     total = 0.0
     for name in spec.axes:

@@ -17,6 +17,11 @@ def is_float(tensor: torch.Tensor) -> bool:
     return tensor.dtype.is_floating_point
 
 
+def _few(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', and {len(items) - limit} more' if len(items) > limit else ''}]"
+
+
 def check_matching(
     state_dicts: Sequence[Mapping[str, torch.Tensor]], *, where: str = "state_dicts"
 ) -> None:
@@ -42,8 +47,9 @@ def check_matching(
         ]
         if missing or extra or shapes:
             raise CheckpointError(
-                f"{where}[{i}] does not match {where}[0]: missing {missing}, extra {extra}, "
-                f"shape mismatches {shapes}; give models of one architecture"
+                f"{where}[{i}] does not match {where}[0]: missing {_few(missing)}, "
+                f"extra {_few(extra)}, shape mismatches {_few(shapes)}; "
+                "give models of one architecture"
             )
 
 
@@ -54,6 +60,6 @@ def check_model_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w
     if expected != given:
         raise CheckpointError(
             f"{where}: the state dict does not fit the model: missing "
-            f"{sorted(expected - given)}, unexpected {sorted(given - expected)}; "
+            f"{_few(sorted(expected - given))}, unexpected {_few(sorted(given - expected))}; "
             f"pass weights of the model's architecture ({type(model).__name__})"
         )

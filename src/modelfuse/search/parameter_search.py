@@ -137,6 +137,7 @@ def _check_common(
             f"parameters: {both} are both searched and fixed; remove them from one of the two"
         )
     _split_settings(merge_method, len(state_dicts), dict(fixed or {}), "parameters")
+    _split_settings(merge_method, len(state_dicts), {k: 1.0 for k in searched}, "space")
     return merge_method
 
 
@@ -259,12 +260,12 @@ def random_search(
     >>> abs(r.parameters["weight"][1] - 0.7) < 0.05
     True
     """
-    merge_method = _check_common(method, state_dicts, parameters, ["weight", *(space or {})])
-    if "weight" not in merge_method.parameters.per_model_fields():
+    if "weight" not in get_method(method, where="method").parameters.per_model_fields():
         raise ConfigError(
             f"method: {method!r} has no per-model 'weight' parameter to draw from a Dirichlet; "
             "use grid_search for its parameters"
         )
+    _check_common(method, state_dicts, parameters, ["weight", *(space or {})])
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(f"n_trials: expected a positive integer, got {n_trials!r}")
     if not concentration > 0:
