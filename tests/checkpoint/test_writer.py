@@ -442,7 +442,7 @@ def test_add_file_and_copy_model_files(tmp_path: Path) -> None:
     with CheckpointWriter(out, [("a", (1,), torch.float32)]) as writer:
         writer.add_file("config.json", '{"torch_dtype": "bfloat16"}')
         writer.add_file("modelfuse.yaml", "merge_method: linear\n")
-        writer.add_file("extra/blob.bin", b"\x00\x01")
+        writer.add_file("extra/blob.dat", b"\x00\x01")
         copied = writer.copy_model_files(source)
         writer.write("a", torch.ones(1))
         writer.commit()
@@ -451,13 +451,21 @@ def test_add_file_and_copy_model_files(tmp_path: Path) -> None:
         assert (out / name).read_text() == f"content of {name}"
     assert (out / "config.json").read_text() == '{"torch_dtype": "bfloat16"}'
     assert (out / "modelfuse.yaml").read_text() == "merge_method: linear\n"
-    assert (out / "extra" / "blob.bin").read_bytes() == b"\x00\x01"
+    assert (out / "extra" / "blob.dat").read_bytes() == b"\x00\x01"
     assert not (out / "README.md").exists() and not (out / "pytorch_model.bin").exists()
 
 
 def test_add_file_refuses_weight_names_and_escapes(tmp_path: Path) -> None:
     with CheckpointWriter(tmp_path / "out", [("a", (1,), torch.float32)]) as writer:
-        for bad in ["model.safetensors", "../evil", "/abs", ""]:
+        bad_names = [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "old.bin",
+            "../evil",
+            "/abs",
+            "",
+        ]
+        for bad in bad_names:
             with pytest.raises(ValueError):
                 writer.add_file(bad, "x")
 

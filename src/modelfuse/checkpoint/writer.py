@@ -489,11 +489,12 @@ class CheckpointWriter:
             not relative_name
             or relative.is_absolute()
             or ".." in relative.parts
-            or relative_name in self.files
+            or relative_name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
         ):
             raise ValueError(
                 f"{self.out}: extra file name {relative_name!r} must be a relative path inside "
-                f"the output that is not one of the weight files {', '.join(self.files)}"
+                "the output that does not look like a weight file or shard index (those would "
+                "be mistaken for the checkpoint's own weights)"
             )
         with self._lock:
             self._check_open(f"add_file({relative_name!r})")
