@@ -152,7 +152,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def _make_sibling(target: Path, tag: str) -> Path:
-    """Create the empty folder ``.NAME.TAG-XXXXXXXX`` beside ``target``, with the umask's mode."""
+    """Create the empty folder ``.NAME.TAG-<8 random hex digits>`` beside ``target``, with the umask's mode."""
     while True:
         folder = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
         try:
@@ -213,7 +213,7 @@ class CheckpointWriter:
     One shard is written as ``model.safetensors``; several as
     ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
     in Hugging Face's format. Files are written into
-    ``OUT.parent/.OUT.name.tmp-XXXX`` and renamed into place by
+    ``OUT.parent/.OUT.name.tmp-<random>`` and renamed into place by
     :meth:`commit`. Leaving a ``with`` block without :meth:`commit` (normally
     or by an exception) calls :meth:`abort`.
 
