@@ -152,7 +152,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def _make_sibling(target: Path, tag: str) -> Path:
-    """Create the empty folder ``.NAME.TAG-<8 random hex digits>`` beside ``target``, with the umask's mode."""
+    """Create an empty folder ``.NAME.TAG-<random hex>`` beside ``target`` (umask's mode)."""
     while True:
         folder = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
         try:
