@@ -28,8 +28,10 @@ def outputs(model, state_dict, x):
 def mlp(seed, sizes=(10, 16, 12, 4)):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(sizes[0], sizes[1]), nn.ReLU(),
-        nn.Linear(sizes[1], sizes[2]), nn.ReLU(),
+        nn.Linear(sizes[0], sizes[1]),
+        nn.ReLU(),
+        nn.Linear(sizes[1], sizes[2]),
+        nn.ReLU(),
         nn.Linear(sizes[2], sizes[3]),
     )
 
@@ -37,9 +39,13 @@ def mlp(seed, sizes=(10, 16, 12, 4)):
 def cnn(seed):
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
     )
     with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
         for m in model.modules():
@@ -54,9 +60,12 @@ def cnn(seed):
 def test_spec_of_an_mlp_is_the_hand_written_one():
     spec = sequential_permutation_spec(mlp(0))
     assert dict(spec.axes) == {
-        "0.weight": ("P_0", None), "0.bias": ("P_0",),
-        "2.weight": ("P_2", "P_0"), "2.bias": ("P_2",),
-        "4.weight": (None, "P_2"), "4.bias": (None,),
+        "0.weight": ("P_0", None),
+        "0.bias": ("P_0",),
+        "2.weight": ("P_2", "P_0"),
+        "2.bias": ("P_2",),
+        "4.weight": (None, "P_2"),
+        "4.bias": (None,),
     }
     assert spec.apply_only == frozenset()
 
@@ -70,7 +79,10 @@ def test_spec_of_a_cnn_covers_batchnorm_statistics():
     assert spec.axes["net.6.weight"] == (None, "P_net.3.0")
     assert "net.1.num_batches_tracked" not in spec.axes
     assert spec.apply_only == {
-        "net.1.running_mean", "net.1.running_var", "net.3.1.running_mean", "net.3.1.running_var"
+        "net.1.running_mean",
+        "net.1.running_var",
+        "net.3.1.running_mean",
+        "net.3.1.running_var",
     }
 
 
@@ -178,7 +190,9 @@ def test_bad_models_specs_and_permutations_raise():
     spec = sequential_permutation_spec(model)
     a = model.state_dict()
     with pytest.raises(ConfigError, match=r"perms\['P_0'\]: expected a permutation of 0..15"):
-        apply_permutation(spec, {"P_0": torch.zeros(16, dtype=torch.long), "P_2": torch.arange(12)}, a)
+        apply_permutation(
+            spec, {"P_0": torch.zeros(16, dtype=torch.long), "P_2": torch.arange(12)}, a
+        )
     with pytest.raises(ConfigError, match="no permutation given"):
         apply_permutation(spec, {"P_0": torch.arange(16)}, a)
     with pytest.raises(CheckpointError, match="missing"):

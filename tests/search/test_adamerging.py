@@ -29,8 +29,13 @@ def test_adamerging_lowers_the_entropy_on_its_data(digits, granularity):
     x = digits.x_val
     batches = [x[:200], (x[200:], digits.y_val[200:])]
     result = adamerging(
-        digits.model, digits.base, models, batches,
-        granularity=granularity, steps=30, lr=0.05,
+        digits.model,
+        digits.base,
+        models,
+        batches,
+        granularity=granularity,
+        steps=30,
+        lr=0.05,
     )
     start = task_arithmetic_by_hand(digits.base, models, lambda k: [0.3, 0.3])
     lambdas = result.parameters["lambdas"]
@@ -70,8 +75,14 @@ def test_adamerging_leaves_the_model_alone_and_checks_options(digits):
 def test_layer_groups_share_one_coefficient_per_task(digits):
     models = digits.fine_tuned[1:3]
     result = adamerging(
-        digits.model, digits.base, models, [digits.x_val], granularity="layer",
-        steps=5, lr=0.05, layer_of=lambda name: name.split(".")[0],
+        digits.model,
+        digits.base,
+        models,
+        [digits.x_val],
+        granularity="layer",
+        steps=5,
+        lr=0.05,
+        layer_of=lambda name: name.split(".")[0],
     )
     lambdas = result.parameters["lambdas"]
     assert set(lambdas) == {"0", "2"}

@@ -43,7 +43,8 @@ def test_lambda_equals_the_formula(digits, temperature):
     np.testing.assert_allclose(clf.lambdas(x).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(
         dawin_lambdas(torch.from_numpy(z_zs), torch.from_numpy(z_ft), temperature).numpy(),
-        expected, rtol=1e-12,
+        expected,
+        rtol=1e-12,
     )
     assert 0.0 < expected.min() and expected.max() < 1.0 and expected.std() > 0.01
 

@@ -32,7 +32,9 @@ def test_grid_search_tries_the_product_in_order_and_keeps_the_best():
     for cand, (lam, w) in zip(result.trace, combos):
         weights = [w, w] if isinstance(w, float) else w
         assert cand.parameters == {"lambda": lam, "weight": w if isinstance(w, float) else tuple(w)}
-        expected_scores.append(-float(((task_arithmetic_by_hand(lam, weights) - TARGET) ** 2).sum()))
+        expected_scores.append(
+            -float(((task_arithmetic_by_hand(lam, weights) - TARGET) ** 2).sum())
+        )
     assert result.scores() == pytest.approx(expected_scores)
     best = int(np.argmax(expected_scores))
     assert result.score == pytest.approx(expected_scores[best])
@@ -45,7 +47,11 @@ def test_grid_search_tries_the_product_in_order_and_keeps_the_best():
 def test_grid_search_with_per_model_weight_vectors_and_fixed_parameters():
     space = {"weight": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]}
     result = grid_search(
-        "linear", MODELS, None, space, lambda sd: float(sd["w"].sum()),
+        "linear",
+        MODELS,
+        None,
+        space,
+        lambda sd: float(sd["w"].sum()),
         parameters={"normalize": False},
     )
     # unnormalised sums: 2, 3 and 5
@@ -66,8 +72,14 @@ def test_unknown_or_clashing_parameters_are_reported():
 
 def test_random_search_draws_dirichlet_weights_from_the_seed():
     result = random_search(
-        "task_arithmetic", MODELS, BASE, score, n_trials=15,
-        space={"lambda": [0.5, 1.0, 1.5]}, concentration=2.0, seed=3,
+        "task_arithmetic",
+        MODELS,
+        BASE,
+        score,
+        n_trials=15,
+        space={"lambda": [0.5, 1.0, 1.5]},
+        concentration=2.0,
+        seed=3,
     )
     rng = np.random.default_rng(3)
     for cand in result.trace:
@@ -79,8 +91,14 @@ def test_random_search_draws_dirichlet_weights_from_the_seed():
         assert cand.score == pytest.approx(-float(((merged - TARGET) ** 2).sum()), rel=1e-6)
     assert result.score == max(result.scores())
     again = random_search(
-        "task_arithmetic", MODELS, BASE, score, n_trials=15,
-        space={"lambda": [0.5, 1.0, 1.5]}, concentration=2.0, seed=3,
+        "task_arithmetic",
+        MODELS,
+        BASE,
+        score,
+        n_trials=15,
+        space={"lambda": [0.5, 1.0, 1.5]},
+        concentration=2.0,
+        seed=3,
     )
     assert again.trace == result.trace
 

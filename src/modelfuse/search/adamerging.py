@@ -112,9 +112,9 @@ def adamerging(
     SearchResult
         ``parameters``: ``{"lambdas": (λ_1, ..., λ_K)}`` for task-wise, or
         ``{"lambdas": {layer: (λ_1, ..., λ_K)}}`` per layer (by default
-        per parameter tensor name) for layer-wise, plus ``"granularity"``; ``state_dict``: the merged
-        weights; ``score``: minus the mean entropy of the merged model over
-        every sample of every batch; ``trace``: one candidate per step
+        per parameter tensor name) for layer-wise, plus ``"granularity"``;
+        ``state_dict``: the merged weights; ``score``: minus the mean
+        entropy of the merged model over every sample of every batch; ``trace``: one candidate per step
         (``{"step": t, "lambdas": ...}``, scored by minus the entropy of
         that step's batch before its update).
 
@@ -143,6 +143,8 @@ def adamerging(
         raise ConfigError(f"lr: expected a positive learning rate, got {lr!r}")
     if bounds is not None and not bounds[0] <= init_lambda <= bounds[1]:
         raise ConfigError(f"init_lambda: {init_lambda} lies outside bounds {bounds}")
+    if layer_of is not None and granularity != "layer":
+        raise ConfigError("layer_of: only used with granularity='layer'; set it or drop layer_of")
     if len(state_dicts) == 0:
         raise ConfigError("state_dicts: no task models given; pass at least one")
     check_matching([base, *state_dicts], where="[base, *state_dicts]")
@@ -158,8 +160,6 @@ def adamerging(
         k: torch.stack([sd[k].detach().to(torch.float32) - base32[k] for sd in state_dicts])
         for k in learned + buffers
     }
-    if layer_of is not None and granularity != "layer":
-        raise ConfigError("layer_of: only used with granularity='layer'; set it or drop layer_of")
     group_of = {k: (k if layer_of is None else str(layer_of(k))) for k in learned}
     groups = list(dict.fromkeys(group_of.values()))
     group_index = {g: i for i, g in enumerate(groups)}
@@ -195,7 +195,8 @@ def adamerging(
         for step in range(steps):
             x = inputs[step % len(inputs)]
             entropy = prediction_entropy(functional_call(model, merged(lambdas), (x,)))
-            trace.append(Candidate({"step": step, "lambdas": snapshot(lambdas)}, -float(entropy.detach())))
+            current = {"step": step, "lambdas": snapshot(lambdas)}
+            trace.append(Candidate(current, -float(entropy.detach())))
             optimizer.zero_grad()
             entropy.backward()
             optimizer.step()

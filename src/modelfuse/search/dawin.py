@@ -1,4 +1,4 @@
-"""DaWin: per-sample interpolation of two endpoint models, weighted by their prediction entropies."""
+"""DaWin: per-sample interpolation of two endpoint models, weighted by their entropies."""
 
 from __future__ import annotations
 

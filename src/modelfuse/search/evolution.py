@@ -27,7 +27,7 @@ def evolutionary_search(
     init: Sequence[float] | None = None,
     seed: int = 0,
 ) -> SearchResult:
-    """Find coefficients :math:`w` of :math:`\\theta = \\sum_k w_k \\theta_k` by an evolution strategy.
+    """Find the coefficients of :math:`\\theta = \\sum_k w_k \\theta_k` by an evolution strategy.
 
     The strategy is a :math:`(\\mu/\\mu_w, \\lambda)`-ES with cumulative
     step-size adaptation, i.e. CMA-ES without covariance adaptation: each
@@ -95,7 +95,9 @@ def evolutionary_search(
         raise ConfigError(f"sigma: expected a positive step size, got {sigma!r}")
     mean = np.full(k, 1.0 / k) if init is None else np.asarray(init, dtype=np.float64).copy()
     if mean.shape != (k,) or not np.all(np.isfinite(mean)):
-        raise ConfigError(f"init: expected {k} finite coefficients, one per checkpoint, got {init!r}")
+        raise ConfigError(
+            f"init: expected {k} finite coefficients, one per checkpoint, got {init!r}"
+        )
 
     mu = lam // 2
     ranks = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))

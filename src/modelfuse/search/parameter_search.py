@@ -273,7 +273,9 @@ def random_search(
     space = dict(space or {})
     for key, options in space.items():
         if isinstance(options, (str, bytes)) or len(list(options)) == 0:
-            raise ConfigError(f"space[{key!r}]: expected a non-empty list of values, got {options!r}")
+            raise ConfigError(
+                f"space[{key!r}]: expected a non-empty list of values, got {options!r}"
+            )
     rng = np.random.default_rng(seed)
     n = len(state_dicts)
     candidates = []

@@ -27,7 +27,9 @@ Score = Callable[[Mapping[str, torch.Tensor]], float]
 """``score(state_dict) -> float``, higher is better."""
 
 
-def _labelled_batches(batches: Iterable[Any], where: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _labelled_batches(
+    batches: Iterable[Any], where: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for i, batch in enumerate(batches):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):

@@ -23,7 +23,7 @@ def wise_ft_sweep(
     *,
     alphas: Sequence[float] | int = 11,
 ) -> SearchResult:
-    """Score :math:`\\theta(\\alpha) = (1 - \\alpha)\\theta_{zs} + \\alpha\\theta_{ft}` over a sweep of alpha.
+    """Score :math:`(1 - \\alpha)\\theta_{zs} + \\alpha\\theta_{ft}` over a sweep of alpha.
 
     Parameters
     ----------
