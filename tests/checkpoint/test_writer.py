@@ -508,7 +508,8 @@ def test_an_interrupted_process_leaves_no_temporary_folder(tmp_path: Path) -> No
     script = (
         "import sys, torch\n"
         "from modelfuse.checkpoint import CheckpointWriter\n"
-        "w = CheckpointWriter(sys.argv[1], [('a', (2,), torch.float32), ('b', (2,), torch.float32)])\n"
+        "plan = [('a', (2,), torch.float32), ('b', (2,), torch.float32)]\n"
+        "w = CheckpointWriter(sys.argv[1], plan)\n"
         "w.write('a', torch.ones(2))\n"
         "raise KeyboardInterrupt\n"
     )
