@@ -57,6 +57,19 @@ def cnn(seed):
     return model
 
 
+def normed_mlp(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.LayerNorm(16), nn.PReLU(16), nn.Dropout(0.1), nn.Linear(16, 4)
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.PReLU)):
+                for p in m.parameters():
+                    p.normal_()
+    return model
+
+
 def test_spec_of_an_mlp_is_the_hand_written_one():
     spec = sequential_permutation_spec(mlp(0))
     assert dict(spec.axes) == {
@@ -101,7 +114,9 @@ def test_permutation_is_applied_as_written_and_keeps_the_function():
     torch.testing.assert_close(outputs(model, b, x), outputs(model, a, x))
 
 
-@pytest.mark.parametrize("make, x_shape", [(mlp, (7, 10)), (cnn, (4, 3, 9, 9))])
+@pytest.mark.parametrize(
+    "make, x_shape", [(mlp, (7, 10)), (normed_mlp, (7, 10)), (cnn, (4, 3, 9, 9))]
+)
 def test_weight_matching_recovers_a_known_permutation_exactly(make, x_shape):
     model = make(2)
     spec = sequential_permutation_spec(model)

@@ -114,7 +114,8 @@ def adamerging(
         ``{"lambdas": {layer: (λ_1, ..., λ_K)}}`` per layer (by default
         per parameter tensor name) for layer-wise, plus ``"granularity"``;
         ``state_dict``: the merged weights; ``score``: minus the mean
-        entropy of the merged model over every sample of every batch; ``trace``: one candidate per step
+        entropy of the merged model over every sample of every batch;
+        ``trace``: one candidate per step
         (``{"step": t, "lambdas": ...}``, scored by minus the entropy of
         that step's batch before its update).
 
