@@ -207,3 +207,32 @@ def test_bad_input_is_reported():
     with pytest.raises(DataError, match=r"\(batch, classes\)"):
         three_d = nn.Sequential(nn.Linear(5, 4), nn.Unflatten(1, (2, 2)))
         fisher_diagonal(three_d, [x])
+
+
+class _WeightUsedOutsideItsLayer(nn.Module):
+    """head.weight also enters the output directly: the linear shortcut must not apply to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.twice = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        h = self.twice(torch.tanh(self.twice(h)))  # one layer called twice per example
+        return self.head(h) + 0.5 * (x[:, :3] * self.head.weight[:, :3].sum(1))
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_layers_breaking_the_shortcut_assumptions_fall_back_and_stay_exact(kind):
+    torch.manual_seed(7)
+    model = _WeightUsedOutsideItsLayer()
+    x, y = torch.randn(15, 4), torch.randint(0, 3, (15,))
+    expected = _loop_reference(model, x, y, kind)
+    fisher = fisher_diagonal(model, _batches(x, y, 6), kind=kind)
+    without = fisher_diagonal(model, _batches(x, y, 6), kind=kind, linear_shortcut=False)
+    for name in expected:
+        torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(without[name].double(), expected[name], rtol=1e-4, atol=1e-8)
+    assert not any(m._forward_hooks for m in model.modules())

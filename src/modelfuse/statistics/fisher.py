@@ -19,6 +19,7 @@ from modelfuse.statistics.batches import (
     iterate_batches,
     model_device,
 )
+from modelfuse.statistics.linear_taps import LinearTaps
 from modelfuse.statistics.storage import Statistics
 
 __all__ = ["FisherKind", "fisher_diagonal"]
@@ -52,6 +53,7 @@ def fisher_diagonal(
     n_examples: int = 4096,
     kind: FisherKind = "exact",
     chunk_size: int | None = None,
+    linear_shortcut: bool = True,
     progress: ProgressCallback | None = None,
 ) -> Statistics:
     r"""Diagonal of the Fisher information matrix of a classifier's parameters.
@@ -65,13 +67,26 @@ def fisher_diagonal(
       p_{y}(x))^2` with the true label :math:`y` only.
 
     Per-example gradients are computed in batches with ``torch.func``
-    (``functional_call`` + ``vmap`` + ``grad``). Since
-    :math:`\nabla_\theta \log p_c = J^\top (e_c - p)` with :math:`J = \partial
-    z / \partial\theta`, the gradient for class :math:`c` weighted by
-    :math:`\sqrt{p_c}` is the gradient of :math:`r^\top z` with the fixed
-    vector :math:`r = \sqrt{p_c}\,(e_c - p)`; the exact Fisher takes one such
-    batched gradient per class, the empirical one a single one with
+    (``functional_call`` + ``vmap`` + ``grad``), never in a Python loop over
+    examples. Since :math:`\nabla_\theta \log p_c = J^\top (e_c - p)` with
+    :math:`J = \partial z / \partial\theta`, the gradient for class :math:`c`
+    weighted by :math:`\sqrt{p_c}` is the gradient of :math:`r^\top z` with the
+    fixed vector :math:`r = \sqrt{p_c}\,(e_c - p)`; the exact Fisher takes one
+    such batched gradient per class, the empirical one a single one with
     :math:`r = e_y - p`.
+
+    Linear-layer shortcut (exact, not an approximation): an ``nn.Linear`` run
+    once per example on a vector input has per-example weight gradient
+    :math:`\delta_n x_n^\top` (output gradient times input), so the sum of
+    its squares is the matrix product :math:`(\delta^2)^\top x^2`. For such
+    layers the same ``vmap(grad(...))`` call differentiates a zero probe added
+    to the layer's output instead of the weight, and records the input, which
+    avoids writing one weight-sized gradient per example. On the first batch
+    the factored gradient of each such layer is checked against the ordinary
+    batch gradient; a layer whose weight is also used elsewhere fails the
+    check and goes through the general path. Layers on sequences (inputs
+    with extra dimensions), layers called more than once and tied weights
+    always use the general path.
 
     Parameters
     ----------
@@ -92,8 +107,11 @@ def fisher_diagonal(
     kind : {"exact", "empirical"}, default "exact"
         Which Fisher (see above).
     chunk_size : int, optional
-        Examples per ``vmap`` call. By default as many as keep the per-example
-        gradients under 64 MB.
+        Examples per ``vmap`` call. By default as many as keep the
+        materialised per-example gradients under 64 MB.
+    linear_shortcut : bool, default True
+        Use the linear-layer shortcut described above (same result, less
+        memory traffic); False materialises every per-example gradient.
     progress : callable, optional
         Called after each batch with the number of examples processed so far.
 
@@ -142,61 +160,29 @@ def fisher_diagonal(
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     if not params:
         raise ConfigError("model: it has no parameters, so it has no Fisher information")
-    total_numel = sum(p.numel() for p in params.values())
-    per_example_bytes = total_numel * 4
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BYTES // per_example_bytes)
     device = model_device(model)
     sums = {
         name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()
     }
-
-    def weighted_logits(
-        parameters: dict[str, torch.Tensor], inputs: Inputs, r: torch.Tensor
-    ) -> torch.Tensor:
-        single = _single(inputs)
-        if isinstance(single, torch.Tensor):
-            output = functional_call(model, (parameters, buffers), (single,))
-        else:
-            output = functional_call(model, (parameters, buffers), (), single)
-        logits = extract_logits(output).squeeze(0)
-        return (logits.to(r.dtype) * r).sum()
-
-    per_example_grad = vmap(grad(weighted_logits), in_dims=(None, 0, 0), chunk_size=chunk_size)
-
-    def accumulate(inputs: Inputs, r: torch.Tensor) -> None:
-        grads = per_example_grad(params, inputs, r)
-        for name, g in grads.items():
-            g32 = g.to(torch.float32)
-            sums[name].add_(torch.einsum("b...,b...->...", g32, g32))
-
+    taps = LinearTaps(model)
     n_seen = 0
-    with evaluation_mode(model):
+    with evaluation_mode(model), taps.installed():
+        per_example: _PerExample | None = None
         for batch in iterate_batches(
             batches, n_examples, device=device, need_labels=kind == "empirical"
         ):
+            taps.reset_counts()
             with torch.no_grad():
                 logits = extract_logits(
                     call_model(model, batch.inputs), where=f"model output (after {n_seen} examples)"
                 ).to(torch.float32)
             probs = torch.softmax(logits, dim=-1)
-            n_classes = int(probs.shape[1])
-            if kind == "empirical":
-                labels = batch.labels
-                if labels is None:  # iterate_batches already refuses this; keeps the types exact
-                    raise DataError("batches: the empirical Fisher needs labels")
-                if bool((labels < 0).any()) or bool((labels >= n_classes).any()):
-                    raise DataError(
-                        f"batches: labels after {n_seen} examples range over "
-                        f"[{int(labels.min())}, {int(labels.max())}], but the model has "
-                        f"{n_classes} classes; expected labels in [0, {n_classes - 1}]"
-                    )
-                onehot = torch.nn.functional.one_hot(labels, n_classes).to(probs.dtype)
-                accumulate(batch.inputs, onehot - probs)
-            else:
-                eye = torch.eye(n_classes, dtype=probs.dtype, device=probs.device)
-                for c in range(n_classes):
-                    accumulate(batch.inputs, (eye[c] - probs) * probs[:, c : c + 1].sqrt())
+            residuals = _residuals(probs, batch.labels, kind, n_seen)
+            if per_example is None:  # first batch: choose and check the linear shortcut
+                fast = taps.qualified() if linear_shortcut else []
+                per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
+                per_example = per_example.checked(batch.inputs, residuals[0])
+            per_example.accumulate(batch.inputs, batch.size, residuals, sums)
             n_seen += batch.size
             if progress is not None:
                 progress(n_seen)
@@ -207,3 +193,165 @@ def fisher_diagonal(
         for i, alias in enumerate(aliases.get(name, [name])):
             result[alias] = mean if i == 0 else mean.clone()
     return Statistics(result, kind="fisher", n_examples=n_seen, estimator=kind)
+
+
+def _residuals(
+    probs: torch.Tensor, labels: torch.Tensor | None, kind: FisherKind, n_seen: int
+) -> list[torch.Tensor]:
+    """Vectors r with grad(r . z) = the weighted per-example gradients of log-probabilities."""
+    n_classes = int(probs.shape[1])
+    if kind == "exact":
+        eye = torch.eye(n_classes, dtype=probs.dtype, device=probs.device)
+        return [(eye[c] - probs) * probs[:, c : c + 1].sqrt() for c in range(n_classes)]
+    if labels is None:  # iterate_batches already refuses this; keeps the types exact
+        raise DataError("batches: the empirical Fisher needs labels")
+    if bool((labels < 0).any()) or bool((labels >= n_classes).any()):
+        raise DataError(
+            f"batches: labels after {n_seen} examples range over "
+            f"[{int(labels.min())}, {int(labels.max())}], but the model has "
+            f"{n_classes} classes; expected labels in [0, {n_classes - 1}]"
+        )
+    return [torch.nn.functional.one_hot(labels, n_classes).to(probs.dtype) - probs]
+
+
+class _PerExample:
+    """Per-example gradients, by ``vmap(grad(...))``, of r . z(x) for one batch.
+
+    Parameters of the linear layers in ``fast`` are not differentiated; the
+    gradient at their output (a zero probe) and their input are, and their
+    Fisher entries come from one matrix product (see
+    :mod:`modelfuse.statistics.linear_taps`). Every other parameter's
+    per-example gradient is materialised, ``chunk_size`` examples at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        taps: LinearTaps,
+        fast: list[str],
+        chunk_size: int | None,
+    ) -> None:
+        self.model, self.params, self.buffers, self.taps = model, params, buffers, taps
+        self.fast = fast
+        self.chunk_size = chunk_size
+        shortcut = {name for layer in fast for name in taps.parameter_names(layer) if name}
+        self.slow = {n: p for n, p in params.items() if n not in shortcut}
+        self.fixed = {n: p for n, p in params.items() if n in shortcut}
+        slow_bytes = 4 * sum(p.numel() for p in self.slow.values())
+        if chunk_size is None:
+            chunk_size = max(1, _CHUNK_BYTES // slow_bytes) if slow_bytes else None
+        self.function = vmap(
+            grad(self._weighted_logits, argnums=(0, 1), has_aux=True),
+            in_dims=(None, 0, 0, 0),
+            chunk_size=chunk_size,
+        )
+
+    def _weighted_logits(
+        self,
+        slow: dict[str, torch.Tensor],
+        probes: dict[str, torch.Tensor],
+        inputs: Inputs,
+        r: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.taps.probes, self.taps.inputs = probes, {}
+        try:
+            single = _single(inputs)
+            state = ({**slow, **self.fixed}, self.buffers)
+            if isinstance(single, torch.Tensor):
+                output = functional_call(self.model, state, (single,))
+            else:
+                output = functional_call(self.model, state, (), single)
+            recorded = {
+                layer: self.taps.inputs.get(layer, probes[layer].new_zeros(1, self._in(layer)))
+                for layer in self.fast
+            }
+        finally:
+            self.taps.probes, self.taps.inputs = None, {}
+        logits = extract_logits(output).squeeze(0)
+        return (logits.to(r.dtype) * r).sum(), recorded
+
+    def _in(self, layer: str) -> int:
+        return int(self.taps.layers[layer].in_features)
+
+    def _probes(self, size: int) -> dict[str, torch.Tensor]:
+        return {
+            layer: torch.zeros(
+                size, 1, self.taps.layers[layer].out_features, device=self.params_device()
+            )
+            for layer in self.fast
+        }
+
+    def params_device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def run(
+        self, inputs: Inputs, size: int, r: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-example slow-parameter gradients, output gradients and inputs of fast layers."""
+        (slow_grads, deltas), recorded = self.function(self.slow, self._probes(size), inputs, r)
+        deltas = {k: v.reshape(size, -1).to(torch.float32) for k, v in deltas.items()}
+        recorded = {k: v.reshape(size, -1).to(torch.float32) for k, v in recorded.items()}
+        return slow_grads, deltas, recorded
+
+    def checked(self, inputs: Inputs, r: torch.Tensor) -> _PerExample:
+        """Keep only the fast layers whose factored batch gradient matches autograd's on this batch.
+
+        Guards the shortcut's assumption (the weight is used only by its own
+        layer's forward, once per example) on a model that might break it.
+        """
+        if not self.fast:
+            return self
+        size = int(r.shape[0])
+        _, deltas, recorded = self.run(inputs, size, r)
+        weights = {layer: self.taps.parameter_names(layer)[0] for layer in self.fast}
+
+        def batch_objective(chosen: dict[str, torch.Tensor]) -> torch.Tensor:
+            state = ({**self.params, **chosen}, self.buffers)
+            if isinstance(inputs, torch.Tensor):
+                output = functional_call(self.model, state, (inputs,))
+            else:
+                output = functional_call(self.model, state, (), dict(inputs))
+            return (extract_logits(output).to(r.dtype) * r).sum()
+
+        reference = grad(batch_objective)({w: self.params[w] for w in weights.values()})
+        keep = []
+        for layer, weight in weights.items():
+            factored = deltas[layer].T @ recorded[layer]
+            expected = reference[weight].to(torch.float32)
+            scale = float(expected.abs().max()) + 1e-12
+            if torch.allclose(factored, expected, rtol=1e-3, atol=1e-4 * scale):
+                keep.append(layer)
+        if keep == self.fast:
+            return self
+        return _PerExample(self.model, self.params, self.buffers, self.taps, keep, self.chunk_size)
+
+    def accumulate(
+        self,
+        inputs: Inputs,
+        size: int,
+        residuals: list[torch.Tensor],
+        sums: dict[str, torch.Tensor],
+    ) -> None:
+        """Add the batch's sums of squared per-example gradients to ``sums``."""
+        squared = {layer: None for layer in self.fast}  # sum over residuals of delta^2
+        recorded: dict[str, torch.Tensor] = {}
+        for r in residuals:
+            slow_grads, deltas, recorded = self.run(inputs, size, r)
+            for name, g in slow_grads.items():
+                g32 = g.to(torch.float32)
+                sums[name].add_(torch.einsum("b...,b...->...", g32, g32))
+            for layer, delta in deltas.items():
+                previous = squared[layer]
+                squared[layer] = (
+                    delta.square() if previous is None else previous.add_(delta.square())
+                )
+        for layer in self.fast:
+            s = squared[layer]
+            if s is None:
+                continue
+            weight, bias = self.taps.parameter_names(layer)
+            sums[weight].addmm_(s.T, recorded[layer].square())
+            if bias is not None:
+                sums[bias].add_(s.sum(0))
