@@ -93,7 +93,8 @@ def test_calibration_report_writes_table_files_and_diagram(files, tmp_path, caps
             str(files["test_y"]), "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "reliability.png"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["metrics.json", "metrics.md", "reliability.png"]
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     probs, labels = np.load(files["probs"]), np.load(files["test_y"])
     assert metrics["ece (15 uniform bins)"] == pytest.approx(
@@ -239,3 +240,11 @@ def test_bad_report_labels_outside_the_class_range(files, tmp_path, capsys) -> N
     argv = ["calibration-report", "-p", str(files["probs"]), "-y", str(y), "-o",
             str(tmp_path / "rep")]  # fmt: skip
     _bad(tmp_path, capsys, argv, y, "labels must lie")
+
+
+def test_bad_saved_calibrator(files, tmp_path, capsys) -> None:
+    saved = tmp_path / "NOT_CAL.json"
+    saved.write_text(json.dumps({"method": "beta"}))
+    argv = ["calibrate", "--apply", str(saved), "--scores", str(files["test"]), "-o",
+            str(tmp_path / "o.npy")]  # fmt: skip
+    _bad(tmp_path, capsys, argv, saved, "unknown 'beta'")

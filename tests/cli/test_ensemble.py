@@ -221,3 +221,11 @@ def test_bad_apply_with_another_number_of_classes(files, tmp_path, capsys) -> No
 def test_bad_kind_is_never_guessed(files, tmp_path, capsys) -> None:
     argv = ["ensemble", "-p", *_members(files), "-o", str(tmp_path / "ENS.json")]
     _bad(tmp_path, capsys, argv, "--kind", "probabilities or logits")
+
+
+def test_bad_saved_ensemble(files, tmp_path, capsys) -> None:
+    saved = tmp_path / "NOT_ENS.json"
+    saved.write_text(json.dumps({"method": "soft"}))
+    argv = ["ensemble", "--apply", str(saved), "-p", *_members(files), "-o",
+            str(tmp_path / "p.npy")]  # fmt: skip
+    _bad(tmp_path, capsys, argv, saved, "not a modelfuse ensemble")

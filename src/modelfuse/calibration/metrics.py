@@ -24,6 +24,7 @@ from modelfuse.errors import ConfigError, DataError
 
 __all__ = [
     "adaptive_calibration_error",
+    "bin_index",
     "brier_score",
     "calibration_bins",
     "expected_calibration_error",
@@ -79,11 +80,25 @@ def _row_chunks(indices: np.ndarray, per_row: int):
         yield indices[start : start + rows]
 
 
+def bin_index(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of the bin ``(edges[b], edges[b + 1]]`` holding each value.
+
+    Values at or below ``edges[0]`` go into the first bin and values above
+    ``edges[-1]`` into the last.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> bin_index(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.5, 0.51, 1.0]))
+    array([0, 0, 1, 1])
+    """
+    ids = np.searchsorted(edges, values, side="left") - 1
+    return np.clip(ids, 0, len(edges) - 2).astype(np.intp, copy=False)
+
+
 def _uniform_bin_ids(conf: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index of each confidence for equal-width bins (lower, upper]; 0 goes to bin 0."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ids = np.searchsorted(edges, conf, side="left") - 1
-    return np.clip(ids, 0, n_bins - 1).astype(np.intp, copy=False)
+    """Bin index of each confidence for equal-width bins (lower, upper] over [0, 1]."""
+    return bin_index(np.linspace(0.0, 1.0, n_bins + 1), conf)
 
 
 def _bin_sums_uniform(

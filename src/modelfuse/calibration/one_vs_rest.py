@@ -16,6 +16,7 @@ from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
 from modelfuse.calibration.base import Calibrator, Kind
+from modelfuse.calibration.metrics import bin_index
 from modelfuse.calibration.softmax import to_probabilities
 from modelfuse.errors import ConfigError
 
@@ -267,7 +268,7 @@ class HistogramBinning(_OneVsRest):
         else:
             edges = np.quantile(p, np.linspace(0.0, 1.0, self.n_bins + 1))
             edges[0], edges[-1] = 0.0, 1.0
-        ids = _bin_ids(edges, p)
+        ids = bin_index(edges, p)
         count = np.bincount(ids, minlength=self.n_bins)
         hits = np.bincount(ids, weights=hit, minlength=self.n_bins)
         middle = 0.5 * (edges[:-1] + edges[1:])
@@ -279,9 +280,5 @@ class HistogramBinning(_OneVsRest):
         self.values_ = [v for _, v in maps]
 
     def _apply_column(self, j: int, p: np.ndarray) -> np.ndarray:
-        return self.values_[j][_bin_ids(self.edges_[j], p)]
+        return self.values_[j][bin_index(self.edges_[j], p)]
 
-
-def _bin_ids(edges: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Bins (lower, upper]; values at or below the first edge go into the first bin."""
-    return np.clip(np.searchsorted(edges, p, side="left") - 1, 0, len(edges) - 2)

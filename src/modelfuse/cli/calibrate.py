@@ -18,6 +18,7 @@ from modelfuse.cli.ensemble import (
     check_output,
     current_umask,
     metrics_table,
+    naming,
     read_json,
     read_labels,
     write_atomically,
@@ -77,8 +78,10 @@ def calibrate_command(
 
     if apply is not None:
         check_output(out, suffix=".npy", overwrite=overwrite)
-        saved = read_json(apply, "calibrator")
-        calibrator = calibrator_from_json(saved)
+        try:
+            calibrator = calibrator_from_json(read_json(apply, "calibrator"))
+        except ConfigError as exc:
+            raise naming(apply, exc) from None
         if kind is not None and check_kind(kind) != calibrator.kind:
             raise ConfigError(
                 f"--kind {kind}: {apply} was fitted on {calibrator.kind}; give the same kind"

@@ -21,6 +21,7 @@ __all__ = [
     "current_umask",
     "ensemble_command",
     "metrics_table",
+    "naming",
     "read_json",
     "read_labels",
     "read_predictions",
@@ -84,6 +85,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a JSON object holding a {what}")
     return value
+
+
+def naming(path: Path, exc: ConfigError) -> ConfigError:
+    """``exc`` with its message prefixed by ``path`` unless it names it already."""
+    message = str(exc)
+    return ConfigError(message if str(path) in message else f"{path}: {message}")
 
 
 def check_kind(kind: str) -> str:
@@ -255,10 +262,13 @@ def _apply(
     out: Path,
     overwrite: bool,
 ) -> None:
-    from modelfuse.ensemble.saved import apply_ensemble
+    from modelfuse.ensemble.saved import apply_ensemble, check_saved_ensemble
 
     check_output(out, suffix=".npy", overwrite=overwrite)
-    saved = read_json(saved_path, "ensemble")
+    try:
+        saved = check_saved_ensemble(read_json(saved_path, "ensemble"))
+    except ConfigError as exc:
+        raise naming(saved_path, exc) from None
     saved_kind = saved.get("kind")
     if kind is not None and check_kind(kind) != saved_kind:
         raise ConfigError(

@@ -29,7 +29,7 @@ from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, check_we
 from modelfuse.ensemble.weights import learn_weights
 from modelfuse.errors import ConfigError, DataError
 
-__all__ = ["ENSEMBLE_METHODS", "apply_ensemble", "fit_ensemble"]
+__all__ = ["ENSEMBLE_METHODS", "apply_ensemble", "check_saved_ensemble", "fit_ensemble"]
 
 FORMAT = "modelfuse-ensemble"
 
@@ -162,7 +162,8 @@ def fit_ensemble(
     return saved, probabilities
 
 
-def _check_saved(saved: Any) -> dict[str, Any]:
+def check_saved_ensemble(saved: Any) -> dict[str, Any]:
+    """Check that ``saved`` is a saved ensemble of a known method; return it."""
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ConfigError(
             f'saved ensemble: not a modelfuse ensemble (expected "format": "{FORMAT}"); '
@@ -195,7 +196,7 @@ def apply_ensemble(saved: dict[str, Any], predictions: np.ndarray | list) -> np.
     >>> apply_ensemble(saved, p)
     array([[0.8, 0.2]])
     """
-    saved = _check_saved(saved)
+    saved = check_saved_ensemble(saved)
     kind = saved["kind"]
     p = check_ensemble_predictions(predictions, kind)
     if p.shape[0] != saved["n_models"] or p.shape[2] != saved["n_classes"]:

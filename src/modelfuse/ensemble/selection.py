@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from modelfuse.arrays import check_labels
+from modelfuse.calibration.metrics import brier_score, negative_log_likelihood
 from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, member_probabilities
 from modelfuse.ensemble.weights import true_class_probabilities
 from modelfuse.errors import ConfigError
@@ -95,10 +96,15 @@ class _Running:
         return errors
 
 
-SELECTION_METRICS: dict[str, Callable[[_Running, np.ndarray], np.ndarray]] = {
-    "nll": _Running.nll,
-    "brier": _Running.brier,
-    "accuracy": _Running.accuracy,
+class _Metric(NamedTuple):
+    candidates: Callable[[_Running, np.ndarray], np.ndarray]  # loss of each addition
+    loss: Callable[[np.ndarray, np.ndarray], float]  # loss of given probabilities
+
+
+SELECTION_METRICS: dict[str, _Metric] = {
+    "nll": _Metric(_Running.nll, lambda p, y: negative_log_likelihood(p, y, eps=_EPS)),
+    "brier": _Metric(_Running.brier, brier_score),
+    "accuracy": _Metric(_Running.accuracy, lambda p, y: float((p.argmax(axis=1) != y).mean())),
 }
 
 
@@ -213,7 +219,7 @@ def caruana_selection(
     n_models = p.shape[0]
     rng = np.random.default_rng(random_state)
     running = _Running(p, y, true_class_probabilities(p, y))
-    score = SELECTION_METRICS[metric]
+    score = SELECTION_METRICS[metric].candidates
 
     if n_bags:
         bag_size = max(1, int(round(bag_fraction * n_models)))
@@ -234,11 +240,7 @@ def caruana_selection(
         if b == 0:
             first_trajectory, first_best = trajectory, best
     weights /= len(bags)
-    final = _fresh(running)
-    final.total = np.tensordot(weights, p, axes=(0, 0)).astype(np.float64)
-    final.total_true = weights @ final.true_p
-    # the loss of the weighted average: score "adding nothing" to a size-1 ensemble
-    loss = _loss_of_average(final, score)
+    loss = SELECTION_METRICS[metric].loss(np.tensordot(weights, p, axes=(0, 0)), y)
     return SelectionResult(
         weights=weights,
         counts=counts,
@@ -247,16 +249,3 @@ def caruana_selection(
         loss=loss,
         metric=metric,
     )
-
-
-def _loss_of_average(
-    running: _Running, score: Callable[[_Running, np.ndarray], np.ndarray]
-) -> float:
-    """Loss of the probabilities held in ``running.total`` (already an average)."""
-    zero = _Running(
-        np.zeros((1, *running.probs.shape[1:]), dtype=running.probs.dtype),
-        running.labels,
-        np.zeros((1, running.probs.shape[1])),
-    )
-    zero.total, zero.total_true, zero.size = running.total, running.total_true, 0
-    return float(score(zero, np.array([0]))[0])
