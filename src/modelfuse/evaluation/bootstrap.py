@@ -234,13 +234,19 @@ def resample_sums(
             draws = rng.multinomial(n_s, counts / n_s, size=n_resamples)  # (B, u)
             total += np.asarray(table.T @ draws.T).T
             continue
-        per_sample = table.toarray()[inverse] if d == 1 else None
+        # few statistics per sample: gather each column through the index matrix;
+        # many (balanced accuracy, F1 with many classes): count atoms and multiply
+        columns = (
+            [np.ascontiguousarray(c) for c in table.toarray()[inverse].T] if d <= 8 else None
+        )
+        index_type = np.int32 if n_s < 2**31 else np.int64
         chunk = max(1, _CHUNK_ELEMENTS // n_s)
         for start in range(0, n_resamples, chunk):
             stop = min(n_resamples, start + chunk)
-            index = rng.integers(0, n_s, size=(stop - start, n_s))
-            if per_sample is not None:
-                total[start:stop, 0] += per_sample[index, 0].sum(axis=1)
+            index = rng.integers(0, n_s, size=(stop - start, n_s), dtype=index_type)
+            if columns is not None:
+                for j, column in enumerate(columns):
+                    total[start:stop, j] += np.take(column, index).sum(axis=1)
             else:
                 atoms = inverse[index] + u * np.arange(stop - start)[:, None]
                 draws = np.bincount(atoms.ravel(), minlength=(stop - start) * u)
