@@ -193,3 +193,14 @@ def test_bad_calibration_sets() -> None:
         make_calibrator("beta")
     with pytest.raises(ConfigError, match="expected method"):
         TemperatureScaling.from_json({"method": "platt"})
+
+
+def test_numpy_parameters_survive_the_json_form() -> None:
+    rng = np.random.default_rng(8)
+    p1 = rng.uniform(size=200)
+    probs = np.stack([1 - p1, p1], axis=1)
+    labels = (rng.uniform(size=200) < p1).astype(int)
+    cal = HistogramBinning(n_bins=np.int64(5)).fit(probs, labels)
+    again = calibrator_from_json(json.loads(json.dumps(cal.to_json())))
+    assert again.n_bins == 5
+    np.testing.assert_allclose(again.predict_proba(probs), cal.predict_proba(probs))

@@ -102,7 +102,8 @@ class Calibrator(BaseEstimator):
         """
         check_is_fitted(self)
         state = {key: _to_plain(getattr(self, key)) for key in ("n_classes_", *self._state_keys)}
-        return {"method": self.method, "params": self.get_params(), "state": state}
+        params = {key: _to_plain(value) for key, value in self.get_params().items()}
+        return {"method": self.method, "params": params, "state": state}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> Calibrator:

@@ -240,7 +240,7 @@ def calibration_report_command(
             binning=binning,
             title=f"Reliability: {probabilities.name}",
         )
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the usual permissions
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             os.replace(out, old / out.name)
