@@ -370,14 +370,20 @@ def merge(
         layout = [(task.name, task.shape, task.out_dtype) for task in plan.tasks]
         with CheckpointWriter(out, layout, shard_size=budget, overwrite=overwrite) as writer:
 
-            def sink(task: TensorTask, tensor: torch.Tensor) -> None:
-                writer.write(task.name, tensor)
+            def sink(task: TensorTask, tensor: torch.Tensor, start: int | None) -> None:
+                if start is None:
+                    writer.write(task.name, tensor)
+                else:
+                    writer.write_rows(task.name, start, tensor)
 
-            def done(task: TensorTask) -> None:
+            remaining = {task.name: task.nbytes for task in plan.tasks}
+
+            def done(task: TensorTask, nbytes: int) -> None:
                 nonlocal written
-                written += task.nbytes
+                written += nbytes
+                remaining[task.name] -= nbytes
                 if progress is not None:
-                    progress(1, task.nbytes)
+                    progress(1 if remaining[task.name] <= 0 else 0, nbytes)
 
             with warnings.catch_warnings(record=True) as caught, torch.no_grad():
                 warnings.simplefilter("always")

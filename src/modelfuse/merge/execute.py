@@ -24,6 +24,7 @@ __all__ = [
     "default_threads",
     "execute_plan",
     "prepare_stream",
+    "row_blocks",
     "tensor_generator",
 ]
 
@@ -43,16 +44,29 @@ def tensor_generator(seed: int | None, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def _read(plan: MergePlan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+Rows = tuple[int, int] | None
+"""A block of rows ``(start, stop)`` of a tensor, or None for the whole tensor."""
+
+BLOCK_ELEMENTS = 4 * 1024 * 1024
+"""Separable methods process tensors larger than this in blocks of about this many elements."""
+
+
+def _read(
+    plan: MergePlan, task: TensorTask, rows: Rows = None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The task's inputs in float32 (after rounding to the compute dtype, if one is set).
 
     When the inputs' first dimensions differ, only the shared rows are returned.
+    With ``rows``, only that block of rows is read.
     """
     compute = plan.compute_dtype
     warned = []
 
     def load(model: Any, input_name: str) -> torch.Tensor:
-        tensor = model.source.read(input_name)
+        if rows is None:
+            tensor = model.source.read(input_name)
+        else:
+            tensor = model.source.read_rows(input_name, *rows)
         if task.shared_rows is not None:
             tensor = tensor[: task.shared_rows]
         if compute is not None and tensor.dtype != compute:
@@ -89,10 +103,12 @@ def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:
     return rows.to(torch.float32)
 
 
-def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Tensor:
+def _call(
+    plan: MergePlan, task: TensorTask, extra: dict[str, Any], rows: Rows = None
+) -> torch.Tensor:
     if task.action == "copy":  # non-float tensors (ids, masks): the first input's, as they are
         return task.models[0].source.read(task.inputs[0]).clone()
-    tensors, base = _read(plan, task)
+    tensors, base = _read(plan, task, rows)
     method = plan.method
     kwargs = dict(task.parameters)
     kwargs.update({k: v for k, v in extra.items() if k in method.accepts})
@@ -116,14 +132,42 @@ def _call(plan: MergePlan, task: TensorTask, extra: dict[str, Any]) -> torch.Ten
     if task.shared_rows is not None:
         result = torch.cat([result, _extra_rows(plan, task)])
     for patch, scale in task.patches:
-        result = result + scale * patch.read(task.name).to(torch.float32)
+        delta = patch.read(task.name) if rows is None else patch.read_rows(task.name, *rows)
+        result = result + scale * delta.to(torch.float32)
     result = result.to(task.out_dtype)
-    if tuple(result.shape) != task.shape:
+    expected = task.shape if rows is None else (rows[1] - rows[0], *task.shape[1:])
+    if tuple(result.shape) != expected:
         raise RuntimeError(
             f"merge method {method.name!r} returned shape {list(result.shape)} for tensor "
-            f"{task.name}, expected {list(task.shape)}"
+            f"{task.name}, expected {list(expected)}"
         )
     return result.contiguous()
+
+
+def row_blocks(plan: MergePlan, task: TensorTask, block: int | None = None) -> list[Rows]:
+    """How a task is split: blocks of rows for large tensors of separable methods.
+
+    A method is separable when each output row depends only on the same rows
+    of the inputs (elementwise methods, for one). Splitting bounds memory by
+    the block instead of the largest tensor; the split depends only on the
+    tensor's shape, never on the number of threads.
+    """
+    if (
+        task.action != "merge"
+        or not plan.method.separable
+        or task.shared_rows is not None
+        or len(task.shape) == 0
+    ):
+        return [None]
+    block = BLOCK_ELEMENTS if block is None else block
+    numel = 1
+    for size in task.shape:
+        numel *= size
+    if numel <= block or task.shape[0] <= 1:
+        return [None]
+    per_row = numel // task.shape[0]
+    step = max(1, block // max(per_row, 1))
+    return [(a, min(a + step, task.shape[0])) for a in range(0, task.shape[0], step)]
 
 
 def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[str, list, Any, Any]]]:
@@ -149,51 +193,55 @@ def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[str, list, A
 
 def execute_plan(
     plan: MergePlan,
-    sink: Callable[[TensorTask, torch.Tensor], None],
+    sink: Callable[[TensorTask, torch.Tensor, int | None], None],
     *,
     threads: int = 1,
-    on_done: Callable[[TensorTask], None] | None = None,
+    on_done: Callable[[TensorTask, int], None] | None = None,
 ) -> None:
     """Merge every tensor of ``plan`` and pass each result to ``sink`` as soon as it is ready.
 
-    At most ``threads + 1`` tensors are in flight, so memory is bounded by a few
-    tensors whatever the model size. ``sink`` may be called from worker threads.
-    The first error stops the work and is raised.
+    ``sink(task, tensor, start)`` receives the whole tensor (``start`` None) or
+    a block of its rows starting at row ``start`` (see :func:`row_blocks`); it
+    may be called from worker threads. ``on_done(task, nbytes)`` is called
+    from this thread as each piece finishes. At most ``threads + 1`` pieces are
+    in flight, so memory is bounded by a few tensors (or blocks), whatever the
+    model size. The first error stops the work and is raised.
     """
     extra: dict[str, Any] = {}
     if plan.method.prepare is not None:
         extra = plan.method.prepare(prepare_stream(plan))
 
-    def work(task: TensorTask) -> TensorTask:
-        sink(task, _call(plan, task, extra))
-        return task
+    pieces = [(task, rows) for task in plan.tasks for rows in row_blocks(plan, task)]
+
+    def work(piece: tuple[TensorTask, Rows]) -> tuple[TensorTask, int]:
+        task, rows = piece
+        result = _call(plan, task, extra, rows)
+        sink(task, result, None if rows is None else rows[0])
+        return task, result.numel() * result.element_size()
+
+    def finished(done: tuple[TensorTask, int]) -> None:
+        if on_done is not None:
+            on_done(*done)
 
     if threads <= 1:
-        for task in plan.tasks:
-            work(task)
-            if on_done is not None:
-                on_done(task)
+        for piece in pieces:
+            finished(work(piece))
         return
 
-    pending: set[Future[TensorTask]] = set()
-    queue = iter(plan.tasks)
+    pending: set[Future[tuple[TensorTask, int]]] = set()
     limit = threads + 1
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
         try:
-            for task in queue:
-                pending.add(pool.submit(work, task))
+            for piece in pieces:
+                pending.add(pool.submit(work, piece))
                 while len(pending) >= limit:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
-                        finished = future.result()
-                        if on_done is not None:
-                            on_done(finished)
+                        finished(future.result())
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    finished = future.result()
-                    if on_done is not None:
-                        on_done(finished)
+                    finished(future.result())
         except BaseException:
             for future in pending:
                 future.cancel()

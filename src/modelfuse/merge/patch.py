@@ -114,6 +114,13 @@ class PatchSource:
         flat[where] = self.checkpoint.read(values)
         return flat.reshape(header.shape)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name``, reading only what they need when dense."""
+        indices, _, _ = sparse_parts(name)
+        if indices not in self.checkpoint:
+            return self.checkpoint.read_rows(name, start, stop)
+        return self.read(name)[start:stop]
+
     def close(self) -> None:
         self.checkpoint.close()
 

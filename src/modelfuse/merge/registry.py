@@ -89,6 +89,10 @@ class MergeMethod:
         How many input models (the base not counted) the method takes.
     statistics : tuple of str
         Statistics each model must provide (``"fisher"``, ``"gram"``).
+    separable : bool
+        Each output row depends only on the same rows of the inputs (true of
+        elementwise methods), so the engine may merge large tensors in blocks
+        of rows and bound memory by the block.
     prepare : callable, optional
         ``prepare(stream: PrepareInput) -> dict`` computes whole-model values in
         an extra pass before merging; the dict is passed to every call.
@@ -103,6 +107,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     statistics: tuple[str, ...] = ()
+    separable: bool = False
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
     accepts: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -144,6 +149,7 @@ METHODS: dict[str, MergeMethod] = {
         linear,
         LinearParameters,
         "weighted average of the models (model soup)",
+        separable=True,
     ),
     "task_arithmetic": MergeMethod(
         "task_arithmetic",
@@ -151,6 +157,7 @@ METHODS: dict[str, MergeMethod] = {
         TaskArithmeticParameters,
         "base + lambda * weighted sum of task vectors",
         requires_base=True,
+        separable=True,
     ),
     "passthrough": MergeMethod(
         "passthrough",
@@ -158,6 +165,7 @@ METHODS: dict[str, MergeMethod] = {
         PassthroughParameters,
         "one model's tensor as it is (layer stacking with slices)",
         max_models=1,
+        separable=True,
     ),
     "fisher": MergeMethod(
         "fisher",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ class StateDictSource:
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name].detach()[start:stop]
 
 
 def merge_state_dicts(
@@ -143,9 +147,16 @@ def merge_state_dicts(
         out_dtype=resolve_dtype(out_dtype, key="out_dtype"),
     )
     out: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
 
-    def keep(task: TensorTask, tensor: torch.Tensor) -> None:
-        out[task.name] = tensor
+    def keep(task: TensorTask, tensor: torch.Tensor, start: int | None) -> None:
+        if start is None:
+            out[task.name] = tensor
+            return
+        with lock:
+            if task.name not in out:
+                out[task.name] = torch.empty(task.shape, dtype=task.out_dtype)
+        out[task.name][start : start + tensor.shape[0]] = tensor
 
     with torch.no_grad():
         execute_plan(plan, keep, threads=threads)
