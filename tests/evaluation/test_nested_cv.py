@@ -91,3 +91,43 @@ def test_bad_settings_are_rejected():
         nested_cross_validation(lambda p, a, b: 0.0, [], y)
     with pytest.raises(ConfigError, match="outer_splits"):
         nested_cross_validation(lambda p, a, b: 0.0, [{}], y, outer_splits=1)
+
+
+def test_sklearn_wrapper_never_fits_or_scores_a_marked_row_while_choosing():
+    # column 0 carries each row's id: the marker the estimator and the scorer log
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    log = []
+
+    class Logger(BaseEstimator, ClassifierMixin):
+        def __init__(self, k=1):
+            self.k = k
+
+        def fit(self, X, y):
+            log.append(("fit", self.k, set(X[:, 0].astype(int))))
+            self.classes_ = np.unique(y)
+            return self
+
+        def predict(self, X):
+            return np.zeros(len(X), dtype=int)
+
+    def scorer(model, X, y):
+        log.append(("score", model.k, set(X[:, 0].astype(int))))
+        return float(model.k == 2)
+
+    rng = np.random.default_rng(0)
+    n = 48
+    X = np.column_stack([np.arange(n), rng.normal(size=n)])
+    y = np.array([0, 1] * (n // 2))
+    r = nested_cross_validate(Logger(), {"k": [1, 2, 3]}, X, y, scoring=scorer,
+                              outer_splits=4, inner_splits=2, random_state=0)
+    per_fold = 2 * (3 * 2 + 1)  # a fit and a score per inner split and candidate, then outer
+    assert len(log) == 4 * per_fold
+    for f in range(4):
+        block = log[f * per_fold : (f + 1) * per_fold]
+        outer_fit, outer_score = block[-2], block[-1]
+        marked = outer_score[2]
+        chosen = set().union(*(ids for _, _, ids in block[:-2]))
+        assert not chosen & marked
+        assert outer_fit[2] == chosen and not outer_fit[2] & marked
+    assert [p["k"] for p in r.best_params] == [2, 2, 2, 2]

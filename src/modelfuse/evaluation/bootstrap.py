@@ -337,8 +337,12 @@ class _Plan:
             unique, counts = np.unique(self.keys, axis=0, return_counts=True)
             table = self.rows(unique)
             full = np.asarray(table.T @ counts).ravel()
-            left_out = full[None, :] - table.toarray()
-            return self.from_sums(left_out, self.n - 1), counts.astype(float)
+            values = np.empty(len(counts))
+            step = max(1, _CHUNK_ELEMENTS // table.shape[1])
+            for start in range(0, len(counts), step):
+                left_out = full[None, :] - table[start : start + step].toarray()
+                values[start : start + step] = self.from_sums(left_out, self.n - 1)
+            return values, counts.astype(float)
         if self.n <= _EXACT_JACKKNIFE_LIMIT:
             groups = [np.array([i]) for i in range(self.n)]
         else:  # delete-a-group jackknife: the same acceleration, far fewer metric calls

@@ -17,7 +17,7 @@ from scipy.stats import binom, chi2
 from scipy.stats import t as student_t
 
 from modelfuse.errors import ConfigError, DataError
-from modelfuse.evaluation.bootstrap import RandomState, _generator
+from modelfuse.evaluation.bootstrap import RandomState, _check_resamples, _generator, _Plan
 from modelfuse.evaluation.metrics import (
     MetricSpec,
     PredictionKind,
@@ -439,8 +439,6 @@ def metric_permutation_test(
     >>> metric_permutation_test(a, b, y, n_resamples=999, random_state=0).pvalue < 0.01
     True
     """
-    from modelfuse.evaluation.bootstrap import _check_resamples, _Plan
-
     _check_alternative(alternative)
     _check_resamples(n_resamples)
     spec = get_metric(metric)
