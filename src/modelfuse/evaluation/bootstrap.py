@@ -236,9 +236,7 @@ def resample_sums(
             continue
         # few statistics per sample: gather each column through the index matrix;
         # many (balanced accuracy, F1 with many classes): count atoms and multiply
-        columns = (
-            [np.ascontiguousarray(c) for c in table.toarray()[inverse].T] if d <= 8 else None
-        )
+        columns = [np.ascontiguousarray(c) for c in table.toarray()[inverse].T] if d <= 8 else None
         index_type = np.int32 if n_s < 2**31 else np.int64
         chunk = max(1, _CHUNK_ELEMENTS // n_s)
         for start in range(0, n_resamples, chunk):
@@ -309,7 +307,9 @@ class _Plan:
             sum(w * self.spec.function(p[index], y) for w, p in zip(self.weights, self.probs))
         )
 
-    def replicates(self, n_resamples: int, strata: np.ndarray | None, rng: np.random.Generator):
+    def replicates(
+        self, n_resamples: int, strata: np.ndarray | None, rng: np.random.Generator
+    ) -> np.ndarray:
         if self.vectorised:
             sums = resample_sums(self.keys, self.rows, n_resamples, strata=strata, random_state=rng)
             return self.from_sums(sums, self.n)

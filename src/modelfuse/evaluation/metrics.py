@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -338,7 +339,7 @@ def _auroc(probs: np.ndarray, labels: np.ndarray, *, average: str = "macro") -> 
 # --------------------------------------------------------------------------- calibration metrics
 
 
-def _calibration():
+def _calibration() -> ModuleType:
     try:
         from modelfuse.calibration import metrics
     except ImportError as exc:  # pragma: no cover - the module ships with the package

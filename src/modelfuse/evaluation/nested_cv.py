@@ -9,7 +9,7 @@ part only, and the winner is scored once on the untouched outer test fold.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,9 @@ __all__ = ["nested_cross_validate", "nested_cross_validation"]
 FitScore = Callable[[Mapping[str, Any], np.ndarray, np.ndarray], float]
 
 
-def _splits(n_splits: int, y: np.ndarray, positions: np.ndarray, stratify: bool, seed: int):
+def _splits(
+    n_splits: int, y: np.ndarray, positions: np.ndarray, stratify: bool, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if stratify:

@@ -469,7 +469,7 @@ def metric_permutation_test(
     )
 
 
-def _swapped_sums_null(plan, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+def _swapped_sums_null(plan: _Plan, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """Null differences when each sample's two predictions are swapped with probability 1/2."""
     unique, counts = np.unique(plan.keys, axis=0, return_counts=True)
     width = plan.widths[0]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from modelfuse.report.document import Section, write_report
 from modelfuse.report.plots import critical_difference_diagram, forest_plot
 from modelfuse.report.table import comparison_rows
 
+if TYPE_CHECKING:
+    from modelfuse.evaluation.comparison import Comparison
+
 __all__ = ["write_comparison_report"]
 
 
 def write_comparison_report(
-    comparison: Any,
+    comparison: Comparison,
     folder: str | Path,
     *,
     title: str | None = None,

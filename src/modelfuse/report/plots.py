@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modelfuse.errors import DataError, OutputError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["critical_difference_diagram", "forest_plot", "significance_cliques"]
 
 
-def _save(figure, path: str | Path, dpi: int) -> Path:
+def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
     out = Path(path)
     try:
         figure.savefig(out, dpi=dpi, format="png")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from modelfuse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from modelfuse.evaluation.comparison import Comparison
 
 __all__ = ["TABLE_STYLES", "comparison_rows", "comparison_table", "format_table"]
 
@@ -103,7 +106,7 @@ def _p(p: float | None) -> str:
     return "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
-def comparison_rows(comparison: Any) -> tuple[list[str], list[list[str]]]:
+def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a :class:`~modelfuse.evaluation.Comparison`.
 
     Columns: candidate, the metric, its CI, the difference to the reference,
@@ -163,7 +166,7 @@ def comparison_rows(comparison: Any) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def comparison_table(comparison: Any, *, style: TableStyle = "markdown") -> str:
+def comparison_table(comparison: Comparison, *, style: TableStyle = "markdown") -> str:
     """A :class:`~modelfuse.evaluation.Comparison` as a table (see :func:`comparison_rows`).
 
     Parameters
