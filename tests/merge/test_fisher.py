@@ -122,3 +122,17 @@ def test_yaml_merge_reads_statistics_files(tmp_path):
     expected = merge_state_dicts("fisher", states, fishers=fishers)
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name])
+
+
+def test_tensors_larger_than_one_block_follow_the_formula():
+    g = torch.Generator().manual_seed(8)
+    shape = (1030, 1024)  # more entries than one block of 2**20
+    tensors = [torch.randn(shape, generator=g) for _ in range(2)]
+    fishers = [torch.rand(shape, generator=g) for _ in range(2)]
+    fishers[0][-3:] = 0.0
+    fishers[1][-3:] = 0.0  # rows where every Fisher vanishes, in the last block
+    result = fisher(tensors, statistics={"fisher": fishers}, weight=[1.0, 3.0], fisher_floor=0.0)
+    den = fishers[0] + 3.0 * fishers[1]
+    expected = (fishers[0] * tensors[0] + 3.0 * fishers[1] * tensors[1]) / den
+    expected[-3:] = (tensors[0][-3:] + 3.0 * tensors[1][-3:]) / 4.0  # the weighted average there
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)

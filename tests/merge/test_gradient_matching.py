@@ -62,3 +62,17 @@ def test_needs_a_base_and_valid_statistics():
     bad = [fishers[0], fishers[1], {**fishers[2], "w": -fishers[2]["w"]}]
     with pytest.raises(ConfigError, match="negative"):
         merge_state_dicts("gradient_matching", models, base, fishers=bad)
+
+
+def test_tensors_larger_than_one_block_follow_the_formula():
+    g = torch.Generator().manual_seed(9)
+    shape = (1030, 1024)  # more entries than one block of 2**20
+    base = torch.randn(shape, generator=g)
+    tensors = [base + torch.randn(shape, generator=g) for _ in range(2)]
+    fishers = [torch.rand(shape, generator=g) for _ in range(2)]
+    result = gradient_matching(tensors, base, statistics={"fisher": fishers}, prior_precision=0.5)
+    h = [torch.clamp(f, min=1e-6) for f in fishers]
+    expected = base + (h[0] * (tensors[0] - base) + h[1] * (tensors[1] - base)) / (
+        h[0] + h[1] + 0.5
+    )
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)

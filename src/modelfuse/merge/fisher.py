@@ -14,6 +14,8 @@ from modelfuse.merge.statistics_tensors import collect_statistics
 
 __all__ = ["FisherParameters", "fisher"]
 
+_BLOCK = 1 << 20  # entries merged at a time
+
 
 class FisherParameters(MethodParameters):
     """Parameters of :func:`fisher`."""
@@ -128,10 +130,9 @@ def fisher(
         for tensor, w in zip(tensors, weights):
             out.add_(tensor.to(torch.float32), alpha=w)
         return out.div_(sum(weights))
-    numerator = torch.zeros(shape, dtype=torch.float32)
-    denominator = torch.zeros(shape, dtype=torch.float32)
-    for i, (tensor, f, w) in enumerate(zip(tensors, fishers, weights)):
-        if bool((f < 0).any()):
+    coefficients = []
+    for i, (f, w) in enumerate(zip(fishers, weights)):
+        if f.numel() and float(f.min()) < 0:
             raise ConfigError(
                 f"fisher: tensor {name}: the Fisher of model {i} has negative entries "
                 f"(minimum {float(f.min()):g}); a Fisher diagonal is a mean of squares, so "
@@ -142,17 +143,32 @@ def fisher(
             norm = float(torch.linalg.vector_norm(f))
             if norm > 0:
                 coefficient = w / norm
-        if not favor_first or i == 0:
-            f = f.clamp_min(fisher_floor)
-        scaled = f.mul(coefficient)
-        denominator.add_(scaled)
-        numerator.addcmul_(scaled, tensor.to(torch.float32))
-    vanished = denominator == 0
-    if bool(vanished.any()):  # only possible with fisher_floor = 0
-        if favor_first:
-            fallback = tensors[0].to(torch.float32)
+        coefficients.append(coefficient)
+    flat_tensors = [t.reshape(-1) for t in tensors]
+    flat_fishers = [f.reshape(-1) for f in fishers]
+    out = torch.empty(flat_tensors[0].numel(), dtype=torch.float32)
+    # Block by block, so that temporaries stay small whatever the tensor's size.
+    for start in range(0, out.numel(), _BLOCK):
+        stop = min(out.numel(), start + _BLOCK)
+        numerator = torch.zeros(stop - start, dtype=torch.float32)
+        denominator = torch.zeros(stop - start, dtype=torch.float32)
+        for i, (t, f, c) in enumerate(zip(flat_tensors, flat_fishers, coefficients)):
+            block = f[start:stop]
+            if not favor_first or i == 0:
+                block = block.clamp_min(fisher_floor)
+            scaled = block.mul(c)
+            denominator.add_(scaled)
+            numerator.addcmul_(scaled, t[start:stop].to(torch.float32))
+        vanished = denominator == 0
+        if bool(vanished.any()):  # only possible with fisher_floor = 0
+            if favor_first:
+                fallback = flat_tensors[0][start:stop].to(torch.float32)
+            else:
+                fallback = sum(
+                    w * t[start:stop].to(torch.float32) for w, t in zip(weights, flat_tensors)
+                ) / sum(weights)
+            safe = torch.where(vanished, torch.ones_like(denominator), denominator)
+            out[start:stop] = torch.where(vanished, fallback, numerator / safe)
         else:
-            fallback = sum(w * t.to(torch.float32) for w, t in zip(weights, tensors)) / sum(weights)
-        safe = torch.where(vanished, torch.ones_like(denominator), denominator)
-        return torch.where(vanished, fallback, numerator / safe)
-    return numerator.div_(denominator)
+            out[start:stop] = numerator.div_(denominator)
+    return out.reshape(shape)

@@ -14,6 +14,8 @@ from modelfuse.merge.statistics_tensors import collect_statistics
 
 __all__ = ["GradientMatchingParameters", "gradient_matching"]
 
+_BLOCK = 1 << 20  # entries merged at a time
+
 
 class GradientMatchingParameters(MethodParameters):
     """Parameters of :func:`gradient_matching`."""
@@ -127,19 +129,29 @@ def gradient_matching(
         for tensor, w in zip(tensors, weights):
             delta.add_(tensor.to(torch.float32) - base32, alpha=w)
         return base32 + delta.div_(sum(weights))
-    numerator = torch.zeros(shape, dtype=torch.float32)
-    precision = torch.full(shape, float(prior_precision), dtype=torch.float32)
-    for i, (tensor, f, w) in enumerate(zip(tensors, fishers, weights)):
-        if bool((f < 0).any()):
+    for i, f in enumerate(fishers):
+        if f.numel() and float(f.min()) < 0:
             raise ConfigError(
                 f"gradient_matching: tensor {name}: the Fisher of model {i} has negative entries "
                 f"(minimum {float(f.min()):g}); a Fisher diagonal is a mean of squares, so check "
                 "the statistics file"
             )
-        h = f.clamp_min(fisher_floor).mul_(w)
-        precision.add_(h)
-        numerator.addcmul_(h, tensor.to(torch.float32) - base32)
-    # precision > 0 unless fisher_floor = prior_precision = 0 and every Fisher vanishes there:
-    # then no model carries information and the entry stays at the base.
-    safe = torch.where(precision > 0, precision, torch.ones_like(precision))
-    return base32 + numerator / safe
+    flat_base = base32.reshape(-1)
+    flat_tensors = [t.reshape(-1) for t in tensors]
+    flat_fishers = [f.reshape(-1) for f in fishers]
+    out = torch.empty(flat_base.numel(), dtype=torch.float32)
+    # Block by block, so that temporaries stay small whatever the tensor's size.
+    for start in range(0, out.numel(), _BLOCK):
+        stop = min(out.numel(), start + _BLOCK)
+        b = flat_base[start:stop]
+        numerator = torch.zeros(stop - start, dtype=torch.float32)
+        precision = torch.full((stop - start,), float(prior_precision), dtype=torch.float32)
+        for t, f, w in zip(flat_tensors, flat_fishers, weights):
+            h = f[start:stop].clamp_min(fisher_floor).mul_(w)
+            precision.add_(h)
+            numerator.addcmul_(h, t[start:stop].to(torch.float32) - b)
+        # precision > 0 unless fisher_floor = prior_precision = 0 and every Fisher vanishes
+        # there: then no model carries information and the entry stays at the base.
+        safe = torch.where(precision > 0, precision, torch.ones_like(precision))
+        out[start:stop] = b + numerator / safe
+    return out.reshape(shape)
