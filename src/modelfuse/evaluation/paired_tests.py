@@ -450,7 +450,7 @@ def metric_permutation_test(
             "both models must score the same samples and classes"
         )
     rng = _generator(random_state)
-    plan = _Plan(spec, [pa, pb], y, [1.0, -1.0])
+    plan = _Plan(spec, [pa, pb], y, [1.0, -1.0], collapse=False)
     observed = plan.estimate()
     if plan.vectorised:
         null = _swapped_sums_null(plan, n_resamples, rng)
