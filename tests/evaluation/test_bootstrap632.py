@@ -37,11 +37,13 @@ def test_one_nearest_neighbour_on_noise_632_is_optimistic_632plus_is_not():
     assert abs(plain.oob_error - 0.5) < 0.08
     # no information: R near 1 and w near 1, so .632+ is near the out-of-bag error
     assert plus.relative_overfitting > 0.9
-    gamma = plus.no_information_error
-    capped = min(plus.oob_error, gamma)
-    w = 0.632 / (1 - 0.368 * plus.relative_overfitting)
-    assert plus.weight == pytest.approx(w)
-    assert plus.statistic == pytest.approx((1 - w) * plus.train_error + w * capped)
+    # Efron and Tibshirani (1997), eqs. 32-34, written out
+    err, err1, gamma = plus.train_error, plus.oob_error, plus.no_information_error
+    capped = min(err1, gamma)
+    r = plus.relative_overfitting
+    expected = 0.368 * err + 0.632 * err1 + (capped - err) * 0.368 * 0.632 * r / (1 - 0.368 * r)
+    assert plus.statistic == pytest.approx(expected)
+    assert plus.weight == pytest.approx(0.632 / (1 - 0.368 * r))
     assert plus.statistic > plain.statistic + 0.1
 
 
@@ -54,6 +56,10 @@ def test_relative_overfitting_from_its_definition():
     expected = (capped - r.train_error) / (r.no_information_error - r.train_error)
     assert r.relative_overfitting == pytest.approx(np.clip(expected, 0, 1))
     assert r.train_error < r.statistic < r.no_information_error
+    # no capping here (Err1 < gamma): the estimate is (1 - w) err + w Err1
+    assert r.oob_error < r.no_information_error
+    w = 0.632 / (1 - 0.368 * r.relative_overfitting)
+    assert r.statistic == pytest.approx((1 - w) * r.train_error + w * r.oob_error)
 
 
 def test_unknown_method_is_rejected():

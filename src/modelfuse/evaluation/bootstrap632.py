@@ -40,7 +40,9 @@ def bootstrap_632(
     ``.632``: ``0.368 err + 0.632 Err1``. ``.632+``: with ``Err1' =
     min(Err1, gamma)`` and ``R = (Err1' - err) / (gamma - err)`` (0 unless
     ``Err1' > err`` and ``gamma > err``, clipped to [0, 1]),
-    ``w = 0.632 / (1 - 0.368 R)`` and the estimate ``(1 - w) err + w Err1'``.
+    the estimate is ``Err.632 + (Err1' - err) 0.368 0.632 R / (1 - 0.368 R)``,
+    which equals ``(1 - w) err + w Err1`` with ``w = 0.632 / (1 - 0.368 R)``
+    whenever ``Err1 <= gamma``.
 
     Parameters
     ----------
@@ -126,8 +128,12 @@ def bootstrap_632(
     if method == ".632":
         weight, value = 0.632, 0.368 * train_error + 0.632 * oob_error
     elif method == ".632+":
+        # Efron and Tibshirani (1997), eq. 32: the .632 estimate plus a correction that
+        # grows with the relative overfitting; without capping it is (1 - w) err + w Err1
         weight = 0.632 / (1 - 0.368 * relative)
-        value = (1 - weight) * train_error + weight * capped
+        value = (0.368 * train_error + 0.632 * oob_error) + (capped - train_error) * (
+            0.368 * 0.632 * relative
+        ) / (1 - 0.368 * relative)
     else:
         weight, value = 1.0, oob_error
     return EstimateResult(
