@@ -165,9 +165,11 @@ def compare_predictions(
     stratify : bool
         Stratified bootstrap resampling.
     n_blocks : int
-        Disjoint blocks of samples for the Friedman test and critical
-        difference (three or more candidates; skipped with fewer than
-        ``2 n_blocks`` samples).
+        Disjoint blocks of samples (stratified when every class has at least
+        ``n_blocks`` samples) for the Friedman test and critical difference.
+        Needs three or more candidates; skipped (``friedman=None``) with fewer
+        than ``2 n_blocks`` samples or when the metric is undefined on a block
+        (AUROC on a block missing a class).
     alpha : float
         Level of Nemenyi's critical difference.
     random_state : int or numpy.random.Generator
