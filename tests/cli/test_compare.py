@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,10 @@ def test_end_to_end_in_a_subprocess(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ties" in done.stdout and (out / "report.html").exists()
+    assert "modelfuse compare --predictions base=" in (out / "report.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temp dir
     bad = subprocess.run(
         [*RUN, "compare", "-p", f"a={paths['base']}", "--labels", str(tmp_path / "none.npy"),
          "-o", str(tmp_path / "other")],

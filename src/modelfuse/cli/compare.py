@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def compare_command(
         n_blocks=blocks,
         random_state=seed,
     )
-    command = "modelfuse compare " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
+    command = "modelfuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,9 @@ def compare_command(
         raise OutputError(f"{out}: cannot create the report folder ({exc})") from None
     try:
         write_comparison_report(comparison, staging, command=command)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a report folder is not
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             os.replace(out, old / out.name)
