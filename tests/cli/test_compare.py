@@ -141,6 +141,11 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
              "--kind", "scores"],
             "--kind",
         ),
+        "bad confidence": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "--confidence", "95"],
+            "--confidence: expected a level in (0, 1)",
+        ),
         "mcnemar on nll": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--metric", "nll", "--test", "mcnemar"],
@@ -152,7 +157,7 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
 CASES = [
     "missing file", "mismatched shapes", "mismatched classes", "labels out of range",
     "duplicate names", "unknown reference", "unknown metric", "malformed item", "unknown kind",
-    "mcnemar on nll",
+    "mcnemar on nll", "bad confidence",
 ]
 
 

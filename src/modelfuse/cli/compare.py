@@ -100,6 +100,8 @@ def compare_command(
 
     if kind not in ("probabilities", "logits"):
         raise ConfigError(f"--kind: expected probabilities or logits, got {kind!r}")
+    if not 0 < confidence < 1:
+        raise ConfigError(f"--confidence: expected a level in (0, 1) such as 0.95, got {confidence}")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; remove it, choose another -o, or pass --overwrite")
     if out.exists() and not out.is_dir():
