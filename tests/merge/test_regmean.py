@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge import RegMeanJitterWarning, merge_state_dicts, regmean
-from modelfuse.statistics import gram_matrices
+from modelfuse.merge import RegMeanJitterWarning, merge, merge_state_dicts, regmean
+from modelfuse.statistics import gram_matrices, save
 
 
 def _layers(n, d_in=5, d_out=3, seed=0):
@@ -97,3 +99,28 @@ def test_bad_gram_matrices_are_reported():
         merge_state_dicts(
             "regmean", [{"w": ws[0]}, {"w": ws[1]}], grams=[{"w": torch.eye(4)}] * 2, alpha=1.5
         )
+
+
+def test_yaml_merge_reads_gram_files(tmp_path):
+
+    torch.manual_seed(3)
+    models = [nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)) for _ in range(2)]
+    entries, states, grams = [], [], []
+    for i, model in enumerate(models):
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        gram = gram_matrices(model, [torch.randn(30, 4)])
+        save_file(state, str(tmp_path / f"m{i}.safetensors"))
+        save(gram, tmp_path / f"g{i}.safetensors")
+        entries.append({"model": f"m{i}.safetensors", "statistics": f"g{i}.safetensors"})
+        states.append(state)
+        grams.append(gram)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump({"merge_method": "regmean", "models": entries, "parameters": {"alpha": 0.5}})
+    )
+    result = merge(config, tmp_path / "out", threads=1)
+    merged = load_file(str(result.out / "model.safetensors"))
+    expected = merge_state_dicts("regmean", states, grams=grams, alpha=0.5)
+    assert set(merged) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name])
