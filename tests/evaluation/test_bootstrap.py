@@ -36,14 +36,34 @@ def test_resampled_mean_has_the_binomial_variance(compress):
     assert means.var() == pytest.approx(p * (1 - p) / n, rel=0.08)
 
 
-def test_stratified_resampling_keeps_every_stratum_size():
+@pytest.mark.parametrize("compress", [True, False])
+def test_stratified_resampling_keeps_every_stratum_size(compress):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 90)
     onehot = np.eye(3)[y]
     sums = resample_sums(
-        onehot, lambda keys: keys, 200, strata=y, random_state=1
+        onehot, lambda keys: keys, 200, strata=y, random_state=1, compress=compress
     )
     np.testing.assert_array_equal(sums, np.tile(np.bincount(y, minlength=3), (200, 1)))
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_many_statistics_per_sample_have_multinomial_moments(compress):
+    # ten columns per sample (the counting path when not compressed): the counts of each
+    # kind of sample in a resample are Multinomial(n, p), so mean n p and variance n p (1 - p)
+    rng = np.random.default_rng(0)
+    n = 500
+    kinds = rng.integers(0, 5, n)
+
+    def rows(keys):
+        onehot = np.eye(5)[keys[:, 0].astype(int)]
+        return np.hstack([onehot, 2 * onehot])
+
+    sums = resample_sums(kinds[:, None], rows, 3000, random_state=2, compress=compress)
+    p = np.bincount(kinds, minlength=5) / n
+    np.testing.assert_allclose(sums[:, :5].mean(axis=0), n * p, rtol=0.02)
+    np.testing.assert_allclose(sums[:, :5].var(axis=0), n * p * (1 - p), rtol=0.1)
+    np.testing.assert_array_equal(sums[:, 5:], 2 * sums[:, :5])
 
 
 def test_percentile_interval_is_the_central_quantiles():
