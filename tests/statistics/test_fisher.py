@@ -236,3 +236,42 @@ def test_layers_breaking_the_shortcut_assumptions_fall_back_and_stay_exact(kind)
         torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(without[name].double(), expected[name], rtol=1e-4, atol=1e-8)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_layer_that_changes_behaviour_between_batches_leaves_the_shortcut():
+    class Sometimes(nn.Module):
+        """Runs `extra` twice when `twice` is set, once otherwise."""
+
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+            self.twice = False
+
+        def forward(self, x):
+            h = self.extra(x)
+            if self.twice:
+                h = self.extra(torch.tanh(h))
+            return self.head(h)
+
+    torch.manual_seed(8)
+    model = Sometimes()
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+
+    def batches():
+        model.twice = False
+        yield x[:6], y[:6]
+        model.twice = True  # from the second batch on, `extra` runs twice per example
+        yield x[6:], y[6:]
+
+    fisher = fisher_diagonal(model, batches(), kind="empirical")
+    # reference: one autograd call per example, in the mode its batch ran in
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for i in range(12):
+        model.twice = i >= 6
+        logp = torch.log_softmax(model(x[i : i + 1]), -1)[0, int(y[i])]
+        grads = torch.autograd.grad(logp, list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            expected[n] += g.double() ** 2 / 12
+    for name in expected:
+        torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-4, atol=1e-9)

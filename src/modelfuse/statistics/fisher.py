@@ -182,6 +182,10 @@ def fisher_diagonal(
                 fast = taps.qualified() if linear_shortcut else []
                 per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
                 per_example = per_example.checked(batch.inputs, residuals[0])
+            elif not set(per_example.fast) <= set(taps.qualified()):
+                # a layer ran differently on this batch: take it off the shortcut from now on
+                fast = [layer for layer in per_example.fast if layer in taps.qualified()]
+                per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
             per_example.accumulate(batch.inputs, batch.size, residuals, sums)
             n_seen += batch.size
             if progress is not None:
