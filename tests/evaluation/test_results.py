@@ -39,3 +39,13 @@ def test_every_result_exposes_statistic_pvalue_ci_method():
     r = mcnemar_from_counts(3, 8)
     assert (r.statistic, r.ci, r.method) == (3.0, None, "McNemar (exact binomial)")
     assert 0 < r.pvalue < 1
+
+
+def test_arrays_inside_results_are_read_only():
+    r = paired_5x2cv(np.arange(10.0).reshape(5, 2) / 100)
+    with pytest.raises(ValueError, match="read-only"):
+        r.differences[0, 0] = 1.0
+    i = IntervalResult(statistic=0.8, ci=(0.7, 0.9), method="m",
+                       bootstrap_distribution=np.array([0.7, 0.9]))
+    with pytest.raises(ValueError, match="read-only"):
+        i.bootstrap_distribution[0] = 0.0

@@ -116,6 +116,9 @@ class FiveByTwoResult:
     f: TestResult
     differences: np.ndarray = field(repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        self.differences.setflags(write=False)  # frozen means frozen, arrays included
+
     def __str__(self) -> str:
         return f"{self.t}; {self.f}"
 
@@ -155,6 +158,9 @@ class IntervalResult:
     bootstrap_distribution: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        self.bootstrap_distribution.setflags(write=False)
 
     def __str__(self) -> str:
         p = "" if self.pvalue is None else f", p={_fmt_p(self.pvalue)}"
