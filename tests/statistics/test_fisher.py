@@ -275,3 +275,50 @@ def test_a_layer_that_changes_behaviour_between_batches_leaves_the_shortcut():
             expected[n] += g.double() ** 2 / 12
     for name in expected:
         torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-4, atol=1e-9)
+
+
+def test_hooks_removed_and_flags_restored_when_the_data_fails():
+    model = _MLP().train()
+
+    def batches():
+        yield torch.randn(4, 6), torch.zeros(4, dtype=torch.long)
+        raise RuntimeError("data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        fisher_diagonal(model, batches())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(m.training for m in model.modules())
+
+
+def test_tiny_llama_sequence_classifier_matches_the_loop():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    class Logits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits
+
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=20,
+        max_position_embeddings=16,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(9)
+    model = Logits(LlamaForSequenceClassification(config).eval())
+    model.inner.set_attn_implementation("eager")
+    ids = torch.randint(1, 20, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    expected = _loop_reference(model, ids, y, "exact")
+    fisher = fisher_diagonal(model, [(ids[:4], y[:4]), (ids[4:], y[4:])])
+    assert set(fisher) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(fisher[name].double(), expected[name], rtol=1e-4, atol=1e-10)
