@@ -30,8 +30,9 @@ def test_breadcrumbs_matches_formula(dtype):
 def test_breadcrumbs_ties_matches_formula(consensus):
     base, *tensors = _models(3)
     w, d, g = [1.0, 0.5, 2.0], [0.6, 0.6, 0.4], [0.1, 0.02, 0.2]
-    out = breadcrumbs_ties(tensors, base, weight=w, density=d, gamma=g, normalize=True,
-                           consensus_method=consensus)
+    out = breadcrumbs_ties(
+        tensors, base, weight=w, density=d, gamma=g, normalize=True, consensus_method=consensus
+    )
     torch.testing.assert_close(out, _ref(base, tensors, w, d, g, 1.0, True, consensus))
 
 
@@ -56,8 +57,9 @@ def test_density_zero_and_one_all_zero_and_one_model():
     torch.testing.assert_close(breadcrumbs([a, b], base, density=0.0, gamma=0.1), base)
     torch.testing.assert_close(breadcrumbs([a, b], base, density=1.0, gamma=0.1), a + b - base)
     torch.testing.assert_close(breadcrumbs_ties([base, base], base, density=0.5), base)
-    torch.testing.assert_close(breadcrumbs([a], base, density=0.5, gamma=0.1),
-                               _ref(base, [a], [1], [0.5], [0.1]))
+    torch.testing.assert_close(
+        breadcrumbs([a], base, density=0.5, gamma=0.1), _ref(base, [a], [1], [0.5], [0.1])
+    )
 
 
 def test_small_tensors_still_keep_density_when_gamma_drops_nothing():
@@ -80,10 +82,22 @@ def test_defaults_and_mergekit_block():
     assert (p.gamma, p.density, p.normalize, p.rescale) == (0.01, 1.0, False, False)
     base, a, b = _models(2)
     out = merge_state_dicts(
-        "breadcrumbs_ties", [{"w": a}, {"w": b}], {"w": base},
-        model_parameters=[{"weight": 1.0, "density": 0.7, "gamma": 0.05},
-                          {"weight": 0.5, "density": 0.6, "gamma": 0.02}],
+        "breadcrumbs_ties",
+        [{"w": a}, {"w": b}],
+        {"w": base},
+        model_parameters=[
+            {"weight": 1.0, "density": 0.7, "gamma": 0.05},
+            {"weight": 0.5, "density": 0.6, "gamma": 0.02},
+        ],
         int8_mask=True,
     )["w"]
     expected = _ref(base, [a, b], [1.0, 0.5], [0.7, 0.6], [0.05, 0.02], consensus="sum")
     torch.testing.assert_close(out, expected)
+
+
+def test_tensor_larger_than_a_chunk():
+    base, *tensors = _models(2, shape=(700, 600), seed=6, dtype=torch.bfloat16)
+    out = breadcrumbs_ties(tensors, base, density=[0.3, 0.7], gamma=[0.05, 0.2])
+    torch.testing.assert_close(
+        out, _ref(base, tensors, [1, 1], [0.3, 0.7], [0.05, 0.2], consensus="sum")
+    )

@@ -14,17 +14,26 @@ def _models(n, shape=(20, 30), seed=0):
     return [torch.randn(shape, generator=g) for _ in range(n + 1)]
 
 
-def _masks(shape, densities, seed):
-    """The drop masks written out: one uniform draw per entry and model, keep if < density."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(shape, generator=g) < d).double().numpy() for d in densities]
+def _masks(shape, densities, seed, generator=None):
+    """The drop masks written out: each model gets a generator seeded by a draw from the
+    tensor's generator; one uniform draw u per entry (float32), kept if u + d >= 1,
+    which happens with probability d."""
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
+    seeds = torch.randint(0, 2**62, (len(densities),), generator=g).tolist()
+    masks = []
+    for s, d in zip(seeds, densities):
+        u = torch.rand(shape, generator=torch.Generator().manual_seed(s)).numpy()
+        masks.append((u + np.float32(d) >= np.float32(1.0)).astype(np.float64))
+    return masks
 
 
 def _ref(base, tensors, w, d, seed, lam=1.0, normalize=False, consensus=None):
     b = base.double().numpy()
     masks = _masks(base.shape, d, seed)
-    taus = [(t.double().numpy() - b) * m / di if di > 0 else 0 * b
-            for t, m, di in zip(tensors, masks, d)]
+    taus = [
+        (t.double().numpy() - b) * m / di if di > 0 else 0 * b
+        for t, m, di in zip(tensors, masks, d)
+    ]
     return torch.from_numpy(combine(b, taus, w, lam, normalize, consensus)).float()
 
 
@@ -32,8 +41,15 @@ def _ref(base, tensors, w, d, seed, lam=1.0, normalize=False, consensus=None):
 def test_dare_linear_matches_formula_with_exact_rescale(normalize):
     base, *tensors = _models(3)
     w, d = [0.5, 1.0, -0.3], [0.1, 0.5, 0.8]
-    out = dare_linear(tensors, base, weight=w, density=d, lambda_=1.2, normalize=normalize,
-                      generator=torch.Generator().manual_seed(7))
+    out = dare_linear(
+        tensors,
+        base,
+        weight=w,
+        density=d,
+        lambda_=1.2,
+        normalize=normalize,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(out, _ref(base, tensors, w, d, 7, 1.2, normalize))
 
 
@@ -41,8 +57,14 @@ def test_dare_linear_matches_formula_with_exact_rescale(normalize):
 def test_dare_ties_matches_formula(consensus):
     base, *tensors = _models(3)
     w, d = [1.0, 0.6, 0.8], [0.3, 0.5, 0.9]
-    out = dare_ties(tensors, base, weight=w, density=d, consensus_method=consensus,
-                    generator=torch.Generator().manual_seed(3))
+    out = dare_ties(
+        tensors,
+        base,
+        weight=w,
+        density=d,
+        consensus_method=consensus,
+        generator=torch.Generator().manual_seed(3),
+    )
     torch.testing.assert_close(out, _ref(base, tensors, w, d, 3, consensus=consensus))
 
 
@@ -61,11 +83,13 @@ def test_no_rescale_and_l1_rescale():
     base, a = _models(1)
     tau = (a - base).double().numpy()
     m = _masks(base.shape, [0.4], 5)[0]
-    plain = dare_linear([a], base, density=0.4, rescale=False,
-                        generator=torch.Generator().manual_seed(5))
+    plain = dare_linear(
+        [a], base, density=0.4, rescale=False, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(plain, base + torch.from_numpy(tau * m).float())
-    l1 = dare_linear([a], base, density=0.4, rescale_method="l1",
-                     generator=torch.Generator().manual_seed(5))
+    l1 = dare_linear(
+        [a], base, density=0.4, rescale_method="l1", generator=torch.Generator().manual_seed(5)
+    )
     expected = tau * m * np.abs(tau).sum() / np.abs(tau * m).sum()
     torch.testing.assert_close(l1, base + torch.from_numpy(expected).float())
 
@@ -113,7 +137,7 @@ def test_same_seed_same_result_for_one_or_two_threads():
 
 
 def _ref_with_generator(base, tensors, d, g):
-    masks = [(torch.rand(base.shape, generator=g) < di).double().numpy() for di in d]
+    masks = _masks(base.shape, d, None, generator=g)
     b = base.double().numpy()
     taus = [(t.double().numpy() - b) * m / di for t, m, di in zip(tensors, masks, d)]
     return torch.from_numpy(combine(b, taus, [1, 1], 1.0, False, "sum")).float()
@@ -125,3 +149,19 @@ def test_defaults_are_mergekit_defaults():
         assert (p.normalize, p.rescale, p.lambda_, p.density) == (False, True, 1.0, 1.0)
     assert DareTiesParameters().consensus_method == "sum"
     assert "consensus_method" not in DareLinearParameters.model_fields
+
+
+def test_large_tensor_is_chunked_without_changing_the_draws():
+    g = torch.Generator().manual_seed(4)
+    base, a, b = (torch.randn(700, 600, generator=g) for _ in range(3))  # 420000 entries
+    out = dare_ties(
+        [a, b],
+        base,
+        density=[0.3, 0.6],
+        weight=[1.0, 0.5],
+        normalize=True,
+        generator=torch.Generator().manual_seed(9),
+    )
+    torch.testing.assert_close(
+        out, _ref(base, [a, b], [1.0, 0.5], [0.3, 0.6], 9, normalize=True, consensus="sum")
+    )

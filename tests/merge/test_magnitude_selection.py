@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from modelfuse.merge.magnitude_selection import global_top_k, kth_largest, top_k_mask
+from modelfuse.merge.magnitude_selection import (
+    global_top_k,
+    kth_largest,
+    select_top_k,
+    top_k_mask,
+)
 
 from ._reference import top_k_positions
 
@@ -36,8 +41,10 @@ def test_top_k_mask_keeps_exactly_k_with_index_order_ties(k):
 def test_global_top_k_equals_selection_on_the_concatenation():
     g = torch.Generator().manual_seed(1)
     sizes = [5, 400, 1, 2000, 333]
-    chunks = [(f"t{i}", [torch.randint(0, 50, (s,), generator=g).float() / 8 for _ in range(3)])
-              for i, s in enumerate(sizes)]
+    chunks = [
+        (f"t{i}", [torch.randint(0, 50, (s,), generator=g).float() / 8 for _ in range(3)])
+        for i, s in enumerate(sizes)
+    ]
     densities = [0.0, 0.25, 1.0]
     selections = global_top_k(lambda: iter(chunks), densities)
     for i, d in enumerate(densities):
@@ -48,3 +55,17 @@ def test_global_top_k_equals_selection_on_the_concatenation():
         got = torch.cat([selections[i].mask(c[1][i], c[0]) for c in chunks]).numpy()
         assert np.array_equal(got, expected)
         assert selections[i].kept == k and selections[i].total == flat.size
+
+
+def test_chunked_selection_with_a_misleading_sample_falls_back_to_radix():
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(0, 1000, (300_000,), generator=g).float() / 64
+    chunks = [values[i : i + 70_000] for i in range(0, 300_000, 70_000)]
+    k = 123_456
+    wrong_sample = torch.zeros(1000)  # brackets [0, 0]: the counting check must fail
+    selection = select_top_k(lambda: iter(chunks), k, 300_000, wrong_sample)
+    masker = selection.masker()
+    mask = torch.cat([masker(c) for c in chunks]).numpy()
+    expected = np.zeros(300_000, dtype=bool)
+    expected[top_k_positions(values.numpy(), k)] = True
+    assert np.array_equal(mask, expected)

@@ -37,8 +37,9 @@ def _reference(base, tensors, rowwise=False, angle=False):
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_matches_formula(n, rowwise):
     base, tensors = _models(n)
-    torch.testing.assert_close(model_stock(tensors, base, filter_wise=rowwise),
-                               _reference(base, tensors, rowwise))
+    torch.testing.assert_close(
+        model_stock(tensors, base, filter_wise=rowwise), _reference(base, tensors, rowwise)
+    )
 
 
 def test_mean_angle_option_differs_for_more_than_two_models():
@@ -47,8 +48,9 @@ def test_mean_angle_option_differs_for_more_than_two_models():
     torch.testing.assert_close(by_angle, _reference(base, tensors, angle=True))
     assert not torch.allclose(by_angle, model_stock(tensors, base))
     two_base, two = _models(2, seed=2)
-    torch.testing.assert_close(model_stock(two, two_base, pairwise_mean="angle"),
-                               model_stock(two, two_base))
+    torch.testing.assert_close(
+        model_stock(two, two_base, pairwise_mean="angle"), model_stock(two, two_base)
+    )
 
 
 def test_two_models_closed_form_from_the_paper():
@@ -60,8 +62,9 @@ def test_two_models_closed_form_from_the_paper():
 
 def test_bias_rows_filter_wise_is_one_row():
     base, tensors = _models(3, shape=(7,), seed=4)
-    torch.testing.assert_close(model_stock(tensors, base, filter_wise=True),
-                               model_stock(tensors, base))
+    torch.testing.assert_close(
+        model_stock(tensors, base, filter_wise=True), model_stock(tensors, base)
+    )
 
 
 def test_edge_cases_zero_and_opposite_task_vectors():
@@ -85,6 +88,7 @@ def test_needs_base_and_two_models():
 
 def test_through_state_dicts_with_filter_wise():
     base, (a, b, c) = _models(3, seed=7)
-    out = merge_state_dicts("model_stock", [{"w": a}, {"w": b}, {"w": c}], {"w": base},
-                            filter_wise=True)["w"]
+    out = merge_state_dicts(
+        "model_stock", [{"w": a}, {"w": b}, {"w": c}], {"w": base}, filter_wise=True
+    )["w"]
     torch.testing.assert_close(out, _reference(base, [a, b, c], rowwise=True))

@@ -77,8 +77,14 @@ def test_one_model_and_all_zero_task_vectors():
 
 def test_mergekit_block_through_state_dicts():
     base, a, b = _models(3, seed=5)
-    out = merge_state_dicts("multislerp", [{"w": a}, {"w": b}], {"w": base},
-                            weights=[0.3, 0.7], normalize_weights=True, eps=1e-8)["w"]
+    out = merge_state_dicts(
+        "multislerp",
+        [{"w": a}, {"w": b}],
+        {"w": base},
+        weights=[0.3, 0.7],
+        normalize_weights=True,
+        eps=1e-8,
+    )["w"]
     torch.testing.assert_close(out, _reference([a, b], [0.3, 0.7], base))
     plain = merge_state_dicts("multislerp", [{"w": a}, {"w": b}], weights=[0.3, 0.7])["w"]
     torch.testing.assert_close(plain, _reference([a, b], [0.3, 0.7]))

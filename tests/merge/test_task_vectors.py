@@ -14,23 +14,39 @@ def test_sparsify_does_not_modify_its_input_and_returns_new_tensors():
     assert torch.equal(delta, copy)
 
 
-@pytest.mark.parametrize("norm,fn", [
-    ("l1", lambda t: t.abs().sum()),
-    ("l2", lambda t: t.norm()),
-    ("linf", lambda t: t.abs().max()),
-])
+@pytest.mark.parametrize(
+    "norm,fn",
+    [
+        ("l1", lambda t: t.abs().sum()),
+        ("l2", lambda t: t.norm()),
+        ("linf", lambda t: t.abs().max()),
+    ],
+)
 def test_norm_rescales_restore_the_norm(norm, fn):
     delta = torch.tensor([0.1, -3.0, 2.0, 0.5, 4.0, -0.2])
-    out = sparsify(delta, method="magnitude_outliers", density=0.5, gamma=0.2, rescale=True,
-                   rescale_method=norm)
+    out = sparsify(
+        delta,
+        method="magnitude_outliers",
+        density=0.5,
+        gamma=0.2,
+        rescale=True,
+        rescale_method=norm,
+    )
     torch.testing.assert_close(fn(out), fn(delta))
 
 
 def test_inputs_are_not_modified_by_the_merge():
     base, a = torch.zeros(5), torch.arange(5.0)
     before = (base.clone(), a.clone())
-    generalized_task_arithmetic([a], base, sparsification="magnitude", density=0.4,
-                                consensus_method="sum", normalize=True, lambda_=2.0)
+    generalized_task_arithmetic(
+        [a],
+        base,
+        sparsification="magnitude",
+        density=0.4,
+        consensus_method="sum",
+        normalize=True,
+        lambda_=2.0,
+    )
     assert torch.equal(base, before[0]) and torch.equal(a, before[1])
 
 

@@ -25,8 +25,15 @@ def _ref(base, tensors, weights, density, lam=1.0, normalize=True, consensus="su
 def test_matches_formula(consensus, normalize):
     base, *tensors = _models(3)
     w, d = [0.7, 1.3, -0.4], [0.3, 0.5, 0.9]
-    result = ties(tensors, base, weight=w, density=d, lambda_=1.7, normalize=normalize,
-                  consensus_method=consensus)
+    result = ties(
+        tensors,
+        base,
+        weight=w,
+        density=d,
+        lambda_=1.7,
+        normalize=normalize,
+        consensus_method=consensus,
+    )
     expected = _ref(base, tensors, w, d, 1.7, normalize, consensus)
     torch.testing.assert_close(result, expected)
 
@@ -48,8 +55,9 @@ def test_count_election_differs_from_sum():
 def test_density_zero_returns_base_and_one_keeps_everything():
     base, *tensors = _models(2)
     torch.testing.assert_close(ties(tensors, base, density=0.0), base)
-    torch.testing.assert_close(ties(tensors, base, density=1.0),
-                               _ref(base, tensors, [1, 1], [1, 1]))
+    torch.testing.assert_close(
+        ties(tensors, base, density=1.0), _ref(base, tensors, [1, 1], [1, 1])
+    )
 
 
 def test_all_zero_task_vectors_give_the_base():
@@ -71,14 +79,20 @@ def test_opposite_signs_everywhere_elect_plus():
 def test_one_model_normalized_is_its_trimmed_task_vector_whatever_the_weight():
     base, a = _models(1)
     tau = torch.from_numpy(trim((a - base).double().numpy(), 0.4)).float()
-    torch.testing.assert_close(ties([a], base, weight=[3.0], density=0.4, lambda_=0.5),
-                               base + 0.5 * tau)
+    torch.testing.assert_close(
+        ties([a], base, weight=[3.0], density=0.4, lambda_=0.5), base + 0.5 * tau
+    )
 
 
 def test_defaults_are_mergekit_defaults():
     p = TiesParameters()
     assert (p.normalize, p.lambda_, p.rescale, p.consensus_method, p.scope) == (
-        True, 1.0, False, "sum", "tensor")
+        True,
+        1.0,
+        False,
+        "sum",
+        "tensor",
+    )
     assert p.weight == 1.0 and p.density == 1.0
 
 
@@ -86,17 +100,23 @@ def test_reads_a_mergekit_parameter_block():
     base, a, b = _models(2)
     sd = [{"w": a}, {"w": b}]
     out = merge_state_dicts(
-        "ties", sd, {"w": base},
+        "ties",
+        sd,
+        {"w": base},
         model_parameters=[{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}],
-        normalize=False, int8_mask=True, **{"lambda": 0.9},
+        normalize=False,
+        int8_mask=True,
+        **{"lambda": 0.9},
     )["w"]
     torch.testing.assert_close(out, _ref(base, [a, b], [0.6, 0.4], [0.5, 0.7], 0.9, False))
 
 
 def _split_model(seed, sizes, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    return {f"model.layers.{i}.w": torch.randn(s, generator=g).to(dtype).float()
-            for i, s in enumerate(sizes)}
+    return {
+        f"model.layers.{i}.w": torch.randn(s, generator=g).to(dtype).float()
+        for i, s in enumerate(sizes)
+    }
 
 
 def test_global_scope_threshold_equals_the_concatenated_models():
@@ -112,8 +132,10 @@ def test_global_scope_threshold_equals_the_concatenated_models():
     method = get_method("ties")
     plan = build_plan(
         method,
-        [ModelInput(f"m{i}", StateDictSource(sd, f"m{i}"), {"density": d})
-         for i, (sd, d) in enumerate(zip(models, densities))],
+        [
+            ModelInput(f"m{i}", StateDictSource(sd, f"m{i}"), {"density": d})
+            for i, (sd, d) in enumerate(zip(models, densities))
+        ],
         ModelInput("base", StateDictSource(base, "base")),
         {"scope": "global"},
     )
@@ -126,8 +148,9 @@ def test_global_scope_threshold_equals_the_concatenated_models():
         assert thresholds[i].value == kth
         assert thresholds[i].kept == k and thresholds[i].total == concatenated.numel()
 
-    merged = merge_state_dicts("ties", models, base, scope="global",
-                               model_parameters=[{"density": d} for d in densities])
+    merged = merge_state_dicts(
+        "ties", models, base, scope="global", model_parameters=[{"density": d} for d in densities]
+    )
     flat_base = torch.cat([base[k] for k in names])
     flat = [torch.cat([sd[k] for k in names]) for sd in models]
     expected = _ref(flat_base, flat, [1, 1], densities)
@@ -143,11 +166,13 @@ def test_global_scope_applies_only_to_the_tensors_that_ask_for_it():
     names = ["model.layers.0.w", "model.layers.1.w"]
     flat_base = torch.cat([base[k] for k in names])
     flat = [torch.cat([sd[k] for k in names]) for sd in models]
-    torch.testing.assert_close(torch.cat([merged[k] for k in names]),
-                               _ref(flat_base, flat, [1, 1], [0.3, 0.3]))
+    torch.testing.assert_close(
+        torch.cat([merged[k] for k in names]), _ref(flat_base, flat, [1, 1], [0.3, 0.3])
+    )
     last = "model.layers.2.w"
     torch.testing.assert_close(
-        merged[last], _ref(base[last], [sd[last] for sd in models], [1, 1], [0.3, 0.3]))
+        merged[last], _ref(base[last], [sd[last] for sd in models], [1, 1], [0.3, 0.3])
+    )
 
 
 def test_global_scope_needs_one_density_per_model():
@@ -179,3 +204,14 @@ def test_l1_rescale_restores_the_norm_of_each_trimmed_task_vector():
     torch.testing.assert_close(result, base + torch.from_numpy(kept).float())
     exact = ties([a], base, density=0.3, rescale=True)
     torch.testing.assert_close(exact, base + torch.from_numpy(trim(tau, 0.3) / 0.3).float())
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_tensor_larger_than_a_chunk_with_many_ties(consensus):
+    # 420000 bfloat16 entries: several chunks, sampled bracketing, ties split across chunks.
+    base, *tensors = _models(2, shape=(700, 600), seed=5, dtype=torch.bfloat16)
+    # Dyadic weights: the products are exact, so exact sign ties resolve the same way.
+    out = ties(tensors, base, density=[0.2, 0.55], weight=[0.75, 1.25], consensus_method=consensus)
+    torch.testing.assert_close(
+        out, _ref(base, tensors, [0.75, 1.25], [0.2, 0.55], consensus=consensus)
+    )

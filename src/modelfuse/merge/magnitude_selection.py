@@ -3,10 +3,11 @@
 Trimming a task vector to a ``density`` keeps its ``k = int(density * n)``
 entries of largest magnitude. Both selections here are exact and never sort:
 
-- :func:`top_k_mask` (one tensor): the k-th largest value is found inside a
-  narrow band bracketed from a strided sample (checked by counting, with a
-  radix histogram on the float bits as the fall-back), then ``kthvalue`` runs
-  on the band only.
+- :func:`select_top_k` (one tensor, read chunk by chunk): the k-th largest
+  value is found inside a narrow band bracketed from a strided sample (checked
+  by counting in the same pass, with a radix histogram on the float bits as the
+  fall-back), then ``kthvalue`` runs on the band only. :func:`top_k_mask` and
+  :func:`kth_largest` are its whole-tensor forms.
 - :func:`global_top_k` (a whole model, ``scope: global``): a radix selection on
   the float32 bit patterns of the magnitudes, which order like the values for
   non-negative floats. Pass 1 counts the top 16 bits of every magnitude (one
@@ -24,16 +25,17 @@ and the result does not depend on the order in which tensors are merged.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from modelfuse.errors import ConfigError
 
 __all__ = [
+    "Chunks",
     "MagnitudeThreshold",
     "global_top_k",
     "kth_largest",
+    "select_top_k",
     "top_k_mask",
 ]
 
@@ -49,17 +51,234 @@ def _check_magnitudes(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).contiguous()
 
 
-def _kth_largest_radix(values: torch.Tensor, k: int) -> float:
-    bits = values.view(torch.int32)
-    high = bits >> 16
-    counts = torch.bincount(high, minlength=_HIGH_BINS)
-    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # count >= bin
-    # The bin holding the k-th largest: the highest bin with count(>= bin) >= k.
-    at_least = int((above >= k).nonzero().max())
-    strictly_above = int(above[at_least + 1]) if at_least + 1 < _HIGH_BINS else 0
-    band = values[high == at_least]
-    rank = k - strictly_above
-    return float(band.kthvalue(band.numel() - rank + 1).values)
+def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
+    return _check_magnitudes(magnitudes).view(torch.int32)
+
+
+class MagnitudeThreshold:
+    """A selection of the ``kept`` largest magnitudes among ``total``, over one tensor or a model.
+
+    Attributes
+    ----------
+    value : float
+        The ``kept``-th largest magnitude (``inf`` when nothing is kept, ``-inf``
+        when everything is).
+    kept, total : int
+        Entries kept, and entries looked at.
+    tie_quota : dict name -> int, or None
+        When not every entry equal to ``value`` fits, how many of them each
+        tensor keeps, first in index order (tensors not listed keep none);
+        None keeps them all.
+    """
+
+    __slots__ = ("kept", "tie_quota", "total", "value")
+
+    def __init__(
+        self, value: float, kept: int, total: int, tie_quota: Mapping[str, int] | None = None
+    ) -> None:
+        self.value = float(value)
+        self.kept = int(kept)
+        self.total = int(total)
+        self.tie_quota = None if tie_quota is None else dict(tie_quota)
+
+    def __repr__(self) -> str:
+        return (
+            f"MagnitudeThreshold(value={self.value!r}, kept={self.kept}, total={self.total}, "
+            f"tie_quota={self.tie_quota!r})"
+        )
+
+    def masker(self, name: str = "") -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function masking the chunks of tensor ``name``, given in index order.
+
+        Each call takes the magnitudes of the next chunk and returns a bool mask.
+        """
+        value = self.value
+        quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
+
+        def mask(magnitudes: torch.Tensor) -> torch.Tensor:
+            if quota is None:
+                return magnitudes >= value
+            kept = magnitudes > value
+            if quota[0] > 0:
+                positions = (magnitudes.reshape(-1) == value).nonzero().view(-1)[: quota[0]]
+                kept.view(-1)[positions] = True
+                quota[0] -= positions.numel()
+            return kept
+
+        return mask
+
+    def selector(self, name: str = "") -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function zeroing the unselected entries of the chunks of tensor ``name``.
+
+        Each call takes the next chunk of signed values (selected by magnitude)
+        and returns a new tensor; the chunks must come in index order.
+        """
+        value = self.value
+        quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
+        # |x| >= value  <=>  |x| > the float32 just below value (value > 0).
+        below = float(torch.nextafter(torch.tensor(value), torch.tensor(0.0))) if value > 0 else 0.0
+
+        def select(values: torch.Tensor) -> torch.Tensor:
+            if value == float("inf"):
+                return torch.zeros_like(values)
+            if value == float("-inf") or value <= 0.0:
+                return values.clone()
+            if quota is None:
+                return torch.nn.functional.hardshrink(values, below)
+            if quota[0] <= 0:
+                return torch.nn.functional.hardshrink(values, value)
+            ties = values.abs() == value
+            count = int(torch.count_nonzero(ties))
+            if count <= quota[0]:
+                quota[0] -= count
+                return torch.nn.functional.hardshrink(values, below)
+            kept = torch.nn.functional.hardshrink(values, value)
+            positions = ties.view(-1).nonzero().view(-1)[: quota[0]]
+            kept.view(-1)[positions] = values.reshape(-1)[positions]
+            quota[0] = 0
+            return kept
+
+        return select
+
+    def mask(self, magnitudes: torch.Tensor, name: str = "") -> torch.Tensor:
+        """The entries of the whole tensor ``name`` this selection keeps."""
+        return self.masker(name)(_check_magnitudes(magnitudes).reshape(magnitudes.shape))
+
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+"""Calling it yields the magnitudes of one tensor chunk by chunk, in index order."""
+
+
+def _count(flags: torch.Tensor) -> int:
+    """How many of the 0/1 float ``flags`` are 1 (a float sum is exact below 2**24)."""
+    if flags.numel() < (1 << 24):
+        return int(flags.sum())
+    return int(flags.sum(dtype=torch.float64))
+
+
+def _top_down(counts: torch.Tensor) -> torch.Tensor:
+    """``out[b]`` = how many are in bin ``b`` or above."""
+    return torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
+
+
+def _finish(band: torch.Tensor, above: int, k: int, n: int) -> MagnitudeThreshold:
+    """The k-th largest, knowing ``above`` entries exceed every entry of ``band``."""
+    rank = k - above
+    value = float(band.kthvalue(band.numel() - rank + 1).values)
+    greater = above + int(torch.count_nonzero(band > value))
+    ties = int(torch.count_nonzero(band == value))
+    quota = k - greater
+    return MagnitudeThreshold(value, k, n, None if quota == ties else {"": quota})
+
+
+def _select_radix(chunks: Chunks, k: int, n: int) -> MagnitudeThreshold:
+    counts = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for chunk in chunks():
+        counts += torch.bincount(_bits(chunk) >> 16, minlength=_HIGH_BINS)
+    at_or_above = _top_down(counts)
+    high = int((at_or_above >= k).nonzero().max())
+    above = int(at_or_above[high + 1]) if high + 1 < _HIGH_BINS else 0
+    band = torch.cat([c.reshape(-1)[(_bits(c) >> 16) == high] for c in chunks()])
+    return _finish(band, above, k, n)
+
+
+def select_top_k(
+    chunks: Chunks, k: int, n: int, sample: torch.Tensor | None = None
+) -> MagnitudeThreshold:
+    """The exact selection of the ``k`` largest of ``n`` non-negative values, without sorting.
+
+    Parameters
+    ----------
+    chunks : callable
+        Each call yields the values chunk by chunk in index order (float32); it
+        is called once, or three times when the bracket fails.
+    k, n : int
+        How many to keep, and how many values there are.
+    sample : Tensor, optional
+        Some of the values (e.g. every ``n // 65536``-th); their order
+        statistics bracket the answer, which one counting pass then checks.
+        Without it the selection is a radix histogram of the float bits.
+
+    Returns
+    -------
+    MagnitudeThreshold
+        ``tie_quota`` is ``{"": q}`` when only the first ``q`` entries equal
+        to the threshold are kept.
+
+    Examples
+    --------
+    >>> values = torch.tensor([0.5, 3.0, 1.0, 2.0, 2.0])
+    >>> s = select_top_k(lambda: [values], 2, 5)
+    >>> s.value, s.tie_quota
+    (2.0, {'': 1})
+    """
+    if k <= 0:
+        return MagnitudeThreshold(float("inf"), 0, n)
+    if k >= n:
+        return MagnitudeThreshold(float("-inf"), n, n)
+    if sample is None or sample.numel() < 64:
+        if n <= _SMALL:
+            return _finish(torch.cat([c.reshape(-1) for c in chunks()]), 0, k, n)
+        return _select_radix(chunks, k, n)
+    sample = _check_magnitudes(sample)
+    m = sample.numel()
+    q = k / n
+    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
+    hi_rank = max(1, int((q - margin) * m))  # fewer from the top: a larger value
+    lo_rank = min(m, int((q + margin) * m) + 1)
+    upper = float(sample.kthvalue(m - hi_rank + 1).values)
+    lower = float(sample.kthvalue(m - lo_rank + 1).values)
+    low_bits = _float_bits(lower)
+    span = _float_bits(upper) - low_bits
+    if span < _LOW_BINS:
+        return _select_in_bit_range(chunks, k, n, low_bits, span)
+    above = 0
+    bands = []
+    for chunk in chunks():
+        chunk = chunk.reshape(-1)
+        # Comparisons into float buffers: much faster than into bool tensors.
+        flags = torch.gt(chunk, upper, out=torch.empty_like(chunk))
+        above += _count(flags)
+        inside = torch.ge(chunk, lower, out=flags)
+        inside.mul_(torch.le(chunk, upper, out=torch.empty_like(chunk)))
+        bands.append(chunk[inside.bool()])
+    band = torch.cat(bands)
+    if above < k <= above + band.numel():
+        return _finish(band, above, k, n)
+    return _select_radix(chunks, k, n)
+
+
+def _float_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
+
+
+def _select_in_bit_range(
+    chunks: Chunks, k: int, n: int, low_bits: int, span: int
+) -> MagnitudeThreshold:
+    """One counting pass when the bracket holds few distinct float32 values (quantized data).
+
+    Every value's bit pattern, offset from ``low_bits`` and clamped, is counted:
+    bin 0 holds those below the bracket, bin ``span + 2`` those above it.
+    """
+    bins = span + 3
+    counts = torch.zeros(bins, dtype=torch.int64)
+    for chunk in chunks():
+        offset = _bits(chunk) - (low_bits - 1)
+        counts += torch.bincount(offset.clamp_(0, span + 2), minlength=bins)
+    at_or_above = _top_down(counts)
+    if not int(at_or_above[1]) >= k > int(at_or_above[span + 2]):
+        return _select_radix(chunks, k, n)  # the bracket missed
+    position = int((at_or_above >= k).nonzero().max())
+    value = float(torch.tensor([low_bits + position - 1], dtype=torch.int32).view(torch.float32))
+    greater = int(at_or_above[position + 1])
+    ties = int(counts[position])
+    quota = k - greater
+    return MagnitudeThreshold(value, k, n, None if quota == ties else {"": quota})
+
+
+def _strided_sample(values: torch.Tensor) -> torch.Tensor | None:
+    n = values.numel()
+    return values[:: n // _SAMPLE] if n > _SMALL else None
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -85,39 +304,9 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n <= _SMALL:
-        return float(flat.kthvalue(n - k + 1).values)
-    # Bracket the answer between two order statistics of a strided sample, then
-    # check the bracket by counting; select exactly inside it.
-    stride = n // _SAMPLE
-    sample = flat[::stride]
-    m = sample.numel()
-    q = k / n
-    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
-    hi_rank = max(1, int((q - margin) * m))  # fewer from the top: a larger value
-    lo_rank = min(m, int((q + margin) * m) + 1)
-    upper = float(sample.kthvalue(m - hi_rank + 1).values)
-    lower = float(sample.kthvalue(m - lo_rank + 1).values)
-    above = int(torch.count_nonzero(flat > upper))
-    if above < k:
-        band = flat[(flat >= lower) & (flat <= upper)]
-        if above + band.numel() >= k:
-            rank = k - above
-            return float(band.kthvalue(band.numel() - rank + 1).values)
-    return _kth_largest_radix(flat, k)
-
-
-def _mask_with_ties(flat: torch.Tensor, threshold: float, k: int | None) -> torch.Tensor:
-    """``flat >= threshold``; with ``k``, surplus ties are dropped from the highest index."""
-    mask = flat >= threshold
-    if k is None:
-        return mask
-    extra = int(torch.count_nonzero(mask)) - k
-    if extra <= 0:
-        return mask
-    positions = (flat == threshold).nonzero().reshape(-1)
-    mask[positions[positions.numel() - extra :]] = False
-    return mask
+    if k == n:
+        return float(flat.min())
+    return select_top_k(lambda: [flat], k, n, _strided_sample(flat)).value
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -141,60 +330,13 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     >>> top_k_mask(torch.tensor([2.0, 2.0, 2.0]), 2)
     tensor([ True,  True, False])
     """
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(values.shape, dtype=torch.bool)
     flat = _check_magnitudes(values)
-    threshold = kth_largest(flat, k)
-    return _mask_with_ties(flat, threshold, k).reshape(values.shape)
-
-
-@dataclass(frozen=True)
-class MagnitudeThreshold:
-    """One model's whole-model selection of its ``kept`` largest magnitudes.
-
-    Attributes
-    ----------
-    value : float
-        The ``kept``-th largest magnitude over all selected tensors (``inf`` when
-        nothing is kept, ``-inf`` when everything is).
-    kept, total : int
-        Entries kept, and entries over all selected tensors.
-    tie_quota : dict name -> int, or None
-        When not every entry equal to ``value`` fits, how many of them each
-        tensor keeps (tensors not listed keep none); None keeps them all.
-    """
-
-    value: float
-    kept: int
-    total: int
-    tie_quota: Mapping[str, int] | None = field(default=None)
-
-    def mask(self, magnitudes: torch.Tensor, name: str) -> torch.Tensor:
-        """The entries of tensor ``name`` this selection keeps."""
-        flat = _check_magnitudes(magnitudes)
-        if self.value == float("inf"):
-            return torch.zeros(magnitudes.shape, dtype=torch.bool)
-        if self.value == float("-inf"):
-            return torch.ones(magnitudes.shape, dtype=torch.bool)
-        if self.tie_quota is None:
-            return _mask_with_ties(flat, self.value, None).reshape(magnitudes.shape)
-        mask = flat > self.value
-        quota = self.tie_quota.get(name, 0)
-        if quota > 0:
-            positions = (flat == self.value).nonzero().reshape(-1)[:quota]
-            mask[positions] = True
-        return mask.reshape(magnitudes.shape)
+    selection = select_top_k(lambda: [flat], k, flat.numel(), _strided_sample(flat))
+    return selection.masker("")(flat).reshape(values.shape)
 
 
 MagnitudeStream = Callable[[], Iterable[tuple[str, Sequence[torch.Tensor]]]]
 """Calling it yields ``(name, [magnitudes of model 0, model 1, ...])`` over the tensors."""
-
-
-def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return _check_magnitudes(magnitudes).view(torch.int32)
 
 
 def global_top_k(
@@ -243,7 +385,7 @@ def global_top_k(
         elif k >= total:
             results[i] = MagnitudeThreshold(float("-inf"), total, total)
         else:
-            at_or_above = torch.flip(torch.cumsum(torch.flip(high[i], [0]), 0), [0])
+            at_or_above = _top_down(high[i])
             high_bin[i] = int((at_or_above >= k).nonzero().max())
             if high_bin[i] + 1 < _HIGH_BINS:
                 above[i] = int(at_or_above[high_bin[i] + 1])
@@ -261,7 +403,7 @@ def global_top_k(
     ties_needed: dict[int, int] = {}
     ties_total: dict[int, int] = {}
     for i in active:
-        at_or_above = torch.flip(torch.cumsum(torch.flip(low[i], [0]), 0), [0]) + above[i]
+        at_or_above = _top_down(low[i]) + above[i]
         low_bin = int((at_or_above >= wanted[i]).nonzero().max())
         strictly = int(at_or_above[low_bin + 1]) if low_bin + 1 < _LOW_BINS else above[i]
         bits = torch.tensor([(high_bin[i] << 16) | low_bin], dtype=torch.int32)
@@ -286,4 +428,3 @@ def global_top_k(
             value[i], wanted[i], total, quotas[i] if i in quotas else None
         )
     return [r for r in results if r is not None]
-

@@ -104,8 +104,9 @@ def model_stock(
     cos = pairs.mean(0) if pairwise_mean == "cosine" else torch.cos(torch.arccos(pairs).mean(0))
     denominator = 1.0 + (n - 1) * cos
     defined = denominator > _MIN_DENOMINATOR
-    ratio = torch.where(defined, n * cos / denominator.clamp(min=_MIN_DENOMINATOR),
-                        torch.zeros_like(cos))
+    ratio = torch.where(
+        defined, n * cos / denominator.clamp(min=_MIN_DENOMINATOR), torch.zeros_like(cos)
+    )
     mean = taus.mean(0)  # mean(theta_i) - base, so theta = base + t * mean
     del taus
     return (base32.reshape(rows, -1) + ratio.unsqueeze(-1) * mean).reshape(base32.shape)

@@ -16,20 +16,23 @@ Every method of the family is a setting of :func:`generalized_task_arithmetic`:
    contributed (all of them without election; a zero sum counts as one);
 6. :math:`\theta = \theta_b + \lambda \tau_m`.
 
-The models are visited one at a time and only running sums are kept, so
-memory does not grow with the number of models.
+Each tensor is processed in chunks of 2**18 entries: for every chunk the models
+are visited one at a time and only running sums are kept, so the temporaries
+are a few chunks whatever the tensor's size or the number of models (the
+magnitude thresholds are found first, exactly, by a selection that reads the
+task vector chunk by chunk; see :mod:`modelfuse.merge.magnitude_selection`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.magnitude_selection import MagnitudeThreshold, top_k_mask
+from modelfuse.merge.magnitude_selection import MagnitudeThreshold, select_top_k
 from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
 __all__ = [
@@ -84,24 +87,109 @@ class SparsifyingParameters(TaskVectorParameters):
     )
 
 
-def _rescale(
-    delta: torch.Tensor, kept: torch.Tensor, density: float, method: RescaleMethod
-) -> torch.Tensor:
-    if method == "exact":
-        return kept.div_(density) if density > 0 else kept
+_CHUNK = 1 << 18
+"""Entries merged at once: the work of a tensor runs chunk by chunk, so temporaries stay small."""
+
+_SAMPLE = 1 << 16
+
+
+def _norm(values: torch.Tensor, method: RescaleMethod) -> float:
     if method == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
-    elif method == "l2":
-        before, after = torch.linalg.vector_norm(delta), torch.linalg.vector_norm(kept)
-    elif method == "linf":
-        before, after = delta.abs().max(), kept.abs().max()
-    else:
-        raise ConfigError(
-            f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf"
+        return float(values.abs().sum())
+    if method == "l2":
+        return float(torch.linalg.vector_norm(values))
+    if method == "linf":
+        return float(values.abs().max()) if values.numel() else 0.0
+    raise ConfigError(f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf")
+
+
+class _Sparsifier:
+    """One model's sparsification of one tensor, prepared once, then applied chunk by chunk.
+
+    ``delta_of(index)`` returns a new float32 tensor of the task vector's entries at a
+    slice of the flattened tensor; the chunks must then come in index order.
+    """
+
+    def __init__(
+        self,
+        delta_of: Callable[[slice], torch.Tensor],
+        n: int,
+        *,
+        method: Sparsification,
+        density: float,
+        gamma: float,
+        rescale: bool,
+        rescale_method: RescaleMethod,
+        generator: torch.Generator | None,
+        threshold: MagnitudeThreshold | None,
+        name: str,
+        chunk: int,
+    ) -> None:
+        if method not in ("magnitude", "random", "magnitude_outliers"):
+            raise ConfigError(
+                f"sparsification: unknown method {method!r}; valid: magnitude, random, "
+                "magnitude_outliers"
+            )
+        if rescale_method not in ("exact", "l1", "l2", "linf"):
+            raise ConfigError(
+                f"rescale_method: unknown value {rescale_method!r}; valid: exact, l1, l2, linf"
+            )
+        self.method = method
+        self.density = float(density)
+        self.generator = generator
+        self.keep_all = density >= 1 and (threshold is None or method != "magnitude")
+        rescaling = rescale and density < 1
+        self.factor = (
+            1.0 / density if rescaling and rescale_method == "exact" and density > 0 else 1.0
         )
-    if float(before) < _NORM_EPS or float(after) < _NORM_EPS:
+        self.norm: RescaleMethod | None = (
+            rescale_method if rescaling and rescale_method != "exact" else None
+        )
+        self.selectors: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        if self.keep_all or method == "random":
+            return
+
+        def magnitudes() -> Iterator[torch.Tensor]:
+            for start in range(0, n, chunk):
+                yield delta_of(slice(start, min(n, start + chunk))).abs_()
+
+        sample = None
+        if n > 2 * _SAMPLE:
+            sample = delta_of(slice(None, None, n // _SAMPLE)).abs_()
+        if method == "magnitude":
+            if threshold is not None:
+                self.selectors = [threshold.selector(name)]
+            else:
+                self.selectors = [select_top_k(magnitudes, int(density * n), n, sample).selector()]
+            return
+        target, top = int(density * n), int(gamma * n)
+        top = min(top, n - target)
+        self.selectors = [select_top_k(magnitudes, top + target, n, sample).selector()]
+        if top > 0:
+            self.selectors.append(select_top_k(magnitudes, top, n, sample).selector())
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        """Sparsify the next chunk (``delta`` may be reused); returns it.
+
+        The ``"exact"`` rescale is left to the caller (multiply by :attr:`factor`),
+        which folds it into the model's weight.
+        """
+        if self.keep_all:
+            return delta
+        before = _norm(delta, self.norm) if self.norm is not None else 0.0
+        if self.method == "random":
+            # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
+            keep = torch.rand(delta.shape, generator=self.generator)
+            kept = delta.mul_(keep.add_(self.density).floor_())
+        else:
+            kept = self.selectors[0](delta)
+            if len(self.selectors) > 1:
+                kept.sub_(self.selectors[1](delta))  # the largest ones, dropped again
+        if self.norm is not None:
+            after = _norm(kept, self.norm)
+            if before >= _NORM_EPS and after >= _NORM_EPS:
+                kept.mul_(before / after)
         return kept
-    return kept.mul_(before / after)
 
 
 def sparsify(
@@ -118,6 +206,9 @@ def sparsify(
 ) -> torch.Tensor:
     r"""Sparsify one task vector; returns a new tensor.
 
+    The whole-tensor form of the sparsification step of
+    :func:`generalized_task_arithmetic` (which applies it chunk by chunk).
+
     Parameters
     ----------
     delta : Tensor
@@ -129,7 +220,7 @@ def sparsify(
         ``int(gamma * n)`` largest and keeps the next ``int(density * n)``
         (breadcrumbs; fewer large ones are dropped if both do not fit).
     density : float
-        Fraction kept, in [0, 1]. ``density >= 1`` returns ``delta`` unchanged.
+        Fraction kept, in [0, 1]. ``density >= 1`` keeps everything, unscaled.
     gamma : float, default 0
         Fraction of largest magnitudes dropped (``"magnitude_outliers"``).
     rescale : bool, default False
@@ -151,35 +242,25 @@ def sparsify(
     >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), method="magnitude", density=0.5)
     tensor([ 0., -3.,  2.,  0.])
     """
-    if density >= 1 and threshold is None:
-        return delta.clone()
-    n = delta.numel()
-    if method == "magnitude":
-        magnitudes = delta.abs()
-        if threshold is not None:
-            mask = threshold.mask(magnitudes, name)
-        else:
-            mask = top_k_mask(magnitudes, int(density * n))
-    elif method == "random":
-        mask = torch.rand(delta.shape, generator=generator) < density
-    elif method == "magnitude_outliers":
-        target, top = int(density * n), int(gamma * n)
-        bottom = n - target - top
-        if bottom < 0:
-            top += bottom
-        magnitudes = delta.abs()
-        mask = top_k_mask(magnitudes, top + target)
-        if top > 0:
-            mask &= ~top_k_mask(magnitudes, top)
-    else:
-        raise ConfigError(
-            f"sparsification: unknown method {method!r}; valid: magnitude, random, "
-            "magnitude_outliers"
-        )
-    kept = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype))
-    if rescale and density < 1:
-        kept = _rescale(delta, kept, density, rescale_method)
-    return kept
+    flat = delta.to(torch.float32).reshape(-1)
+    n = flat.numel()
+    sparsifier = _Sparsifier(
+        lambda index: flat[index].clone(),
+        n,
+        method=method,
+        density=density,
+        gamma=gamma,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=generator,
+        threshold=threshold,
+        name=name,
+        chunk=max(n, 1),
+    )
+    kept = sparsifier(flat.clone())
+    if sparsifier.factor != 1.0:
+        kept.mul_(sparsifier.factor)
+    return kept.reshape(delta.shape)
 
 
 def _weights(weight: Sequence[float] | None, n: int, method: str) -> list[float]:
@@ -191,15 +272,18 @@ def _weights(weight: Sequence[float] | None, n: int, method: str) -> list[float]
     return weights
 
 
-def _per_model(values: Sequence[float] | float | None, default: float, n: int, key: str,
-               method: str) -> list[float]:
+def _per_model(
+    values: Sequence[float] | float | None, default: float, n: int, key: str, method: str
+) -> list[float]:
     if values is None:
         return [default] * n
     if isinstance(values, (int, float)):
         return [float(values)] * n
     out = [float(v) for v in values]
     if len(out) != n:
-        raise ConfigError(f"{method}: {len(out)} values of {key} for {n} models; give one per model")
+        raise ConfigError(
+            f"{method}: {len(out)} values of {key} for {n} models; give one per model"
+        )
     return out
 
 
@@ -244,8 +328,9 @@ def generalized_task_arithmetic(
     rescale, rescale_method
         See :func:`sparsify`.
     generator : torch.Generator, optional
-        Random numbers for ``sparsification="random"``; the models draw from it
-        in order.
+        Random numbers for ``sparsification="random"``: one seed per model is
+        drawn from it (``torch.randint(0, 2**62, (N,))``) and each model's mask
+        comes from its own generator, in index order.
     magnitude_thresholds : sequence of MagnitudeThreshold, optional
         Whole-model selections, one per model, for ``"magnitude"``.
     name : str
@@ -286,57 +371,107 @@ def generalized_task_arithmetic(
         raise ConfigError(
             f"{method}: {len(magnitude_thresholds)} magnitude thresholds for {n} models"
         )
-    base32 = base.to(torch.float32)
-    shape = base32.shape
-    total = torch.zeros(shape, dtype=torch.float32)
-    if consensus_method is not None:
-        if consensus_method not in ("sum", "count"):
-            raise ConfigError(
-                f"consensus_method: unknown value {consensus_method!r}; valid: sum, count"
-            )
-        negative = torch.zeros(shape, dtype=torch.float32)  # total holds the positive part
-        weight_pos = torch.zeros(shape, dtype=torch.float32) if normalize else None
-        weight_neg = torch.zeros(shape, dtype=torch.float32) if normalize else None
-        votes = torch.zeros(shape, dtype=torch.int32) if consensus_method == "count" else None
-    for i, (tensor, w) in enumerate(zip(tensors, weights)):
-        delta = tensor.to(torch.float32) - base32
-        if sparsification is not None:
-            delta = sparsify(
-                delta,
+    base_flat = base.to(torch.float32).reshape(-1)
+    flats = [t.to(torch.float32).reshape(-1) for t in tensors]
+    size = base_flat.numel()
+    if consensus_method is not None and consensus_method not in ("sum", "count"):
+        raise ConfigError(
+            f"consensus_method: unknown value {consensus_method!r}; valid: sum, count"
+        )
+    # The whole tensor is one chunk when a norm rescale needs every entry at once.
+    chunk = size if (rescale and rescale_method != "exact") else _CHUNK
+    chunk = max(1, min(chunk, size))
+    sparsifiers: list[_Sparsifier | None] = [None] * n
+    if sparsification is not None:
+        # One generator per model, seeded from ``generator``: each model's draws are
+        # one stream, whatever the chunking.
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+        for i in range(n):
+            flat = flats[i]
+            sparsifiers[i] = _Sparsifier(
+                lambda index, flat=flat: flat[index] - base_flat[index],
+                size,
                 method=sparsification,
                 density=densities[i],
                 gamma=gammas[i],
                 rescale=rescale,
                 rescale_method=rescale_method,
-                generator=generator,
+                generator=torch.Generator().manual_seed(int(seeds[i])),
                 threshold=None if magnitude_thresholds is None else magnitude_thresholds[i],
                 name=name,
+                chunk=chunk,
             )
-        if w != 1.0:
-            delta.mul_(w)
+    scale = float(lambda_)
+    if consensus_method is None and normalize:
+        divisor = sum(weights)
+        scale /= divisor if abs(divisor) >= 1e-8 else 1.0
+    out = torch.empty(size, dtype=torch.float32)
+    for start in range(0, size, chunk):
+        index = slice(start, min(size, start + chunk))
+        base_part = base_flat[index]
         if consensus_method is None:
-            total.add_(delta)
-            continue
-        positive = delta > 0
-        below = delta < 0
-        total.add_(delta.clamp(min=0))
-        negative.add_(delta.clamp(max=0))
-        if normalize:
-            weight_pos.add_(positive, alpha=w)
-            weight_neg.add_(below, alpha=w)
-        if votes is not None:
-            votes.add_(positive.to(torch.int32)).sub_(below.to(torch.int32))
-    if consensus_method is None:
-        if normalize:
-            divisor = sum(weights)
-            total.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
-    else:
-        elected = (total + negative >= 0) if votes is None else (votes >= 0)
-        total = torch.where(elected, total, negative)
-        if normalize:
-            divisor = torch.where(elected, weight_pos, weight_neg)
-            divisor[divisor == 0] = 1.0
-            total.div_(divisor)
-    if lambda_ != 1.0:
-        total.mul_(lambda_)
-    return total.add_(base32)
+            merged = torch.zeros(base_part.shape, dtype=torch.float32)
+            for i in range(n):
+                delta = flats[i][index] - base_part
+                sparsifier = sparsifiers[i]
+                if sparsifier is not None:
+                    delta = sparsifier(delta)
+                    merged.add_(delta, alpha=weights[i] * sparsifier.factor)
+                else:
+                    merged.add_(delta, alpha=weights[i])
+        else:
+            merged = _elect(
+                flats, base_part, index, sparsifiers, weights, consensus_method, normalize
+            )
+        torch.add(base_part, merged, alpha=scale, out=out[index])
+    return out.reshape(base.shape)
+
+
+def _elect(
+    flats: Sequence[torch.Tensor],
+    base_part: torch.Tensor,
+    index: slice,
+    sparsifiers: Sequence[_Sparsifier | None],
+    weights: Sequence[float],
+    consensus_method: ConsensusMethod,
+    normalize: bool,
+) -> torch.Tensor:
+    """TIES' sign election and disjoint sum over one chunk, from running sums.
+
+    Only float arithmetic (no bool tensors, which are slow to build): with
+    s_i = sign(x_i), the weight of the models voting + is (S2 + S1) / 2 and of
+    those voting - is (S2 - S1) / 2, where S1 = sum w_i s_i and S2 = sum w_i |s_i|.
+    """
+    shape = base_part.shape
+    positive = torch.zeros(shape, dtype=torch.float32)
+    negative = torch.zeros(shape, dtype=torch.float32)
+    signed = torch.zeros(shape, dtype=torch.float32) if normalize else None
+    unsigned = torch.zeros(shape, dtype=torch.float32) if normalize else None
+    votes = torch.zeros(shape, dtype=torch.float32) if consensus_method == "count" else None
+    for i, w in enumerate(weights):
+        delta = flats[i][index] - base_part
+        sparsifier = sparsifiers[i]
+        scale = w
+        if sparsifier is not None:
+            delta = sparsifier(delta)
+            scale = w * sparsifier.factor
+        if scale != 1.0:
+            delta.mul_(scale)
+        sign = torch.sign(delta) if (votes is not None or signed is not None) else None
+        positive.add_(delta.clamp(min=0))
+        negative.add_(delta.clamp_(max=0))
+        if sign is not None:
+            if votes is not None:
+                votes.add_(sign)
+            if signed is not None and unsigned is not None:
+                signed.add_(sign, alpha=w)
+                unsigned.add_(sign.abs_(), alpha=w)
+    tally = votes if votes is not None else positive + negative
+    elected = torch.sign(tally).add_(1.0).clamp_(max=1.0)  # 1 where the tally is >= 0, else 0
+    merged = torch.lerp(negative, positive, elected)
+    if signed is not None and unsigned is not None:
+        # agreeing weight: (S2 - S1) / 2 + elected * S1; a zero sum counts as one
+        divisor = unsigned.sub_(signed).mul_(0.5).add_(elected.mul_(signed))
+        divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
+        merged.div_(divisor)
+    return merged
