@@ -1,0 +1,150 @@
+"""The demo's data: scikit-learn's 1,797 handwritten digits, split by seed, and four tasks.
+
+Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn.
+Images are 8x8 with intensities 0..16, scaled to [0, 1] and flattened to 64
+features. The multi-task scenario derives three more tasks from the same
+images and labels: rotated by 90 degrees, inverted intensities, and Gaussian
+noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelfuse.errors import ConfigError
+
+__all__ = ["TASKS", "Splits", "apply_task", "load_splits", "task_seed"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, validation and test parts of the digits (float32 features in [0, 1]).
+
+    ``pretrain`` indexes the part of the training split the pre-trained model sees.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    pretrain: np.ndarray
+
+
+def load_splits(
+    seed: int,
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.3,
+    pretrain_fraction: float = 0.4,
+) -> Splits:
+    """Stratified train / validation / test splits of the digits, fixed by ``seed``.
+
+    Parameters
+    ----------
+    seed : int
+    val_fraction, test_fraction : float
+        Shares of all 1,797 images.
+    pretrain_fraction : float
+        Share of the training split used to pre-train (stratified).
+
+    Examples
+    --------
+    >>> s = load_splits(0)
+    >>> len(s.y_train) + len(s.y_val) + len(s.y_test), s.x_train.shape[1]
+    (1797, 64)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    y = y.astype(np.int64)
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=test_fraction, stratify=y, random_state=seed
+    )
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest,
+        y_rest,
+        test_size=val_fraction / (1 - test_fraction),
+        stratify=y_rest,
+        random_state=seed + 1,
+    )
+    pretrain, _ = train_test_split(
+        np.arange(len(y_train)),
+        train_size=pretrain_fraction,
+        stratify=y_train,
+        random_state=seed + 2,
+    )
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, np.sort(pretrain))
+
+
+def _original(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return x.copy()
+
+
+def _rotated(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.rot90(x.reshape(-1, 8, 8), k=1, axes=(1, 2)).reshape(-1, 64).copy()
+
+
+def _inverted(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (1.0 - x).astype(np.float32)
+
+
+def _noisy(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.normal(0.0, 0.3, size=x.shape)
+    return np.clip(x + noise, 0.0, 1.0).astype(np.float32)
+
+
+TASKS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "original": _original,
+    "rotated": _rotated,
+    "inverted": _inverted,
+    "noisy": _noisy,
+}
+"""The multi-task scenario's tasks: a function of the images (and a generator for noise)."""
+
+
+def apply_task(task: str, x: np.ndarray, seed: int) -> np.ndarray:
+    """The images ``x`` as task ``task`` sees them; noise is drawn from ``seed``.
+
+    Parameters
+    ----------
+    task : str
+        A key of :data:`TASKS`.
+    x : array of shape (n, 64)
+        Not modified.
+    seed : int
+        Seeds the noise of the ``noisy`` task (the same seed gives the same noise).
+
+    Examples
+    --------
+    >>> x = np.arange(64, dtype=np.float32)[None] / 63
+    >>> float(apply_task("inverted", x, 0)[0, 0])
+    1.0
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[task](x, np.random.default_rng(seed))
+
+
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def task_seed(seed: int, task_index: int, split: str) -> int:
+    """The noise seed of one task on one split (train, val or test), fixed by the run's seed.
+
+    Examples
+    --------
+    >>> task_seed(0, 3, "test")
+    32
+    """
+    if split not in _SPLIT_CODES:
+        raise ConfigError(
+            f"split: unknown split {split!r}; expected one of {', '.join(_SPLIT_CODES)}"
+        )
+    return seed * 1000 + 10 * task_index + _SPLIT_CODES[split]

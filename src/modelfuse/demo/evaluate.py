@@ -1,0 +1,166 @@
+"""Scoring the demo's candidates on the held-out test split, honestly.
+
+Every candidate (a single model, a merge, an ensemble or a calibrated
+predictor) is reduced to its log-probabilities on the validation and test
+splits. Choices (hyperparameters, greedy soups, ensemble weights,
+temperatures, the reference model) use the validation split only; the test
+split is touched once, here, for the metrics with their bootstrap intervals
+and the Holm-adjusted paired tests against the best individual model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "Entry",
+    "Family",
+    "MetricRow",
+    "compare_entries",
+    "log_probabilities",
+    "probabilities",
+    "verdict",
+]
+
+Family = Literal["individual", "merge", "ensemble", "calibrated"]
+
+
+def log_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (log-probabilities are logits of the same prediction).
+
+    Examples
+    --------
+    >>> np.exp(log_probabilities(np.array([[0.0, 0.0]])))
+    array([[0.5, 0.5]])
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def probabilities(log_probs: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits or log-probabilities, in float64."""
+    return np.exp(log_probabilities(log_probs))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One candidate of a comparison.
+
+    Attributes
+    ----------
+    name : str
+    family : {"individual", "merge", "ensemble", "calibrated"}
+    cost : int
+        Networks run per prediction at inference (1 for a merge, K for a K-member ensemble).
+    details : str
+        How it was built and what was chosen on the validation split.
+    val, test : arrays of shape (n_samples, n_classes)
+        Log-probabilities on the validation and test splits.
+    """
+
+    name: str
+    family: Family
+    cost: int
+    details: str
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One candidate's test metrics, intervals and comparison with the reference.
+
+    ``metrics[m]`` is ``(value, (low, high))``; ``differences[m]`` is
+    ``(candidate - reference, (low, high), Holm-adjusted p)``, absent for the
+    reference itself.
+    """
+
+    name: str
+    family: str
+    cost: int
+    details: str
+    metrics: dict[str, tuple[float, tuple[float, float]]]
+    differences: dict[str, tuple[float, tuple[float, float], float]]
+
+
+_TESTS = {"accuracy": "mcnemar", "nll": "permutation", "ece": "bootstrap"}
+"""The paired test against the reference per metric: exact McNemar for accuracy,
+a permutation test for NLL, the paired bootstrap for ECE (a permutation test of
+ECE re-bins every permutation and is much slower)."""
+
+
+def compare_entries(
+    entries: Sequence[Entry],
+    labels: np.ndarray,
+    reference: str,
+    *,
+    metrics: Sequence[str] = ("accuracy", "nll", "ece"),
+    n_resamples: int,
+    seed: int,
+    interval: Literal["bca", "percentile"] = "bca",
+) -> list[MetricRow]:
+    """Test-split metrics of every entry with 95% bootstrap intervals and Holm-adjusted paired tests.
+
+    One :func:`modelfuse.evaluation.compare_predictions` per metric, each over
+    all entries, so the Holm adjustment covers every candidate compared with
+    ``reference``.
+    """
+    from modelfuse.evaluation import compare_predictions
+
+    predictions = {e.name: probabilities(e.test) for e in entries}
+    results = {}
+    for i, metric in enumerate(metrics):
+        results[metric] = compare_predictions(
+            predictions,
+            labels,
+            reference=reference,
+            metric=metric,
+            test=_TESTS.get(metric, "permutation"),
+            n_resamples=n_resamples,
+            interval=interval,
+            random_state=seed + i,
+        )
+    rows = []
+    for j, entry in enumerate(entries):
+        values: dict[str, tuple[float, tuple[float, float]]] = {}
+        diffs: dict[str, tuple[float, tuple[float, float], float]] = {}
+        for metric, comparison in results.items():
+            candidate = comparison.candidates[j]
+            ci = candidate.estimate.ci
+            values[metric] = (float(candidate.estimate.statistic), (float(ci[0]), float(ci[1])))
+            if candidate.difference is not None and candidate.test is not None:
+                d = candidate.difference
+                diffs[metric] = (
+                    float(d.statistic),
+                    (float(d.ci[0]), float(d.ci[1])),
+                    float(candidate.test.pvalue),
+                )
+        rows.append(MetricRow(entry.name, entry.family, entry.cost, entry.details, values, diffs))
+    return rows
+
+
+def verdict(
+    row: MetricRow, metric: str = "accuracy", *, greater_is_better: bool = True, alpha: float = 0.05
+) -> str:
+    """``"better"``, ``"worse"``, ``"no significant difference"`` or ``"reference"``.
+
+    Significant means a Holm-adjusted p below ``alpha``; the direction is the
+    sign of the difference to the reference.
+
+    Examples
+    --------
+    >>> r = MetricRow("m", "merge", 1, "", {}, {"accuracy": (-0.02, (-0.03, -0.01), 0.01)})
+    >>> verdict(r)
+    'worse'
+    """
+    if metric not in row.differences:
+        return "reference"
+    diff, _, p = row.differences[metric]
+    if p >= alpha or diff == 0:
+        return "no significant difference"
+    return "better" if (diff > 0) == greater_is_better else "worse"

@@ -1,0 +1,403 @@
+"""The soup scenario: K fine-tunes of one pre-trained model on the same digits, fused every way.
+
+Weight space: uniform soup (through the file engine, ``modelfuse.merge`` on a
+YAML configuration), greedy soup, Fisher-weighted averaging (Fisher
+diagonals saved as statistics files and merged by the file engine), RegMean,
+task arithmetic with lambda chosen by nested cross-validation, TIES, DARE,
+Model Stock and the WiSE-FT sweep. Prediction space: soft voting and
+Caruana's ensemble selection. Then temperature scaling of the best merge and
+of the best ensemble. Every choice uses the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from modelfuse.demo.choice import NestedChoice, choose_by_nested_cv
+from modelfuse.demo.data import Splits
+from modelfuse.demo.evaluate import Entry, Family, log_probabilities
+from modelfuse.demo.settings import DemoSettings
+from modelfuse.demo.zoo import Zoo, make_mlp, predict_logits, read_checkpoint
+
+__all__ = ["SoupStudy", "run_file_merge", "soup_study"]
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SoupStudy:
+    """Everything the soup scenario produced.
+
+    Attributes
+    ----------
+    entries : list of Entry
+        Every candidate, individuals first.
+    reference : str
+        The best individual fine-tune by validation accuracy.
+    greedy_trace : list of (label, validation accuracy, status)
+        Each model alone (status ``"alone"``, in input order), then each soup
+        tried (``"accepted"`` or ``"rejected"``), in the order tried.
+    greedy_ingredients : tuple of str
+    wise_curve : list of (alpha, validation accuracy, test accuracy)
+    wise_alpha : float
+        Chosen on the validation split.
+    wise_endpoint : str
+        The fine-tune interpolated with the pre-trained model.
+    task_arithmetic : NestedChoice
+    lambdas : tuple of float
+    caruana_weights : dict
+        Member name to weight.
+    calibration : list of (name, calibrated name, temperature)
+    configs : list of Path
+        YAML configurations merged through the file engine.
+    """
+
+    entries: list[Entry]
+    reference: str
+    greedy_trace: list[tuple[str, float, str]]
+    greedy_ingredients: tuple[str, ...]
+    wise_curve: list[tuple[float, float, float]]
+    wise_alpha: float
+    wise_endpoint: str
+    task_arithmetic: NestedChoice
+    lambdas: tuple[float, ...]
+    caruana_weights: dict[str, float]
+    calibration: list[tuple[str, str, float]]
+    configs: list[Path]
+
+
+def run_file_merge(config: dict[str, Any], name: str, folder: Path) -> tuple[StateDict, Path]:
+    """Write ``config`` as ``folder/configs/NAME.yaml``, merge it with ``modelfuse.merge``
+    into ``folder/merges/NAME`` and read the merged weights back."""
+    import modelfuse
+
+    path = folder / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = modelfuse.merge(path, folder / "merges" / name, overwrite=True, threads=1)
+    return read_checkpoint(result.out), path
+
+
+def _accuracy(log_probs: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(log_probs.argmax(axis=1) == y))
+
+
+def soup_study(
+    zoo: Zoo,
+    splits: Splits,
+    settings: DemoSettings,
+    folder: Path,
+    seed: int,
+    *,
+    tick: Callable[[str], None] | None = None,
+) -> SoupStudy:
+    """Fuse the soup scenario's fine-tunes with every family; see the module docstring.
+
+    ``tick(step)`` is called after each step (for progress). Files (YAML
+    configurations, merged models, statistics) go under ``folder``.
+    """
+    import modelfuse
+    from modelfuse.calibration import TemperatureScaling
+    from modelfuse.ensemble import caruana_selection, soft_vote
+    from modelfuse.search import accuracy_score, greedy_soup, grid_search, wise_ft_sweep
+    from modelfuse.statistics import fisher_diagonal, gram_matrices
+    from modelfuse.statistics import save as save_statistics
+
+    step = tick or (lambda name: None)
+    model = zoo.model
+    fine_tunes = list(zoo.soup)
+    names = [f.name for f in fine_tunes]
+    sds = [f.state_dict for f in fine_tunes]
+    base = zoo.pretrained.state_dict
+    k = len(sds)
+    x_val, y_val = splits.x_val, splits.y_val
+    val_batches = [(torch.as_tensor(x_val), torch.as_tensor(y_val))]
+    val_accuracy = accuracy_score(model, val_batches)
+    train_batches = [
+        (torch.as_tensor(splits.x_train[i : i + 128]), torch.as_tensor(splits.y_train[i : i + 128]))
+        for i in range(0, len(splits.y_train), 128)
+    ]
+
+    def outputs(sd: StateDict) -> tuple[np.ndarray, np.ndarray]:
+        val = log_probabilities(predict_logits(model, sd, x_val))
+        test = log_probabilities(predict_logits(model, sd, splits.x_test))
+        return val, test
+
+    entries: list[Entry] = []
+    merges: dict[str, Entry] = {}
+
+    def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> Entry:
+        val, test = outputs(sd)
+        entry = Entry(name, family, cost, details, val, test)
+        entries.append(entry)
+        if family == "merge":
+            merges[name] = entry
+        return entry
+
+    # individuals
+    for f in fine_tunes:
+        hp = f.settings
+        add(
+            f.name,
+            "individual",
+            1,
+            f"lr {hp['lr']:g}, weight decay {hp['weight_decay']:g}, "
+            f"augmentation {hp['augment']}, seed {hp['seed']}",
+            f.state_dict,
+        )
+    individual_val = [_accuracy(e.val, y_val) for e in entries]
+    reference = names[int(np.argmax(individual_val))]
+    add("pre-trained", "individual", 1, "the starting point of every fine-tune", base)
+    step("individual models")
+
+    # uniform soup through the file engine
+    configs: list[Path] = []
+    soup_config = {
+        "merge_method": "linear",
+        "models": [{"model": str(f.path), "parameters": {"weight": 1.0}} for f in fine_tunes],
+        "dtype": "float32",
+    }
+    soup_sd, path = run_file_merge(soup_config, "uniform-soup", folder)
+    configs.append(path)
+    add(
+        "uniform soup",
+        "merge",
+        1,
+        f"average of all {k} fine-tunes (modelfuse.merge, {path.name})",
+        soup_sd,
+    )
+    step("uniform soup")
+
+    # greedy soup
+    greedy = greedy_soup(sds, val_accuracy)
+    trace: list[tuple[str, float, str]] = []
+    for candidate in greedy.trace:
+        p = candidate.parameters
+        if "model" in p:
+            trace.append((names[int(p["model"])], float(candidate.score), "alone"))
+        else:
+            label = "+ " + names[int(p["ingredients"][-1])]
+            status = "accepted" if p["accepted"] else "rejected"
+            trace.append((label, float(candidate.score), status))
+    ingredients = tuple(names[int(i)] for i in greedy.parameters["ingredients"])
+    add(
+        "greedy soup",
+        "merge",
+        1,
+        f"{len(ingredients)} of {k} fine-tunes kept by validation accuracy: {', '.join(ingredients)}",
+        greedy.state_dict,
+    )
+    step("greedy soup")
+
+    # Fisher: diagonals saved as statistics files, merged by the file engine
+    fisher_models = []
+    (folder / "statistics").mkdir(parents=True, exist_ok=True)
+    for f in fine_tunes:
+        net = make_mlp(settings.hidden)
+        net.load_state_dict(f.state_dict)
+        stats = fisher_diagonal(net, train_batches, n_examples=settings.fisher_examples)
+        n_fisher = stats.n_examples
+        stats_path = save_statistics(stats, folder / "statistics" / f"{f.name}.fisher.safetensors")
+        fisher_models.append({"model": str(f.path), "statistics": str(stats_path)})
+    fisher_sd, path = run_file_merge(
+        {"merge_method": "fisher", "models": fisher_models, "dtype": "float32"}, "fisher", folder
+    )
+    configs.append(path)
+    add(
+        "Fisher merge",
+        "merge",
+        1,
+        f"exact diagonal Fisher of each fine-tune on {n_fisher} training images "
+        f"(modelfuse.merge, {path.name})",
+        fisher_sd,
+    )
+    step("Fisher merge")
+
+    # RegMean
+    grams = []
+    for f in fine_tunes:
+        net = make_mlp(settings.hidden)
+        net.load_state_dict(f.state_dict)
+        stats = gram_matrices(net, train_batches, n_examples=settings.gram_examples)
+        n_gram = stats.n_examples
+        grams.append(dict(stats))
+    regmean_sd = modelfuse.merge_state_dicts("regmean", sds, grams=grams, alpha=0.1)
+    add(
+        "RegMean",
+        "merge",
+        1,
+        f"Gram matrices of each linear layer's inputs on {n_gram} training images, alpha 0.1",
+        regmean_sd,
+    )
+    step("RegMean")
+
+    # task arithmetic: lambda by nested cross-validation on the validation split
+    lambdas = tuple(settings.lambdas)
+    candidates = [{"lambda": lam} for lam in lambdas]
+    ta_models = [
+        modelfuse.merge_state_dicts("task_arithmetic", sds, base, lambda_=lam, normalize=True)
+        for lam in lambdas
+    ]
+    correct = np.stack(
+        [log_probabilities(predict_logits(model, sd, x_val)).argmax(1) == y_val for sd in ta_models]
+    )
+    choice = choose_by_nested_cv(
+        candidates,
+        correct,
+        y_val,
+        outer_splits=settings.outer_splits,
+        inner_splits=settings.inner_splits,
+        seed=seed,
+    )
+    nested = choice.nested
+    add(
+        "task arithmetic",
+        "merge",
+        1,
+        f"base + lambda x mean task vector, lambda {choice.chosen['lambda']:g} chosen by CV on "
+        f"validation; nested-CV estimate {nested.statistic:.3f} "
+        f"[{nested.ci[0]:.3f}, {nested.ci[1]:.3f}]",
+        ta_models[choice.index],
+    )
+    step("task arithmetic")
+
+    # TIES and DARE: density and lambda on the validation split
+    space = {"density": list(settings.densities), "lambda": list(lambdas)}
+    ties = grid_search("ties", sds, base, space, val_accuracy)
+    add(
+        "TIES",
+        "merge",
+        1,
+        f"density {ties.parameters['density']:g}, lambda {ties.parameters['lambda']:g} "
+        "(grid on validation)",
+        ties.state_dict,
+    )
+    dare = grid_search(
+        "dare_ties",
+        sds,
+        base,
+        space,
+        val_accuracy,
+        parameters={"normalize": True, "random_seed": seed},
+    )
+    add(
+        "DARE",
+        "merge",
+        1,
+        f"DARE-TIES, density {dare.parameters['density']:g}, lambda "
+        f"{dare.parameters['lambda']:g} (grid on validation), drop seed {seed}",
+        dare.state_dict,
+    )
+    step("TIES and DARE")
+
+    # Model Stock
+    stock = modelfuse.merge_state_dicts("model_stock", sds, base)
+    add("Model Stock", "merge", 1, "per tensor, mean pairwise cosine of task vectors", stock)
+    step("Model Stock")
+
+    # WiSE-FT: the pre-trained model interpolated with the best fine-tune
+    wise = wise_ft_sweep(
+        base, sds[names.index(reference)], val_accuracy, alphas=settings.wise_alphas
+    )
+    curve = []
+    for candidate in wise.trace:
+        alpha = float(candidate.parameters["alpha"])
+        sd = modelfuse.merge_state_dicts(
+            "linear", [base, sds[names.index(reference)]], weights=[1 - alpha, alpha]
+        )
+        test_acc = _accuracy(
+            log_probabilities(predict_logits(model, sd, splits.x_test)), splits.y_test
+        )
+        curve.append((alpha, float(candidate.score), test_acc))
+    wise_alpha = float(wise.parameters["alpha"])
+    add(
+        "WiSE-FT",
+        "merge",
+        1,
+        f"(1 - alpha) pre-trained + alpha {reference}, alpha {wise_alpha:.2g} "
+        "(sweep on validation)",
+        wise.state_dict,
+    )
+    step("WiSE-FT sweep")
+
+    # ensembles
+    val_stack = np.stack([e.val for e in entries[:k]])
+    test_stack = np.stack([e.test for e in entries[:k]])
+    vote_val = np.log(soft_vote(val_stack, kind="logits"))
+    vote_test = np.log(soft_vote(test_stack, kind="logits"))
+    entries.append(
+        Entry(
+            "soft vote",
+            "ensemble",
+            k,
+            f"mean probabilities of all {k} fine-tunes",
+            vote_val,
+            vote_test,
+        )
+    )
+    selection = caruana_selection(
+        val_stack, y_val, kind="logits", n_rounds=settings.caruana_rounds, random_state=seed
+    )
+    weights = np.asarray(selection.weights, dtype=np.float64)
+    used = int(np.count_nonzero(weights))
+    car_val = np.log(soft_vote(val_stack, kind="logits", weights=weights))
+    car_test = np.log(soft_vote(test_stack, kind="logits", weights=weights))
+    caruana_weights = {n: float(w) for n, w in zip(names, weights) if w > 0}
+    entries.append(
+        Entry(
+            "Caruana ensemble",
+            "ensemble",
+            used,
+            f"{used} of {k} fine-tunes, weights by validation NLL: "
+            + ", ".join(f"{n} {w:.2f}" for n, w in caruana_weights.items()),
+            car_val,
+            car_test,
+        )
+    )
+    step("ensembles")
+
+    # temperature scaling of the best merge and the best ensemble (by validation NLL)
+    def best(family: Family) -> Entry:
+        pool = [e for e in entries if e.family == family]
+        return min(pool, key=lambda e: float(-np.mean(e.val[np.arange(len(y_val)), y_val])))
+
+    calibration = []
+    for entry in (best("merge"), best("ensemble")):
+        scaler = TemperatureScaling(kind="logits").fit(entry.val, y_val)
+        val = np.log(np.clip(scaler.predict_proba(entry.val), 1e-300, None))
+        test = np.log(np.clip(scaler.predict_proba(entry.test), 1e-300, None))
+        temperature = float(scaler.temperature_)
+        name = f"{entry.name} + temperature"
+        entries.append(
+            Entry(
+                name,
+                "calibrated",
+                entry.cost,
+                f"temperature {temperature:.3g} fitted on validation",
+                val,
+                test,
+            )
+        )
+        calibration.append((entry.name, name, temperature))
+    step("calibration")
+    return SoupStudy(
+        entries=entries,
+        reference=reference,
+        greedy_trace=trace,
+        greedy_ingredients=ingredients,
+        wise_curve=curve,
+        wise_alpha=wise_alpha,
+        wise_endpoint=reference,
+        task_arithmetic=choice,
+        lambdas=lambdas,
+        caruana_weights=caruana_weights,
+        calibration=calibration,
+        configs=configs,
+    )

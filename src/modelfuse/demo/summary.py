@@ -1,0 +1,69 @@
+"""The demo's closing lines in the terminal: a short results table, time per stage, the report."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from modelfuse.demo.evaluate import verdict
+from modelfuse.demo.report import fmt
+
+if TYPE_CHECKING:
+    from modelfuse.demo.run import DemoResult
+
+__all__ = ["print_summary"]
+
+_STYLE = {"better": "green", "worse": "red", "reference": "bold"}
+_SHORT = {"no significant difference": "n.s.", "reference": "ref"}
+
+
+def print_summary(console: Any, result: DemoResult) -> None:
+    """Print the soup scenario's table, the multi-task headline, stage times and the report path."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=f"Soup scenario, test split (reference: {result.soup_reference})",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    for header in ("method", "nets", "accuracy", "diff", "p Holm", "NLL", "ECE", "verdict"):
+        table.add_column(
+            header, justify="left" if header in ("method", "verdict") else "right", no_wrap=True
+        )
+    for row in result.soup_rows:
+        acc, _ = row.metrics["accuracy"]
+        diff = row.differences.get("accuracy")
+        said = verdict(row)
+        short = _SHORT.get(said, said)
+        style = _STYLE.get(said, "")
+        table.add_row(
+            row.name,
+            str(row.cost),
+            fmt(acc),
+            "" if diff is None else f"{diff[0]:+.4f}",
+            "" if diff is None else f"{diff[2]:.3f}",
+            fmt(row.metrics["nll"][0], 3),
+            fmt(row.metrics["ece"][0], 3),
+            f"[{style}]{short}[/{style}]" if style else short,
+        )
+    console.print(table)
+    best = max(result.multitask_rows, key=lambda r: r.metrics["accuracy"][0])
+    ref = next(r for r in result.multitask_rows if r.name == result.multitask_reference)
+    console.print(
+        f"Multi-task scenario (pooled test accuracy): best {best.name} "
+        f"{fmt(best.metrics['accuracy'][0])} ({best.cost} net{'s' if best.cost != 1 else ''}); "
+        f"best single task model {ref.name} {fmt(ref.metrics['accuracy'][0])}."
+    )
+    times = Table(title="Time per stage")
+    times.add_column("stage")
+    times.add_column("seconds", justify="right")
+    for stage, seconds in result.timings.items():
+        times.add_row(stage, f"{seconds:.1f}")
+    times.add_row("[bold]total[/bold]", f"[bold]{sum(result.timings.values()):.1f}[/bold]")
+    console.print(times)
+    console.print(
+        "verdict: better / worse = Holm-adjusted p < 0.05 against the reference; n.s. = no "
+        "significant difference. Intervals, NLL and ECE tests: see the report."
+    )
+    console.print(f"Report: {result.report} (and {result.html.name}, self-contained)")
