@@ -45,6 +45,8 @@ class MultiTaskStudy:
     y_test : array
         Pooled test labels.
     task_arithmetic : NestedChoice
+    experts : dict
+        Task to the name of the model fine-tuned on it.
     """
 
     tasks: tuple[str, ...]
@@ -53,6 +55,7 @@ class MultiTaskStudy:
     reference: str
     y_test: np.ndarray
     task_arithmetic: NestedChoice
+    experts: dict[str, str]
 
 
 def multitask_study(
@@ -210,4 +213,5 @@ def multitask_study(
         for e in entries
     }
     step("multi-task: ensemble")
-    return MultiTaskStudy(tasks, entries, per_task, reference, y_test, choice)
+    experts = {t: f.name for t, f in zip(tasks, task_models)}
+    return MultiTaskStudy(tasks, entries, per_task, reference, y_test, choice, experts)

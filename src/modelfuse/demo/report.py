@@ -75,7 +75,7 @@ def headlines(rows: Sequence[MetricRow], reference: str, scenario: str) -> list[
     >>> ref = MetricRow("a", "individual", 1, "", {"accuracy": (0.9, (0.88, 0.92))}, {})
     >>> b = MetricRow("b", "merge", 1, "", {"accuracy": (0.8, (0.77, 0.83))},
     ...               {"accuracy": (-0.1, (-0.13, -0.07), 0.001)})
-    >>> headlines([ref, b], "a", "soup")[1]
+    >>> headlines([ref, b], "a", "soup")[2]
     'Significantly worse than a in accuracy (Holm-adjusted p < 0.05): b (-0.1000).'
     """
     ref = next(r for r in rows if r.name == reference)
@@ -235,6 +235,26 @@ def _nested_table(choice: Any, lambdas: Sequence[float]) -> tuple[list[str], lis
     ]
     body.append(["mean", f"final: {choice.chosen['lambda']:g}", fmt(nested.statistic)])
     return headers, body
+
+
+def _per_task_rows(multitask: MultiTaskStudy) -> list[list[str]]:
+    tasks = multitask.tasks
+    per_task = multitask.per_task
+    own = {t: per_task[multitask.experts[t]][t] for t in tasks}
+    rows = []
+    for name, acc in per_task.items():
+        cost = next(e.cost for e in multitask.entries if e.name == name)
+        normalized = np.mean([acc[t] / own[t] if own[t] > 0 else np.nan for t in tasks])
+        rows.append(
+            [
+                name,
+                str(cost),
+                *(fmt(acc[t]) for t in tasks),
+                fmt(float(np.mean([acc[t] for t in tasks]))),
+                fmt(float(normalized)),
+            ]
+        )
+    return rows
 
 
 def _forest(rows: Sequence[MetricRow], reference: str, path: Path, title: str) -> None:
@@ -456,7 +476,9 @@ def write_demo_report(
                 f"Tasks: {', '.join(multitask.tasks)} (same labels, transformed images). Each "
                 "task model is fine-tuned from the pre-trained model on its task; merges "
                 "combine all of them into one network. Test accuracy on each task's test "
-                "images; 'mean' is the pooled accuracy.",
+                "images; 'mean' is the pooled accuracy; 'normalized mean' averages, over the "
+                "tasks, the accuracy divided by that of the task's own model on its task (1 "
+                "means as good as every task's own model).",
                 f"Best pooled test accuracy: {mt_best.name} ({fmt(mt_best.metrics['accuracy'][0])}"
                 f", {mt_best.cost} network{'s' if mt_best.cost != 1 else ''} per prediction).",
                 f"Task arithmetic: lambda {multitask.task_arithmetic.chosen['lambda']:g} chosen "
@@ -465,16 +487,8 @@ def write_demo_report(
                 f"{fmt_ci(multitask.task_arithmetic.nested.ci)}.",
             ),
             table=(
-                ["method", "networks run", *multitask.tasks, "mean"],
-                [
-                    [
-                        name,
-                        str(next(e.cost for e in multitask.entries if e.name == name)),
-                        *(fmt(acc[t]) for t in multitask.tasks),
-                        fmt(float(np.mean([acc[t] for t in multitask.tasks]))),
-                    ]
-                    for name, acc in multitask.per_task.items()
-                ],
+                ["method", "networks run", *multitask.tasks, "mean", "normalized mean"],
+                _per_task_rows(multitask),
             ),
             images=(("multitask_per_task.png", "Accuracy per task"),),
         ),
