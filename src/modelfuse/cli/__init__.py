@@ -20,6 +20,7 @@ from modelfuse.cli import merge as _merge  # noqa: E402,F401  isort: skip
 from modelfuse.cli import demo as _demo  # noqa: E402,F401  isort: skip
 from modelfuse.cli import diff as _diff  # noqa: E402,F401  isort: skip
 from modelfuse.cli import compare as _compare  # noqa: E402,F401  isort: skip
+from modelfuse.cli import statistics as _statistics  # noqa: E402,F401  isort: skip
 from modelfuse.cli import ensemble as _ensemble  # noqa: E402,F401  isort: skip
 from modelfuse.cli import calibrate as _calibrate  # noqa: E402,F401  isort: skip
 
