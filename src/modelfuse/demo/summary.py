@@ -25,11 +25,19 @@ def print_summary(console: Any, result: DemoResult) -> None:
         title=f"Soup scenario, test split (reference: {result.soup_reference})",
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
+        collapse_padding=True,
         pad_edge=False,
     )
-    for header in ("method", "nets", "accuracy", "diff", "p Holm", "NLL", "ECE", "verdict"):
+    widths = {"nets": 4, "acc": 6, "diff": 7, "p Holm": 6, "NLL": 5, "ECE": 5, "verdict": 7}
+    # numbers never shrink; a long method name is cut to what is left of the line
+    room = max(12, int(console.width) - sum(widths.values()) - 2 * len(widths) - 2)
+    table.add_column("method", no_wrap=True, overflow="ellipsis", max_width=room)
+    for header, width in widths.items():
         table.add_column(
-            header, justify="left" if header in ("method", "verdict") else "right", no_wrap=True
+            header,
+            justify="left" if header == "verdict" else "right",
+            no_wrap=True,
+            min_width=width,
         )
     for row in result.soup_rows:
         acc, _ = row.metrics["accuracy"]
