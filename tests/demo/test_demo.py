@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from modelfuse.cli import main
@@ -87,8 +88,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     first, second = root / "first", root / "second"
     out = io.StringIO()
+    torch.set_num_threads(2)
     with contextlib.redirect_stdout(out):
         code = main(["demo", "--quick", "--out", str(first), "--seed", str(SEED)])
+    threads_after = torch.get_num_threads()
     script = "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run(
         [
@@ -106,7 +109,14 @@ def runs(tmp_path_factory):
         text=True,
         timeout=300,
     )
-    return {"code": code, "stdout": out.getvalue(), "first": first, "second": second, "proc": proc}
+    return {
+        "code": code,
+        "stdout": out.getvalue(),
+        "first": first,
+        "second": second,
+        "proc": proc,
+        "threads_after": threads_after,
+    }
 
 
 def test_the_command_succeeds_and_writes_the_report(runs):
@@ -120,6 +130,7 @@ def test_the_command_succeeds_and_writes_the_report(runs):
     assert "Caruana ensemble" in stdout
     assert str(runs["first"] / "report.md") in stdout.replace("\n", "")
     assert not list(runs["first"].parent.glob(".first.*"))  # no temporary folder left
+    assert runs["threads_after"] == 2  # the demo trains with one thread, then restores it
 
 
 def test_every_method_has_a_row_whose_numbers_parse(runs):
@@ -254,3 +265,25 @@ def test_an_existing_folder_that_is_not_a_demo_is_refused(tmp_path, capsys):
     assert err.startswith("modelfuse: error: ") and str(target) in err and "--out" in err
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_failing_run_leaves_nothing_and_keeps_an_earlier_output(tmp_path, monkeypatch):
+    import modelfuse.demo.zoo
+
+    def broken_zoo(splits, settings, folder, seed, *, on_model=None):
+        folder.mkdir(parents=True)
+        (folder / "half-written.safetensors").write_bytes(b"x")
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(modelfuse.demo.zoo, "build_zoo", broken_zoo)
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / "report.md").write_text("# an earlier demo")
+    (earlier / "results.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="training failed"):
+        main(["demo", "--quick", "--out", str(earlier)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert (earlier / "report.md").read_text() == "# an earlier demo"
+    with pytest.raises(RuntimeError):
+        main(["demo", "--quick", "--out", str(tmp_path / "new" / "demo")])
+    assert list((tmp_path / "new").iterdir()) == []

@@ -173,21 +173,23 @@ def multitask_study(
             (torch.as_tensor(x_train[i : i + 128]), torch.as_tensor(splits.y_train[i : i + 128]))
             for i in range(0, len(x_train), 128)
         ]
-        fishers.append(dict(fisher_diagonal(net, batches, n_examples=settings.fisher_examples)))
+        fishers.append(
+            dict(fisher_diagonal(net, batches, n_examples=settings.fisher_examples, kind="exact"))
+        )
         grams.append(dict(gram_matrices(net, batches, n_examples=settings.gram_examples)))
     add(
         "Fisher merge",
         "merge",
         1,
-        "each task model's Fisher on its own task's training images",
+        "each task model's exact diagonal Fisher on its own task's training images",
         modelfuse.merge_state_dicts("fisher", sds, fishers=fishers),
     )
     add(
         "RegMean",
         "merge",
         1,
-        "each task model's Gram matrices on its own task's training images",
-        modelfuse.merge_state_dicts("regmean", sds, grams=grams),
+        "each task model's Gram matrices on its own task's training images, alpha 0.1",
+        modelfuse.merge_state_dicts("regmean", sds, grams=grams, alpha=0.1),
     )
     step("multi-task: Fisher and RegMean")
 

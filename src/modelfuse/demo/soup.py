@@ -202,7 +202,9 @@ def soup_study(
     for f in fine_tunes:
         net = make_mlp(settings.hidden)
         net.load_state_dict(f.state_dict)
-        stats = fisher_diagonal(net, train_batches, n_examples=settings.fisher_examples)
+        stats = fisher_diagonal(
+            net, train_batches, n_examples=settings.fisher_examples, kind="exact"
+        )
         n_fisher = stats.n_examples
         stats_path = save_statistics(stats, folder / "statistics" / f"{f.name}.fisher.safetensors")
         fisher_models.append({"model": str(f.path), "statistics": str(stats_path)})
