@@ -18,7 +18,7 @@ __all__ = ["demo_command"]
 (soups, Fisher, RegMean, task arithmetic, TIES, DARE, Model Stock, WiSE-FT, ensembles,
 temperature scaling), compare on a held-out test split and write report.md and report.html.
 
-The full run takes a few minutes on two cores; --quick takes under a minute.
+The full run takes well under five minutes on two cores, --quick under one.
 An earlier demo output in OUT is replaced; any other existing OUT is refused.
 
 Example:
