@@ -120,3 +120,36 @@ def test_bad_predictions_are_rejected():
         accuracy(np.ones(3), np.array([0, 0, 0]))
     with pytest.raises(ConfigError, match="average"):
         auroc(np.eye(2), np.array([0, 1]), average="micro")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_auroc_of_weighted_samples_matches_sklearn_sample_weight(k, decimals):
+    # the batched AUROC the bootstrap uses: one row of integer weights per resample
+    rng = np.random.default_rng(k)
+    p, y = _probs(rng, 200, k)
+    if decimals is not None:  # ties between scores
+        p = np.round(p, decimals)
+        p = p / p.sum(axis=1, keepdims=True)
+    weights = np.stack([np.bincount(rng.integers(0, 200, 200), minlength=200) for _ in range(4)])
+    got = METRICS["auroc"].on_weights(p, y, weights.astype(np.float32))
+    for row, value in zip(weights, got):
+        if k == 2:
+            expected = roc_auc_score(y, p[:, 1], sample_weight=row)
+        else:
+            keep = row > 0
+            expected = np.mean([
+                roc_auc_score(y[keep] == c, p[keep, c], sample_weight=row[keep]) for c in range(k)
+            ])
+        assert value == pytest.approx(expected)
+
+
+def test_jackknife_of_a_batched_metric_deletes_one_sample_at_a_time():
+    from modelfuse.evaluation.bootstrap import _Plan
+
+    rng = np.random.default_rng(6)
+    p, y = _probs(rng, 60, 3)
+    values, weights = _Plan(get_metric("auroc"), [p], y, [1.0]).jackknife(rng)
+    expected = [auroc(np.delete(p, i, axis=0), np.delete(y, i)) for i in range(60)]
+    np.testing.assert_allclose(values, expected)
+    np.testing.assert_array_equal(weights, np.ones(60))

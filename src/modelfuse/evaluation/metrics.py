@@ -336,6 +336,54 @@ def _auroc(probs: np.ndarray, labels: np.ndarray, *, average: str = "macro") -> 
     return float(np.mean(values))
 
 
+def _weighted_binary_auc(
+    positive: np.ndarray, scores: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC of each row of sample weights, and the weighted positive count of each row.
+
+    The scores are sorted once; along each row, every positive counts the
+    (weighted) negatives scored below it plus half of those tied with it: the
+    Mann-Whitney statistic with integer weights, i.e. the AUROC of the samples
+    repeated that many times.
+    """
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    w = weights[:, order]
+    pos_w = w * positive[order]
+    neg_w = w - pos_w
+    pairs = pos_w.sum(axis=1, dtype=np.float64) * neg_w.sum(axis=1, dtype=np.float64)
+    boundaries = np.flatnonzero(np.diff(ordered)) + 1
+    if len(boundaries) == len(ordered) - 1:  # no ties: one cumulative sum
+        wins = np.sum(pos_w * np.cumsum(neg_w, axis=1), axis=1, dtype=np.float64)
+    else:  # sum positives and negatives per distinct score first
+        starts = np.concatenate([[0], boundaries])
+        pos_g = np.add.reduceat(pos_w, starts, axis=1)
+        neg_g = np.add.reduceat(neg_w, starts, axis=1)
+        below = np.cumsum(neg_g, axis=1) - neg_g
+        wins = np.sum(pos_g * (below + 0.5 * neg_g), axis=1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+    return auc, pos_w.sum(axis=1, dtype=np.float64)
+
+
+def _auroc_on_weights(
+    probs: np.ndarray, labels: np.ndarray, weights: np.ndarray, *, average: str = "macro"
+) -> np.ndarray:
+    """AUROC (binary, or one-vs-rest) of each row of per-sample weights (resample counts)."""
+    k = probs.shape[1]
+    if k == 2:
+        return _weighted_binary_auc(labels == 1, probs[:, 1], weights)[0]
+    aucs, supports = zip(
+        *(_weighted_binary_auc(labels == c, probs[:, c], weights) for c in range(k))
+    )
+    auc = np.stack(aucs, axis=1)
+    if average == "weighted":
+        support = np.stack(supports, axis=1)
+        share = support / support.sum(axis=1, keepdims=True)
+        return np.sum(share * auc, axis=1)  # undefined (NaN) when a class is absent
+    return auc.mean(axis=1)
+
+
 # --------------------------------------------------------------------------- calibration metrics
 
 
@@ -426,6 +474,10 @@ class MetricSpec:
     on_rows : callable, optional
         ``on_rows(probs, labels, index_rows) -> (n_rows,)``: the metric of each
         resample given as a row of sample indices, computed in one call.
+    on_weights : callable, optional
+        ``on_weights(probs, labels, weights) -> (n_rows,)``: the metric of each
+        row of per-sample weights (bootstrap counts, jackknife deletions,
+        which of two stacked models' predictions to use), in one call.
     """
 
     name: str
@@ -436,6 +488,7 @@ class MetricSpec:
     from_sums: Callable[[np.ndarray, int], np.ndarray] | None = None
     mean_of_keys: bool = False
     on_rows: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+    on_weights: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -451,7 +504,7 @@ METRICS: dict[str, MetricSpec] = {
         _balanced_from_sums,
     ),
     "macro_f1": MetricSpec("macro_f1", True, _macro_f1, _label_pred_keys, _f1_rows, _f1_from_sums),
-    "auroc": MetricSpec("auroc", True, _auroc),
+    "auroc": MetricSpec("auroc", True, _auroc, on_weights=_auroc_on_weights),
     "nll": MetricSpec("nll", False, _nll, _nll_keys, _value_rows, _mean_from_sums, True),
     "brier": MetricSpec("brier", False, _brier, _brier_keys, _value_rows, _mean_from_sums, True),
     "ece": MetricSpec("ece", False, _ece, on_rows=_ece_on_rows),

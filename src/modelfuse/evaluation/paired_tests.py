@@ -17,7 +17,14 @@ from scipy.stats import binom, chi2
 from scipy.stats import t as student_t
 
 from modelfuse.errors import ConfigError, DataError
-from modelfuse.evaluation.bootstrap import RandomState, _check_resamples, _generator, _Plan
+from modelfuse.evaluation.bootstrap import (
+    _BATCH_ELEMENTS,
+    _CHUNK_ELEMENTS,
+    RandomState,
+    _check_resamples,
+    _generator,
+    _Plan,
+)
 from modelfuse.evaluation.metrics import (
     MetricSpec,
     PredictionKind,
@@ -454,6 +461,8 @@ def metric_permutation_test(
     observed = plan.estimate()
     if plan.vectorised:
         null = _swapped_sums_null(plan, n_resamples, rng)
+    elif plan.batched:
+        null = _swapped_batched_null(spec, pa, pb, y, n_resamples, rng)
     else:
         null = np.empty(n_resamples)
         for r in range(n_resamples):
@@ -467,6 +476,30 @@ def metric_permutation_test(
         method=f"paired permutation test ({spec.name})",
         compared=tuple(names),
     )
+
+
+def _swapped_batched_null(
+    spec: MetricSpec,
+    pa: np.ndarray,
+    pb: np.ndarray,
+    y: np.ndarray,
+    n_resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Null differences for metrics evaluated in batches: both models stacked, rows pick one."""
+    n = len(y)
+    stacked = _Plan(spec, [np.concatenate([pa, pb])], np.concatenate([y, y]), [1.0])
+    base = np.arange(n)
+    null = np.empty(n_resamples)
+    size = _BATCH_ELEMENTS if spec.on_weights is not None else _CHUNK_ELEMENTS
+    chunk = max(1, size // (2 * n))
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        swap = rng.random((stop - start, n)) < 0.5
+        rows_a = base + n * swap  # sample i of model a, or of model b where swapped
+        rows_b = base + n * ~swap
+        null[start:stop] = stacked.on_index_rows(rows_a) - stacked.on_index_rows(rows_b)
+    return null
 
 
 def _swapped_sums_null(plan: _Plan, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
