@@ -462,7 +462,8 @@ class MetricSpec:
         contributes. Samples with equal keys are interchangeable, which lets
         the bootstrap draw counts of distinct keys instead of indices. ``None``
         (or a call returning ``None``) means the metric is not a function of
-        sums and is computed once per resample.
+        sums: it is computed in batches (``on_weights``, ``on_rows``) or once
+        per resample.
     rows : callable, optional
         ``rows(unique_keys, n_classes) -> sparse (u, d)``: the additive
         statistics of each distinct key.

@@ -414,7 +414,8 @@ def metric_permutation_test(
     samples and recomputes the difference. For metrics that are functions of
     sums (accuracy, balanced accuracy, macro F1, NLL, Brier) the swaps are
     drawn as binomial counts per distinct sample and all resamples are
-    computed at once; AUROC and ECE are recomputed per resample.
+    computed at once; for AUROC and ECE both models' predictions are stacked
+    and each batch of resamples picks one of the two per sample.
 
     Parameters
     ----------
