@@ -176,3 +176,18 @@ def test_bad_input_is_rejected():
         paired_permutation_test([1.0], [2.0], alternative="bigger")
     with pytest.raises(DataError, match="at least 2"):
         corrected_resampled_ttest(np.array([0.1]), n_train=9, n_test=1)
+
+
+def test_ece_permutation_test_separates_calibrated_from_overconfident():
+    rng = np.random.default_rng(8)
+    n = 400
+    conf = rng.uniform(0.55, 0.95, n)
+    y = (rng.random(n) < conf).astype(int)  # class 1 is right with probability conf
+    calibrated = np.stack([1 - conf, conf], 1)
+    sharp = np.stack([1 - conf**0.2, conf**0.2], 1)  # pushed towards 1: overconfident
+    r = metric_permutation_test(sharp, calibrated, y, metric="ece", n_resamples=299,
+                                random_state=0)
+    assert r.statistic > 0.05 and r.pvalue < 0.05
+    same = metric_permutation_test(calibrated, calibrated.copy(), y, metric="ece",
+                                   n_resamples=99, random_state=0)
+    assert same.statistic == 0 and same.pvalue == 1.0
