@@ -92,3 +92,11 @@ def test_through_state_dicts_with_filter_wise():
         "model_stock", [{"w": a}, {"w": b}, {"w": c}], {"w": base}, filter_wise=True
     )["w"]
     torch.testing.assert_close(out, _reference(base, [a, b, c], rowwise=True))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_tensor_larger_than_a_chunk(rowwise):
+    base, tensors = _models(3, shape=(700, 600), seed=11)
+    torch.testing.assert_close(
+        model_stock(tensors, base, filter_wise=rowwise), _reference(base, tensors, rowwise)
+    )

@@ -96,3 +96,9 @@ def test_inputs_are_not_modified():
     multislerp(tensors, weight=[1.0, 2.0, 3.0])
     multislerp(tensors[1:], tensors[0])
     assert all(torch.equal(t, c) for t, c in zip(tensors, copies))
+
+
+def test_tensor_larger_than_a_chunk():
+    base, *tensors = _models(4, shape=(700, 600), seed=12)
+    w = [0.2, 0.5, 0.3]
+    torch.testing.assert_close(multislerp(tensors, base, weight=w), _reference(tensors, w, base))

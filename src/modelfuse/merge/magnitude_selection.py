@@ -107,32 +107,38 @@ class MagnitudeThreshold:
 
         return mask
 
-    def selector(self, name: str = "") -> Callable[[torch.Tensor], torch.Tensor]:
+    def selector(self, name: str = "") -> Callable[..., torch.Tensor]:
         """A function zeroing the unselected entries of the chunks of tensor ``name``.
 
-        Each call takes the next chunk of signed values (selected by magnitude)
-        and returns a new tensor; the chunks must come in index order.
+        ``select(values, out=None)`` takes the next chunk of signed values
+        (selected by magnitude) and returns the selection, written into ``out``
+        when given (else a new tensor); the chunks must come in index order.
         """
         value = self.value
         quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
         # |x| >= value  <=>  |x| > the float32 just below value (value > 0).
         below = float(torch.nextafter(torch.tensor(value), torch.tensor(0.0))) if value > 0 else 0.0
 
-        def select(values: torch.Tensor) -> torch.Tensor:
+        def shrink(values: torch.Tensor, limit: float, out: torch.Tensor | None) -> torch.Tensor:
+            if out is None:
+                return torch.nn.functional.hardshrink(values, limit)
+            return torch.ops.aten.hardshrink.out(values, limit, out=out)
+
+        def select(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
             if value == float("inf"):
-                return torch.zeros_like(values)
+                return torch.zeros_like(values) if out is None else out.zero_()
             if value == float("-inf") or value <= 0.0:
-                return values.clone()
+                return values.clone() if out is None else out.copy_(values)
             if quota is None:
-                return torch.nn.functional.hardshrink(values, below)
+                return shrink(values, below, out)
             if quota[0] <= 0:
-                return torch.nn.functional.hardshrink(values, value)
+                return shrink(values, value, out)
             ties = values.abs() == value
             count = int(torch.count_nonzero(ties))
             if count <= quota[0]:
                 quota[0] -= count
-                return torch.nn.functional.hardshrink(values, below)
-            kept = torch.nn.functional.hardshrink(values, value)
+                return shrink(values, below, out)
+            kept = shrink(values, value, out)
             positions = ties.view(-1).nonzero().view(-1)[: quota[0]]
             kept.view(-1)[positions] = values.reshape(-1)[positions]
             quota[0] = 0
@@ -147,6 +153,16 @@ class MagnitudeThreshold:
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
 """Calling it yields the magnitudes of one tensor chunk by chunk, in index order."""
+
+
+def _scratch(
+    cache: dict[str, torch.Tensor], key: str, length: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A buffer of at least ``length`` entries, reused from chunk to chunk."""
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < length or buffer.dtype != dtype:
+        buffer = cache[key] = torch.empty(length, dtype=dtype)
+    return buffer[:length]
 
 
 def _count(flags: torch.Tensor) -> int:
@@ -218,7 +234,7 @@ def select_top_k(
         return MagnitudeThreshold(float("-inf"), n, n)
     if sample is None or sample.numel() < 64:
         if n <= _SMALL:
-            return _finish(torch.cat([c.reshape(-1) for c in chunks()]), 0, k, n)
+            return _finish(torch.cat([c.reshape(-1).clone() for c in chunks()]), 0, k, n)
         return _select_radix(chunks, k, n)
     sample = _check_magnitudes(sample)
     m = sample.numel()
@@ -234,13 +250,14 @@ def select_top_k(
         return _select_in_bit_range(chunks, k, n, low_bits, span)
     above = 0
     bands = []
+    scratch: dict[str, torch.Tensor] = {}
     for chunk in chunks():
         chunk = chunk.reshape(-1)
         # Comparisons into float buffers: much faster than into bool tensors.
-        flags = torch.gt(chunk, upper, out=torch.empty_like(chunk))
+        flags = torch.gt(chunk, upper, out=_scratch(scratch, "flags", chunk.numel()))
         above += _count(flags)
         inside = torch.ge(chunk, lower, out=flags)
-        inside.mul_(torch.le(chunk, upper, out=torch.empty_like(chunk)))
+        inside.mul_(torch.le(chunk, upper, out=_scratch(scratch, "upper", chunk.numel())))
         bands.append(chunk[inside.bool()])
     band = torch.cat(bands)
     if above < k <= above + band.numel():
@@ -262,8 +279,12 @@ def _select_in_bit_range(
     """
     bins = span + 3
     counts = torch.zeros(bins, dtype=torch.int64)
+    scratch: dict[str, torch.Tensor] = {}
     for chunk in chunks():
-        offset = _bits(chunk) - (low_bits - 1)
+        bits = _bits(chunk)
+        offset = torch.sub(
+            bits, low_bits - 1, out=_scratch(scratch, "bits", bits.numel(), bits.dtype)
+        )
         counts += torch.bincount(offset.clamp_(0, span + 2), minlength=bins)
     at_or_above = _top_down(counts)
     if not int(at_or_above[1]) >= k > int(at_or_above[span + 2]):

@@ -16,6 +16,7 @@ __all__ = ["ModelStockParameters", "PairwiseMean", "model_stock"]
 PairwiseMean = Literal["cosine", "angle"]
 
 _MIN_DENOMINATOR = 1e-6
+_CHUNK = 1 << 18
 
 
 class ModelStockParameters(MethodParameters):
@@ -93,20 +94,58 @@ def model_stock(
         raise ConfigError(f"pairwise_mean: unknown value {pairwise_mean!r}; valid: cosine, angle")
     base32 = base.to(torch.float32)
     rows = base32.shape[0] if (filter_wise and base32.dim() >= 2) else 1
-    taus = torch.stack([(t.to(torch.float32) - base32).reshape(rows, -1) for t in tensors])
-    norms = torch.linalg.vector_norm(taus, dim=-1)  # [n, rows]
+    base_rows = base32.reshape(rows, -1)
+    model_rows = [t.to(torch.float32).reshape(rows, -1) for t in tensors]
+    columns = base_rows.shape[1]
+    out = torch.empty(base_rows.shape, dtype=torch.float32)
+    if rows == 1:
+        # One ratio for the whole tensor: accumulate dot products over column chunks,
+        # then write the output in a second pass.
+        step = max(1, min(columns, _CHUNK))
+        blocks = [(slice(None), slice(a, min(columns, a + step))) for a in range(0, columns, step)]
+        gram = torch.zeros(n, n, 1, dtype=torch.float64)
+        for block in blocks:
+            gram += _gram(_task_vectors(model_rows, base_rows, block)).sum(-1).double()
+        ratio = _ratio(gram, n, pairwise_mean).float()
+        for block in blocks:
+            taus = _task_vectors(model_rows, base_rows, block)
+            torch.add(base_rows[block], taus.mean(0), alpha=float(ratio[0]), out=out[block])
+    else:
+        # One ratio per row: every block of rows is independent.
+        step = max(1, _CHUNK // max(columns, 1))
+        for a in range(0, rows, step):
+            block = (slice(a, min(rows, a + step)), slice(None))
+            taus = _task_vectors(model_rows, base_rows, block)
+            ratio = _ratio(_gram(taus).sum(-1), n, pairwise_mean).float()
+            torch.addcmul(base_rows[block], ratio.unsqueeze(-1), taus.mean(0), out=out[block])
+    return out.reshape(base32.shape)
+
+
+def _task_vectors(
+    model_rows: Sequence[torch.Tensor], base_rows: torch.Tensor, block: tuple[slice, slice]
+) -> torch.Tensor:
+    """``[n, rows, columns]``: the models' task vectors on a block."""
+    return torch.stack([m[block] for m in model_rows]).sub_(base_rows[block])
+
+
+def _gram(taus: torch.Tensor) -> torch.Tensor:
+    """``[n, n, rows, columns]`` products whose sums over columns are the row Gram matrices."""
+    return taus.unsqueeze(1) * taus.unsqueeze(0)
+
+
+def _ratio(gram: torch.Tensor, n: int, pairwise_mean: PairwiseMean) -> torch.Tensor:
+    """Model Stock's t per row, from Gram matrices ``[n, n, rows]``."""
+    gram = gram.double()
+    norms = torch.diagonal(gram, dim1=0, dim2=1).clamp(min=0).sqrt().T  # [n, rows]
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            dot = (taus[i] * taus[j]).sum(-1)
-            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
+            product = (norms[i] * norms[j]).clamp(min=1e-6)
+            cosines.append((gram[i, j] / product).clamp(-1.0, 1.0))
     pairs = torch.stack(cosines)
     cos = pairs.mean(0) if pairwise_mean == "cosine" else torch.cos(torch.arccos(pairs).mean(0))
     denominator = 1.0 + (n - 1) * cos
     defined = denominator > _MIN_DENOMINATOR
-    ratio = torch.where(
+    return torch.where(
         defined, n * cos / denominator.clamp(min=_MIN_DENOMINATOR), torch.zeros_like(cos)
     )
-    mean = taus.mean(0)  # mean(theta_i) - base, so theta = base + t * mean
-    del taus
-    return (base32.reshape(rows, -1) + ratio.unsqueeze(-1) * mean).reshape(base32.shape)

@@ -13,6 +13,9 @@ from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
 __all__ = ["MultiSlerpParameters", "multislerp"]
 
+_CHUNK = 1 << 18
+"""Entries processed at once; temporaries stay one chunk whatever the tensor size."""
+
 
 class MultiSlerpParameters(MethodParameters):
     """Parameters of :func:`multislerp` (mergekit's ``multislerp``)."""
@@ -96,28 +99,44 @@ def multislerp(
                 "change them or set normalize_weights: false"
             )
         weights = [w / total for w in weights]
-    origin = None if base is None else base.to(torch.float32)
+    flats = [t.to(torch.float32).reshape(-1) for t in tensors]
+    origin = None if base is None else base.to(torch.float32).reshape(-1)
+    size = flats[0].numel()
+    chunk = max(1, min(size, _CHUNK))
+    scratch = torch.empty(chunk, dtype=torch.float32)
 
-    def point(i: int) -> torch.Tensor:
-        x = tensors[i].to(torch.float32)
-        return x - origin if origin is not None else x
+    def point(i: int, index: slice) -> torch.Tensor:
+        """Model i's entries at ``index`` (minus the base), in the scratch buffer."""
+        out = scratch[: index.stop - index.start]
+        if origin is None:
+            return out.copy_(flats[i][index])
+        return torch.sub(flats[i][index], origin[index], out=out)
 
-    norms = [float(torch.linalg.vector_norm(point(i))) for i in range(n)]
-    mean = torch.zeros(tensors[0].shape, dtype=torch.float32)
-    for i in range(n):  # unit vector, then weight: antipodal pairs cancel exactly
-        mean.add_(torch.div(point(i), norms[i] + eps).mul_(weights[i]))
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    slices = [slice(a, min(size, a + chunk)) for a in range(0, size, chunk)]
+    norms = []
+    for i in range(n):
+        squares = sum(
+            float(torch.linalg.vector_norm(point(i, s_), dtype=torch.float64)) ** 2 for s_ in slices
+        )
+        norms.append(squares**0.5)
+    mean = torch.zeros(size, dtype=torch.float32)
+    for index in slices:
+        for i in range(n):  # unit vector, then weight: antipodal pairs cancel exactly
+            mean[index].add_(point(i, index).div_(norms[i] + eps).mul_(weights[i]))
+    mean_norm = float(torch.linalg.vector_norm(mean, dtype=torch.float64))
     if mean_norm < eps:
-        if n == 2 or all(v < eps for v in norms):
-            result = torch.zeros_like(mean)
-            for i in range(n):
-                result.add_(point(i), alpha=weights[i])
-        else:
+        if not (n == 2 or all(v < eps for v in norms)):
             raise DataError(
                 "multislerp: the weighted mean of the models' directions is zero (antipodal "
                 f"tensors whose weights {weights} balance), so no spherical average exists; "
                 "change the weights"
             )
+        result = mean.zero_()
+        for index in slices:
+            for i in range(n):
+                result[index].add_(point(i, index), alpha=weights[i])
     else:
         result = mean.mul_(sum(w * v for w, v in zip(weights, norms)) / mean_norm)
-    return result.add_(origin) if origin is not None else result
+    if origin is not None:
+        result.add_(origin)
+    return result.reshape(tensors[0].shape)

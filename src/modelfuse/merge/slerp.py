@@ -101,5 +101,5 @@ def slerp(
             sin_omega = math.sin(omega)
             s0 = math.sin((1.0 - t) * omega) / sin_omega
             s1 = math.sin(t * omega) / sin_omega
-            return torch.add(a * s0, b, alpha=s1)
+            return torch.mul(a, s0).add_(b, alpha=s1)
     return torch.lerp(a, b, t)

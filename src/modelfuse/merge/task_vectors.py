@@ -103,16 +103,39 @@ def _norm(values: torch.Tensor, method: RescaleMethod) -> float:
     raise ConfigError(f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf")
 
 
+class _Workspace:
+    """Chunk-sized buffers reused from chunk to chunk.
+
+    Few, reused allocations keep the allocator's heap small: freed chunk-sized
+    temporaries interleaved with the engine's large tensors fragment it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < length:
+            buffer = torch.empty(max(self.size, length), dtype=dtype)
+            self._buffers[key] = buffer
+        return buffer[:length]
+
+    def zeros(self, key: str, length: int) -> torch.Tensor:
+        return self.get(key, length).zero_()
+
+
 class _Sparsifier:
     """One model's sparsification of one tensor, prepared once, then applied chunk by chunk.
 
-    ``delta_of(index)`` returns a new float32 tensor of the task vector's entries at a
-    slice of the flattened tensor; the chunks must then come in index order.
+    ``delta_of(index, out)`` writes the task vector's entries at a slice of the
+    flattened tensor into ``out`` (a new tensor when ``out`` is None) and returns
+    it; the chunks must then come in index order.
     """
 
     def __init__(
         self,
-        delta_of: Callable[[slice], torch.Tensor],
+        delta_of: Callable[[slice, torch.Tensor | None], torch.Tensor],
         n: int,
         *,
         method: Sparsification,
@@ -124,6 +147,7 @@ class _Sparsifier:
         threshold: MagnitudeThreshold | None,
         name: str,
         chunk: int,
+        workspace: _Workspace,
     ) -> None:
         if method not in ("magnitude", "random", "magnitude_outliers"):
             raise ConfigError(
@@ -145,17 +169,19 @@ class _Sparsifier:
         self.norm: RescaleMethod | None = (
             rescale_method if rescaling and rescale_method != "exact" else None
         )
-        self.selectors: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.workspace = workspace
+        self.selectors: list[Callable[..., torch.Tensor]] = []
         if self.keep_all or method == "random":
             return
 
         def magnitudes() -> Iterator[torch.Tensor]:
             for start in range(0, n, chunk):
-                yield delta_of(slice(start, min(n, start + chunk))).abs_()
+                stop = min(n, start + chunk)
+                yield delta_of(slice(start, stop), workspace.get("magnitudes", stop - start)).abs_()
 
         sample = None
         if n > 2 * _SAMPLE:
-            sample = delta_of(slice(None, None, n // _SAMPLE)).abs_()
+            sample = delta_of(slice(None, None, n // _SAMPLE), None).abs_()
         if method == "magnitude":
             if threshold is not None:
                 self.selectors = [threshold.selector(name)]
@@ -177,14 +203,20 @@ class _Sparsifier:
         if self.keep_all:
             return delta
         before = _norm(delta, self.norm) if self.norm is not None else 0.0
+        length = delta.numel()
         if self.method == "random":
             # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
-            keep = torch.rand(delta.shape, generator=self.generator)
+            keep = torch.rand(
+                delta.shape,
+                generator=self.generator,
+                out=self.workspace.get("random", length).view(delta.shape),
+            )
             kept = delta.mul_(keep.add_(self.density).floor_())
         else:
-            kept = self.selectors[0](delta)
+            kept = self.selectors[0](delta, out=self.workspace.get("kept", length))
             if len(self.selectors) > 1:
-                kept.sub_(self.selectors[1](delta))  # the largest ones, dropped again
+                # the largest ones, dropped again
+                kept.sub_(self.selectors[1](delta, out=self.workspace.get("top", length)))
         if self.norm is not None:
             after = _norm(kept, self.norm)
             if before >= _NORM_EPS and after >= _NORM_EPS:
@@ -245,7 +277,7 @@ def sparsify(
     flat = delta.to(torch.float32).reshape(-1)
     n = flat.numel()
     sparsifier = _Sparsifier(
-        lambda index: flat[index].clone(),
+        lambda index, out: flat[index].clone() if out is None else out.copy_(flat[index]),
         n,
         method=method,
         density=density,
@@ -256,6 +288,7 @@ def sparsify(
         threshold=threshold,
         name=name,
         chunk=max(n, 1),
+        workspace=_Workspace(n),
     )
     kept = sparsifier(flat.clone())
     if sparsifier.factor != 1.0:
@@ -381,6 +414,7 @@ def generalized_task_arithmetic(
     # The whole tensor is one chunk when a norm rescale needs every entry at once.
     chunk = size if (rescale and rescale_method != "exact") else _CHUNK
     chunk = max(1, min(chunk, size))
+    workspace = _Workspace(chunk)
     sparsifiers: list[_Sparsifier | None] = [None] * n
     if sparsification is not None:
         # One generator per model, seeded from ``generator``: each model's draws are
@@ -389,7 +423,7 @@ def generalized_task_arithmetic(
         for i in range(n):
             flat = flats[i]
             sparsifiers[i] = _Sparsifier(
-                lambda index, flat=flat: flat[index] - base_flat[index],
+                lambda index, out, flat=flat: torch.sub(flat[index], base_flat[index], out=out),
                 size,
                 method=sparsification,
                 density=densities[i],
@@ -400,6 +434,7 @@ def generalized_task_arithmetic(
                 threshold=None if magnitude_thresholds is None else magnitude_thresholds[i],
                 name=name,
                 chunk=chunk,
+                workspace=workspace,
             )
     scale = float(lambda_)
     if consensus_method is None and normalize:
@@ -409,10 +444,11 @@ def generalized_task_arithmetic(
     for start in range(0, size, chunk):
         index = slice(start, min(size, start + chunk))
         base_part = base_flat[index]
+        length = base_part.numel()
         if consensus_method is None:
-            merged = torch.zeros(base_part.shape, dtype=torch.float32)
+            merged = workspace.zeros("merged", length)
             for i in range(n):
-                delta = flats[i][index] - base_part
+                delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
                 sparsifier = sparsifiers[i]
                 if sparsifier is not None:
                     delta = sparsifier(delta)
@@ -421,7 +457,14 @@ def generalized_task_arithmetic(
                     merged.add_(delta, alpha=weights[i])
         else:
             merged = _elect(
-                flats, base_part, index, sparsifiers, weights, consensus_method, normalize
+                flats,
+                base_part,
+                index,
+                sparsifiers,
+                weights,
+                consensus_method,
+                normalize,
+                workspace,
             )
         torch.add(base_part, merged, alpha=scale, out=out[index])
     return out.reshape(base.shape)
@@ -435,6 +478,7 @@ def _elect(
     weights: Sequence[float],
     consensus_method: ConsensusMethod,
     normalize: bool,
+    workspace: _Workspace,
 ) -> torch.Tensor:
     """TIES' sign election and disjoint sum over one chunk, from running sums.
 
@@ -442,14 +486,15 @@ def _elect(
     s_i = sign(x_i), the weight of the models voting + is (S2 + S1) / 2 and of
     those voting - is (S2 - S1) / 2, where S1 = sum w_i s_i and S2 = sum w_i |s_i|.
     """
-    shape = base_part.shape
-    positive = torch.zeros(shape, dtype=torch.float32)
-    negative = torch.zeros(shape, dtype=torch.float32)
-    signed = torch.zeros(shape, dtype=torch.float32) if normalize else None
-    unsigned = torch.zeros(shape, dtype=torch.float32) if normalize else None
-    votes = torch.zeros(shape, dtype=torch.float32) if consensus_method == "count" else None
+    length = base_part.numel()
+    positive = workspace.zeros("positive", length)
+    negative = workspace.zeros("negative", length)
+    signed = workspace.zeros("signed", length) if normalize else None
+    unsigned = workspace.zeros("unsigned", length) if normalize else None
+    votes = workspace.zeros("votes", length) if consensus_method == "count" else None
+    scratch = workspace.get("scratch", length)
     for i, w in enumerate(weights):
-        delta = flats[i][index] - base_part
+        delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
         sparsifier = sparsifiers[i]
         scale = w
         if sparsifier is not None:
@@ -457,21 +502,22 @@ def _elect(
             scale = w * sparsifier.factor
         if scale != 1.0:
             delta.mul_(scale)
-        sign = torch.sign(delta) if (votes is not None or signed is not None) else None
-        positive.add_(delta.clamp(min=0))
-        negative.add_(delta.clamp_(max=0))
-        if sign is not None:
+        positive.add_(torch.clamp(delta, min=0, out=scratch))
+        if votes is not None or (signed is not None and unsigned is not None):
+            sign = torch.sign(delta, out=scratch)
             if votes is not None:
                 votes.add_(sign)
             if signed is not None and unsigned is not None:
                 signed.add_(sign, alpha=w)
                 unsigned.add_(sign.abs_(), alpha=w)
-    tally = votes if votes is not None else positive + negative
-    elected = torch.sign(tally).add_(1.0).clamp_(max=1.0)  # 1 where the tally is >= 0, else 0
-    merged = torch.lerp(negative, positive, elected)
+        negative.add_(delta.clamp_(max=0))
+    tally = votes if votes is not None else torch.add(positive, negative, out=scratch)
+    # 1 where the tally is >= 0, else 0
+    elected = torch.sign(tally, out=scratch).add_(1.0).clamp_(max=1.0)
+    merged = torch.lerp(negative, positive, elected, out=workspace.get("merged", length))
     if signed is not None and unsigned is not None:
         # agreeing weight: (S2 - S1) / 2 + elected * S1; a zero sum counts as one
         divisor = unsigned.sub_(signed).mul_(0.5).add_(elected.mul_(signed))
-        divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
-        merged.div_(divisor)
+        zero = torch.sign(divisor, out=positive).abs_().neg_().add_(1.0)
+        merged.div_(divisor.add_(zero))
     return merged
