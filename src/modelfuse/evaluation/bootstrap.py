@@ -177,6 +177,13 @@ def _strata_positions(strata: np.ndarray | None, n: int) -> list[np.ndarray]:
     return np.split(order, starts[1:])
 
 
+def _compact(column: np.ndarray) -> np.ndarray:
+    """Small integers (0/1 correctness, their differences) as int8: less memory traffic."""
+    if np.all((column == np.round(column)) & (np.abs(column) <= 127)):
+        return column.astype(np.int8)
+    return np.ascontiguousarray(column, dtype=np.float64)
+
+
 def resample_sums(
     keys: np.ndarray,
     rows: Callable[[np.ndarray], scipy.sparse.spmatrix | np.ndarray],
@@ -240,7 +247,7 @@ def resample_sums(
             continue
         # few statistics per sample: gather each column through the index matrix;
         # many (balanced accuracy, F1 with many classes): count atoms and multiply
-        columns = [np.ascontiguousarray(c) for c in table.toarray()[inverse].T] if d <= 8 else None
+        columns = [_compact(c) for c in table.toarray()[inverse].T] if d <= 8 else None
         index_type = np.int32 if n_s < 2**31 else np.int64
         chunk = max(1, _CHUNK_ELEMENTS // n_s)
         for start in range(0, n_resamples, chunk):
@@ -248,7 +255,8 @@ def resample_sums(
             index = rng.integers(0, n_s, size=(stop - start, n_s), dtype=index_type)
             if columns is not None:
                 for j, column in enumerate(columns):
-                    total[start:stop, j] += np.take(column, index).sum(axis=1)
+                    accumulator = np.int64 if column.dtype == np.int8 else np.float64
+                    total[start:stop, j] += np.take(column, index).sum(axis=1, dtype=accumulator)
             else:
                 atoms = inverse[index] + u * np.arange(stop - start)[:, None]
                 draws = np.bincount(atoms.ravel(), minlength=(stop - start) * u)
