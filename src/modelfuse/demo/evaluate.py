@@ -88,10 +88,10 @@ class MetricRow:
     differences: dict[str, tuple[float, tuple[float, float], float]]
 
 
-_TESTS = {"accuracy": "mcnemar", "nll": "permutation", "ece": "bootstrap"}
+_TESTS = {"accuracy": "mcnemar", "nll": "permutation", "ece": "permutation"}
 """The paired test against the reference per metric: exact McNemar for accuracy,
-a permutation test for NLL, the paired bootstrap for ECE (a permutation test of
-ECE re-bins every permutation and is much slower)."""
+a paired permutation test (swapping the two models' predictions sample by
+sample) for NLL and ECE."""
 
 
 def compare_entries(

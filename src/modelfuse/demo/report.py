@@ -409,8 +409,8 @@ def write_demo_report(
             (
                 "Negative log-likelihood and expected calibration error (15 equal-width bins, "
                 f"top label) on the test split with 95% {interval} intervals; differences to the "
-                "reference with Holm-adjusted p-values (permutation test for NLL, paired "
-                "bootstrap for ECE). Lower is better for both.",
+                "reference with Holm-adjusted p-values (paired permutation tests). Lower is "
+                "better for both.",
             ),
             table=_probability_table(soup_rows),
         ),

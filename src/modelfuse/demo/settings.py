@@ -27,8 +27,7 @@ class DemoSettings:
     n_resamples : int
         Bootstrap resamples (and permutations) of every interval and test.
     interval : {"bca", "percentile"}
-        Bootstrap interval method (BCa needs a jackknife per candidate, which
-        dominates the quick run's time for ECE).
+        Bootstrap interval method.
     fisher_examples, gram_examples : int
         Training examples per model for the Fisher diagonals and Gram matrices.
     lambdas : tuple of float
@@ -93,7 +92,7 @@ QUICK = DemoSettings(
     finetune_epochs=6,
     task_epochs=6,
     n_resamples=200,
-    interval="percentile",
+    interval="bca",
     fisher_examples=256,
     gram_examples=256,
     lambdas=(0.5, 1.0, 2.0),
