@@ -224,8 +224,11 @@ def resample_sums(
     >>> sums.shape, bool(0 <= sums.min() and sums.max() <= 4)
     ((1000, 1), True)
     """
+    _check_resamples(n_resamples)
     rng = _generator(random_state)
     keys = np.asarray(keys)
+    if keys.size == 0:
+        raise DataError("keys: empty; expected one row per sample")
     if keys.ndim == 1:
         keys = keys[:, None]
     n = keys.shape[0]
