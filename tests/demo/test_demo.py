@@ -285,5 +285,5 @@ def test_a_failing_run_leaves_nothing_and_keeps_an_earlier_output(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     assert (earlier / "report.md").read_text() == "# an earlier demo"
     with pytest.raises(RuntimeError):
-        main(["demo", "--quick", "--out", str(tmp_path / "new" / "demo")])
-    assert list((tmp_path / "new").iterdir()) == []
+        main(["demo", "--quick", "--out", str(tmp_path / "new" / "deeper" / "demo")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no folder made for OUT

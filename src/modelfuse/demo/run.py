@@ -211,6 +211,7 @@ def run_demo(
         if not console.is_terminal:  # a pipe or a file: wide enough for the summary table
             console = Console(width=110)
     stages = _Stages(console, progress)
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     built = target.parent / f".{target.name}.building-{os.getpid()}"
     if built.exists():
@@ -280,6 +281,11 @@ def run_demo(
         _install(built, target)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
+        for folder in created:  # deepest first: the folders this run made for OUT
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     result = DemoResult(
         out=target,
