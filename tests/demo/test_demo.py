@@ -234,8 +234,15 @@ def test_the_uniform_soup_on_disk_is_the_mean_of_the_fine_tunes(runs):
         np.testing.assert_allclose(tensor, np.mean([t[name] for t in tunes], axis=0), atol=1e-6)
     config = json.loads((folder / "models" / "ft-1" / "config.json").read_text())
     assert config["layer_sizes"][0] == 64 and config["layer_sizes"][-1] == 10
-    assert (folder / "configs" / "uniform-soup.yaml").is_file()
-    assert (folder / "configs" / "fisher.yaml").is_file()
+    # the saved configurations name the models relative to themselves: re-run through the CLI
+    remerged = folder.parent / "remerged"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["merge", str(folder / "configs" / "uniform-soup.yaml"), str(remerged)])
+    assert code == 0
+    assert (remerged / "model.safetensors").read_bytes() == (
+        folder / "merges" / "uniform-soup" / "model.safetensors"
+    ).read_bytes()
+    assert "../models/ft-1" in (folder / "configs" / "fisher.yaml").read_text()
 
 
 def test_an_individual_models_test_accuracy_matches_a_numpy_forward_pass(runs):

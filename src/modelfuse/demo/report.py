@@ -418,8 +418,8 @@ def write_demo_report(
             "How each method was built",
             tuple(f"{r.name}: {r.details}." for r in soup_rows if r.family != "individual")
             + tuple(
-                f"Merged through the file engine (modelfuse.merge on a YAML configuration): "
-                f"configs/{p.name} -> merges/{p.stem}/."
+                f"Merged through the file engine (modelfuse.merge on a YAML configuration; "
+                f"paths relative to configs/): configs/{p.name} -> merges/{p.stem}/."
                 for p in soup.configs
             ),
         ),

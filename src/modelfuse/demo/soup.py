@@ -11,6 +11,7 @@ of the best ensemble. Every choice uses the validation split.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from modelfuse.demo.evaluate import Entry, Family, log_probabilities
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.zoo import Zoo, make_mlp, predict_logits, read_checkpoint
 
-__all__ = ["SoupStudy", "run_file_merge", "soup_study"]
+__all__ = ["SoupStudy", "config_reference", "run_file_merge", "soup_study"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -71,6 +72,14 @@ class SoupStudy:
     caruana_weights: dict[str, float]
     calibration: list[tuple[str, str, float]]
     configs: list[Path]
+
+
+def config_reference(path: Path, folder: Path) -> str:
+    """How a configuration in ``folder/configs`` names ``path``: relative to that folder,
+    so that the output folder can be moved, unless the same relative path also exists
+    from the working folder (the engine would take that one), then absolute."""
+    relative = os.path.relpath(path, folder / "configs")
+    return str(path.resolve()) if Path(relative).exists() else relative
 
 
 def run_file_merge(config: dict[str, Any], name: str, folder: Path) -> tuple[StateDict, Path]:
@@ -161,7 +170,10 @@ def soup_study(
     configs: list[Path] = []
     soup_config = {
         "merge_method": "linear",
-        "models": [{"model": str(f.path), "parameters": {"weight": 1.0}} for f in fine_tunes],
+        "models": [
+            {"model": config_reference(f.path, folder), "parameters": {"weight": 1.0}}
+            for f in fine_tunes
+        ],
         "dtype": "float32",
     }
     soup_sd, path = run_file_merge(soup_config, "uniform-soup", folder)
@@ -207,7 +219,12 @@ def soup_study(
         )
         n_fisher = stats.n_examples
         stats_path = save_statistics(stats, folder / "statistics" / f"{f.name}.fisher.safetensors")
-        fisher_models.append({"model": str(f.path), "statistics": str(stats_path)})
+        fisher_models.append(
+            {
+                "model": config_reference(f.path, folder),
+                "statistics": config_reference(stats_path, folder),
+            }
+        )
     fisher_sd, path = run_file_merge(
         {"merge_method": "fisher", "models": fisher_models, "dtype": "float32"}, "fisher", folder
     )
