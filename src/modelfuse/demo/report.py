@@ -515,7 +515,10 @@ def write_demo_report(
         ),
         Section(
             TIMING_HEADING,
-            (f"Total {total:.1f} s on this machine (torch with 1 thread).",),
+            (
+                f"Stages before this report: {total:.1f} s on this machine (torch with 1 "
+                "thread); the terminal also shows the time spent writing the report.",
+            ),
             table=(["stage", "seconds"], [[s, f"{t:.1f}"] for s, t in timings.items()]),
         ),
     ]
