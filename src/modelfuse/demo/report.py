@@ -273,7 +273,7 @@ def _forest(rows: Sequence[MetricRow], reference: str, path: Path, title: str) -
         [r.metrics["accuracy"][1] for r in rows],
         path,
         reference_value=ref.metrics["accuracy"][0],
-        xlabel="test accuracy with 95% bootstrap interval (dashed: the reference)",
+        xlabel="test accuracy, 95% CI (dashed: reference)",
         title=title,
     )
 
@@ -288,7 +288,7 @@ def _differences(rows: Sequence[MetricRow], reference: str, path: Path, title: s
         [r.differences["accuracy"][1] for r in others],
         path,
         reference_value=0.0,
-        xlabel=f"accuracy minus {reference}'s, paired 95% bootstrap interval",
+        xlabel=f"accuracy minus {reference}'s, paired 95% CI",
         title=title,
     )
 
