@@ -11,6 +11,7 @@ from modelfuse.calibration.metrics import (
 )
 from modelfuse.calibration.one_vs_rest import HistogramBinning, IsotonicCalibration, PlattScaling
 from modelfuse.calibration.registry import CALIBRATORS, calibrator_from_json, make_calibrator
+from modelfuse.calibration.reliability import reliability_diagram
 from modelfuse.calibration.scaling import MatrixScaling, TemperatureScaling, VectorScaling
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "make_calibrator",
     "maximum_calibration_error",
     "negative_log_likelihood",
+    "reliability_diagram",
 ]
