@@ -69,6 +69,12 @@ class MagnitudeThreshold:
         When not every entry equal to ``value`` fits, how many of them each
         tensor keeps, first in index order (tensors not listed keep none);
         None keeps them all.
+
+    Examples
+    --------
+    >>> selection = MagnitudeThreshold(2.0, kept=2, total=4, tie_quota={"w": 1})
+    >>> selection.mask(torch.tensor([2.0, 3.0, 2.0, 1.0]), "w")
+    tensor([ True,  True, False, False])
     """
 
     __slots__ = ("kept", "tie_quota", "total", "value")

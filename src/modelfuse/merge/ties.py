@@ -167,6 +167,18 @@ def prepare_ties(stream: Any) -> dict[str, Any]:
     ------
     ConfigError
         A model's ``density`` differs between ``scope: global`` tensors.
+
+    Examples
+    --------
+    >>> base = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    >>> model = {"a": torch.tensor([0.5, 4.0]), "b": torch.tensor([1.0, -3.0, 2.0])}
+    >>> params = {"scope": "global", "density": [0.4]}
+    >>> def stream(select=None):
+    ...     for name in base:
+    ...         if select is None or select(name, params):
+    ...             yield name, [model[name]], base[name], params
+    >>> prepare_ties(stream)["magnitude_thresholds"][0].value  # 2 of 5 kept: 4 and -3
+    3.0
     """
     densities: list[float] | None = None
     first = ""
