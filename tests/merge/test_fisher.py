@@ -136,3 +136,62 @@ def test_tensors_larger_than_one_block_follow_the_formula():
     expected = (fishers[0] * tensors[0] + 3.0 * fishers[1] * tensors[1]) / den
     expected[-3:] = (tensors[0][-3:] + 3.0 * tensors[1][-3:]) / 4.0  # the weighted average there
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_normalisation_divides_by_the_whole_model_fisher_norm():
+    states = _states(2, seed=8)
+    fishers = _fishers(2, seed=9)
+    weights = [1.0, 2.0]
+    norms = [
+        float(torch.sqrt(sum((f[k] ** 2).sum() for k in f))) for f in fishers
+    ]  # over every tensor of the model, not one
+    out = merge_state_dicts(
+        "fisher", states, fishers=fishers, weights=weights, normalize="model"
+    )
+    for name in ("layer.weight", "layer.bias"):
+        c = [w / n for w, n in zip(weights, norms)]
+        f = [fi[name].clamp_min(1e-6) for fi in fishers]
+        expected = (c[0] * f[0] * states[0][name] + c[1] * f[1] * states[1][name]) / (
+            c[0] * f[0] + c[1] * f[1]
+        )
+        torch.testing.assert_close(out[name], expected)
+
+
+def test_model_normalisation_needs_the_norms():
+    states, fishers = _states(2), _fishers(2)
+    with pytest.raises(ConfigError, match="fisher_norms"):
+        fisher(
+            [states[0]["layer.bias"], states[1]["layer.bias"]],
+            statistics={"fisher": [fishers[0]["layer.bias"], fishers[1]["layer.bias"]]},
+            normalize="model",
+        )
+
+
+def test_row_blocks_read_statistics_rows_and_match(tmp_path, monkeypatch):
+    """Large tensors are merged in blocks of rows, their Fisher rows read alongside."""
+    import modelfuse.merge.execute as execute
+
+    states = _states(2, seed=10)
+    fishers = _fishers(2, seed=11)
+    models = []
+    for i in range(2):
+        save_file(states[i], str(tmp_path / f"m{i}.safetensors"))
+        save_file(fishers[i], str(tmp_path / f"f{i}.safetensors"))
+        models.append({"model": f"m{i}.safetensors", "statistics": f"f{i}.safetensors"})
+    config = {"merge_method": "fisher", "models": models, "parameters": {"normalize": "model"}}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 3)  # 4 x 3 weight -> four blocks of one row
+    from modelfuse.merge.engine import plan_merge
+
+    plan = plan_merge(path)
+    task = next(t for t in plan.tasks if t.name == "layer.weight")
+    assert execute.row_blocks(plan, task) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    result = merge(path, tmp_path / "out", threads=2)
+    from safetensors.torch import load_file
+
+    merged = load_file(str(result.out / "model.safetensors"))
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 1 << 22)
+    expected = merge_state_dicts("fisher", states, fishers=fishers, normalize="model")
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name])

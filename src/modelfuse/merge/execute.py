@@ -12,7 +12,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -89,6 +89,22 @@ def _read(
     return tensors, base
 
 
+def _statistics(
+    plan: MergePlan, task: TensorTask, rows: Rows = None
+) -> dict[str, list[torch.Tensor | None]]:
+    """Each model's statistics tensor of the task's name (or rows of it), None where absent."""
+
+    def read(source: Any, name: str) -> torch.Tensor | None:
+        if source is None or name not in source:
+            return None
+        return source.read(name) if rows is None else source.read_rows(name, *rows)
+
+    return {
+        kind: [read(m.statistics, n) for m, n in zip(task.models, task.inputs)]
+        for kind in plan.method.statistics
+    }
+
+
 def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:
     """Rows past the shared ones, from the model that has them (or the base)."""
     if task.extra_from is None or task.shared_rows is None:
@@ -117,13 +133,7 @@ def _call(
     if "generator" in method.accepts:
         kwargs["generator"] = tensor_generator(task.parameters.get("random_seed"), task.name)
     if "statistics" in method.accepts:
-        stats: dict[str, list[torch.Tensor | None]] = {}
-        for kind in method.statistics:
-            stats[kind] = [
-                m.statistics.read(n) if m.statistics is not None and n in m.statistics else None
-                for m, n in zip(task.models, task.inputs)
-            ]
-        kwargs["statistics"] = stats
+        kwargs["statistics"] = _statistics(plan, task, rows)
     try:
         result = method.function(tensors, base, **kwargs)
     except ModelfuseError as exc:
@@ -154,7 +164,7 @@ def row_blocks(plan: MergePlan, task: TensorTask, block: int | None = None) -> l
     """
     if (
         task.action != "merge"
-        or not plan.method.separable
+        or not plan.method.is_separable(task.parameters)
         or task.shared_rows is not None
         or len(task.shape) == 0
     ):
@@ -170,23 +180,30 @@ def row_blocks(plan: MergePlan, task: TensorTask, block: int | None = None) -> l
     return [(a, min(a + step, task.shape[0])) for a in range(0, task.shape[0], step)]
 
 
-def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[str, list, Any, Any]]]:
-    """A re-iterable stream of ``(name, tensors, base, parameters)`` over merged tensors.
+def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[Any, ...]]]:
+    """A re-iterable stream over the merged tensors, for a method's ``prepare`` pass.
 
-    ``stream(select)`` with ``select(name, parameters) -> bool`` reads and yields
-    only the tensors it selects (decided from the parameters, before reading).
+    ``stream(select)`` yields ``(name, tensors, base, parameters)``;
+    ``select(name, parameters) -> bool`` picks tensors before they are read.
+    ``stream(select, what="statistics")`` yields ``(name, statistics,
+    parameters)`` instead and reads no model tensor (e.g. for whole-model
+    Fisher norms).
     """
 
     def stream(
         select: Callable[[str, Any], bool] | None = None,
-    ) -> Iterator[tuple[str, list, Any, Any]]:
+        what: Literal["tensors", "statistics"] = "tensors",
+    ) -> Iterator[tuple[Any, ...]]:
         for task in plan.tasks:
             if task.action != "merge":
                 continue
             if select is not None and not select(task.name, task.parameters):
                 continue
-            tensors, base = _read(plan, task)
-            yield task.name, tensors, base, task.parameters
+            if what == "statistics":
+                yield task.name, _statistics(plan, task), task.parameters
+            else:
+                tensors, base = _read(plan, task)
+                yield task.name, tensors, base, task.parameters
 
     return stream
 

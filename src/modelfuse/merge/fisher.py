@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -12,7 +12,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 from modelfuse.merge.statistics_tensors import collect_statistics
 
-__all__ = ["FisherParameters", "fisher"]
+__all__ = ["FisherParameters", "fisher", "fisher_separable", "prepare_fisher"]
 
 _BLOCK = 1 << 20  # entries merged at a time
 
@@ -26,10 +26,10 @@ class FisherParameters(MethodParameters):
     fisher_floor: float = Field(
         1e-6, ge=0, description="lower bound applied to every Fisher entry (reference: 1e-6)"
     )
-    normalize: Literal["none", "tensor"] = Field(
+    normalize: Literal["none", "model", "tensor"] = Field(
         "none",
-        description="'tensor': divide each model's coefficient by the L2 norm of its Fisher "
-        "over this tensor",
+        description="divide each model's coefficient by the L2 norm of its Fisher over the "
+        "whole model ('model', the reference's normalize_fishers) or over this tensor ('tensor')",
     )
     favor_first: bool = Field(
         False,
@@ -45,8 +45,9 @@ def fisher(
     statistics: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     weight: Sequence[float] | None = None,
     fisher_floor: float = 1e-6,
-    normalize: Literal["none", "tensor"] = "none",
+    normalize: Literal["none", "model", "tensor"] = "none",
     favor_first: bool = False,
+    fisher_norms: Sequence[float] | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
     r"""Fisher-weighted average: :math:`\sum_i \lambda_i \tilde F_i \theta_i / \sum_i \lambda_i \tilde F_i`.
@@ -71,19 +72,21 @@ def fisher(
         :math:`\lambda_i > 0`, one per model (default 1).
     fisher_floor : float, default 1e-6
         Lower bound of every Fisher entry (the reference's ``fisher_floor``).
-    normalize : {"none", "tensor"}, default "none"
-        ``"tensor"`` divides :math:`\lambda_i` by :math:`\|F_i\|_2`, the norm
-        of model i's Fisher over this tensor (taken before the floor; a Fisher
-        that is zero over the whole tensor leaves :math:`\lambda_i` as it is).
-        The reference implementation divides by the norm over the *whole
-        model* instead; that needs every Fisher tensor before merging any, and
-        the engine's preparation pass does not read statistics, so modelfuse
-        offers the per-tensor variant only, which equalises the models' overall
-        Fisher scale layer by layer.
+    normalize : {"none", "model", "tensor"}, default "none"
+        ``"model"`` divides :math:`\lambda_i` by :math:`\|F_i\|_2`, the norm
+        of model i's Fisher over the whole model, as the reference's
+        ``normalize_fishers`` does (the engine computes the norms in a
+        preparation pass over the statistics files and passes them as
+        ``fisher_norms``); ``"tensor"`` divides by the norm over this tensor
+        only, which equalises the models' Fisher scale layer by layer. Norms
+        are taken before the floor; a zero norm leaves :math:`\lambda_i` as it is.
     favor_first : bool, default False
         As the reference's ``favor_target_model``: the floor is applied to the
         first model's Fisher only, so that wherever every Fisher is zero the
         result is the first model's value (instead of the plain average).
+    fisher_norms : sequence of float, optional
+        Whole-model Fisher norms, one per model, for ``normalize="model"``
+        (computed by :func:`prepare_fisher` when merging files).
     name : str, optional
         The tensor's name, for error messages.
 
@@ -143,6 +146,15 @@ def fisher(
             norm = float(torch.linalg.vector_norm(f))
             if norm > 0:
                 coefficient = w / norm
+        elif normalize == "model":
+            if fisher_norms is None or len(fisher_norms) != n:
+                raise ConfigError(
+                    "fisher: normalize='model' needs the whole-model Fisher norms, one per "
+                    "model (fisher_norms); merge through modelfuse.merge or merge_state_dicts, "
+                    "which compute them, or use normalize='tensor'"
+                )
+            if fisher_norms[i] > 0:
+                coefficient = w / float(fisher_norms[i])
         coefficients.append(coefficient)
     flat_tensors = [t.reshape(-1) for t in tensors]
     flat_fishers = [f.reshape(-1) for f in fishers]
@@ -172,3 +184,37 @@ def fisher(
         else:
             out[start:stop] = numerator.div_(denominator)
     return out.reshape(shape)
+
+
+def fisher_separable(parameters: Mapping[str, Any]) -> bool:
+    """Row blocks give the same result unless the norm is taken over the tensor itself."""
+    return parameters.get("normalize") != "tensor"
+
+
+def prepare_fisher(stream: Callable[..., Iterator[tuple[Any, ...]]]) -> dict[str, Any]:
+    """Whole-model Fisher norms ``||F_i||_2`` per model, for ``normalize="model"``.
+
+    Streams the statistics of the tensors that use that setting, one tensor at
+    a time, so memory stays bounded whatever the model size.
+
+    Examples
+    --------
+    >>> def stream(select=None, what="tensors"):
+    ...     yield "w", {"fisher": [torch.tensor([3.0]), torch.tensor([1.0])]}, {"normalize": "model"}
+    ...     yield "b", {"fisher": [torch.tensor([4.0]), None]}, {"normalize": "model"}
+    >>> prepare_fisher(stream)
+    {'fisher_norms': [5.0, 1.0]}
+    """
+    squares: list[float] | None = None
+    for _name, statistics, _parameters in stream(
+        lambda name, parameters: parameters.get("normalize") == "model", what="statistics"
+    ):
+        fishers = statistics.get("fisher", [])
+        if squares is None:
+            squares = [0.0] * len(fishers)
+        for i, f in enumerate(fishers):
+            if f is not None:
+                squares[i] += float(torch.linalg.vector_norm(f.to(torch.float64)) ** 2)
+    if squares is None:
+        return {}
+    return {"fisher_norms": [value**0.5 for value in squares]}

@@ -41,7 +41,7 @@ from modelfuse.merge.breadcrumbs import (
     breadcrumbs_ties,
 )
 from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
-from modelfuse.merge.fisher import FisherParameters, fisher
+from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.model_stock import ModelStockParameters, model_stock
@@ -89,10 +89,11 @@ class MergeMethod:
         How many input models (the base not counted) the method takes.
     statistics : tuple of str
         Statistics each model must provide (``"fisher"``, ``"gram"``).
-    separable : bool
+    separable : bool or callable
         Each output row depends only on the same rows of the inputs (true of
         elementwise methods), so the engine may merge large tensors in blocks
-        of rows and bound memory by the block.
+        of rows and bound memory by the block. A callable decides from a
+        tensor's resolved parameters.
     prepare : callable, optional
         ``prepare(stream: PrepareInput) -> dict`` computes whole-model values in
         an extra pass before merging; the dict is passed to every call.
@@ -107,9 +108,15 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     statistics: tuple[str, ...] = ()
-    separable: bool = False
+    separable: bool | Callable[[Mapping[str, Any]], bool] = False
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
     accepts: frozenset[str] = field(default=frozenset(), compare=False)
+
+    def is_separable(self, parameters: Mapping[str, Any]) -> bool:
+        """Whether a tensor with these resolved parameters may be merged in row blocks."""
+        if callable(self.separable):
+            return bool(self.separable(parameters))
+        return bool(self.separable)
 
     @property
     def uses_base(self) -> bool:
@@ -173,6 +180,8 @@ METHODS: dict[str, MergeMethod] = {
         FisherParameters,
         "Fisher-weighted average (needs each model's Fisher diagonal)",
         statistics=("fisher",),
+        separable=fisher_separable,
+        prepare=prepare_fisher,
     ),
     "regmean": MergeMethod(
         "regmean",
@@ -188,6 +197,7 @@ METHODS: dict[str, MergeMethod] = {
         "base + Fisher-precision-weighted task vectors (needs Fisher diagonals)",
         requires_base=True,
         statistics=("fisher",),
+        separable=True,
     ),
     "ties": MergeMethod(
         "ties",
