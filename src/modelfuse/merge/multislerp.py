@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated
 
 import torch
@@ -106,24 +106,25 @@ def multislerp(
     scratch = torch.empty(chunk, dtype=torch.float32)
 
     def point(i: int, index: slice) -> torch.Tensor:
-        """Model i's entries at ``index`` (minus the base), in the scratch buffer."""
-        out = scratch[: index.stop - index.start]
+        """Model i's entries at ``index`` (minus the base); may be a view of the input."""
         if origin is None:
-            return out.copy_(flats[i][index])
-        return torch.sub(flats[i][index], origin[index], out=out)
+            return flats[i][index]
+        return torch.sub(flats[i][index], origin[index], out=scratch[: index.stop - index.start])
+
+    def norm(values: Iterable[torch.Tensor]) -> float:
+        # float32 per chunk, summed in double: accurate without converting the data
+        return sum(float(torch.linalg.vector_norm(v)) ** 2 for v in values) ** 0.5
 
     slices = [slice(a, min(size, a + chunk)) for a in range(0, size, chunk)]
-    norms = []
-    for i in range(n):
-        squares = sum(
-            float(torch.linalg.vector_norm(point(i, s_), dtype=torch.float64)) ** 2 for s_ in slices
-        )
-        norms.append(squares**0.5)
+    norms = [norm(point(i, index) for index in slices) for i in range(n)]
     mean = torch.zeros(size, dtype=torch.float32)
     for index in slices:
         for i in range(n):  # unit vector, then weight: antipodal pairs cancel exactly
-            mean[index].add_(point(i, index).div_(norms[i] + eps).mul_(weights[i]))
-    mean_norm = float(torch.linalg.vector_norm(mean, dtype=torch.float64))
+            unit = torch.div(
+                point(i, index), norms[i] + eps, out=scratch[: index.stop - index.start]
+            )
+            mean[index].add_(unit.mul_(weights[i]))
+    mean_norm = norm(mean[index] for index in slices)
     if mean_norm < eps:
         if not (n == 2 or all(v < eps for v in norms)):
             raise DataError(
