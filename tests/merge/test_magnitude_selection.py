@@ -6,6 +6,7 @@ from modelfuse.merge.magnitude_selection import (
     global_top_k,
     kth_largest,
     select_top_k,
+    select_top_ks,
     top_k_mask,
 )
 
@@ -69,3 +70,20 @@ def test_chunked_selection_with_a_misleading_sample_falls_back_to_radix():
     expected = np.zeros(300_000, dtype=bool)
     expected[top_k_positions(values.numpy(), k)] = True
     assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_several_k_in_one_pass_over_chunks(quantized):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(400_000, generator=g).abs()
+    if quantized:
+        values = values.to(torch.bfloat16).float()  # few distinct values: bit-range counting
+    chunks = [values[i : i + 65_536] for i in range(0, 400_000, 65_536)]
+    ks = [0, 1, 20_000, 333_333, 400_000]
+    selections = select_top_ks(lambda: iter(chunks), ks, 400_000, values[::6])
+    for k, selection in zip(ks, selections):
+        masker = selection.masker()
+        mask = torch.cat([masker(c) for c in chunks]).numpy()
+        expected = np.zeros(400_000, dtype=bool)
+        expected[top_k_positions(values.numpy(), k)] = True
+        assert np.array_equal(mask, expected)

@@ -36,6 +36,7 @@ __all__ = [
     "global_top_k",
     "kth_largest",
     "select_top_k",
+    "select_top_ks",
     "top_k_mask",
 ]
 
@@ -234,15 +235,48 @@ def select_top_k(
     >>> s.value, s.tie_quota
     (2.0, {'': 1})
     """
-    if k <= 0:
-        return MagnitudeThreshold(float("inf"), 0, n)
-    if k >= n:
-        return MagnitudeThreshold(float("-inf"), n, n)
-    if sample is None or sample.numel() < 64:
-        if n <= _SMALL:
-            return _finish(torch.cat([c.reshape(-1).clone() for c in chunks()]), 0, k, n)
-        return _select_radix(chunks, k, n)
-    sample = _check_magnitudes(sample)
+    return select_top_ks(chunks, [k], n, sample)[0]
+
+
+def select_top_ks(
+    chunks: Chunks, ks: Sequence[int], n: int, sample: torch.Tensor | None = None
+) -> list[MagnitudeThreshold]:
+    """:func:`select_top_k` for several ``k`` at once, sharing the counting pass.
+
+    Examples
+    --------
+    >>> values = torch.tensor([0.5, 3.0, 1.0, 2.0, 4.0])
+    >>> [s.value for s in select_top_ks(lambda: [values], [1, 3], 5)]
+    [4.0, 2.0]
+    """
+    results: list[MagnitudeThreshold | None] = [None] * len(ks)
+    trackers: list[tuple[int, _Band | _BitRange]] = []
+    for j, k in enumerate(ks):
+        if k <= 0:
+            results[j] = MagnitudeThreshold(float("inf"), 0, n)
+        elif k >= n:
+            results[j] = MagnitudeThreshold(float("-inf"), n, n)
+        elif sample is None or sample.numel() < 64:
+            if n <= _SMALL:
+                values = torch.cat([c.reshape(-1).clone() for c in chunks()])
+                results[j] = _finish(values, 0, k, n)
+            else:
+                results[j] = _select_radix(chunks, k, n)
+        else:
+            trackers.append((j, _tracker(_check_magnitudes(sample), k, n)))
+    if trackers:
+        scratch: dict[str, torch.Tensor] = {}
+        for chunk in chunks():
+            chunk = chunk.reshape(-1)
+            for _, tracker in trackers:
+                tracker.update(chunk, scratch)
+        for j, tracker in trackers:
+            results[j] = tracker.result(chunks)
+    return [r for r in results if r is not None]
+
+
+def _tracker(sample: torch.Tensor, k: int, n: int) -> _Band | _BitRange:
+    """Bracket the k-th largest between two order statistics of the sample."""
     m = sample.numel()
     q = k / n
     margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
@@ -253,54 +287,66 @@ def select_top_k(
     low_bits = _float_bits(lower)
     span = _float_bits(upper) - low_bits
     if span < _LOW_BINS:
-        return _select_in_bit_range(chunks, k, n, low_bits, span)
-    above = 0
-    bands = []
-    scratch: dict[str, torch.Tensor] = {}
-    for chunk in chunks():
-        chunk = chunk.reshape(-1)
-        # Comparisons into float buffers: much faster than into bool tensors.
-        flags = torch.gt(chunk, upper, out=_scratch(scratch, "flags", chunk.numel()))
-        above += _count(flags)
-        inside = torch.ge(chunk, lower, out=flags)
-        inside.mul_(torch.le(chunk, upper, out=_scratch(scratch, "upper", chunk.numel())))
-        bands.append(chunk[inside.bool()])
-    band = torch.cat(bands)
-    if above < k <= above + band.numel():
-        return _finish(band, above, k, n)
-    return _select_radix(chunks, k, n)
+        return _BitRange(k, n, low_bits, span)
+    return _Band(k, n, lower, upper)
 
 
 def _float_bits(value: float) -> int:
     return int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
 
 
-def _select_in_bit_range(
-    chunks: Chunks, k: int, n: int, low_bits: int, span: int
-) -> MagnitudeThreshold:
-    """One counting pass when the bracket holds few distinct float32 values (quantized data).
+class _Band:
+    """Counts the values above the bracket and collects those inside it (continuous data)."""
+
+    def __init__(self, k: int, n: int, lower: float, upper: float) -> None:
+        self.k, self.n, self.lower, self.upper = k, n, lower, upper
+        self.above = 0
+        self.bands: list[torch.Tensor] = []
+
+    def update(self, chunk: torch.Tensor, scratch: dict[str, torch.Tensor]) -> None:
+        # Comparisons into float buffers: much faster than into bool tensors.
+        flags = torch.gt(chunk, self.upper, out=_scratch(scratch, "flags", chunk.numel()))
+        self.above += _count(flags)
+        inside = torch.ge(chunk, self.lower, out=flags)
+        inside.mul_(torch.le(chunk, self.upper, out=_scratch(scratch, "upper", chunk.numel())))
+        self.bands.append(chunk[inside.bool()])
+
+    def result(self, chunks: Chunks) -> MagnitudeThreshold:
+        band = torch.cat(self.bands)
+        if self.above < self.k <= self.above + band.numel():
+            return _finish(band, self.above, self.k, self.n)
+        return _select_radix(chunks, self.k, self.n)  # the bracket missed
+
+
+class _BitRange:
+    """Counts bit patterns inside the bracket when it holds few distinct float32 values.
 
     Every value's bit pattern, offset from ``low_bits`` and clamped, is counted:
     bin 0 holds those below the bracket, bin ``span + 2`` those above it.
     """
-    bins = span + 3
-    counts = torch.zeros(bins, dtype=torch.int64)
-    scratch: dict[str, torch.Tensor] = {}
-    for chunk in chunks():
+
+    def __init__(self, k: int, n: int, low_bits: int, span: int) -> None:
+        self.k, self.n, self.low_bits, self.span = k, n, low_bits, span
+        self.counts = torch.zeros(span + 3, dtype=torch.int64)
+
+    def update(self, chunk: torch.Tensor, scratch: dict[str, torch.Tensor]) -> None:
         bits = _bits(chunk)
-        offset = torch.sub(
-            bits, low_bits - 1, out=_scratch(scratch, "bits", bits.numel(), bits.dtype)
-        )
-        counts += torch.bincount(offset.clamp_(0, span + 2), minlength=bins)
-    at_or_above = _top_down(counts)
-    if not int(at_or_above[1]) >= k > int(at_or_above[span + 2]):
-        return _select_radix(chunks, k, n)  # the bracket missed
-    position = int((at_or_above >= k).nonzero().max())
-    value = float(torch.tensor([low_bits + position - 1], dtype=torch.int32).view(torch.float32))
-    greater = int(at_or_above[position + 1])
-    ties = int(counts[position])
-    quota = k - greater
-    return MagnitudeThreshold(value, k, n, None if quota == ties else {"": quota})
+        buffer = _scratch(scratch, "bits", bits.numel(), bits.dtype)
+        offset = torch.sub(bits, self.low_bits - 1, out=buffer).clamp_(0, self.span + 2)
+        self.counts += torch.bincount(offset, minlength=self.span + 3)
+
+    def result(self, chunks: Chunks) -> MagnitudeThreshold:
+        k, counts = self.k, self.counts
+        at_or_above = _top_down(counts)
+        if not int(at_or_above[1]) >= k > int(at_or_above[self.span + 2]):
+            return _select_radix(chunks, k, self.n)  # the bracket missed
+        position = int((at_or_above >= k).nonzero().max())
+        bits = torch.tensor([self.low_bits + position - 1], dtype=torch.int32)
+        value = float(bits.view(torch.float32))
+        greater = int(at_or_above[position + 1])
+        quota = k - greater
+        ties = int(counts[position])
+        return MagnitudeThreshold(value, k, self.n, None if quota == ties else {"": quota})
 
 
 def _strided_sample(values: torch.Tensor) -> torch.Tensor | None:

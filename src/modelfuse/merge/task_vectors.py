@@ -32,7 +32,11 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.magnitude_selection import MagnitudeThreshold, select_top_k
+from modelfuse.merge.magnitude_selection import (
+    MagnitudeThreshold,
+    select_top_k,
+    select_top_ks,
+)
 from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
 __all__ = [
@@ -190,9 +194,10 @@ class _Sparsifier:
             return
         target, top = int(density * n), int(gamma * n)
         top = min(top, n - target)
-        self.selectors = [select_top_k(magnitudes, top + target, n, sample).selector()]
+        kept, dropped = select_top_ks(magnitudes, [top + target, top], n, sample)
+        self.selectors = [kept.selector()]
         if top > 0:
-            self.selectors.append(select_top_k(magnitudes, top, n, sample).selector())
+            self.selectors.append(dropped.selector())
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """Sparsify the next chunk (``delta`` may be reused); returns it.
