@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,17 +11,16 @@ import numpy as np
 import typer
 
 from modelfuse.cli._app import app
-from modelfuse.cli.ensemble import (
-    check_kind,
+from modelfuse.cli._output import (
+    check_folder_output,
     check_output,
-    current_umask,
-    metrics_table,
-    naming,
-    read_json,
-    read_labels,
+    publish_folder,
+    require_parent_folder,
+    staging_folder,
     write_atomically,
     write_json,
 )
+from modelfuse.cli.ensemble import check_kind, metrics_table, naming, read_json, read_labels
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
@@ -185,15 +182,8 @@ def calibration_report_command(
         raise ConfigError(f"--binning: expected uniform or quantile, got {binning!r}")
     if n_bins < 1:
         raise ConfigError(f"--n-bins: expected a positive integer, got {n_bins}")
-    if out.exists() and not overwrite:
-        raise OutputError(
-            f"{out}: already exists; remove it, choose another -o, or pass --overwrite"
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another -o")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"{out}: the folder {out.parent} does not exist; create it first")
+    check_folder_output(out, overwrite=overwrite)
+    require_parent_folder(out)
     from modelfuse.calibration.reliability import reliability_diagram
     from modelfuse.calibration.softmax import to_probabilities
 
@@ -216,7 +206,7 @@ def calibration_report_command(
         "![reliability diagram](reliability.png)",
         "",
     ]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    staging = staging_folder(out)
     try:
         (staging / "metrics.md").write_text("\n".join(markdown))
         (staging / "metrics.json").write_text(
@@ -240,14 +230,7 @@ def calibration_report_command(
             binning=binning,
             title=f"Reliability: {probabilities.name}",
         )
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        publish_folder(staging, out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     finally:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from modelfuse.cli._app import app
+from modelfuse.cli._output import check_folder_output, publish_folder, staging_folder
+from modelfuse.cli.ensemble import check_kind
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["compare_command", "parse_named_files"]
@@ -98,14 +98,10 @@ def compare_command(
     from modelfuse.report.comparison import write_comparison_report
     from modelfuse.report.table import comparison_table
 
-    if kind not in ("probabilities", "logits"):
-        raise ConfigError(f"--kind: expected probabilities or logits, got {kind!r}")
+    check_kind(kind)
     if not 0 < confidence < 1:
         raise ConfigError(f"--confidence: expected a level in (0, 1) such as 0.95, got {confidence}")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; remove it, choose another -o, or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another -o")
+    check_folder_output(out, overwrite=overwrite)
     files = parse_named_files(predictions)
     arrays = {name: load_array(path) for name, path in files.items()}
     y = load_array(labels)
@@ -131,24 +127,14 @@ def compare_command(
         random_state=seed,
     )
     command = "modelfuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
-    parent = out.resolve().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_folder(out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the report folder ({exc})") from None
     try:
         write_comparison_report(comparison, staging, command=command)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a report folder is not
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -3,76 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from modelfuse.cli._app import app
-from modelfuse.errors import ConfigError, OutputError
+from modelfuse.cli._output import check_output, write_atomically, write_json
+from modelfuse.errors import ConfigError
 
 __all__ = [
     "check_kind",
-    "check_output",
-    "current_umask",
     "ensemble_command",
     "metrics_table",
     "naming",
     "read_json",
     "read_labels",
     "read_predictions",
-    "write_atomically",
-    "write_json",
 ]
 
 KINDS = ("probabilities", "logits")
-
-
-def check_output(out: Path, *, suffix: str, overwrite: bool) -> None:
-    """Refuse an existing output (unless ``overwrite``) or a wrong file type, before any work."""
-    if out.suffix.lower() != suffix:
-        raise ConfigError(f"{out}: the output must be a {suffix} file; name it OUT{suffix}")
-    if out.exists() and not overwrite:
-        raise OutputError(
-            f"{out}: already exists; remove it, choose another -o, or pass --overwrite"
-        )
-    if out.exists() and out.is_dir():
-        raise OutputError(f"{out}: is a folder; choose a file name for -o")
-    if not out.resolve().parent.is_dir():
-        raise OutputError(f"{out}: the folder {out.parent} does not exist; create it first")
-
-
-def write_atomically(out: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write(handle)`` into a temporary file beside ``out``, then rename it."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(
-            f"{out}: cannot write ({exc.strerror or exc}); nothing was written"
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(out: Path, value: dict[str, Any]) -> None:
-    text = json.dumps(value, indent=2, allow_nan=True) + "\n"
-    write_atomically(out, lambda stream: stream.write(text.encode()))
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
