@@ -155,6 +155,18 @@ def _f1_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
     return f1.sum(axis=-1) / present.sum(axis=-1)
 
 
+def _from_label_pred_sums(
+    rows: Callable[[np.ndarray, int], scipy.sparse.csr_matrix],
+    from_sums: Callable[[np.ndarray, int], np.ndarray],
+    probs: np.ndarray,
+    labels: np.ndarray,
+) -> float:
+    """A metric of per-(label, prediction) sums on all samples: ``rows`` summed once."""
+    keys = _label_pred_keys(probs, labels)
+    sums = np.asarray(rows(keys, probs.shape[1]).sum(axis=0)).ravel()
+    return float(from_sums(sums, len(labels)))
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -218,9 +230,7 @@ def balanced_accuracy(
 
 
 def _balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    keys = _label_pred_keys(probs, labels)
-    sums = np.asarray(_balanced_rows(keys, probs.shape[1]).sum(axis=0)).ravel()
-    return float(_balanced_from_sums(sums, len(labels)))
+    return _from_label_pred_sums(_balanced_rows, _balanced_from_sums, probs, labels)
 
 
 def macro_f1(
@@ -251,9 +261,7 @@ def macro_f1(
 
 
 def _macro_f1(probs: np.ndarray, labels: np.ndarray) -> float:
-    keys = _label_pred_keys(probs, labels)
-    sums = np.asarray(_f1_rows(keys, probs.shape[1]).sum(axis=0)).ravel()
-    return float(_f1_from_sums(sums, len(labels)))
+    return _from_label_pred_sums(_f1_rows, _f1_from_sums, probs, labels)
 
 
 def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
