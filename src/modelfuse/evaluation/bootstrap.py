@@ -525,6 +525,25 @@ def bootstrap_metric(
     )
 
 
+def _prepare_pair(
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    labels: np.ndarray,
+    *,
+    kind: PredictionKind,
+    names: tuple[str, str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two models' checked predictions of the same samples, and the labels; errors name the model."""
+    pa, y = prepare_predictions(probs_a, labels, kind=kind, source=f"predictions {names[0]!r}")
+    pb, _ = prepare_predictions(probs_b, labels, kind=kind, source=f"predictions {names[1]!r}")
+    if pa.shape != pb.shape:
+        raise DataError(
+            f"predictions {names[0]!r} have shape {pa.shape} but {names[1]!r} have {pb.shape}; "
+            "both models must score the same samples and classes"
+        )
+    return pa, pb, y
+
+
 def paired_bootstrap(
     probs_a: np.ndarray,
     probs_b: np.ndarray,
@@ -575,13 +594,7 @@ def paired_bootstrap(
     True
     """
     spec = get_metric(metric)
-    pa, y = prepare_predictions(probs_a, labels, kind=kind, source=f"predictions {names[0]!r}")
-    pb, _ = prepare_predictions(probs_b, labels, kind=kind, source=f"predictions {names[1]!r}")
-    if pa.shape != pb.shape:
-        raise DataError(
-            f"predictions {names[0]!r} have shape {pa.shape} but {names[1]!r} have {pb.shape}; "
-            "both models must score the same samples and classes"
-        )
+    pa, pb, y = _prepare_pair(probs_a, probs_b, labels, kind=kind, names=names)
     plan = _Plan(spec, [pa, pb], y, [1.0, -1.0])
     estimate, ci, dist = _run(
         plan,

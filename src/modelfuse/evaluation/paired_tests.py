@@ -24,13 +24,9 @@ from modelfuse.evaluation.bootstrap import (
     _check_resamples,
     _generator,
     _Plan,
+    _prepare_pair,
 )
-from modelfuse.evaluation.metrics import (
-    MetricSpec,
-    PredictionKind,
-    get_metric,
-    prepare_predictions,
-)
+from modelfuse.evaluation.metrics import MetricSpec, PredictionKind, get_metric
 from modelfuse.evaluation.results import McNemarResult, TestResult
 
 __all__ = [
@@ -450,13 +446,7 @@ def metric_permutation_test(
     _check_alternative(alternative)
     _check_resamples(n_resamples)
     spec = get_metric(metric)
-    pa, y = prepare_predictions(probs_a, labels, kind=kind, source=f"predictions {names[0]!r}")
-    pb, _ = prepare_predictions(probs_b, labels, kind=kind, source=f"predictions {names[1]!r}")
-    if pa.shape != pb.shape:
-        raise DataError(
-            f"predictions {names[0]!r} have shape {pa.shape} but {names[1]!r} have {pb.shape}; "
-            "both models must score the same samples and classes"
-        )
+    pa, pb, y = _prepare_pair(probs_a, probs_b, labels, kind=kind, names=names)
     rng = _generator(random_state)
     plan = _Plan(spec, [pa, pb], y, [1.0, -1.0], collapse=False)
     observed = plan.estimate()
