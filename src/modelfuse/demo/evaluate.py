@@ -20,10 +20,12 @@ __all__ = [
     "Entry",
     "Family",
     "MetricRow",
+    "accuracy_of",
     "compare_entries",
     "log_probabilities",
     "probabilities",
     "verdict",
+    "vote_entry",
 ]
 
 Family = Literal["individual", "merge", "ensemble", "calibrated"]
@@ -37,14 +39,25 @@ def log_probabilities(logits: np.ndarray) -> np.ndarray:
     >>> np.exp(log_probabilities(np.array([[0.0, 0.0]])))
     array([[0.5, 0.5]])
     """
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    from modelfuse.calibration.softmax import log_softmax
+
+    return log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 def probabilities(log_probs: np.ndarray) -> np.ndarray:
     """Row-wise softmax of logits or log-probabilities, in float64."""
     return np.exp(log_probabilities(log_probs))
+
+
+def accuracy_of(log_probs: np.ndarray, y: np.ndarray) -> float:
+    """Share of rows whose largest log-probability (or logit) is at the label (first on ties).
+
+    Examples
+    --------
+    >>> accuracy_of(np.log([[0.9, 0.1], [0.6, 0.4]]), np.array([0, 1]))
+    0.5
+    """
+    return float(np.mean(np.asarray(log_probs).argmax(axis=1) == y))
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,33 @@ class MetricRow:
     details: str
     metrics: dict[str, tuple[float, tuple[float, float]]]
     differences: dict[str, tuple[float, tuple[float, float], float]]
+
+
+def vote_entry(
+    name: str,
+    members: Sequence[Entry],
+    cost: int,
+    details: str,
+    *,
+    weights: np.ndarray | None = None,
+) -> Entry:
+    """The soft vote (mean probabilities, ``weights`` if given) of ``members`` as an ensemble entry.
+
+    Examples
+    --------
+    >>> a = Entry("a", "individual", 1, "", np.log([[0.8, 0.2]]), np.log([[0.6, 0.4]]))
+    >>> b = Entry("b", "individual", 1, "", np.log([[0.4, 0.6]]), np.log([[0.2, 0.8]]))
+    >>> np.exp(vote_entry("vote", [a, b], 2, "").test).round(6)
+    array([[0.4, 0.6]])
+    """
+    from modelfuse.ensemble import soft_vote
+
+    def log_vote(predictions: list[np.ndarray]) -> np.ndarray:
+        return np.log(soft_vote(np.stack(predictions), kind="logits", weights=weights))
+
+    val = log_vote([m.val for m in members])
+    test = log_vote([m.test for m in members])
+    return Entry(name, "ensemble", cost, details, val, test)
 
 
 _TESTS = {"accuracy": "mcnemar", "nll": "permutation", "ece": "permutation"}

@@ -17,11 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modelfuse.demo.choice import NestedChoice, choose_by_nested_cv
+from modelfuse.demo.choice import (
+    NestedChoice,
+    choose_task_arithmetic,
+    describe_grid,
+    describe_nested,
+    search_ties_and_dare,
+)
 from modelfuse.demo.data import Splits, apply_task, task_seed
-from modelfuse.demo.evaluate import Entry, Family, log_probabilities
+from modelfuse.demo.evaluate import Entry, Family, accuracy_of, log_probabilities, vote_entry
 from modelfuse.demo.settings import DemoSettings
-from modelfuse.demo.zoo import Zoo, make_mlp, predict_logits
+from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits
 
 __all__ = ["MultiTaskStudy", "multitask_study"]
 
@@ -68,8 +74,7 @@ def multitask_study(
 ) -> MultiTaskStudy:
     """Merge the task models every way and score each candidate per task; see the module docstring."""
     import modelfuse
-    from modelfuse.ensemble import soft_vote
-    from modelfuse.search import accuracy_score, grid_search
+    from modelfuse.search import accuracy_score
     from modelfuse.statistics import fisher_diagonal, gram_matrices
 
     step = tick or (lambda name: None)
@@ -98,7 +103,7 @@ def multitask_study(
 
     for task, f in zip(tasks, task_models):
         add(f.name, "individual", 1, f"fine-tuned on {task} digits", f.state_dict)
-    individual_val = [float(np.mean(e.val.argmax(1) == y_val)) for e in entries]
+    individual_val = [accuracy_of(e.val, y_val) for e in entries]
     reference = entries[int(np.argmax(individual_val))].name
     add("pre-trained", "individual", 1, "pre-trained on original digits only", base)
     add(
@@ -109,74 +114,32 @@ def multitask_study(
         modelfuse.merge_state_dicts("linear", sds),
     )
 
-    lambdas = tuple(settings.lambdas)
-    ta_models = [
-        modelfuse.merge_state_dicts("task_arithmetic", sds, base, lambda_=lam, normalize=True)
-        for lam in lambdas
-    ]
-    correct = np.stack(
-        [predict_logits(model, sd, pooled_val).argmax(1) == y_val for sd in ta_models]
-    )
-    choice = choose_by_nested_cv(
-        [{"lambda": lam} for lam in lambdas],
-        correct,
-        y_val,
-        outer_splits=settings.outer_splits,
-        inner_splits=settings.inner_splits,
-        seed=seed,
-    )
-    nested = choice.nested
+    choice, ta_merge = choose_task_arithmetic(model, sds, base, pooled_val, y_val, settings, seed)
     add(
         "task arithmetic",
         "merge",
         1,
         f"lambda {choice.chosen['lambda']:g} x mean task vector, chosen by CV on validation; "
-        f"nested-CV estimate {nested.statistic:.3f} [{nested.ci[0]:.3f}, {nested.ci[1]:.3f}]",
-        ta_models[choice.index],
+        + describe_nested(choice),
+        ta_merge,
     )
     step("multi-task: task arithmetic")
 
-    space = {"density": list(settings.densities), "lambda": list(lambdas)}
-    ties = grid_search("ties", sds, base, space, val_accuracy)
-    add(
-        "TIES",
-        "merge",
-        1,
-        f"density {ties.parameters['density']:g}, lambda {ties.parameters['lambda']:g} "
-        "(grid on validation)",
-        ties.state_dict,
-    )
-    dare = grid_search(
-        "dare_ties",
-        sds,
-        base,
-        space,
-        val_accuracy,
-        parameters={"normalize": True, "random_seed": seed},
-    )
-    add(
-        "DARE",
-        "merge",
-        1,
-        f"DARE-TIES, density {dare.parameters['density']:g}, lambda "
-        f"{dare.parameters['lambda']:g} (grid on validation)",
-        dare.state_dict,
-    )
+    ties, dare = search_ties_and_dare(sds, base, settings, val_accuracy, seed)
+    add("TIES", "merge", 1, describe_grid(ties), ties.state_dict)
+    add("DARE", "merge", 1, f"DARE-TIES, {describe_grid(dare)}", dare.state_dict)
     step("multi-task: TIES and DARE")
 
     fishers, grams = [], []
     for j, (task, f) in enumerate(zip(tasks, task_models)):
-        net = make_mlp(settings.hidden)
-        net.load_state_dict(f.state_dict)
+        net = load_mlp(settings.hidden, f.state_dict)
         x_train = apply_task(task, splits.x_train, task_seed(seed, j, "train"))
-        batches = [
-            (torch.as_tensor(x_train[i : i + 128]), torch.as_tensor(splits.y_train[i : i + 128]))
-            for i in range(0, len(x_train), 128)
-        ]
-        fishers.append(
-            dict(fisher_diagonal(net, batches, n_examples=settings.fisher_examples, kind="exact"))
+        train_batches = batches(x_train, splits.y_train)
+        fisher = fisher_diagonal(
+            net, train_batches, n_examples=settings.fisher_examples, kind="exact"
         )
-        grams.append(dict(gram_matrices(net, batches, n_examples=settings.gram_examples)))
+        fishers.append(dict(fisher))
+        grams.append(dict(gram_matrices(net, train_batches, n_examples=settings.gram_examples)))
     add(
         "Fisher merge",
         "merge",
@@ -194,23 +157,13 @@ def multitask_study(
     step("multi-task: Fisher and RegMean")
 
     k = n_tasks
-    vote_val = np.log(soft_vote(np.stack([e.val for e in entries[:k]]), kind="logits"))
-    vote_test = np.log(soft_vote(np.stack([e.test for e in entries[:k]]), kind="logits"))
     entries.append(
-        Entry(
-            "soft vote",
-            "ensemble",
-            k,
-            f"mean probabilities of the {k} task models",
-            vote_val,
-            vote_test,
-        )
+        vote_entry("soft vote", entries[:k], k, f"mean probabilities of the {k} task models")
     )
     n = len(splits.y_test)
     per_task = {
         e.name: {
-            t: float(np.mean(e.test[j * n : (j + 1) * n].argmax(1) == splits.y_test))
-            for j, t in enumerate(tasks)
+            t: accuracy_of(e.test[j * n : (j + 1) * n], splits.y_test) for j, t in enumerate(tasks)
         }
         for e in entries
     }

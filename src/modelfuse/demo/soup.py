@@ -21,11 +21,17 @@ import numpy as np
 import torch
 import yaml
 
-from modelfuse.demo.choice import NestedChoice, choose_by_nested_cv
+from modelfuse.demo.choice import (
+    NestedChoice,
+    choose_task_arithmetic,
+    describe_grid,
+    describe_nested,
+    search_ties_and_dare,
+)
 from modelfuse.demo.data import Splits
-from modelfuse.demo.evaluate import Entry, Family, log_probabilities
+from modelfuse.demo.evaluate import Entry, Family, accuracy_of, log_probabilities, vote_entry
 from modelfuse.demo.settings import DemoSettings
-from modelfuse.demo.zoo import Zoo, make_mlp, predict_logits, read_checkpoint
+from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits, read_checkpoint
 
 __all__ = ["SoupStudy", "config_reference", "run_file_merge", "soup_study"]
 
@@ -94,10 +100,6 @@ def run_file_merge(config: dict[str, Any], name: str, folder: Path) -> tuple[Sta
     return read_checkpoint(result.out), path
 
 
-def _accuracy(log_probs: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(log_probs.argmax(axis=1) == y))
-
-
 def soup_study(
     zoo: Zoo,
     splits: Splits,
@@ -114,8 +116,8 @@ def soup_study(
     """
     import modelfuse
     from modelfuse.calibration import TemperatureScaling
-    from modelfuse.ensemble import caruana_selection, soft_vote
-    from modelfuse.search import accuracy_score, greedy_soup, grid_search, wise_ft_sweep
+    from modelfuse.ensemble import caruana_selection
+    from modelfuse.search import accuracy_score, greedy_soup, wise_ft_sweep
     from modelfuse.statistics import fisher_diagonal, gram_matrices
     from modelfuse.statistics import save as save_statistics
 
@@ -129,10 +131,7 @@ def soup_study(
     x_val, y_val = splits.x_val, splits.y_val
     val_batches = [(torch.as_tensor(x_val), torch.as_tensor(y_val))]
     val_accuracy = accuracy_score(model, val_batches)
-    train_batches = [
-        (torch.as_tensor(splits.x_train[i : i + 128]), torch.as_tensor(splits.y_train[i : i + 128]))
-        for i in range(0, len(splits.y_train), 128)
-    ]
+    train_batches = batches(splits.x_train, splits.y_train)
 
     def outputs(sd: StateDict) -> tuple[np.ndarray, np.ndarray]:
         val = log_probabilities(predict_logits(model, sd, x_val))
@@ -161,7 +160,7 @@ def soup_study(
             f"augmentation {hp['augment']}, seed {hp['seed']}",
             f.state_dict,
         )
-    individual_val = [_accuracy(e.val, y_val) for e in entries]
+    individual_val = [accuracy_of(e.val, y_val) for e in entries]
     reference = names[int(np.argmax(individual_val))]
     add("pre-trained", "individual", 1, "the starting point of every fine-tune", base)
     step("individual models")
@@ -212,8 +211,7 @@ def soup_study(
     fisher_models = []
     (folder / "statistics").mkdir(parents=True, exist_ok=True)
     for f in fine_tunes:
-        net = make_mlp(settings.hidden)
-        net.load_state_dict(f.state_dict)
+        net = load_mlp(settings.hidden, f.state_dict)
         stats = fisher_diagonal(
             net, train_batches, n_examples=settings.fisher_examples, kind="exact"
         )
@@ -242,8 +240,7 @@ def soup_study(
     # RegMean
     grams = []
     for f in fine_tunes:
-        net = make_mlp(settings.hidden)
-        net.load_state_dict(f.state_dict)
+        net = load_mlp(settings.hidden, f.state_dict)
         stats = gram_matrices(net, train_batches, n_examples=settings.gram_examples)
         n_gram = stats.n_examples
         grams.append(dict(stats))
@@ -258,60 +255,25 @@ def soup_study(
     step("RegMean")
 
     # task arithmetic: lambda by nested cross-validation on the validation split
-    lambdas = tuple(settings.lambdas)
-    candidates = [{"lambda": lam} for lam in lambdas]
-    ta_models = [
-        modelfuse.merge_state_dicts("task_arithmetic", sds, base, lambda_=lam, normalize=True)
-        for lam in lambdas
-    ]
-    correct = np.stack(
-        [log_probabilities(predict_logits(model, sd, x_val)).argmax(1) == y_val for sd in ta_models]
-    )
-    choice = choose_by_nested_cv(
-        candidates,
-        correct,
-        y_val,
-        outer_splits=settings.outer_splits,
-        inner_splits=settings.inner_splits,
-        seed=seed,
-    )
-    nested = choice.nested
+    choice, ta_merge = choose_task_arithmetic(model, sds, base, x_val, y_val, settings, seed)
     add(
         "task arithmetic",
         "merge",
         1,
         f"base + lambda x mean task vector, lambda {choice.chosen['lambda']:g} chosen by CV on "
-        f"validation; nested-CV estimate {nested.statistic:.3f} "
-        f"[{nested.ci[0]:.3f}, {nested.ci[1]:.3f}]",
-        ta_models[choice.index],
+        f"validation; {describe_nested(choice)}",
+        ta_merge,
     )
     step("task arithmetic")
 
     # TIES and DARE: density and lambda on the validation split
-    space = {"density": list(settings.densities), "lambda": list(lambdas)}
-    ties = grid_search("ties", sds, base, space, val_accuracy)
-    add(
-        "TIES",
-        "merge",
-        1,
-        f"density {ties.parameters['density']:g}, lambda {ties.parameters['lambda']:g} "
-        "(grid on validation)",
-        ties.state_dict,
-    )
-    dare = grid_search(
-        "dare_ties",
-        sds,
-        base,
-        space,
-        val_accuracy,
-        parameters={"normalize": True, "random_seed": seed},
-    )
+    ties, dare = search_ties_and_dare(sds, base, settings, val_accuracy, seed)
+    add("TIES", "merge", 1, describe_grid(ties), ties.state_dict)
     add(
         "DARE",
         "merge",
         1,
-        f"DARE-TIES, density {dare.parameters['density']:g}, lambda "
-        f"{dare.parameters['lambda']:g} (grid on validation), drop seed {seed}",
+        f"DARE-TIES, {describe_grid(dare)}, drop seed {seed}",
         dare.state_dict,
     )
     step("TIES and DARE")
@@ -331,7 +293,7 @@ def soup_study(
         sd = modelfuse.merge_state_dicts(
             "linear", [base, sds[names.index(reference)]], weights=[1 - alpha, alpha]
         )
-        test_acc = _accuracy(
+        test_acc = accuracy_of(
             log_probabilities(predict_logits(model, sd, splits.x_test)), splits.y_test
         )
         curve.append((alpha, float(candidate.score), test_acc))
@@ -347,37 +309,26 @@ def soup_study(
     step("WiSE-FT sweep")
 
     # ensembles
-    val_stack = np.stack([e.val for e in entries[:k]])
-    test_stack = np.stack([e.test for e in entries[:k]])
-    vote_val = np.log(soft_vote(val_stack, kind="logits"))
-    vote_test = np.log(soft_vote(test_stack, kind="logits"))
-    entries.append(
-        Entry(
-            "soft vote",
-            "ensemble",
-            k,
-            f"mean probabilities of all {k} fine-tunes",
-            vote_val,
-            vote_test,
-        )
-    )
+    members = entries[:k]
+    entries.append(vote_entry("soft vote", members, k, f"mean probabilities of all {k} fine-tunes"))
     selection = caruana_selection(
-        val_stack, y_val, kind="logits", n_rounds=settings.caruana_rounds, random_state=seed
+        np.stack([e.val for e in members]),
+        y_val,
+        kind="logits",
+        n_rounds=settings.caruana_rounds,
+        random_state=seed,
     )
     weights = np.asarray(selection.weights, dtype=np.float64)
     used = int(np.count_nonzero(weights))
-    car_val = np.log(soft_vote(val_stack, kind="logits", weights=weights))
-    car_test = np.log(soft_vote(test_stack, kind="logits", weights=weights))
     caruana_weights = {n: float(w) for n, w in zip(names, weights) if w > 0}
     entries.append(
-        Entry(
+        vote_entry(
             "Caruana ensemble",
-            "ensemble",
+            members,
             used,
             f"{used} of {k} fine-tunes, weights by validation NLL: "
             + ", ".join(f"{n} {w:.2f}" for n, w in caruana_weights.items()),
-            car_val,
-            car_test,
+            weights=weights,
         )
     )
     step("ensembles")
@@ -415,7 +366,7 @@ def soup_study(
         wise_alpha=wise_alpha,
         wise_endpoint=reference,
         task_arithmetic=choice,
-        lambdas=lambdas,
+        lambdas=tuple(settings.lambdas),
         caruana_weights=caruana_weights,
         calibration=calibration,
         configs=configs,

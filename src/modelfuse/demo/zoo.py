@@ -31,7 +31,9 @@ __all__ = [
     "FineTune",
     "Zoo",
     "augment_batch",
+    "batches",
     "build_zoo",
+    "load_mlp",
     "make_mlp",
     "predict_logits",
     "read_checkpoint",
@@ -58,6 +60,36 @@ def make_mlp(hidden: int, *, n_features: int = 64, n_classes: int = 10) -> nn.Se
         nn.ReLU(),
         nn.Linear(hidden, n_classes),
     )
+
+
+def load_mlp(hidden: int, state_dict: StateDict) -> nn.Sequential:
+    """A new :func:`make_mlp` network holding the weights ``state_dict``.
+
+    Examples
+    --------
+    >>> sd = make_mlp(8).state_dict()
+    >>> torch.equal(load_mlp(8, sd)[0].weight, sd["0.weight"])
+    True
+    """
+    net = make_mlp(hidden)
+    net.load_state_dict(state_dict)
+    return net
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, size: int = 128
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, labels)`` tensor batches of ``size`` consecutive rows, in order.
+
+    Examples
+    --------
+    >>> [len(b) for b, _ in batches(np.zeros((300, 64)), np.zeros(300))]
+    [128, 128, 44]
+    """
+    return [
+        (torch.as_tensor(x[i : i + size]), torch.as_tensor(y[i : i + size]))
+        for i in range(0, len(x), size)
+    ]
 
 
 def augment_batch(x: torch.Tensor, how: Augmentation, generator: torch.Generator) -> torch.Tensor:
@@ -239,8 +271,7 @@ def build_zoo(
     tick(base.name)
 
     def fine_tune(name: str, x: np.ndarray, hp: dict[str, Any], epochs: int) -> FineTune:
-        net = make_mlp(settings.hidden)
-        net.load_state_dict(base_sd)
+        net = load_mlp(settings.hidden, base_sd)
         train(
             net,
             x,
