@@ -13,10 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import f as fisher_f
-from scipy.stats import t as student_t
 
 from modelfuse.errors import ConfigError, DataError
-from modelfuse.evaluation.paired_tests import corrected_resampled_ttest
+from modelfuse.evaluation.paired_tests import _t_pvalue, corrected_resampled_ttest
 from modelfuse.evaluation.results import FiveByTwoResult, TestResult
 
 __all__ = ["CV_SCHEMES", "compare_estimators", "paired_5x2cv"]
@@ -76,7 +75,7 @@ def paired_5x2cv(
     return FiveByTwoResult(
         t=TestResult(
             statistic=float(t),
-            pvalue=float(min(1.0, 2 * student_t.sf(abs(t), 5))),
+            pvalue=_t_pvalue(t, 5, "two-sided"),
             method="5x2cv paired t-test",
             compared=tuple(names),
             df=5,

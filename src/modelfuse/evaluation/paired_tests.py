@@ -303,6 +303,15 @@ def _t_pvalue(t: float, df: float, alternative: str) -> float:
     return float(min(1.0, 2 * student_t.sf(abs(t), df)))
 
 
+def _tail_pvalue(less: float, greater: float, alternative: str) -> float:
+    """The p-value from the two tail probabilities; two-sided doubles the smaller one."""
+    if alternative == "greater":
+        return float(greater)
+    if alternative == "less":
+        return float(less)
+    return float(min(1.0, 2 * min(greater, less)))
+
+
 def _permutation_pvalue(
     observed: float, null: np.ndarray, alternative: str, *, exact: bool
 ) -> float:
@@ -310,11 +319,18 @@ def _permutation_pvalue(
     adjust = 0 if exact else 1
     greater = (np.count_nonzero(null >= observed - tolerance) + adjust) / (len(null) + adjust)
     less = (np.count_nonzero(null <= observed + tolerance) + adjust) / (len(null) + adjust)
-    if alternative == "greater":
-        return float(greater)
-    if alternative == "less":
-        return float(less)
-    return float(min(1.0, 2 * min(greater, less)))
+    return _tail_pvalue(less, greater, alternative)
+
+
+def _paired_differences(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x - y`` of two non-empty 1-d arrays of paired values of equal length."""
+    a = np.asarray(x, dtype=float).ravel()
+    b = np.asarray(y, dtype=float).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise DataError(
+            f"x, y: expected two non-empty arrays of equal length, got {a.size} and {b.size}"
+        )
+    return a - b
 
 
 def paired_permutation_test(
@@ -362,13 +378,7 @@ def paired_permutation_test(
     0.25
     """
     _check_alternative(alternative)
-    a = np.asarray(x, dtype=float).ravel()
-    b = np.asarray(y, dtype=float).ravel()
-    if a.shape != b.shape or a.size == 0:
-        raise DataError(
-            f"x, y: expected two non-empty arrays of equal length, got {a.size} and {b.size}"
-        )
-    d = a - b
+    d = _paired_differences(x, y)
     n = d.size
     observed = float(d.mean())
     exact = n < 63 and 2**n <= n_resamples

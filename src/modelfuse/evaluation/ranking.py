@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import chi2, norm, rankdata, studentized_range
 
 from modelfuse.errors import ConfigError, DataError
+from modelfuse.evaluation.paired_tests import _paired_differences, _tail_pvalue
 from modelfuse.evaluation.results import FriedmanResult, TestResult
 
 __all__ = [
@@ -315,13 +316,7 @@ def wilcoxon_signed_rank(
             raise ConfigError(
                 f"{option}: unknown value {value!r}; expected one of {', '.join(allowed)}"
             )
-    a = np.asarray(x, dtype=float).ravel()
-    b = np.asarray(y, dtype=float).ravel()
-    if a.shape != b.shape or a.size == 0:
-        raise DataError(
-            f"x, y: expected two non-empty arrays of equal length, got {a.size} and {b.size}"
-        )
-    d = a - b
+    d = _paired_differences(x, y)
     zeros = d == 0
     n_zero = int(zeros.sum())
     kept = d[~zeros] if zero_method == "wilcox" else d
@@ -345,14 +340,14 @@ def wilcoxon_signed_rank(
         cdf = _wilcoxon_exact_cdf(n)
         low = cdf[min(int(np.ceil(w_plus)), len(cdf) - 1)]
         high = 1.0 - (cdf[int(np.floor(w_plus)) - 1] if np.floor(w_plus) >= 1 else 0.0)
-        pvalue = {"less": low, "greater": high}.get(alternative, min(1.0, 2 * min(low, high)))
+        pvalue = _tail_pvalue(low, high, alternative)
     elif chosen == "permutation":
         signs = np.array(list(product((1.0, -1.0), repeat=kept.size)))
         null = ((signs * np.sign(kept)) > 0) @ ranks
         tol = 1e-9
         high = np.mean(null >= w_plus - tol)
         low = np.mean(null <= w_plus + tol)
-        pvalue = {"less": low, "greater": high}.get(alternative, min(1.0, 2 * min(low, high)))
+        pvalue = _tail_pvalue(low, high, alternative)
     else:
         count = kept.size
         mean = count * (count + 1) / 4
