@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from modelfuse.demo.evaluate import MetricRow, probabilities, verdict
+from modelfuse.demo.evaluate import MetricRow, accuracy_of, probabilities, verdict
 from modelfuse.demo.multitask import MultiTaskStudy
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.soup import SoupStudy
@@ -55,6 +55,21 @@ def _signed(value: float, digits: int = 4) -> str:
 
 def _p(p: float) -> str:
     return f"{p:.4f}"
+
+
+def _networks(cost: int) -> str:
+    return f"{cost} network{'s' if cost != 1 else ''}"
+
+
+def _vs_reference(
+    difference: tuple[float, tuple[float, float], float] | None, *, interval: bool
+) -> list[str]:
+    """Table cells of a difference to the reference: signed value, [interval,] Holm p; empty for
+    the reference itself."""
+    if difference is None:
+        return ["", "", ""] if interval else ["", ""]
+    value, ci, p = difference
+    return [_signed(value), fmt_ci(ci), _p(p)] if interval else [_signed(value), _p(p)]
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ def headlines(rows: Sequence[MetricRow], reference: str, scenario: str) -> list[
     top = max(rows, key=lambda r: r.metrics["accuracy"][0])
     out.append(
         f"Highest test accuracy: {top.name} with {fmt(top.metrics['accuracy'][0])} "
-        f"(runs {top.cost} network{'s' if top.cost != 1 else ''} per prediction)."
+        f"(runs {_networks(top.cost)} per prediction)."
     )
     if "nll" in ref.metrics:
         best_nll = min(rows, key=lambda r: r.metrics["nll"][0])
@@ -143,7 +158,6 @@ def _accuracy_table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[str
     body = []
     for r in rows:
         acc, ci = r.metrics["accuracy"]
-        d = r.differences.get("accuracy")
         body.append(
             [
                 r.name,
@@ -151,9 +165,7 @@ def _accuracy_table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[str
                 str(r.cost),
                 fmt(acc),
                 fmt_ci(ci),
-                "" if d is None else _signed(d[0]),
-                "" if d is None else fmt_ci(d[1]),
-                "" if d is None else _p(d[2]),
+                *_vs_reference(r.differences.get("accuracy"), interval=True),
                 verdict(r),
             ]
         )
@@ -174,34 +186,26 @@ def _probability_table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[
     ]
     body = []
     for r in rows:
-        nll, nll_ci = r.metrics["nll"]
-        ece, ece_ci = r.metrics["ece"]
-        dn = r.differences.get("nll")
-        de = r.differences.get("ece")
-        body.append(
-            [
-                r.name,
-                fmt(nll),
-                fmt_ci(nll_ci),
-                "" if dn is None else _signed(dn[0]),
-                "" if dn is None else _p(dn[2]),
-                fmt(ece),
-                fmt_ci(ece_ci),
-                "" if de is None else _signed(de[0]),
-                "" if de is None else _p(de[2]),
+        cells = [r.name]
+        for metric in ("nll", "ece"):
+            value, ci = r.metrics[metric]
+            cells += [
+                fmt(value),
+                fmt_ci(ci),
+                *_vs_reference(r.differences.get(metric), interval=False),
             ]
-        )
+        body.append(cells)
     return headers, body
 
 
 def _zoo_table(
     zoo: Zoo, soup: SoupStudy, multitask: MultiTaskStudy, y_val: np.ndarray
 ) -> tuple[list[str], list[list[str]]]:
-    val_acc = {e.name: float(np.mean(e.val.argmax(1) == y_val)) for e in soup.entries}
+    val_acc = {e.name: accuracy_of(e.val, y_val) for e in soup.entries}
     n = len(y_val)
     for j, task in enumerate(multitask.tasks):  # each task model on its own task
         entry = next(e for e in multitask.entries if e.name == multitask.experts[task])
-        val_acc[entry.name] = float(np.mean(entry.val[j * n : (j + 1) * n].argmax(1) == y_val))
+        val_acc[entry.name] = accuracy_of(entry.val[j * n : (j + 1) * n], y_val)
     headers = [
         "model",
         "trained on",
@@ -356,6 +360,7 @@ def write_demo_report(
     soup_lines = headlines(soup_rows, soup.reference, "Soup scenario")
     mt_lines = headlines(multitask_rows, multitask.reference, "Multi-task scenario")
     mt_best = max(multitask_rows, key=lambda r: r.metrics["accuracy"][0])
+    soup_by_name = {r.name: r for r in soup_rows}
     total = sum(timings.values())
     interval = {"bca": "BCa", "percentile": "percentile"}[settings.interval]
     sections = [
@@ -468,10 +473,10 @@ def write_demo_report(
             tuple(
                 f"{before} (the best {'merge' if i == 0 else 'ensemble'} by validation NLL): "
                 f"temperature {t:.3g} fitted on the validation split; test ECE "
-                f"{fmt(next(r for r in soup_rows if r.name == before).metrics['ece'][0])} -> "
-                f"{fmt(next(r for r in soup_rows if r.name == after).metrics['ece'][0])}, "
-                f"test NLL {fmt(next(r for r in soup_rows if r.name == before).metrics['nll'][0])}"
-                f" -> {fmt(next(r for r in soup_rows if r.name == after).metrics['nll'][0])}."
+                f"{fmt(soup_by_name[before].metrics['ece'][0])} -> "
+                f"{fmt(soup_by_name[after].metrics['ece'][0])}, "
+                f"test NLL {fmt(soup_by_name[before].metrics['nll'][0])}"
+                f" -> {fmt(soup_by_name[after].metrics['nll'][0])}."
                 for i, (before, after, t) in enumerate(soup.calibration)
             ),
             images=tuple(reliability),
@@ -486,7 +491,7 @@ def write_demo_report(
                 "tasks, the accuracy divided by that of the task's own model on its task (1 "
                 "means as good as every task's own model).",
                 f"Best pooled test accuracy: {mt_best.name} ({fmt(mt_best.metrics['accuracy'][0])}"
-                f", {mt_best.cost} network{'s' if mt_best.cost != 1 else ''} per prediction).",
+                f", {_networks(mt_best.cost)} per prediction).",
                 f"Task arithmetic: lambda {multitask.task_arithmetic.chosen['lambda']:g} chosen "
                 f"by CV on the pooled validation split; nested-CV estimate "
                 f"{fmt(multitask.task_arithmetic.nested.statistic)} "
