@@ -108,6 +108,14 @@ def mean_ranks(
     return {labels[j]: float(ranks[j]) for j in order}
 
 
+def _mean_rank_se(k: int, n: int) -> float:
+    """``sqrt(k (k + 1) / (6 N))``: the standard error of a difference of two mean ranks.
+
+    k candidates ranked in N blocks, under the null of equal ranks (Demšar 2006).
+    """
+    return np.sqrt(k * (k + 1) / (6 * n))
+
+
 def nemenyi_critical_difference(n_candidates: int, n_blocks: int, alpha: float = 0.05) -> float:
     """Nemenyi's critical difference of mean ranks.
 
@@ -144,7 +152,7 @@ def nemenyi_critical_difference(n_candidates: int, n_blocks: int, alpha: float =
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha: expected a level in (0, 1) such as 0.05, got {alpha!r}")
     q = studentized_range.ppf(1 - alpha, n_candidates, np.inf) / np.sqrt(2)
-    return float(q * np.sqrt(n_candidates * (n_candidates + 1) / (6 * n_blocks)))
+    return float(q * _mean_rank_se(n_candidates, n_blocks))
 
 
 def friedman_test(
@@ -382,7 +390,7 @@ def _rank_z_test(
 ) -> float:
     n, k = scores.shape
     ranks = rank_scores(scores, greater_is_better=greater_is_better).mean(axis=0)
-    z = (ranks[candidate] - ranks[reference]) / np.sqrt(k * (k + 1) / (6 * n))
+    z = (ranks[candidate] - ranks[reference]) / _mean_rank_se(k, n)
     return float(z)
 
 
