@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Entry",
@@ -23,6 +26,7 @@ __all__ = [
     "accuracy_of",
     "compare_entries",
     "log_probabilities",
+    "model_entry",
     "probabilities",
     "verdict",
     "vote_entry",
@@ -99,6 +103,35 @@ class MetricRow:
     details: str
     metrics: dict[str, tuple[float, tuple[float, float]]]
     differences: dict[str, tuple[float, tuple[float, float], float]]
+
+
+def model_entry(
+    name: str,
+    family: Family,
+    cost: int,
+    details: str,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    x_val: np.ndarray,
+    x_test: np.ndarray,
+) -> Entry:
+    """The entry of ``model`` run with the weights ``state_dict``: its log-probabilities on
+    ``x_val`` and ``x_test``.
+
+    Examples
+    --------
+    >>> from modelfuse.demo.zoo import make_mlp
+    >>> net = make_mlp(4)
+    >>> x = np.zeros((3, 64), dtype=np.float32)
+    >>> e = model_entry("m", "merge", 1, "", net, net.state_dict(), x, x[:2])
+    >>> e.val.shape, e.test.shape, bool(np.allclose(np.exp(e.test).sum(1), 1))
+    ((3, 10), (2, 10), True)
+    """
+    from modelfuse.demo.zoo import predict_logits
+
+    val = log_probabilities(predict_logits(model, state_dict, x_val))
+    test = log_probabilities(predict_logits(model, state_dict, x_test))
+    return Entry(name, family, cost, details, val, test)
 
 
 def vote_entry(

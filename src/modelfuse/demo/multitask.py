@@ -25,9 +25,9 @@ from modelfuse.demo.choice import (
     search_ties_and_dare,
 )
 from modelfuse.demo.data import Splits, apply_task, task_seed
-from modelfuse.demo.evaluate import Entry, Family, accuracy_of, log_probabilities, vote_entry
+from modelfuse.demo.evaluate import Entry, Family, accuracy_of, model_entry, vote_entry
 from modelfuse.demo.settings import DemoSettings
-from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits
+from modelfuse.demo.zoo import Zoo, batches, load_mlp
 
 __all__ = ["MultiTaskStudy", "multitask_study"]
 
@@ -97,9 +97,7 @@ def multitask_study(
     entries: list[Entry] = []
 
     def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> None:
-        val = log_probabilities(predict_logits(model, sd, pooled_val))
-        test = log_probabilities(predict_logits(model, sd, pooled_test))
-        entries.append(Entry(name, family, cost, details, val, test))
+        entries.append(model_entry(name, family, cost, details, model, sd, pooled_val, pooled_test))
 
     for task, f in zip(tasks, task_models):
         add(f.name, "individual", 1, f"fine-tuned on {task} digits", f.state_dict)

@@ -29,7 +29,14 @@ from modelfuse.demo.choice import (
     search_ties_and_dare,
 )
 from modelfuse.demo.data import Splits
-from modelfuse.demo.evaluate import Entry, Family, accuracy_of, log_probabilities, vote_entry
+from modelfuse.demo.evaluate import (
+    Entry,
+    Family,
+    accuracy_of,
+    log_probabilities,
+    model_entry,
+    vote_entry,
+)
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits, read_checkpoint
 
@@ -133,21 +140,10 @@ def soup_study(
     val_accuracy = accuracy_score(model, val_batches)
     train_batches = batches(splits.x_train, splits.y_train)
 
-    def outputs(sd: StateDict) -> tuple[np.ndarray, np.ndarray]:
-        val = log_probabilities(predict_logits(model, sd, x_val))
-        test = log_probabilities(predict_logits(model, sd, splits.x_test))
-        return val, test
-
     entries: list[Entry] = []
-    merges: dict[str, Entry] = {}
 
-    def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> Entry:
-        val, test = outputs(sd)
-        entry = Entry(name, family, cost, details, val, test)
-        entries.append(entry)
-        if family == "merge":
-            merges[name] = entry
-        return entry
+    def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> None:
+        entries.append(model_entry(name, family, cost, details, model, sd, x_val, splits.x_test))
 
     # individuals
     for f in fine_tunes:
