@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,33 @@ def test_calibration_report_writes_table_files_and_diagram(files, tmp_path, caps
     assert "| ace (equal-mass bins) |" in (out / "metrics.md").read_text()
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_calibration_report_is_kept_without_overwrite_and_replaced_with_it(
+    files, tmp_path, capsys
+) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    argv = ["calibration-report", "-p", str(files["probs"]), "-y", str(files["test_y"]), "-o",
+            str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert f"{out}: already exists; remove it, choose another -o, or pass --overwrite" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json", "metrics.md", "reliability.png"
+    ]  # fmt: skip
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_subprocess_end_to_end(files, tmp_path) -> None:
