@@ -62,19 +62,20 @@ def _sections(markdown: str) -> dict[str, str]:
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-def _table(section: str) -> list[dict[str, str]]:
+def _cells(section: str) -> list[list[str]]:
+    """The cells of every table line: the header, the separator, then the rows."""
     lines = [line for line in section.splitlines() if line.startswith("|")]
-    headers = [h.strip() for h in lines[0].strip("|").split("|")]
-    rows = []
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows.append(dict(zip(headers, cells)))  # duplicate headers ("95% CI"): the last wins
-    return rows
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def _table(section: str) -> list[dict[str, str]]:
+    headers, _, *rows = _cells(section)
+    # duplicate headers ("95% CI"): the last wins
+    return [dict(zip(headers, cells)) for cells in rows]
 
 
 def _raw_rows(section: str) -> list[list[str]]:
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return _cells(section)[2:]
 
 
 def _interval(text: str) -> tuple[float, float]:

@@ -11,7 +11,14 @@ import torch
 
 from modelfuse.demo.choice import choose_by_nested_cv
 from modelfuse.demo.data import apply_task, load_splits, task_seed
-from modelfuse.demo.evaluate import MetricRow, log_probabilities, verdict
+from modelfuse.demo.evaluate import (
+    MetricRow,
+    accuracy_of,
+    log_probabilities,
+    model_entry,
+    verdict,
+    vote_entry,
+)
 from modelfuse.demo.report import headlines
 from modelfuse.demo.zoo import (
     augment_batch,
@@ -150,6 +157,27 @@ def test_log_probabilities_match_torch():
     z = np.random.default_rng(0).normal(size=(4, 10)) * 30
     expected = torch.log_softmax(torch.as_tensor(z), dim=1).numpy()
     np.testing.assert_allclose(log_probabilities(z), expected, atol=1e-12)
+
+
+def test_entries_hold_the_networks_log_softmax_and_the_weighted_vote():
+    torch.manual_seed(0)
+    nets = [make_mlp(8), make_mlp(8)]
+    rng = np.random.default_rng(0)
+    x_val, x_test = (rng.random((n, 64)).astype(np.float32) for n in (6, 5))
+    members = [
+        model_entry(f"m{i}", "individual", 1, "", make_mlp(8), net.state_dict(), x_val, x_test)
+        for i, net in enumerate(nets)
+    ]
+    for net, entry in zip(nets, members):
+        expected = torch.log_softmax(net(torch.as_tensor(x_test)).double(), dim=1).detach().numpy()
+        np.testing.assert_allclose(entry.test, expected, atol=1e-6)
+    weights = np.array([3.0, 1.0])
+    vote = vote_entry("vote", members, 2, "", weights=weights)
+    mean = (3 * np.exp(members[0].val) + np.exp(members[1].val)) / 4
+    np.testing.assert_allclose(vote.val, np.log(mean), atol=1e-12)
+    assert (vote.family, vote.cost) == ("ensemble", 2)
+    y = np.array([0, 1, 2, 3, 4, 5])
+    assert accuracy_of(vote.val, y) == sum(int(np.argmax(mean[i]) == y[i]) for i in range(6)) / 6
 
 
 @pytest.mark.parametrize(
