@@ -17,10 +17,15 @@ from modelfuse.cli._output import (
     publish_folder,
     require_parent_folder,
     staging_folder,
-    write_atomically,
     write_json,
 )
-from modelfuse.cli.ensemble import check_kind, metrics_table, naming, read_json, read_labels
+from modelfuse.cli.ensemble import (
+    check_kind,
+    metrics_table,
+    read_labels,
+    read_saved,
+    write_probabilities,
+)
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
@@ -75,10 +80,7 @@ def calibrate_command(
 
     if apply is not None:
         check_output(out, suffix=".npy", overwrite=overwrite)
-        try:
-            calibrator = calibrator_from_json(read_json(apply, "calibrator"))
-        except ConfigError as exc:
-            raise naming(apply, exc) from None
+        calibrator = read_saved(apply, "calibrator", calibrator_from_json)
         if kind is not None and check_kind(kind) != calibrator.kind:
             raise ConfigError(
                 f"--kind {kind}: {apply} was fitted on {calibrator.kind}; give the same kind"
@@ -89,12 +91,7 @@ def calibrate_command(
                 f"{scores}: {s.shape[1]} classes, but {apply} was fitted on "
                 f"{calibrator.n_classes_}; give the same model's scores"
             )
-        probs = calibrator.predict_proba(s)
-        if labels is not None:
-            y = read_labels(labels, probs.shape[0], probs.shape[1])
-            typer.echo(metrics_table({"calibrated": probs}, y)[0])
-        write_atomically(out, lambda stream: np.save(stream, probs))
-        typer.echo(f"wrote {out} (probabilities, shape {probs.shape})")
+        write_probabilities(out, calibrator.predict_proba(s), labels, name="calibrated")
         return
 
     kind = check_kind(kind or "logits")

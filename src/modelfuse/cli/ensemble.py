@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
@@ -21,9 +22,12 @@ __all__ = [
     "read_json",
     "read_labels",
     "read_predictions",
+    "read_saved",
+    "write_probabilities",
 ]
 
 KINDS = ("probabilities", "logits")
+T = TypeVar("T")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -42,6 +46,14 @@ def naming(path: Path, exc: ConfigError) -> ConfigError:
     """``exc`` with its message prefixed by ``path`` unless it names it already."""
     message = str(exc)
     return ConfigError(message if str(path) in message else f"{path}: {message}")
+
+
+def read_saved(path: Path, what: str, parse: Callable[[dict[str, Any]], T]) -> T:
+    """``parse`` of the JSON ``what`` saved at ``path``; its ConfigErrors name ``path``."""
+    try:
+        return parse(read_json(path, what))
+    except ConfigError as exc:
+        raise naming(path, exc) from None
 
 
 def check_kind(kind: str) -> str:
@@ -67,6 +79,17 @@ def read_labels(path: Path, n_samples: int, n_classes: int) -> np.ndarray:
     return check_labels(
         load_array(path), n_samples=n_samples, n_classes=n_classes, source=str(path)
     )
+
+
+def write_probabilities(
+    out: Path, probs: np.ndarray, labels: Path | None, *, name: str
+) -> None:
+    """Write applied probabilities to ``out`` (.npy), after their metrics row when labelled."""
+    if labels is not None:
+        y = read_labels(labels, probs.shape[0], probs.shape[1])
+        typer.echo(metrics_table({name: probs}, y)[0])
+    write_atomically(out, lambda stream: np.save(stream, probs))
+    typer.echo(f"wrote {out} (probabilities, shape {probs.shape})")
 
 
 def metrics_table(rows: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, list[dict]]:
@@ -216,10 +239,7 @@ def _apply(
     from modelfuse.ensemble.saved import apply_ensemble, check_saved_ensemble
 
     check_output(out, suffix=".npy", overwrite=overwrite)
-    try:
-        saved = check_saved_ensemble(read_json(saved_path, "ensemble"))
-    except ConfigError as exc:
-        raise naming(saved_path, exc) from None
+    saved = read_saved(saved_path, "ensemble", check_saved_ensemble)
     saved_kind = saved.get("kind")
     if kind is not None and check_kind(kind) != saved_kind:
         raise ConfigError(
@@ -238,9 +258,4 @@ def _apply(
             f"{paths[0]}: {p.shape[2]} classes, but {saved_path} was fitted on "
             f"{saved.get('n_classes')}; give the same models' predictions"
         )
-    probs = apply_ensemble(saved, p)
-    if labels is not None:
-        y = read_labels(labels, probs.shape[0], probs.shape[1])
-        typer.echo(metrics_table({"ensemble": probs}, y)[0])
-    write_atomically(out, lambda stream: np.save(stream, probs))
-    typer.echo(f"wrote {out} (probabilities, shape {probs.shape})")
+    write_probabilities(out, apply_ensemble(saved, p), labels, name="ensemble")
