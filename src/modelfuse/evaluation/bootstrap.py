@@ -55,6 +55,16 @@ def _generator(random_state: RandomState) -> np.random.Generator:
     return np.random.default_rng(random_state)
 
 
+def _batch_size(spec: MetricSpec, per_resample: int) -> int:
+    """Resamples per batched metric call, each resample holding ``per_resample`` entries.
+
+    Rows of weights (AUROC) are kept small enough to stay in cache; rows of
+    indices (ECE) are gathered in chunks like the index matrix.
+    """
+    size = _BATCH_ELEMENTS if spec.on_weights is not None else _CHUNK_ELEMENTS
+    return max(1, size // per_resample)
+
+
 def _check_level(confidence_level: float) -> None:
     if not 0 < confidence_level < 1:
         raise ConfigError(
@@ -358,8 +368,7 @@ class _Plan:
         groups = _strata_positions(strata, self.n)
         values = np.empty(n_resamples)
         if self.batched:
-            size = _BATCH_ELEMENTS if self.spec.on_weights is not None else _CHUNK_ELEMENTS
-            chunk = max(1, size // self.n)
+            chunk = _batch_size(self.spec, self.n)
             for start in range(0, n_resamples, chunk):
                 stop = min(n_resamples, start + chunk)
                 rows = np.hstack(
@@ -391,8 +400,7 @@ class _Plan:
             size = self.n // _JACKKNIFE_GROUPS
             deleted = rng.permutation(self.n)[: size * _JACKKNIFE_GROUPS].reshape(-1, size)
         values = np.empty(len(deleted))
-        size = _BATCH_ELEMENTS if self.spec.on_weights is not None else _CHUNK_ELEMENTS
-        chunk = max(1, size // self.n)
+        chunk = _batch_size(self.spec, self.n)
         for start in range(0, len(deleted), chunk):
             part = deleted[start : start + chunk]
             keep = np.ones((len(part), self.n), dtype=bool)

@@ -18,9 +18,8 @@ from scipy.stats import t as student_t
 
 from modelfuse.errors import ConfigError, DataError
 from modelfuse.evaluation.bootstrap import (
-    _BATCH_ELEMENTS,
-    _CHUNK_ELEMENTS,
     RandomState,
+    _batch_size,
     _check_resamples,
     _generator,
     _Plan,
@@ -492,8 +491,7 @@ def _swapped_batched_null(
     stacked = _Plan(spec, [np.concatenate([pa, pb])], np.concatenate([y, y]), [1.0])
     base = np.arange(n)
     null = np.empty(n_resamples)
-    size = _BATCH_ELEMENTS if spec.on_weights is not None else _CHUNK_ELEMENTS
-    chunk = max(1, size // (2 * n))
+    chunk = _batch_size(spec, 2 * n)
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
         swap = rng.random((stop - start, n)) < 0.5
