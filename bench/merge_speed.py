@@ -42,6 +42,9 @@ METHOD_PARAMETERS: dict[str, dict] = {
     "slerp": {"t": 0.4},
 }
 
+# Methods that take fewer models than the benchmark has (slerp: the base and one other).
+MODEL_COUNT: dict[str, int] = {"slerp": 1}
+
 
 def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
@@ -127,7 +130,9 @@ def child_merge(method: str, folders: list[Path], out: Path, threads: int | None
     config: dict = {"merge_method": method, "parameters": METHOD_PARAMETERS.get(method, {})}
     if spec.uses_base:
         config["base_model"], models = models[0], models[1:]
-    if spec.max_models is not None:
+    if method in MODEL_COUNT:
+        models = models[: MODEL_COUNT[method]]
+    elif spec.max_models is not None:
         models = models[: spec.max_models]
     config["models"] = models
     start = time.perf_counter()

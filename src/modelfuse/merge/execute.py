@@ -7,6 +7,8 @@ the inputs come from and where the results go.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import warnings
 import zlib
@@ -25,6 +27,7 @@ __all__ = [
     "execute_plan",
     "prepare_stream",
     "row_blocks",
+    "EXCLUSIVE_BYTES",
     "tensor_generator",
 ]
 
@@ -54,12 +57,15 @@ BLOCK_ELEMENTS = 4 * 1024 * 1024
 def _read(
     plan: MergePlan, task: TensorTask, rows: Rows = None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The task's inputs in float32 (after rounding to the compute dtype, if one is set).
+    """The task's inputs, rounded to the compute dtype if one is set.
 
+    They are float32 unless the method declares ``low_precision_inputs`` (it
+    converts chunk by chunk itself, so a bfloat16 tensor is not held twice).
     When the inputs' first dimensions differ, only the shared rows are returned.
     With ``rows``, only that block of rows is read.
     """
     compute = plan.compute_dtype
+    widen = not plan.method.low_precision_inputs
     warned = []
 
     def load(model: Any, input_name: str) -> torch.Tensor:
@@ -71,7 +77,8 @@ def _read(
             tensor = tensor[: task.shared_rows]
         if compute is not None and tensor.dtype != compute:
             tensor = tensor.to(compute)
-        tensor = tensor.to(torch.float32)
+        if widen:
+            tensor = tensor.to(torch.float32)
         if not bool(torch.isfinite(tensor).all()):
             warned.append(model.label)
         return tensor
@@ -152,6 +159,43 @@ def _call(
             f"{task.name}, expected {list(expected)}"
         )
     return result.contiguous()
+
+
+EXCLUSIVE_BYTES = 256 * 1024 * 1024
+"""A piece whose working memory exceeds this is merged alone, so two never add up."""
+
+
+def _release_free_memory() -> None:
+    """Hand memory that the allocator keeps after freeing back to the system (glibc only).
+
+    glibc keeps freed blocks of a few MB in its heaps for reuse; after many
+    medium tensors that can be hundreds of MB, which would then add to the
+    peak of the next very large tensor. Other platforms: nothing to do.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def _working_bytes(plan: MergePlan, task: TensorTask, rows: Rows) -> int:
+    """Rough memory a piece needs: its inputs as handed over, a float32 result and the output."""
+    numel = 1
+    for size in task.shape:
+        numel *= size
+    if rows is not None and task.shape:
+        numel = numel // task.shape[0] * (rows[1] - rows[0])
+    inputs = len(task.models) + (1 if task.base is not None else 0)
+    width = 2 if plan.method.low_precision_inputs else 4
+    return numel * (inputs * width + 4 + task.out_dtype.itemsize)
 
 
 def row_blocks(plan: MergePlan, task: TensorTask, block: int | None = None) -> list[Rows]:
@@ -242,19 +286,35 @@ def execute_plan(
 
     if threads <= 1:
         for piece in pieces:
+            alone = _working_bytes(plan, *piece) > EXCLUSIVE_BYTES
+            if alone:
+                _release_free_memory()
             finished(work(piece))
+            if alone:
+                _release_free_memory()
         return
 
     pending: set[Future[tuple[TensorTask, int]]] = set()
     limit = threads + 1
+
+    def drain(until: int) -> None:
+        nonlocal pending
+        while len(pending) > until:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(future.result())
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
         try:
             for piece in pieces:
+                alone = _working_bytes(plan, *piece) > EXCLUSIVE_BYTES
+                if alone:  # a very large tensor is merged with nothing else in flight
+                    drain(0)
+                    _release_free_memory()
                 pending.add(pool.submit(work, piece))
-                while len(pending) >= limit:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        finished(future.result())
+                drain(0 if alone else limit - 1)
+                if alone:
+                    _release_free_memory()
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:

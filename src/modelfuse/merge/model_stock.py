@@ -92,10 +92,10 @@ def model_stock(
         )
     if pairwise_mean not in ("cosine", "angle"):
         raise ConfigError(f"pairwise_mean: unknown value {pairwise_mean!r}; valid: cosine, angle")
-    base32 = base.to(torch.float32)
-    rows = base32.shape[0] if (filter_wise and base32.dim() >= 2) else 1
-    base_rows = base32.reshape(rows, -1)
-    model_rows = [t.to(torch.float32).reshape(rows, -1) for t in tensors]
+    # Inputs stay in their dtype; each block is converted to float32 as it is used.
+    rows = base.shape[0] if (filter_wise and base.dim() >= 2) else 1
+    base_rows = base.reshape(rows, -1)
+    model_rows = [t.reshape(rows, -1) for t in tensors]
     columns = base_rows.shape[1]
     out = torch.empty(base_rows.shape, dtype=torch.float32)
     if rows == 1:
@@ -118,14 +118,15 @@ def model_stock(
             taus = _task_vectors(model_rows, base_rows, block)
             ratio = _ratio(_gram(taus).sum(-1), n, pairwise_mean).float()
             torch.addcmul(base_rows[block], ratio.unsqueeze(-1), taus.mean(0), out=out[block])
-    return out.reshape(base32.shape)
+    return out.reshape(base.shape)
 
 
 def _task_vectors(
     model_rows: Sequence[torch.Tensor], base_rows: torch.Tensor, block: tuple[slice, slice]
 ) -> torch.Tensor:
     """``[n, rows, columns]``: the models' task vectors on a block."""
-    return torch.stack([m[block] for m in model_rows]).sub_(base_rows[block])
+    taus = torch.stack([m[block].to(torch.float32) for m in model_rows])
+    return taus.sub_(base_rows[block].to(torch.float32))
 
 
 def _gram(taus: torch.Tensor) -> torch.Tensor:

@@ -99,8 +99,9 @@ def multislerp(
                 "change them or set normalize_weights: false"
             )
         weights = [w / total for w in weights]
-    flats = [t.to(torch.float32).reshape(-1) for t in tensors]
-    origin = None if base is None else base.to(torch.float32).reshape(-1)
+    # Inputs stay in their dtype; each chunk is converted to float32 as it is used.
+    flats = [t.reshape(-1) for t in tensors]
+    origin = None if base is None else base.reshape(-1)
     size = flats[0].numel()
     chunk = max(1, min(size, _CHUNK))
     scratch = torch.empty(chunk, dtype=torch.float32)
@@ -108,8 +109,12 @@ def multislerp(
     def point(i: int, index: slice) -> torch.Tensor:
         """Model i's entries at ``index`` (minus the base); may be a view of the input."""
         if origin is None:
-            return flats[i][index]
-        return torch.sub(flats[i][index], origin[index], out=scratch[: index.stop - index.start])
+            return flats[i][index].to(torch.float32)
+        return torch.sub(
+            flats[i][index].to(torch.float32),
+            origin[index].to(torch.float32),
+            out=scratch[: index.stop - index.start],
+        )
 
     def norm(values: Iterable[torch.Tensor]) -> float:
         # float32 per chunk, summed in double: accurate without converting the data
@@ -139,5 +144,6 @@ def multislerp(
     else:
         result = mean.mul_(sum(w * v for w, v in zip(weights, norms)) / mean_norm)
     if origin is not None:
-        result.add_(origin)
+        for index in slices:  # chunk by chunk: a whole bfloat16 base is never widened at once
+            result[index].add_(origin[index].to(torch.float32))
     return result.reshape(tensors[0].shape)

@@ -4,7 +4,8 @@ A merge method is a pure function of the tensors of one name::
 
     function(tensors: list[Tensor], base: Tensor | None, **parameters) -> Tensor
 
-``tensors`` are the input models' tensors in float32 (never modified), ``base``
+``tensors`` are the input models' tensors (never modified): float32, or in their
+stored (compute) dtype for methods declaring ``low_precision_inputs``; ``base``
 the base model's tensor or ``None``, and ``parameters`` the method's declared
 parameters resolved for this tensor (per-model ones as lists, one value per
 model). A function may also accept these keywords, which the engine fills in
@@ -94,6 +95,10 @@ class MergeMethod:
         elementwise methods), so the engine may merge large tensors in blocks
         of rows and bound memory by the block. A callable decides from a
         tensor's resolved parameters.
+    low_precision_inputs : bool
+        The function accepts inputs in their stored (or compute) dtype and
+        converts them to float32 chunk by chunk itself, so the engine does not
+        hold float32 copies of whole tensors. Otherwise inputs arrive in float32.
     prepare : callable, optional
         ``prepare(stream: PrepareInput) -> dict`` computes whole-model values in
         an extra pass before merging; the dict is passed to every call.
@@ -109,6 +114,7 @@ class MergeMethod:
     max_models: int | None = None
     statistics: tuple[str, ...] = ()
     separable: bool | Callable[[Mapping[str, Any]], bool] = False
+    low_precision_inputs: bool = False
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
     accepts: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -157,6 +163,7 @@ METHODS: dict[str, MergeMethod] = {
         LinearParameters,
         "weighted average of the models (model soup)",
         separable=True,
+        low_precision_inputs=True,
     ),
     "task_arithmetic": MergeMethod(
         "task_arithmetic",
@@ -165,6 +172,7 @@ METHODS: dict[str, MergeMethod] = {
         "base + lambda * weighted sum of task vectors",
         requires_base=True,
         separable=True,
+        low_precision_inputs=True,
     ),
     "passthrough": MergeMethod(
         "passthrough",
@@ -173,6 +181,7 @@ METHODS: dict[str, MergeMethod] = {
         "one model's tensor as it is (layer stacking with slices)",
         max_models=1,
         separable=True,
+        low_precision_inputs=True,
     ),
     "fisher": MergeMethod(
         "fisher",
@@ -182,6 +191,7 @@ METHODS: dict[str, MergeMethod] = {
         statistics=("fisher",),
         separable=fisher_separable,
         prepare=prepare_fisher,
+        low_precision_inputs=True,
     ),
     "regmean": MergeMethod(
         "regmean",
@@ -198,6 +208,7 @@ METHODS: dict[str, MergeMethod] = {
         requires_base=True,
         statistics=("fisher",),
         separable=True,
+        low_precision_inputs=True,
     ),
     "ties": MergeMethod(
         "ties",
@@ -206,6 +217,7 @@ METHODS: dict[str, MergeMethod] = {
         "TIES: trim task vectors to density, elect signs, disjoint mean",
         requires_base=True,
         prepare=prepare_ties,
+        low_precision_inputs=True,
     ),
     "dare_linear": MergeMethod(
         "dare_linear",
@@ -213,6 +225,7 @@ METHODS: dict[str, MergeMethod] = {
         DareLinearParameters,
         "DARE: random drop with 1/density rescale, then task arithmetic",
         requires_base=True,
+        low_precision_inputs=True,
     ),
     "dare_ties": MergeMethod(
         "dare_ties",
@@ -220,6 +233,7 @@ METHODS: dict[str, MergeMethod] = {
         DareTiesParameters,
         "DARE: random drop with 1/density rescale, then TIES sign election",
         requires_base=True,
+        low_precision_inputs=True,
     ),
     "breadcrumbs": MergeMethod(
         "breadcrumbs",
@@ -227,6 +241,7 @@ METHODS: dict[str, MergeMethod] = {
         BreadcrumbsParameters,
         "breadcrumbs: drop the largest gamma and smallest entries, then task arithmetic",
         requires_base=True,
+        low_precision_inputs=True,
     ),
     "breadcrumbs_ties": MergeMethod(
         "breadcrumbs_ties",
@@ -234,6 +249,7 @@ METHODS: dict[str, MergeMethod] = {
         BreadcrumbsTiesParameters,
         "breadcrumbs, then TIES sign election",
         requires_base=True,
+        low_precision_inputs=True,
     ),
     "slerp": MergeMethod(
         "slerp",
@@ -249,6 +265,7 @@ METHODS: dict[str, MergeMethod] = {
         MultiSlerpParameters,
         "weighted spherical average of N models, of task vectors when a base is given",
         optional_base=True,
+        low_precision_inputs=True,
     ),
     "model_stock": MergeMethod(
         "model_stock",
@@ -257,6 +274,7 @@ METHODS: dict[str, MergeMethod] = {
         "Model Stock: average pulled toward the base by the task vectors' angle",
         requires_base=True,
         min_models=2,
+        low_precision_inputs=True,
     ),
 }
 """Every merge method, by the name used in configurations."""

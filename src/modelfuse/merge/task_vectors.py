@@ -409,8 +409,10 @@ def generalized_task_arithmetic(
         raise ConfigError(
             f"{method}: {len(magnitude_thresholds)} magnitude thresholds for {n} models"
         )
-    base_flat = base.to(torch.float32).reshape(-1)
-    flats = [t.to(torch.float32).reshape(-1) for t in tensors]
+    # Inputs stay in their dtype (a bfloat16 tensor is never copied whole); each chunk
+    # of the base is converted to float32, so every difference is computed in float32.
+    base_flat = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
     size = base_flat.numel()
     if consensus_method is not None and consensus_method not in ("sum", "count"):
         raise ConfigError(
@@ -428,7 +430,9 @@ def generalized_task_arithmetic(
         for i in range(n):
             flat = flats[i]
             sparsifiers[i] = _Sparsifier(
-                lambda index, out, flat=flat: torch.sub(flat[index], base_flat[index], out=out),
+                lambda index, out, flat=flat: torch.sub(
+                    flat[index], base_flat[index].to(torch.float32), out=out
+                ),
                 size,
                 method=sparsification,
                 density=densities[i],
@@ -448,7 +452,7 @@ def generalized_task_arithmetic(
     out = torch.empty(size, dtype=torch.float32)
     for start in range(0, size, chunk):
         index = slice(start, min(size, start + chunk))
-        base_part = base_flat[index]
+        base_part = base_flat[index].to(torch.float32)
         length = base_part.numel()
         if consensus_method is None:
             merged = workspace.zeros("merged", length)
