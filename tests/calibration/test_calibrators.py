@@ -195,6 +195,26 @@ def test_bad_calibration_sets() -> None:
         TemperatureScaling.from_json({"method": "platt"})
 
 
+def test_scores_need_two_columns_in_fit_and_in_check_scores() -> None:
+    from modelfuse.calibration.base import check_calibration_set, check_scores
+
+    one_column = np.array([[0.2], [0.7], [0.9]])
+    message = (
+        "val.npy: expected shape (n_samples, n_classes) with n_classes >= 2, got (3, 1); "
+        "for a binary score give two columns"
+    )
+    with pytest.raises(DataError) as info:
+        check_scores(one_column, "logits", source="val.npy")
+    assert str(info.value) == message
+    with pytest.raises(DataError) as info:
+        check_calibration_set(one_column, np.array([0, 1, 0]), "logits", scores_source="val.npy")
+    assert str(info.value) == message
+    with pytest.raises(DataError, match="^scores: expected shape"):
+        TemperatureScaling().fit(np.zeros(4), np.array([0, 1, 0, 1]))
+    two = np.array([[0.2, 0.8], [0.6, 0.4]])
+    np.testing.assert_array_equal(check_scores(two, "probabilities"), two)
+
+
 def test_numpy_parameters_survive_the_json_form() -> None:
     rng = np.random.default_rng(8)
     p1 = rng.uniform(size=200)

@@ -11,9 +11,34 @@ from sklearn.utils.validation import check_is_fitted
 from modelfuse.arrays import check_labels, check_predictions
 from modelfuse.errors import ConfigError, DataError
 
-__all__ = ["Calibrator", "check_calibration_set"]
+__all__ = ["Calibrator", "check_calibration_set", "check_scores"]
 
 Kind = Literal["probabilities", "logits"]
+
+
+def check_scores(scores: np.ndarray, kind: Kind, *, source: str = "scores") -> np.ndarray:
+    """Check scores of shape (n_samples, n_classes) with at least two classes.
+
+    The checks of :func:`modelfuse.arrays.check_predictions` for ``kind``,
+    and two or more columns (a binary score is given as two columns).
+
+    Raises
+    ------
+    DataError
+        A check fails; the message starts with ``source``.
+
+    Examples
+    --------
+    >>> check_scores([[2.0, -1.0]], "logits").shape
+    (1, 2)
+    """
+    s = check_predictions(scores, kind, source=source)
+    if s.ndim != 2 or s.shape[1] < 2:
+        raise DataError(
+            f"{source}: expected shape (n_samples, n_classes) with n_classes >= 2, "
+            f"got {s.shape}; for a binary score give two columns"
+        )
+    return s
 
 
 def check_calibration_set(
@@ -36,12 +61,7 @@ def check_calibration_set(
     DataError
         Any of those checks fails.
     """
-    s = check_predictions(scores, kind, source=scores_source)
-    if s.ndim != 2 or s.shape[1] < 2:
-        raise DataError(
-            f"{scores_source}: expected shape (n_samples, n_classes) with n_classes >= 2, "
-            f"got {s.shape}; for a binary score give two columns"
-        )
+    s = check_scores(scores, kind, source=scores_source)
     y = check_labels(labels, n_samples=s.shape[0], n_classes=s.shape[1], source=labels_source)
     present = np.unique(y)
     if present.size < 2:

@@ -32,15 +32,10 @@ __all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
 
 
 def _read_scores(path: Path, kind: str) -> np.ndarray:
-    from modelfuse.arrays import check_predictions, load_array
+    from modelfuse.arrays import load_array
+    from modelfuse.calibration.base import check_scores
 
-    scores = check_predictions(load_array(path), kind, source=str(path))
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise DataError(
-            f"{path}: expected shape (n_samples, n_classes) with n_classes >= 2, got "
-            f"{scores.shape}; for a binary score give two columns"
-        )
-    return scores
+    return check_scores(load_array(path), kind, source=str(path))
 
 
 @app.command(
