@@ -167,6 +167,13 @@ def _fit(scores, labels, tmp_path):
             str(tmp_path / "CAL.json")]  # fmt: skip
 
 
+def test_bad_unknown_method(files, tmp_path, capsys) -> None:
+    argv = [*_fit(files["val"], files["val_y"], tmp_path), "--method", "beta"]
+    _bad(tmp_path, capsys, argv, "--method",
+         "--method: unknown 'beta'; expected one of temperature, vector, matrix, platt, "
+         "isotonic, histogram")  # fmt: skip
+
+
 def test_bad_single_class_in_the_calibration_set(files, tmp_path, capsys) -> None:
     y = tmp_path / "one_class.npy"
     np.save(y, np.ones(1000, dtype=int))

@@ -130,6 +130,12 @@ def _fit_argv(paths, labels, tmp_path, kind="logits", method="learned"):
             "--method", method, "-o", str(tmp_path / "ENS.json")]  # fmt: skip
 
 
+def test_bad_unknown_method(files, tmp_path, capsys) -> None:
+    argv = _fit_argv([files["m0"], files["m1"]], files["y"], tmp_path, method="boosting")
+    _bad(tmp_path, capsys, argv, "--method",
+         "--method: unknown 'boosting'; expected one of soft, learned, caruana, stacking")  # fmt: skip
+
+
 def test_bad_mismatched_shapes_between_models(files, tmp_path, capsys) -> None:
     short = tmp_path / "short.npy"
     np.save(short, np.load(files["m1"])[:200])

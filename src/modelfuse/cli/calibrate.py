@@ -21,6 +21,7 @@ from modelfuse.cli._output import (
 )
 from modelfuse.cli.ensemble import (
     check_kind,
+    check_method,
     metrics_table,
     read_labels,
     read_saved,
@@ -90,8 +91,7 @@ def calibrate_command(
         return
 
     kind = check_kind(kind or "logits")
-    if method not in CALIBRATORS:
-        raise ConfigError(f"--method: unknown {method!r}; expected one of {', '.join(CALIBRATORS)}")
+    check_method(method, CALIBRATORS)
     if labels is None:
         raise ConfigError("--labels: fitting a calibrator needs the labels of the scores")
     check_output(out, suffix=".json", overwrite=overwrite)

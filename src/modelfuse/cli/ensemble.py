@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,6 +16,7 @@ from modelfuse.errors import ConfigError
 
 __all__ = [
     "check_kind",
+    "check_method",
     "ensemble_command",
     "metrics_table",
     "naming",
@@ -60,6 +61,13 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ConfigError(f"--kind: expected probabilities or logits, got {kind!r}")
     return kind
+
+
+def check_method(method: str, registry: Collection[str]) -> str:
+    """Refuse a ``--method`` that is not a key of ``registry``, listing the valid ones."""
+    if method not in registry:
+        raise ConfigError(f"--method: unknown {method!r}; expected one of {', '.join(registry)}")
+    return method
 
 
 def read_predictions(paths: list[Path], kind: str) -> np.ndarray:
@@ -194,10 +202,7 @@ def ensemble_command(
     check_output(out, suffix=".json", overwrite=overwrite)
     from modelfuse.ensemble.saved import ENSEMBLE_METHODS, fit_ensemble
 
-    if method not in ENSEMBLE_METHODS:
-        raise ConfigError(
-            f"--method: unknown {method!r}; expected one of {', '.join(ENSEMBLE_METHODS)}"
-        )
+    check_method(method, ENSEMBLE_METHODS)
     p = read_predictions(paths, kind)
     y = read_labels(labels, p.shape[1], p.shape[2]) if labels is not None else None
     if y is None and method != "soft":
