@@ -17,7 +17,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from modelfuse.calibration.base import Calibrator, Kind
 from modelfuse.calibration.metrics import bin_index
-from modelfuse.calibration.softmax import to_probabilities
+from modelfuse.calibration.softmax import sigmoid, to_probabilities
 from modelfuse.errors import ConfigError
 
 __all__ = [
@@ -103,7 +103,7 @@ def fit_platt(
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         f = theta[0] * s + theta[1]
         loss = float((np.logaddexp(0.0, f) - y * f).sum() / n)
-        r = (0.5 * (1.0 + np.tanh(0.5 * f)) - y) / n  # sigmoid(f) - y
+        r = (sigmoid(f) - y) / n
         return loss, np.array([(r * s).sum(), r.sum()])
 
     result = minimize(loss_and_grad, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
@@ -158,8 +158,7 @@ class PlattScaling(_OneVsRest):
         self.intercept_ = np.array([b for _, b in maps])
 
     def _apply_column(self, j: int, p: np.ndarray) -> np.ndarray:
-        f = self.coef_[j] * _logit(p) + self.intercept_[j]
-        return 0.5 * (1.0 + np.tanh(0.5 * f))
+        return sigmoid(self.coef_[j] * _logit(p) + self.intercept_[j])
 
 
 class IsotonicCalibration(_OneVsRest):

@@ -1,4 +1,4 @@
-"""Numerically stable softmax and log-softmax over the last axis, and kind conversions."""
+"""Numerically stable softmax, log-softmax and sigmoid, and kind conversions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["log_softmax", "softmax", "to_log_probabilities", "to_probabilities"]
+__all__ = ["log_softmax", "sigmoid", "softmax", "to_log_probabilities", "to_probabilities"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -36,6 +36,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     e /= e.sum(axis=-1, keepdims=True)
     return e
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` elementwise, as ``(1 + tanh(x / 2)) / 2``: no overflow.
+
+    The two-class softmax: ``softmax([0, x])[1]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sigmoid(np.array([0.0, np.log(3.0), -1000.0]))
+    array([0.5 , 0.75, 0.  ])
+    """
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def to_probabilities(scores: np.ndarray, kind: Literal["probabilities", "logits"]) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from modelfuse.arrays import check_labels
-from modelfuse.calibration.softmax import softmax
+from modelfuse.calibration.softmax import sigmoid, softmax
 from modelfuse.ensemble.selection import caruana_selection
 from modelfuse.ensemble.stacking import fit_stacking, stacking_features
 from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, check_weights, soft_vote
@@ -213,7 +213,7 @@ def apply_ensemble(saved: dict[str, Any], predictions: np.ndarray | list) -> np.
     classes = np.asarray(meta["classes"], dtype=np.int64)
     scores = features @ coef.T + intercept
     if coef.shape[0] == 1:  # binary logistic regression: one score for classes[1]
-        positive = 0.5 * (1.0 + np.tanh(0.5 * scores[:, 0]))
+        positive = sigmoid(scores[:, 0])
         own = np.stack([1.0 - positive, positive], axis=1)
     else:
         own = softmax(scores)
