@@ -237,3 +237,21 @@ def test_bad_options_are_rejected():
         bootstrap_metric(p, y, n_resamples=1)
     with pytest.raises(DataError, match="shape"):
         paired_bootstrap(p, np.eye(3)[[0, 1, 0, 1]], y)
+
+
+def test_results_say_how_the_interval_was_made() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    a = np.eye(2)[np.where(rng.random(60) < 0.8, y, 1 - y)]
+    b = np.eye(2)[np.where(rng.random(60) < 0.6, y, 1 - y)]
+    common = dict(n_resamples=50, random_state=0)
+    assert bootstrap_metric(a, y, **common).method == "bootstrap BCa"
+    assert (
+        bootstrap_metric(a, y, method="percentile", stratify=True, **common).method
+        == "bootstrap percentile (stratified)"
+    )
+    assert paired_bootstrap(a, b, y, **common).method == "paired bootstrap BCa"
+    assert (
+        paired_bootstrap(a, b, y, stratify=True, **common).method
+        == "paired bootstrap BCa (stratified)"
+    )

@@ -459,6 +459,11 @@ def _run(
     return estimate, ci, distribution
 
 
+def _method_label(method: str, stratify: bool) -> str:
+    """What an interval's ``method`` says: the interval method, and whether strata were kept."""
+    return INTERVAL_METHODS[method] + (" (stratified)" if stratify else "")
+
+
 def bootstrap_metric(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -521,7 +526,7 @@ def bootstrap_metric(
         stratify=stratify,
         random_state=random_state,
     )
-    label = INTERVAL_METHODS[method] + (" (stratified)" if stratify else "")
+    label = _method_label(method, stratify)
     return IntervalResult(
         statistic=estimate,
         ci=ci,
@@ -617,7 +622,7 @@ def paired_bootstrap(
         1.0,
         2 * (min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0)) + 1) / (n + 1),
     )
-    label = "paired " + INTERVAL_METHODS[method] + (" (stratified)" if stratify else "")
+    label = "paired " + _method_label(method, stratify)
     return IntervalResult(
         statistic=estimate,
         ci=ci,
