@@ -5,7 +5,8 @@ Generates once, into --cache, N Hugging Face Llama-format checkpoints (default
 layers, 16 heads, vocab 32000), then measures in one run:
 
 - the I/O floor: read every input tensor once and write one output of the same size;
-- each merge method: ``modelfuse.merge`` of the N checkpoints.
+- each merge method: ``modelfuse merge CONFIG OUT`` (the command line, as users
+  run it) on the N checkpoints.
 
 Each measurement runs in its own process and reports wall seconds and peak RSS.
 
@@ -105,24 +106,35 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_io_floor(folders: list[Path], out: Path) -> dict:
+def child_io_floor(folders: list[Path], out: Path, threads: int | None) -> dict:
+    """Read every input tensor once and write one output of the same size, with as
+    many threads as the merges use: no arithmetic, the same I/O."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from modelfuse.checkpoint import CheckpointWriter, open_checkpoint
+    from modelfuse.merge.execute import default_threads
 
     start = time.perf_counter()
     checkpoints = [open_checkpoint(f) for f in folders]
     names = checkpoints[0].keys()
     layout = [(n, tuple(checkpoints[0].info(n).shape), checkpoints[0].info(n).dtype) for n in names]
     with CheckpointWriter(out, layout, overwrite=True) as writer:
-        for name in names:
+
+        def copy(name: str) -> None:
             tensors = [c.read(name) for c in checkpoints]
             writer.write(name, tensors[0])
-            del tensors
+
+        with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
+            list(pool.map(copy, names))
         writer.commit()
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_merge(method: str, folders: list[Path], out: Path, threads: int | None) -> dict:
-    import modelfuse
+    """``modelfuse merge`` as a user runs it (the command line, in this process)."""
+    import yaml
+
+    from modelfuse.cli import main as cli
     from modelfuse.merge.registry import get_method
 
     spec = get_method(method)
@@ -135,8 +147,15 @@ def child_merge(method: str, folders: list[Path], out: Path, threads: int | None
     elif spec.max_models is not None:
         models = models[: spec.max_models]
     config["models"] = models
+    path = out.parent / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["merge", str(path), str(out), "--overwrite", "--quiet"]
+    if threads is not None:
+        args += ["--threads", str(threads)]
     start = time.perf_counter()
-    modelfuse.merge(config, out, threads=threads, overwrite=True)
+    code = cli(args)
+    if code != 0:
+        raise SystemExit(code)
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -168,7 +187,7 @@ def main() -> None:
 
     if args.child:
         if args.child == "io-floor":
-            result = child_io_floor(args.folders, args.out)
+            result = child_io_floor(args.folders, args.out, args.threads)
         else:
             result = child_merge(args.child, args.folders, args.out, args.threads)
         print(json.dumps(result))

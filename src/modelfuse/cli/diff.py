@@ -39,8 +39,11 @@ def diff_command(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.cli._memory import return_freed_memory_promptly
     from modelfuse.merge.patch import diff_checkpoints
     from modelfuse.progress import progress_bar
+
+    return_freed_memory_promptly()
 
     with open_checkpoint(b) as checkpoint:
         total = sum(1 for n in checkpoint.keys() if checkpoint.info(n).dtype.is_floating_point)

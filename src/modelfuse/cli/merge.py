@@ -48,8 +48,11 @@ def merge_command(
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
+    from modelfuse.cli._memory import return_freed_memory_promptly
     from modelfuse.merge.engine import describe_plan, merge, plan_merge
     from modelfuse.progress import progress_bar
+
+    return_freed_memory_promptly()
 
     if dry_run:
         plan = plan_merge(config)

@@ -307,14 +307,16 @@ def execute_plan(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
         try:
             for piece in pieces:
-                alone = _working_bytes(plan, *piece) > EXCLUSIVE_BYTES
-                if alone:  # a very large tensor is merged with nothing else in flight
+                if _working_bytes(plan, *piece) > EXCLUSIVE_BYTES:
+                    # A very large tensor is merged with nothing else in flight, in this
+                    # thread (a worker's separate malloc arena would keep more memory).
                     drain(0)
                     _release_free_memory()
-                pending.add(pool.submit(work, piece))
-                drain(0 if alone else limit - 1)
-                if alone:
+                    finished(work(piece))
                     _release_free_memory()
+                    continue
+                pending.add(pool.submit(work, piece))
+                drain(limit - 1)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
