@@ -10,7 +10,7 @@ layers, 16 heads, vocab 32000), then measures in one run:
 
 Each measurement runs in its own process and reports wall seconds and peak RSS.
 
-    python bench/merge_speed.py                 # every registered method
+    python bench/merge_speed.py                 # every data-free method
     python bench/merge_speed.py --methods linear ties --scale 2
 """
 
@@ -198,7 +198,8 @@ def main() -> None:
     layers = LAYERS * args.scale
     folders = generate(args.cache, args.models, layers)
     size_mb = sum(p.stat().st_size for p in folders[0].glob("*.safetensors")) / 1e6
-    methods = args.methods or sorted(METHODS)
+    # Data-aware methods need statistics files; bench/statistics_speed.py measures them.
+    methods = args.methods or sorted(n for n, m in METHODS.items() if not m.statistics)
     print(f"{args.models} checkpoints x {size_mb:.0f} MB ({layers} layers, bfloat16); "
           f"threads={args.threads or os.cpu_count()}")
     scratch = Path(tempfile.mkdtemp(prefix="modelfuse-bench-", dir=args.cache))

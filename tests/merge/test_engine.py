@@ -367,3 +367,17 @@ def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
     )
     for name, tensor in load_file(tmp_path / "whole" / "model.safetensors").items():
         assert torch.equal(in_memory[name], tensor)
+
+
+def test_torch_threads_are_restored_and_nan_checks_are_exact(tmp_path):
+    import modelfuse.merge.execute as execute
+
+    before = torch.get_num_threads()
+    states = [random_state(i) for i in range(2)]
+    modelfuse.merge_state_dicts("linear", states, threads=2)
+    assert torch.get_num_threads() == before
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        finite = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, 0.0], dtype=dtype)
+        assert not execute._has_nonfinite(finite)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            assert execute._has_nonfinite(torch.cat([finite, torch.tensor([bad], dtype=dtype)]))

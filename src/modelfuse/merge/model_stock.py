@@ -105,7 +105,7 @@ def model_stock(
         blocks = [(slice(None), slice(a, min(columns, a + step))) for a in range(0, columns, step)]
         gram = torch.zeros(n, n, 1, dtype=torch.float64)
         for block in blocks:
-            gram += _gram(_task_vectors(model_rows, base_rows, block)).sum(-1).double()
+            gram += _gram(_task_vectors(model_rows, base_rows, block)).double()
         ratio = _ratio(gram, n, pairwise_mean).float()
         for block in blocks:
             taus = _task_vectors(model_rows, base_rows, block)
@@ -116,7 +116,7 @@ def model_stock(
         for a in range(0, rows, step):
             block = (slice(a, min(rows, a + step)), slice(None))
             taus = _task_vectors(model_rows, base_rows, block)
-            ratio = _ratio(_gram(taus).sum(-1), n, pairwise_mean).float()
+            ratio = _ratio(_gram(taus), n, pairwise_mean).float()
             torch.addcmul(base_rows[block], ratio.unsqueeze(-1), taus.mean(0), out=out[block])
     return out.reshape(base.shape)
 
@@ -130,8 +130,8 @@ def _task_vectors(
 
 
 def _gram(taus: torch.Tensor) -> torch.Tensor:
-    """``[n, n, rows, columns]`` products whose sums over columns are the row Gram matrices."""
-    return taus.unsqueeze(1) * taus.unsqueeze(0)
+    """``[n, n, rows]``: each row's Gram matrix of the task vectors (one batched matmul)."""
+    return torch.einsum("irc,jrc->ijr", taus, taus)
 
 
 def _ratio(gram: torch.Tensor, n: int, pairwise_mean: PairwiseMean) -> torch.Tensor:
