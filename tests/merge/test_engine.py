@@ -150,7 +150,7 @@ def test_dry_run_plan_describes_every_tensor(tmp_path):
     }
     plan = plan_merge(config)
     text = describe_plan(plan)
-    assert "model.layers.1.mlp.weight [4, 4] float32 merge t=1.000 normalize=True, weight=[0, 1]" in text
+    assert "model.layers.1.mlp.weight [4, 4] float32 merge (layer position 1.000) normalize=True, weight=[0, 1]" in text
     assert "position_ids [6] int64 copy" in text
     assert not (tmp_path / "out").exists()
 

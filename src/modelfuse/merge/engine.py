@@ -277,9 +277,11 @@ def describe_plan(plan: MergePlan) -> str:
             sources = " from " + ", ".join(
                 f"{m.label}:{n}" for m, n in zip(task.models, task.inputs)
             )
+            if task.base is not None and plan.base is None:
+                sources += f"; base {task.base.label}:{task.base_input}"
         lines.append(
             f"  {task.name} {list(task.shape)} {dtype} {task.action}"
-            + (f" t={task.t:.3f} {params}" if task.action == "merge" else "")
+            + (f" (layer position {task.t:.3f}) {params}" if task.action == "merge" else "")
             + sources
         )
     return "\n".join(lines)
