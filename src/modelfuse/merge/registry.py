@@ -258,6 +258,7 @@ METHODS: dict[str, MergeMethod] = {
         "spherical interpolation between two models (t = 0: the base_model)",
         optional_base=True,
         max_models=2,
+        low_precision_inputs=True,
     ),
     "multislerp": MergeMethod(
         "multislerp",

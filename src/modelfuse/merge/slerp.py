@@ -13,6 +13,9 @@ from modelfuse.merge.parameters import MethodParameters
 
 __all__ = ["DOT_THRESHOLD", "SlerpParameters", "slerp"]
 
+_CHUNK = 1 << 20
+"""Entries converted to float32 at a time."""
+
 DOT_THRESHOLD = 0.9995
 """Above this ``|cos Ω|`` the tensors are treated as colinear and interpolated linearly."""
 
@@ -87,19 +90,29 @@ def slerp(
                 f"other model (got {len(tensors)} models and no base_model)"
             )
         a, b = tensors
-    a = a.to(torch.float32)
-    b = b.to(torch.float32)
     t = float(t)
+    # Chunk by chunk in float32 (inputs may be bfloat16), norms and dot product summed in
+    # double: no float32 copy of a whole tensor is made besides the result.
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    norm_a = float(torch.linalg.vector_norm(flat_a))
-    norm_b = float(torch.linalg.vector_norm(flat_b))
+    size = flat_a.numel()
+    blocks = [slice(i, min(size, i + _CHUNK)) for i in range(0, size, _CHUNK)]
+    square_a = square_b = dot = 0.0
+    for block in blocks:
+        part_a, part_b = flat_a[block].to(torch.float32), flat_b[block].to(torch.float32)
+        square_a += float(torch.dot(part_a, part_a))
+        square_b += float(torch.dot(part_b, part_b))
+        dot += float(torch.dot(part_a, part_b))
+    norm_a, norm_b = math.sqrt(square_a), math.sqrt(square_b)
+    s0, s1 = 1.0 - t, t  # linear interpolation unless the tensors are far from parallel
     if norm_a > _EPS and norm_b > _EPS:
-        cos = float(torch.dot(flat_a, flat_b)) / (norm_a * norm_b)
-        cos = min(1.0, max(-1.0, cos))
+        cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
         if abs(cos) <= DOT_THRESHOLD:
             omega = math.acos(cos)
             sin_omega = math.sin(omega)
             s0 = math.sin((1.0 - t) * omega) / sin_omega
             s1 = math.sin(t * omega) / sin_omega
-            return torch.mul(a, s0).add_(b, alpha=s1)
-    return torch.lerp(a, b, t)
+    out = torch.empty(size, dtype=torch.float32)
+    for block in blocks:
+        part_a, part_b = flat_a[block].to(torch.float32), flat_b[block].to(torch.float32)
+        torch.mul(part_a, s0, out=out[block]).add_(part_b, alpha=s1)
+    return out.reshape(a.shape)
