@@ -103,7 +103,8 @@ def generate(cache: Path, n_models: int, layers: int) -> list[Path]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory in MB (10^6 bytes), as the merge summary prints it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def child_io_floor(folders: list[Path], out: Path, threads: int | None) -> dict:

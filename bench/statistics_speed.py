@@ -166,7 +166,7 @@ def child_merge(args: argparse.Namespace) -> None:
     config = json.loads(args.config)
     start = time.perf_counter()
     modelfuse.merge(config, args.out, threads=args.threads, overwrite=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # MB, 10^6 bytes
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak}))
 
 
