@@ -7,6 +7,7 @@ the inputs come from and where the results go.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import os
@@ -55,14 +56,15 @@ BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 
 def _read(
-    plan: MergePlan, task: TensorTask, rows: Rows = None
+    plan: MergePlan, task: TensorTask, rows: Rows = None, *, check: bool = True
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The task's inputs, rounded to the compute dtype if one is set.
 
     They are float32 unless the method declares ``low_precision_inputs`` (it
     converts chunk by chunk itself, so a bfloat16 tensor is not held twice).
     When the inputs' first dimensions differ, only the shared rows are returned.
-    With ``rows``, only that block of rows is read.
+    With ``rows``, only that block of rows is read. ``check`` warns about NaN
+    and inf values (a reduction's read does not: the merge reads them again).
     """
     compute = plan.compute_dtype
     widen = not plan.method.low_precision_inputs
@@ -79,7 +81,7 @@ def _read(
             tensor = tensor.to(compute)
         if widen:
             tensor = tensor.to(torch.float32)
-        if _has_nonfinite(tensor):
+        if check and _has_nonfinite(tensor):
             warned.append(model.label)
         return tensor
 
@@ -126,8 +128,39 @@ def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:
     return rows.to(torch.float32)
 
 
+def _offset(task: TensorTask, rows: Rows) -> int:
+    """The flat index of the first entry of a block of rows in the whole tensor."""
+    if rows is None:
+        return 0
+    per_row = 1
+    for size in task.shape[1:]:
+        per_row *= size
+    return rows[0] * per_row
+
+
+def _reduce(plan: MergePlan, task: TensorTask, rows: Rows) -> Any:
+    """The method's reduction on a block of rows (or the whole tensor)."""
+    reduction = plan.method.reduction
+    if reduction is None:
+        raise RuntimeError(f"merge method {plan.method.name!r} declares no reduction")
+    tensors, base = _read(plan, task, rows, check=False)
+    kwargs = {k: v for k, v in task.parameters.items() if k in reduction.accepts}
+    if "name" in reduction.accepts:
+        kwargs["name"] = task.name
+    if "offset" in reduction.accepts:
+        kwargs["offset"] = _offset(task, rows)
+    try:
+        return reduction.function(tensors, base, **kwargs)
+    except ModelfuseError as exc:
+        raise type(exc)(f"tensor {task.name}: {exc}") from None
+
+
 def _call(
-    plan: MergePlan, task: TensorTask, extra: dict[str, Any], rows: Rows = None
+    plan: MergePlan,
+    task: TensorTask,
+    extra: dict[str, Any],
+    rows: Rows = None,
+    reduced: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     if task.action == "copy":  # non-float tensors (ids, masks): the first input's, as they are
         return task.models[0].source.read(task.inputs[0]).clone()
@@ -135,8 +168,12 @@ def _call(
     method = plan.method
     kwargs = dict(task.parameters)
     kwargs.update({k: v for k, v in extra.items() if k in method.accepts})
+    if reduced:
+        kwargs.update(reduced)
     if "name" in method.accepts:
         kwargs["name"] = task.name
+    if "offset" in method.accepts:
+        kwargs["offset"] = _offset(task, rows)
     if "generator" in method.accepts:
         kwargs["generator"] = tensor_generator(task.parameters.get("random_seed"), task.name)
     if "statistics" in method.accepts:
@@ -264,6 +301,50 @@ def prepare_stream(plan: MergePlan) -> Callable[..., Iterator[tuple[Any, ...]]]:
     return stream
 
 
+class _Reducing:
+    """A tensor whose reduction is under way: the blocks' values, then its merge pieces."""
+
+    __slots__ = ("blocks", "left", "values")
+
+    def __init__(self, parts: int, blocks: list[Rows]) -> None:
+        self.values: list[Any] = [None] * parts
+        self.left = parts
+        self.blocks = blocks
+
+    def combined(self, over: str) -> Any:
+        if over == "tensor":
+            return self.values[0]
+        total = self.values[0]
+        for value in self.values[1:]:  # in row order, so the sum never depends on threads
+            total = total + value
+        return total
+
+
+Piece = tuple[str, TensorTask, Rows, int]
+"""``(kind, task, rows, part)``: merge a block, or compute part ``part`` of a reduction."""
+
+
+def _pieces(plan: MergePlan) -> tuple[list[Piece], dict[str, _Reducing]]:
+    """Every piece of work in plan order; a reduced tensor starts with its reduction only."""
+    pieces: list[Piece] = []
+    reducing: dict[str, _Reducing] = {}
+    method = plan.method
+    for task in plan.tasks:
+        blocks = row_blocks(plan, task)
+        reduction = method.reduction
+        if (
+            len(blocks) > 1
+            and reduction is not None
+            and method.needs_reduction(task.parameters)
+        ):
+            parts: list[Rows] = list(blocks) if reduction.over == "rows" else [None]
+            reducing[task.name] = _Reducing(len(parts), blocks)
+            pieces += [("reduce", task, rows, i) for i, rows in enumerate(parts)]
+        else:
+            pieces += [("merge", task, rows, 0) for rows in blocks]
+    return pieces, reducing
+
+
 def execute_plan(
     plan: MergePlan,
     sink: Callable[[TensorTask, torch.Tensor, int | None], None],
@@ -278,27 +359,54 @@ def execute_plan(
     may be called from worker threads. ``on_done(task, nbytes)`` is called
     from this thread as each piece finishes. At most ``threads + 1`` pieces are
     in flight, so memory is bounded by a few tensors (or blocks), whatever the
-    model size. The first error stops the work and is raised.
+    model size. A tensor of a method with a :class:`~modelfuse.merge.registry.Reduction`
+    is reduced first (its blocks in parallel), then its blocks are merged. The
+    first error stops the work and is raised.
     """
     extra: dict[str, Any] = {}
     if plan.method.prepare is not None:
         extra = plan.method.prepare(prepare_stream(plan))
+    reduction = plan.method.reduction
+    pieces, reducing = _pieces(plan)
+    ready = collections.deque(pieces)
+    reduced: dict[str, dict[str, Any]] = {}
 
-    pieces = [(task, rows) for task in plan.tasks for rows in row_blocks(plan, task)]
-
-    def work(piece: tuple[TensorTask, Rows]) -> tuple[TensorTask, int]:
-        task, rows = piece
-        result = _call(plan, task, extra, rows)
+    def work(piece: Piece) -> tuple[Piece, Any]:
+        kind, task, rows, _ = piece
+        if kind == "reduce":
+            return piece, _reduce(plan, task, rows)
+        result = _call(plan, task, extra, rows, reduced.get(task.name))
         sink(task, result, None if rows is None else rows[0])
-        return task, result.numel() * result.element_size()
+        return piece, result.numel() * result.element_size()
 
-    def finished(done: tuple[TensorTask, int]) -> None:
-        if on_done is not None:
-            on_done(*done)
+    def finished(done: tuple[Piece, Any]) -> None:
+        (kind, task, rows, part), value = done
+        if kind == "merge":
+            state = reducing.get(task.name)
+            if state is not None:
+                state.left -= 1
+                if state.left == 0:  # every block merged: the reduced value is not needed
+                    reduced.pop(task.name, None)
+            if on_done is not None:
+                on_done(task, value)
+            return
+        state = reducing[task.name]
+        state.values[part] = value
+        state.left -= 1
+        if state.left == 0 and reduction is not None:
+            reduced[task.name] = {reduction.keyword: state.combined(reduction.over)}
+            state.values = []
+            state.left = len(state.blocks)
+            # the tensor's blocks go first: nothing else is held meanwhile
+            ready.extendleft(("merge", task, rows, 0) for rows in reversed(state.blocks))
+
+    def exclusive(piece: Piece) -> bool:
+        return _working_bytes(plan, piece[1], piece[2]) > EXCLUSIVE_BYTES
 
     if threads <= 1:
-        for piece in pieces:
-            alone = _working_bytes(plan, *piece) > EXCLUSIVE_BYTES
+        while ready:
+            piece = ready.popleft()
+            alone = exclusive(piece)
             if alone:
                 _release_free_memory()
             finished(work(piece))
@@ -306,7 +414,7 @@ def execute_plan(
                 _release_free_memory()
         return
 
-    pending: set[Future[tuple[TensorTask, int]]] = set()
+    pending: set[Future[tuple[Piece, Any]]] = set()
     limit = threads + 1
 
     def drain(until: int) -> None:
@@ -323,8 +431,12 @@ def execute_plan(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
         try:
             torch.set_num_threads(shared)
-            for piece in pieces:
-                if _working_bytes(plan, *piece) > EXCLUSIVE_BYTES:
+            while ready or pending:
+                if not ready:
+                    drain(len(pending) - 1)  # a reduction may finish and add pieces
+                    continue
+                piece = ready.popleft()
+                if exclusive(piece):
                     # A very large tensor is merged with nothing else in flight, in this
                     # thread (a worker's separate malloc arena would keep more memory),
                     # with every core.
@@ -337,10 +449,6 @@ def execute_plan(
                     continue
                 pending.add(pool.submit(work, piece))
                 drain(limit - 1)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finished(future.result())
         except BaseException:
             for future in pending:
                 future.cancel()

@@ -11,7 +11,7 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import MethodParameters
 
-__all__ = ["ModelStockParameters", "PairwiseMean", "model_stock"]
+__all__ = ["ModelStockParameters", "PairwiseMean", "model_stock", "task_vector_gram"]
 
 PairwiseMean = Literal["cosine", "angle"]
 
@@ -38,6 +38,7 @@ def model_stock(
     *,
     filter_wise: bool = False,
     pairwise_mean: PairwiseMean = "cosine",
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Model Stock: :math:`\theta = t\,\bar\theta + (1 - t)\,\theta_b`,
     :math:`t = N\cos\phi / (1 + (N-1)\cos\phi)`.
@@ -63,6 +64,10 @@ def model_stock(
         whole tensor.
     pairwise_mean : {"cosine", "angle"}, default "cosine"
         How the pairwise angles of N > 2 models are averaged.
+    gram : Tensor, optional
+        :func:`task_vector_gram` of the whole tensors, when the inputs are a
+        block of rows of them (the engine's row blocks; not with
+        ``filter_wise``); computed from the inputs when not given.
 
     Returns
     -------
@@ -83,15 +88,9 @@ def model_stock(
     >>> model_stock([a, a], base)  # parallel: t = 1
     tensor([1., 0.])
     """
-    if base is None:
+    n = _check(tensors, base, pairwise_mean)
+    if base is None:  # checked above; for type checkers
         raise ConfigError("model_stock needs a base model; set base_model")
-    n = len(tensors)
-    if n < 2:
-        raise ConfigError(
-            f"model_stock needs at least two fine-tuned models besides the base, got {n}"
-        )
-    if pairwise_mean not in ("cosine", "angle"):
-        raise ConfigError(f"pairwise_mean: unknown value {pairwise_mean!r}; valid: cosine, angle")
     # Inputs stay in their dtype; each block is converted to float32 as it is used.
     rows = base.shape[0] if (filter_wise and base.dim() >= 2) else 1
     base_rows = base.reshape(rows, -1)
@@ -99,17 +98,14 @@ def model_stock(
     columns = base_rows.shape[1]
     out = torch.empty(base_rows.shape, dtype=torch.float32)
     if rows == 1:
-        # One ratio for the whole tensor: accumulate dot products over column chunks,
-        # then write the output in a second pass.
-        step = max(1, min(columns, _CHUNK))
-        blocks = [(slice(None), slice(a, min(columns, a + step))) for a in range(0, columns, step)]
-        gram = torch.zeros(n, n, 1, dtype=torch.float64)
-        for block in blocks:
-            gram += _gram(_task_vectors(model_rows, base_rows, block)).double()
-        ratio = _ratio(gram, n, pairwise_mean).float()
-        for block in blocks:
+        # One ratio for the whole tensor, from the task vectors' Gram matrix; then the
+        # output is written chunk by chunk.
+        if gram is None:
+            gram = task_vector_gram(tensors, base)
+        ratio = float(_ratio(gram.reshape(n, n, 1), n, pairwise_mean)[0])
+        for block in _column_blocks(columns):
             taus = _task_vectors(model_rows, base_rows, block)
-            torch.add(base_rows[block], taus.mean(0), alpha=float(ratio[0]), out=out[block])
+            torch.add(base_rows[block], taus.mean(0), alpha=ratio, out=out[block])
     else:
         # One ratio per row: every block of rows is independent.
         step = max(1, _CHUNK // max(columns, 1))
@@ -119,6 +115,51 @@ def model_stock(
             ratio = _ratio(_gram(taus), n, pairwise_mean).float()
             torch.addcmul(base_rows[block], ratio.unsqueeze(-1), taus.mean(0), out=out[block])
     return out.reshape(base.shape)
+
+
+def _check(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, pairwise_mean: str = "cosine"
+) -> int:
+    if base is None:
+        raise ConfigError("model_stock needs a base model; set base_model")
+    n = len(tensors)
+    if n < 2:
+        raise ConfigError(
+            f"model_stock needs at least two fine-tuned models besides the base, got {n}"
+        )
+    if pairwise_mean not in ("cosine", "angle"):
+        raise ConfigError(f"pairwise_mean: unknown value {pairwise_mean!r}; valid: cosine, angle")
+    return n
+
+
+def _column_blocks(columns: int) -> list[tuple[slice, slice]]:
+    step = max(1, min(columns, _CHUNK))
+    return [(slice(None), slice(a, min(columns, a + step))) for a in range(0, columns, step)]
+
+
+def task_vector_gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    r"""``[n, n]`` float64: the dot products :math:`\tau_i \cdot \tau_j` of the task vectors.
+
+    What Model Stock needs of a whole tensor (one ratio per tensor). Sums over
+    blocks of rows add up to the whole tensor's, so the engine can compute it
+    block by block and merge each block with :func:`model_stock`.
+
+    Examples
+    --------
+    >>> base = torch.zeros(2)
+    >>> task_vector_gram([torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], base)
+    tensor([[1., 1.],
+            [1., 2.]], dtype=torch.float64)
+    """
+    n = _check(tensors, base)
+    if base is None:  # checked above; for type checkers
+        raise ConfigError("model_stock needs a base model; set base_model")
+    base_rows = base.reshape(1, -1)
+    model_rows = [t.reshape(1, -1) for t in tensors]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for block in _column_blocks(base_rows.shape[1]):
+        gram += _gram(_task_vectors(model_rows, base_rows, block))[..., 0].double()
+    return gram
 
 
 def _task_vectors(

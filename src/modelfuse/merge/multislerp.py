@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Annotated
 
 import torch
@@ -11,7 +11,7 @@ from pydantic import Field
 from modelfuse.errors import ConfigError, DataError
 from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
-__all__ = ["MultiSlerpParameters", "multislerp"]
+__all__ = ["MultiSlerpParameters", "multislerp", "point_gram"]
 
 _CHUNK = 1 << 18
 """Entries processed at once; temporaries stay one chunk whatever the tensor size."""
@@ -34,6 +34,7 @@ def multislerp(
     weight: Sequence[float] | None = None,
     normalize_weights: bool = True,
     eps: float = 1e-8,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Weighted spherical average of N tensors: barycentric interpolation on the sphere.
 
@@ -65,6 +66,11 @@ def multislerp(
         Divide the weights by their sum.
     eps : float, default 1e-8
         Stability constant, as in mergekit.
+    gram : Tensor, optional
+        :func:`point_gram` of the whole tensors, when the inputs are a block of
+        rows of them (the engine's row blocks); computed from the inputs when
+        not given. The norms :math:`n_i` and :math:`\lVert m \rVert` both
+        follow from it, so one pass over the data is enough.
 
     Returns
     -------
@@ -99,37 +105,13 @@ def multislerp(
                 "change them or set normalize_weights: false"
             )
         weights = [w / total for w in weights]
-    # Inputs stay in their dtype; each chunk is converted to float32 as it is used.
-    flats = [t.reshape(-1) for t in tensors]
-    origin = None if base is None else base.reshape(-1)
-    size = flats[0].numel()
-    chunk = max(1, min(size, _CHUNK))
-    scratch = torch.empty(chunk, dtype=torch.float32)
-
-    def point(i: int, index: slice) -> torch.Tensor:
-        """Model i's entries at ``index`` (minus the base); may be a view of the input."""
-        if origin is None:
-            return flats[i][index].to(torch.float32)
-        return torch.sub(
-            flats[i][index].to(torch.float32),
-            origin[index].to(torch.float32),
-            out=scratch[: index.stop - index.start],
-        )
-
-    def norm(values: Iterable[torch.Tensor]) -> float:
-        # float32 per chunk, summed in double: accurate without converting the data
-        return sum(float(torch.linalg.vector_norm(v)) ** 2 for v in values) ** 0.5
-
-    slices = [slice(a, min(size, a + chunk)) for a in range(0, size, chunk)]
-    norms = [norm(point(i, index) for index in slices) for i in range(n)]
-    mean = torch.zeros(size, dtype=torch.float32)
-    for index in slices:
-        for i in range(n):  # unit vector, then weight: antipodal pairs cancel exactly
-            unit = torch.div(
-                point(i, index), norms[i] + eps, out=scratch[: index.stop - index.start]
-            )
-            mean[index].add_(unit.mul_(weights[i]))
-    mean_norm = norm(mean[index] for index in slices)
+    if gram is None:
+        gram = point_gram(tensors, base)
+    gram = gram.to(torch.float64)
+    norms = [float(v) for v in torch.diagonal(gram).clamp(min=0).sqrt()]
+    # m = sum_i c_i x_i with c_i = w_i / (n_i + eps); |m|^2 = c^T G c
+    c = torch.tensor([w / (v + eps) for w, v in zip(weights, norms)], dtype=torch.float64)
+    mean_norm = float((c @ gram @ c).clamp(min=0).sqrt())
     if mean_norm < eps:
         if not (n == 2 or all(v < eps for v in norms)):
             raise DataError(
@@ -137,13 +119,61 @@ def multislerp(
                 f"tensors whose weights {weights} balance), so no spherical average exists; "
                 "change the weights"
             )
-        result = mean.zero_()
-        for index in slices:
-            for i in range(n):
-                result[index].add_(point(i, index), alpha=weights[i])
+        coefficients = list(weights)  # the linear combination
     else:
-        result = mean.mul_(sum(w * v for w, v in zip(weights, norms)) / mean_norm)
-    if origin is not None:
-        for index in slices:  # chunk by chunk: a whole bfloat16 base is never widened at once
-            result[index].add_(origin[index].to(torch.float32))
-    return result.reshape(tensors[0].shape)
+        scale = sum(w * v for w, v in zip(weights, norms)) / mean_norm
+        coefficients = [float(ci) * scale for ci in c]
+    # Inputs stay in their dtype; each chunk is converted to float32 as it is used.
+    flats = [t.reshape(-1) for t in tensors]
+    origin = None if base is None else base.reshape(-1)
+    size = flats[0].numel()
+    out = torch.empty(size, dtype=torch.float32)
+    scratch = torch.empty(min(size, _CHUNK), dtype=torch.float32)
+    for index in _slices(size):
+        part = out[index]
+        if origin is None:
+            part.zero_()
+            for i in range(n):
+                part.add_(flats[i][index].to(torch.float32), alpha=coefficients[i])
+            continue
+        # theta_b + sum_i c_i (theta_i - theta_b), the inputs never modified
+        origin_part = origin[index].to(torch.float32)
+        part.copy_(origin_part)
+        delta = scratch[: part.numel()]
+        for i in range(n):
+            torch.sub(flats[i][index], origin_part, out=delta)
+            part.add_(delta, alpha=coefficients[i])
+    return out.reshape(tensors[0].shape)
+
+
+def _slices(size: int) -> list[slice]:
+    chunk = max(1, min(size, _CHUNK))
+    return [slice(a, min(size, a + chunk)) for a in range(0, size, chunk)]
+
+
+def point_gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    r"""``[n, n]`` float64: the dot products :math:`x_i \cdot x_j` of the points averaged.
+
+    :math:`x_i` is the model's tensor, or its task vector when ``base`` is
+    given. Sums over blocks of rows add up to the whole tensor's, so the
+    engine can compute it block by block and merge each block with
+    :func:`multislerp`.
+
+    Examples
+    --------
+    >>> point_gram([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])])
+    tensor([[25.,  4.],
+            [ 4.,  1.]], dtype=torch.float64)
+    """
+    n = len(tensors)
+    flats = [t.reshape(-1) for t in tensors]
+    origin = None if base is None else base.reshape(-1)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    if n == 0:
+        return gram
+    for index in _slices(flats[0].numel()):
+        points = torch.stack([f[index].to(torch.float32) for f in flats])
+        if origin is not None:
+            points.sub_(origin[index].to(torch.float32))
+        gram += (points @ points.T).double()  # float32 per chunk, summed in double
+    return gram

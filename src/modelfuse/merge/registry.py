@@ -19,7 +19,11 @@ when the signature asks for them:
 ``statistics``
     ``{kind: list[Tensor | None]}``, per-model statistics tensors of the same
     name (Fisher diagonals, Gram matrices) for data-aware methods;
-anything returned by the method's ``prepare`` pass (whole-model scalars).
+``offset``
+    the flat index of the first entry of ``tensors`` in the whole tensor (0
+    unless the engine merges a block of rows; see :class:`Reduction`);
+anything returned by the method's ``prepare`` pass (whole-model scalars), and
+the value of the method's per-tensor :class:`Reduction` when the engine ran it.
 
 Registering a method is one entry in the :data:`METHODS` dict at the end of
 this file.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,12 +49,12 @@ from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_
 from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.linear import LinearParameters, linear
-from modelfuse.merge.model_stock import ModelStockParameters, model_stock
-from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp
+from modelfuse.merge.model_stock import ModelStockParameters, model_stock, task_vector_gram
+from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp, point_gram
 from modelfuse.merge.parameters import MethodParameters
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
-from modelfuse.merge.slerp import SlerpParameters, slerp
+from modelfuse.merge.slerp import SlerpParameters, slerp, slerp_products
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 from modelfuse.merge.ties import TiesParameters, prepare_ties, ties
 
@@ -58,6 +62,7 @@ __all__ = [
     "METHODS",
     "MergeMethod",
     "PrepareInput",
+    "Reduction",
     "get_method",
     "method_table",
 ]
@@ -65,6 +70,51 @@ __all__ = [
 PrepareInput = Callable[..., Iterator[tuple[str, list[torch.Tensor], "torch.Tensor | None", Any]]]
 """Calling it streams ``(name, tensors, base, parameters)`` over every merged tensor once;
 ``stream(select)`` reads only the tensors for which ``select(name, parameters)`` is true."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A per-tensor pre-pass after which a method merges any block of rows on its own.
+
+    Methods whose output depends on whole-tensor values (SLERP's angle, Model
+    Stock's cosine, TIES' magnitude threshold) declare how to compute those
+    values; the engine then splits large tensors into blocks of rows like an
+    elementwise method's, runs the reduction first and passes its value to
+    every block. A tensor merged whole is not reduced: the method computes the
+    value from its inputs itself (with the same function).
+
+    Attributes
+    ----------
+    function : callable
+        ``function(tensors, base, **parameters) -> value`` with the method's
+        inputs and parameters (it may also accept ``name`` and ``offset``).
+    keyword : str
+        The method's keyword that receives the value.
+    over : {"rows", "tensor"}
+        ``"rows"``: the function runs on each block of rows and returns a
+        tensor; the engine adds the blocks' tensors in row order (dot products,
+        Gram matrices). ``"tensor"``: it runs once on the whole tensor (exact
+        order statistics).
+    applies : callable, optional
+        ``applies(parameters) -> bool``: whether a tensor with these resolved
+        parameters needs the reduction to be merged in blocks (default: always).
+        Where it does not, the method must be elementwise for those parameters
+        or not be split at all (see :attr:`MergeMethod.separable`).
+    """
+
+    function: Callable[..., Any]
+    keyword: str
+    over: Literal["rows", "tensor"] = "rows"
+    applies: Callable[[Mapping[str, Any]], bool] | None = None
+    accepts: frozenset[str] = field(default=frozenset(), compare=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(inspect.signature(self.function).parameters)
+        object.__setattr__(self, "accepts", names)
+
+    def needed(self, parameters: Mapping[str, Any]) -> bool:
+        """Whether a tensor with these resolved parameters is reduced before being split."""
+        return self.applies is None or bool(self.applies(parameters))
 
 
 @dataclass(frozen=True)
@@ -102,6 +152,9 @@ class MergeMethod:
     prepare : callable, optional
         ``prepare(stream: PrepareInput) -> dict`` computes whole-model values in
         an extra pass before merging; the dict is passed to every call.
+    reduction : Reduction, optional
+        Per-tensor values computed first, so that large tensors can be merged
+        in blocks of rows although the method is not elementwise.
     """
 
     name: str
@@ -116,13 +169,21 @@ class MergeMethod:
     separable: bool | Callable[[Mapping[str, Any]], bool] = False
     low_precision_inputs: bool = False
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None
+    reduction: Reduction | None = None
     accepts: frozenset[str] = field(default=frozenset(), compare=False)
 
     def is_separable(self, parameters: Mapping[str, Any]) -> bool:
-        """Whether a tensor with these resolved parameters may be merged in row blocks."""
+        """Whether a tensor with these resolved parameters may be merged in row blocks
+        (elementwise, or after its :attr:`reduction`)."""
+        if self.needs_reduction(parameters):
+            return True
         if callable(self.separable):
             return bool(self.separable(parameters))
         return bool(self.separable)
+
+    def needs_reduction(self, parameters: Mapping[str, Any]) -> bool:
+        """Whether a tensor with these parameters, merged in blocks, is reduced first."""
+        return self.reduction is not None and self.reduction.needed(parameters)
 
     @property
     def uses_base(self) -> bool:
@@ -259,6 +320,7 @@ METHODS: dict[str, MergeMethod] = {
         optional_base=True,
         max_models=2,
         low_precision_inputs=True,
+        reduction=Reduction(slerp_products, "products"),
     ),
     "multislerp": MergeMethod(
         "multislerp",
@@ -267,6 +329,7 @@ METHODS: dict[str, MergeMethod] = {
         "weighted spherical average of N models, of task vectors when a base is given",
         optional_base=True,
         low_precision_inputs=True,
+        reduction=Reduction(point_gram, "gram"),
     ),
     "model_stock": MergeMethod(
         "model_stock",
@@ -276,6 +339,8 @@ METHODS: dict[str, MergeMethod] = {
         requires_base=True,
         min_models=2,
         low_precision_inputs=True,
+        # filter_wise needs no reduction but on 1-D tensors (one row): always reduced
+        reduction=Reduction(task_vector_gram, "gram"),
     ),
 }
 """Every merge method, by the name used in configurations."""

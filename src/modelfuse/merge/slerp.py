@@ -11,7 +11,7 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import MethodParameters
 
-__all__ = ["DOT_THRESHOLD", "SlerpParameters", "slerp"]
+__all__ = ["DOT_THRESHOLD", "SlerpParameters", "slerp", "slerp_products"]
 
 _CHUNK = 1 << 20
 """Entries converted to float32 at a time."""
@@ -30,11 +30,60 @@ class SlerpParameters(MethodParameters):
     )
 
 
+def _pair(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)``: the tensor at ``t = 0`` and the one at ``t = 1``."""
+    if base is not None:
+        if len(tensors) != 1:
+            raise ConfigError(
+                f"slerp interpolates between two models: with base_model set, give exactly one "
+                f"other model (got {len(tensors)})"
+            )
+        return base, tensors[0]
+    if len(tensors) != 2:
+        raise ConfigError(
+            f"slerp interpolates between two models: give two models, or base_model and one "
+            f"other model (got {len(tensors)} models and no base_model)"
+        )
+    return tensors[0], tensors[1]
+
+
+def _blocks(size: int) -> list[slice]:
+    return [slice(i, min(size, i + _CHUNK)) for i in range(0, size, _CHUNK)]
+
+
+def slerp_products(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[a·a, b·b, a·b]`` in float64: what SLERP needs of a whole tensor.
+
+    Sums over blocks of rows add up to the whole tensor's, so the engine can
+    compute them block by block and merge each block with :func:`slerp`.
+
+    Examples
+    --------
+    >>> slerp_products([torch.tensor([3.0, 4.0])], torch.tensor([1.0, 0.0]))
+    tensor([ 1., 25.,  3.], dtype=torch.float64)
+    """
+    a, b = _pair(tensors, base)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    # Chunk by chunk in float32 (inputs may be bfloat16), summed in double.
+    square_a = square_b = dot = 0.0
+    for block in _blocks(flat_a.numel()):
+        part_a, part_b = flat_a[block].to(torch.float32), flat_b[block].to(torch.float32)
+        square_a += float(torch.dot(part_a, part_a))
+        square_b += float(torch.dot(part_b, part_b))
+        dot += float(torch.dot(part_a, part_b))
+    return torch.tensor([square_a, square_b, dot], dtype=torch.float64)
+
+
 def slerp(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
     t: float,
+    products: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Spherical interpolation between two tensors, each seen as one flat vector.
 
@@ -57,6 +106,10 @@ def slerp(
     t : float
         Interpolation factor; per tensor through gradients and filters in
         configurations.
+    products : Tensor, optional
+        :func:`slerp_products` of the whole tensors, when ``tensors`` and
+        ``base`` are a block of rows of them (the engine's row blocks);
+        computed from the inputs when not given.
 
     Returns
     -------
@@ -76,33 +129,12 @@ def slerp(
     >>> slerp([a, 3 * a], t=0.5)  # parallel: linear interpolation
     tensor([2., 0.])
     """
-    if base is not None:
-        if len(tensors) != 1:
-            raise ConfigError(
-                f"slerp interpolates between two models: with base_model set, give exactly one "
-                f"other model (got {len(tensors)})"
-            )
-        a, b = base, tensors[0]
-    else:
-        if len(tensors) != 2:
-            raise ConfigError(
-                f"slerp interpolates between two models: give two models, or base_model and one "
-                f"other model (got {len(tensors)} models and no base_model)"
-            )
-        a, b = tensors
+    a, b = _pair(tensors, base)
     t = float(t)
-    # Chunk by chunk in float32 (inputs may be bfloat16), norms and dot product summed in
-    # double: no float32 copy of a whole tensor is made besides the result.
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    size = flat_a.numel()
-    blocks = [slice(i, min(size, i + _CHUNK)) for i in range(0, size, _CHUNK)]
-    square_a = square_b = dot = 0.0
-    for block in blocks:
-        part_a, part_b = flat_a[block].to(torch.float32), flat_b[block].to(torch.float32)
-        square_a += float(torch.dot(part_a, part_a))
-        square_b += float(torch.dot(part_b, part_b))
-        dot += float(torch.dot(part_a, part_b))
-    norm_a, norm_b = math.sqrt(square_a), math.sqrt(square_b)
+    if products is None:
+        products = slerp_products(tensors, base)
+    square_a, square_b, dot = (float(v) for v in products)
+    norm_a, norm_b = math.sqrt(max(square_a, 0.0)), math.sqrt(max(square_b, 0.0))
     s0, s1 = 1.0 - t, t  # linear interpolation unless the tensors are far from parallel
     if norm_a > _EPS and norm_b > _EPS:
         cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
@@ -111,8 +143,11 @@ def slerp(
             sin_omega = math.sin(omega)
             s0 = math.sin((1.0 - t) * omega) / sin_omega
             s1 = math.sin(t * omega) / sin_omega
+    # Chunk by chunk in float32: no float32 copy of a whole input is made.
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    size = flat_a.numel()
     out = torch.empty(size, dtype=torch.float32)
-    for block in blocks:
+    for block in _blocks(size):
         part_a, part_b = flat_a[block].to(torch.float32), flat_b[block].to(torch.float32)
         torch.mul(part_a, s0, out=out[block]).add_(part_b, alpha=s1)
     return out.reshape(a.shape)
