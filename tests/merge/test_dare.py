@@ -14,15 +14,23 @@ def _models(n, shape=(20, 30), seed=0):
     return [torch.randn(shape, generator=g) for _ in range(n + 1)]
 
 
+CHUNK = 2**18  # entries per generator in the documented stream
+
+
 def _masks(shape, densities, seed, generator=None):
-    """The drop masks written out: each model gets a generator seeded by a draw from the
-    tensor's generator; one uniform draw u per entry (float32), kept if u + d >= 1,
-    which happens with probability d."""
+    """The drop masks written out: each model gets a seed s drawn from the tensor's
+    generator; flat entries [j * 2**18, (j + 1) * 2**18) draw from a generator seeded by
+    s + j, one uniform u per entry (float32), kept if u + d >= 1 (probability d)."""
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     seeds = torch.randint(0, 2**62, (len(densities),), generator=g).tolist()
+    size = int(np.prod(shape))
     masks = []
     for s, d in zip(seeds, densities):
-        u = torch.rand(shape, generator=torch.Generator().manual_seed(s)).numpy()
+        parts = [
+            torch.rand(min(CHUNK, size - a), generator=torch.Generator().manual_seed(s + j))
+            for j, a in enumerate(range(0, size, CHUNK))
+        ]
+        u = torch.cat(parts).reshape(shape).numpy()
         masks.append((u + np.float32(d) >= np.float32(1.0)).astype(np.float64))
     return masks
 
@@ -165,3 +173,20 @@ def test_large_tensor_is_chunked_without_changing_the_draws():
     torch.testing.assert_close(
         out, _ref(base, [a, b], [1.0, 0.5], [0.3, 0.6], 9, normalize=True, consensus="sum")
     )
+
+
+def test_a_block_of_rows_gets_the_whole_tensors_draws():
+    """The engine merges large tensors in blocks of rows; with its offset, a block's result
+    is the whole tensor's rows, across generator chunks (2**18 entries)."""
+    g = torch.Generator().manual_seed(5)
+    base, a, b = (torch.randn(700, 600, generator=g) for _ in range(3))
+    kwargs = {"density": [0.4, 0.7], "random_seed": 3}
+    whole = dare_ties([a, b], base, **kwargs)
+    for start, stop in [(0, 1), (400, 700), (436, 437), (123, 555)]:
+        block = dare_ties(
+            [a[start:stop], b[start:stop]], base[start:stop], offset=start * 600, **kwargs
+        )
+        assert torch.equal(block, whole[start:stop])
+    linear_whole = dare_linear([a, b], base, **kwargs)
+    block = dare_linear([a[436:], b[436:]], base[436:], offset=436 * 600, **kwargs)
+    assert torch.equal(block, linear_whole[436:])

@@ -369,6 +369,51 @@ def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
         assert torch.equal(in_memory[name], tensor)
 
 
+REDUCED = {
+    "slerp": {"t": 0.3},
+    "multislerp": {},
+    "model_stock": {},
+    "ties": {"density": 0.4},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.1},
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1},
+    "dare_linear": {"density": 0.5, "random_seed": 4},
+    "dare_ties": {"density": 0.5, "random_seed": 4},
+}
+
+
+@pytest.mark.parametrize("method", sorted(REDUCED))
+def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, method):
+    """Angles, Gram matrices and magnitude thresholds of the whole tensor are computed first
+    (the method's reduction), then every block of rows is merged on its own: the same
+    result, up to the order of float sums, from one thread or two. Integer task vectors
+    make many magnitudes tie at the thresholds, across blocks."""
+    import modelfuse.merge.execute as execute
+    import modelfuse.merge.task_vectors as task_vectors
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
+    models = [
+        {k: v + torch.randint(-2, 3, v.shape, generator=g) for k, v in base.items()}
+        for _ in range(2 if method == "slerp" else 3)
+    ]
+    if method == "slerp":
+        models = models[:1]
+    params = REDUCED[method]
+    monkeypatch.setattr(task_vectors, "RANDOM_CHUNK", 7)  # draws cross generator chunks
+    whole = modelfuse.merge_state_dicts(method, models, base, **params)
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    reductions, blocks = [], []
+    reduce, call = execute._reduce, execute._call
+    monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[2]) or reduce(*a))
+    monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
+    for threads in (1, 2):
+        merged = modelfuse.merge_state_dicts(method, models, base, threads=threads, **params)
+        for name in whole:
+            torch.testing.assert_close(merged[name], whole[name], rtol=1e-6, atol=1e-6)
+    assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)  # 30 entries: 6 blocks
+    assert bool(reductions) == (not method.startswith("dare"))  # DARE needs no reduction
+
+
 def test_torch_threads_are_restored_and_nan_checks_are_exact(tmp_path):
     import modelfuse.merge.execute as execute
 

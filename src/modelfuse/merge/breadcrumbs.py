@@ -8,18 +8,21 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from modelfuse.merge.magnitude_selection import TensorSelection
 from modelfuse.merge.parameters import PER_MODEL
 from modelfuse.merge.task_vectors import (
     ConsensusMethod,
     RescaleMethod,
     SparsifyingParameters,
     generalized_task_arithmetic,
+    tensor_selections,
 )
 
 __all__ = [
     "BreadcrumbsParameters",
     "BreadcrumbsTiesParameters",
     "breadcrumbs",
+    "breadcrumbs_selections",
     "breadcrumbs_ties",
 ]
 
@@ -52,6 +55,8 @@ def breadcrumbs(
     rescale: bool = False,
     rescale_method: RescaleMethod = "exact",
     int8_mask: bool = False,
+    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""Breadcrumbs then task arithmetic.
 
@@ -112,6 +117,8 @@ def breadcrumbs(
         sparsification="magnitude_outliers",
         rescale=rescale,
         rescale_method=rescale_method,
+        selections=selections,
+        offset=offset,
         method="breadcrumbs",
     )
 
@@ -129,6 +136,8 @@ def breadcrumbs_ties(
     rescale: bool = False,
     rescale_method: RescaleMethod = "exact",
     int8_mask: bool = False,
+    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""Breadcrumbs then TIES' sign election and disjoint merge.
 
@@ -170,5 +179,34 @@ def breadcrumbs_ties(
         consensus_method=consensus_method,
         rescale=rescale,
         rescale_method=rescale_method,
+        selections=selections,
+        offset=offset,
         method="breadcrumbs_ties",
+    )
+
+
+def breadcrumbs_selections(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float = 0.01,
+) -> list[list[TensorSelection]]:
+    """The per-tensor reduction of :func:`breadcrumbs` and :func:`breadcrumbs_ties`: each
+    model's two magnitude thresholds of the whole tensor (see
+    :func:`~modelfuse.merge.task_vectors.tensor_selections`).
+
+    Examples
+    --------
+    >>> a = torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0])
+    >>> breadcrumbs_selections([a], torch.zeros(5), density=0.4, gamma=0.2)
+    [[TensorSelection(value=3.0, cutoff=None), TensorSelection(value=5.0, cutoff=None)]]
+    """
+    return tensor_selections(
+        tensors,
+        base,
+        density=density,
+        gamma=gamma,
+        sparsification="magnitude_outliers",
+        method="breadcrumbs",
     )

@@ -55,6 +55,7 @@ def dare_linear(
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""DARE then task arithmetic: :math:`\theta_b + \lambda \sum_i w_i\, m_i \odot \tau_i / d_i`.
 
@@ -88,7 +89,13 @@ def dare_linear(
         Accepted for mergekit configurations; no effect.
     generator : torch.Generator, optional
         Source of the drop masks; the engine seeds one per tensor from
-        ``random_seed`` and the tensor's name.
+        ``random_seed`` and the tensor's name. Each model's draws are
+        :func:`~modelfuse.merge.task_vectors.uniform_draws` of a seed drawn
+        from it, one per flat entry of the whole tensor.
+    offset : int, default 0
+        The flat index of the inputs' first entry in the whole tensor, when
+        they are a block of rows of it (the engine's row blocks): the block
+        gets the whole tensor's draws for its entries.
 
     Returns
     -------
@@ -119,6 +126,7 @@ def dare_linear(
         rescale=rescale,
         rescale_method=rescale_method,
         generator=_generator(generator, random_seed),
+        offset=offset,
         method="dare_linear",
     )
 
@@ -137,6 +145,7 @@ def dare_ties(
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""DARE then TIES' sign election and disjoint merge.
 
@@ -148,7 +157,7 @@ def dare_ties(
     Parameters
     ----------
     tensors, base, weight, density, lambda_, normalize, rescale, rescale_method,
-    random_seed, int8_mask, generator
+    random_seed, int8_mask, generator, offset
         As in :func:`dare_linear`.
     consensus_method : {"sum", "count"}, default "sum"
         How the sign is elected.
@@ -183,5 +192,6 @@ def dare_ties(
         rescale=rescale,
         rescale_method=rescale_method,
         generator=_generator(generator, random_seed),
+        offset=offset,
         method="dare_ties",
     )

@@ -33,6 +33,7 @@ from modelfuse.errors import ConfigError
 __all__ = [
     "Chunks",
     "MagnitudeThreshold",
+    "TensorSelection",
     "global_top_k",
     "kth_largest",
     "select_top_k",
@@ -160,6 +161,82 @@ class MagnitudeThreshold:
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
 """Calling it yields the magnitudes of one tensor chunk by chunk, in index order."""
+
+
+class TensorSelection:
+    """One tensor's selection in a form any block of its entries can apply alone.
+
+    An entry is kept when its magnitude exceeds ``value``, or equals it and its
+    flat index is below ``cutoff`` (every such entry when ``cutoff`` is None).
+
+    Examples
+    --------
+    >>> values = torch.tensor([2.0, 3.0, 2.0, 1.0])
+    >>> selection = TensorSelection.of(select_top_k(lambda: [values], 2, 4), lambda: [values])
+    >>> selection
+    TensorSelection(value=2.0, cutoff=1)
+    >>> selection.within(2, 2, lambda: [values[2:]]).mask(values[2:])  # entries 2 and 3
+    tensor([False, False])
+    """
+
+    __slots__ = ("cutoff", "value")
+
+    def __init__(self, value: float, cutoff: int | None = None) -> None:
+        self.value = float(value)
+        self.cutoff = None if cutoff is None else int(cutoff)
+
+    def __repr__(self) -> str:
+        return f"TensorSelection(value={self.value!r}, cutoff={self.cutoff!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorSelection):
+            return NotImplemented
+        return (self.value, self.cutoff) == (other.value, other.cutoff)
+
+    def __hash__(self) -> int:
+        return hash((self.value, self.cutoff))
+
+    @classmethod
+    def of(cls, threshold: MagnitudeThreshold, chunks: Chunks) -> TensorSelection:
+        """The selection of a whole tensor, from its :func:`select_top_k` threshold.
+
+        ``chunks`` yields the tensor's magnitudes; it is read only when some
+        entries equal to the threshold are kept and others not.
+        """
+        quota = None if threshold.tie_quota is None else threshold.tie_quota.get("", 0)
+        if quota is None:
+            return cls(threshold.value)
+        if quota <= 0:
+            return cls(threshold.value, 0)
+        seen = 0
+        for chunk in chunks():
+            flat = chunk.reshape(-1)
+            ties = (flat == threshold.value).nonzero().view(-1)
+            if ties.numel() >= quota:
+                return cls(threshold.value, seen + int(ties[quota - 1]) + 1)
+            quota -= ties.numel()
+            seen += flat.numel()
+        return cls(threshold.value, seen)
+
+    def within(self, offset: int, n: int, chunks: Chunks) -> MagnitudeThreshold:
+        """The selection of the ``n`` entries starting at flat index ``offset``.
+
+        ``chunks`` yields their magnitudes; it is read only when the cutoff
+        falls inside them and entries equal to the threshold are there.
+        """
+        if self.cutoff is None or self.cutoff >= offset + n:
+            return MagnitudeThreshold(self.value, 0, n)
+        if self.cutoff <= offset:
+            return MagnitudeThreshold(self.value, 0, n, {"": 0})
+        limit, quota, seen = self.cutoff - offset, 0, 0
+        for chunk in chunks():
+            flat = chunk.reshape(-1)
+            part = flat[: max(0, limit - seen)]
+            quota += int(torch.count_nonzero(part == self.value))
+            seen += flat.numel()
+            if seen >= limit:
+                break
+        return MagnitudeThreshold(self.value, 0, n, {"": quota})
 
 
 def _scratch(

@@ -43,6 +43,7 @@ from modelfuse.merge.breadcrumbs import (
     BreadcrumbsParameters,
     BreadcrumbsTiesParameters,
     breadcrumbs,
+    breadcrumbs_selections,
     breadcrumbs_ties,
 )
 from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
@@ -56,7 +57,14 @@ from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
 from modelfuse.merge.slerp import SlerpParameters, slerp, slerp_products
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
-from modelfuse.merge.ties import TiesParameters, prepare_ties, ties
+from modelfuse.merge.task_vectors import elementwise_rescale
+from modelfuse.merge.ties import (
+    TiesParameters,
+    per_tensor_trimming,
+    prepare_ties,
+    ties,
+    ties_selections,
+)
 
 __all__ = [
     "METHODS",
@@ -279,6 +287,9 @@ METHODS: dict[str, MergeMethod] = {
         requires_base=True,
         prepare=prepare_ties,
         low_precision_inputs=True,
+        reduction=Reduction(
+            ties_selections, "selections", over="tensor", applies=per_tensor_trimming
+        ),
     ),
     "dare_linear": MergeMethod(
         "dare_linear",
@@ -287,6 +298,7 @@ METHODS: dict[str, MergeMethod] = {
         "DARE: random drop with 1/density rescale, then task arithmetic",
         requires_base=True,
         low_precision_inputs=True,
+        separable=elementwise_rescale,
     ),
     "dare_ties": MergeMethod(
         "dare_ties",
@@ -295,6 +307,7 @@ METHODS: dict[str, MergeMethod] = {
         "DARE: random drop with 1/density rescale, then TIES sign election",
         requires_base=True,
         low_precision_inputs=True,
+        separable=elementwise_rescale,
     ),
     "breadcrumbs": MergeMethod(
         "breadcrumbs",
@@ -303,6 +316,9 @@ METHODS: dict[str, MergeMethod] = {
         "breadcrumbs: drop the largest gamma and smallest entries, then task arithmetic",
         requires_base=True,
         low_precision_inputs=True,
+        reduction=Reduction(
+            breadcrumbs_selections, "selections", over="tensor", applies=elementwise_rescale
+        ),
     ),
     "breadcrumbs_ties": MergeMethod(
         "breadcrumbs_ties",
@@ -311,6 +327,9 @@ METHODS: dict[str, MergeMethod] = {
         "breadcrumbs, then TIES sign election",
         requires_base=True,
         low_precision_inputs=True,
+        reduction=Reduction(
+            breadcrumbs_selections, "selections", over="tensor", applies=elementwise_rescale
+        ),
     ),
     "slerp": MergeMethod(
         "slerp",

@@ -21,12 +21,20 @@ are visited one at a time and only running sums are kept, so the temporaries
 are a few chunks whatever the tensor's size or the number of models (the
 magnitude thresholds are found first, exactly, by a selection that reads the
 task vector chunk by chunk; see :mod:`modelfuse.merge.magnitude_selection`).
+
+Every step is elementwise once each tensor's magnitude selections are known,
+so the engine merges large tensors in blocks of rows: :func:`tensor_selections`
+computes them from the whole tensor first (its reduction) and each block gets
+them with its ``offset``. DARE's random drops are elementwise by construction:
+the draws of flat entry ``e`` of model ``i`` come from a generator seeded by
+``s_i + e // RANDOM_CHUNK`` (``s_i`` drawn from the tensor's generator), so any
+block of entries finds its own draws without generating the ones before it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Annotated, Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -34,6 +42,7 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.magnitude_selection import (
     MagnitudeThreshold,
+    TensorSelection,
     select_top_k,
     select_top_ks,
 )
@@ -41,12 +50,16 @@ from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
 __all__ = [
     "ConsensusMethod",
+    "RANDOM_CHUNK",
     "RescaleMethod",
     "SparsifyingParameters",
     "Sparsification",
     "TaskVectorParameters",
+    "elementwise_rescale",
     "generalized_task_arithmetic",
     "sparsify",
+    "tensor_selections",
+    "uniform_draws",
 ]
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers"]
@@ -95,6 +108,43 @@ _CHUNK = 1 << 18
 """Entries merged at once: the work of a tensor runs chunk by chunk, so temporaries stay small."""
 
 _SAMPLE = 1 << 16
+
+RANDOM_CHUNK = 1 << 18
+"""Flat entries drawing from one generator in DARE's drop masks (see :func:`uniform_draws`)."""
+
+
+def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` with the uniform draws of flat entries ``start ...`` of a stream.
+
+    Entry ``e`` of the stream is draw ``e % RANDOM_CHUNK`` of a generator seeded
+    by ``seed + e // RANDOM_CHUNK``, so any block of entries is found without
+    drawing the ones before it, and the stream does not depend on how a tensor
+    is split.
+
+    Examples
+    --------
+    >>> whole = uniform_draws(7, 0, torch.empty(10))
+    >>> torch.equal(uniform_draws(7, 4, torch.empty(6)), whole[4:])
+    True
+    """
+    flat = out.reshape(-1)
+    length, done = flat.numel(), 0
+    while done < length:
+        chunk, position = divmod(start + done, RANDOM_CHUNK)
+        take = min(length - done, RANDOM_CHUNK - position)
+        generator = torch.Generator().manual_seed(seed + chunk)
+        if position == 0:
+            torch.rand(take, generator=generator, out=flat[done : done + take])
+        else:
+            flat[done : done + take] = torch.rand(position + take, generator=generator)[position:]
+        done += take
+    return out
+
+
+def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
+    """Whether a tensor's resolved parameters rescale kept entries elementwise (``"exact"``,
+    or no rescale), so that a block of it merges alone; a norm rescale needs every entry."""
+    return not parameters.get("rescale", False) or parameters.get("rescale_method") == "exact"
 
 
 def _norm(values: torch.Tensor, method: RescaleMethod) -> float:
@@ -147,11 +197,13 @@ class _Sparsifier:
         gamma: float,
         rescale: bool,
         rescale_method: RescaleMethod,
-        generator: torch.Generator | None,
+        seed: int,
         threshold: MagnitudeThreshold | None,
         name: str,
         chunk: int,
         workspace: _Workspace,
+        selections: Sequence[TensorSelection] | None = None,
+        offset: int = 0,
     ) -> None:
         if method not in ("magnitude", "random", "magnitude_outliers"):
             raise ConfigError(
@@ -164,7 +216,7 @@ class _Sparsifier:
             )
         self.method = method
         self.density = float(density)
-        self.generator = generator
+        self.seed = int(seed)
         self.keep_all = density >= 1 and (threshold is None or method != "magnitude")
         rescaling = rescale and density < 1
         self.factor = (
@@ -175,6 +227,7 @@ class _Sparsifier:
         )
         self.workspace = workspace
         self.selectors: list[Callable[..., torch.Tensor]] = []
+        self.thresholds: list[MagnitudeThreshold] = []
         if self.keep_all or method == "random":
             return
 
@@ -183,6 +236,11 @@ class _Sparsifier:
                 stop = min(n, start + chunk)
                 yield delta_of(slice(start, stop), workspace.get("magnitudes", stop - start)).abs_()
 
+        if selections is not None:  # the whole tensor's, this being a block of it at offset
+            self.thresholds = [sel.within(offset, n, magnitudes) for sel in selections]
+            self.selectors = [t.selector() for t in self.thresholds]
+            return
+
         sample = None
         if n > 2 * _SAMPLE:
             sample = delta_of(slice(None, None, n // _SAMPLE), None).abs_()
@@ -190,17 +248,18 @@ class _Sparsifier:
             if threshold is not None:
                 self.selectors = [threshold.selector(name)]
             else:
-                self.selectors = [select_top_k(magnitudes, int(density * n), n, sample).selector()]
+                self.thresholds = [select_top_k(magnitudes, int(density * n), n, sample)]
+                self.selectors = [self.thresholds[0].selector()]
             return
         target, top = int(density * n), int(gamma * n)
         top = min(top, n - target)
         kept, dropped = select_top_ks(magnitudes, [top + target, top], n, sample)
-        self.selectors = [kept.selector()]
-        if top > 0:
-            self.selectors.append(dropped.selector())
+        self.thresholds = [kept] if top <= 0 else [kept, dropped]
+        self.selectors = [t.selector() for t in self.thresholds]
 
-    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        """Sparsify the next chunk (``delta`` may be reused); returns it.
+    def __call__(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Sparsify the next chunk (``delta`` may be reused), at flat index ``start``
+        of the whole tensor; returns it.
 
         The ``"exact"`` rescale is left to the caller (multiply by :attr:`factor`),
         which folds it into the model's weight.
@@ -211,10 +270,8 @@ class _Sparsifier:
         length = delta.numel()
         if self.method == "random":
             # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
-            keep = torch.rand(
-                delta.shape,
-                generator=self.generator,
-                out=self.workspace.get("random", length).view(delta.shape),
+            keep = uniform_draws(
+                self.seed, start, self.workspace.get("random", length).view(delta.shape)
             )
             kept = delta.mul_(keep.add_(self.density).floor_())
         else:
@@ -267,7 +324,9 @@ def sparsify(
         the norms restore the task vector's norm before dropping (mergekit's
         ``rescale`` is ``"l1"``).
     generator : torch.Generator, optional
-        Random numbers for ``"random"``.
+        Random numbers for ``"random"``: a seed ``s`` is drawn from it
+        (``torch.randint(0, 2**62, (1,))``) and the draws are
+        :func:`uniform_draws` of ``s``.
     threshold : MagnitudeThreshold, optional
         A whole-model selection (TIES ``scope="global"``) used instead of the
         per-tensor one for ``"magnitude"``.
@@ -281,6 +340,7 @@ def sparsify(
     """
     flat = delta.to(torch.float32).reshape(-1)
     n = flat.numel()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if method == "random" else 0
     sparsifier = _Sparsifier(
         lambda index, out: flat[index].clone() if out is None else out.copy_(flat[index]),
         n,
@@ -289,7 +349,7 @@ def sparsify(
         gamma=gamma,
         rescale=rescale,
         rescale_method=rescale_method,
-        generator=generator,
+        seed=seed,
         threshold=threshold,
         name=name,
         chunk=max(n, 1),
@@ -340,6 +400,8 @@ def generalized_task_arithmetic(
     rescale_method: RescaleMethod = "exact",
     generator: torch.Generator | None = None,
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    offset: int = 0,
     name: str = "",
     method: str = "task-vector merge",
 ) -> torch.Tensor:
@@ -366,11 +428,19 @@ def generalized_task_arithmetic(
     rescale, rescale_method
         See :func:`sparsify`.
     generator : torch.Generator, optional
-        Random numbers for ``sparsification="random"``: one seed per model is
-        drawn from it (``torch.randint(0, 2**62, (N,))``) and each model's mask
-        comes from its own generator, in index order.
+        Random numbers for ``sparsification="random"``: one seed :math:`s_i`
+        per model is drawn from it (``torch.randint(0, 2**62, (N,))``) and
+        model i's draws are :func:`uniform_draws` of :math:`s_i` (one per flat
+        entry of the whole tensor).
     magnitude_thresholds : sequence of MagnitudeThreshold, optional
         Whole-model selections, one per model, for ``"magnitude"``.
+    selections : sequence of sequence of TensorSelection, optional
+        :func:`tensor_selections` of the whole tensor, when the inputs are a
+        block of it (the engine's row blocks); found from the inputs when not
+        given.
+    offset : int, default 0
+        The flat index of the inputs' first entry in the whole tensor (for
+        ``selections`` and the random draws).
     name : str
         The tensor's name (used with ``magnitude_thresholds``).
     method : str
@@ -409,6 +479,8 @@ def generalized_task_arithmetic(
         raise ConfigError(
             f"{method}: {len(magnitude_thresholds)} magnitude thresholds for {n} models"
         )
+    if selections is not None and len(selections) != n:
+        raise ConfigError(f"{method}: {len(selections)} tensor selections for {n} models")
     # Inputs stay in their dtype (a bfloat16 tensor is never copied whole); each chunk
     # of the base is converted to float32, so every difference is computed in float32.
     base_flat = base.reshape(-1)
@@ -439,28 +511,30 @@ def generalized_task_arithmetic(
                 gamma=gammas[i],
                 rescale=rescale,
                 rescale_method=rescale_method,
-                generator=torch.Generator().manual_seed(int(seeds[i])),
+                seed=int(seeds[i]),
                 threshold=None if magnitude_thresholds is None else magnitude_thresholds[i],
                 name=name,
                 chunk=chunk,
                 workspace=workspace,
+                selections=None if selections is None else selections[i],
+                offset=offset,
             )
     scale = float(lambda_)
     if consensus_method is None and normalize:
         divisor = sum(weights)
         scale /= divisor if abs(divisor) >= 1e-8 else 1.0
     out = torch.empty(size, dtype=torch.float32)
-    for start in range(0, size, chunk):
-        index = slice(start, min(size, start + chunk))
+    for index in _chunks(size, chunk, offset):
         base_part = base_flat[index].to(torch.float32)
         length = base_part.numel()
+        start = offset + index.start
         if consensus_method is None:
             merged = workspace.zeros("merged", length)
             for i in range(n):
                 delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
                 sparsifier = sparsifiers[i]
                 if sparsifier is not None:
-                    delta = sparsifier(delta)
+                    delta = sparsifier(delta, start)
                     merged.add_(delta, alpha=weights[i] * sparsifier.factor)
                 else:
                     merged.add_(delta, alpha=weights[i])
@@ -469,6 +543,7 @@ def generalized_task_arithmetic(
                 flats,
                 base_part,
                 index,
+                start,
                 sparsifiers,
                 weights,
                 consensus_method,
@@ -479,10 +554,91 @@ def generalized_task_arithmetic(
     return out.reshape(base.shape)
 
 
+def tensor_selections(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float | None = None,
+    sparsification: Sparsification = "magnitude",
+    method: str = "task-vector merge",
+) -> list[list[TensorSelection]]:
+    """Each model's magnitude selections of its whole task vector (TIES, breadcrumbs).
+
+    The per-tensor reduction of the magnitude-trimming methods: with them, any
+    block of rows is merged alone by :func:`generalized_task_arithmetic`
+    (``selections`` and ``offset``) exactly as the whole tensor would be.
+
+    Returns
+    -------
+    list of list of TensorSelection
+        Per model: ``[]`` (everything kept), ``[kept]`` (``"magnitude"``) or
+        ``[kept, dropped again]`` (``"magnitude_outliers"``).
+
+    Examples
+    --------
+    >>> base = torch.zeros(4)
+    >>> tensor_selections([torch.tensor([1.0, -4.0, 3.0, 2.0])], base, density=0.5)
+    [[TensorSelection(value=3.0, cutoff=None)]]
+    """
+    if base is None:
+        raise ConfigError(f"{method} needs a base model; set base_model")
+    n = len(tensors)
+    densities = _per_model(density, 1.0, n, "density", method)
+    gammas = _per_model(gamma, 0.0, n, "gamma", method)
+    base_flat = base.reshape(-1)
+    size = base_flat.numel()
+    chunk = max(1, min(size, _CHUNK))
+    workspace = _Workspace(chunk)
+    result = []
+    for i in range(n):
+        flat = tensors[i].reshape(-1)
+
+        def delta_of(index: slice, out: torch.Tensor | None, flat: torch.Tensor = flat) -> torch.Tensor:
+            return torch.sub(flat[index], base_flat[index].to(torch.float32), out=out)
+
+        def magnitudes(delta_of: Callable[..., torch.Tensor] = delta_of) -> Iterator[torch.Tensor]:
+            for start in range(0, size, chunk):
+                stop = min(size, start + chunk)
+                yield delta_of(slice(start, stop), workspace.get("ties", stop - start)).abs_()
+
+        sparsifier = _Sparsifier(
+            delta_of,
+            size,
+            method=sparsification,
+            density=densities[i],
+            gamma=gammas[i],
+            rescale=False,
+            rescale_method="exact",
+            seed=0,
+            threshold=None,
+            name="",
+            chunk=chunk,
+            workspace=workspace,
+        )
+        result.append([TensorSelection.of(t, magnitudes) for t in sparsifier.thresholds])
+    return result
+
+
+def _chunks(size: int, chunk: int, offset: int) -> Iterator[slice]:
+    """Slices of at most ``chunk`` entries; with chunks smaller than the tensor, their
+    bounds fall on multiples of ``chunk`` of the whole tensor's flat index."""
+    if chunk >= size:
+        if size > 0:
+            yield slice(0, size)
+        return
+    start = 0
+    while start < size:
+        stop = min(size, start + chunk - (offset + start) % chunk)
+        yield slice(start, stop)
+        start = stop
+
+
 def _elect(
     flats: Sequence[torch.Tensor],
     base_part: torch.Tensor,
     index: slice,
+    start: int,
     sparsifiers: Sequence[_Sparsifier | None],
     weights: Sequence[float],
     consensus_method: ConsensusMethod,
@@ -507,7 +663,7 @@ def _elect(
         sparsifier = sparsifiers[i]
         scale = w
         if sparsifier is not None:
-            delta = sparsifier(delta)
+            delta = sparsifier(delta, start)
             scale = w * sparsifier.factor
         if scale != 1.0:
             delta.mul_(scale)

@@ -9,15 +9,21 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.magnitude_selection import MagnitudeThreshold, global_top_k
+from modelfuse.merge.magnitude_selection import (
+    MagnitudeThreshold,
+    TensorSelection,
+    global_top_k,
+)
 from modelfuse.merge.task_vectors import (
     ConsensusMethod,
     RescaleMethod,
     SparsifyingParameters,
+    elementwise_rescale,
     generalized_task_arithmetic,
+    tensor_selections,
 )
 
-__all__ = ["TiesParameters", "prepare_ties", "ties"]
+__all__ = ["TiesParameters", "per_tensor_trimming", "prepare_ties", "ties", "ties_selections"]
 
 Scope = Literal["tensor", "global"]
 
@@ -55,6 +61,8 @@ def ties(
     int8_mask: bool = False,
     name: str = "",
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""TIES merging of task vectors.
 
@@ -137,9 +145,36 @@ def ties(
         rescale=rescale,
         rescale_method=rescale_method,
         magnitude_thresholds=magnitude_thresholds if scope == "global" else None,
+        selections=selections if scope == "tensor" else None,
+        offset=offset,
         name=name,
         method="ties",
     )
+
+
+def ties_selections(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+) -> list[list[TensorSelection]]:
+    """The per-tensor reduction of :func:`ties` (``scope: tensor``): each model's
+    magnitude threshold of the whole tensor (see
+    :func:`~modelfuse.merge.task_vectors.tensor_selections`).
+
+    Examples
+    --------
+    >>> ties_selections([torch.tensor([1.0, -4.0, 3.0])], torch.zeros(3), density=0.34)
+    [[TensorSelection(value=4.0, cutoff=None)]]
+    """
+    return tensor_selections(tensors, base, density=density, method="ties")
+
+
+def per_tensor_trimming(parameters: Mapping[str, Any]) -> bool:
+    """Whether ``ties`` trims this tensor on its own, so that large tensors are reduced to
+    their thresholds first and merged in blocks of rows (not with ``scope: global``, whose
+    thresholds are the whole model's, nor a norm rescale, which needs every entry)."""
+    return parameters.get("scope", "tensor") == "tensor" and elementwise_rescale(parameters)
 
 
 def _is_global(_name: str, parameters: Mapping[str, Any]) -> bool:
