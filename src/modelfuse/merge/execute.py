@@ -324,25 +324,50 @@ Piece = tuple[str, TensorTask, Rows, int]
 """``(kind, task, rows, part)``: merge a block, or compute part ``part`` of a reduction."""
 
 
-def _pieces(plan: MergePlan) -> tuple[list[Piece], dict[str, _Reducing]]:
-    """Every piece of work in plan order; a reduced tensor starts with its reduction only."""
-    pieces: list[Piece] = []
-    reducing: dict[str, _Reducing] = {}
-    method = plan.method
-    for task in plan.tasks:
-        blocks = row_blocks(plan, task)
+class _Schedule:
+    """What to start next: one tensor's reduction at a time, ahead of the merges.
+
+    Reductions run as early as possible (each tensor's blocks are merged as
+    soon as its reduction is done, so none of the last tensors waits for its
+    own at the end), but never two at once: a reduction may read a whole tensor.
+    """
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.merges: collections.deque[Piece] = collections.deque()
+        self.jobs: collections.deque[list[Piece]] = collections.deque()
+        self.reducing: dict[str, _Reducing] = {}
+        self.current: collections.deque[Piece] = collections.deque()
+        self.active = False
+        method = plan.method
         reduction = method.reduction
-        if (
-            len(blocks) > 1
-            and reduction is not None
-            and method.needs_reduction(task.parameters)
-        ):
-            parts: list[Rows] = list(blocks) if reduction.over == "rows" else [None]
-            reducing[task.name] = _Reducing(len(parts), blocks)
-            pieces += [("reduce", task, rows, i) for i, rows in enumerate(parts)]
-        else:
-            pieces += [("merge", task, rows, 0) for rows in blocks]
-    return pieces, reducing
+        for task in plan.tasks:
+            blocks = row_blocks(plan, task)
+            if len(blocks) > 1 and reduction is not None and method.needs_reduction(task.parameters):
+                parts: list[Rows] = list(blocks) if reduction.over == "rows" else [None]
+                self.reducing[task.name] = _Reducing(len(parts), blocks)
+                self.jobs.append([("reduce", task, rows, i) for i, rows in enumerate(parts)])
+            else:
+                self.merges.extend(("merge", task, rows, 0) for rows in blocks)
+
+    def next(self) -> Piece | None:
+        """The next piece to start, or None while nothing can start."""
+        if not self.active and not self.current and self.jobs:
+            self.current.extend(self.jobs.popleft())
+            self.active = True
+        if self.current:
+            return self.current.popleft()
+        if self.merges:
+            return self.merges.popleft()
+        return None
+
+    def reduced(self, task: TensorTask) -> None:
+        """The task's reduction is complete: its blocks are merged next."""
+        blocks = self.reducing[task.name].blocks
+        self.merges.extendleft(("merge", task, rows, 0) for rows in reversed(blocks))
+        self.active = False
+
+    def __bool__(self) -> bool:
+        return bool(self.merges or self.jobs or self.current)
 
 
 def execute_plan(
@@ -367,8 +392,8 @@ def execute_plan(
     if plan.method.prepare is not None:
         extra = plan.method.prepare(prepare_stream(plan))
     reduction = plan.method.reduction
-    pieces, reducing = _pieces(plan)
-    ready = collections.deque(pieces)
+    schedule = _Schedule(plan)
+    reducing = schedule.reducing
     reduced: dict[str, dict[str, Any]] = {}
 
     def work(piece: Piece) -> tuple[Piece, Any]:
@@ -397,15 +422,13 @@ def execute_plan(
             reduced[task.name] = {reduction.keyword: state.combined(reduction.over)}
             state.values = []
             state.left = len(state.blocks)
-            # the tensor's blocks go first: nothing else is held meanwhile
-            ready.extendleft(("merge", task, rows, 0) for rows in reversed(state.blocks))
+            schedule.reduced(task)
 
     def exclusive(piece: Piece) -> bool:
         return _working_bytes(plan, piece[1], piece[2]) > EXCLUSIVE_BYTES
 
     if threads <= 1:
-        while ready:
-            piece = ready.popleft()
+        while (piece := schedule.next()) is not None:
             alone = exclusive(piece)
             if alone:
                 _release_free_memory()
@@ -431,11 +454,11 @@ def execute_plan(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse") as pool:
         try:
             torch.set_num_threads(shared)
-            while ready or pending:
-                if not ready:
+            while schedule or pending:
+                piece = schedule.next()
+                if piece is None:
                     drain(len(pending) - 1)  # a reduction may finish and add pieces
                     continue
-                piece = ready.popleft()
                 if exclusive(piece):
                     # A very large tensor is merged with nothing else in flight, in this
                     # thread (a worker's separate malloc arena would keep more memory),
