@@ -414,6 +414,42 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     assert bool(reductions) == (not method.startswith("dare"))  # DARE needs no reduction
 
 
+def test_reductions_run_one_at_a_time_and_filter_wise_vectors_are_one_row(monkeypatch):
+    """A reduction may read a whole tensor: never two tensors' at once (the blocks of one
+    run in parallel). Model Stock's filter_wise gives a 1-D tensor one ratio (it is one
+    row), also when the engine splits it."""
+    import threading
+    import time
+
+    import modelfuse.merge.execute as execute
+
+    g = torch.Generator().manual_seed(2)
+    base = {f"t{i}": torch.randn(40, generator=g) for i in range(6)}
+    models = [{k: v + torch.randn(40, generator=g) for k, v in base.items()} for _ in range(2)]
+    whole = modelfuse.merge_state_dicts("model_stock", models, base, filter_wise=True)
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 8)
+    running, tensors, lock = [], set(), threading.Lock()
+    reduce = execute._reduce
+
+    def counted(*args):
+        with lock:
+            running.append(args[1].name)
+            tensors.add(frozenset(running))
+        time.sleep(0.01)
+        try:
+            return reduce(*args)
+        finally:
+            with lock:
+                running.remove(args[1].name)
+
+    monkeypatch.setattr(execute, "_reduce", counted)
+    merged = modelfuse.merge_state_dicts("model_stock", models, base, filter_wise=True, threads=2)
+    assert max(len(names) for names in tensors) == 1
+    assert sum(1 for names in tensors if names) == 6  # every tensor reduced (5 blocks each)
+    for name in whole:
+        torch.testing.assert_close(merged[name], whole[name], rtol=1e-6, atol=1e-6)
+
+
 def test_torch_threads_are_restored_and_nan_checks_are_exact(tmp_path):
     import modelfuse.merge.execute as execute
 

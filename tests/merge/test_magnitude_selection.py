@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from modelfuse.merge.magnitude_selection import (
+    TensorSelection,
     global_top_k,
     kth_largest,
     select_top_k,
@@ -87,3 +88,26 @@ def test_several_k_in_one_pass_over_chunks(quantized):
         expected = np.zeros(400_000, dtype=bool)
         expected[top_k_positions(values.numpy(), k)] = True
         assert np.array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 150, 333, 600, 1000])
+def test_tensor_selection_applies_to_any_block_alone(k):
+    """A whole tensor's selection, applied block by block (each block alone, knowing
+    only its offset), keeps exactly the k largest, ties in index order, as a stable
+    argsort does. Integer magnitudes tie everywhere, also across blocks."""
+    g = torch.Generator().manual_seed(k)
+    values = torch.randint(1, 7, (1000,), generator=g).float()
+    expected = np.zeros(1000, dtype=bool)
+    expected[top_k_positions(values.numpy(), k)] = True
+    chunks = [values[a : a + 64] for a in range(0, 1000, 64)]
+    threshold = select_top_k(lambda: chunks, k, 1000, values[::7].clone())
+    selection = TensorSelection.of(threshold, lambda: chunks)
+    for bounds in ([0, 1000], [0, 1, 2, 500, 999, 1000], list(range(0, 1001, 37)) + [1000]):
+        kept = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            block = values[start:stop]
+            pieces = [block[a : a + 5] for a in range(0, block.numel(), 5)]
+            within = selection.within(start, block.numel(), lambda pieces=pieces: pieces)
+            select = within.selector()
+            kept += [select(piece) != 0 for piece in pieces]  # no zero values: 0 = dropped
+        assert np.array_equal(torch.cat(kept).numpy(), expected)
