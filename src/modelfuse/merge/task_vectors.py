@@ -43,6 +43,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.magnitude_selection import (
     MagnitudeThreshold,
     TensorSelection,
+    sample_stride,
     select_top_k,
     select_top_ks,
 )
@@ -243,7 +244,7 @@ class _Sparsifier:
 
         sample = None
         if n > 2 * _SAMPLE:
-            sample = delta_of(slice(None, None, n // _SAMPLE), None).abs_()
+            sample = delta_of(slice(None, None, sample_stride(n)), None).abs_()
         if method == "magnitude":
             if threshold is not None:
                 self.selectors = [threshold.selector(name)]
