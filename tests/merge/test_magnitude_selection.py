@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from modelfuse.merge import magnitude_selection
 from modelfuse.merge.magnitude_selection import (
     TensorSelection,
     global_top_k,
@@ -111,3 +112,25 @@ def test_tensor_selection_applies_to_any_block_alone(k):
             select = within.selector()
             kept += [select(piece) != 0 for piece in pieces]  # no zero values: 0 = dropped
         assert np.array_equal(torch.cat(kept).numpy(), expected)
+
+
+@pytest.mark.parametrize("truthful", [True, False])
+def test_a_guess_from_a_tied_sample_is_checked_by_counting(truthful):
+    """A sample filled by one value makes that value the guess for the k-th largest. When
+    it is right the counts give the exact selection (ties kept in index order); when the
+    sample misleads, the counts say so and the selection is still exact."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(1, 9, (50_000,), generator=g).float()
+    k = 21_000
+    expected = np.zeros(values.numel(), dtype=bool)
+    expected[top_k_positions(values.numpy(), k)] = True
+    kth = float(np.sort(values.numpy())[::-1][k - 1])
+    sample = torch.full((4096,), kth if truthful else kth + 0.5)
+    sample[:1000] = 100.0  # the guessed value fills the sample's ranks around k / n
+    assert isinstance(magnitude_selection._tracker(sample, k, values.numel()), magnitude_selection._Guess)
+    chunks = [values[a : a + 4096] for a in range(0, values.numel(), 4096)]
+    selection = select_top_k(lambda: chunks, k, values.numel(), sample)
+    assert selection.value == kth
+    select = selection.selector()  # one selector: ties are kept in index order across chunks
+    got = torch.cat([select(c) != 0 for c in chunks]).numpy()
+    assert np.array_equal(got, expected)
