@@ -9,6 +9,9 @@ layers, 16 heads, vocab 32000), then measures in one run:
   run it) on the N checkpoints.
 
 Each measurement runs in its own process and reports wall seconds and peak RSS.
+Every run of a method is paired with a run of the floor just before it; the
+table gives the fastest run, the fastest paired floor, the median of the
+pairs' ratios (drift of the machine cancels out) and the largest peak RSS.
 
     python bench/merge_speed.py                 # every data-free method
     python bench/merge_speed.py --methods linear ties --scale 2
@@ -21,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,7 +184,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="multiply the number of layers (2: twice as large)")
     parser.add_argument("--methods", nargs="*", help="methods to run (default: every registered one)")
     parser.add_argument("--threads", type=int, default=None, help="merge threads (default: all cores)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="paired runs (floor, method) per method")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folders", nargs="*", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -205,21 +209,30 @@ def main() -> None:
           f"threads={args.threads or os.cpu_count()}")
     scratch = Path(tempfile.mkdtemp(prefix="modelfuse-bench-", dir=args.cache))
     try:
-        def best(what: str) -> dict:
-            runs = [run_child(args, what, folders, scratch / "out") for _ in range(args.repeat)]
-            ok = [r for r in runs if "error" not in r]
-            return min(ok, key=lambda r: r["seconds"]) if ok else runs[0]
-
-        floor = best("io-floor")
-        print(f"{'method':<18} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>12}")
-        print(f"{'(I/O floor)':<18} {floor['seconds']:8.2f} {1.0:8.2f} {floor['peak_rss_mb']:12.0f}")
+        # Each run of a method is paired with a run of the floor just before it; the ratio
+        # is the median of the pairs' ratios, so that the machine's drift (this VM's floor
+        # moves between 0.8 and 2 s) cancels out.
+        print(f"{'method':<18} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'peak RSS MB':>12}")
         for method in methods:
-            result = best(method)
-            if "error" in result:
-                print(f"{method:<18} failed: {result['error']}")
+            pairs = []
+            for _ in range(args.repeat):
+                floor = run_child(args, "io-floor", folders, scratch / "out")
+                result = run_child(args, method, folders, scratch / "out")
+                if "error" in floor:
+                    raise SystemExit(f"the I/O floor failed: {floor['error']}")
+                if "error" in result:
+                    pairs = [(floor, result)]
+                    break
+                pairs.append((floor, result))
+            if "error" in pairs[0][1]:
+                print(f"{method:<18} failed: {pairs[0][1]['error']}")
                 continue
-            ratio = result["seconds"] / floor["seconds"]
-            print(f"{method:<18} {result['seconds']:8.2f} {ratio:8.2f} {result['peak_rss_mb']:12.0f}")
+            ratio = statistics.median(r["seconds"] / f["seconds"] for f, r in pairs)
+            seconds = min(r["seconds"] for _, r in pairs)
+            floor_seconds = min(f["seconds"] for f, _ in pairs)
+            rss = max(r["peak_rss_mb"] for _, r in pairs)
+            print(f"{method:<18} {seconds:8.2f} {floor_seconds:8.2f} {ratio:8.2f} {rss:12.0f}",
+                  flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
