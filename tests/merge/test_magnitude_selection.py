@@ -127,7 +127,8 @@ def test_a_guess_from_a_tied_sample_is_checked_by_counting(truthful):
     kth = float(np.sort(values.numpy())[::-1][k - 1])
     sample = torch.full((4096,), kth if truthful else kth + 0.5)
     sample[:1000] = 100.0  # the guessed value fills the sample's ranks around k / n
-    assert isinstance(magnitude_selection._tracker(sample, k, values.numel()), magnitude_selection._Guess)
+    tracker = magnitude_selection._tracker(magnitude_selection._Sample(sample), k, values.numel())
+    assert isinstance(tracker, magnitude_selection._Guess)
     chunks = [values[a : a + 4096] for a in range(0, values.numel(), 4096)]
     selection = select_top_k(lambda: chunks, k, values.numel(), sample)
     assert selection.value == kth

@@ -24,6 +24,7 @@ and the result does not depend on the order in which tensors are merged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -351,19 +352,23 @@ def select_top_ks(
     """
     results: list[MagnitudeThreshold | None] = [None] * len(ks)
     trackers: list[tuple[int, _Band | _BitRange | _Guess]] = []
+    ordered = None
+    if sample is not None and sample.numel() >= 64:
+        # several selections read up to three order statistics each: sort the sample once
+        ordered = _Sample(_check_magnitudes(sample), presort=sum(0 < k < n for k in ks) > 1)
     for j, k in enumerate(ks):
         if k <= 0:
             results[j] = MagnitudeThreshold(float("inf"), 0, n)
         elif k >= n:
             results[j] = MagnitudeThreshold(float("-inf"), n, n)
-        elif sample is None or sample.numel() < 64:
+        elif ordered is None:
             if n <= _SMALL:
                 values = torch.cat([c.reshape(-1).clone() for c in chunks()])
                 results[j] = _finish(values, 0, k, n)
             else:
                 results[j] = _select_radix(chunks, k, n)
         else:
-            trackers.append((j, _tracker(_check_magnitudes(sample), k, n)))
+            trackers.append((j, _tracker(ordered, k, n)))
     if trackers:
         scratch: dict[str, torch.Tensor] = {}
         for chunk in chunks():
@@ -375,7 +380,23 @@ def select_top_ks(
     return [r for r in results if r is not None]
 
 
-def _tracker(sample: torch.Tensor, k: int, n: int) -> _Band | _BitRange | _Guess:
+class _Sample:
+    """A sample of the values and its order statistics (``kthvalue``, or one sort when
+    many are read)."""
+
+    def __init__(self, values: torch.Tensor, presort: bool = False) -> None:
+        self.values = values
+        self.m = values.numel()
+        self.ascending = np.sort(values.numpy()) if presort and values.dtype == torch.float32 else None
+
+    def largest(self, rank: int) -> float:
+        """The ``rank``-th largest (from 1)."""
+        if self.ascending is not None:
+            return float(self.ascending[self.m - rank])
+        return float(self.values.kthvalue(self.m - rank + 1).values)
+
+
+def _tracker(sample: _Sample, k: int, n: int) -> _Band | _BitRange | _Guess:
     """A tracker for the k-th largest, from the sample.
 
     When one value fills the sample well around rank ``k / n`` (heavily tied
@@ -384,29 +405,37 @@ def _tracker(sample: torch.Tensor, k: int, n: int) -> _Band | _BitRange | _Guess
     exactly (:class:`_Guess`). Otherwise the answer is bracketed between two
     order statistics of the sample.
     """
-    m = sample.numel()
+    m = sample.m
     q = k / n
     sigma = (q * (1.0 - q) / m) ** 0.5
     rank = min(m, max(1, round(q * m)))
-    guess = float(sample.kthvalue(m - rank + 1).values)
+    guess = sample.largest(rank)
     scratch = torch.empty(m)
-    above = _count(torch.gt(sample, guess, out=scratch))
-    equal = _count(torch.eq(sample, guess, out=scratch))
-    spread = (3.0 * sigma + 2.0 / m) * m  # the sample rank of the k-th largest varies this much
-    if above <= q * m - spread and q * m + spread <= above + equal:
+    above = _count(torch.gt(sample.values, guess, out=scratch))
+    equal = _count(torch.eq(sample.values, guess, out=scratch))
+    # The k-th largest falls at a sample rank ~ Normal(q m, sigma m): the chance that it is
+    # the guess. Counting costs about a third of gathering a band, so a wrong guess (one
+    # more pass) is worth the risk from an even chance on.
+    spread = max(sigma * m, 1.0)
+    chance = _normal_cdf((above + equal - q * m) / spread) - _normal_cdf((above - q * m) / spread)
+    if chance >= 0.5:
         return _Guess(k, n, guess, sample)
     return _bracket(sample, k, n)
 
 
-def _bracket(sample: torch.Tensor, k: int, n: int) -> _Band | _BitRange:
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _bracket(sample: _Sample, k: int, n: int) -> _Band | _BitRange:
     """Bracket the k-th largest between two order statistics of the sample."""
-    m = sample.numel()
+    m = sample.m
     q = k / n
     margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
     hi_rank = max(1, int((q - margin) * m))  # fewer from the top: a larger value
     lo_rank = min(m, int((q + margin) * m) + 1)
-    upper = float(sample.kthvalue(m - hi_rank + 1).values)
-    lower = float(sample.kthvalue(m - lo_rank + 1).values)
+    upper = sample.largest(hi_rank)
+    lower = sample.largest(lo_rank)
     low_bits = _float_bits(lower)
     span = _float_bits(upper) - low_bits
     if span < _LOW_BINS:
@@ -422,7 +451,7 @@ class _Guess:
     one more pass.
     """
 
-    def __init__(self, k: int, n: int, value: float, sample: torch.Tensor) -> None:
+    def __init__(self, k: int, n: int, value: float, sample: _Sample) -> None:
         self.k, self.n, self.value, self.sample = k, n, value, sample
         self.above = self.equal = 0
 
