@@ -340,15 +340,31 @@ def test_other_tensors_may_not_change_rows(tmp_path):
         modelfuse.merge(_config(paths), tmp_path / "out")
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+BLOCK_PARAMETERS = {
+    "linear": {},
+    "task_arithmetic": {},
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5, "random_seed": 2},
+    "breadcrumbs_ties": {"density": 0.6, "gamma": 0.1},
+}
+
+
+@pytest.mark.parametrize("method", sorted(BLOCK_PARAMETERS))
 def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
-    """Separable methods merge large tensors in blocks of rows: same result, less memory."""
+    """Large tensors are merged in blocks of rows (for TIES and breadcrumbs after their
+    per-tensor thresholds; DARE's draws are seeded per entry): the same bytes on disk."""
     import modelfuse.merge.execute as execute
 
     states = [random_state(i, torch.bfloat16) for i in range(3)]
     paths = [_write(tmp_path / f"m{i}", sd, "safetensors") for i, sd in enumerate(states)]
-    config = {"merge_method": method, "models": [str(p) for p in paths[1:]], "dtype": "bfloat16"}
-    if method == "task_arithmetic":
+    config = {
+        "merge_method": method,
+        "models": [str(p) for p in paths[1:]],
+        "dtype": "bfloat16",
+        "parameters": BLOCK_PARAMETERS[method],
+    }
+    with_base = method != "linear"
+    if with_base:
         config["base_model"] = str(paths[0])
     else:
         config["models"] = [str(p) for p in paths]
@@ -362,8 +378,8 @@ def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == whole
     in_memory = modelfuse.merge_state_dicts(
-        method, states[1:] if method == "task_arithmetic" else states,
-        states[0] if method == "task_arithmetic" else None, dtype="bfloat16", threads=2,
+        method, states[1:] if with_base else states, states[0] if with_base else None,
+        dtype="bfloat16", threads=2, **BLOCK_PARAMETERS[method],
     )
     for name, tensor in load_file(tmp_path / "whole" / "model.safetensors").items():
         assert torch.equal(in_memory[name], tensor)
