@@ -25,6 +25,10 @@ class LinearParameters(MethodParameters):
     )
 
 
+_CHUNK = 1 << 18
+"""Entries summed at once."""
+
+
 def linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None = None,
@@ -77,15 +81,22 @@ def linear(
         raise ConfigError(
             f"linear: {len(weights)} weights for {len(tensors)} models; give one weight per model"
         )
-    out = torch.zeros(tensors[0].shape, dtype=torch.float32)
-    for tensor, w in zip(tensors, weights):
-        out.add_(tensor.to(torch.float32), alpha=w)
-    if normalize:
-        total = sum(weights)
-        if abs(total) < 1e-8:
-            raise ConfigError(
-                f"linear: the weights {weights} sum to {total:g}, so they cannot be normalised; "
-                "change the weights or set normalize: false"
-            )
-        out.div_(total)
+    total = sum(weights)
+    if normalize and abs(total) < 1e-8:
+        raise ConfigError(
+            f"linear: the weights {weights} sum to {total:g}, so they cannot be normalised; "
+            "change the weights or set normalize: false"
+        )
+    out = torch.empty(tensors[0].shape, dtype=torch.float32)
+    flats = [t.reshape(-1) for t in tensors]
+    result = out.view(-1)
+    size = result.numel()
+    # chunk by chunk, so that the running sum stays in the processor's cache
+    for start in range(0, size, _CHUNK):
+        index = slice(start, min(size, start + _CHUNK))
+        part = result[index].zero_()
+        for flat, w in zip(flats, weights):
+            part.add_(flat[index].to(torch.float32), alpha=w)
+        if normalize:
+            part.div_(total)
     return out

@@ -103,9 +103,11 @@ def model_stock(
         if gram is None:
             gram = task_vector_gram(tensors, base)
         ratio = float(_ratio(gram.reshape(n, n, 1), n, pairwise_mean)[0])
+        # (1 - t) base + t mean(theta_i): a weighted sum, without the task vectors
         for block in _column_blocks(columns):
-            taus = _task_vectors(model_rows, base_rows, block)
-            torch.add(base_rows[block], taus.mean(0), alpha=ratio, out=out[block])
+            part = torch.mul(base_rows[block].to(torch.float32), 1.0 - ratio, out=out[block])
+            for model in model_rows:
+                part.add_(model[block].to(torch.float32), alpha=ratio / n)
     else:
         # One ratio per row: every block of rows is independent.
         step = max(1, _CHUNK // max(columns, 1))
