@@ -127,22 +127,17 @@ def multislerp(
     flats = [t.reshape(-1) for t in tensors]
     origin = None if base is None else base.reshape(-1)
     size = flats[0].numel()
+    # theta_b + sum_i c_i (theta_i - theta_b) = (1 - sum_i c_i) theta_b + sum_i c_i theta_i:
+    # one weighted sum, chunk by chunk
     out = torch.empty(size, dtype=torch.float32)
-    scratch = torch.empty(min(size, _CHUNK), dtype=torch.float32)
     for index in _slices(size):
         part = out[index]
         if origin is None:
             part.zero_()
-            for i in range(n):
-                part.add_(flats[i][index].to(torch.float32), alpha=coefficients[i])
-            continue
-        # theta_b + sum_i c_i (theta_i - theta_b), the inputs never modified
-        origin_part = origin[index].to(torch.float32)
-        part.copy_(origin_part)
-        delta = scratch[: part.numel()]
+        else:
+            torch.mul(origin[index].to(torch.float32), 1.0 - sum(coefficients), out=part)
         for i in range(n):
-            torch.sub(flats[i][index], origin_part, out=delta)
-            part.add_(delta, alpha=coefficients[i])
+            part.add_(flats[i][index].to(torch.float32), alpha=coefficients[i])
     return out.reshape(tensors[0].shape)
 
 
