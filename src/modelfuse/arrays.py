@@ -18,9 +18,13 @@ __all__ = [
     "check_labels",
     "check_predictions",
     "load_array",
+    "looks_like_probabilities",
+    "resolve_kind",
 ]
 
 PredictionKind = Literal["probabilities", "logits"]
+KindOption = Literal["auto", "probabilities", "logits"]
+KIND_OPTIONS: tuple[str, ...] = ("auto", "probabilities", "logits")
 
 
 def load_array(path: str | Path, *, key: str | None = None) -> np.ndarray:
@@ -219,3 +223,90 @@ def check_labels(
             f"{hi}, got values in [{array.min()}, {array.max()}]"
         )
     return array
+
+
+def looks_like_probabilities(predictions: np.ndarray, *, atol: float = 1e-3) -> bool:
+    """Whether every row of ``predictions`` is a probability distribution over the last axis.
+
+    True when the array is real, finite, at least 2-D, every value lies in
+    ``[-atol, 1 + atol]`` and every row sums to 1 within ``atol``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> looks_like_probabilities(np.array([[0.2, 0.8], [1.0, 0.0]]))
+    True
+    >>> looks_like_probabilities(np.array([[2.0, -1.0], [0.3, 0.1]]))
+    False
+    """
+    array = np.asarray(predictions)
+    if array.ndim < 2 or array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        return False
+    if np.issubdtype(array.dtype, np.complexfloating) or not np.isfinite(array).all():
+        return False
+    if array.min() < -atol or array.max() > 1 + atol:
+        return False
+    return bool(np.all(np.abs(array.sum(axis=-1) - 1) <= atol))
+
+
+def resolve_kind(
+    predictions: np.ndarray,
+    kind: str,
+    *,
+    source: str = "predictions",
+    option: str = "--kind",
+    atol: float = 1e-3,
+) -> PredictionKind:
+    """What ``predictions`` hold: ``kind``, or the data's own answer when ``kind`` is ``"auto"``.
+
+    ``"auto"`` takes arrays whose rows are probability distributions (see
+    :func:`looks_like_probabilities`) as probabilities and anything else as
+    logits. An explicit kind that the data contradict is refused, so a
+    probability file is never read as logits (or the reverse) in silence.
+
+    Parameters
+    ----------
+    predictions : array of shape (..., n_classes)
+    kind : {"auto", "probabilities", "logits"}
+    source : str
+        Names the file in error messages.
+    option : str
+        The option that set ``kind``, named in error messages (``--kind`` on
+        the command line).
+
+    Raises
+    ------
+    DataError
+        ``kind`` is unknown, or contradicts the data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> resolve_kind(np.array([[0.2, 0.8]]), "auto")
+    'probabilities'
+    >>> resolve_kind(np.array([[3.0, -1.0]]), "auto")
+    'logits'
+    """
+    if kind not in KIND_OPTIONS:
+        raise DataError(
+            f"{option}: expected auto, probabilities or logits, got {str(kind)[:40]!r}"
+        )
+    array = np.asarray(predictions)
+    is_distribution = looks_like_probabilities(array, atol=atol)
+    if kind == "auto":
+        return "probabilities" if is_distribution else "logits"
+    if kind == "logits" and is_distribution:
+        raise DataError(
+            f"{source}: every row is a probability distribution, not logits; "
+            f"pass {option} probabilities (or {option} auto)"
+        )
+    usable = array.ndim >= 2 and array.size > 0 and np.issubdtype(array.dtype, np.number)
+    if kind == "probabilities" and usable and not is_distribution:
+        real = not np.issubdtype(array.dtype, np.complexfloating)
+        if real and np.isfinite(array).all():
+            raise DataError(
+                f"{source}: the rows are not probability distributions (values in "
+                f"[{array.min():.4g}, {array.max():.4g}], or rows not summing to 1); "
+                f"if these are logits pass {option} logits (or {option} auto)"
+            )
+    return kind  # type: ignore[return-value]
