@@ -20,6 +20,8 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	# every import of src/ must be a declared dependency of pyproject.toml
+	$(BIN)/deptry src
 
 test: lint
 	$(BIN)/python -m pytest

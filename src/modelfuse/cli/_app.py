@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
 import typer
 
-__all__ = ["app"]
+__all__ = ["app", "package_version"]
 
 app = typer.Typer(
     name="modelfuse",
@@ -13,4 +16,37 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def package_version() -> str:
+    """The installed modelfuse's version."""
+    try:
+        return version("modelfuse")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from modelfuse import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"modelfuse {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Fuse trained neural networks: merge weights, ensemble predictions, calibrate,
+    and compare honestly."""

@@ -27,14 +27,19 @@ Example:
 """,
 )
 def demo_command(
-    out: Annotated[Path, typer.Option(help="output folder of the report and models")] = Path(
-        "modelfuse-demo"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="output folder of the report and models")
+    ] = Path("modelfuse-demo"),
     quick: Annotated[
         bool, typer.Option("--quick", help="fewer models, epochs and bootstrap resamples")
     ] = False,
-    seed: Annotated[int, typer.Option(help="seed of the splits, training and bootstrap")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seed of the splits, training and bootstrap", min=0, max=2**32 - 1)
+    ] = 0,
+    quiet: Annotated[bool, typer.Option(help="no progress and no summary table")] = False,
 ) -> None:
     from modelfuse.demo import run_demo
 
-    run_demo(out, quick=quick, seed=seed)
+    result = run_demo(out, quick=quick, seed=seed, progress=not quiet)
+    if quiet:
+        typer.echo(f"wrote {result.report}")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from modelfuse.cli._app import app
+from modelfuse.cli._output import check_output
 from modelfuse.errors import ConfigError, OutputError
 
 __all__ = ["load_factory", "statistics_command"]
@@ -63,6 +64,12 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     return result[0], result[1]
 
 
+def _is_or_holds(output: Path, given: Path) -> bool:
+    """Whether ``output`` is the input ``given`` or lies inside it (symlinks resolved)."""
+    out, inp = output.resolve(), given.resolve()
+    return out == inp or inp in out.parents
+
+
 @app.command(
     "statistics",
     help="""Compute Fisher diagonals or Gram matrices of a model on data, for the fisher,
@@ -84,7 +91,9 @@ def statistics_command(
         str,
         typer.Argument(help="fisher (Fisher diagonal) or gram (Gram matrices of linear inputs)"),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the .safetensors file to write")],
+    output: Annotated[
+        Path, typer.Option("--out", "--output", "-o", help="the .safetensors file to write")
+    ],
     model: Annotated[
         Path | None, typer.Option(help="a Hugging Face sequence-classification model folder")
     ] = None,
@@ -120,10 +129,13 @@ def statistics_command(
             "give --model DIR and --data FILE (a Hugging Face classifier and its texts), "
             "or --factory package.module:function"
         )
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise OutputError(f"{output}: the folder {output.parent} does not exist; create it first")
+    check_output(output, suffix=".safetensors", overwrite=overwrite)
+    for given, flag in ((model, "--model"), (data, "--data")):
+        if given is not None and _is_or_holds(output, given):
+            raise OutputError(
+                f"-o {output}: is {flag} {given} or lies inside it; write the statistics "
+                "elsewhere so the input is never replaced"
+            )
     _run(
         what,  # type: ignore[arg-type]
         output,
