@@ -244,3 +244,53 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert main(["statistics", "fisher", "--factory", "m:f", "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("DATA", "would replace --data"),
+        ("MODEL/model.safetensors", "would replace the weights of --model"),
+    ],
+)
+def test_overwrite_never_replaces_an_input(target, message, bert_folder, data_file, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(bert_folder, model)
+    (model / "sub").mkdir()
+    data = tmp_path / "data.safetensors"  # a data file named like an output, to pass the suffix check
+    data.write_bytes(Path(data_file).read_bytes())
+    out = target.replace("DATA", str(data)).replace("MODEL", str(model))
+    before = {p: p.read_bytes() for p in [*model.rglob("*"), data] if p.is_file()}
+    code = main(
+        ["statistics", "gram", "--model", str(model), "--data", str(data), "-o", out,
+         "--overwrite"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_statistics_beside_the_model_weights_are_allowed(tmp_path):
+    from modelfuse.cli.statistics import _replaced_input
+
+    model = tmp_path / "model"
+    model.mkdir()
+    assert _replaced_input(model / "fisher.safetensors", model, None) is None
+    assert _replaced_input(model / "sub" / "fisher.safetensors", model, None) is None
+    assert _replaced_input(tmp_path, model, None) == f"--model {model}"  # holds the model
+    assert _replaced_input(model, model, None) == f"--model {model}"
+    assert _replaced_input(model / "model-00001-of-00002.safetensors", model, None) is not None
+
+
+def test_a_failing_factory_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_factory.py").write_text("def make():\n    raise RuntimeError('no GPU here')\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["statistics", "gram", "--factory", "broken_factory:make", "-o", "g.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "modelfuse: error: --factory: calling broken_factory:make raised RuntimeError: no GPU here\n"
+    )
+    assert not (tmp_path / "g.safetensors").exists()

@@ -51,7 +51,12 @@ def load_factory(spec: str) -> tuple[Any, Any]:
             f"--factory: module {module_name!r} has no function {function_name!r}; "
             "give package.module:function"
         )
-    result = function()
+    try:
+        result = function()
+    except Exception as exc:  # the user's factory failed: say where, in one line
+        raise ConfigError(
+            f"--factory: calling {spec} raised {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
     if (
         not isinstance(result, (tuple, list))
         or len(result) != 2
@@ -64,10 +69,23 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     return result[0], result[1]
 
 
-def _is_or_holds(output: Path, given: Path) -> bool:
-    """Whether ``output`` is the input ``given`` or lies inside it (symlinks resolved)."""
-    out, inp = output.resolve(), given.resolve()
-    return out == inp or inp in out.parents
+def _replaced_input(output: Path, model: Path | None, data: Path | None) -> str | None:
+    """The input that writing ``output`` would replace or hide, if any (symlinks resolved).
+
+    Statistics may be written inside the model's folder, but never over the
+    data file, the model folder itself or a file the model is loaded from.
+    """
+    out = output.resolve()
+    if data is not None and out == data.resolve():
+        return f"--data {data}"
+    if model is None:
+        return None
+    folder = model.resolve()
+    if out == folder or out in folder.parents:
+        return f"--model {model}"
+    if out.parent == folder and (out.name.startswith(("model", "pytorch_model"))):
+        return f"the weights of --model {model}"
+    return None
 
 
 @app.command(
@@ -130,12 +148,12 @@ def statistics_command(
             "or --factory package.module:function"
         )
     check_output(output, suffix=".safetensors", overwrite=overwrite)
-    for given, flag in ((model, "--model"), (data, "--data")):
-        if given is not None and _is_or_holds(output, given):
-            raise OutputError(
-                f"-o {output}: is {flag} {given} or lies inside it; write the statistics "
-                "elsewhere so the input is never replaced"
-            )
+    replaced = _replaced_input(output, model, data)
+    if replaced is not None:
+        raise OutputError(
+            f"-o {output}: would replace {replaced}; write the statistics to another file, "
+            "e.g. -o fisher.safetensors"
+        )
     _run(
         what,  # type: ignore[arg-type]
         output,
