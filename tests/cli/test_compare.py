@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,11 +57,13 @@ def test_compare_prints_the_table_and_writes_the_report(tmp_path, capsys):
     assert lines[2].startswith("base (reference)")
     ties_line = next(line for line in lines if line.startswith("ties"))
     expected = accuracy(np.load(paths["ties"]), np.load(paths["y"]))
-    assert f"{expected:.4g}" in ties_line
-    assert "Friedman" in printed
+    assert ties_line.split()[1] == f"{expected:.4f}"
+    assert "Friedman test over 10 blocks" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "critical_difference.png", "differences.png", "forest.png", "report.html", "report.md"
+        "critical_difference.png", "differences.png", "forest.png", "report.html", "report.md",
+        "results.json",
     ]
+    assert printed.splitlines()[-1].startswith(f"wrote {out}/")
     report = (out / "report.md").read_text()
     assert "ties" in report and "![" in report
     assert _leftovers(tmp_path) == []
@@ -100,6 +103,10 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
     two_classes = tmp_path / "two.npy"
     np.save(two_classes, np.load(paths["soup"])[:, :2] / np.load(paths["soup"])[:, :2].sum(1,
             keepdims=True))
+    logits = tmp_path / "logits.npy"
+    np.save(logits, np.log(np.load(paths["soup"])) + 1.0)
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.load(paths["soup"])[:, 0])
     base = ["compare", "-p", f"base={paths['base']}", "-o"]
     return {
         "missing file": (
@@ -125,39 +132,69 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
         "unknown reference": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--reference", "dare"],
-            "reference: 'dare' is not a candidate; expected one of base, soup",
+            "--reference: 'dare' is not a candidate; expected one of base, soup",
         ),
         "unknown metric": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--metric", "f1"],
-            "unknown metric 'f1'; expected one of accuracy",
+            "--metric: unknown 'f1'; expected one of accuracy, balanced_accuracy",
         ),
         "malformed item": (
-            [*base, "OUT", "-p", str(paths["soup"]), "--labels", str(paths["y"])],
-            "expected NAME=FILE",
+            [*base, "OUT", "-p", f"={paths['soup']}", "--labels", str(paths["y"])],
+            "expected NAME=FILE or FILE",
+        ),
+        "plain file named twice": (
+            [*base, "OUT", "-p", str(paths["base"]), "--labels", str(paths["y"])],
+            "'base' is given twice",
         ),
         "unknown kind": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--kind", "scores"],
-            "--kind",
+            "--kind: unknown 'scores'; expected one of auto, probabilities, logits",
         ),
-        "bad confidence": (
+        "unknown test": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
-             "--confidence", "95"],
-            "--confidence: expected a level in (0, 1)",
+             "--test", "wilcoxon"],
+            "--test: unknown 'wilcoxon'; expected one of permutation, bootstrap, mcnemar",
+        ),
+        "unknown interval": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "--interval", "bc"],
+            "--interval: unknown 'bc'; expected one of bca, percentile",
         ),
         "mcnemar on nll": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--metric", "nll", "--test", "mcnemar"],
-            "McNemar",
+            "--test mcnemar compares accuracies, but --metric is nll; pass --test permutation",
+        ),
+        "probabilities given as logits": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "--kind", "logits"],
+            "base.npy: every row is a probability distribution, not logits; "
+            "pass --kind probabilities (or --kind auto)",
+        ),
+        "logits given as probabilities": (
+            [*base, "OUT", "-p", f"soup={logits}", "--labels", str(paths["y"]),
+             "--kind", "probabilities"],
+            "if these are logits pass --kind logits (or --kind auto)",
+        ),
+        "no candidates": (
+            ["compare", "--labels", str(paths["y"]), "-o", "OUT"],
+            "--predictions: give each candidate's file",
+        ),
+        "one-dimensional predictions": (
+            [*base, "OUT", "-p", f"soup={flat}", "--labels", str(paths["y"])],
+            "shapes differ",
         ),
     }
 
 
 CASES = [
     "missing file", "mismatched shapes", "mismatched classes", "labels out of range",
-    "duplicate names", "unknown reference", "unknown metric", "malformed item", "unknown kind",
-    "mcnemar on nll", "bad confidence",
+    "duplicate names", "unknown reference", "unknown metric", "malformed item",
+    "plain file named twice", "unknown kind", "unknown test", "unknown interval",
+    "mcnemar on nll", "probabilities given as logits", "logits given as probabilities",
+    "no candidates", "one-dimensional predictions",
 ]
 
 
@@ -167,14 +204,159 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     argv, message = _bad_cases(tmp_path, paths)[case]
     out = tmp_path / "out"
     argv = [str(out) if a == "OUT" else a for a in argv]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = _snapshot(tmp_path)
     code = main(argv)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 2
     assert err.startswith("modelfuse: error: ") and err.count("\n") == 1
     assert message in err
+    assert "Traceback" not in err + captured.out
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert _snapshot(tmp_path) == before
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+USAGE_CASES = {
+    "confidence above 1": (["--confidence", "95"], "--confidence"),
+    "confidence of 0": (["--confidence", "0"], "--confidence"),
+    "too few resamples": (["--n-resamples", "10"], "--n-resamples"),
+    "too many resamples": (["--n-resamples", "100000000"], "--n-resamples"),
+    "one block": (["--blocks", "1"], "--blocks"),
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "seed not a number": (["--seed", "x"], "--seed"),
+    "misspelt option": (["--n-resample", "300"], "--n-resample"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+def test_out_of_range_numbers_are_usage_errors(tmp_path, capsys, case):
+    paths = _data(tmp_path)
+    extra, flag = USAGE_CASES[case]
+    out = tmp_path / "out"
+    before = _snapshot(tmp_path)
+    argv = ["compare", "-p", str(paths["base"]), str(paths["soup"]), "-y", str(paths["y"]),
+            "-o", str(out), *extra]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert flag in err and "Traceback" not in err
+    assert not out.exists() and _snapshot(tmp_path) == before
+
+
+def test_overwrite_never_deletes_an_input(tmp_path, capsys):
+    paths = _data(tmp_path)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("base", "soup"):
+        (inputs / f"{name}.npy").write_bytes(paths[name].read_bytes())
+    before = _snapshot(tmp_path)
+    for out in (inputs, tmp_path, inputs / "base.npy"):
+        argv = ["compare", "-p", str(inputs / "base.npy"), str(inputs / "soup.npy"),
+                "-y", str(paths["y"]), "-o", str(out), "--overwrite"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("modelfuse: error: ") and err.count("\n") == 1
+        assert "choose another -o" in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_plain_files_space_separated_and_repeated_flags(tmp_path, capsys):
+    paths = _data(tmp_path)
+    out = tmp_path / "out"
+    argv = ["compare", "-p", str(paths["base"]), f"best={paths['ties']}", "-p",
+            str(paths["soup"]), "-y", str(paths["y"]), "-o", str(out), "--n-resamples", "200",
+            "--reference", "best"]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["reference"] == "best"
+    names = {c["name"]: c["file"] for c in results["candidates"]}
+    assert names == {"base": str(paths["base"]), "best": str(paths["ties"]),
+                     "soup": str(paths["soup"])}
+
+
+def test_kind_auto_reads_logits_and_probabilities_alike(tmp_path, capsys):
+    paths = _data(tmp_path)
+    probs = np.load(paths["soup"])
+    logits = tmp_path / "soup_logits.npy"
+    np.save(logits, np.log(probs) + 3.0)  # softmax(log p + c) == p
+    common = ["-y", str(paths["y"]), "--n-resamples", "200", "--metric", "nll", "--quiet"]
+    assert main(["compare", "-p", str(paths["base"]), f"soup={paths['soup']}",
+                 "-o", str(tmp_path / "a"), *common]) == 0
+    assert main(["compare", "-p", str(paths["base"]), f"soup={logits}",
+                 "-o", str(tmp_path / "b"), *common]) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    y = np.load(paths["y"])
+    nll = -np.mean(np.log(probs[np.arange(len(y)), y]))
+    assert a["candidates"][1]["value"] == pytest.approx(nll, rel=1e-12)
+    assert b["candidates"][1]["value"] == pytest.approx(nll, rel=1e-12)
+    printed = capsys.readouterr().out
+    assert printed.splitlines() == [
+        f"wrote {tmp_path / 'a'}/ (differences.png, forest.png, report.html, report.md, "
+        "results.json)",
+        f"wrote {tmp_path / 'b'}/ (differences.png, forest.png, report.html, report.md, "
+        "results.json)",
+    ]
+
+
+def test_results_json_holds_every_number_of_the_table(tmp_path, capsys):
+    from modelfuse.evaluation import compare_predictions
+
+    paths = _data(tmp_path)
+    out = tmp_path / "out"
+    assert main(_args(paths, out, "--seed", "3", "--test", "bootstrap")) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    arrays = {n: np.load(paths[n]) for n in ("base", "soup", "ties")}
+    y = np.load(paths["y"])
+    expected = compare_predictions(arrays, y, n_resamples=300, random_state=3, test="bootstrap")
+    assert results["n_samples"] == 300 and results["reference"] == "base"
+    assert results["test"] == "bootstrap" and results["interval_method"] == "bootstrap BCa"
+    assert results["notes"] == []
+    for row, c in zip(results["candidates"], expected.candidates):
+        assert row["name"] == c.name
+        assert row["value"] == c.estimate.statistic == accuracy(arrays[c.name], y)
+        assert row["interval"] == list(c.estimate.ci)
+        if c.difference is None:
+            assert row["difference"] is None and row["pvalue_adjusted"] is None
+            continue
+        assert row["difference"] == c.difference.statistic
+        assert row["difference_interval"] == list(c.difference.ci)
+        assert row["pvalue"] == c.raw_pvalue and row["pvalue_adjusted"] == c.test.pvalue
+        shown = f"{row['pvalue_adjusted']:.4f}" if row["pvalue_adjusted"] >= 1e-4 else "<0.0001"
+        line = next(x for x in printed.splitlines() if x.startswith(c.name))
+        assert line.split()[-1] == shown
+    f = expected.friedman
+    assert results["friedman"]["statistic"] == f.statistic
+    assert results["friedman"]["pvalue"] == f.pvalue
+    assert results["friedman"]["mean_ranks"] == dict(zip(f.compared, f.mean_ranks))
+
+
+def test_tiny_pvalues_print_as_less_than_not_zero(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = rng.integers(0, 2, n)
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "bad.npy", np.eye(2)[np.where(rng.random(n) < 0.55, y, 1 - y)])
+    np.save(tmp_path / "good.npy", np.eye(2)[np.where(rng.random(n) < 0.95, y, 1 - y)])
+    out = tmp_path / "out"
+    argv = ["compare", "-p", str(tmp_path / "bad.npy"), str(tmp_path / "good.npy"),
+            "-y", str(tmp_path / "y.npy"), "-o", str(out), "--test", "mcnemar"]
+    assert main(argv) == 0
+    good = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("good"))
+    assert good.split()[-1] == "<0.0001"
+    assert " <0.0001 |" in (out / "report.md").read_text()
+    assert "<td>&lt;0.0001</td>" in (out / "report.html").read_text()
+    assert "0.0000" not in (out / "report.md").read_text()
 
 
 def test_end_to_end_in_a_subprocess(tmp_path):
@@ -200,4 +382,6 @@ def test_end_to_end_in_a_subprocess(tmp_path):
 
 def test_help_shows_an_example(capsys):
     assert main(["compare", "--help"]) == 0
-    assert "modelfuse compare --predictions" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "modelfuse compare --predictions" in text
+    assert "--quiet" in text and "--kind" in text and "auto" in text

@@ -54,7 +54,7 @@ def test_comparison_report_with_three_candidates_has_a_cd_diagram(tmp_path):
     written = write_comparison_report(_comparison(3), tmp_path, command="modelfuse compare x")
     names = sorted(p.name for p in written)
     assert names == ["critical_difference.png", "differences.png", "forest.png", "report.html",
-                     "report.md"]
+                     "report.md", "results.json"]
     text = (tmp_path / "report.md").read_text()
     assert "## Ranking" in text and "critical_difference.png" in text
     assert "m0 (reference)" in text and "Holm" in text
@@ -64,5 +64,6 @@ def test_comparison_report_with_three_candidates_has_a_cd_diagram(tmp_path):
 
 def test_comparison_report_with_two_candidates_has_no_cd_diagram(tmp_path):
     written = write_comparison_report(_comparison(2), tmp_path, html_report=False)
-    assert sorted(p.name for p in written) == ["differences.png", "forest.png", "report.md"]
+    assert sorted(p.name for p in written) == ["differences.png", "forest.png", "report.md",
+                                               "results.json"]
     assert "Ranking" not in (tmp_path / "report.md").read_text()

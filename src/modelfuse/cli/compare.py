@@ -5,36 +5,57 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from modelfuse.cli._app import app
+from modelfuse.cli._inputs import named_files
 from modelfuse.cli._output import check_folder_output, publish_folder, staging_folder
-from modelfuse.cli.ensemble import check_kind
 from modelfuse.errors import ConfigError, DataError, OutputError
 
-__all__ = ["compare_command", "parse_named_files"]
+__all__ = ["compare_command", "refuse_output_over_inputs"]
+
+METRIC_NAMES = "accuracy, balanced_accuracy, macro_f1, auroc, nll, brier or ece"
+TESTS = ("permutation", "bootstrap", "mcnemar")
+INTERVALS = ("bca", "percentile")
 
 
-def parse_named_files(items: list[str], *, option: str = "--predictions") -> dict[str, str]:
-    """Parse ``name=FILE`` arguments into an ordered mapping; reject duplicates and bad items."""
-    named: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ConfigError(
-                f"{option} {item!r}: expected NAME=FILE, e.g. {option} fused=fused_probs.npy"
+def _choice(flag: str, value: str, valid: Collection[str]) -> str:
+    if value not in valid:
+        raise ConfigError(
+            f"{flag}: unknown {str(value)[:40]!r}; expected one of {', '.join(valid)}"
+        )
+    return value
+
+
+def _level(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"expected a level in (0, 1) such as 0.95, got {value:g}")
+    return value
+
+
+def refuse_output_over_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an ``out`` folder that is an input file or holds one (``--overwrite`` would delete it).
+
+    Raises
+    ------
+    OutputError
+        Naming the first input found at or under ``out``.
+    """
+    target = out.expanduser().resolve()
+    for item in inputs:
+        text = str(item)
+        if ".npz:" in text:
+            text = text.rsplit(".npz:", 1)[0] + ".npz"
+        path = Path(text).expanduser().resolve()
+        if path == target or target in path.parents:
+            raise OutputError(
+                f"{out}: holds the input {str(item)[:80]}, which --overwrite would delete; "
+                "choose another -o"
             )
-        if name in named:
-            raise ConfigError(
-                f"{option}: the name {name!r} is given twice ({named[name]} and {path}); "
-                "give every candidate its own name"
-            )
-        named[name] = path
-    return named
 
 
 @app.command(
@@ -43,81 +64,135 @@ def parse_named_files(items: list[str], *, option: str = "--predictions") -> dic
 
 Prints, for each candidate, the metric with its bootstrap confidence interval,
 the difference to the reference with its paired interval, and the
-Holm-adjusted p-value of a paired test against the reference; writes
-OUT/report.md (and report.html) with forest plots and, for three or more
-candidates, a critical-difference diagram.
+Holm-adjusted p-value of a paired test against the reference; writes OUT/
+with report.md, a self-contained report.html, results.json (every number),
+forest plots and, for three or more candidates, a critical-difference diagram.
 
-Example:
+Candidates are NAME=FILE or FILE (named after the file), repeated (-p a.npy
+-p b.npy) or listed after one flag (-p a.npy b.npy). Example:
 
-    modelfuse compare --predictions base=base.npy --predictions soup=soup.npy
-        --predictions ties=ties.npy --labels y.npy --reference base
-        --metric accuracy -o compare-report
+    modelfuse compare --predictions base=base.npy soup=soup.npy ties.npy
+        --labels y.npy --reference base --metric accuracy -o compare-report
 """,
 )
 def compare_command(
+    labels: Annotated[
+        Path, typer.Option("--labels", "-y", help="integer labels (n_samples,)")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
     predictions: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--predictions",
             "-p",
-            help="NAME=FILE of one candidate's (n_samples, n_classes) predictions "
-            "(.npy, .npz, .npz:KEY, .csv); repeat for each candidate",
+            help="NAME=FILE or FILE (named after the file) of one candidate's (n_samples, "
+            "n_classes) predictions (.npy, .npz, .npz:KEY, .csv); repeat the flag or list "
+            "several files after it",
+            show_default=False,
         ),
-    ],
-    labels: Annotated[Path, typer.Option("--labels", "-y", help="integer labels (n_samples,)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
+    ] = None,
+    more: Annotated[
+        list[str] | None,
+        typer.Argument(help="further NAME=FILE or FILE candidates", show_default=False),
+    ] = None,
     reference: Annotated[
         str | None, typer.Option(help="the candidate the others are compared with [default: first]")
     ] = None,
-    metric: Annotated[
+    metric: Annotated[str, typer.Option(help=METRIC_NAMES)] = "accuracy",
+    kind: Annotated[
         str,
         typer.Option(
-            help="accuracy, balanced_accuracy, macro_f1, auroc, nll, brier or ece"
+            help="what the files hold: auto (rows that are probability distributions are "
+            "probabilities, anything else logits), probabilities or logits"
         ),
-    ] = "accuracy",
-    kind: Annotated[
-        str, typer.Option(help="what the files hold: probabilities or logits")
-    ] = "probabilities",
+    ] = "auto",
     test: Annotated[
         str, typer.Option(help="paired test against the reference: permutation, bootstrap, mcnemar")
     ] = "permutation",
     interval: Annotated[str, typer.Option(help="bootstrap interval: bca or percentile")] = "bca",
-    confidence: Annotated[float, typer.Option(help="confidence level of the intervals")] = 0.95,
+    confidence: Annotated[
+        float,
+        typer.Option(help="confidence level of the intervals, in (0, 1)", callback=_level),
+    ] = 0.95,
     n_resamples: Annotated[
-        int, typer.Option(help="bootstrap resamples (and permutations)", min=2)
+        int,
+        typer.Option(help="bootstrap resamples (and permutations)", min=100, max=1_000_000),
     ] = 2000,
     blocks: Annotated[
-        int, typer.Option(help="disjoint blocks of samples ranked for the Friedman test", min=2)
+        int,
+        typer.Option(
+            help="disjoint blocks of samples ranked for the Friedman test (3+ candidates)",
+            min=2,
+            max=10_000,
+        ),
     ] = 10,
     stratify: Annotated[bool, typer.Option(help="resample within each class")] = False,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    seed: Annotated[
+        int, typer.Option(help="seed of the resamples, permutations and blocks", min=0)
+    ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="print no table, only the final line")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace OUT if it exists")
+    ] = False,
 ) -> None:
-    from modelfuse.arrays import load_array
+    from modelfuse.arrays import check_labels, load_array, resolve_kind
     from modelfuse.evaluation.comparison import compare_predictions
+    from modelfuse.evaluation.metrics import METRICS, prepare_predictions
     from modelfuse.report.comparison import write_comparison_report
-    from modelfuse.report.table import comparison_table
+    from modelfuse.report.table import comparison_table, friedman_summary
 
-    check_kind(kind)
-    if not 0 < confidence < 1:
-        raise ConfigError(f"--confidence: expected a level in (0, 1) such as 0.95, got {confidence}")
+    items = [*(predictions or []), *(more or [])]
+    if not items:
+        raise ConfigError(
+            "--predictions: give each candidate's file, e.g. -p base=base.npy soup=soup.npy"
+        )
+    _choice("--kind", kind, ("auto", "probabilities", "logits"))
+    _choice("--metric", metric, METRICS)
+    _choice("--test", test, TESTS)
+    _choice("--interval", interval, INTERVALS)
+    if test == "mcnemar" and metric != "accuracy":
+        raise ConfigError(
+            f"--test mcnemar compares accuracies, but --metric is {metric}; "
+            "pass --test permutation or --metric accuracy"
+        )
+    files = named_files(items, option="--predictions")
+    if reference is not None and reference not in files:
+        raise ConfigError(
+            f"--reference: {reference[:60]!r} is not a candidate; expected one of "
+            f"{', '.join(n[:40] for n in files)}"
+        )
     check_folder_output(out, overwrite=overwrite)
-    files = parse_named_files(predictions)
+    refuse_output_over_inputs(out, [*files.values(), labels])
     arrays = {name: load_array(path) for name, path in files.items()}
-    y = load_array(labels)
     shapes = {name: a.shape for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        listed = ", ".join(f"{n[:40]} {s}" for n, s in shapes.items())
         raise DataError(
             f"--predictions: the candidates' shapes differ ({listed}); every file must hold "
             "the same samples and classes"
         )
+    first = next(iter(arrays.values()))
+    if first.ndim != 2:
+        raise DataError(
+            f"{next(iter(files.values()))}: expected shape (n_samples, n_classes), "
+            f"got {first.shape}"
+        )
+    y = check_labels(
+        load_array(labels), n_samples=first.shape[0], n_classes=first.shape[1], source=str(labels)
+    )
+    probabilities = {}
+    for name, array in arrays.items():
+        source = files[name]
+        held = resolve_kind(array, kind, source=source)
+        probabilities[name], _ = prepare_predictions(array, y, kind=held, source=source)
     comparison = compare_predictions(
-        arrays,
+        probabilities,
         y,
         reference=reference,
         metric=metric,
-        kind=kind,  # type: ignore[arg-type]
+        kind="probabilities",
         confidence_level=confidence,
         n_resamples=n_resamples,
         interval=interval,  # type: ignore[arg-type]
@@ -133,12 +208,13 @@ def compare_command(
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the report folder ({exc})") from None
     try:
-        write_comparison_report(comparison, staging, command=command)
+        written = write_comparison_report(comparison, staging, command=command, files=files)
         publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    typer.echo(comparison_table(comparison, style="text"))
-    if comparison.friedman is not None:
-        typer.echo(str(comparison.friedman))
-    typer.echo(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+    if not quiet:
+        typer.echo(comparison_table(comparison, style="text"))
+        if comparison.friedman is not None:
+            typer.echo(friedman_summary(comparison.friedman))
+    typer.echo(f"wrote {out}/ ({', '.join(sorted(p.name for p in written))})")

@@ -4,6 +4,9 @@
 - :func:`forest_plot`, :func:`critical_difference_diagram`: PNG figures;
 - :func:`write_report` with :class:`Section`: ``report.md`` and a
   self-contained ``report.html``;
+- :func:`format_number`, :data:`NUMBER_FORMATS`: one number format per kind of column;
+- :func:`comparison_results`, :func:`write_results_json`: every number of a
+  comparison as strict JSON;
 - :func:`write_comparison_report`: all of it for a
   :class:`modelfuse.evaluation.Comparison`.
 """
@@ -15,24 +18,35 @@ from modelfuse.report.plots import (
     forest_plot,
     significance_cliques,
 )
+from modelfuse.report.results_json import comparison_results, write_results_json
 from modelfuse.report.table import (
+    NUMBER_FORMATS,
     TABLE_STYLES,
     comparison_rows,
     comparison_table,
+    format_number,
+    format_pvalue,
     format_table,
+    friedman_summary,
 )
 
 __all__ = [
+    "NUMBER_FORMATS",
     "TABLE_STYLES",
     "Section",
+    "comparison_results",
     "comparison_rows",
     "comparison_table",
     "critical_difference_diagram",
     "forest_plot",
+    "format_number",
+    "format_pvalue",
     "format_table",
+    "friedman_summary",
     "render_html",
     "render_markdown",
     "significance_cliques",
     "write_comparison_report",
     "write_report",
+    "write_results_json",
 ]

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from modelfuse.report.document import Section, write_report
 from modelfuse.report.plots import critical_difference_diagram, forest_plot
-from modelfuse.report.table import comparison_rows
+from modelfuse.report.results_json import write_results_json
+from modelfuse.report.table import comparison_rows, format_number, format_pvalue
 
 if TYPE_CHECKING:
     from modelfuse.evaluation.comparison import Comparison
@@ -22,6 +23,7 @@ def write_comparison_report(
     title: str | None = None,
     command: str = "",
     html_report: bool = True,
+    files: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write the figures and ``report.md`` / ``report.html`` of a comparison into a folder.
 
@@ -29,7 +31,9 @@ def write_comparison_report(
     reference's value dashed), ``differences.png`` (each difference to the
     reference and its paired interval, 0 dashed; two or more candidates),
     ``critical_difference.png`` (three or more candidates, when the Friedman
-    test ran), ``report.md`` and ``report.html``.
+    test ran), ``results.json`` (every number, see
+    :func:`~modelfuse.report.results_json.comparison_results`), ``report.md``
+    and ``report.html``.
 
     Parameters
     ----------
@@ -40,6 +44,8 @@ def write_comparison_report(
     command : str
         The command line that produced the comparison, shown in the report.
     html_report : bool
+    files : dict of str to str, optional
+        The file each candidate was read from, recorded in ``results.json``.
 
     Returns
     -------
@@ -53,7 +59,7 @@ def write_comparison_report(
     >>> y = np.array([0, 1] * 50); p = np.eye(2)[y]
     >>> c = compare_predictions({"a": p, "b": p[::-1]}, y, n_resamples=50)
     >>> sorted(f.name for f in write_comparison_report(c, tempfile.mkdtemp()))
-    ['differences.png', 'forest.png', 'report.html', 'report.md']
+    ['differences.png', 'forest.png', 'report.html', 'report.md', 'results.json']
     """
     root = Path(folder)
     written: list[Path] = []
@@ -94,7 +100,9 @@ def write_comparison_report(
         f"{reference.estimate.n_resamples} resamples; differences to {comparison.reference} "
         "use paired resamples. p-values: "
         f"{comparison.test} test against {comparison.reference}, Holm-adjusted over "
-        f"{len(others)} comparison(s)."
+        f"{len(others)} comparison(s). Metrics and their intervals have 4 decimals, "
+        "differences are signed with 4 decimals, p-values have 4 decimals (below 0.0001: "
+        "<0.0001). Every number is also in results.json."
     )
     sections = [
         Section(
@@ -122,17 +130,22 @@ def write_comparison_report(
                 (
                     f"The samples were cut into {f.n_blocks} disjoint blocks and the candidates "
                     f"ranked by {comparison.metric} in each (1 = best). Friedman chi2 = "
-                    f"{f.statistic:.4g} on {f.df} df, p = {f.pvalue:.4g}. Candidates joined by "
-                    f"a bar differ by less than Nemenyi's critical difference "
-                    f"{f.critical_difference:.3g} at alpha = {f.alpha}.",
+                    f"{format_number(f.statistic, 'statistic')} on {f.df} df, "
+                    f"{format_pvalue(f.pvalue)}. Candidates joined by a bar differ by less "
+                    "than Nemenyi's critical difference "
+                    f"{format_number(f.critical_difference, 'rank')} at alpha = {f.alpha:g}.",
                 ),
                 table=(
                     ["model", "mean rank"],
-                    [[n, f"{r:.2f}"] for n, r in sorted(ranks.items(), key=lambda kv: kv[1])],
+                    [
+                        [n, format_number(r, "rank")]
+                        for n, r in sorted(ranks.items(), key=lambda kv: kv[1])
+                    ],
                 ),
                 images=(("critical_difference.png", "critical-difference diagram"),),
             )
         )
+    written.append(write_results_json(comparison, root / "results.json", files=files))
     md, page = write_report(
         root, title or f"Comparison by {comparison.metric}", sections, html_report=html_report
     )

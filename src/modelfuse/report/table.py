@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -9,11 +10,38 @@ from modelfuse.errors import ConfigError
 
 if TYPE_CHECKING:
     from modelfuse.evaluation.comparison import Comparison
+    from modelfuse.evaluation.results import FriedmanResult
 
-__all__ = ["TABLE_STYLES", "comparison_rows", "comparison_table", "format_table"]
+__all__ = [
+    "NUMBER_FORMATS",
+    "TABLE_STYLES",
+    "comparison_rows",
+    "comparison_table",
+    "format_number",
+    "format_pvalue",
+    "friedman_summary",
+    "format_table",
+]
 
 TableStyle = Literal["markdown", "text"]
 TABLE_STYLES = ("markdown", "text")
+
+NumberKind = Literal["metric", "difference", "pvalue", "rank", "statistic"]
+NUMBER_FORMATS: dict[str, str] = {
+    "metric": ".4f",  # a metric and the bounds of its interval: 0.7680, [0.7400, 0.7940]
+    "difference": "+.4f",  # a difference to the reference, signed: +0.0720, [+0.0320, +0.1090]
+    "pvalue": ".4f",  # a p-value: 0.0020; below 0.0001 it prints as <0.0001, never 0.0000
+    "rank": ".2f",  # a mean rank and the critical difference: 1.05
+    "statistic": ".2f",  # a test statistic (Friedman's chi2): 19.16
+}
+"""One number format per kind of column, used by every comparison table and report.
+
+Every number of one kind prints with the same number of decimals, so the
+columns line up and are read the same way in the terminal, ``report.md`` and
+``report.html``.
+"""
+
+SMALLEST_PVALUE = 1e-4
 
 
 def _cell(value: Any) -> str:
@@ -96,21 +124,83 @@ def format_table(
     return "\n".join(body)
 
 
-def _interval(ci: tuple[float, float] | None) -> str:
-    return "" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+def format_number(value: float | None, kind: NumberKind) -> str:
+    """``value`` in the format of its column kind (see :data:`NUMBER_FORMATS`).
 
+    ``None`` prints as an empty cell; NaN and infinities as ``nan``, ``inf``,
+    ``-inf``; p-values below 0.0001 as ``<0.0001``.
 
-def _p(p: float | None) -> str:
-    if p is None:
+    Examples
+    --------
+    >>> format_number(0.768, "metric"), format_number(0.072, "difference")
+    ('0.7680', '+0.0720')
+    >>> format_number(3e-7, "pvalue"), format_number(0.002, "pvalue")
+    ('<0.0001', '0.0020')
+    """
+    if kind not in NUMBER_FORMATS:
+        raise ConfigError(
+            f"kind: unknown number kind {kind!r}; expected one of {', '.join(NUMBER_FORMATS)}"
+        )
+    if value is None:
         return ""
-    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+    number = float(value)
+    if math.isnan(number):
+        return "nan"
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    if kind == "pvalue" and number < SMALLEST_PVALUE:
+        return "<0.0001"
+    return format(number, NUMBER_FORMATS[kind])
+
+
+def format_pvalue(pvalue: float | None) -> str:
+    """A p-value in a sentence: ``p = 0.0123`` or ``p < 0.0001``.
+
+    Examples
+    --------
+    >>> format_pvalue(0.01234), format_pvalue(1e-9)
+    ('p = 0.0123', 'p < 0.0001')
+    """
+    text = format_number(pvalue, "pvalue")
+    return f"p < {text[1:]}" if text.startswith("<") else f"p = {text}"
+
+
+def _interval(ci: tuple[float, float] | None, kind: NumberKind) -> str:
+    if ci is None:
+        return ""
+    return f"[{format_number(ci[0], kind)}, {format_number(ci[1], kind)}]"
+
+
+def friedman_summary(friedman: FriedmanResult) -> str:
+    """Friedman's test, then the mean ranks and Nemenyi's critical difference (two lines).
+
+    Examples
+    --------
+    >>> from modelfuse.evaluation import friedman_test
+    >>> import numpy as np
+    >>> scores = np.array([[0.9, 0.8, 0.7]] * 6)
+    >>> print(friedman_summary(friedman_test(scores, names=["c", "b", "a"])))
+    Friedman test over 6 blocks: chi2 = 12.00 on 2 df, p = 0.0025
+    mean ranks (1 = best): c 1.00, b 2.00, a 3.00; Nemenyi critical difference 1.35 at alpha 0.05
+    """
+    ranks = sorted(zip(friedman.compared, friedman.mean_ranks), key=lambda kv: kv[1])
+    shown = ", ".join(f"{name} {format_number(rank, 'rank')}" for name, rank in ranks)
+    return (
+        f"Friedman test over {friedman.n_blocks} blocks: chi2 = "
+        f"{format_number(friedman.statistic, 'statistic')} on {friedman.df} df, "
+        f"{format_pvalue(friedman.pvalue)}\nmean ranks (1 = best): {shown}; Nemenyi critical "
+        f"difference {format_number(friedman.critical_difference, 'rank')} at alpha "
+        f"{friedman.alpha:g}"
+    )
 
 
 def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a :class:`~modelfuse.evaluation.Comparison`.
 
     Columns: candidate, the metric, its CI, the difference to the reference,
-    the difference's CI, and the Holm-adjusted p-value.
+    the difference's CI, and the Holm-adjusted p-value, each column in one
+    format (:data:`NUMBER_FORMATS`): metrics with 4 decimals, differences
+    signed with 4 decimals, p-values with 4 decimals or ``<0.0001``.
 
     Parameters
     ----------
@@ -127,8 +217,8 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
     >>> from modelfuse.evaluation import compare_predictions
     >>> y = np.array([0, 1] * 50); p = np.eye(2)[y]
     >>> headers, rows = comparison_rows(compare_predictions({"a": p, "b": p}, y, n_resamples=50))
-    >>> headers[0], rows[0][0], rows[1][3]
-    ('model', 'a (reference)', '+0')
+    >>> headers[0], rows[0][0], rows[1][1], rows[1][3]
+    ('model', 'a (reference)', '1.0000', '+0.0000')
     """
     level = f"{comparison.confidence_level:.0%}"
     headers = [
@@ -145,8 +235,8 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
             rows.append(
                 [
                     f"{c.name} (reference)",
-                    f"{c.estimate.statistic:.4g}",
-                    _interval(c.estimate.ci),
+                    format_number(c.estimate.statistic, "metric"),
+                    _interval(c.estimate.ci, "metric"),
                     "",
                     "",
                     "",
@@ -156,11 +246,11 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
             rows.append(
                 [
                     c.name,
-                    f"{c.estimate.statistic:.4g}",
-                    _interval(c.estimate.ci),
-                    f"{c.difference.statistic:+.4g}",
-                    _interval(c.difference.ci),
-                    _p(c.test.pvalue if c.test is not None else None),
+                    format_number(c.estimate.statistic, "metric"),
+                    _interval(c.estimate.ci, "metric"),
+                    format_number(c.difference.statistic, "difference"),
+                    _interval(c.difference.ci, "difference"),
+                    format_number(c.test.pvalue if c.test is not None else None, "pvalue"),
                 ]
             )
     return headers, rows
