@@ -217,8 +217,8 @@ def test_index_naming_a_missing_shard(tmp_path: Path, tensors) -> None:
     (folder / "model-00002-of-00003.safetensors").unlink()
     message = _error(folder)
     index = folder / "model.safetensors.index.json"
-    assert message.startswith(f"{index}: names shard model-00002-of-00003.safetensors")
-    assert "does not exist" in message and "missing shard" in message
+    assert message.startswith(f"{index}: names shard 'model-00002-of-00003.safetensors'")
+    assert f"does not exist in {folder}" in message and "missing shard" in message
 
 
 def test_index_naming_a_tensor_missing_from_its_shard(tmp_path: Path, tensors) -> None:
@@ -266,3 +266,47 @@ def test_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path: Path) 
     save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
     with open_checkpoint(folder) as ckpt:
         assert ckpt.keys() == ["w"] and ckpt.read("w").tolist() == [1.0, 1.0]
+
+
+def test_deeply_nested_index_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    deep = 100_000
+    text = '{"weight_map": ' + "[" * deep + "]" * deep + "}"
+    (folder / "model.safetensors.index.json").write_text(text)
+    message = _error(folder)
+    assert message.startswith(f"{folder / 'model.safetensors.index.json'}: nests JSON")
+    assert "too deeply to be a shard index" in message and len(message) < 400
+
+
+def test_oversized_index_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None:
+    from modelfuse.checkpoint import index as index_module
+
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}) + " " * 200)
+    monkeypatch.setattr(index_module, "MAX_INDEX_BYTES", 100)
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("the index was read"))
+    message = _error(path)
+    assert f"{path}: {path.stat().st_size} bytes, more than the 100 a shard index can need" in (
+        message
+    )
+
+
+def test_index_naming_a_tensor_with_a_lone_surrogate(tmp_path: Path) -> None:
+    save_file({"w": torch.ones(1)}, str(tmp_path / "a.safetensors"))
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {"w\\udfff": "a.safetensors"}}')
+    message = _error(path)
+    assert "tensor name 'w\\udfff' is not valid Unicode" in message
+    message.encode("ascii")
+
+
+@pytest.mark.parametrize(
+    "shard", ["a\\u0000.safetensors", "\\ud800.safetensors", "x" * 5000 + ".safetensors"]
+)
+def test_index_naming_impossible_shard_files(tmp_path: Path, shard: str) -> None:
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {"w": "' + shard + '"}}')
+    message = _error(path)
+    assert message.startswith(f"{path}: ") and len(message) < 500
+    message.encode("ascii")

@@ -238,7 +238,7 @@ def test_duplicate_tensor_name(tmp_path: Path) -> None:
 
 def test_bad_shape(tmp_path: Path) -> None:
     path = _craft(tmp_path / "m.safetensors", {"w": _entry("F32", [-1], 0, 4)}, b"\0" * 4)
-    assert "not a list of non-negative integers" in _error(path)
+    assert "is not a list of at most 64 integers from 0 to 2**63 - 1" in _error(path)
 
 
 def test_entry_without_offsets(tmp_path: Path) -> None:
@@ -286,3 +286,118 @@ def test_read_rows_reads_only_those_rows(tmp_path: Path, monkeypatch) -> None:
         assert_same(ckpt.read_rows("a", 7, 7), tensors["a"][7:7])
         with pytest.raises(ValueError, match="rows 3:9 are outside its 7 rows"):
             ckpt.read_rows("a", 3, 9)
+
+
+# Crafted headers: every one is refused in one line, with bounded work and message.
+
+DEEP = 100_000
+
+
+def _assert_bounded(message: str) -> None:
+    assert "\n" not in message and len(message) < 600
+    message.encode("ascii")  # printable anywhere, no lone surrogate
+
+
+def test_deeply_nested_metadata_is_one_line(tmp_path: Path) -> None:
+    text = b'{"__metadata__": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    path = _craft(tmp_path / "m.safetensors", text, b"")
+    message = _error(path)
+    assert "nests JSON lists or objects too deeply" in message
+    _assert_bounded(message)
+
+
+def test_deeply_nested_tensor_entry_is_one_line(tmp_path: Path) -> None:
+    text = b'{"w": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}"
+    path = _craft(tmp_path / "m.safetensors", text, b"")
+    assert "too deeply" in _error(path)
+
+
+def test_moderately_nested_entry_is_shown_bounded(tmp_path: Path) -> None:
+    # shallow enough for the JSON parser: the message shows a bounded preview of it
+    text = b'{"w": ' + b"[" * 500 + b"]" * 500 + b"}"
+    path = _craft(tmp_path / "m.safetensors", text, b"")
+    message = _error(path)
+    assert "header entry [[[[...]]]] lacks 'dtype'" in message
+    _assert_bounded(message)
+
+
+def test_header_length_field_of_a_petabyte_is_refused_before_reading(tmp_path: Path) -> None:
+    data = struct.pack("<Q", 10**15) + b'{"w": 1}'
+    reads: list[tuple[int, int]] = []
+
+    def read_at(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return data[offset : offset + size]
+
+    with pytest.raises(CheckpointError, match="says 1000000000000000 bytes but only 8"):
+        fmt.read_header(tmp_path / "m.safetensors", len(data), read_at)
+    assert reads == [(0, 8)]
+
+
+@pytest.mark.parametrize("shape", [[0, 10**18], [10**18, 0, 3], [0, 2**63 - 1]])
+def test_zero_size_tensor_with_a_huge_other_dimension_reads_empty(
+    tmp_path: Path, shape: list[int]
+) -> None:
+    header = {"e": _entry("F32", shape, 0, 0), "w": _entry("F32", [2], 0, 8)}
+    path = _craft(tmp_path / "m.safetensors", header, struct.pack("<2f", 1.5, 2.5))
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.info("e").shape == tuple(shape) and ckpt.info("e").nbytes == 0
+        empty = ckpt.read("e")
+        assert tuple(empty.shape) == tuple(shape) and empty.numel() == 0
+        assert ckpt.read("w").tolist() == [1.5, 2.5]
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**70], [0, 10**30]])
+def test_dimension_beyond_int64_is_refused(tmp_path: Path, shape: list[int]) -> None:
+    path = _craft(tmp_path / "m.safetensors", {"e": _entry("F32", shape, 0, 0)}, b"")
+    message = _error(path)
+    assert "tensor 'e': shape [0, " in message and "integers from 0 to 2**63 - 1" in message
+    _assert_bounded(message)
+
+
+def test_huge_shape_with_a_small_span_is_refused_without_big_numbers(tmp_path: Path) -> None:
+    # 64 dimensions of 2**62: the product is never formed; the span check stops at once
+    shape = [2**62] * 64
+    path = _craft(tmp_path / "m.safetensors", {"w": _entry("F32", shape, 0, 4)}, b"\0" * 4)
+    message = _error(path)
+    assert "span 4 bytes" in message and "needs more bytes than the file holds" in message
+    _assert_bounded(message)
+
+
+def test_too_many_dimensions_are_refused(tmp_path: Path) -> None:
+    path = _craft(tmp_path / "m.safetensors", {"w": _entry("F32", [1] * 65, 0, 4)}, b"\0" * 4)
+    assert "not a list of at most 64 integers" in _error(path)
+
+
+def test_integer_of_thousands_of_digits_is_one_line(tmp_path: Path) -> None:
+    text = b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}'
+    path = _craft(tmp_path / "m.safetensors", text, b"\0" * 4)
+    message = _error(path)
+    assert "not valid JSON" in message
+    _assert_bounded(message)
+
+
+def test_tensor_name_with_a_lone_surrogate_is_refused_escaped(tmp_path: Path) -> None:
+    text = b'{"w\\ud800x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    path = _craft(tmp_path / "m.safetensors", text, b"\0" * 4)
+    message = _error(path)
+    assert "tensor name 'w\\ud800x' is not valid Unicode (it holds a lone surrogate)" in message
+    assert "rename the tensor" in message
+    _assert_bounded(message)
+
+
+def test_tensor_name_with_a_surrogate_pair_is_read(tmp_path: Path) -> None:
+    # a proper pair is one character (U+1F600), valid UTF-8: read as the safetensors library does
+    text = b'{"w\\ud83d\\ude00": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    path = _craft(tmp_path / "m.safetensors", text, struct.pack("<f", 2.0))
+    with open_checkpoint(path) as ckpt, safe_open(str(path), "pt") as reference:
+        assert ckpt.keys() == list(reference.keys()) == ["w\U0001f600"]
+        assert ckpt.read("w\U0001f600").tolist() == [2.0]
+
+
+def test_long_tensor_names_are_shortened_in_messages(tmp_path: Path) -> None:
+    name = "x" * 100_000
+    path = _craft(tmp_path / "m.safetensors", {name: _entry("F99", [1], 0, 4)}, b"\0" * 4)
+    message = _error(path)
+    assert "tensor 'xxxx" in message and "...'" in message
+    _assert_bounded(message)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modelfuse.checkpoint.base import Checkpoint
 from modelfuse.checkpoint.index import read_index
+from modelfuse.checkpoint.names import preview
 from modelfuse.checkpoint.safetensors_format import SafetensorsCheckpoint
 from modelfuse.checkpoint.torch_format import TorchCheckpoint
 from modelfuse.errors import CheckpointError
@@ -140,7 +141,7 @@ def _open_index(index_path: Path, given: Path, folder: Path | None) -> Checkpoin
         kind = TorchCheckpoint
     else:
         raise CheckpointError(
-            f"{index_path}: names shards of types {', '.join(sorted(suffixes))}; expected all "
+            f"{index_path}: names shards of types {preview(sorted(suffixes))}; expected all "
             ".safetensors or all .bin shards; fix the index"
         )
     return kind(given, index.shards, folder=folder, weight_map=index.weight_map, index=index_path)

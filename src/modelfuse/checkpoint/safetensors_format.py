@@ -27,6 +27,7 @@ import torch
 
 from modelfuse.checkpoint.base import Checkpoint, TensorInfo
 from modelfuse.checkpoint.dtypes import SAFETENSORS_DTYPES, dtype_code, itemsize
+from modelfuse.checkpoint.names import check_name, preview, tensor_label
 from modelfuse.errors import CheckpointError
 
 __all__ = [
@@ -40,6 +41,10 @@ __all__ = [
 _RESAVE = "the file is truncated or corrupt; re-save or re-download it"
 #: The safetensors library refuses headers above this size; so does modelfuse.
 MAX_HEADER_BYTES = 100_000_000
+#: Largest dimension torch can hold (its sizes are signed 64-bit integers).
+MAX_DIMENSION = 2**63 - 1
+#: More dimensions than any model uses; a longer shape is refused as corrupt.
+MAX_DIMENSIONS = 64
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"key {key!r} appears twice")
+            raise ValueError(f"key {tensor_label(key)} appears twice")
         result[key] = value
     return result
 
@@ -86,23 +91,28 @@ def _is_int(value: object) -> bool:
 
 
 def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: int) -> HeaderEntry:
-    where = f"{path}: tensor {name!r}"
+    check_name(name, str(path), "rename the tensor and re-save the checkpoint")
+    where = f"{path}: tensor {tensor_label(name)}"
     if not isinstance(raw, dict) or not {"dtype", "shape", "data_offsets"} <= raw.keys():
-        text = json.dumps(raw)[:80]
         raise CheckpointError(
-            f"{where}: header entry {text} lacks 'dtype', 'shape' or 'data_offsets'; {_RESAVE}"
+            f"{where}: header entry {preview(raw)} lacks 'dtype', 'shape' or 'data_offsets'; "
+            f"{_RESAVE}"
         )
     code, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     if code not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
         raise CheckpointError(
-            f"{where}: unknown dtype {code!r}, expected one of {known}; "
+            f"{where}: unknown dtype {preview(code)}, expected one of {known}; "
             "convert the checkpoint to one of those dtypes"
         )
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMENSIONS
+        or not all(_is_int(d) and 0 <= d <= MAX_DIMENSION for d in shape)
+    ):
         raise CheckpointError(
-            f"{where}: shape {json.dumps(shape)[:80]} is not a list of non-negative integers; "
-            f"{_RESAVE}"
+            f"{where}: shape {preview(shape)} is not a list of at most {MAX_DIMENSIONS} "
+            f"integers from 0 to 2**63 - 1; {_RESAVE}"
         )
     if (
         not isinstance(offsets, list)
@@ -111,23 +121,36 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: 
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(
-            f"{where}: data_offsets {json.dumps(offsets)[:80]} are not two increasing "
+            f"{where}: data_offsets {preview(offsets)} are not two increasing "
             f"non-negative integers; {_RESAVE}"
         )
     begin, end = offsets
     if end > data_len:
         raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] run past the end of the data, which holds "
-            f"{data_len} bytes; {_RESAVE}"
+            f"{where}: data_offsets {preview(offsets)} run past the end of the data, which "
+            f"holds {data_len} bytes; {_RESAVE}"
         )
     dtype = SAFETENSORS_DTYPES[code]
-    expected = math.prod(shape) * itemsize(dtype)
+    expected = _span(shape, itemsize(dtype), data_len)
     if end - begin != expected:
+        needs = "more bytes than the file holds" if expected < 0 else f"{expected} bytes"
         raise CheckpointError(
             f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes but shape "
-            f"{list(shape)} of {code} needs {expected}; {_RESAVE}"
+            f"{preview(shape)} of {code} needs {needs}; {_RESAVE}"
         )
     return HeaderEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _span(shape: list[int], item: int, limit: int) -> int:
+    """Bytes of a tensor of ``shape``, or -1 once the product passes ``limit`` (no huge numbers)."""
+    if 0 in shape:
+        return 0
+    total = item
+    for size in shape:
+        total *= size
+        if total > limit:
+            return -1
+    return total
 
 
 def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
@@ -185,8 +208,14 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
     raw = read_at(8, header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: the safetensors header nests JSON lists or objects too deeply to be a "
+            "header (a safetensors header is two levels deep); the file is corrupt or crafted; "
+            "re-save or re-download it"
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:120]
+        reason = ascii(str(exc).splitlines()[0])[1:121]
         raise CheckpointError(
             f"{path}: the safetensors header is not valid JSON ({reason}); the file is corrupt "
             "or not a safetensors file; re-save or re-download it"
@@ -201,7 +230,7 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CheckpointError(
-            f"{path}: __metadata__ {json.dumps(metadata)[:80]} is not a mapping of strings to "
+            f"{path}: __metadata__ {preview(metadata)} is not a mapping of strings to "
             f"strings; {_RESAVE}"
         )
     data_start = 8 + header_len
@@ -212,15 +241,20 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
     for entry in entries:
         if entry.begin < cursor:
             raise CheckpointError(
-                f"{path}: tensor {entry.name!r} overlaps tensor {previous!r} (its data begins "
-                f"at byte {entry.begin - data_start}, before {previous!r} ends at "
-                f"{cursor - data_start}); {_RESAVE}"
+                f"{path}: tensor {tensor_label(entry.name)} overlaps tensor "
+                f"{tensor_label(previous or '')} (its data begins at byte "
+                f"{entry.begin - data_start}, before that one ends at {cursor - data_start}); "
+                f"{_RESAVE}"
             )
         if entry.begin > cursor:
-            after = f"after tensor {previous!r}" if previous else "at the start of the data"
+            after = (
+                f"after tensor {tensor_label(previous)}"
+                if previous
+                else "at the start of the data"
+            )
             raise CheckpointError(
                 f"{path}: a gap of {entry.begin - cursor} bytes {after}, before tensor "
-                f"{entry.name!r}; expected contiguous tensor data; {_RESAVE}"
+                f"{tensor_label(entry.name)}; expected contiguous tensor data; {_RESAVE}"
             )
         cursor, previous = entry.end, entry.name
     if cursor != file_size:
@@ -388,7 +422,7 @@ class SafetensorsCheckpoint(Checkpoint):
             for entry in header.entries:
                 if entry.name in self._infos:
                     raise CheckpointError(
-                        f"{file_path}: tensor {entry.name!r} is also in "
+                        f"{file_path}: tensor {tensor_label(entry.name)} is also in "
                         f"{self._infos[entry.name].file}; expected each tensor in one shard; "
                         "remove the duplicate shard"
                     )
@@ -401,7 +435,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 info = self._infos.get(name)
                 if info is None or info.file != shard:
                     raise CheckpointError(
-                        f"{index}: names tensor {name!r} in shard {shard.name}, but "
+                        f"{index}: names tensor {tensor_label(name)} in shard {shard.name}, but "
                         f"{shard} does not hold it; the shard or the index is wrong; "
                         "re-download or re-save the checkpoint"
                     )
@@ -432,7 +466,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def _read_span(self, info: TensorInfo, skip: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Read the part of tensor ``info`` that starts ``skip`` bytes in and has ``shape``."""
         if self._closed:
-            raise CheckpointError(f"{self.path}: read {info.name!r} after close(); open it again")
+            raise CheckpointError(
+                f"{self.path}: read {tensor_label(info.name)} after close(); open it again"
+            )
         handle, offset = self._where[info.name]
         nbytes = math.prod(shape) * itemsize(info.dtype)
         if nbytes == 0:
@@ -441,7 +477,7 @@ class SafetensorsCheckpoint(Checkpoint):
         count = handle.read_into(memoryview(raw.numpy()), offset + skip)
         if count != nbytes:
             raise CheckpointError(
-                f"{info.file}: tensor {info.name!r}: read {count} of its {nbytes} bytes; the "
+                f"{info.file}: tensor {tensor_label(info.name)}: read {count} of its {nbytes} bytes; the "
                 "file shrank after it was opened; re-save or re-download it"
             )
         return raw.view(info.dtype).reshape(shape)
