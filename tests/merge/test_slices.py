@@ -101,7 +101,9 @@ def test_layer_range_past_the_model(llama_folders, tmp_path):
         "merge_method": "passthrough",
         "slices": [{"sources": [{"model": str(llama_folders[0]), "layer_range": [1, 3]}]}],
     }
-    with pytest.raises(CheckpointError, match="model.layers.2.* is missing from"):
+    with pytest.raises(
+        ConfigError, match=r"slices\[0\].sources\[0\]: layer_range \[1, 3\] is not within the model's 2 layers"
+    ):
         modelfuse.merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -16,18 +16,29 @@ A mergekit configuration is accepted as it is::
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.parameters import ParameterSetting, format_validation_error
+from modelfuse.merge.parameters import ParameterSetting, format_validation_error, short
 
 __all__ = [
     "DTYPES",
+    "OUT_DTYPES",
     "DTypeName",
     "MergeConfig",
     "ModelEntry",
@@ -35,8 +46,141 @@ __all__ = [
     "SliceEntry",
     "SliceSourceEntry",
     "load_config",
+    "read_yaml",
     "resolve_dtype",
 ]
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""Largest configuration file read."""
+
+MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings a configuration file may have."""
+
+MAX_INT_DIGITS = 30
+"""Longest integer (in digits) a configuration file may hold."""
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounded work on crafted files.
+
+    Nesting deeper than :data:`MAX_DEPTH` and integers longer than
+    :data:`MAX_INT_DIGITS` digits are refused while composing; numbers in
+    scientific notation without a dot (``5e-1``) are read as floats, as
+    YAML 1.2 and mergekit's users expect.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> int:
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits is too large", node.start_mark
+            )
+        return int(super().construct_yaml_int(node))
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _expanded_size(root: yaml.Node, budget: int) -> int:
+    """Nodes of the document once every alias is expanded; more than ``budget`` stops counting.
+
+    A node reached through several aliases counts once per path, which is
+    what a consumer of the loaded document walks (a billion-laughs file
+    expands a few KB into millions of nodes). An alias inside its own anchor
+    (a cycle) is refused.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            active.discard(key)
+            children = _children(node)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            sizes[key] = min(total, budget + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to the collection that holds it", node.start_mark
+            )
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    total = sizes[id(root)]
+    if total > budget:
+        raise yaml.composer.ComposerError(
+            None,
+            None,
+            f"aliases expand the document beyond {budget} nodes (a file of this size holds "
+            "far fewer); write the values out instead of repeating anchors",
+            root.start_mark,
+        )
+    return total
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def read_yaml(text: str) -> Any:
+    """Parse one YAML document safely, with the work bounded by the text's size.
+
+    Raises
+    ------
+    yaml.YAMLError
+        Not YAML, nested deeper than :data:`MAX_DEPTH`, an integer longer than
+        :data:`MAX_INT_DIGITS` digits, or aliases expanding beyond
+        ``max(10000, 4 * len(text))`` nodes.
+
+    Examples
+    --------
+    >>> read_yaml("weight: 5e-1\\nlayers: &r [0, 2]\\nagain: *r")
+    {'weight': 0.5, 'layers': [0, 2], 'again': [0, 2]}
+    """
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, max(10_000, 4 * len(text)))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
 
@@ -52,16 +196,52 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+OUT_DTYPES: dict[str, torch.dtype] = {
+    **DTYPES,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+"""Dtypes the merged tensors may be written in (``out_dtype``): float8 only when asked for."""
+
+
 def resolve_dtype(name: str | None, *, key: str = "dtype") -> torch.dtype | None:
-    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None; unknown names list the valid ones."""
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None; unknown names list the valid ones.
+
+    ``key="out_dtype"`` also accepts ``float8_e4m3fn`` and ``float8_e5m2``.
+    """
     if name is None:
         return None
+    table = OUT_DTYPES if key == "out_dtype" else DTYPES
     try:
-        return DTYPES[name]
+        return table[name]
     except KeyError:
-        raise ConfigError(
-            f"{key}: unknown dtype {name!r}; valid: float32, float16, bfloat16"
-        ) from None
+        valid = ", ".join(dict.fromkeys(str(v).removeprefix("torch.") for v in table.values()))
+        raise ConfigError(f"{key}: unknown dtype {short(name)}; valid: {valid}") from None
+
+
+def _finite_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Refuse NaN and inf anywhere in parameter settings, naming the key."""
+    if value is None:
+        return value
+    for key, setting in value.items():
+        stack = [setting]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, BaseModel):
+                item = item.model_dump()
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(
+                    f"{short(key)}: {item} is not a finite number; give a finite value"
+                )
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+    return value
+
+
+LayerIndex = Annotated[int, Field(ge=0, lt=2**31)]
+"""A layer index as written in ``layer_range`` (checked against the model's layers when planned)."""
 
 
 class ModelEntry(BaseModel):
@@ -79,6 +259,8 @@ class ModelEntry(BaseModel):
         "for data-aware methods",
     )
 
+    _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
+
 
 class SliceSourceEntry(BaseModel):
     """One source of an output slice: ``{model: PATH, layer_range: [START, STOP]}``."""
@@ -86,10 +268,14 @@ class SliceSourceEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="local path of a checkpoint file or model folder")
-    layer_range: tuple[int, int] = Field(description="layers [START, STOP) of the model")
+    layer_range: tuple[LayerIndex, LayerIndex] = Field(
+        description="layers [START, STOP) of the model"
+    )
     parameters: dict[str, ParameterSetting] | None = Field(
         None, description="per-source parameter settings"
     )
+
+    _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
 
 
 class SliceEntry(BaseModel):
@@ -103,6 +289,8 @@ class SliceEntry(BaseModel):
         None, description="parameter settings for this slice"
     )
 
+    _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
+
 
 class PatchEntry(BaseModel):
     """A task-vector patch applied to the merged model: ``theta + scale * patch``."""
@@ -110,7 +298,7 @@ class PatchEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     patch: str = Field(description="a patch written by `modelfuse diff`")
-    scale: float = Field(1.0, description="the patch's factor; negative removes it")
+    scale: FiniteFloat = Field(1.0, description="the patch's factor; negative removes it")
 
 
 class MergeConfig(BaseModel):
@@ -138,11 +326,23 @@ class MergeConfig(BaseModel):
         "model (or the first model) and supports only 'base'",
     )
 
-    @field_validator("dtype", "out_dtype")
+    _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
+
+    @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; valid: float32, float16, bfloat16")
+            raise ValueError(f"unknown dtype {short(value)}; valid: float32, float16, bfloat16")
+        return value
+
+    @field_validator("out_dtype")
+    @classmethod
+    def _known_out_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in OUT_DTYPES:
+            raise ValueError(
+                f"unknown dtype {short(value)}; valid: float32, float16, bfloat16, "
+                "float8_e4m3fn, float8_e5m2"
+            )
         return value
 
     @model_validator(mode="after")
@@ -200,12 +400,19 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: a {size}-byte file; a merge configuration is at most "
+                f"{MAX_CONFIG_BYTES} bytes"
+            )
         try:
-            data = yaml.safe_load(path.read_text())
+            data = read_yaml(path.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', exc)})") from None
+            problem = str(getattr(exc, "problem", None) or exc)[:200]
+            raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
         folder = path.resolve().parent

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import resource
 import sys
@@ -25,9 +26,11 @@ import torch
 import yaml
 
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, parse_size
-from modelfuse.errors import ConfigError
-from modelfuse.merge.config import MergeConfig, load_config, resolve_dtype
+from modelfuse.errors import ConfigError, ModelfuseError
+from modelfuse.merge.config import MergeConfig, ModelEntry, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
+from modelfuse.merge.output_paths import check_output_path, expand_user
+from modelfuse.merge.parameters import short
 from modelfuse.merge.patch import PatchSource
 from modelfuse.merge.plan import (
     MergePlan,
@@ -38,8 +41,10 @@ from modelfuse.merge.plan import (
     attach_patches,
     build_plan,
     build_slice_plan,
+    check_keys,
 )
-from modelfuse.merge.registry import MergeMethod, get_method
+from modelfuse.merge.problems import Problems
+from modelfuse.merge.registry import METHODS, MergeMethod, get_method
 
 __all__ = ["MergeResult", "describe_plan", "merge", "plan_merge"]
 
@@ -87,8 +92,9 @@ def _peak_rss() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
-def _locate(reference: str, folder: Path) -> str:
-    path = Path(reference).expanduser()
+def _locate(reference: str, folder: Path, key: str = "model") -> str:
+    """A reference as given (from the working directory), else beside the configuration."""
+    path = expand_user(reference, key=key)
     if path.is_absolute() or path.exists():
         return str(path)
     beside = folder / path
@@ -102,107 +108,238 @@ class _Opened:
     checkpoints: list[Checkpoint | PatchSource]
     files_from: Path | None
     notes: list[str]
+    located: dict[str, str] = field(default_factory=dict)
 
 
-def _open_all(config: MergeConfig, folder: Path) -> _Opened:
-    method = get_method(config.merge_method)
-    opened: dict[str, Checkpoint] = {}
-    notes: list[str] = []
+_STATISTICS_KIND = "modelfuse.statistics"
+_KIND_NAMES = {"fisher": "Fisher diagonals", "gram": "Gram matrices"}
 
-    def get(reference: str) -> Checkpoint:
-        location = _locate(reference, folder)
-        key = str(Path(location).resolve()) if Path(location).exists() else location
-        if key not in opened:
-            opened[key] = open_checkpoint(location)
-        return opened[key]
 
-    compute = resolve_dtype(config.dtype)
-    out_dtype = resolve_dtype(config.out_dtype, key="out_dtype")
-    patch_sources: list[PatchSource] = []
-    try:
-        base_ckpt = get(config.base_model) if config.base_model is not None else None
-        if config.slices is not None:
-            plan = _slice_plan(config, method, get, compute, out_dtype)
-            first = plan.models[0].source
-            files_from = base_ckpt.folder if base_ckpt is not None else first.folder
-            _open_patches(config, plan, folder, patch_sources)
-            return _Opened(plan, config, [*opened.values(), *patch_sources], files_from, notes)
-        entries = list(config.models or [])
-        if base_ckpt is not None and method.uses_base:
-            kept = [e for e in entries if get(e.model) is not base_ckpt]
-            if len(kept) < len(entries):
-                notes.append(f"{config.base_model} is the base model; it is not merged as a model")
-            entries = kept
-        models = [
-            ModelInput(
-                label=entry.model,
-                source=get(entry.model),
-                parameters=dict(entry.parameters or {}),
-                statistics=None if entry.statistics is None else get(entry.statistics),
-            )
-            for entry in entries
-        ]
-        if not models:
-            raise ConfigError(
-                "models: nothing to merge besides the base model; list at least one other model"
-            )
-        base = None
-        if base_ckpt is not None and method.uses_base:
-            base = ModelInput(label=config.base_model or "base", source=base_ckpt)
-        plan = build_plan(
-            method,
-            models,
-            base,
-            config.parameters or {},
-            compute_dtype=compute,
-            out_dtype=out_dtype,
+def _statistics_problems(
+    method: MergeMethod, label: str, statistics: Checkpoint, model: Checkpoint | None
+) -> list[str]:
+    """A statistics file of another kind than the method reads, or matching none of the tensors."""
+    problems = []
+    kind = getattr(statistics, "metadata", {}).get(_STATISTICS_KIND)
+    wanted = method.statistics[0] if method.statistics else None
+    if wanted is not None and kind in _KIND_NAMES and kind != wanted:
+        users = sorted(name for name, m in METHODS.items() if kind in m.statistics)
+        problems.append(
+            f"{label}: holds {_KIND_NAMES[kind]} (`modelfuse statistics {kind}`, for "
+            f"{', '.join(users)}); merge method {method.name!r} needs {_KIND_NAMES[wanted]}: "
+            f"compute them with `modelfuse statistics {wanted}`"
         )
-        _open_patches(config, plan, folder, patch_sources)
-    except BaseException:
+    elif model is not None and not any(name in model for name in statistics.keys()):
+        problems.append(
+            f"{label}: none of its {len(statistics.keys())} tensor names is a tensor of the "
+            "model; compute the statistics on this model with `modelfuse statistics`"
+        )
+    return problems
+
+
+def _open_all(
+    config: MergeConfig,
+    folder: Path,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    config_file: Path | None = None,
+) -> _Opened:
+    """Open every input and plan the merge; every problem found is raised together.
+
+    The problems are collected across every check (unknown method or
+    parameters, missing or unreadable models, statistics of the wrong kind,
+    out-of-range values, mismatched tensors, an output that exists or is an
+    input) and raised as one error listing them.
+    """
+    problems = Problems()
+    method = problems.check(lambda: get_method(config.merge_method))
+    opened: dict[str, Checkpoint] = {}
+    failed: set[str] = set()
+    located: dict[str, str] = {}
+    notes: list[str] = []
+    patch_sources: list[PatchSource] = []
+    inputs: list[tuple[str, str | Path]] = []
+
+    def get(reference: str, key: str, what: str = "input model") -> Checkpoint | None:
+        if reference in failed:
+            return None
+        try:
+            location = _locate(reference, folder, key)
+            resolved = Path(location).resolve() if Path(location).exists() else None
+            opened_key = str(resolved) if resolved is not None else location
+            if opened_key not in opened:
+                opened[opened_key] = open_checkpoint(location)
+        except ModelfuseError as exc:
+            failed.add(reference)
+            problems.add_error(exc)
+            return None
+        located[reference] = os.path.abspath(location)
+        inputs.append((what, location))
+        return opened[opened_key]
+
+    def close_all() -> None:
         for ckpt in [*opened.values(), *patch_sources]:
-            ckpt.close()
+            with contextlib.suppress(Exception):
+                ckpt.close()
+
+    try:
+        compute = resolve_dtype(config.dtype)
+        out_dtype = resolve_dtype(config.out_dtype, key="out_dtype")
+        base_ckpt = None
+        if config.base_model is not None:
+            base_ckpt = get(config.base_model, "base_model")
+        slices: list[tuple[Any, list[Checkpoint | None]]] = []
+        entries: list[tuple[ModelEntry, Checkpoint | None, Checkpoint | None]] = []
+        if config.slices is not None:
+            for number, piece in enumerate(config.slices):
+                sources = [
+                    get(src.model, f"slices[{number}].sources[{i}].model")
+                    for i, src in enumerate(piece.sources)
+                ]
+                if piece.base_model is not None:
+                    get(piece.base_model, f"slices[{number}].base_model")
+                slices.append((piece, sources))
+        else:
+            for i, entry in enumerate(config.models or []):
+                ckpt = get(entry.model, f"models[{i}].model")
+                stats = None
+                if entry.statistics is not None:
+                    stats = get(entry.statistics, f"models[{i}].statistics", "statistics file")
+                entries.append((entry, ckpt, stats))
+        for i, patch in enumerate(config.patches or []):
+            try:
+                location = _locate(patch.patch, folder, f"patches[{i}].patch")
+                patch_sources.append(PatchSource(location))
+                located[patch.patch] = os.path.abspath(location)
+                inputs.append(("patch", location))
+            except ModelfuseError as exc:
+                problems.add_error(exc)
+        if config_file is not None:
+            inputs.append(("configuration file", config_file))
+            inputs.append(("folder of the configuration", config_file.resolve().parent))
+        if out is not None:
+            problems.check(lambda: check_output_path(out, inputs, overwrite=overwrite))
+        if method is not None:
+            for i, (entry, ckpt, stats) in enumerate(entries):
+                if stats is not None and entry.statistics is not None:
+                    for problem in _statistics_problems(
+                        method, f"models[{i}].statistics {entry.statistics}", stats, ckpt
+                    ):
+                        problems.add(problem)
+        if method is None or failed or len(patch_sources) < len(config.patches or []):
+            # Nothing more can be checked against the models: report what was found.
+            if method is not None:  # the parameters can be checked without the models
+                for problem in check_keys(method, "parameters", config.parameters or {}):
+                    problems.add(problem)
+            problems.raise_all()
+        plan: MergePlan | None = None
+        with problems.collecting():
+            if method is None:
+                raise RuntimeError("unreachable: an unknown method was reported above")
+            if config.slices is not None:
+                plan = _slice_plan(config, method, get, compute, out_dtype)
+            else:
+                plan = _model_plan(config, method, entries, base_ckpt, compute, out_dtype, notes)
+        if plan is not None:
+            with problems.collecting():
+                attach_patches(
+                    plan,
+                    [
+                        (entry.patch, source, entry.scale)
+                        for entry, source in zip(config.patches or [], patch_sources)
+                    ],
+                )
+        problems.raise_all()
+        if plan is None or method is None:  # every path to here planned or raised
+            raise RuntimeError("the merge was neither planned nor refused")
+    except BaseException:
+        close_all()
         raise
-    files_from = base_ckpt.folder if base_ckpt is not None else models[0].source.folder
+    if base_ckpt is not None:
+        files_from = base_ckpt.folder
+    else:
+        first = plan.models[0].source
+        files_from = getattr(first, "folder", None)
     return _Opened(
-        plan, config, [*opened.values(), *patch_sources], files_from, notes + plan.notes
+        plan,
+        config,
+        [*opened.values(), *patch_sources],
+        files_from,
+        notes + plan.notes,
+        located,
     )
 
 
-def _open_patches(
-    config: MergeConfig, plan: MergePlan, folder: Path, sources: list[PatchSource]
-) -> None:
-    entries = []
-    for entry in config.patches or []:
-        source = PatchSource(_locate(entry.patch, folder))
-        sources.append(source)
-        entries.append((entry.patch, source, entry.scale))
-    attach_patches(plan, entries)
+def _model_plan(
+    config: MergeConfig,
+    method: MergeMethod,
+    entries: list[tuple[ModelEntry, Checkpoint | None, Checkpoint | None]],
+    base_ckpt: Checkpoint | None,
+    compute: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+    notes: list[str],
+) -> MergePlan:
+    kept = list(entries)
+    if base_ckpt is not None and method.uses_base:
+        kept = [e for e in entries if e[1] is not base_ckpt]
+        if len(kept) < len(entries):
+            notes.append(f"{config.base_model} is the base model; it is not merged as a model")
+    models = [
+        ModelInput(
+            label=entry.model,
+            source=ckpt,
+            parameters=dict(entry.parameters or {}),
+            statistics=stats,
+        )
+        for entry, ckpt, stats in kept
+        if ckpt is not None
+    ]
+    if not models:
+        raise ConfigError(
+            "models: nothing to merge besides the base model; list at least one other model"
+        )
+    base = None
+    if base_ckpt is not None and method.uses_base:
+        base = ModelInput(label=config.base_model or "base", source=base_ckpt)
+    return build_plan(
+        method,
+        models,
+        base,
+        config.parameters or {},
+        compute_dtype=compute,
+        out_dtype=out_dtype,
+    )
 
 
 def _slice_plan(
     config: MergeConfig,
     method: MergeMethod,
-    get: Callable[[str], Checkpoint],
+    get: Callable[..., Checkpoint | None],
     compute: torch.dtype | None,
     out_dtype: torch.dtype | None,
 ) -> MergePlan:
     slices = []
     for number, entry in enumerate(config.slices or []):
-        sources = [
-            SliceSource(
-                ModelInput(
-                    label=f"{src.model} layers {src.layer_range[0]}-{src.layer_range[1] - 1}",
-                    source=get(src.model),
-                    parameters=dict(src.parameters or {}),
-                ),
-                src.layer_range,
+        sources = []
+        for i, src in enumerate(entry.sources):
+            ckpt = get(src.model, f"slices[{number}].sources[{i}].model")
+            if ckpt is None:
+                raise ConfigError(f"slices[{number}].sources[{i}]: {src.model} could not be opened")
+            sources.append(
+                SliceSource(
+                    ModelInput(
+                        label=f"{src.model} layers {src.layer_range[0]}-{src.layer_range[1] - 1}",
+                        source=ckpt,
+                        parameters=dict(src.parameters or {}),
+                    ),
+                    src.layer_range,
+                )
             )
-            for src in entry.sources
-        ]
         base_ref = entry.base_model or config.base_model
         base = None
         if base_ref is not None and method.uses_base:
-            base_ckpt = get(base_ref)
+            base_ckpt = get(base_ref, f"slices[{number}].base_model")
             matches = [s for s in sources if s.model.source is base_ckpt]
             if not matches:
                 raise ConfigError(
@@ -220,13 +357,37 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _VOCAB_ROWS = re.compile(r"embed_tokens\.weight$|wte\.weight$|word_embeddings\.weight$")
 
 
+DROPPED_CONFIG_KEYS = (
+    "_name_or_path",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "gradient_checkpointing",
+)
+"""Keys of an input's config.json that describe that input, not the merge: removed from OUT."""
+
+
+def _written_dtype(plan: MergePlan) -> torch.dtype | None:
+    """The dtype most merged tensors are written in (None when nothing is merged)."""
+    counts: dict[torch.dtype, int] = {}
+    for task in plan.tasks:
+        if task.action == "merge":
+            counts[task.out_dtype] = counts.get(task.out_dtype, 0) + task.nbytes
+    return max(counts, key=lambda d: counts[d]) if counts else None
+
+
 def _updated_model_config(files_from: Path | None, plan: MergePlan) -> tuple[str, list[str]] | None:
-    """config.json with the output's layer count and vocabulary size, when they changed."""
+    """config.json for the output: its layer count, vocabulary size and dtype, no input's identity.
+
+    ``torch_dtype`` (and ``dtype``, its newer name, when present) are set to
+    the dtype the merged tensors are written in; the keys of
+    :data:`DROPPED_CONFIG_KEYS` are removed. None when there is no
+    config.json (or it is not a JSON object, which is then copied as it is).
+    """
     if files_from is None or not (files_from / "config.json").is_file():
         return None
     try:
         data = json.loads((files_from / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
@@ -234,27 +395,64 @@ def _updated_model_config(files_from: Path | None, plan: MergePlan) -> tuple[str
     if plan.layers is not None:
         for key in _LAYER_KEYS:
             if key in data and data[key] != plan.layers:
-                changes.append(f"{key} {data[key]} -> {plan.layers}")
+                changes.append(f"{key} {short(data[key])} -> {plan.layers}")
                 data[key] = plan.layers
     for task in plan.tasks:
         if task.shared_rows is not None and _VOCAB_ROWS.search(task.name):
             rows = task.shape[0]
             if "vocab_size" in data and data["vocab_size"] != rows:
-                changes.append(f"vocab_size {data['vocab_size']} -> {rows}")
+                changes.append(f"vocab_size {short(data['vocab_size'])} -> {rows}")
                 data["vocab_size"] = rows
-    if not changes:
-        return None
+    written = _written_dtype(plan)
+    if written is not None:
+        name = str(written).removeprefix("torch.")
+        keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]
+        for key in keys:
+            if data.get(key) != name:
+                changes.append(f"{key} {short(data.get(key))} -> {name}")
+                data[key] = name
+    for key in DROPPED_CONFIG_KEYS:
+        if key in data:
+            del data[key]
+            changes.append(f"{key} removed")
     return json.dumps(data, indent=2) + "\n", changes
 
 
-def plan_merge(config: str | Path | dict[str, Any] | MergeConfig) -> MergePlan:
-    """Open the inputs and plan the merge without merging; every problem is raised.
+def plan_merge(
+    config: str | Path | dict[str, Any] | MergeConfig,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> MergePlan:
+    """Open the inputs and plan the merge without merging; every problem is raised together.
+
+    Parameters
+    ----------
+    config : path, dict or MergeConfig
+        As for :func:`merge`.
+    out : path, optional
+        The output folder: an existing one (without ``overwrite``) or one that
+        is or holds an input is a problem too.
+    overwrite : bool, default False
+        As for :func:`merge`.
+
+    Raises
+    ------
+    ConfigError, CheckpointError, OutputError
+        One error listing every problem found (``"N problems:"`` and one line
+        each when there are several).
 
     The checkpoints stay open through the returned plan's sources; the caller
     may close them with ``for m in plan.models: m.source.close()``.
     """
     cfg, folder = load_config(config)
-    return _open_all(cfg, folder).plan
+    return _open_all(
+        cfg, folder, out=out, overwrite=overwrite, config_file=_config_file(config)
+    ).plan
+
+
+def _config_file(config: str | Path | dict[str, Any] | MergeConfig) -> Path | None:
+    return Path(config) if isinstance(config, (str, Path)) else None
 
 
 def describe_plan(plan: MergePlan) -> str:
@@ -295,18 +493,97 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _resolved_yaml(config: MergeConfig, plan: MergePlan) -> str:
+def _resolved_config(config: MergeConfig, located: dict[str, str]) -> dict[str, Any]:
+    """The configuration with every model, statistics and patch path made absolute."""
+    data = config.model_dump(mode="json", exclude_none=True)
+
+    def fix(mapping: dict[str, Any], key: str) -> None:
+        if isinstance(mapping.get(key), str) and mapping[key] in located:
+            mapping[key] = located[mapping[key]]
+
+    fix(data, "base_model")
+    for entry in data.get("models", []):
+        fix(entry, "model")
+        fix(entry, "statistics")
+    for piece in data.get("slices", []):
+        fix(piece, "base_model")
+        for source in piece.get("sources", []):
+            fix(source, "model")
+    for patch in data.get("patches", []):
+        fix(patch, "patch")
+    return data
+
+
+def _resolved_yaml(config: MergeConfig, located: dict[str, str]) -> str:
+    """modelfuse.yaml: a configuration that merges the same inputs again, from any folder."""
     from modelfuse import __version__
 
-    record = {
-        "modelfuse_version": __version__,
-        "configuration": config.model_dump(mode="json", exclude_none=True),
-        "inputs": {
-            "base_model": None if plan.base is None else str(plan.base.source.path.resolve()),
-            "models": [str(m.source.path.resolve()) for m in plan.models],
-        },
+    header = (
+        f"# modelfuse_version: {__version__}\n"
+        "# The configuration of this merge, with absolute paths: "
+        "`modelfuse merge modelfuse.yaml OUT` merges it again.\n"
+    )
+    return header + yaml.safe_dump(_resolved_config(config, located), sort_keys=False)
+
+
+def _model_card(config: MergeConfig, plan: MergePlan, located: dict[str, str]) -> str:
+    """README.md: the method, the inputs, the parameters and the modelfuse version."""
+    from modelfuse import __version__
+
+    data = _resolved_config(config, located)
+    method = plan.method
+    lines = [
+        "---",
+        "tags:",
+        "- merge",
+        "- modelfuse",
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was merged with modelfuse {__version__} using the `{method.name}` method "
+        f"({method.summary}).",
+        "",
+        "## Inputs",
+        "",
+    ]
+    if "base_model" in data:
+        lines.append(f"- base model: `{data['base_model']}`")
+    for entry in data.get("models", []):
+        extra = f" (statistics `{entry['statistics']}`)" if "statistics" in entry else ""
+        lines.append(f"- model: `{entry['model']}`{extra}")
+    for number, piece in enumerate(data.get("slices", [])):
+        for source in piece["sources"]:
+            lines.append(
+                f"- slice {number}: `{source['model']}` layers "
+                f"{source['layer_range'][0]}-{source['layer_range'][1] - 1}"
+            )
+    for patch in data.get("patches", []):
+        lines.append(f"- patch: `{patch['patch']}` scaled by {patch['scale']}")
+    lines += ["", "## Parameters", ""]
+    settings = {
+        key: value
+        for key, value in data.items()
+        if key in ("parameters", "dtype", "out_dtype", "tokenizer_source")
     }
-    return yaml.safe_dump(record, sort_keys=False)
+    per_model = [e for e in data.get("models", []) if "parameters" in e]
+    if not settings and not per_model:
+        lines.append("The method's defaults (see `modelfuse methods " + method.name + "`).")
+    else:
+        if settings:
+            lines += ["```yaml", yaml.safe_dump(settings, sort_keys=False).rstrip(), "```"]
+        for entry in per_model:
+            lines.append(f"- `{entry['model']}`: {json.dumps(entry['parameters'])}")
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(data, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def merge(
@@ -317,6 +594,7 @@ def merge(
     shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    model_card: bool = True,
 ) -> MergeResult:
     """Merge checkpoints on disk as a configuration says, streaming tensor by tensor.
 
@@ -333,8 +611,13 @@ def merge(
         Largest shard of the output, e.g. ``"500MB"``.
     overwrite : bool, default False
         Replace ``out`` if it exists (only once the new model is complete).
+        Never an ``out`` that is or holds an input (a model, statistics or
+        patch file, the configuration file or its folder).
     progress : callable, optional
         ``progress(tensors_done, bytes_done)`` increments, called as tensors finish.
+    model_card : bool, default True
+        Write a ``README.md`` naming the method, the inputs, the parameters
+        and the modelfuse version.
 
     Returns
     -------
@@ -343,7 +626,17 @@ def merge(
     Raises
     ------
     ConfigError, CheckpointError, OutputError
-        Bad configuration, inputs or output; nothing is written.
+        Bad configuration, inputs or output; nothing is written. Every problem
+        found before merging is listed in the one error.
+
+    Notes
+    -----
+    Beside the weights, ``out`` holds ``modelfuse.yaml``, the configuration
+    with absolute paths (``modelfuse merge OUT/modelfuse.yaml OTHER`` writes
+    the same weights again), ``README.md`` (unless ``model_card=False``) and
+    the model folder's non-weight files; its ``config.json`` gets the
+    written dtype as ``torch_dtype`` and loses the keys naming one input
+    (:data:`DROPPED_CONFIG_KEYS`).
 
     Examples
     --------
@@ -356,7 +649,7 @@ def merge(
     ...                                             os.path.join(d, "m1.safetensors")]}
     >>> result = merge(cfg, os.path.join(d, "out"))
     >>> sorted(os.listdir(result.out))
-    ['model.safetensors', 'modelfuse.yaml']
+    ['README.md', 'model.safetensors', 'modelfuse.yaml']
     """
     started = time.perf_counter()
     cfg, folder = load_config(config)
@@ -364,7 +657,9 @@ def merge(
     workers = default_threads() if threads is None else int(threads)
     if workers < 1:
         raise ConfigError(f"threads: expected a positive number, got {threads}")
-    opened = _open_all(cfg, folder)
+    opened = _open_all(
+        cfg, folder, out=out, overwrite=overwrite, config_file=_config_file(config)
+    )
     plan = opened.plan
     caught: list[warnings.WarningMessage] = []
     written = 0
@@ -399,7 +694,9 @@ def merge(
                 copied = writer.copy_model_files(opened.files_from)
                 if copied:
                     notes.append(f"copied {', '.join(copied)} from {opened.files_from}")
-            writer.add_file("modelfuse.yaml", _resolved_yaml(cfg, plan))
+            writer.add_file("modelfuse.yaml", _resolved_yaml(cfg, opened.located))
+            if model_card:
+                writer.add_file("README.md", _model_card(cfg, plan, opened.located))
             path = writer.commit()
     finally:
         for ckpt in opened.checkpoints:

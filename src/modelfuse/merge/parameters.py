@@ -40,6 +40,7 @@ __all__ = [
     "Scalar",
     "evaluate_setting",
     "format_validation_error",
+    "short",
 ]
 
 Scalar = bool | int | float | str
@@ -169,9 +170,26 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
                 return evaluate_setting(cond.value, tensor_name, t)
         return None
     raise ConfigError(
-        f"parameter setting {setting!r} is not a number, a list of numbers (gradient) "
+        f"parameter setting {short(setting)} is not a number, a list of numbers (gradient) "
         "or a list of {filter, value} entries"
     )
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about user input.
+
+    Examples
+    --------
+    >>> short("x" * 100, limit=10)
+    "'xxxxxxxxx..."
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        text = repr(value)
+    except ValueError:  # an object whose repr is refused (e.g. a huge integer inside it)
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "..."
 
 
 def format_validation_error(exc: ValidationError, *, where: str) -> str:
@@ -183,5 +201,8 @@ def format_validation_error(exc: ValidationError, *, where: str) -> str:
         text = err["msg"]
         if err["type"] == "extra_forbidden":
             text = "unknown key"
-        parts.append(f"{loc}: {text} (got {received!r})")
+        if err["type"] == "value_error":  # our own validators' messages say what they got
+            parts.append(f"{loc}: {str(err.get('ctx', {}).get('error', text))[:300]}")
+            continue
+        parts.append(f"{loc}: {text} (got {short(received)})")
     return f"{where}: " + "; ".join(parts)

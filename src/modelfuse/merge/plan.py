@@ -16,7 +16,8 @@ import torch
 from pydantic import ValidationError
 
 from modelfuse.errors import CheckpointError, ConfigError
-from modelfuse.merge.parameters import evaluate_setting, format_validation_error
+from modelfuse.merge.parameters import evaluate_setting, format_validation_error, short
+from modelfuse.merge.problems import Problems
 from modelfuse.merge.registry import MergeMethod
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "build_plan",
     "build_slice_plan",
     "attach_patches",
+    "check_keys",
+    "count_layers",
     "layer_position",
     "split_layer_name",
 ]
@@ -156,6 +159,33 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+class _ValueProblem(ConfigError):
+    """An invalid parameter value for one tensor; ``text`` says it without the tensor's name."""
+
+    def __init__(self, message: str, text: str, tensor: str) -> None:
+        super().__init__(message)
+        self.text = text
+        self.tensor = tensor
+
+
+class _ValueProblems:
+    """Invalid parameter values, grouped: one line per problem naming the first tensors."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, list[str]] = {}
+
+    def add(self, problem: _ValueProblem) -> None:
+        self.tensors.setdefault(problem.text, []).append(problem.tensor)
+
+    def lines(self) -> list[str]:
+        out = []
+        for text, tensors in self.tensors.items():
+            where, _, body = text.partition("\0")
+            more = f" (and {len(tensors) - 1} more tensors)" if len(tensors) > 1 else ""
+            out.append(f"{where}tensor {tensors[0]}{more}: {body}")
+        return out
+
+
 def _resolve(
     method: MergeMethod,
     name: str,
@@ -173,6 +203,8 @@ def _resolve(
     resolved_global: dict[str, Any] = {}
     for settings in reversed(levels):
         for key, setting in settings.items():
+            if declaration.field_for(key) is None:
+                continue  # reported by _check_keys
             value = evaluate_setting(setting, name, t)
             if value is not None:
                 resolved_global[key] = value
@@ -182,14 +214,18 @@ def _resolve(
     for model in models:
         values = dict(resolved_global)
         for key, setting in model.parameters.items():
+            if declaration.field_for(key) is None:
+                continue  # reported by _check_keys
             value = evaluate_setting(setting, name, t)
             if value is not None:
                 values[key] = value
         try:
             validated = declaration.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(exc, where=f"{model.label}: tensor {name}")
+            raise _ValueProblem(
+                format_validation_error(exc, where=f"{model.label}: tensor {name}"),
+                f"{model.label}: \0" + format_validation_error(exc, where="")[2:],
+                name,
             ) from None
         for field_name in per_model:
             per_model_values[field_name].append(getattr(validated, field_name))
@@ -197,13 +233,18 @@ def _resolve(
         try:
             validated = declaration.model_validate(resolved_global)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, where=f"tensor {name}")) from None
+            raise _ValueProblem(
+                format_validation_error(exc, where=f"tensor {name}"),
+                "\0" + format_validation_error(exc, where="")[2:],
+                name,
+            ) from None
     kwargs = {f: getattr(validated, f) for f in declaration.global_fields()}
     kwargs.update(per_model_values)
     return kwargs
 
 
-def _check_keys(method: MergeMethod, where: str, settings: Mapping[str, Any]) -> list[str]:
+def check_keys(method: MergeMethod, where: str, settings: Mapping[str, Any]) -> list[str]:
+    """A problem for every key of ``settings`` that ``method`` does not have."""
     declaration = method.parameters
     problems = []
     for key in settings:
@@ -221,27 +262,29 @@ def _check_method(
     models: Sequence[ModelInput],
     base: ModelInput | None,
     where: str = "",
-) -> None:
+) -> list[str]:
+    """What is wrong with the number of models, the base and the statistics for ``method``."""
     prefix = f"{where}: " if where else ""
+    problems = []
     if method.requires_base and base is None:
-        raise ConfigError(
+        problems.append(
             f"{prefix}merge method {method.name!r} needs a base model; set base_model to the "
             "pre-trained checkpoint the models were fine-tuned from"
         )
     if len(models) < method.min_models:
-        raise ConfigError(
+        problems.append(
             f"{prefix}merge method {method.name!r} needs at least {method.min_models} models "
             f"besides the base, got {len(models)}"
         )
     if method.max_models is not None and len(models) > method.max_models:
-        raise ConfigError(
+        problems.append(
             f"{prefix}merge method {method.name!r} takes at most {method.max_models} models "
             f"besides the base, got {len(models)}"
         )
     for kind in method.statistics:
         missing = [m.label for m in models if m.statistics is None]
         if missing:
-            raise ConfigError(
+            problems.append(
                 f"merge method {method.name!r} needs {kind} statistics for every model; "
                 f"missing for {', '.join(missing)}: add `statistics: FILE` to each model entry "
                 "(compute them with `modelfuse statistics`)"
@@ -249,19 +292,28 @@ def _check_method(
     if not method.statistics:
         given = [m.label for m in models if m.statistics is not None]
         if given:
-            raise ConfigError(
+            problems.append(
                 f"merge method {method.name!r} does not use statistics, but they are given for "
                 f"{', '.join(given)}; remove `statistics:` or choose a data-aware method"
             )
+    return problems
 
 
-def _raise_mismatches(mismatches: list[str]) -> None:
+def _raise_all(problems: list[str], mismatches: list[str], values: _ValueProblems) -> None:
+    """One error listing every problem: configuration problems, then the models' mismatches."""
+    collected = Problems()
+    for problem in problems:
+        collected.add(problem, ConfigError)
+    for line in values.lines():
+        collected.add(line, ConfigError)
     if mismatches:
         shown = mismatches[:20]
         more = f"; and {len(mismatches) - 20} more" if len(mismatches) > 20 else ""
-        raise CheckpointError(
-            f"the models do not match ({len(mismatches)} problems): " + "; ".join(shown) + more
+        collected.add(
+            f"the models do not match ({len(mismatches)} problems): " + "; ".join(shown) + more,
+            CheckpointError,
         )
+    collected.raise_all()
 
 
 _GROWABLE = re.compile(r"embed|lm_head|wte|(?:^|\.)output\.weight$|word_embeddings")
@@ -331,12 +383,11 @@ def build_plan(
     """
     global_settings = dict(global_settings or {})
     problems: list[str] = []
-    problems += _check_keys(method, "parameters", global_settings)
+    problems += check_keys(method, "parameters", global_settings)
     for model in models:
-        problems += _check_keys(method, f"{model.label}: parameters", model.parameters)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    _check_method(method, models, base)
+        problems += check_keys(method, f"{model.label}: parameters", model.parameters)
+    problems += _check_method(method, models, base)
+    values = _ValueProblems()
 
     reference = base if base is not None else models[0]
     ref_names = reference.source.keys()
@@ -373,7 +424,11 @@ def build_plan(
                 TensorTask(name, shape, info.dtype, "copy", {}, t, (reference,), (name,))
             )
             continue
-        kwargs = _resolve(method, name, t, models, global_settings)
+        try:
+            kwargs = _resolve(method, name, t, models, global_settings)
+        except _ValueProblem as exc:
+            values.add(exc)
+            continue
         dtype = out_dtype or compute_dtype or info.dtype
         extra_from = None
         if shared is not None and extra is not None:
@@ -401,7 +456,7 @@ def build_plan(
                 extra_from,
             )
         )
-    _raise_mismatches(mismatches)
+    _raise_all(problems, mismatches, values)
     return MergePlan(method, list(models), base, tasks, compute_dtype, notes)
 
 
@@ -433,6 +488,18 @@ def split_layer_name(name: str) -> tuple[str, int] | None:
     return template, int(match.group(1))
 
 
+def count_layers(names: Sequence[str]) -> int:
+    """The number of layers of a model: its largest layer index + 1 (0 without layers).
+
+    Examples
+    --------
+    >>> count_layers(["embed.weight", "model.layers.0.w", "model.layers.11.w"])
+    12
+    """
+    indices = [split[1] for split in map(split_layer_name, names) if split is not None]
+    return max(indices) + 1 if indices else 0
+
+
 def build_slice_plan(
     method: MergeMethod,
     slices: Sequence[OutputSlice],
@@ -450,15 +517,14 @@ def build_slice_plan(
     when they are embeddings and from the last slice's otherwise, as in mergekit.
     """
     global_settings = dict(global_settings or {})
-    problems = _check_keys(method, "parameters", global_settings)
+    problems = check_keys(method, "parameters", global_settings)
     for number, piece in enumerate(slices):
-        problems += _check_keys(method, f"slices[{number}].parameters", piece.parameters)
+        problems += check_keys(method, f"slices[{number}].parameters", piece.parameters)
         for source in piece.sources:
-            problems += _check_keys(
+            problems += check_keys(
                 method, f"slices[{number}]: {source.model.label}: parameters", source.model.parameters
             )
-    if problems:
-        raise ConfigError("; ".join(problems))
+    values = _ValueProblems()
 
     def participants(piece: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
         if piece.base is None or not method.uses_base:
@@ -504,8 +570,15 @@ def build_slice_plan(
             tasks.append(TensorTask(name, shape, info.dtype, "copy", {}, t, (first,), (first_name,)))
             return
         models = [m for m, _ in sources]
-        _check_method(method, models, base[0] if base else None, where)
-        kwargs = _resolve(method, name, t, models, *levels)
+        checked = _check_method(method, models, base[0] if base else None, where)
+        if checked:
+            problems.extend(p for p in checked if p not in problems)
+            return
+        try:
+            kwargs = _resolve(method, name, t, models, *levels)
+        except _ValueProblem as exc:
+            values.add(exc)
+            return
         tasks.append(
             TensorTask(
                 name,
@@ -535,17 +608,37 @@ def build_slice_plan(
 
     embeddings = [n for n in outside if _EMBEDDING.search(n)]
     finals = [n for n in outside if not _EMBEDDING.search(n)]
-    edge(slices[0], 0, embeddings, 0.0)
-    layer = 0
+    # Every range is checked against the model's real layers before anything iterates over it.
+    counts: list[int | None] = []
     for number, piece in enumerate(slices):
+        good = True
+        for index, source in enumerate(piece.sources):
+            start, stop = source.layer_range
+            layers = count_layers(source.model.source.keys())
+            if not 0 <= start < stop <= layers:
+                problems.append(
+                    f"slices[{number}].sources[{index}]: layer_range {short([start, stop])} "
+                    f"is not within the model's {layers} layers; "
+                    f"give [START, STOP) with 0 <= START < STOP <= {layers}"
+                )
+                good = False
         lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources}
-        if len(lengths) != 1 or min(lengths) <= 0:
-            ranges = ", ".join(f"{s.model.label} {list(s.layer_range)}" for s in piece.sources)
-            raise ConfigError(
+        if good and len(lengths) != 1:
+            ranges = ", ".join(
+                f"{s.model.label} {short(list(s.layer_range))}" for s in piece.sources
+            )
+            problems.append(
                 f"slices[{number}]: every source must span the same positive number of layers; "
                 f"got {ranges}"
             )
-        count = lengths.pop()
+            good = False
+        counts.append(lengths.pop() if good else None)
+    if any(count is None for count in counts):
+        _raise_all(problems, mismatches, values)
+    edge(slices[0], 0, embeddings, 0.0)
+    layer = 0
+    for number, piece in enumerate(slices):
+        count = counts[number] or 0
         others, base = participants(piece)
         for k in range(count):
             t = k / (count - 1) if count > 1 else 1.0
@@ -560,7 +653,7 @@ def build_slice_plan(
                 )
             layer += 1
     edge(slices[-1], len(slices) - 1, finals, 1.0)
-    _raise_mismatches(mismatches)
+    _raise_all(problems, mismatches, values)
     models = list({id(s.model): s.model for piece in slices for s in piece.sources}.values())
     plan = MergePlan(method, models, None, tasks, compute_dtype)
     plan.layers = layer
