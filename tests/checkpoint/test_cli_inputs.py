@@ -95,3 +95,39 @@ def test_diff_refuses_a_crafted_checkpoint(tmp_path: Path, capsys, case: str) ->
     before = _snapshot(tmp_path)
     code = main(["diff", str(good), str(bad), "-o", str(tmp_path / "out"), "--quiet"])
     _assert_refused(code, capsys.readouterr().err, expected, tmp_path, before)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_merge_reads_a_protocol_4_pytorch_file(tmp_path: Path, capsys, legacy: bool) -> None:
+    a = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0])}
+    b = {"w": torch.tensor([3.0, 6.0, 9.0]), "b": torch.tensor([0.0])}
+    torch.save(
+        {"state_dict": a, "epoch": 2},
+        tmp_path / "a.bin",
+        pickle_protocol=4,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    save_file(b, str(tmp_path / "b.safetensors"))
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: linear\nmodels: [{tmp_path / 'a.bin'}, {tmp_path / 'b.safetensors'}]\n"
+    )
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # no warning from torch about the protocol
+    from safetensors.torch import load_file
+
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged["w"].tolist() == [2.0, 4.0, 6.0] and merged["b"].tolist() == [2.0]
+
+
+def test_merge_refuses_a_pytorch_key_with_a_lone_surrogate(tmp_path: Path, capsys) -> None:
+    torch.save({"w\udc80": torch.ones(2)}, tmp_path / "bad.bin", pickle_protocol=4)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "good.safetensors"))
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: linear\nmodels: [{tmp_path / 'good.safetensors'}, {tmp_path / 'bad.bin'}]\n"
+    )
+    before = _snapshot(tmp_path)
+    code = main(["merge", str(config), str(tmp_path / "out"), "--quiet"])
+    expected = "tensor name 'w\\udc80' is not valid Unicode"
+    _assert_refused(code, capsys.readouterr().err, expected, tmp_path, before)

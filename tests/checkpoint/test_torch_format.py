@@ -159,3 +159,107 @@ def test_read_rows(tmp_path: Path) -> None:
         assert_same(rows, tensor.t()[1:3].contiguous())
         with pytest.raises(ValueError, match="outside"):
             ckpt.read_rows("w", 2, 1)
+
+
+# Newer pickle protocols: rewritten to protocol 2 and read by the same safe loader.
+
+PROTOCOLS = [
+    pytest.param(dict(pickle_protocol=3), id="zip-protocol-3"),
+    pytest.param(dict(pickle_protocol=4), id="zip-protocol-4"),
+    pytest.param(dict(pickle_protocol=5), id="zip-protocol-5"),
+    pytest.param(dict(pickle_protocol=4, _use_new_zipfile_serialization=False), id="legacy-4"),
+    pytest.param(dict(pickle_protocol=5, _use_new_zipfile_serialization=False), id="legacy-5"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.load's, in the test
+@pytest.mark.parametrize("options", PROTOCOLS)
+def test_newer_protocols_are_read_bit_exact(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], options
+) -> None:
+    state = dict(tensors)
+    if options.get("_use_new_zipfile_serialization") is False:
+        # torch's legacy format itself cannot load float8 and unsigned types beyond uint8
+        state = {k: v for k, v in state.items() if k not in {"fp8", "fp8b", "u16", "u32", "u64"}}
+    state["view"] = torch.arange(12.0).reshape(3, 4)[:, 1]  # a strided view of a storage
+    state["alias"] = state["view"]  # two names for one storage, memoised once
+    path = tmp_path / "m.bin"
+    torch.save(state, path, **options)
+    if options["pickle_protocol"] >= 4:
+        with pytest.raises(Exception, match="Unsupported operand"):
+            torch.load(path, weights_only=True)  # the safe loader alone cannot read it
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.keys() == list(state)
+        for name, expected in state.items():
+            assert_same(ckpt.read(name), expected.contiguous())
+
+
+@pytest.mark.parametrize("options", PROTOCOLS[1::2])
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_newer_protocols_with_nested_state_dicts(tmp_path: Path, options, key: str) -> None:
+    state = {"layer.weight": torch.randn(2, 3), "layer.bias": torch.randn(2)}
+    path = tmp_path / "lightning.ckpt"
+    torch.save({key: state, "epoch": 3, "hyper": {"lr": 0.1, "name": "run"}}, path, **options)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.keys() == list(state)
+        for name, tensor in state.items():
+            assert_same(ckpt.read(name), tensor)
+
+
+@pytest.mark.parametrize("options", PROTOCOLS[1::2])
+def test_newer_protocols_still_refuse_objects(tmp_path: Path, options) -> None:
+    path = tmp_path / "trainer.bin"
+    torch.save({"w": torch.ones(1), "args": argparse.Namespace(lr=0.1)}, path, **options)
+    message = _error(path)
+    assert "holds objects other than tensors (argparse.Namespace)" in message
+
+
+def test_newer_protocol_does_not_run_reduce_payloads(tmp_path: Path, capfd) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("ran code from the file",))
+
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.ones(1), "x": Boom()}, path, pickle_protocol=4, pickle_module=pickle)
+    message = _error(path)
+    assert "holds objects other than tensors (print)" in message
+    assert "ran code" not in capfd.readouterr().out
+
+
+def test_downgraded_pickle_matches_the_original_for_plain_data() -> None:
+    import pickle
+
+    from modelfuse.checkpoint.pickle_protocol import downgrade_pickle
+
+    value = {"a": [1, 2.5, "x" * 300, ("t", None, True)], "b": {"nested": ["a", "a", "b"]}}
+    value["shared"] = value["a"]
+    for protocol in (3, 4, 5):
+        old, names = downgrade_pickle(pickle.dumps(value, protocol=protocol))
+        assert old[:2] == b"\x80\x02" and names == []
+        restored = pickle.loads(old)
+        assert restored == value and restored["shared"] is restored["a"]
+        assert {op.name for op, _, _ in __import__("pickletools").genops(old)}.isdisjoint(
+            {"FRAME", "MEMOIZE", "SHORT_BINUNICODE", "STACK_GLOBAL"}
+        )
+
+
+@pytest.mark.parametrize("cut", [3, 40, -20])
+def test_truncated_newer_protocol_file(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "m.bin"
+    torch.save(
+        {"w": torch.ones(100)}, path, pickle_protocol=4, _use_new_zipfile_serialization=False
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    message = _error(path)
+    assert "cannot be loaded as a PyTorch checkpoint" in message
+
+
+def test_tensor_key_with_a_lone_surrogate(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    torch.save({"w\udc80": torch.ones(1)}, path)
+    message = _error(path)
+    assert "tensor name 'w\\udc80' is not valid Unicode" in message
+    message.encode("ascii")

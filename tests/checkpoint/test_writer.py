@@ -600,3 +600,26 @@ def test_row_blocks_must_not_overlap_or_leave_gaps(tmp_path: Path) -> None:
         ):
             writer.commit()
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_tensor_name_with_a_lone_surrogate_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(OutputError) as caught:
+        CheckpointWriter(out, [("ok", (1,), torch.float32), ("w\ud800", (1,), torch.float32)])
+    message = str(caught.value)
+    assert message.startswith(f"{out}: tensor name 'w\\ud800' is not valid Unicode")
+    assert "rename the tensor" in message
+    message.encode("ascii")
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_metadata_with_a_lone_surrogate_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="metadata 'note': 'x\\\\udfff' is not valid Unicode"):
+        CheckpointWriter(out, [("w", (1,), torch.float32)], metadata={"note": "x\udfff"})
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_a_surrogate_pair_name_is_written_as_utf8(tmp_path: Path) -> None:
+    out = _write_all(tmp_path / "out", {"w\U0001f600": torch.ones(2)})
+    assert list(_read_with_safetensors(out)) == ["w\U0001f600"]

@@ -248,9 +248,7 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
             )
         if entry.begin > cursor:
             after = (
-                f"after tensor {tensor_label(previous)}"
-                if previous
-                else "at the start of the data"
+                f"after tensor {tensor_label(previous)}" if previous else "at the start of the data"
             )
             raise CheckpointError(
                 f"{path}: a gap of {entry.begin - cursor} bytes {after}, before tensor "

@@ -6,18 +6,24 @@ objects, so no code from the file runs. Files in torch's zip format (every
 ``torch.save`` since torch 1.6) are memory-mapped (``mmap=True``), so opening
 reads the small pickled structure and no tensor data until a tensor is read.
 A nested state dict (``{"state_dict": {...}, "epoch": 3}``) is unwrapped.
+Files pickled with protocol 4 or 5 (``torch.save(..., pickle_protocol=4)``), which
+the safe loader cannot parse as they are, are rewritten to protocol 2 on the
+fly (see :mod:`modelfuse.checkpoint.pickle_protocol`) and read into memory.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from modelfuse.checkpoint.base import Checkpoint, TensorInfo
+from modelfuse.checkpoint.names import check_name, preview, tensor_label
+from modelfuse.checkpoint.pickle_protocol import load_any_protocol, pickle_protocol
 from modelfuse.errors import CheckpointError
 
 __all__ = [
@@ -63,7 +69,7 @@ def _unwrap(path: Path, loaded: object) -> Mapping[object, object]:
         current = current[key]
     if not isinstance(current, Mapping) or not _holds_tensors(current):
         found = type(loaded).__name__
-        where = "".join(f"[{k!r}]" for k in trail)
+        where = "".join(f"[{preview(k)}]" for k in trail)
         raise CheckpointError(
             f"{path}{where}: holds no tensors (found a {found}); expected a state dict mapping "
             "names to tensors; pass a checkpoint of model weights"
@@ -120,13 +126,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: is not a PyTorch checkpoint (expected a file written by torch.save, found "
             f"bytes {magic!r}); pass a .safetensors, .bin or .pt file of model weights"
         )
+    protocol = pickle_protocol(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        if protocol is not None and protocol >= 4:
+            loaded = load_any_protocol(path)
+        else:
+            with warnings.catch_warnings():  # protocol 3 loads as it is; torch warns all the same
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         if found or "Weights only load failed" in message:
-            what = f" ({found.group(1)})" if found else ""
+            what = f" ({preview(found.group(1))[1:-1]})" if found else ""
             raise CheckpointError(
                 f"{path}: holds objects other than tensors{what}; modelfuse loads PyTorch files "
                 f"with weights_only=True and does not unpickle untrusted code; {_CONVERT}"
@@ -141,13 +153,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             continue
         if not isinstance(key, str):
             raise CheckpointError(
-                f"{path}: tensor key {key!r} is a {type(key).__name__}, expected a string name; "
-                "save the state dict with string keys"
+                f"{path}: tensor key {preview(key)} is a {type(key).__name__}, expected a string "
+                "name; save the state dict with string keys"
             )
+        check_name(key, str(path), "rename the tensor and save the checkpoint again")
         if value.layout != torch.strided or value.is_quantized:
             raise CheckpointError(
-                f"{path}: tensor {key!r} is {value.layout} or quantized; expected dense tensors; "
-                "convert it to a dense tensor before merging"
+                f"{path}: tensor {tensor_label(key)} is {value.layout} or quantized; expected "
+                "dense tensors; convert it to a dense tensor before merging"
             )
         result[key] = value
     return result
@@ -204,7 +217,8 @@ class TorchCheckpoint(Checkpoint):
             for name, tensor in load_state_dict(file_path).items():
                 if name in self._tensors:
                     raise CheckpointError(
-                        f"{file_path}: tensor {name!r} is also in {self._infos[name].file}; "
+                        f"{file_path}: tensor {tensor_label(name)} is also in "
+                        f"{self._infos[name].file}; "
                         "expected each tensor in one shard; remove the duplicate shard"
                     )
                 self._tensors[name] = tensor
@@ -219,7 +233,7 @@ class TorchCheckpoint(Checkpoint):
             info = self._infos.get(name)
             if info is None or info.file != shard:
                 raise CheckpointError(
-                    f"{index}: names tensor {name!r} in shard {shard.name}, but {shard} does not "
+                    f"{index}: names tensor {tensor_label(name)} in shard {shard.name}, but {shard} does not "
                     "hold it; the shard or the index is wrong; "
                     "re-download or re-save the checkpoint"
                 )
@@ -237,7 +251,9 @@ class TorchCheckpoint(Checkpoint):
     def _source(self, name: str) -> torch.Tensor:
         source = self._tensors.get(name)
         if source is None:
-            raise CheckpointError(f"{self.path}: read {name!r} after close(); open it again")
+            raise CheckpointError(
+                f"{self.path}: read {tensor_label(name)} after close(); open it again"
+            )
         return source
 
     @staticmethod

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from modelfuse.checkpoint.dtypes import SAFETENSORS_DTYPES, dtype_code, itemsize
+from modelfuse.checkpoint.names import preview, tensor_label
 from modelfuse.checkpoint.safetensors_format import encode_header
 from modelfuse.checkpoint.sizes import parse_size
 from modelfuse.errors import CheckpointError, OutputError
@@ -63,6 +64,7 @@ MODEL_FILE_PATTERNS = (
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_MAX_DIMENSION = 2**63 - 1
 
 _State = Literal["open", "committing", "committed", "aborted"]
 
@@ -114,6 +116,14 @@ class _Slot:
     @property
     def row_bytes(self) -> int:
         return self.nbytes // self.rows if self.rows else 0
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:
@@ -253,6 +263,13 @@ class CheckpointWriter:
         ):
             raise TypeError(f"metadata must map strings to strings; got {dict(metadata)!r:.200}")
         self._metadata = {**(metadata or {}), "format": "pt"}
+        for key, value in self._metadata.items():
+            if not (_is_unicode(key) and _is_unicode(value)):
+                raise OutputError(
+                    f"{self.out}: metadata {preview(key)}: {preview(value)} is not valid "
+                    "Unicode (it holds a lone surrogate), so safetensors cannot store it as "
+                    "UTF-8; expected text; remove or fix that metadata entry"
+                )
         if os.path.lexists(self._target) and not overwrite:
             raise OutputError(
                 f"{self.out}: already exists; expected a new output path; pass --overwrite "
@@ -291,18 +308,27 @@ class CheckpointWriter:
         for name, shape, dtype in tensors:
             if not isinstance(name, str) or name in seen or name == "__metadata__":
                 raise ValueError(
-                    f"tensor name {name!r} is not a string, is reserved or is repeated"
+                    f"tensor name {preview(name)} is not a string, is reserved or is repeated"
                 )
             seen.add(name)
+            if not _is_unicode(name):
+                raise OutputError(
+                    f"{self.out}: tensor name {tensor_label(name)} is not valid Unicode (it "
+                    "holds a lone surrogate), so safetensors cannot store it as UTF-8; "
+                    "expected text; rename the tensor"
+                )
             shape = tuple(int(d) for d in shape)
-            if any(d < 0 for d in shape):
-                raise ValueError(f"tensor {name!r}: shape {shape} has a negative dimension")
+            if any(not 0 <= d <= _MAX_DIMENSION for d in shape):
+                raise ValueError(
+                    f"tensor {tensor_label(name)}: shape {preview(shape)} has a dimension "
+                    "outside 0 to 2**63 - 1"
+                )
             if dtype_code(dtype) is None:
                 known = ", ".join(
                     str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values()
                 )
                 raise OutputError(
-                    f"{self.out}: tensor {name!r} has dtype {dtype}, which safetensors cannot "
+                    f"{self.out}: tensor {tensor_label(name)} has dtype {dtype}, which safetensors cannot "
                     f"store; expected one of {known}; choose another output dtype"
                 )
             nbytes = math.prod(shape) * itemsize(dtype)
@@ -378,7 +404,7 @@ class CheckpointWriter:
         slot = self._planned(name, tensor)
         if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise ValueError(
-                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)} "
+                f"{self.out}: tensor {tensor_label(name)} was planned as {slot.dtype} {list(slot.shape)} "
                 f"but written as {tensor.dtype} {list(tensor.shape)}"
             )
         self._put(slot, 0, slot.rows, tensor, whole=True)
@@ -425,7 +451,7 @@ class CheckpointWriter:
             or not 0 <= start <= slot.rows - count
         ):
             raise ValueError(
-                f"{self.out}: tensor {name!r} was planned as {slot.dtype} {list(slot.shape)}; "
+                f"{self.out}: tensor {tensor_label(name)} was planned as {slot.dtype} {list(slot.shape)}; "
                 f"got rows {start}:{start + count} of {rows.dtype} {list(rows.shape)}; expected "
                 f"a non-empty block of whole rows inside the tensor"
             )
@@ -434,10 +460,12 @@ class CheckpointWriter:
     def _planned(self, name: str, tensor: torch.Tensor) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
-            raise ValueError(f"{self.out}: tensor {name!r} is not among the planned tensors")
+            raise ValueError(
+                f"{self.out}: tensor {tensor_label(name)} is not among the planned tensors"
+            )
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(
-                f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
+                f"tensor {tensor_label(name)}: expected a torch.Tensor, got {type(tensor).__name__}"
             )
         return slot
 
@@ -445,11 +473,13 @@ class CheckpointWriter:
         """Write ``tensor`` as rows ``start:stop`` of ``slot``, recording the block."""
         block = (start, stop)
         with self._lock:
-            self._check_open(f"write({slot.name!r})")
+            self._check_open(f"write({tensor_label(slot.name)})")
             blocks = self._rows.setdefault(slot.name, [])
             if (whole and blocks) or any(a < stop and start < b for a, b in blocks):
                 what = "" if whole else f" rows {start}:{stop} of"
-                raise ValueError(f"{self.out}:{what} tensor {slot.name!r} was already written")
+                raise ValueError(
+                    f"{self.out}:{what} tensor {tensor_label(slot.name)} was already written"
+                )
             blocks.append(block)
             self._active += 1
         failure: OSError | None = None
@@ -470,7 +500,7 @@ class CheckpointWriter:
                 self._lock.notify_all()
         if failure is not None:
             self.abort()
-            raise self._write_error(failure, f"tensor {slot.name!r}") from failure
+            raise self._write_error(failure, f"tensor {tensor_label(slot.name)}") from failure
 
     def add_file(self, relative_name: str, source: Path | bytes | str) -> None:
         """Add a non-weight file to the checkpoint (``modelfuse.yaml``, ``config.json``, ...).
