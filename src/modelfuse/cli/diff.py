@@ -29,20 +29,38 @@ def diff_command(
     b: Annotated[Path, typer.Argument(help="the checkpoint the patch leads to")],
     out: Annotated[Path, typer.Option("-o", "--out", help="the patch folder to write")],
     density: Annotated[
-        float, typer.Option(help="fraction of entries kept per tensor (largest magnitudes)")
+        float,
+        typer.Option(
+            help="fraction of entries kept per tensor (largest magnitudes), in (0, 1]",
+            min=0.0,
+            max=1.0,
+        ),
     ] = 1.0,
     dtype: Annotated[
         str | None, typer.Option(help="storage dtype: float32, float16 or bfloat16")
     ] = None,
     shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it exists (never A, B or a folder holding them)")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.checkpoint import open_checkpoint, parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
+    from modelfuse.errors import ConfigError
+    from modelfuse.merge.config import resolve_dtype
+    from modelfuse.merge.output_paths import check_output_path
     from modelfuse.merge.patch import diff_checkpoints
     from modelfuse.progress import progress_bar
 
+    if not density > 0:
+        raise ConfigError(f"--density: expected a number in (0, 1], got {density:g}; pass e.g. 0.1")
+    resolve_dtype(dtype, key="--dtype")
+    try:
+        parse_size(shard_size)
+    except ConfigError as exc:
+        raise ConfigError(f"--shard-size: {exc}") from None
+    check_output_path(out, [("checkpoint A", a), ("checkpoint B", b)], overwrite=overwrite)
     return_freed_memory_promptly()
 
     with open_checkpoint(b) as checkpoint:

@@ -22,6 +22,11 @@ Example:
 
     modelfuse merge soup.yaml ./merged --threads 2 --shard-size 2GB
 
+(or -o ./merged). OUT gets the weights, modelfuse.yaml (this configuration with
+absolute paths, which merges the same weights again), a README.md model card
+(--no-model-card: none), and the model folder's config and tokenizer files.
+--dry-run lists every problem found (and the plan) without writing anything.
+
 with soup.yaml:
 
     merge_method: linear
@@ -35,38 +40,69 @@ with soup.yaml:
 )
 def merge_command(
     config: Annotated[Path, typer.Argument(help="the YAML configuration")],
-    out: Annotated[Path, typer.Argument(help="the output model folder")],
+    out: Annotated[
+        Path | None, typer.Argument(help="the output model folder (or give -o/--out)")
+    ] = None,
+    out_option: Annotated[
+        Path | None, typer.Option("-o", "--out", help="the output model folder")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="tensors merged at once [default: all cores]", min=1)
     ] = None,
     shard_size: Annotated[
         str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")
     ] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace OUT if it exists (never an input or a folder holding one)")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="print the plan and every problem found; write nothing")
     ] = False,
+    model_card: Annotated[
+        bool,
+        typer.Option(
+            "--model-card/--no-model-card",
+            help="write README.md naming the method, inputs, parameters and version",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
+    from modelfuse.checkpoint import parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
-    from modelfuse.merge.engine import describe_plan, merge, plan_merge
+    from modelfuse.errors import ConfigError, ModelfuseError
+    from modelfuse.merge.engine import close_plan, describe_plan, merge, plan_merge
     from modelfuse.progress import progress_bar
 
+    if (out is None) == (out_option is None):
+        raise ConfigError(
+            "give the output folder once: as the second argument (modelfuse merge CONFIG OUT) "
+            "or with -o/--out, not both" if out is not None else
+            "missing the output folder: modelfuse merge CONFIG OUT (or -o/--out OUT)"
+        )
+    target = out if out is not None else out_option
+    if target is None:  # for the type checker; refused above
+        raise ConfigError("missing the output folder")
+    try:
+        parse_size(shard_size)
+    except ConfigError as exc:
+        raise ConfigError(f"--shard-size: {exc}") from None
     return_freed_memory_promptly()
 
-    if dry_run:
-        plan = plan_merge(config)
-        try:
+    # Every problem (configuration, inputs, output) is reported together before any work.
+    try:
+        plan = plan_merge(config, target, overwrite=overwrite)
+    except ModelfuseError as exc:
+        _report_problems(exc)
+        raise
+    try:
+        if dry_run:
             print(describe_plan(plan))
-        finally:
-            for model in [*plan.models, *([plan.base] if plan.base else [])]:
-                model.source.close()
-        print(f"no problems found; {out} would be written", file=sys.stderr)
+        total, total_bytes = len(plan.tasks), plan.total_bytes
+    finally:
+        close_plan(plan)
+    if dry_run:
+        print(f"no problems found; {target} would be written", file=sys.stderr)
         return
-    plan = plan_merge(config)  # every problem is reported before the bar appears
-    total, total_bytes = len(plan.tasks), plan.total_bytes
-    for model in [*plan.models, *([plan.base] if plan.base else [])]:
-        model.source.close()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with progress_bar(
@@ -74,17 +110,31 @@ def merge_command(
         ) as advance:
             result = merge(
                 config,
-                out,
+                target,
                 threads=threads,
                 shard_size=shard_size,
                 overwrite=overwrite,
                 progress=advance,
+                model_card=model_card,
             )
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"modelfuse: warning: {message}", file=sys.stderr)
-    for note in result.notes:
-        print(f"modelfuse: {note}", file=sys.stderr)
+    if not quiet:
+        for note in result.notes:
+            print(f"modelfuse: {note}", file=sys.stderr)
     print(result.summary())
+
+
+def _report_problems(exc: BaseException) -> None:
+    """Several problems: ``modelfuse: error: N problems:`` and one line each, exit code 2."""
+    problems = getattr(exc, "problems", None)
+    if not isinstance(problems, list) or len(problems) < 2:
+        return
+    print(f"modelfuse: error: {len(problems)} problems:", file=sys.stderr)
+    for problem in problems:
+        text = " ".join(str(problem).split())
+        print(f"  {text if len(text) <= 400 else text[:397] + '...'}", file=sys.stderr)
+    raise typer.Exit(2)
 
 
 @app.command(

@@ -46,7 +46,14 @@ from modelfuse.merge.plan import (
 from modelfuse.merge.problems import Problems
 from modelfuse.merge.registry import METHODS, MergeMethod, get_method
 
-__all__ = ["MergeResult", "describe_plan", "merge", "plan_merge"]
+__all__ = [
+    "DROPPED_CONFIG_KEYS",
+    "MergeResult",
+    "close_plan",
+    "describe_plan",
+    "merge",
+    "plan_merge",
+]
 
 
 @dataclass(frozen=True)
@@ -229,8 +236,15 @@ def _open_all(
                         problems.add(problem)
         if method is None or failed or len(patch_sources) < len(config.patches or []):
             # Nothing more can be checked against the models: report what was found.
-            if method is not None:  # the parameters can be checked without the models
-                for problem in check_keys(method, "parameters", config.parameters or {}):
+            if method is not None:  # the parameters' names can be checked without the models
+                found = check_keys(method, "parameters", config.parameters or {})
+                for entry in config.models or []:
+                    found += check_keys(method, f"{entry.model}: parameters", entry.parameters or {})
+                for number, piece in enumerate(config.slices or []):
+                    found += check_keys(
+                        method, f"slices[{number}].parameters", piece.parameters or {}
+                    )
+                for problem in found:
                     problems.add(problem)
             problems.raise_all()
         plan: MergePlan | None = None
@@ -442,13 +456,28 @@ def plan_merge(
         One error listing every problem found (``"N problems:"`` and one line
         each when there are several).
 
-    The checkpoints stay open through the returned plan's sources; the caller
-    may close them with ``for m in plan.models: m.source.close()``.
+    The checkpoints stay open through the returned plan's sources; close them
+    with :func:`close_plan`.
     """
     cfg, folder = load_config(config)
     return _open_all(
         cfg, folder, out=out, overwrite=overwrite, config_file=_config_file(config)
     ).plan
+
+
+def close_plan(plan: MergePlan) -> None:
+    """Close every file a plan from :func:`plan_merge` holds open (models, statistics, patches)."""
+    sources: dict[int, Any] = {}
+    for model in [*plan.models, *([plan.base] if plan.base is not None else [])]:
+        sources[id(model.source)] = model.source
+        if model.statistics is not None:
+            sources[id(model.statistics)] = model.statistics
+    for task in plan.tasks:
+        for patch, _ in task.patches:
+            sources[id(patch)] = patch
+    for source in sources.values():
+        with contextlib.suppress(Exception):
+            source.close()
 
 
 def _config_file(config: str | Path | dict[str, Any] | MergeConfig) -> Path | None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelfuse.errors import ModelfuseError
+from modelfuse.errors import DataError, ModelfuseError
 from modelfuse.merge.plan import MergePlan, TensorTask
 
 __all__ = [
@@ -77,6 +77,8 @@ def _read(
             tensor = model.source.read_rows(input_name, *rows)
         if task.shared_rows is not None:
             tensor = tensor[: task.shared_rows]
+        if tensor.is_floating_point() and tensor.dtype.itemsize == 1:
+            tensor = tensor.to(torch.float32)  # float8: computed in float32 by every method
         if compute is not None and tensor.dtype != compute:
             tensor = tensor.to(compute)
         if widen:
@@ -106,7 +108,13 @@ def _statistics(
     def read(source: Any, name: str) -> torch.Tensor | None:
         if source is None or name not in source:
             return None
-        return source.read(name) if rows is None else source.read_rows(name, *rows)
+        tensor = source.read(name) if rows is None else source.read_rows(name, *rows)
+        if _has_nonfinite(tensor):
+            raise DataError(
+                f"{source.path}: statistics tensor {name} holds NaN or inf values; expected "
+                "finite statistics; compute them again with `modelfuse statistics`"
+            )
+        return tensor
 
     return {
         kind: [read(m.statistics, n) for m, n in zip(task.models, task.inputs)]
@@ -188,6 +196,9 @@ def _call(
     for patch, scale in task.patches:
         delta = patch.read(task.name) if rows is None else patch.read_rows(task.name, *rows)
         result = result + scale * delta.to(torch.float32)
+    if task.out_dtype.itemsize == 1 and task.out_dtype.is_floating_point:
+        info = torch.finfo(task.out_dtype)  # float8 has no inf (e4m3fn): saturate, as usual
+        result = result.clamp(info.min, info.max)
     result = result.to(task.out_dtype)
     expected = task.shape if rows is None else (rows[1] - rows[0], *task.shape[1:])
     if tuple(result.shape) != expected:
@@ -210,6 +221,8 @@ def _has_nonfinite(tensor: torch.Tensor) -> bool:
     """
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return False
+    if tensor.dtype.itemsize == 1:  # float8: no min/max kernels
+        tensor = tensor.to(torch.float32)
     low, high = torch.aminmax(tensor)
     return not (bool(torch.isfinite(low)) and bool(torch.isfinite(high)))
 

@@ -181,7 +181,7 @@ def short(value: Any, limit: int = 60) -> str:
     Examples
     --------
     >>> short("x" * 100, limit=10)
-    "'xxxxxxxxx..."
+    "'xxxxxxxx..."
     """
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
         return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"

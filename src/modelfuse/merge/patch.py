@@ -26,6 +26,8 @@ from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, 
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.merge.config import resolve_dtype
 from modelfuse.merge.magnitude_selection import top_k_mask
+from modelfuse.merge.output_paths import check_output_path
+from modelfuse.merge.parameters import short
 
 __all__ = ["DiffResult", "PatchSource", "diff_checkpoints", "sparse_parts"]
 
@@ -176,7 +178,8 @@ def diff_checkpoints(
     dtype : {"float32", "float16", "bfloat16"}, optional
         Storage dtype of the values (default: ``b``'s dtype).
     shard_size, overwrite, progress
-        As for :func:`modelfuse.merge.merge`.
+        As for :func:`modelfuse.merge.merge`: ``out`` is never replaced when it
+        is ``a`` or ``b`` or holds one of them.
 
     Returns
     -------
@@ -186,14 +189,17 @@ def diff_checkpoints(
     ------
     ConfigError
         ``density`` outside (0, 1] or an unknown dtype.
+    OutputError
+        ``out`` exists (without ``overwrite``), or is or holds ``a`` or ``b``.
     CheckpointError
         The checkpoints' tensors or shapes differ.
     """
     started = time.perf_counter()
     if not 0 < density <= 1:
-        raise ConfigError(f"density: expected a number in (0, 1], got {density}")
+        raise ConfigError(f"density: expected a number in (0, 1], got {short(density)}")
     store = resolve_dtype(dtype)
     budget = parse_size(shard_size)
+    check_output_path(out, [("checkpoint A", a), ("checkpoint B", b)], overwrite=overwrite)
     with open_checkpoint(a) as ca, open_checkpoint(b) as cb:
         names = [n for n in cb.keys() if cb.info(n).dtype.is_floating_point]
         problems = []

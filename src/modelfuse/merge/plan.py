@@ -155,6 +155,11 @@ def layer_position(names: Sequence[str]) -> dict[str, float]:
     return positions
 
 
+def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merged tensor is written in without ``dtype``: float8 inputs give float32."""
+    return torch.float32 if dtype.itemsize == 1 else dtype
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -429,7 +434,7 @@ def build_plan(
         except _ValueProblem as exc:
             values.add(exc)
             continue
-        dtype = out_dtype or compute_dtype or info.dtype
+        dtype = out_dtype or compute_dtype or _stored_dtype(info.dtype)
         extra_from = None
         if shared is not None and extra is not None:
             # ``extra`` indexes ``everyone``; the base (if any) comes first there.
@@ -583,7 +588,7 @@ def build_slice_plan(
             TensorTask(
                 name,
                 shape,
-                out_dtype or compute_dtype or info.dtype,
+                out_dtype or compute_dtype or _stored_dtype(info.dtype),
                 "merge",
                 kwargs,
                 t,
