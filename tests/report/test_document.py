@@ -67,3 +67,14 @@ def test_comparison_report_with_two_candidates_has_no_cd_diagram(tmp_path):
     assert sorted(p.name for p in written) == ["differences.png", "forest.png", "report.md",
                                                "results.json"]
     assert "Ranking" not in (tmp_path / "report.md").read_text()
+
+
+def test_comparison_report_creates_its_folder_and_refuses_a_file(tmp_path):
+    target = tmp_path / "a" / "b"
+    written = write_comparison_report(_comparison(2), target, html_report=False)
+    assert all(p.parent == target for p in written)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot create the report folder"):
+        write_comparison_report(_comparison(2), blocker)
+    assert blocker.read_text() == "x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelfuse.errors import OutputError
 from modelfuse.report.document import Section, write_report
 from modelfuse.report.plots import critical_difference_diagram, forest_plot
 from modelfuse.report.results_json import write_results_json
@@ -39,7 +40,7 @@ def write_comparison_report(
     ----------
     comparison : modelfuse.evaluation.Comparison
     folder : str or Path
-        An existing folder.
+        The folder to write into; created (with its parents) when missing.
     title : str, optional
     command : str
         The command line that produced the comparison, shown in the report.
@@ -62,6 +63,10 @@ def write_comparison_report(
     ['differences.png', 'forest.png', 'report.html', 'report.md', 'results.json']
     """
     root = Path(folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the report folder ({exc})") from None
     written: list[Path] = []
     level = f"{comparison.confidence_level:.0%}"
     names = [c.name for c in comparison.candidates]
