@@ -15,6 +15,8 @@ from types import TracebackType
 
 import torch
 
+from modelfuse.checkpoint.dtypes import FLOAT8_DTYPES, count_nonfinite_float8
+from modelfuse.checkpoint.names import tensor_label
 from modelfuse.errors import CheckpointError
 
 __all__ = [
@@ -133,7 +135,8 @@ class Checkpoint(abc.ABC):
         Raises
         ------
         CheckpointError
-            The checkpoint has no tensor of that name, or its data cannot be read.
+            The checkpoint has no tensor of that name, its data cannot be read,
+            or it is a float8 tensor holding NaN or inf values.
         """
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -174,6 +177,19 @@ class Checkpoint(abc.ABC):
                 f"{info.shape[0]} rows"
             )
         return info
+
+    def _checked(self, info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as read, after refusing NaN or inf in a float8 tensor."""
+        if info.dtype in FLOAT8_DTYPES:
+            count = count_nonfinite_float8(tensor)
+            if count:
+                raise CheckpointError(
+                    f"{info.file}: tensor {tensor_label(info.name)} ({info.dtype}) holds {count} "
+                    "NaN or inf values; a float8 checkpoint is merged through float32 and cast "
+                    "back, so they would spread into the output; expected finite values; "
+                    "quantize the model again with saturation (or fix those values)"
+                )
+        return tensor
 
     @abc.abstractmethod
     def close(self) -> None:

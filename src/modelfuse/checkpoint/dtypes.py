@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "FLOAT8_DTYPES",
     "SAFETENSORS_DTYPES",
+    "count_nonfinite_float8",
     "dtype_code",
     "itemsize",
 ]
@@ -79,3 +81,39 @@ def itemsize(dtype: torch.dtype) -> int:
     (2, 1, 8)
     """
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _float8_limits() -> dict[torch.dtype, int]:
+    limits = {}
+    # the smallest byte (sign bit cleared) that is NaN or inf: e4m3fn has NaN only (0x7f),
+    # e5m2 has inf (0x7c) and NaN (0x7d-0x7f)
+    for name, first in [("float8_e4m3fn", 0x7F), ("float8_e5m2", 0x7C)]:
+        dtype = _optional(name)
+        if dtype is not None:
+            limits[dtype] = first
+    return limits
+
+
+_FLOAT8_FIRST_NONFINITE = _float8_limits()
+#: The float8 dtypes safetensors stores, which merges compute in float32.
+FLOAT8_DTYPES: frozenset[torch.dtype] = frozenset(_FLOAT8_FIRST_NONFINITE)
+
+
+def count_nonfinite_float8(tensor: torch.Tensor) -> int:
+    """The number of NaN and inf entries of a float8 tensor, counted on its bits.
+
+    torch has no min/max or ``isfinite`` kernels for float8; the bit patterns
+    say it directly, without a wider copy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.tensor([1.0, float("nan"), -2.0]).to(torch.float8_e4m3fn)
+    >>> count_nonfinite_float8(x)
+    1
+    >>> count_nonfinite_float8(torch.tensor([float("inf"), 3.0]).to(torch.float8_e5m2))
+    1
+    """
+    first = _FLOAT8_FIRST_NONFINITE[tensor.dtype]
+    bits = tensor.detach().contiguous().view(torch.uint8)
+    return int(torch.count_nonzero(torch.bitwise_and(bits, 0x7F) >= first))

@@ -478,7 +478,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 f"{info.file}: tensor {tensor_label(info.name)}: read {count} of its {nbytes} bytes; the "
                 "file shrank after it was opened; re-save or re-download it"
             )
-        return raw.view(info.dtype).reshape(shape)
+        return self._checked(info, raw.view(info.dtype).reshape(shape))
 
     def close(self) -> None:
         """Close the files; idempotent."""

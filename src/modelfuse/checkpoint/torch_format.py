@@ -241,12 +241,13 @@ class TorchCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         """Return a fresh contiguous copy of tensor ``name``."""
         info = self.info(name)
-        return self._copy(self._source(name), info.shape)
+        return self._checked(info, self._copy(self._source(name), info.shape))
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Return a fresh contiguous copy of rows ``start:stop`` of tensor ``name``."""
         info = self._check_rows(name, start, stop)
-        return self._copy(self._source(name)[start:stop], (stop - start, *info.shape[1:]))
+        rows = self._copy(self._source(name)[start:stop], (stop - start, *info.shape[1:]))
+        return self._checked(info, rows)
 
     def _source(self, name: str) -> torch.Tensor:
         source = self._tensors.get(name)
