@@ -7,8 +7,9 @@ input with the same one-line messages.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 
@@ -65,33 +66,102 @@ def load_array(path: str | Path, *, key: str | None = None) -> np.ndarray:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            array = np.load(p, allow_pickle=False)
+            with p.open("rb") as handle:
+                _check_npy_header(handle, p.stat().st_size, source=str(p))
+                handle.seek(0)
+                array = np.lib.format.read_array(handle, allow_pickle=False)
         elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if key is None:
-                    if len(names) != 1:
-                        raise DataError(
-                            f"{p}: holds {len(names)} arrays ({', '.join(names)}); "
-                            f"name one as {p}:NAME"
-                        )
-                    key = names[0]
-                if key not in names:
-                    raise DataError(
-                        f"{p}: no array named {key!r}; it holds {', '.join(names) or 'none'}"
-                    )
-                array = archive[key]
+            array = _load_npz_member(p, key)
         elif suffix == ".csv":
             array = _load_csv(p)
         else:
             raise DataError(f"{p}: unknown file type {suffix!r}; expected .npy, .npz or .csv")
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{p}: cannot be read as {suffix} ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{p}: cannot be read as {suffix} ({_short(exc)})") from None
     if array.size == 0:
         raise DataError(f"{p}: the array is empty (shape {array.shape}); expected data")
     return array
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_npy_header(handle: IO[bytes], available: int, *, source: str) -> None:
+    """Refuse a ``.npy`` header whose shape needs more bytes than ``available`` after it.
+
+    Reads only the header (at most ``max_header_size`` bytes), so a file of a
+    few bytes that claims 10^12 rows is refused before anything is allocated.
+    """
+    from numpy.lib import format as npy
+
+    start = handle.tell()
+    try:
+        version = npy.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = npy.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = npy.read_array_header_2_0(handle)
+        else:  # (3, 0): the 2.0 layout with a UTF-8 header; read by numpy's own reader
+            shape, _, dtype = npy._read_array_header(handle, version)  # noqa: SLF001
+    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+        raise DataError(f"{source}: not a valid .npy header ({_short(exc)})") from None
+    if dtype.hasobject:
+        raise DataError(
+            f"{source}: holds Python objects (dtype {dtype}); expected numbers, "
+            "saved with numpy.save from a numeric array"
+        )
+    count = 1
+    for n in shape:
+        count *= int(n)
+    needed = count * dtype.itemsize
+    left = available - (handle.tell() - start)
+    if needed > left:
+        raise DataError(
+            f"{source}: the header claims shape {_short(shape, 60)} of {dtype} "
+            f"({needed} bytes) but only {max(left, 0)} bytes follow it; "
+            "the file is truncated or corrupt"
+        )
+
+
+def _load_npz_member(path: Path, key: str | None) -> np.ndarray:
+    """One array of a ``.npz``, its header checked against the member's size first."""
+    with zipfile.ZipFile(path) as archive:
+        members = {
+            info.filename[: -len(".npy")]: info
+            for info in archive.infolist()
+            if info.filename.endswith(".npy")
+        }
+        names = list(members)
+        if key is None:
+            if len(names) != 1:
+                listed = ", ".join(n[:40] for n in names[:10]) + (", ..." if len(names) > 10 else "")
+                raise DataError(
+                    f"{path}: holds {len(names)} arrays ({listed}); name one as {path}:NAME"
+                )
+            key = names[0]
+        if key not in members:
+            listed = ", ".join(n[:40] for n in names[:10]) or "none"
+            raise DataError(f"{path}: no array named {key[:60]!r}; it holds {listed}")
+        info = members[key]
+        archive_size = path.stat().st_size
+        # deflate expands at most about 1032 times; a member claiming more lies
+        if info.compress_size > archive_size or (
+            info.file_size > max(info.compress_size, 1) * 1100
+            if info.compress_type != zipfile.ZIP_STORED
+            else info.file_size > info.compress_size
+        ):
+            raise DataError(
+                f"{path}: the entry {key[:60]!r} claims {info.file_size} bytes, more than "
+                f"the archive of {archive_size} bytes can hold; the file is corrupt"
+            )
+        with archive.open(info) as handle:
+            _check_npy_header(handle, info.file_size, source=f"{path}:{key[:60]}")
+        with archive.open(info) as handle:
+            return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 def _load_csv(path: Path) -> np.ndarray:
@@ -115,6 +185,7 @@ def check_predictions(
     *,
     source: str = "predictions",
     atol: float = 1e-3,
+    option: str | None = None,
 ) -> np.ndarray:
     """Check an array of predictions and return it as floating point.
 
@@ -129,14 +200,29 @@ def check_predictions(
         Names the file or argument in error messages.
     atol : float
         Tolerance on the sums of probabilities.
+    option : str, optional
+        The command-line option that set ``kind`` (``"--kind"``): messages
+        then say ``pass --kind logits``; without it they name the keyword
+        (``pass kind='logits'``).
 
     Raises
     ------
     DataError
         Empty, not at least 2-D, NaN or inf, or probabilities that do not sum to one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_predictions(np.array([[1, 0]]), "probabilities").dtype
+    dtype('float64')
+    >>> check_predictions(np.array([[2.0, -1.0]]), "probabilities", option="--kind")
+    Traceback (most recent call last):
+    ...
+    modelfuse.errors.DataError: predictions: probabilities must lie in [0, 1], got values in [-1, 2]; pass --kind logits if these are logits
     """
+    hint = f"{option} logits" if option else "kind='logits'"
     if kind not in ("probabilities", "logits"):
-        raise DataError(f"{source}: kind must be 'probabilities' or 'logits', got {kind!r}")
+        raise DataError(f"{source}: kind must be 'probabilities' or 'logits', got {str(kind)[:40]!r}")
     array = np.asarray(predictions)
     if array.size == 0:
         raise DataError(f"{source}: the array is empty (shape {array.shape}); expected predictions")
@@ -160,7 +246,7 @@ def check_predictions(
         if array.min() < -atol or array.max() > 1 + atol:
             raise DataError(
                 f"{source}: probabilities must lie in [0, 1], got values in "
-                f"[{array.min():.4g}, {array.max():.4g}]; pass kind='logits' if these are logits"
+                f"[{array.min():.4g}, {array.max():.4g}]; pass {hint} if these are logits"
             )
         sums = array.sum(axis=-1)
         bad = np.abs(sums - 1) > atol
@@ -169,7 +255,7 @@ def check_predictions(
             raise DataError(
                 f"{source}: probabilities must sum to 1 over the last axis, but "
                 f"{int(bad.sum())} rows do not (row {first} sums to {sums[first]:.6g}); "
-                "pass kind='logits' if these are logits"
+                f"pass {hint} if these are logits"
             )
     return array
 
