@@ -16,8 +16,10 @@ import fnmatch
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import socket
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -37,6 +39,7 @@ from modelfuse.errors import CheckpointError, OutputError
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "INDEX_NAME",
+    "MARKER_NAME",
     "CheckpointWriter",
     "is_model_file",
     "shard_names",
@@ -46,6 +49,9 @@ __all__ = [
 DEFAULT_SHARD_SIZE = 5_000_000_000
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: The file in every temporary folder of a writer that says which process writes it.
+MARKER_NAME = ".modelfuse-partial"
+_MARKER = re.compile(r"^modelfuse-partial pid=(\d{1,10}) host=(\S{1,255})\n\Z")
 
 #: Non-weight files of a Hugging Face model folder that belong with merged weights.
 MODEL_FILE_PATTERNS = (
@@ -162,7 +168,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def _make_sibling(target: Path, tag: str) -> Path:
-    """Create an empty folder ``.NAME.TAG-<random hex>`` beside ``target`` (umask's mode)."""
+    """Create an empty folder ``.NAME.TAG-<8 hex digits>`` beside ``target`` (umask's mode)."""
     while True:
         folder = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
         try:
@@ -170,6 +176,81 @@ def _make_sibling(target: Path, tag: str) -> Path:
         except FileExistsError:
             continue
         return folder
+
+
+def _marker_text() -> str:
+    return f"modelfuse-partial pid={os.getpid()} host={socket.gethostname() or 'unknown'}\n"
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process (or an impossible pid, which runs nowhere)
+    return True
+
+
+def _stale_owner(folder: Path) -> int | None:
+    """The pid of the interrupted writer that left ``folder``, or None if it is not recognised.
+
+    A folder is recognised only if it is a real folder holding a marker file
+    written by a writer on this host whose process no longer runs.
+    """
+    marker = folder / MARKER_NAME
+    try:
+        if folder.is_symlink() or not folder.is_dir() or marker.is_symlink():
+            return None
+        if not marker.is_file() or marker.stat().st_size > 300:
+            return None
+        found = _MARKER.match(marker.read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    if found is None or found.group(2) != (socket.gethostname() or "unknown"):
+        return None
+    pid = int(found.group(1))
+    return None if pid == os.getpid() or _is_running(pid) else pid
+
+
+def remove_stale_folders(target: Path) -> list[str]:
+    """Remove temporary folders that interrupted writers (killed processes) left beside ``target``.
+
+    Only folders named as this module names them (``.NAME.tmp-<8 hex
+    digits>``) and holding its marker file from a process of this host that
+    no longer runs are removed; anything else is never touched.
+
+    Returns
+    -------
+    list of str
+        One note per folder removed.
+    """
+    pattern = re.compile(r"\." + re.escape(target.name) + r"\.tmp-[0-9a-f]{8}")
+    notes = []
+    try:
+        candidates = sorted(target.parent.iterdir())
+    except OSError:
+        return []
+    for folder in candidates:
+        if not pattern.fullmatch(folder.name):
+            continue
+        pid = _stale_owner(folder)
+        if pid is None:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            notes.append(
+                f"removed {folder}, the temporary folder of an interrupted modelfuse run "
+                f"(process {pid}, no longer running)"
+            )
+    return notes
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _cleanup(folder: Path, fds: list[int]) -> None:
@@ -210,6 +291,9 @@ class CheckpointWriter:
         The target folder.
     bytes_written : int
         Tensor bytes written so far (for progress bars).
+    notes : list of str
+        What the writer did beside writing, for the user: temporary folders
+        of interrupted runs it removed.
 
     Raises
     ------
@@ -225,7 +309,13 @@ class CheckpointWriter:
     in Hugging Face's format. Files are written into
     ``OUT.parent/.OUT.name.tmp-<random>`` and renamed into place by
     :meth:`commit`. Leaving a ``with`` block without :meth:`commit` (normally
-    or by an exception) calls :meth:`abort`.
+    or by an exception, ``KeyboardInterrupt`` included) calls :meth:`abort`.
+
+    A temporary folder holds a marker file (:data:`MARKER_NAME`) naming the
+    writing process and host. A process killed outright (SIGKILL, power
+    loss) cannot remove its folder; the next writer to the same ``out``
+    removes every such folder whose process no longer runs on this host, and
+    says so in :attr:`notes`. Folders without a valid marker are never touched.
 
     Examples
     --------
@@ -284,8 +374,11 @@ class CheckpointWriter:
         self._bytes_written = 0
         self._extra: set[str] = set()
         self._fds: list[int] = []
+        self._failure: OutputError | None = None
+        self.notes: list[str] = []
         try:
             self._target.parent.mkdir(parents=True, exist_ok=True)
+            self.notes = remove_stale_folders(self._target)
             self._tmp = _make_sibling(self._target, "tmp")
         except OSError as exc:
             raise OutputError(
@@ -294,10 +387,10 @@ class CheckpointWriter:
             ) from None
         self._finalizer = weakref.finalize(self, _cleanup, self._tmp, self._fds)
         try:
+            (self._tmp / MARKER_NAME).write_text(_marker_text(), encoding="ascii")
             self._create_shards(shards)
         except OSError as exc:
-            self.abort()
-            raise self._write_error(exc, "the shard headers") from exc
+            raise self._failed(self._write_error(exc, "the shard headers")) from exc
 
     def _plan(
         self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], budget: int
@@ -370,18 +463,37 @@ class CheckpointWriter:
         return self._names + ([INDEX_NAME] if len(self._names) > 1 else [])
 
     def _write_error(self, exc: OSError, what: str) -> OutputError:
+        """The error for a failed write; the first one is kept for every later call."""
         if exc.errno in _DISK_FULL:
-            return OutputError(
+            error = OutputError(
                 f"{self.out}: the disk filled up while writing {what} into {self._tmp}; nothing "
                 f"was written to {self.out}; free space and run again"
             )
-        return OutputError(
-            f"{self.out}: could not write {what} into {self._tmp} ({exc.strerror or exc}); "
-            f"nothing was written to {self.out}; check the folder's permissions and free space, "
-            "then run again"
-        )
+        else:
+            error = OutputError(
+                f"{self.out}: could not write {what} into {self._tmp} "
+                f"({exc.strerror or exc}); nothing was written to {self.out}; check the "
+                "folder's permissions and free space, then run again"
+            )
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+        return error
+
+    def _failed(self, error: OutputError) -> OutputError:
+        """Abort after ``error`` and return it, saying so if the temporary folder stayed."""
+        self.abort()
+        if os.path.lexists(self._tmp):
+            return OutputError(
+                f"{error}; the temporary folder {self._tmp} could not be removed: remove it "
+                "(or the next run to this output will, once this process has ended)"
+            )
+        return error
 
     def _check_open(self, action: str) -> None:
+        if self._state != "open" and self._failure is not None:
+            # another thread's write failed: its reason (a full disk) is the one to report
+            raise OutputError(str(self._failure))
         if self._state != "open":
             raise OutputError(
                 f"{self.out}: {action} after the writer was {self._state}; expected an open "
@@ -499,8 +611,8 @@ class CheckpointWriter:
                     blocks.remove(block)
                 self._lock.notify_all()
         if failure is not None:
-            self.abort()
-            raise self._write_error(failure, f"tensor {tensor_label(slot.name)}") from failure
+            error = self._write_error(failure, f"tensor {tensor_label(slot.name)}")
+            raise self._failed(error) from failure
 
     def add_file(self, relative_name: str, source: Path | bytes | str) -> None:
         """Add a non-weight file to the checkpoint (``modelfuse.yaml``, ``config.json``, ...).
@@ -520,6 +632,7 @@ class CheckpointWriter:
             or relative.is_absolute()
             or ".." in relative.parts
             or relative_name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+            or relative.parts[0] == MARKER_NAME
         ):
             raise ValueError(
                 f"{self.out}: extra file name {relative_name!r} must be a relative path inside "
@@ -543,8 +656,7 @@ class CheckpointWriter:
             else:
                 target.write_text(source, encoding="utf-8")
         except OSError as exc:
-            self.abort()
-            raise self._write_error(exc, relative_name) from exc
+            raise self._failed(self._write_error(exc, relative_name)) from exc
         self._extra.add(relative_name)
 
     def copy_model_files(self, folder: Path) -> list[str]:
@@ -621,14 +733,13 @@ class CheckpointWriter:
                 self._write_index()
             for name in self._extra:
                 _fsync_path(self._tmp / name)
+            os.unlink(self._tmp / MARKER_NAME)  # the folder is the output from here on
             _fsync_path(self._tmp, directory=True)
             self._move_into_place()
-        except OutputError:
-            self.abort()
-            raise
+        except OutputError as exc:
+            raise self._failed(exc) from None
         except OSError as exc:
-            self.abort()
-            raise self._write_error(exc, "the checkpoint") from exc
+            raise self._failed(self._write_error(exc, "the checkpoint")) from exc
         with self._lock:
             self._state = "committed"
         self._finalizer.detach()
@@ -647,6 +758,15 @@ class CheckpointWriter:
             os.close(fd)
 
     def _move_into_place(self) -> None:
+        """Rename the finished folder to ``out``; an existing ``out`` is kept until then.
+
+        With ``overwrite``, the old ``out`` is first renamed into a
+        ``.OUT.old-*`` folder beside it and removed only once the new one is in
+        place. If a rename fails, the old ``out`` is moved back and the empty
+        backup folder removed; if even moving it back fails, the error says
+        where the previous output is. It is never deleted before the new one
+        is in place.
+        """
         target = self._target
         if not os.path.lexists(target):
             os.rename(self._tmp, target)
@@ -659,12 +779,24 @@ class CheckpointWriter:
         else:
             backup = _make_sibling(target, "old")
             old = backup / "previous"
-            os.rename(target, old)
+            try:
+                os.rename(target, old)
+            except OSError:
+                _remove_empty(backup)
+                raise
             try:
                 os.rename(self._tmp, target)
-            except OSError:
-                os.rename(old, target)
-                shutil.rmtree(backup, ignore_errors=True)
+            except OSError as exc:
+                try:
+                    os.rename(old, target)
+                except OSError:
+                    raise OutputError(
+                        f"{self.out}: could not move the new checkpoint into place "
+                        f"({exc.strerror or exc}) nor the previous one back; the previous "
+                        f"{self.out} is kept whole in {old}; move it back with "
+                        f"`mv {old} {self.out}`, check the folder's permissions, then run again"
+                    ) from exc
+                _remove_empty(backup)
                 raise
             shutil.rmtree(backup, ignore_errors=True)
         _fsync_path(target.parent, directory=True)
@@ -672,12 +804,12 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Stop writing and remove the temporary folder; ``out`` is untouched. Idempotent."""
         with self._lock:
-            if self._state in ("committed", "aborted"):
+            if self._state == "committed":
                 return
             self._state = "aborted"
             while self._active:
                 self._lock.wait()
-        self._finalizer()
+        self._finalizer()  # once only; a second abort (say, after an interrupted one) retries
 
     def __enter__(self) -> CheckpointWriter:
         return self
