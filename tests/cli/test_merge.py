@@ -1,15 +1,22 @@
-"""``modelfuse merge`` and ``modelfuse methods`` through the command line."""
+"""``modelfuse merge`` and ``modelfuse methods`` through the command line.
+
+Bad configurations: exit 2, one line (or one line per problem), nothing written,
+inputs untouched.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from modelfuse.cli import main
+from modelfuse.statistics.storage import save as save_statistics
 
 RUN = [sys.executable, "-c", "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"]
 
@@ -115,3 +122,365 @@ def test_subprocess_end_to_end(tmp_path):
         f"modelfuse: error: {tmp_path / 'missing.yaml'}: no such configuration file; "
         "give the path of a YAML file"
     ]
+
+
+TENSORS = ("model.layers.0.w", "model.layers.1.w", "head")
+
+
+def _seeded_models(folder: Path, n: int = 3) -> list[Path]:
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        path = folder / f"m{i}.safetensors"
+        save_file({name: torch.randn(3, generator=g) for name in TENSORS}, path)
+        paths.append(path)
+    return paths
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path, *, lines: int = 1) -> str:
+    """Run ``modelfuse ARGS``; check exit 2, one error line (plus ``lines - 1`` problem
+    lines), no traceback, and nothing written or changed under ``folder``."""
+    before = _snapshot(folder)
+    names = sorted(os.listdir(folder))
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    printed = err.strip().splitlines()
+    assert len(printed) == lines, err
+    assert printed[0].startswith("modelfuse: error:")
+    assert sum(line.startswith("modelfuse: error:") for line in printed) == 1
+    assert sorted(os.listdir(folder)) == names  # no output, no temporary folder
+    assert _snapshot(folder) == before  # inputs untouched
+    return err
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder holding three models m0..m2, the working directory of the test."""
+    _seeded_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _config(folder: Path, text: str) -> str:
+    (folder / "merge.yaml").write_text(text)
+    return str(folder / "merge.yaml")
+
+
+def _merge(folder: Path, text: str, *extra: str) -> list[str]:
+    return ["merge", _config(folder, text), str(folder / "out"), "--quiet", *extra]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        "{a: " * 100_000 + "1" + "}" * 100_000,
+        "merge_method: linear\nmodels:\n" + "  " + "- " * 5000 + "m0.safetensors\n",
+    ],
+    ids=["lists", "mappings", "block-sequences"],
+)
+def test_deeply_nested_yaml(work, capsys, text):
+    err = refused(_merge(work, text), capsys, work)
+    assert "nesting deeper than 64 levels" in err
+
+
+def test_alias_bomb_is_refused_quickly(work, capsys):
+    text = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for i in range(1, 9):
+        name, previous = chr(ord("a") + i), chr(ord("a") + i - 1)
+        text += f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]\n"
+    text += "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n"
+    assert len(text) < 2000  # 9**9 = 387 million strings once expanded
+    err = refused(_merge(work, text), capsys, work)
+    assert "aliases expand the document beyond 10000 nodes" in err
+
+
+def test_alias_to_its_own_collection(work, capsys):
+    err = refused(_merge(work, "merge_method: linear\nmodels: &m [m0.safetensors, *m]\n"), capsys, work)
+    assert "an alias refers to the collection that holds it" in err
+
+
+def test_a_plain_alias_still_works(work, capsys):
+    text = (
+        "merge_method: linear\nmodels:\n"
+        "  - {model: m0.safetensors, parameters: &p {weight: 1.0}}\n"
+        "  - {model: m1.safetensors, parameters: *p}\n"
+    )
+    assert main(_merge(work, text)) == 0
+    a, b = load_file(work / "m0.safetensors"), load_file(work / "m1.safetensors")
+    merged = load_file(work / "out" / "model.safetensors")
+    for name in TENSORS:
+        torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2)
+
+
+@pytest.mark.parametrize(
+    ("bound", "expected"),
+    [
+        ("1e30", "layer_range.1"),
+        ("10**30", "layer_range.1"),
+        ("9" * 5000, "an integer of 5000 digits is too large"),
+        ("3", "layer_range [0, 3] is not within the model's 2 layers"),
+    ],
+    ids=["1e30", "10**30", "5000-digits", "past-the-end"],
+)
+def test_layer_range_beyond_the_model(work, capsys, bound, expected):
+    text = (
+        "merge_method: passthrough\nslices:\n"
+        f"  - sources: [{{model: m0.safetensors, layer_range: [0, {bound}]}}]\n"
+    )
+    err = refused(_merge(work, text), capsys, work)
+    assert expected in err and len(err) < 400
+
+
+def test_huge_integer_weight(work, capsys):
+    text = (
+        "merge_method: linear\nmodels:\n"
+        f"  - {{model: m0.safetensors, parameters: {{weight: 1{'0' * 10000}}}}}\n"
+        "  - m1.safetensors\n"
+    )
+    err = refused(_merge(work, text), capsys, work)
+    assert "an integer of 10001 digits is too large" in err and len(err) < 400
+
+
+def test_density_written_as_a_power(work, capsys):
+    text = (
+        "merge_method: ties\nbase_model: m0.safetensors\n"
+        "models: [m1.safetensors, m2.safetensors]\nparameters: {density: 10**400}\n"
+    )
+    err = refused(_merge(work, text), capsys, work)
+    assert "density" in err and "'10**400'" in err and len(err) < 400
+
+
+def test_unknown_user_in_a_model_path(work, capsys):
+    text = "merge_method: linear\nmodels: [~nosuchuser-modelfuse/model, m1.safetensors]\n"
+    err = refused(_merge(work, text), capsys, work)
+    assert "no such user 'nosuchuser-modelfuse'" in err and "models[0].model" in err
+
+
+def test_scientific_notation_is_a_number(work):
+    text = (
+        "merge_method: linear\nmodels:\n"
+        "  - {model: m0.safetensors, parameters: {weight: 5e-1}}\n"
+        "  - {model: m1.safetensors, parameters: {weight: 1E+0}}\n"
+    )
+    assert main(_merge(work, text)) == 0
+    a, b = load_file(work / "m0.safetensors"), load_file(work / "m1.safetensors")
+    merged = load_file(work / "out" / "model.safetensors")
+    for name in TENSORS:
+        torch.testing.assert_close(merged[name], (0.5 * a[name] + 1.0 * b[name]) / 1.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (
+            "merge_method: linear\nmodels:\n  - {model: m0.safetensors, parameters: {weight: .nan}}\n"
+            "  - m1.safetensors\n",
+            "'weight': nan",
+        ),
+        (
+            "merge_method: task_arithmetic\nbase_model: m0.safetensors\nmodels: [m1.safetensors]\n"
+            "parameters: {lambda: .inf}\n",
+            "'lambda': inf",
+        ),
+        (
+            "merge_method: ties\nbase_model: m0.safetensors\nmodels: [m1.safetensors]\n"
+            "parameters: {density: [0.5, -.inf]}\n",
+            "'density': -inf",
+        ),
+        (
+            "merge_method: slerp\nbase_model: m0.safetensors\nmodels: [m1.safetensors]\n"
+            "parameters: {t: [{filter: mlp, value: .nan}, {value: 0.5}]}\n",
+            "'t': nan",
+        ),
+        (
+            "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n"
+            "patches: [{patch: P, scale: .nan}]\n",
+            "patches.0.scale: Input should be a finite number",
+        ),
+    ],
+    ids=["weight", "lambda", "density", "t", "patch-scale"],
+)
+def test_non_finite_values_name_the_key(work, capsys, text, key):
+    err = refused(_merge(work, text), capsys, work)
+    assert key in err
+
+
+def _fisher_config(work: Path, first: str, method: str = "fisher") -> str:
+    return (
+        f"merge_method: {method}\nmodels:\n"
+        f"  - {{model: m0.safetensors, statistics: {first}}}\n"
+        "  - {model: m1.safetensors, statistics: f1.safetensors}\n"
+    )
+
+
+def _fisher(work: Path, name: str, tensors: dict[str, torch.Tensor], kind: str = "fisher") -> None:
+    save_statistics(tensors, work / name, kind=kind, n_examples=4)
+
+
+def test_fisher_statistics_with_nan(work, capsys):
+    ones = {name: torch.ones(3) for name in TENSORS}
+    _fisher(work, "f1.safetensors", ones)
+    _fisher(work, "bad.safetensors", {**ones, "model.layers.1.w": torch.tensor([1.0, float("inf"), 1.0])})
+    err = refused(_merge(work, _fisher_config(work, "bad.safetensors")), capsys, work)
+    assert "bad.safetensors: statistics tensor model.layers.1.w holds NaN or inf" in err
+
+
+def test_statistics_matching_no_tensor(work, capsys):
+    _fisher(work, "f1.safetensors", {name: torch.ones(3) for name in TENSORS})
+    _fisher(work, "other.safetensors", {"encoder.w": torch.ones(3)})
+    err = refused(_merge(work, _fisher_config(work, "other.safetensors")), capsys, work)
+    assert "other.safetensors: none of its 1 tensor names is a tensor of the model" in err
+
+
+def test_gram_file_given_to_fisher(work, capsys):
+    _fisher(work, "f1.safetensors", {name: torch.ones(3) for name in TENSORS})
+    _fisher(work, "gram.safetensors", {"head": torch.eye(3)}, kind="gram")
+    err = refused(_merge(work, _fisher_config(work, "gram.safetensors")), capsys, work)
+    assert "gram.safetensors: holds Gram matrices" in err
+    assert "compute them with `modelfuse statistics fisher`" in err
+
+
+def test_fisher_file_given_to_regmean(work, capsys):
+    _fisher(work, "f1.safetensors", {name: torch.ones(3) for name in TENSORS}, kind="gram")
+    _fisher(work, "fisher.safetensors", {name: torch.ones(3) for name in TENSORS})
+    err = refused(
+        _merge(work, _fisher_config(work, "fisher.safetensors", method="regmean")), capsys, work
+    )
+    assert "fisher.safetensors: holds Fisher diagonals" in err
+    assert "needs Gram matrices: compute them with `modelfuse statistics gram`" in err
+
+
+def _many_problems(work: Path) -> str:
+    (work / "out").mkdir()
+    _fisher(work, "f1.safetensors", {name: torch.ones(3) for name in TENSORS}, kind="gram")
+    return (
+        "merge_method: fisher\nmodels:\n"
+        "  - {model: m0.safetensors, statistics: f1.safetensors, parameters: {weight: -1}}\n"
+        "  - {model: m1.safetensors, statistics: f1.safetensors, parameters: {colour: 2}}\n"
+        "parameters: {fisher_floor: -3}\n"
+    )
+
+
+MANY = [
+    "out: already exists; choose another output folder, or pass --overwrite",
+    "models[0].statistics f1.safetensors: holds Gram matrices",
+    "models[1].statistics f1.safetensors: holds Gram matrices",
+    "m1.safetensors: parameters: unknown parameter 'colour' for merge method 'fisher'",
+    "m0.safetensors: tensor head (and 2 more tensors): weight: Input should be "
+    "greater than 0 (got -1)",
+    "tensor head (and 2 more tensors): fisher_floor: Input should be greater than "
+    "or equal to 0 (got -3)",
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_every_problem_is_reported_at_once(work, capsys, dry_run):
+    text = _many_problems(work)
+    args = ["merge", _config(work, text), "out", "--quiet", *(["--dry-run"] if dry_run else [])]
+    err = refused(args, capsys, work, lines=1 + len(MANY))
+    lines = err.strip().splitlines()
+    assert lines[0] == f"modelfuse: error: {len(MANY)} problems:"
+    for expected in MANY:
+        assert sum(line.strip().startswith(expected) for line in lines[1:]) == 1, expected
+
+
+def test_missing_model_and_unknown_parameter_together(work, capsys):
+    text = (
+        "merge_method: ties\nbase_model: m0.safetensors\n"
+        "models: [m1.safetensors, missing.safetensors]\nparameters: {epsilon: 3}\n"
+    )
+    err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=3)
+    assert "missing.safetensors: no such file or folder" in err
+    assert "unknown parameter 'epsilon' for merge method 'ties'" in err
+
+
+def _inputs_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A model folder, a model file, and a configuration merging them, in three places."""
+    folder = tmp_path / "models" / "base"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({n: torch.randn(3, generator=g) for n in TENSORS}, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "llama"}\n')
+    other = tmp_path / "models" / "other.safetensors"
+    save_file({n: torch.randn(3, generator=g) for n in TENSORS}, other)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = configs / "merge.yaml"
+    config.write_text(f"merge_method: linear\nmodels: [{folder}, {other}]\n")
+    return folder, other, config
+
+
+@pytest.mark.parametrize(
+    ("target", "relation"),
+    [
+        ("models/base", "is the input model"),
+        ("models/other.safetensors", "is the input model"),
+        ("models", "contains the input model"),
+        ("configs", "is the folder of the configuration"),
+        ("link", "is the input model"),
+        (".", "contains the input model"),
+    ],
+    ids=["model-folder", "model-file", "parent-of-models", "config-folder", "symlink", "cwd"],
+)
+def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, target, relation):
+    folder, _, config = _inputs_folder(tmp_path)
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    err = refused(["merge", str(config), target, "--overwrite", "--quiet"], capsys, tmp_path)
+    assert relation in err and "would destroy an input" in err
+
+
+def test_overwrite_never_replaces_statistics_or_patches(work, capsys):
+    ones = {name: torch.ones(3) for name in TENSORS}
+    _fisher(work, "f1.safetensors", ones)
+    (work / "stats").mkdir()
+    _fisher(work / "stats", "f0.safetensors", ones)
+    text = _fisher_config(work, "stats/f0.safetensors")
+    args = ["merge", _config(work, text), "stats", "--overwrite", "--quiet"]
+    assert "contains the statistics file" in refused(args, capsys, work)
+    assert main(["diff", "m0.safetensors", "m1.safetensors", "-o", "patch", "--quiet"]) == 0
+    capsys.readouterr()
+    text = "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\npatches: [{patch: patch}]\n"
+    args = ["merge", _config(work, text), "patch", "--overwrite", "--quiet"]
+    assert "is the patch" in refused(args, capsys, work)
+
+
+def test_overwrite_replaces_a_previous_output(work, capsys):
+    text = "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n"
+    assert main(_merge(work, text)) == 0
+    assert main(_merge(work, text)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(_merge(work, text, "--overwrite")) == 0
+
+
+def test_output_as_option_or_argument(work, capsys):
+    config = _config(work, "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n")
+    assert main(["merge", config, "-o", "a", "--quiet"]) == 0
+    assert main(["merge", config, "--out", "b", "--quiet"]) == 0
+    assert (work / "a" / "model.safetensors").read_bytes() == (
+        work / "b" / "model.safetensors"
+    ).read_bytes()
+    capsys.readouterr()
+    assert "not both" in refused(["merge", config, "c", "-o", "d", "--quiet"], capsys, work)
+    assert "missing the output folder" in refused(["merge", config, "--quiet"], capsys, work)
+
+
+def test_out_of_range_threads_is_a_usage_error(work, capsys):
+    config = _config(work, "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n")
+    before = _snapshot(work)
+    assert main(["merge", config, "out", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and "Traceback" not in err
+    assert not (work / "out").exists() and _snapshot(work) == before

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import modelfuse
-from modelfuse.errors import CheckpointError, ConfigError
+from modelfuse.errors import ConfigError
 from modelfuse.merge.plan import split_layer_name
 
 

@@ -714,7 +714,7 @@ def merge(
             with warnings.catch_warnings(record=True) as caught, torch.no_grad():
                 warnings.simplefilter("always")
                 execute_plan(plan, sink, threads=workers, on_done=done)
-            notes = list(opened.notes)
+            notes = [*writer.notes, *opened.notes]  # stale temporary folders removed
             updated = _updated_model_config(opened.files_from, plan)
             if updated is not None:
                 writer.add_file("config.json", updated[0])

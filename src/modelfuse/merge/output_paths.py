@@ -75,9 +75,12 @@ def check_output_path(
     if not os.path.lexists(out):
         return
     real = _real(out)
-    for what, path in inputs:
-        if _holds(real, _real(path)):
-            relation = "is" if _real(path) == real else "contains"
+    inputs = list(inputs)
+    same = [(what, path) for what, path in inputs if _real(path) == real]
+    inside = [(what, path) for what, path in inputs if _holds(real, _real(path))]
+    for relation, found in (("is", same), ("contains", inside)):
+        if found:
+            what, path = found[0]
             raise OutputError(
                 f"{out}: {relation} the {what} {short(str(path), 200)}; writing {flag} there "
                 "would destroy an input; choose another output folder"

@@ -39,6 +39,7 @@ __all__ = [
     "ParameterSetting",
     "Scalar",
     "evaluate_setting",
+    "format_error",
     "format_validation_error",
     "short",
 ]
@@ -192,17 +193,17 @@ def short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "..."
 
 
+def format_error(err: Mapping[str, Any]) -> str:
+    """``"KEY: what was wrong (got VALUE)"`` for one error of a pydantic ValidationError."""
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    text = err["msg"]
+    if err["type"] == "extra_forbidden":
+        text = "unknown key"
+    if err["type"] == "value_error":  # our own validators' messages say what they got
+        return f"{loc}: {str(err.get('ctx', {}).get('error', text))[:300]}"
+    return f"{loc}: {text} (got {short(err.get('input'))})"
+
+
 def format_validation_error(exc: ValidationError, *, where: str) -> str:
     """One line from a pydantic ValidationError: each failing key, what was wrong."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        received = err.get("input")
-        text = err["msg"]
-        if err["type"] == "extra_forbidden":
-            text = "unknown key"
-        if err["type"] == "value_error":  # our own validators' messages say what they got
-            parts.append(f"{loc}: {str(err.get('ctx', {}).get('error', text))[:300]}")
-            continue
-        parts.append(f"{loc}: {text} (got {short(received)})")
-    return f"{where}: " + "; ".join(parts)
+    return f"{where}: " + "; ".join(format_error(err) for err in exc.errors())

@@ -16,7 +16,13 @@ import torch
 from pydantic import ValidationError
 
 from modelfuse.errors import CheckpointError, ConfigError
-from modelfuse.merge.parameters import evaluate_setting, format_validation_error, short
+from modelfuse.merge.parameters import (
+    MethodParameters,
+    evaluate_setting,
+    format_error,
+    format_validation_error,
+    short,
+)
 from modelfuse.merge.problems import Problems
 from modelfuse.merge.registry import MergeMethod
 
@@ -165,11 +171,14 @@ def _is_float(dtype: torch.dtype) -> bool:
 
 
 class _ValueProblem(ConfigError):
-    """An invalid parameter value for one tensor; ``text`` says it without the tensor's name."""
+    """Invalid parameter values for one tensor; ``texts`` say them without the tensor's name.
 
-    def __init__(self, message: str, text: str, tensor: str) -> None:
+    Each text is ``"WHERE\\0WHAT"``: the model (empty for a global parameter) and the problem.
+    """
+
+    def __init__(self, message: str, texts: list[str], tensor: str) -> None:
         super().__init__(message)
-        self.text = text
+        self.texts = texts
         self.tensor = tensor
 
 
@@ -180,7 +189,8 @@ class _ValueProblems:
         self.tensors: dict[str, list[str]] = {}
 
     def add(self, problem: _ValueProblem) -> None:
-        self.tensors.setdefault(problem.text, []).append(problem.tensor)
+        for text in problem.texts:
+            self.tensors.setdefault(text, []).append(problem.tensor)
 
     def lines(self) -> list[str]:
         out = []
@@ -189,6 +199,19 @@ class _ValueProblems:
             more = f" (and {len(tensors) - 1} more tensors)" if len(tensors) > 1 else ""
             out.append(f"{where}tensor {tensors[0]}{more}: {body}")
         return out
+
+
+def _value_texts(
+    exc: ValidationError, declaration: type[MethodParameters], model: ModelInput | None
+) -> list[str]:
+    """One text per failing parameter, naming the model only when the model set the value."""
+    own = set() if model is None else {declaration.field_for(k) for k in model.parameters}
+    texts = []
+    for error in exc.errors():
+        field_name = declaration.field_for(str(error["loc"][0])) if error["loc"] else None
+        where = f"{model.label}: " if model is not None and field_name in own else ""
+        texts.append(where + "\0" + format_error(error))
+    return texts
 
 
 def _resolve(
@@ -209,38 +232,40 @@ def _resolve(
     for settings in reversed(levels):
         for key, setting in settings.items():
             if declaration.field_for(key) is None:
-                continue  # reported by _check_keys
+                continue  # reported by check_keys
             value = evaluate_setting(setting, name, t)
             if value is not None:
                 resolved_global[key] = value
     per_model = declaration.per_model_fields()
     per_model_values: dict[str, list[Any]] = {field_name: [] for field_name in per_model}
     validated = None
+    failures: list[str] = []
+    first: str | None = None
     for model in models:
         values = dict(resolved_global)
         for key, setting in model.parameters.items():
             if declaration.field_for(key) is None:
-                continue  # reported by _check_keys
+                continue  # reported by check_keys
             value = evaluate_setting(setting, name, t)
             if value is not None:
                 values[key] = value
         try:
             validated = declaration.model_validate(values)
         except ValidationError as exc:
-            raise _ValueProblem(
-                format_validation_error(exc, where=f"{model.label}: tensor {name}"),
-                f"{model.label}: \0" + format_validation_error(exc, where="")[2:],
-                name,
-            ) from None
+            first = first or format_validation_error(exc, where=f"{model.label}: tensor {name}")
+            failures += [t for t in _value_texts(exc, declaration, model) if t not in failures]
+            continue
         for field_name in per_model:
             per_model_values[field_name].append(getattr(validated, field_name))
+    if failures:
+        raise _ValueProblem(first or name, failures, name)
     if validated is None:  # no models: validate the global settings alone
         try:
             validated = declaration.model_validate(resolved_global)
         except ValidationError as exc:
             raise _ValueProblem(
                 format_validation_error(exc, where=f"tensor {name}"),
-                "\0" + format_validation_error(exc, where="")[2:],
+                _value_texts(exc, declaration, None),
                 name,
             ) from None
     kwargs = {f: getattr(validated, f) for f in declaration.global_fields()}
