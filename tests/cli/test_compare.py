@@ -107,6 +107,12 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
     np.save(logits, np.log(np.load(paths["soup"])) + 1.0)
     flat = tmp_path / "flat.npy"
     np.save(flat, np.load(paths["soup"])[:, 0])
+    one_row = tmp_path / "one_row.npy"
+    np.save(one_row, np.load(paths["soup"])[:1])
+    one_label = tmp_path / "one_label.npy"
+    np.save(one_label, np.load(paths["y"])[:1])
+    rare = tmp_path / "rare.npy"
+    np.save(rare, np.r_[np.ones(3, int), np.zeros(297, int)])
     base = ["compare", "-p", f"base={paths['base']}", "-o"]
     return {
         "missing file": (
@@ -186,6 +192,25 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
             [*base, "OUT", "-p", f"soup={flat}", "--labels", str(paths["y"])],
             "shapes differ",
         ),
+        "path of an unknown user": (
+            [*base, "OUT", "-p", "~nosuchuser/a.npy", "--labels", str(paths["y"])],
+            "~nosuchuser/a.npy: no such file",
+        ),
+        "one sample": (
+            ["compare", "-p", str(one_row), "-o", "OUT", "--labels", str(one_label)],
+            "1 sample; comparing needs at least 2 labelled samples",
+        ),
+        "auroc with a rare class, not stratified": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(rare),
+             "--metric", "auroc"],
+            "(a class is missing from them); pass --stratify or evaluate on more samples",
+        ),
+        "a huge name": (
+            [*base, "OUT", "-p", f"{'x' * 5000}={paths['soup']}", "--labels", str(paths["y"]),
+             "--reference", "y" * 5000],
+            "--reference: '" + "y" * 60 + "' is not a candidate; expected one of base, "
+            + "x" * 40,
+        ),
     }
 
 
@@ -194,7 +219,8 @@ CASES = [
     "duplicate names", "unknown reference", "unknown metric", "malformed item",
     "plain file named twice", "unknown kind", "unknown test", "unknown interval",
     "mcnemar on nll", "probabilities given as logits", "logits given as probabilities",
-    "no candidates", "one-dimensional predictions",
+    "no candidates", "one-dimensional predictions", "path of an unknown user", "one sample",
+    "auroc with a rare class, not stratified", "a huge name",
 ]
 
 
@@ -385,3 +411,16 @@ def test_help_shows_an_example(capsys):
     text = capsys.readouterr().out
     assert "modelfuse compare --predictions" in text
     assert "--quiet" in text and "--kind" in text and "auto" in text
+
+
+def test_a_skipped_friedman_test_is_one_warning_line(tmp_path, capsys):
+    paths = _data(tmp_path)
+    out = tmp_path / "out"
+    assert main(_args(paths, out, "--blocks", "200")) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "modelfuse: warning: --blocks 200: no Friedman test, as 300 samples give fewer than 2 "
+        "per block; pass --blocks 150 or fewer to rank the candidates\n"
+    )
+    assert "Friedman" not in captured.out
+    assert json.loads((out / "results.json").read_text())["friedman"] is None

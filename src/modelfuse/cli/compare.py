@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
+import warnings
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Annotated
@@ -45,17 +46,42 @@ def refuse_output_over_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
     OutputError
         Naming the first input found at or under ``out``.
     """
-    target = out.expanduser().resolve()
+    target = out.resolve()
     for item in inputs:
         text = str(item)
         if ".npz:" in text:
             text = text.rsplit(".npz:", 1)[0] + ".npz"
-        path = Path(text).expanduser().resolve()
+        path = Path(text).resolve()
         if path == target or target in path.parents:
             raise OutputError(
                 f"{out}: holds the input {str(item)[:80]}, which --overwrite would delete; "
                 "choose another -o"
             )
+
+
+_KEYWORDS_AS_FLAGS = {
+    "pass stratify=True (CLI: --stratify)": "pass --stratify",
+    "stratify=True": "--stratify",
+}
+
+
+def _flags(message: str) -> str:
+    """A library message with its Python keywords re-worded as this command's flags."""
+    for keyword, flag in _KEYWORDS_AS_FLAGS.items():
+        message = message.replace(keyword, flag)
+    return message
+
+
+def _no_friedman(n_samples: int, blocks: int) -> str:
+    if n_samples < 2 * blocks:
+        return (
+            f"--blocks {blocks}: no Friedman test, as {n_samples} samples give fewer than 2 per "
+            f"block; pass --blocks {max(2, n_samples // 2)} or fewer to rank the candidates"
+        )
+    return (
+        f"--blocks {blocks}: no Friedman test, as the metric is undefined on some block "
+        "(a class missing from it); pass fewer --blocks to rank the candidates"
+    )
 
 
 @app.command(
@@ -187,20 +213,27 @@ def compare_command(
         source = files[name]
         held = resolve_kind(array, kind, source=source)
         probabilities[name], _ = prepare_predictions(array, y, kind=held, source=source)
-    comparison = compare_predictions(
-        probabilities,
-        y,
-        reference=reference,
-        metric=metric,
-        kind="probabilities",
-        confidence_level=confidence,
-        n_resamples=n_resamples,
-        interval=interval,  # type: ignore[arg-type]
-        test=test,  # type: ignore[arg-type]
-        stratify=stratify,
-        n_blocks=blocks,
-        random_state=seed,
-    )
+    if y.shape[0] < 2:
+        raise DataError(f"{labels}: {y.shape[0]} sample; comparing needs at least 2 labelled samples")
+    try:
+        comparison = compare_predictions(
+            probabilities,
+            y,
+            reference=reference,
+            metric=metric,
+            kind="probabilities",
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            interval=interval,  # type: ignore[arg-type]
+            test=test,  # type: ignore[arg-type]
+            stratify=stratify,
+            n_blocks=blocks,
+            random_state=seed,
+        )
+    except (ConfigError, DataError) as exc:
+        raise type(exc)(_flags(str(exc))) from None
+    if len(files) >= 3 and comparison.friedman is None:
+        warnings.warn(_no_friedman(len(y), blocks), UserWarning, stacklevel=1)
     command = "modelfuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
     try:
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
