@@ -118,19 +118,39 @@ def test_isotonic_matches_sklearn_in_the_binary_case() -> None:
 
 
 def test_one_vs_rest_renormalises_by_hand() -> None:
-    # Three classes; histogram binning with one bin per class maps p_c to the class frequency.
+    # Three classes; histogram binning with one bin [0, 1] per class: prior mean 1/2, strength 2.
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]])
     labels = np.array([0, 0, 1, 2])
     cal = HistogramBinning(n_bins=1).fit(probs, labels)
-    # each q_c = frequency of class c: (0.5, 0.25, 0.25), already summing to one
-    np.testing.assert_allclose(cal.predict_proba(probs), np.tile([0.5, 0.25, 0.25], (4, 1)))
+    # q_c = (hits_c + 2 * 1/2) / (4 + 2): (3/6, 2/6, 2/6), renormalised to (3/7, 2/7, 2/7)
+    np.testing.assert_allclose(cal.predict_proba(probs), np.tile([3 / 7, 2 / 7, 2 / 7], (4, 1)))
+    # a vanishing prior gives the plain class frequencies (0.5, 0.25, 0.25)
+    plain = HistogramBinning(n_bins=1, prior_strength=1e-12).fit(probs, labels)
+    np.testing.assert_allclose(plain.predict_proba(probs), np.tile([0.5, 0.25, 0.25], (4, 1)))
     two_bins = HistogramBinning(n_bins=2).fit(probs, labels)
-    # class 0: (0, .5] holds {.2 yes, .3 no, .5 no} -> 1/3; (.5, 1] holds {.6 yes} -> 1
-    # class 1: all in (0, .5]: {.3 no, .5 no, .3 yes, .25 no} -> .25
-    # class 2: all in (0, .5]: {.1 no, .3 no, .4 no, .25 yes} -> .25
-    q = np.array([[1.0, 0.25, 0.25], [1 / 3, 0.25, 0.25]])
+    # bins (0, .5] and (.5, 1] with prior means .25 and .75, strength 2:
+    # class 0: (0, .5] holds {.2 yes, .3 no, .5 no} -> (1 + .5) / 5; (.5, 1] holds {.6 yes}
+    #          -> (1 + 1.5) / 3
+    # class 1: all in (0, .5]: {.3 no, .5 no, .3 yes, .25 no} -> (1 + .5) / 6
+    # class 2: all in (0, .5]: {.1 no, .3 no, .4 no, .25 yes} -> (1 + .5) / 6
+    q = np.array([[2.5 / 3, 0.25, 0.25], [0.3, 0.25, 0.25]])
     expected = q / q.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(two_bins.predict_proba(probs[:2]), expected)
+
+
+def test_histogram_binning_never_gives_a_class_probability_of_zero() -> None:
+    # Class 2 never occurs and class 0 is always right in its top bin: plain frequencies
+    # would map them to exactly 0 and 1.
+    rng = np.random.default_rng(9)
+    probs = rng.dirichlet(np.ones(3), size=300)
+    labels = rng.integers(0, 2, size=300)
+    for binning in ("uniform", "quantile"):
+        cal = HistogramBinning(n_bins=50, binning=binning).fit(probs, labels)
+        out = cal.predict_proba(np.vstack([probs, np.eye(3)]))
+        assert out.min() > 0 and out.max() < 1
+        np.testing.assert_allclose(out.sum(axis=1), 1.0)
+        for values in cal.values_:
+            assert values.min() > 0 and values.max() < 1
 
 
 def test_histogram_quantile_binning_is_equal_mass() -> None:
@@ -191,7 +211,7 @@ def test_bad_calibration_sets() -> None:
         fitted.predict_proba(np.zeros((2, 3)))
     with pytest.raises(ConfigError, match="unknown 'beta'"):
         make_calibrator("beta")
-    with pytest.raises(ConfigError, match="expected method"):
+    with pytest.raises(ConfigError, match="\"method\": expected 'temperature', got 'platt'"):
         TemperatureScaling.from_json({"method": "platt"})
 
 
@@ -224,3 +244,109 @@ def test_numpy_parameters_survive_the_json_form() -> None:
     again = calibrator_from_json(json.loads(json.dumps(cal.to_json())))
     assert again.n_bins == 5
     np.testing.assert_allclose(again.predict_proba(probs), cal.predict_proba(probs))
+
+
+def _penalised_objective(theta: np.ndarray, z: np.ndarray, y: np.ndarray, form: str, reg: float):
+    """mean NLL + reg / n * P, written out independently of the library."""
+    n, k = z.shape
+    if form == "vector":
+        w, b = theta[:k], theta[k:]
+        scaled = z * w + b
+        penalty = ((w - w.mean()) ** 2).sum() + (b**2).sum()
+    else:
+        W, b = theta[: k * k].reshape(k, k), theta[k * k :]
+        scaled = z @ W.T + b
+        penalty = (W**2).sum() - (np.diag(W) ** 2).sum() + (b**2).sum()
+    log_p = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(n), y].mean() + reg / n * penalty
+
+
+@pytest.mark.parametrize("form", ["vector", "matrix"])
+@pytest.mark.parametrize("reg", [0.0, 50.0])
+def test_regularised_scaling_minimises_the_written_out_objective(form: str, reg: float) -> None:
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(10)
+    z = rng.normal(0.0, 2.0, size=(150, 3))
+    y = _sample_labels(rng, _softmax(z * np.array([0.5, 1.0, 1.5]) + 0.3))
+    cls = VectorScaling if form == "vector" else MatrixScaling
+    cal = cls(reg=reg).fit(z, y)
+    fitted = np.concatenate([cal.coef_.ravel(), cal.intercept_])
+    # an independent optimiser (Nelder-Mead then BFGS, numerical gradients) on the formula
+    start = np.concatenate([np.ones(3) if form == "vector" else np.eye(3).ravel(), np.zeros(3)])
+    reference = minimize(_penalised_objective, start, args=(z, y, form, reg), method="BFGS")
+    best = _penalised_objective(reference.x, z, y, form, reg)
+    assert _penalised_objective(fitted, z, y, form, reg) == pytest.approx(best, abs=1e-7)
+    if reg > 0:  # strictly convex in the penalised directions: the same parameters
+        np.testing.assert_allclose(fitted, reference.x, atol=2e-3)
+
+
+def test_strong_regularisation_shrinks_vector_to_temperature_and_matrix_to_its_diagonal() -> None:
+    rng = np.random.default_rng(11)
+    z = rng.normal(0.0, 3.0, size=(400, 4))
+    y = _sample_labels(rng, _softmax(z * np.array([0.3, 0.6, 0.9, 1.2]) + 0.5))
+    vec = VectorScaling(reg=1e9).fit(z, y)
+    temperature = TemperatureScaling().fit(z, y).temperature_
+    np.testing.assert_allclose(vec.coef_, 1 / temperature, rtol=1e-3)
+    np.testing.assert_allclose(vec.intercept_, 0.0, atol=1e-4)
+    mat = MatrixScaling(reg=1e9).fit(z, y)
+    assert np.abs(mat.coef_ - np.diag(np.diag(mat.coef_))).max() < 1e-4
+    np.testing.assert_allclose(mat.intercept_, 0.0, atol=1e-4)
+    free = VectorScaling(reg=0.0).fit(z, y)  # the penalty moved the fit away from the MLE
+    assert np.abs(free.coef_ - vec.coef_).max() > 0.1
+
+
+def test_regularisation_helps_matrix_scaling_on_a_small_set() -> None:
+    # 10 classes, 110 parameters, 100 calibration samples: held-out NLL, regularised or not
+    rng = np.random.default_rng(12)
+    w = rng.uniform(0.3, 0.8, size=10)
+    z = rng.normal(0.0, 3.0, size=(5100, 10))
+    y = _sample_labels(rng, _softmax(z * w))
+    train, test = slice(0, 100), slice(100, None)
+    nll = {
+        reg: negative_log_likelihood(
+            MatrixScaling(reg=reg).fit(z[train], y[train]).predict_proba(z[test]), y[test]
+        )
+        for reg in (0.0, 100.0)
+    }
+    assert nll[100.0] < nll[0.0] - 0.5
+
+
+def test_the_saved_form_holds_the_temperature_itself() -> None:
+    z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+    cal = TemperatureScaling().fit(z, np.array([0, 1, 1, 1]))
+    saved = cal.to_json()
+    assert saved["state"] == {"n_classes_": 2, "temperature_": cal.temperature_}
+    assert cal.temperature_ > 1
+    np.testing.assert_allclose(cal.coef_, [1 / cal.temperature_])
+
+
+def test_non_finite_fitted_values_are_refused(monkeypatch) -> None:
+    import modelfuse.calibration.scaling as scaling
+
+    def broken(logits, labels, form, **kwargs):
+        k = logits.shape[1]
+        return np.full(k, np.nan), np.zeros(k)
+
+    monkeypatch.setattr(scaling, "fit_logit_scaling", broken)
+    z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+    with pytest.raises(DataError, match="vector calibration: the fit gave non-finite values"):
+        VectorScaling().fit(z, np.array([0, 1, 1, 1]))
+
+
+def test_parameters_out_of_range_are_refused_at_fit() -> None:
+    z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
+    y = np.array([0, 1, 1, 1])
+    with pytest.raises(ConfigError, match='"n_bins": expected an integer in \\[1, 10000\\]'):
+        HistogramBinning(n_bins=10**9).fit(z, y)
+    with pytest.raises(ConfigError, match='"reg": expected a finite number'):
+        MatrixScaling(reg=float("nan")).fit(z, y)
+    with pytest.raises(ConfigError, match='"kind": expected one of'):
+        TemperatureScaling(kind="auto").fit(z, y)  # type: ignore[arg-type]
+
+
+def test_matrix_scaling_refuses_more_classes_than_it_can_hold() -> None:
+    z = np.zeros((4, 1001))
+    z[:, 0] = 1.0
+    with pytest.raises(DataError, match="matrix scaling: 1001 classes would need 1003002 param"):
+        MatrixScaling().fit(z, np.array([0, 1, 2, 3]))

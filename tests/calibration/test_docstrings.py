@@ -9,10 +9,12 @@ import pytest
 
 MODULES = [
     "modelfuse.calibration.base",
+    "modelfuse.calibration.cross_validation",
     "modelfuse.calibration.metrics",
     "modelfuse.calibration.one_vs_rest",
     "modelfuse.calibration.registry",
     "modelfuse.calibration.reliability",
+    "modelfuse.calibration.saved",
     "modelfuse.calibration.scaling",
     "modelfuse.calibration.softmax",
 ]

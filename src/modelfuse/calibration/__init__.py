@@ -1,6 +1,10 @@
 """Post-hoc calibration: calibrators, calibration metrics and reliability diagrams."""
 
 from modelfuse.calibration.base import Calibrator, check_calibration_set
+from modelfuse.calibration.cross_validation import (
+    CrossValidatedMetrics,
+    cross_validated_metrics,
+)
 from modelfuse.calibration.metrics import (
     adaptive_calibration_error,
     brier_score,
@@ -17,6 +21,7 @@ from modelfuse.calibration.scaling import MatrixScaling, TemperatureScaling, Vec
 __all__ = [
     "CALIBRATORS",
     "Calibrator",
+    "CrossValidatedMetrics",
     "HistogramBinning",
     "IsotonicCalibration",
     "MatrixScaling",
@@ -28,6 +33,7 @@ __all__ = [
     "calibration_bins",
     "calibrator_from_json",
     "check_calibration_set",
+    "cross_validated_metrics",
     "expected_calibration_error",
     "make_calibrator",
     "maximum_calibration_error",

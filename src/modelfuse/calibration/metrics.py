@@ -23,6 +23,7 @@ from modelfuse.arrays import check_labels, check_predictions
 from modelfuse.errors import ConfigError, DataError
 
 __all__ = [
+    "MAX_BINS",
     "adaptive_calibration_error",
     "bin_index",
     "brier_score",
@@ -37,6 +38,9 @@ Norm = Literal["l1", "l2", "max"]
 
 _BINNINGS = ("uniform", "quantile")
 _NORMS = ("l1", "l2", "max")
+# The most bins any metric or calibrator takes: more would only hold empty bins
+# (and 10^9 of them would exhaust memory before computing anything).
+MAX_BINS = 10_000
 # Upper bound on the elements gathered at once when ``indices`` is given.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -66,8 +70,14 @@ def _checked_indices(indices: np.ndarray | None, n_samples: int) -> np.ndarray |
 
 
 def _check_options(n_bins: int, binning: str, norm: str) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ConfigError(f"n_bins: expected a positive integer, got {n_bins!r}")
+    if (
+        isinstance(n_bins, bool)
+        or not isinstance(n_bins, (int, np.integer))
+        or not 1 <= n_bins <= MAX_BINS
+    ):
+        raise ConfigError(
+            f"n_bins: expected an integer in [1, {MAX_BINS}], got {str(n_bins)[:40]!r}"
+        )
     if binning not in _BINNINGS:
         raise ConfigError(f"binning: expected one of {', '.join(_BINNINGS)}, got {binning!r}")
     if norm not in _NORMS:
@@ -243,7 +253,8 @@ def expected_calibration_error(
     DataError
         Malformed probabilities, labels or indices.
     ConfigError
-        An unknown ``binning`` or ``norm``, or ``n_bins < 1``.
+        An unknown ``binning`` or ``norm``, or ``n_bins`` outside ``[1, MAX_BINS]``
+        (``MAX_BINS = 10000``).
 
     References
     ----------

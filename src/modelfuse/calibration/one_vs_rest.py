@@ -9,14 +9,22 @@ keeps its input probabilities.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import minimize
 from sklearn.isotonic import IsotonicRegression
 
-from modelfuse.calibration.base import Calibrator, Kind
-from modelfuse.calibration.metrics import bin_index
+from modelfuse.calibration.base import Calibrator, Kind, check_bool_param, check_kind_param
+from modelfuse.calibration.metrics import MAX_BINS, bin_index
+from modelfuse.calibration.saved import (
+    saved_array,
+    saved_choice,
+    saved_field,
+    saved_integer,
+    saved_number,
+)
 from modelfuse.calibration.softmax import sigmoid, to_probabilities
 from modelfuse.errors import ConfigError
 
@@ -54,6 +62,27 @@ class _OneVsRest(Calibrator):
         out = q / np.where(total > 0, total, 1.0)
         out[empty] = probs[empty]
         return out
+
+
+def _saved_maps(
+    state: Mapping[str, Any], name: str, n_maps: int, length: int | None, *, low: float = 0.0
+) -> list[np.ndarray]:
+    """``state[name]``: a list of ``n_maps`` 1-D arrays (of ``length`` when given) in [low, 1]."""
+    key = f"state.{name}"
+    value = saved_field(state, name, key)
+    if not isinstance(value, list) or len(value) != n_maps:
+        got = f"{len(value)} items" if isinstance(value, list) else type(value).__name__
+        raise ConfigError(f'"{key}": expected a list of {n_maps} arrays (one per map), got {got}')
+    return [
+        saved_array(v, f"{key}[{j}]", shape=(length,), low=low, high=1.0)
+        for j, v in enumerate(value)
+    ]
+
+
+def _check_non_decreasing(arrays: list[np.ndarray], key: str) -> None:
+    for j, a in enumerate(arrays):
+        if np.any(np.diff(a) < 0):
+            raise ConfigError(f'"state.{key}[{j}]": expected non-decreasing values')
 
 
 def _logit(p: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -145,6 +174,7 @@ class PlattScaling(_OneVsRest):
 
     method = "platt"
     _state_keys = ("coef_", "intercept_")
+    _param_checks = {"kind": check_kind_param, "smoothing": check_bool_param}
 
     def __init__(self, *, kind: Kind = "probabilities", smoothing: bool = True) -> None:
         self.kind = kind
@@ -159,6 +189,12 @@ class PlattScaling(_OneVsRest):
 
     def _apply_column(self, j: int, p: np.ndarray) -> np.ndarray:
         return sigmoid(self.coef_[j] * _logit(p) + self.intercept_[j])
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        for name in ("coef_", "intercept_"):
+            key = f"state.{name}"
+            value = saved_array(saved_field(state, name, key), key, shape=(self._n_maps(),))
+            setattr(self, name, value)
 
 
 class IsotonicCalibration(_OneVsRest):
@@ -193,6 +229,7 @@ class IsotonicCalibration(_OneVsRest):
 
     method = "isotonic"
     _state_keys = ("x_thresholds_", "y_thresholds_")
+    _param_checks = {"kind": check_kind_param}
 
     def __init__(self, *, kind: Kind = "probabilities") -> None:
         self.kind = kind
@@ -208,19 +245,57 @@ class IsotonicCalibration(_OneVsRest):
     def _apply_column(self, j: int, p: np.ndarray) -> np.ndarray:
         return np.interp(p, self.x_thresholds_[j], self.y_thresholds_[j])
 
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        x = _saved_maps(state, "x_thresholds_", self._n_maps(), None)
+        _check_non_decreasing(x, "x_thresholds_")
+        y = _saved_maps(state, "y_thresholds_", self._n_maps(), None)
+        for j, (xj, yj) in enumerate(zip(x, y, strict=True)):
+            if xj.shape != yj.shape:
+                raise ConfigError(
+                    f'"state.y_thresholds_[{j}]": expected {xj.size} values, as many as '
+                    f'"state.x_thresholds_[{j}]", got {yj.size}'
+                )
+        self.x_thresholds_, self.y_thresholds_ = x, y
+
+
+def _check_n_bins(value: Any, key: str) -> int:
+    return saved_integer(value, key, low=1, high=MAX_BINS)
+
+
+def _check_binning(value: Any, key: str) -> str:
+    return saved_choice(value, key, ("uniform", "quantile"))
+
+
+def _check_prior_strength(value: Any, key: str) -> float:
+    return saved_number(value, key, low=0.0, open_low=True)
+
 
 class HistogramBinning(_OneVsRest):
-    """Histogram binning: each bin of a class probability is replaced by its label frequency.
+    """Histogram binning: each bin of a class probability maps to its smoothed label frequency.
+
+    A bin holding ``n_b`` calibration samples of which ``h_b`` are hits maps
+    to ``(h_b + s m_b) / (n_b + s)``: the posterior mean of the hit rate
+    under a Beta prior of mean ``m_b`` (the bin's midpoint, what the
+    uncalibrated model says there, kept within ``[1 / (2 n_bins),
+    1 - 1 / (2 n_bins)]``) and strength ``s = prior_strength``
+    pseudo-samples. A bin never maps to 0 or 1, so no class ever gets a
+    probability of exactly 0 (a hit there would cost an infinite log-loss),
+    and a sparsely filled bin stays near the identity; an empty bin maps to
+    ``m_b``. With ``n_b`` large the value tends to the plain frequency
+    ``h_b / n_b`` of Zadrozny and Elkan (2001).
 
     Parameters
     ----------
     kind : {"probabilities", "logits"}, default "probabilities"
     n_bins : int, default 15
+        At most ``MAX_BINS`` (10000).
     binning : {"uniform", "quantile"}, default "uniform"
         Equal-width bins ``(lower, upper]`` over [0, 1] (Guo et al. 2017), or
         equal-mass bins whose inner edges are quantiles of the calibration
-        probabilities (Zadrozny and Elkan 2001). An empty bin maps to the
-        midpoint of its edges.
+        probabilities (Zadrozny and Elkan 2001).
+    prior_strength : float, default 2.0
+        ``s`` above, in pseudo-samples (> 0); 2 with ``m_b = 1/2`` would be
+        Laplace's rule of succession.
 
     Attributes
     ----------
@@ -236,12 +311,19 @@ class HistogramBinning(_OneVsRest):
     --------
     >>> import numpy as np
     >>> p = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    >>> HistogramBinning(n_bins=2).fit(p, np.array([0, 1, 1, 1])).values_[0]
-    array([0.5, 1. ])
+    >>> cal = HistogramBinning(n_bins=2).fit(p, np.array([0, 1, 1, 1]))
+    >>> cal.values_[0]  # (1 + 2 * 0.25) / (2 + 2) and (2 + 2 * 0.75) / (2 + 2)
+    array([0.375, 0.875])
     """
 
     method = "histogram"
     _state_keys = ("edges_", "values_")
+    _param_checks = {
+        "kind": check_kind_param,
+        "n_bins": _check_n_bins,
+        "binning": _check_binning,
+        "prior_strength": _check_prior_strength,
+    }
 
     def __init__(
         self,
@@ -249,17 +331,12 @@ class HistogramBinning(_OneVsRest):
         kind: Kind = "probabilities",
         n_bins: int = 15,
         binning: Literal["uniform", "quantile"] = "uniform",
+        prior_strength: float = 2.0,
     ) -> None:
         self.kind = kind
         self.n_bins = n_bins
         self.binning = binning
-
-    def _fit(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        if not isinstance(self.n_bins, (int, np.integer)) or self.n_bins < 1:
-            raise ConfigError(f"n_bins: expected a positive integer, got {self.n_bins!r}")
-        if self.binning not in ("uniform", "quantile"):
-            raise ConfigError(f"binning: expected uniform or quantile, got {self.binning!r}")
-        super()._fit(scores, labels)
+        self.prior_strength = prior_strength
 
     def _fit_column(self, p: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.binning == "uniform":
@@ -270,9 +347,10 @@ class HistogramBinning(_OneVsRest):
         ids = bin_index(edges, p)
         count = np.bincount(ids, minlength=self.n_bins)
         hits = np.bincount(ids, weights=hit, minlength=self.n_bins)
-        middle = 0.5 * (edges[:-1] + edges[1:])
-        values = np.where(count > 0, hits / np.maximum(count, 1), middle)
-        return edges, values
+        floor = 0.5 / self.n_bins
+        prior = np.clip(0.5 * (edges[:-1] + edges[1:]), floor, 1.0 - floor)
+        s = float(self.prior_strength)
+        return edges, (hits + s * prior) / (count + s)
 
     def _store(self, maps: list[tuple[np.ndarray, np.ndarray]]) -> None:
         self.edges_ = [e for e, _ in maps]
@@ -281,3 +359,8 @@ class HistogramBinning(_OneVsRest):
     def _apply_column(self, j: int, p: np.ndarray) -> np.ndarray:
         return self.values_[j][bin_index(self.edges_[j], p)]
 
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        edges = _saved_maps(state, "edges_", self._n_maps(), self.n_bins + 1)
+        _check_non_decreasing(edges, "edges_")
+        self.edges_ = edges
+        self.values_ = _saved_maps(state, "values_", self._n_maps(), self.n_bins)

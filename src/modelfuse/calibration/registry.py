@@ -6,6 +6,7 @@ from typing import Any
 
 from modelfuse.calibration.base import Calibrator
 from modelfuse.calibration.one_vs_rest import HistogramBinning, IsotonicCalibration, PlattScaling
+from modelfuse.calibration.saved import saved_field, saved_mapping, shown
 from modelfuse.calibration.scaling import MatrixScaling, TemperatureScaling, VectorScaling
 from modelfuse.errors import ConfigError
 
@@ -48,7 +49,13 @@ def make_calibrator(method: str, **params: Any) -> Calibrator:
 
 
 def calibrator_from_json(saved: dict[str, Any]) -> Calibrator:
-    """A fitted calibrator from its saved form (:meth:`Calibrator.to_json`).
+    """A fitted calibrator from its saved form (:meth:`Calibrator.to_json`), every value checked.
+
+    Raises
+    ------
+    ConfigError
+        An unknown method, or a missing, mistyped, misshapen or non-finite
+        value; the message names the key.
 
     Examples
     --------
@@ -58,6 +65,10 @@ def calibrator_from_json(saved: dict[str, Any]) -> Calibrator:
     >>> calibrator_from_json(cal.to_json()).temperature_ == cal.temperature_
     True
     """
-    if not isinstance(saved, dict):
-        raise ConfigError(f"saved calibrator: expected a JSON object, got {type(saved).__name__}")
-    return _lookup(saved.get("method")).from_json(saved)
+    saved = saved_mapping(saved, "calibrator")
+    method = saved_field(saved, "method", "method")
+    if not isinstance(method, str) or method not in CALIBRATORS:
+        raise ConfigError(
+            f'"method": unknown {shown(method)}; expected one of {", ".join(CALIBRATORS)}'
+        )
+    return CALIBRATORS[method].from_json(saved)
