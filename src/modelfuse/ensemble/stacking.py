@@ -9,12 +9,12 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
 from modelfuse.arrays import check_labels
+from modelfuse.calibration.cross_validation import stratified_folds
 from modelfuse.calibration.softmax import to_log_probabilities
 from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, member_probabilities
-from modelfuse.errors import ConfigError, DataError
+from modelfuse.errors import ConfigError
 
 __all__ = [
     "StackingResult",
@@ -29,15 +29,9 @@ Features = Literal["probabilities", "log_probabilities"]
 
 def _folds(labels: np.ndarray, cv: int, random_state: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
-        raise ConfigError(f"cv: expected an integer number of folds >= 2, got {cv!r}")
-    largest = np.bincount(labels).max() if labels.size else 0
-    if largest < cv:
-        raise DataError(
-            f"labels: the most frequent class has {largest} samples, fewer than cv={cv} folds"
-        )
-    splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=random_state)
-    # StratifiedKFold warns (not fails) when a class has fewer members than folds
-    return list(splitter.split(np.zeros(labels.size), labels))
+        raise ConfigError(f"cv: expected an integer number of folds >= 2, got {str(cv)[:40]!r}")
+    # shuffled StratifiedKFold; every training part holds two classes at least
+    return stratified_folds(labels, cv, random_state)
 
 
 def aligned_predict_proba(estimator: Any, X: Any, classes: np.ndarray) -> np.ndarray:
