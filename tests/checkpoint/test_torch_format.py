@@ -263,3 +263,25 @@ def test_tensor_key_with_a_lone_surrogate(tmp_path: Path) -> None:
     message = _error(path)
     assert "tensor name 'w\\udc80' is not valid Unicode" in message
     message.encode("ascii")
+
+
+def test_a_corrupt_pickle_is_not_called_objects(tmp_path: Path) -> None:
+    path = tmp_path / "old.bin"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    at = raw.index(b"cpuq") + 3  # the BINPUT opcode after the string 'cpu'
+    path.write_bytes(raw[:at] + b"\xff" + raw[at + 1 :])  # an opcode no pickle has
+    message = _error(path)
+    assert "cannot be loaded as a PyTorch checkpoint (pickle opcode" in message
+    assert "objects other than tensors" not in message
+
+
+def test_a_storage_larger_than_the_file_is_refused_without_allocating(tmp_path: Path) -> None:
+    import struct
+
+    path = tmp_path / "old.bin"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    at = raw.index(b"cpuq\x06K\x02") + 5  # the storage's element count: 2 -> 2**31 - 1
+    path.write_bytes(raw[:at] + b"J" + struct.pack("<i", 2**31 - 1) + raw[at + 2 :])
+    assert "cannot be loaded as a PyTorch checkpoint" in _error(path)

@@ -137,6 +137,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         message = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        opcode = re.search(r"Unsupported operand (\d+)", message)
+        if opcode and not found:  # not an object: bytes no pickle of tensors holds
+            raise _corrupt(
+                path, ValueError(f"pickle opcode {opcode.group(1)} out of place")
+            ) from None
         if found or "Weights only load failed" in message:
             what = f" ({preview(found.group(1))[1:-1]})" if found else ""
             raise CheckpointError(
