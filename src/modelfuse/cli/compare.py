@@ -102,10 +102,7 @@ Candidates are NAME=FILE or FILE (named after the file), repeated (-p a.npy
 """,
 )
 def compare_command(
-    labels: Annotated[
-        Path, typer.Option("--labels", "-y", help="integer labels (n_samples,)")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
+    *,
     predictions: Annotated[
         list[str] | None,
         typer.Option(
@@ -121,6 +118,10 @@ def compare_command(
         list[str] | None,
         typer.Argument(help="further NAME=FILE or FILE candidates", show_default=False),
     ] = None,
+    labels: Annotated[
+        Path, typer.Option("--labels", "-y", help="integer labels (n_samples,)")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
     reference: Annotated[
         str | None, typer.Option(help="the candidate the others are compared with [default: first]")
     ] = None,
