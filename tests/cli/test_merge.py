@@ -484,3 +484,18 @@ def test_out_of_range_threads_is_a_usage_error(work, capsys):
     err = capsys.readouterr().err
     assert "--threads" in err and "Traceback" not in err
     assert not (work / "out").exists() and _snapshot(work) == before
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("merge_method: " + "x" * 10000 + "\nmodels: [m0.safetensors]\n", "unknown merge method"),
+        ("merge_method: linear\nmodels: [" + "p" * 10000 + ", m1.safetensors]\n", "File name too long"),
+        ("merge_method: linear\nmodels: [m0.safetensors]\ndtype: " + "d" * 10000 + "\n", "unknown dtype"),
+        ("merge_method: linear\nmodels: [m0.safetensors]\n" + "k" * 1000 + ": 1\n", "unknown key"),
+    ],
+    ids=["method", "model-path", "dtype", "key"],
+)
+def test_long_values_are_cut_in_messages(work, capsys, text, expected):
+    err = refused(_merge(work, text), capsys, work)
+    assert expected in err and len(err) < 600

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, parse_size
-from modelfuse.errors import ConfigError, ModelfuseError
+from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError
 from modelfuse.merge.config import MergeConfig, ModelEntry, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
 from modelfuse.merge.output_paths import check_output_path, expand_user
@@ -102,10 +102,16 @@ def _peak_rss() -> int:
 def _locate(reference: str, folder: Path, key: str = "model") -> str:
     """A reference as given (from the working directory), else beside the configuration."""
     path = expand_user(reference, key=key)
-    if path.is_absolute() or path.exists():
-        return str(path)
-    beside = folder / path
-    return str(beside) if beside.exists() else reference
+    try:
+        if path.is_absolute() or path.exists():
+            return str(path)
+        beside = folder / path
+        return str(beside) if beside.exists() else reference
+    except OSError as exc:  # a name too long for the file system, a loop of links, ...
+        raise CheckpointError(
+            f"{key}: {short(reference)}: cannot be looked up ({exc.strerror or exc}); "
+            "give the path of a checkpoint file or model folder"
+        ) from None
 
 
 @dataclass

@@ -196,6 +196,8 @@ def short(value: Any, limit: int = 60) -> str:
 def format_error(err: Mapping[str, Any]) -> str:
     """``"KEY: what was wrong (got VALUE)"`` for one error of a pydantic ValidationError."""
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if len(loc) > 120:
+        loc = loc[:117] + "..."
     text = err["msg"]
     if err["type"] == "extra_forbidden":
         text = "unknown key"

@@ -52,7 +52,7 @@ from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradie
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.model_stock import ModelStockParameters, model_stock, task_vector_gram
 from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp, point_gram
-from modelfuse.merge.parameters import MethodParameters
+from modelfuse.merge.parameters import MethodParameters, short
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
 from modelfuse.merge.slerp import SlerpParameters, slerp, slerp_products
@@ -216,7 +216,9 @@ def get_method(name: str, *, where: str = "merge_method") -> MergeMethod:
         return METHODS[name]
     except KeyError:
         valid = ", ".join(sorted(METHODS))
-        raise ConfigError(f"{where}: unknown merge method {name!r}; valid methods: {valid}") from None
+        raise ConfigError(
+            f"{where}: unknown merge method {short(name)}; valid methods: {valid}"
+        ) from None
 
 
 def method_table(methods: Mapping[str, MergeMethod] | None = None) -> list[tuple[str, str]]:
