@@ -424,3 +424,23 @@ def test_a_skipped_friedman_test_is_one_warning_line(tmp_path, capsys):
     )
     assert "Friedman" not in captured.out
     assert json.loads((out / "results.json").read_text())["friedman"] is None
+
+
+def test_npz_keys_name_their_candidates_and_are_inputs_too(tmp_path, capsys):
+    paths = _data(tmp_path)
+    archive = tmp_path / "inputs" / "preds.npz"
+    archive.parent.mkdir()
+    np.savez(archive, soup=np.load(paths["soup"]), ties=np.load(paths["ties"]))
+    out = tmp_path / "out"
+    argv = ["compare", "-p", f"{archive}:soup", f"{archive}:ties", "-y", str(paths["y"]),
+            "-o", str(out), "--n-resamples", "200", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert [c["name"] for c in results["candidates"]] == ["soup", "ties"]
+    y = np.load(paths["y"])
+    assert results["candidates"][1]["value"] == accuracy(np.load(paths["ties"]), y)
+    capsys.readouterr()
+    argv[argv.index(str(out))] = str(archive.parent)
+    assert main([*argv, "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert archive.is_file()
