@@ -131,3 +131,36 @@ def test_merge_refuses_a_pytorch_key_with_a_lone_surrogate(tmp_path: Path, capsy
     code = main(["merge", str(config), str(tmp_path / "out"), "--quiet"])
     expected = "tensor name 'w\\udc80' is not valid Unicode"
     _assert_refused(code, capsys.readouterr().err, expected, tmp_path, before)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "model_stock"])
+def test_merge_of_zero_size_tensors_with_a_huge_dimension(
+    tmp_path: Path, capsys, method: str
+) -> None:
+    shape = [0, 2**63 - 1]
+    paths = []
+    for number, values in enumerate([(1.0, 2.0), (3.0, 6.0), (5.0, 10.0)]):
+        header = {
+            "e": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]},
+            "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        }
+        data = struct.pack("<2f", *values)
+        paths.append(
+            _header_file(tmp_path / f"m{number}.safetensors", json.dumps(header).encode(), data)
+        )
+    base, *models = paths
+    if method == "slerp":
+        models = models[:1]
+    config = tmp_path / "merge.yaml"
+    listed = ", ".join(str(m) for m in models)
+    config.write_text(
+        f"merge_method: {method}\nbase_model: {base}\nmodels: [{listed}]\n"
+        + ("parameters: {t: 0.5}\n" if method == "slerp" else "")
+    )
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as merged:
+        assert merged.get_slice("e").get_shape() == shape
+        assert merged.get_tensor("e").numel() == 0
+        assert merged.get_tensor("w").shape == (2,)
