@@ -64,3 +64,30 @@ def test_statistics_given_to_a_method_that_does_not_use_them():
     sd = {"w": torch.ones(2)}
     with pytest.raises(ConfigError, match="does not use statistics"):
         merge_state_dicts("linear", [sd], fishers=[sd])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"weights": [1.0, float("nan")]}, "weight"),
+        ({"model_parameters": [{}, {"weight": float("inf")}]}, "weight"),
+    ],
+)
+def test_non_finite_values_in_python_are_refused(kwargs, key):
+    with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
+        merge_state_dicts("linear", [{"x": torch.ones(1)}, {"x": torch.ones(1)}], **kwargs)
+
+
+def test_non_finite_global_value_in_python_is_refused():
+    base = {"x": torch.zeros(2)}
+    with pytest.raises(ConfigError, match="lambda: Input should be a finite number"):
+        merge_state_dicts("task_arithmetic", [{"x": torch.ones(2)}], base, **{"lambda": float("nan")})
+
+
+def test_slerp_takes_two_models_with_the_base_counted():
+    x = {"x": torch.ones(2)}
+    with pytest.raises(ConfigError, match="'slerp' takes exactly 2 models, the base_model counted; "
+                       "got 2 and a base_model"):
+        merge_state_dicts("slerp", [x, x], x, t=0.5)
+    with pytest.raises(ConfigError, match="got 1 and no base_model"):
+        merge_state_dicts("slerp", [x], t=0.5)

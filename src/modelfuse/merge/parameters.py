@@ -78,7 +78,9 @@ class MethodParameters(BaseModel):
     carry an alias for names that are Python keywords (``lambda``).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
 
     method_name: ClassVar[str] = ""
 

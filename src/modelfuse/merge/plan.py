@@ -311,6 +311,13 @@ def _check_method(
             f"{prefix}merge method {method.name!r} takes at most {method.max_models} models "
             f"besides the base, got {len(models)}"
         )
+    given = len(models) + (1 if base is not None else 0)
+    if method.points is not None and given != method.points and not problems:
+        problems.append(
+            f"{prefix}merge method {method.name!r} takes exactly {method.points} models, "
+            f"the base_model counted; got {len(models)}"
+            + (" and a base_model" if base is not None else " and no base_model")
+        )
     for kind in method.statistics:
         missing = [m.label for m in models if m.statistics is None]
         if missing:

@@ -146,6 +146,9 @@ class MergeMethod:
         requiring one). The base of a method that uses none is not read.
     min_models, max_models : int, int or None
         How many input models (the base not counted) the method takes.
+    points : int or None
+        How many models the method takes with the base counted, when that is
+        fixed (SLERP interpolates between exactly two).
     statistics : tuple of str
         Statistics each model must provide (``"fisher"``, ``"gram"``).
     separable : bool or callable
@@ -173,6 +176,7 @@ class MergeMethod:
     optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
+    points: int | None = None
     statistics: tuple[str, ...] = ()
     separable: bool | Callable[[Mapping[str, Any]], bool] = False
     low_precision_inputs: bool = False
@@ -340,6 +344,7 @@ METHODS: dict[str, MergeMethod] = {
         "spherical interpolation between two models (t = 0: the base_model)",
         optional_base=True,
         max_models=2,
+        points=2,
         low_precision_inputs=True,
         reduction=Reduction(slerp_products, "products"),
     ),
