@@ -9,12 +9,17 @@ from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
+from typer.core import TyperCommand
 
+from modelfuse.arrays import KIND_OPTIONS
 from modelfuse.cli._app import app
-from modelfuse.cli._output import check_output, write_atomically, write_json
-from modelfuse.errors import ConfigError
+from modelfuse.cli._inputs import named_files
+from modelfuse.cli._output import check_output, write_atomically
+from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = [
+    "InputsInOrder",
+    "check_choice",
     "check_kind",
     "check_method",
     "ensemble_command",
@@ -22,22 +27,107 @@ __all__ = [
     "naming",
     "read_json",
     "read_labels",
-    "read_predictions",
+    "read_named_predictions",
     "read_saved",
+    "refuse_input_as_output",
     "write_probabilities",
+    "write_saved_json",
 ]
 
 KINDS = ("probabilities", "logits")
+KIND_HELP = "auto (rows summing to 1 are probabilities, others logits), probabilities or logits"
+# Seeds go to numpy and scikit-learn, which take 0 <= seed < 2**32.
+SEED_MAX = 2**32 - 1
 T = TypeVar("T")
 
 
+class InputsInOrder(TyperCommand):
+    """A command whose ``--predictions`` and trailing ``MORE`` files keep the command line's order.
+
+    Click collects the values of a repeated option and the positional
+    arguments apart, so ``-p a b -p c`` would reach the command as
+    ``[a, c]`` and ``[b]``. This command reads the arguments once more and
+    hands the command one list, ``predictions``, in the order given (and an
+    empty ``more``); the order matters for ``--weights`` and for applying a
+    saved ensemble by position.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        raw = list(args)
+        rest = super().parse_args(ctx, args)
+        given = list(ctx.params.get("predictions") or [])
+        more = list(ctx.params.get("more") or [])
+        if more:
+            takes_value = {
+                name
+                for param in self.params
+                if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+                for name in param.opts
+            }
+            ordered = _command_line_order(raw, given, more, takes_value)
+            if ordered is not None:
+                ctx.params["predictions"], ctx.params["more"] = ordered, []
+        return rest
+
+
+def _command_line_order(
+    raw: list[str], given: list[str], more: list[str], takes_value: set[str]
+) -> list[str] | None:
+    """``given`` (values of -p) and ``more`` (positionals) merged in the order of ``raw``.
+
+    None when the arguments cannot be matched up (then click's order is kept).
+    """
+    ordered: list[str] = []
+    n_given = n_more = i = 0
+    while i < len(raw):
+        token = raw[i]
+        if token == "--":
+            ordered.extend(more[n_more:])
+            n_more = len(more)
+            break
+        if token in ("-p", "--predictions") or token.startswith("--predictions="):
+            if n_given >= len(given):
+                return None
+            ordered.append(given[n_given])
+            n_given += 1
+            i += 1 if "=" in token else 2
+            continue
+        if token.startswith("-p") and not token.startswith("--"):  # -pFILE
+            if n_given >= len(given):
+                return None
+            ordered.append(given[n_given])
+            n_given += 1
+        elif token in takes_value:
+            i += 1  # skip the option's value
+        elif not token.startswith("-") or token == "-":
+            if n_more >= len(more):
+                return None
+            ordered.append(more[n_more])
+            n_more += 1
+        i += 1
+    if n_given != len(given) or n_more != len(more):
+        return None
+    return ordered
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object saved at ``path``; ConfigError (one line) for anything else."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; give the {what} written by modelfuse")
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable JSON {what} ({exc})") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deeply to be a {what} written by modelfuse"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            f"give the {what} written by modelfuse"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot be read as a JSON {what} ({reason})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a JSON object holding a {what}")
     return value
@@ -57,28 +147,83 @@ def read_saved(path: Path, what: str, parse: Callable[[dict[str, Any]], T]) -> T
         raise naming(path, exc) from None
 
 
+def write_saved_json(out: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as indented JSON to ``out``, atomically; NaN or infinity is refused."""
+    try:
+        text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise DataError(
+            f"{out}: the result holds NaN or infinite values; nothing was written"
+        ) from None
+    write_atomically(out, lambda stream: stream.write(text.encode()))
+
+
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ConfigError(f"--kind: expected probabilities or logits, got {kind!r}")
+    """``kind`` if it is auto, probabilities or logits; else a ConfigError naming ``--kind``."""
+    if kind not in KIND_OPTIONS:
+        raise ConfigError(
+            f"--kind: expected auto, probabilities or logits, got {str(kind)[:40]!r}"
+        )
     return kind
+
+
+def check_choice(value: str, choices: Collection[str], option: str) -> str:
+    """Refuse a ``value`` of ``option`` that is not one of ``choices``, listing them."""
+    if value not in choices:
+        raise ConfigError(
+            f"{option}: unknown {str(value)[:40]!r}; expected one of {', '.join(choices)}"
+        )
+    return value
 
 
 def check_method(method: str, registry: Collection[str]) -> str:
     """Refuse a ``--method`` that is not a key of ``registry``, listing the valid ones."""
-    if method not in registry:
-        raise ConfigError(f"--method: unknown {method!r}; expected one of {', '.join(registry)}")
-    return method
+    return check_choice(method, registry, "--method")
 
 
-def read_predictions(paths: list[Path], kind: str) -> np.ndarray:
-    """Load one (n_samples, n_classes) file per model; errors name the file."""
-    from modelfuse.arrays import load_array
+def refuse_input_as_output(out: Path, inputs: dict[str, Path | str | None]) -> None:
+    """Refuse an ``out`` that is one of the input files (``--overwrite`` would destroy it).
+
+    ``inputs`` maps a description (``"--predictions a"``) to a path (a
+    ``FILE.npz:KEY`` names its ``.npz``).
+    """
+    target = out.resolve()
+    for described, path in inputs.items():
+        if path is None:
+            continue
+        text = str(path)
+        if ".npz:" in text:
+            text = text.rsplit(".npz:", 1)[0] + ".npz"
+        if Path(text).resolve() == target:
+            raise OutputError(
+                f"{out}: is the input of {described}; choose another -o (--overwrite never "
+                "replaces an input)"
+            )
+
+
+def read_named_predictions(
+    named: dict[str, str], kind: str, *, option: str = "--predictions"
+) -> tuple[np.ndarray, str]:
+    """Load one (n_samples, n_classes) file per name and resolve ``kind`` (auto) from the rows.
+
+    Returns the stacked (n_models, n_samples, n_classes) array and its kind;
+    every file must hold the same kind. Errors name the file and the flag.
+    """
+    from modelfuse.arrays import load_array, resolve_kind
     from modelfuse.ensemble.voting import check_ensemble_predictions
 
-    if not paths:
-        raise ConfigError("--predictions: give at least one file, e.g. --predictions a.npy b.npy")
-    arrays = [load_array(p) for p in paths]
-    return check_ensemble_predictions(arrays, kind, sources=[str(p) for p in paths])
+    if not named:
+        raise ConfigError(f"{option}: give at least one file, e.g. {option} a.npy b.npy")
+    arrays = [load_array(path) for path in named.values()]
+    kinds = [resolve_kind(a, kind, source=path) for a, path in zip(arrays, named.values())]
+    paths = list(named.values())
+    for path, found in zip(paths, kinds):
+        if found != kinds[0]:
+            raise DataError(
+                f"{path}: holds {found} but {paths[0]} holds {kinds[0]}; give every model's "
+                "predictions as the same kind"
+            )
+    return check_ensemble_predictions(arrays, kinds[0], sources=paths), kinds[0]
 
 
 def read_labels(path: Path, n_samples: int, n_classes: int) -> np.ndarray:
@@ -90,12 +235,13 @@ def read_labels(path: Path, n_samples: int, n_classes: int) -> np.ndarray:
 
 
 def write_probabilities(
-    out: Path, probs: np.ndarray, labels: Path | None, *, name: str
+    out: Path, probs: np.ndarray, labels: Path | None, *, name: str, quiet: bool = False
 ) -> None:
     """Write applied probabilities to ``out`` (.npy), after their metrics row when labelled."""
     if labels is not None:
         y = read_labels(labels, probs.shape[0], probs.shape[1])
-        typer.echo(metrics_table({name: probs}, y)[0])
+        if not quiet:
+            typer.echo(metrics_table({name: probs}, y)[0])
     write_atomically(out, lambda stream: np.save(stream, probs))
     typer.echo(f"wrote {out} (probabilities, shape {probs.shape})")
 
@@ -129,29 +275,48 @@ def metrics_table(rows: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str,
     return "\n".join(lines), records
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
+def _parse_weights(text: str | None, n_models: int) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        weights = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--weights: expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(
+            f"--weights: expected comma-separated numbers such as 1,2,1, got {text[:60]!r}"
+        ) from None
+    if len(weights) != n_models:
+        raise ConfigError(
+            f"--weights: {len(weights)} weights for {n_models} models; give one per "
+            "--predictions file, in the same order"
+        )
+    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"--weights: expected finite numbers >= 0 with a positive sum, got {text[:60]!r}"
+        )
+    return weights
 
 
 @app.command(
     "ensemble",
+    cls=InputsInOrder,
     help="""Combine several models' predictions on the same samples into one.
 
 Fit on validation predictions and labels, writing the ensemble as JSON:
 
     modelfuse ensemble --predictions a.npy b.npy c.npy --labels y.npy
-        --kind logits --method caruana -o ENSEMBLE.json
+        --method caruana -o ENSEMBLE.json
 
-Apply a saved ensemble to new predictions of the same models (same order),
-writing the ensemble's probabilities:
+Apply a saved ensemble to new predictions of the same models, writing the
+ensemble's probabilities:
 
-    modelfuse ensemble --apply ENSEMBLE.json --predictions a_test.npy
-        b_test.npy c_test.npy -o test_probs.npy
+    modelfuse ensemble --apply ENSEMBLE.json --predictions a=a_test.npy
+        b=b_test.npy c=c_test.npy -o test_probs.npy
+
+Inputs are NAME=FILE or FILE (named after the file), repeated (-p a.npy -p
+b.npy) or space-separated (-p a.npy b.npy); the names are saved in the
+ensemble and shown in the tables. On --apply, files named as the saved
+members are matched by name, others by position. --kind auto (the default)
+takes files whose rows sum to 1 as probabilities and others as logits.
 
 Methods: soft (weighted soft voting; --weights 1,2,1), learned (weights
 minimising validation NLL on the simplex), caruana (ensemble selection),
@@ -165,17 +330,16 @@ def ensemble_command(
         Path, typer.Option("--out", "-o", help="ENSEMBLE.json (fit) or PROBS.npy (--apply)")
     ],
     predictions: Annotated[
-        list[Path] | None,
-        typer.Option("--predictions", "-p", help="one predictions file per model; more may follow"),
+        list[str] | None,
+        typer.Option(
+            "--predictions", "-p", help="NAME=FILE or FILE of one model; more may follow"
+        ),
     ] = None,
     more: Annotated[
-        list[Path] | None, typer.Argument(help="further predictions files", show_default=False)
+        list[str] | None, typer.Argument(help="further predictions files", show_default=False)
     ] = None,
     labels: Annotated[Path | None, typer.Option("--labels", "-y", help="integer labels")] = None,
-    kind: Annotated[
-        str | None,
-        typer.Option(help="what the files hold: probabilities or logits (required to fit)"),
-    ] = None,
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
     method: Annotated[str, typer.Option(help="soft, learned, caruana or stacking")] = "soft",
     apply: Annotated[
         Path | None, typer.Option(help="a saved ENSEMBLE.json to apply to the predictions")
@@ -184,83 +348,107 @@ def ensemble_command(
     average: Annotated[
         str, typer.Option(help="soft: average probabilities or logits")
     ] = "probabilities",
-    n_rounds: Annotated[int, typer.Option(help="caruana: rounds of selection")] = 25,
+    n_rounds: Annotated[
+        int, typer.Option(help="caruana: rounds of selection", min=1, max=10_000)
+    ] = 25,
     metric: Annotated[str, typer.Option(help="caruana: nll, brier or accuracy")] = "nll",
-    n_init: Annotated[int, typer.Option(help="caruana: start with the N best members")] = 0,
-    n_bags: Annotated[int, typer.Option(help="caruana: bags of half the members (0: none)")] = 0,
-    cv: Annotated[int, typer.Option(help="stacking: folds for the out-of-fold score")] = 5,
-    seed: Annotated[int, typer.Option(help="seed of tie-breaks, bags and folds")] = 0,
+    n_init: Annotated[
+        int, typer.Option(help="caruana: start with the N best members", min=0, max=10_000)
+    ] = 0,
+    n_bags: Annotated[
+        int, typer.Option(help="caruana: bags of half the members (0: none)", min=0, max=1000)
+    ] = 0,
+    cv: Annotated[
+        int, typer.Option(help="stacking: folds for the out-of-fold score", min=2, max=100)
+    ] = 5,
+    seed: Annotated[
+        int, typer.Option(help="seed of tie-breaks, bags and folds", min=0, max=SEED_MAX)
+    ] = 0,
+    quiet: Annotated[bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
-    paths = list(predictions or []) + list(more or [])
-    if apply is not None:
-        _apply(apply, paths, labels, kind, out, overwrite)
-        return
-    if kind is None:
-        raise ConfigError("--kind: say what the files hold, probabilities or logits")
     check_kind(kind)
-    check_output(out, suffix=".json", overwrite=overwrite)
+    named = named_files([*(predictions or []), *(more or [])], option="--predictions")
+    inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
+    inputs.update({"--labels": labels, "--apply": apply})
+    if apply is not None:
+        check_output(out, suffix=".npy", overwrite=overwrite)
+        refuse_input_as_output(out, inputs)
+        _apply(apply, named, labels, kind, out, quiet)
+        return
     from modelfuse.ensemble.saved import ENSEMBLE_METHODS, fit_ensemble
+    from modelfuse.ensemble.selection import SELECTION_METRICS
 
     check_method(method, ENSEMBLE_METHODS)
-    p = read_predictions(paths, kind)
-    y = read_labels(labels, p.shape[1], p.shape[2]) if labels is not None else None
-    if y is None and method != "soft":
+    check_choice(metric, SELECTION_METRICS, "--metric")
+    check_choice(average, KINDS, "--average")
+    if labels is None and method != "soft":
         raise ConfigError(f"--labels: method {method} learns from validation labels; give them")
+    check_output(out, suffix=".json", overwrite=overwrite)
+    refuse_input_as_output(out, inputs)
+    p, found_kind = read_named_predictions(named, kind)
+    y = read_labels(labels, p.shape[1], p.shape[2]) if labels is not None else None
     options: dict[str, Any] = {"random_state": seed}
     if method == "soft":
-        options.update(weights=_parse_weights(weights), average=average)
+        options.update(weights=_parse_weights(weights, p.shape[0]), average=average)
     elif method == "caruana":
         options.update(n_rounds=n_rounds, metric=metric, n_init=n_init, n_bags=n_bags)
     elif method == "stacking":
         options.update(cv=cv)
-    saved, probs = fit_ensemble(p, y, kind=kind, method=method, **options)
-    saved["members"] = [str(path) for path in paths]
+    saved, probs = fit_ensemble(
+        p, y, kind=found_kind, method=method, members=list(named), **options  # type: ignore[arg-type]
+    )
+    saved["member_files"] = list(named.values())
     if y is not None:
         from modelfuse.ensemble.voting import member_probabilities
 
-        member_p = member_probabilities(p, kind)
-        rows = {str(path): member_p[i] for i, path in enumerate(paths)}
+        member_p = member_probabilities(p, found_kind)  # type: ignore[arg-type]
+        rows = {name: member_p[i] for i, name in enumerate(named)}
         label = "ensemble (out-of-fold)" if method == "stacking" else "ensemble"
         rows[label] = probs
         table, records = metrics_table(rows, y)
         saved["validation"] = records
-        typer.echo(table)
-    if saved.get("weights") is not None:
-        shown = ", ".join(f"{w:.3f}" for w in saved["weights"])
+        if not quiet:
+            typer.echo(table)
+    if saved.get("weights") is not None and not quiet:
+        shown = ", ".join(f"{name} {w:.3f}" for name, w in zip(named, saved["weights"]))
         typer.echo(f"weights: {shown}")
-    write_json(out, saved)
+    write_saved_json(out, saved)
     typer.echo(f"wrote {out}")
 
 
 def _apply(
     saved_path: Path,
-    paths: list[Path],
+    named: dict[str, str],
     labels: Path | None,
-    kind: str | None,
+    kind: str,
     out: Path,
-    overwrite: bool,
+    quiet: bool,
 ) -> None:
     from modelfuse.ensemble.saved import apply_ensemble, check_saved_ensemble
 
-    check_output(out, suffix=".npy", overwrite=overwrite)
     saved = read_saved(saved_path, "ensemble", check_saved_ensemble)
-    saved_kind = saved.get("kind")
-    if kind is not None and check_kind(kind) != saved_kind:
+    if not named:
+        raise ConfigError("--predictions: give one file per model of the saved ensemble")
+    if len(named) != saved["n_models"]:
         raise ConfigError(
-            f"--kind {kind}: {saved_path} was fitted on {saved_kind}; give the same kind of file"
+            f"--predictions: {saved_path} combines {saved['n_models']} models, "
+            f"got {len(named)} files; give one per model, in the same order"
         )
-    if saved_kind not in KINDS:
-        raise ConfigError(f'{saved_path}: not a modelfuse ensemble (no valid "kind")')
-    p = read_predictions(paths, saved_kind)
-    if p.shape[0] != saved.get("n_models"):
-        raise ConfigError(
-            f"--predictions: {saved_path} combines {saved.get('n_models')} models, "
-            f"got {p.shape[0]} files; give one per model, in the same order"
+    members = saved.get("members")
+    if members is not None and set(named) == set(members):
+        named = {name: named[name] for name in members}  # matched by name
+    p, found_kind = read_named_predictions(named, kind)
+    if found_kind != saved["kind"]:
+        first = next(iter(named.values()))
+        raise DataError(
+            f"{first}: holds {found_kind}, but {saved_path} was fitted on {saved['kind']}; "
+            f"give the models' {saved['kind']} (pass --kind {saved['kind']} if the files hold "
+            f"{saved['kind']})"
         )
-    if p.shape[2] != saved.get("n_classes"):
-        raise ConfigError(
-            f"{paths[0]}: {p.shape[2]} classes, but {saved_path} was fitted on "
-            f"{saved.get('n_classes')}; give the same models' predictions"
+    if p.shape[2] != saved["n_classes"]:
+        raise DataError(
+            f"{next(iter(named.values()))}: {p.shape[2]} classes, but {saved_path} was fitted "
+            f"on {saved['n_classes']}; give the same models' predictions"
         )
-    write_probabilities(out, apply_ensemble(saved, p), labels, name="ensemble")
+    write_probabilities(out, apply_ensemble(saved, p), labels, name="ensemble", quiet=quiet)
