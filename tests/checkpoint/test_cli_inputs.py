@@ -164,3 +164,16 @@ def test_merge_of_zero_size_tensors_with_a_huge_dimension(
         assert merged.get_slice("e").get_shape() == shape
         assert merged.get_tensor("e").numel() == 0
         assert merged.get_tensor("w").shape == (2,)
+
+
+def test_diff_of_files_in_a_folder_whose_name_is_not_utf8(tmp_path: Path, capsys) -> None:
+    import os
+
+    folder = tmp_path / os.fsdecode(b"d\xff")
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "a.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(folder / "b.safetensors"))
+    before = _snapshot(tmp_path)
+    a, b = str(folder / "a.safetensors"), str(folder / "b.safetensors")
+    code = main(["diff", a, b, "-o", str(tmp_path / "out"), "--quiet"])
+    _assert_refused(code, capsys.readouterr().err, "is not valid Unicode", tmp_path, before)

@@ -624,3 +624,17 @@ def test_metadata_with_a_lone_surrogate_is_refused(tmp_path: Path) -> None:
 def test_a_surrogate_pair_name_is_written_as_utf8(tmp_path: Path) -> None:
     out = _write_all(tmp_path / "out", {"w\U0001f600": torch.ones(2)})
     assert list(_read_with_safetensors(out)) == ["w\U0001f600"]
+
+
+def test_extra_text_that_is_not_unicode_is_refused_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(OutputError) as caught:
+        with CheckpointWriter(out, [("w", (1,), torch.float32)]) as writer:
+            writer.write("w", torch.ones(1))
+            writer.add_file("modelfuse.yaml", "models:\n- /data/d\udcff/a.safetensors\n")
+            writer.commit()
+    message = str(caught.value)
+    assert message.startswith(f"{out}: modelfuse.yaml would hold text that is not valid Unicode")
+    assert "d\\udcff/a" in message and "\n" not in message
+    message.encode("ascii")
+    assert not out.exists() and leftovers(tmp_path, "out") == []

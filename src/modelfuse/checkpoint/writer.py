@@ -42,6 +42,7 @@ __all__ = [
     "MARKER_NAME",
     "CheckpointWriter",
     "is_model_file",
+    "remove_stale_folders",
     "shard_names",
 ]
 
@@ -647,14 +648,24 @@ class CheckpointWriter:
                 f"{source}: no such file to copy into {self.out} as {relative_name}; "
                 "check the model folder"
             )
+        if isinstance(source, str):
+            try:
+                source = source.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                near = source[max(0, exc.start - 15) : exc.end + 15]
+                raise self._failed(
+                    OutputError(
+                        f"{self.out}: {relative_name} would hold text that is not valid Unicode "
+                        f"(near {preview(near)}), most often a file or folder name whose bytes "
+                        "are not UTF-8; expected text; rename that file or folder and run again"
+                    )
+                ) from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(source, os.PathLike):
                 shutil.copyfile(source, target)
-            elif isinstance(source, bytes):
-                target.write_bytes(source)
             else:
-                target.write_text(source, encoding="utf-8")
+                target.write_bytes(source)
         except OSError as exc:
             raise self._failed(self._write_error(exc, relative_name)) from exc
         self._extra.add(relative_name)
