@@ -401,3 +401,23 @@ def test_long_tensor_names_are_shortened_in_messages(tmp_path: Path) -> None:
     message = _error(path)
     assert "tensor 'xxxx" in message and "...'" in message
     _assert_bounded(message)
+
+
+@pytest.mark.parametrize("code", [[1], {"a": 1}, 4, None])
+def test_dtype_that_is_not_a_string(tmp_path: Path, code: object) -> None:
+    path = _craft(tmp_path / "m.safetensors", {"w": _entry(code, [1], 0, 4)}, b"\0" * 4)  # type: ignore[arg-type]
+    assert "tensor 'w': unknown dtype" in _error(path)
+
+
+@pytest.mark.parametrize("metadata", [0, False, [], ""])
+def test_metadata_that_is_not_a_mapping(tmp_path: Path, metadata: object) -> None:
+    header = {"__metadata__": metadata, "w": _entry("F32", [1], 0, 4)}
+    path = _craft(tmp_path / "m.safetensors", header, b"\0" * 4)
+    assert "__metadata__" in _error(path) and "is not a mapping of strings" in _error(path)
+
+
+def test_null_metadata_is_no_metadata(tmp_path: Path) -> None:
+    header = {"__metadata__": None, "w": _entry("F32", [1], 0, 4)}
+    path = _craft(tmp_path / "m.safetensors", header, b"\0" * 4)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.metadata == {} and ckpt.keys() == ["w"]

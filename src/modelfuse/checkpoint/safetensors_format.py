@@ -99,7 +99,7 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: 
             f"{_RESAVE}"
         )
     code, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
         raise CheckpointError(
             f"{where}: unknown dtype {preview(code)}, expected one of {known}; "
@@ -225,7 +225,8 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
             f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an "
             f"object mapping tensor names to dtype, shape and data_offsets; {_RESAVE}"
         )
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
