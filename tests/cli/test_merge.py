@@ -429,10 +429,19 @@ def _inputs_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
         ("models/other.safetensors", "is the input model"),
         ("models", "contains the input model"),
         ("configs", "is the folder of the configuration"),
+        ("configs/merge.yaml", "is the configuration file"),
         ("link", "is the input model"),
         (".", "contains the input model"),
     ],
-    ids=["model-folder", "model-file", "parent-of-models", "config-folder", "symlink", "cwd"],
+    ids=[
+        "model-folder",
+        "model-file",
+        "parent-of-models",
+        "config-folder",
+        "config-file",
+        "symlink",
+        "cwd",
+    ],
 )
 def test_overwrite_never_replaces_an_input(tmp_path, capsys, monkeypatch, target, relation):
     folder, _, config = _inputs_folder(tmp_path)
