@@ -3,40 +3,65 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from modelfuse.calibration.metrics import MAX_BINS
 from modelfuse.cli._app import app
+from modelfuse.cli._inputs import named_files
 from modelfuse.cli._output import (
     check_folder_output,
     check_output,
     publish_folder,
     require_parent_folder,
     staging_folder,
-    write_json,
 )
 from modelfuse.cli.ensemble import (
+    KIND_HELP,
+    SEED_MAX,
+    InputsInOrder,
+    check_choice,
     check_kind,
     check_method,
     metrics_table,
     read_labels,
     read_saved,
+    refuse_input_as_output,
     write_probabilities,
+    write_saved_json,
 )
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
 
+# The methods that take each tuning option.
+_REG_METHODS = ("vector", "matrix")
+_BIN_METHODS = ("histogram",)
 
-def _read_scores(path: Path, kind: str) -> np.ndarray:
-    from modelfuse.arrays import load_array
+
+def _read_scores(path: Path | str, kind: str) -> tuple[np.ndarray, str]:
+    """The scores in ``path`` (checked) and what they hold (``kind``, or the rows' answer)."""
+    from modelfuse.arrays import load_array, resolve_kind
     from modelfuse.calibration.base import check_scores
 
-    return check_scores(load_array(path), kind, source=str(path))
+    array = load_array(path)
+    found = resolve_kind(array, kind, source=str(path))
+    return check_scores(array, found, source=str(path)), found
+
+
+def _refuse_unused(method: str, given: dict[str, tuple[object, tuple[str, ...]]]) -> None:
+    for option, (value, methods) in given.items():
+        if value is not None and method not in methods:
+            raise ConfigError(
+                f"{option}: applies to --method {' or '.join(methods)}, not {method}; "
+                f"drop {option}"
+            )
 
 
 @app.command(
@@ -52,71 +77,155 @@ Apply it to new scores, writing calibrated probabilities:
 
     modelfuse calibrate --apply CAL.json --scores test.npy -o test_probs.npy
 
+Beside the in-sample metrics, fitting prints the held-out NLL and ECE of
+the method by stratified K-fold cross-validation (--cv folds, seeded by
+--seed), and warns when they are worse than uncalibrated.
+
 Methods: temperature, vector, matrix (logit scaling fitted by L-BFGS on
-NLL), platt, isotonic, histogram (one-vs-rest with renormalisation for
-more than two classes). --kind says whether the scores are logits (the
-default) or probabilities. Files: .npy, .npz (FILE.npz:KEY), .csv.
+NLL; vector and matrix with an L2 penalty --reg), platt, isotonic,
+histogram (one-vs-rest with renormalisation for more than two classes;
+each bin smoothed towards its midpoint by --prior-strength pseudo-samples).
+--kind auto (the default) takes scores whose rows sum to 1 as probabilities
+and others as logits. Files: .npy, .npz (FILE.npz:KEY), .csv.
 """,
 )
 def calibrate_command(
-    scores: Annotated[Path, typer.Option("--scores", "-s", help="(n_samples, n_classes) scores")],
+    scores: Annotated[
+        Path,
+        typer.Option(
+            "--scores", "-s", "--predictions", "-p", help="(n_samples, n_classes) scores"
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="CAL.json (fit) or PROBS.npy (--apply)")],
     labels: Annotated[Path | None, typer.Option("--labels", "-y", help="integer labels")] = None,
     method: Annotated[
         str, typer.Option(help="temperature, vector, matrix, platt, isotonic or histogram")
     ] = "temperature",
-    kind: Annotated[
-        str | None, typer.Option(help="what the scores are: logits or probabilities [fit: logits]")
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
+    n_bins: Annotated[
+        int | None,
+        typer.Option(help="histogram: number of bins [default: 15]", min=1, max=MAX_BINS),
     ] = None,
-    n_bins: Annotated[int, typer.Option(help="histogram: number of bins")] = 15,
+    reg: Annotated[
+        float | None,
+        typer.Option(
+            help="vector, matrix: L2 penalty strength [default: 10 for vector, 100 for matrix]",
+            min=0.0,
+            max=1e12,
+        ),
+    ] = None,
+    prior_strength: Annotated[
+        float | None,
+        typer.Option(
+            help="histogram: pseudo-samples of each bin's prior [default: 2]", min=1e-12, max=1e12
+        ),
+    ] = None,
+    cv: Annotated[
+        int, typer.Option(help="folds of the held-out (cross-validated) metrics", min=2, max=100)
+    ] = 5,
+    seed: Annotated[
+        int, typer.Option(help="seed of the cross-validation folds", min=0, max=SEED_MAX)
+    ] = 0,
     apply: Annotated[Path | None, typer.Option(help="a saved CAL.json to apply")] = None,
+    quiet: Annotated[bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     from modelfuse.calibration.registry import CALIBRATORS, calibrator_from_json, make_calibrator
 
+    check_kind(kind)
+    inputs: dict[str, Path | str | None] = {"--scores": scores, "--labels": labels, "--apply": apply}
     if apply is not None:
         check_output(out, suffix=".npy", overwrite=overwrite)
+        refuse_input_as_output(out, inputs)
         calibrator = read_saved(apply, "calibrator", calibrator_from_json)
-        if kind is not None and check_kind(kind) != calibrator.kind:
-            raise ConfigError(
-                f"--kind {kind}: {apply} was fitted on {calibrator.kind}; give the same kind"
+        s, found = _read_scores(scores, kind)
+        if found != calibrator.kind:
+            raise DataError(
+                f"{scores}: holds {found}, but {apply} was fitted on {calibrator.kind}; give "
+                f"the model's {calibrator.kind} (pass --kind {calibrator.kind} if the file "
+                f"holds {calibrator.kind})"
             )
-        s = _read_scores(scores, calibrator.kind)
         if s.shape[1] != calibrator.n_classes_:
             raise DataError(
                 f"{scores}: {s.shape[1]} classes, but {apply} was fitted on "
                 f"{calibrator.n_classes_}; give the same model's scores"
             )
-        write_probabilities(out, calibrator.predict_proba(s), labels, name="calibrated")
+        probs = calibrator.predict_proba(s)
+        write_probabilities(out, probs, labels, name="calibrated", quiet=quiet)
         return
 
-    kind = check_kind(kind or "logits")
     check_method(method, CALIBRATORS)
+    _refuse_unused(
+        method,
+        {
+            "--reg": (reg, _REG_METHODS),
+            "--n-bins": (n_bins, _BIN_METHODS),
+            "--prior-strength": (prior_strength, _BIN_METHODS),
+        },
+    )
     if labels is None:
         raise ConfigError("--labels: fitting a calibrator needs the labels of the scores")
     check_output(out, suffix=".json", overwrite=overwrite)
+    refuse_input_as_output(out, inputs)
     from modelfuse.arrays import load_array
     from modelfuse.calibration.base import check_calibration_set
+    from modelfuse.calibration.cross_validation import cross_validated_metrics
     from modelfuse.calibration.softmax import to_probabilities
 
-    s = _read_scores(scores, kind)
+    s, found = _read_scores(scores, kind)
     s, y = check_calibration_set(
-        s, load_array(labels), kind, scores_source=str(scores), labels_source=str(labels)
+        s, load_array(labels), found, scores_source=str(scores), labels_source=str(labels)
     )
-    params: dict[str, Any] = {"kind": kind}
-    if method == "histogram":
-        params["n_bins"] = n_bins
+    params: dict[str, Any] = {"kind": found}
+    for name, value in (("n_bins", n_bins), ("reg", reg), ("prior_strength", prior_strength)):
+        if value is not None:
+            params[name] = value
     calibrator = make_calibrator(method, **params).fit(s, y)
-    before = to_probabilities(s, kind)
-    table, records = metrics_table(
-        {"uncalibrated": before, f"{method} (in-sample)": calibrator.predict_proba(s)}, y
-    )
-    typer.echo(table)
-    if hasattr(calibrator, "temperature_"):
-        typer.echo(f"temperature: {calibrator.temperature_:.4f}")
+    in_sample = calibrator.predict_proba(s)
+    rows = {"uncalibrated": to_probabilities(s, found), f"{method} (in-sample)": in_sample}
+    held_out = None
+    try:
+        held_out = cross_validated_metrics(
+            make_calibrator(method, **params), s, y, cv=cv, random_state=seed
+        )
+    except DataError as exc:
+        warnings.warn(
+            f"held-out metrics not computed: {exc}; pass a smaller --cv", UserWarning, stacklevel=1
+        )
+    if held_out is not None:
+        rows[f"{method} (held-out, {cv}-fold)"] = held_out.probabilities
+    table, records = metrics_table(rows, y)
+    if not quiet:
+        typer.echo(table)
+        if method == "temperature":
+            typer.echo(f"temperature: {calibrator.temperature_:.4f}")
+    if held_out is not None and held_out.nll > held_out.nll_uncalibrated:
+        warnings.warn(
+            f"{method}: the held-out NLL ({held_out.nll:.4f}, {cv}-fold) is worse than "
+            f"uncalibrated ({held_out.nll_uncalibrated:.4f}); this calibrator overfits the "
+            "calibration set: use fewer parameters (temperature), more regularisation, or more "
+            "samples",
+            UserWarning,
+            stacklevel=1,
+        )
     saved = calibrator.to_json()
-    saved["fitted_on"] = {"scores": str(scores), "labels": str(labels), "metrics": records}
-    write_json(out, saved)
+    saved["fitted_on"] = {
+        "scores": str(scores),
+        "labels": str(labels),
+        "kind": found,
+        "metrics": records,
+        "cross_validation": None
+        if held_out is None
+        else {
+            "folds": cv,
+            "seed": seed,
+            "nll": held_out.nll,
+            "ece": held_out.ece,
+            "nll_uncalibrated": held_out.nll_uncalibrated,
+            "ece_uncalibrated": held_out.ece_uncalibrated,
+        },
+    }
+    write_saved_json(out, saved)
     typer.echo(f"wrote {out}")
 
 
@@ -143,89 +252,158 @@ def report_metrics(
     ]
 
 
+def _diagram_names(names: list[str]) -> dict[str, str]:
+    """The PNG of each input: ``reliability.png`` for one, ``reliability-NAME.png`` for several."""
+    if len(names) == 1:
+        return {names[0]: "reliability.png"}
+    files: dict[str, str] = {}
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60].strip("._") or "input"
+        candidate, n = f"reliability-{stem}.png", 2
+        while candidate in files.values():
+            candidate, n = f"reliability-{stem}-{n}.png", n + 1
+        files[name] = candidate
+    return files
+
+
 @app.command(
     "calibration-report",
-    help="""Calibration metrics and a reliability diagram for predicted probabilities.
+    cls=InputsInOrder,
+    help="""Calibration metrics and reliability diagrams for predicted probabilities.
 
-Prints the metrics table and writes OUT/metrics.md, OUT/metrics.json and
-OUT/reliability.png (gap bars and a confidence histogram):
+Prints the metrics table (one column per input) and writes OUT/metrics.md,
+OUT/metrics.json and a reliability diagram (gap bars and a confidence
+histogram): OUT/reliability.png for one input, OUT/reliability-NAME.png for
+each of several:
 
-    modelfuse calibration-report --probabilities p.npy --labels y.npy -o calib-report
+    modelfuse calibration-report --predictions p.npy --labels y.npy -o calib-report
 
+    modelfuse calibration-report -p before=val.npy after=cal.npy -y y.npy -o calib-report
+
+Inputs are NAME=FILE or FILE, repeated or space-separated. --kind auto (the
+default) takes rows summing to 1 as probabilities and softmaxes others.
 ECE uses 15 equal-width bins by default (Guo et al. 2017, torchmetrics);
 --n-bins 10 matches netcal.
 """,
 )
 def calibration_report_command(
-    probabilities: Annotated[
-        Path, typer.Option("--probabilities", "-p", help="(n_samples, n_classes) predictions")
-    ],
-    labels: Annotated[Path, typer.Option("--labels", "-y", help="integer labels")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
-    kind: Annotated[
-        str, typer.Option(help="what the file holds: probabilities or logits")
-    ] = "probabilities",
-    n_bins: Annotated[int, typer.Option(help="number of bins")] = 15,
+    labels: Annotated[Path, typer.Option("--labels", "-y", help="integer labels")],
+    predictions: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--predictions",
+            "-p",
+            "--probabilities",
+            help="NAME=FILE or FILE of (n_samples, n_classes) predictions; more may follow",
+        ),
+    ] = None,
+    more: Annotated[
+        list[str] | None, typer.Argument(help="further predictions files", show_default=False)
+    ] = None,
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
+    n_bins: Annotated[int, typer.Option(help="number of bins", min=1, max=MAX_BINS)] = 15,
     binning: Annotated[str, typer.Option(help="uniform or quantile")] = "uniform",
+    quiet: Annotated[bool, typer.Option(help="no table; errors, warnings and 'wrote' stay")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     check_kind(kind)
-    if binning not in ("uniform", "quantile"):
-        raise ConfigError(f"--binning: expected uniform or quantile, got {binning!r}")
-    if n_bins < 1:
-        raise ConfigError(f"--n-bins: expected a positive integer, got {n_bins}")
+    check_choice(binning, ("uniform", "quantile"), "--binning")
+    named = named_files([*(predictions or []), *(more or [])], option="--predictions")
+    if not named:
+        raise ConfigError("--predictions: give at least one file, e.g. --predictions p.npy")
     check_folder_output(out, overwrite=overwrite)
     require_parent_folder(out)
+    inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
+    inputs["--labels"] = labels
+    _refuse_folder_holding_inputs(out, inputs)
     from modelfuse.calibration.reliability import reliability_diagram
     from modelfuse.calibration.softmax import to_probabilities
 
-    probs = to_probabilities(_read_scores(probabilities, kind), kind)
-    y = read_labels(labels, probs.shape[0], probs.shape[1])
-    rows = report_metrics(probs, y, n_bins=n_bins, binning=binning)
-    width = max(len(name) for name, _ in rows)
-    table = "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)
-    typer.echo(table)
+    probs: dict[str, np.ndarray] = {}
+    for name, path in named.items():
+        s, found = _read_scores(path, kind)
+        probs[name] = to_probabilities(s, found)
+        first = next(iter(probs.values()))
+        if probs[name].shape != first.shape:
+            raise DataError(
+                f"{path}: shape {probs[name].shape} differs from {named[next(iter(named))]}'s "
+                f"{first.shape}; every file must hold the same samples and classes"
+            )
+    shape = next(iter(probs.values())).shape
+    y = read_labels(labels, shape[0], shape[1])
+    metrics = {
+        name: dict(report_metrics(p, y, n_bins=n_bins, binning=binning))
+        for name, p in probs.items()
+    }
+    rows = list(next(iter(metrics.values())))
+    names = list(metrics)
+    width = max(len(r) for r in rows)
+    columns = [max(8, len(n)) for n in names]
+    header = f"{'metric':<{width}}  " + "  ".join(f"{n:>{c}}" for n, c in zip(names, columns))
+    lines = [header]
+    for row in rows:
+        values = "  ".join(f"{metrics[n][row]:>{c}.4f}" for n, c in zip(names, columns))
+        lines.append(f"{row:<{width}}  {values}")
+    if not quiet:
+        typer.echo("\n".join(lines))
 
+    diagrams = _diagram_names(names)
     markdown = [
-        f"# Calibration report: {probabilities}",
+        "# Calibration report",
         "",
-        f"{probs.shape[0]} samples, {probs.shape[1]} classes; labels {labels}.",
+        f"{shape[0]} samples, {shape[1]} classes; labels {labels}.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {name} | {value:.4f} |" for name, value in rows),
+        *(f"- {name}: {path}" for name, path in named.items()),
         "",
-        "![reliability diagram](reliability.png)",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        *(f"| {row} | " + " | ".join(f"{metrics[n][row]:.4f}" for n in names) + " |" for row in rows),
+        "",
+        *(f"![reliability diagram: {name}]({diagrams[name]})" for name in names),
         "",
     ]
+    summary = {
+        "predictions": dict(named),
+        "labels": str(labels),
+        "n_bins": n_bins,
+        "binning": binning,
+        "metrics": metrics,
+    }
     staging = staging_folder(out)
     try:
         (staging / "metrics.md").write_text("\n".join(markdown))
-        (staging / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "probabilities": str(probabilities),
-                    "labels": str(labels),
-                    "n_bins": n_bins,
-                    "binning": binning,
-                    "metrics": dict(rows),
-                },
-                indent=2,
+        (staging / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        for name, p in probs.items():
+            reliability_diagram(
+                p,
+                y,
+                staging / diagrams[name],
+                n_bins=n_bins,
+                binning=binning,
+                title=f"Reliability: {name[:60]}",
             )
-            + "\n"
-        )
-        reliability_diagram(
-            probs,
-            y,
-            staging / "reliability.png",
-            n_bins=n_bins,
-            binning=binning,
-            title=f"Reliability: {probabilities.name}",
-        )
         publish_folder(staging, out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    typer.echo(f"wrote {out}/metrics.md, metrics.json, reliability.png")
+    typer.echo(f"wrote {out}/metrics.md, metrics.json, {', '.join(diagrams.values())}")
+
+
+def _refuse_folder_holding_inputs(out: Path, inputs: dict[str, Path | str | None]) -> None:
+    """Refuse a report folder that is or contains an input (``--overwrite`` would delete it)."""
+    target = out.resolve()
+    for described, path in inputs.items():
+        if path is None:
+            continue
+        text = str(path)
+        if ".npz:" in text:
+            text = text.rsplit(".npz:", 1)[0] + ".npz"
+        resolved = Path(text).resolve()
+        if resolved == target or target in resolved.parents:
+            raise OutputError(
+                f"{out}: holds the input of {described}; choose another -o (--overwrite never "
+                "replaces an input)"
+            )
