@@ -202,24 +202,18 @@ def _open_all(
         base_ckpt = None
         if config.base_model is not None:
             base_ckpt = get(config.base_model, "base_model")
-        slices: list[tuple[Any, list[Checkpoint | None]]] = []
         entries: list[tuple[ModelEntry, Checkpoint | None, Checkpoint | None]] = []
-        if config.slices is not None:
-            for number, piece in enumerate(config.slices):
-                sources = [
-                    get(src.model, f"slices[{number}].sources[{i}].model")
-                    for i, src in enumerate(piece.sources)
-                ]
-                if piece.base_model is not None:
-                    get(piece.base_model, f"slices[{number}].base_model")
-                slices.append((piece, sources))
-        else:
-            for i, entry in enumerate(config.models or []):
-                ckpt = get(entry.model, f"models[{i}].model")
-                stats = None
-                if entry.statistics is not None:
-                    stats = get(entry.statistics, f"models[{i}].statistics", "statistics file")
-                entries.append((entry, ckpt, stats))
+        for number, piece in enumerate(config.slices or []):
+            for i, src in enumerate(piece.sources):
+                get(src.model, f"slices[{number}].sources[{i}].model")
+            if piece.base_model is not None:
+                get(piece.base_model, f"slices[{number}].base_model")
+        for i, entry in enumerate(config.models or []):
+            ckpt = get(entry.model, f"models[{i}].model")
+            stats = None
+            if entry.statistics is not None:
+                stats = get(entry.statistics, f"models[{i}].statistics", "statistics file")
+            entries.append((entry, ckpt, stats))
         for i, patch in enumerate(config.patches or []):
             try:
                 location = _locate(patch.patch, folder, f"patches[{i}].patch")
@@ -235,44 +229,33 @@ def _open_all(
             problems.check(lambda: check_output_path(out, inputs, overwrite=overwrite))
         if method is not None:
             for i, (entry, ckpt, stats) in enumerate(entries):
-                if stats is not None and entry.statistics is not None:
-                    for problem in _statistics_problems(
-                        method, f"models[{i}].statistics {entry.statistics}", stats, ckpt
-                    ):
+                if stats is not None:
+                    label = f"models[{i}].statistics {entry.statistics}"
+                    for problem in _statistics_problems(method, label, stats, ckpt):
                         problems.add(problem)
         if method is None or failed or len(patch_sources) < len(config.patches or []):
             # Nothing more can be checked against the models: report what was found.
-            if method is not None:  # the parameters' names can be checked without the models
-                found = check_keys(method, "parameters", config.parameters or {})
-                for entry in config.models or []:
-                    found += check_keys(method, f"{entry.model}: parameters", entry.parameters or {})
-                for number, piece in enumerate(config.slices or []):
-                    found += check_keys(
-                        method, f"slices[{number}].parameters", piece.parameters or {}
-                    )
-                for problem in found:
+            if method is not None:
+                for problem in _parameter_key_problems(method, config):
                     problems.add(problem)
-            problems.raise_all()
-        plan: MergePlan | None = None
-        with problems.collecting():
-            if method is None:
-                raise RuntimeError("unreachable: an unknown method was reported above")
+            problems.raise_now()
+        try:
             if config.slices is not None:
                 plan = _slice_plan(config, method, get, compute, out_dtype)
             else:
                 plan = _model_plan(config, method, entries, base_ckpt, compute, out_dtype, notes)
-        if plan is not None:
-            with problems.collecting():
-                attach_patches(
-                    plan,
-                    [
-                        (entry.patch, source, entry.scale)
-                        for entry, source in zip(config.patches or [], patch_sources)
-                    ],
-                )
+        except ModelfuseError as exc:
+            problems.add_error(exc)
+            problems.raise_now()
+        with problems.collecting():
+            attach_patches(
+                plan,
+                [
+                    (entry.patch, source, entry.scale)
+                    for entry, source in zip(config.patches or [], patch_sources)
+                ],
+            )
         problems.raise_all()
-        if plan is None or method is None:  # every path to here planned or raised
-            raise RuntimeError("the merge was neither planned nor refused")
     except BaseException:
         close_all()
         raise
@@ -289,6 +272,19 @@ def _open_all(
         notes + plan.notes,
         located,
     )
+
+
+def _parameter_key_problems(method: MergeMethod, config: MergeConfig) -> list[str]:
+    """Unknown parameter names, found without opening any model."""
+    found = check_keys(method, "parameters", config.parameters or {})
+    for entry in config.models or []:
+        found += check_keys(method, f"{entry.model}: parameters", entry.parameters or {})
+    for number, piece in enumerate(config.slices or []):
+        found += check_keys(method, f"slices[{number}].parameters", piece.parameters or {})
+        for src in piece.sources:
+            where = f"slices[{number}]: {src.model}: parameters"
+            found += check_keys(method, where, src.parameters or {})
+    return found
 
 
 def _model_plan(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from modelfuse.errors import ConfigError, ModelfuseError
 
@@ -90,3 +90,8 @@ class Problems:
             error = kind(f"{len(messages)} problems:\n" + "\n".join(f"  {m}" for m in messages))
         error.problems = messages  # type: ignore[attr-defined]
         raise error
+
+    def raise_now(self) -> NoReturn:
+        """Raise the problems found; called only where at least one was recorded."""
+        self.raise_all()
+        raise RuntimeError("no problem was recorded before raise_now()")
