@@ -569,3 +569,26 @@ def test_bad_non_finite_coefficients_in_json(files, tmp_path, capsys, constant: 
     argv = ["calibrate", "--apply", str(saved), "-s", str(files["test"]), "-o",
             str(tmp_path / "o.npy")]  # fmt: skip
     _bad(tmp_path, capsys, argv, saved, '"state.intercept_": holds NaN or infinite values')
+
+
+def test_scores_may_be_named(files, tmp_path) -> None:
+    argv = ["calibrate", "-s", f"val={files['val']}", "-y", str(files["val_y"]), "-o",
+            str(tmp_path / "CAL.json")]  # fmt: skip
+    assert main(argv) == 0
+    fitted_on = json.loads((tmp_path / "CAL.json").read_text())["fitted_on"]
+    assert fitted_on["name"] == "val" and fitted_on["scores"] == str(files["val"])
+
+
+@pytest.mark.parametrize("option", ["--reg", "--prior-strength"])
+def test_bad_nan_regularisation(files, tmp_path, capsys, option: str) -> None:
+    method = "vector" if option == "--reg" else "histogram"
+    argv = [*_fit(files["val"], files["val_y"], tmp_path), "--method", method, option, "nan"]
+    _usage_error(tmp_path, capsys, argv, option)
+
+
+def test_bad_csv_of_a_million_columns(files, tmp_path, capsys) -> None:
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(["0.5"] * 1_000_000) + "\n")
+    argv = ["calibration-report", "-p", str(wide), "-y", str(files["test_y"]), "-o",
+            str(tmp_path / "rep")]  # fmt: skip
+    _bad(tmp_path, capsys, argv, wide, "expected shape (n_samples, n_classes), got (1000000,)")

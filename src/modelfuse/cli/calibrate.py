@@ -91,9 +91,13 @@ and others as logits. Files: .npy, .npz (FILE.npz:KEY), .csv.
 )
 def calibrate_command(
     scores: Annotated[
-        Path,
+        str,
         typer.Option(
-            "--scores", "-s", "--predictions", "-p", help="(n_samples, n_classes) scores"
+            "--scores",
+            "-s",
+            "--predictions",
+            "-p",
+            help="NAME=FILE or FILE of (n_samples, n_classes) scores",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="CAL.json (fit) or PROBS.npy (--apply)")],
@@ -133,6 +137,7 @@ def calibrate_command(
     from modelfuse.calibration.registry import CALIBRATORS, calibrator_from_json, make_calibrator
 
     check_kind(kind)
+    ((name, scores),) = named_files([scores], option="--scores").items()
     inputs: dict[str, Path | str | None] = {"--scores": scores, "--labels": labels, "--apply": apply}
     if apply is not None:
         check_output(out, suffix=".npy", overwrite=overwrite)
@@ -177,9 +182,9 @@ def calibrate_command(
         s, load_array(labels), found, scores_source=str(scores), labels_source=str(labels)
     )
     params: dict[str, Any] = {"kind": found}
-    for name, value in (("n_bins", n_bins), ("reg", reg), ("prior_strength", prior_strength)):
+    for param, value in (("n_bins", n_bins), ("reg", reg), ("prior_strength", prior_strength)):
         if value is not None:
-            params[name] = value
+            params[param] = value
     calibrator = make_calibrator(method, **params).fit(s, y)
     in_sample = calibrator.predict_proba(s)
     rows = {"uncalibrated": to_probabilities(s, found), f"{method} (in-sample)": in_sample}
@@ -210,6 +215,7 @@ def calibrate_command(
         )
     saved = calibrator.to_json()
     saved["fitted_on"] = {
+        "name": name,
         "scores": str(scores),
         "labels": str(labels),
         "kind": found,
@@ -370,10 +376,14 @@ def calibration_report_command(
         "binning": binning,
         "metrics": metrics,
     }
+    try:
+        summary_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise DataError(f"{out}: a metric is NaN or infinite; nothing was written") from None
     staging = staging_folder(out)
     try:
         (staging / "metrics.md").write_text("\n".join(markdown))
-        (staging / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        (staging / "metrics.json").write_text(summary_text)
         for name, p in probs.items():
             reliability_diagram(
                 p,
