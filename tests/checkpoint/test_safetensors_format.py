@@ -373,7 +373,7 @@ def test_integer_of_thousands_of_digits_is_one_line(tmp_path: Path) -> None:
     text = b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}'
     path = _craft(tmp_path / "m.safetensors", text, b"\0" * 4)
     message = _error(path)
-    assert "not valid JSON" in message
+    assert "not valid JSON (an integer of more than 4300 digits)" in message
     _assert_bounded(message)
 
 

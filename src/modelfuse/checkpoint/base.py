@@ -184,7 +184,8 @@ class Checkpoint(abc.ABC):
             count = count_nonfinite_float8(tensor)
             if count:
                 raise CheckpointError(
-                    f"{info.file}: tensor {tensor_label(info.name)} ({info.dtype}) holds {count} "
+                    f"{info.file}: tensor {tensor_label(info.name)} "
+                    f"({str(info.dtype).removeprefix('torch.')}) holds {count} "
                     "NaN or inf values; a float8 checkpoint is merged through float32 and cast "
                     "back, so they would spread into the output; expected finite values; "
                     "quantize the model again with saturation (or fix those values)"

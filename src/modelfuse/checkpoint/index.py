@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from modelfuse.checkpoint.names import check_name, preview, tensor_label
+from modelfuse.checkpoint.names import check_name, json_reason, preview, tensor_label
 from modelfuse.errors import CheckpointError
 
 __all__ = [
@@ -91,7 +91,7 @@ def read_index(path: Path) -> ShardIndex:
             f"{expected}, three levels deep); re-download or re-save the checkpoint"
         ) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        reason = ascii(str(exc).splitlines()[0])[1:121]
+        reason = json_reason(exc)
         raise CheckpointError(
             f"{path}: cannot be read as a JSON shard index ({reason}); expected "
             '{"weight_map": {tensor: shard file}}; re-download or re-save the checkpoint'

@@ -14,6 +14,7 @@ from modelfuse.errors import CheckpointError
 
 __all__ = [
     "check_name",
+    "json_reason",
     "preview",
     "tensor_label",
 ]
@@ -69,3 +70,21 @@ def check_name(name: str, where: str, fix: str) -> None:
             f"{where}: tensor name {tensor_label(name)} is not valid Unicode (it holds a lone "
             f"surrogate), so it cannot be stored as UTF-8 in a safetensors file; {fix}"
         ) from None
+
+
+def json_reason(exc: Exception) -> str:
+    """Why :func:`json.loads` refused a text, in at most 120 ASCII characters.
+
+    Examples
+    --------
+    >>> import json
+    >>> try:
+    ...     json.loads("[" + "9" * 5000 + "]")
+    ... except ValueError as exc:
+    ...     print(json_reason(exc))
+    an integer of more than 4300 digits
+    """
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if text.startswith("Exceeds the limit"):
+        return "an integer of more than 4300 digits"
+    return ascii(text)[1:121]

@@ -27,7 +27,7 @@ import torch
 
 from modelfuse.checkpoint.base import Checkpoint, TensorInfo
 from modelfuse.checkpoint.dtypes import SAFETENSORS_DTYPES, dtype_code, itemsize
-from modelfuse.checkpoint.names import check_name, preview, tensor_label
+from modelfuse.checkpoint.names import check_name, json_reason, preview, tensor_label
 from modelfuse.errors import CheckpointError
 
 __all__ = [
@@ -215,7 +215,7 @@ def read_header(path: Path, file_size: int, read_at: Any) -> SafetensorsHeader:
             "re-save or re-download it"
         ) from None
     except (UnicodeDecodeError, ValueError) as exc:
-        reason = ascii(str(exc).splitlines()[0])[1:121]
+        reason = json_reason(exc)
         raise CheckpointError(
             f"{path}: the safetensors header is not valid JSON ({reason}); the file is corrupt "
             "or not a safetensors file; re-save or re-download it"
