@@ -431,3 +431,16 @@ def test_sigterm_during_a_merge_exits_130_and_leaves_nothing(tmp_path: Path) -> 
     assert err.strip().splitlines() == ["modelfuse: interrupted; nothing was written"]
     assert not out.exists() and leftovers(tmp_path, "out") == []
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("host", ["h\u00f6st", "with space", ""])
+def test_unusual_host_names_still_give_a_readable_marker(tmp_path: Path, monkeypatch, host) -> None:
+    monkeypatch.setattr(writer_module.socket, "gethostname", lambda: host)
+    dead = _dead_pid()
+    with CheckpointWriter(tmp_path / "out", PLAN) as writer:
+        (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        text = (tmp / MARKER_NAME).read_text(encoding="ascii")
+        # the same host reading the marker of a process that ended recognises it
+        (tmp / MARKER_NAME).write_text(text.replace(f"pid={os.getpid()}", f"pid={dead}"))
+        assert writer_module._stale_owner(tmp) == dead
+        writer.abort()

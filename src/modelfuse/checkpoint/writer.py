@@ -179,8 +179,14 @@ def _make_sibling(target: Path, tag: str) -> Path:
         return folder
 
 
+def _host() -> str:
+    """This machine's name as the marker holds it: ASCII, no spaces, never empty."""
+    name = socket.gethostname().encode("ascii", "backslashreplace").decode("ascii")
+    return "".join("_" if c.isspace() else c for c in name)[:255] or "unknown"
+
+
 def _marker_text() -> str:
-    return f"modelfuse-partial pid={os.getpid()} host={socket.gethostname() or 'unknown'}\n"
+    return f"modelfuse-partial pid={os.getpid()} host={_host()}\n"
 
 
 def _is_running(pid: int) -> bool:
@@ -208,7 +214,7 @@ def _stale_owner(folder: Path) -> int | None:
         found = _MARKER.match(marker.read_text(encoding="ascii"))
     except (OSError, UnicodeDecodeError):
         return None
-    if found is None or found.group(2) != (socket.gethostname() or "unknown"):
+    if found is None or found.group(2) != _host():
         return None
     pid = int(found.group(1))
     return None if pid == os.getpid() or _is_running(pid) else pid
