@@ -23,7 +23,6 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -201,7 +200,7 @@ def load_any_protocol(path: Path) -> object:
             return torch.load(io.BufferedReader(stream), map_location="cpu", weights_only=True)
 
 
-def _rewritten_archive(handle: BinaryIO) -> _SplicedFile:
+def _rewritten_archive(handle: io.BufferedReader) -> _SplicedFile:
     """The zip archive with its ``data.pkl`` replaced by the protocol-2 rewrite.
 
     The new record and a new central directory are appended in memory after
@@ -223,7 +222,7 @@ def _rewritten_archive(handle: BinaryIO) -> _SplicedFile:
     return stream
 
 
-def _rewritten_legacy(handle: BinaryIO) -> _SplicedFile:
+def _rewritten_legacy(handle: io.BufferedReader) -> _SplicedFile:
     """The legacy format with its five pickles rewritten; the tensor data follow unchanged."""
     handle.seek(0)
     prefix = bytearray()
@@ -245,7 +244,7 @@ class _SplicedFile(io.RawIOBase):
     file's end); writes are allowed only there and stay in memory.
     """
 
-    def __init__(self, handle: BinaryIO, prefix: bytes, start: int, stop: int | None) -> None:
+    def __init__(self, handle: io.BufferedReader, prefix: bytes, start: int, stop: int | None) -> None:
         super().__init__()
         self._handle = handle
         self._prefix = prefix
@@ -286,19 +285,21 @@ class _SplicedFile(io.RawIOBase):
         while done < len(view) and self._position < self._size():
             want = len(view) - done
             position = self._position
-            if position < len(self._prefix):
-                chunk = self._prefix[position : position + want]
-            elif position < self._fixed:
+            if len(self._prefix) <= position < self._fixed:  # straight from the file, no copy
                 self._handle.seek(self._start + position - len(self._prefix))
-                chunk = self._handle.read(min(want, self._fixed - position))
-                if not chunk:
+                count = self._handle.readinto(view[done : done + min(want, self._fixed - position)])
+                if not count:
                     break
             else:
-                offset = position - self._fixed
-                chunk = bytes(self._tail[offset : offset + want])
-            view[done : done + len(chunk)] = chunk
-            done += len(chunk)
-            self._position += len(chunk)
+                if position < len(self._prefix):
+                    chunk = self._prefix[position : position + want]
+                else:
+                    offset = position - self._fixed
+                    chunk = bytes(self._tail[offset : offset + want])
+                count = len(chunk)
+                view[done : done + count] = chunk
+            done += count
+            self._position += count
         return done
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
