@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelfuse.cli import main
+from modelfuse.errors import ConfigError
+from modelfuse.merge.config import load_config
 from modelfuse.statistics.storage import save as save_statistics
 
 RUN = [sys.executable, "-c", "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -508,3 +510,28 @@ def test_out_of_range_threads_is_a_usage_error(work, capsys):
 def test_long_values_are_cut_in_messages(work, capsys, text, expected):
     err = refused(_merge(work, text), capsys, work)
     assert expected in err and len(err) < 600
+
+
+def test_thousands_of_unknown_keys_are_counted_not_listed(work, capsys):
+    keys = "".join(f"key{i}: 1\n" for i in range(5000))
+    text = "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n" + keys
+    err = refused(_merge(work, text), capsys, work)
+    assert "key0: unknown key" in err and len(err) < 600
+    with pytest.raises(ConfigError) as info:
+        load_config(work / "merge.yaml")
+    message = str(info.value)
+    assert "key19: unknown key" in message and "key20:" not in message
+    assert "and 4980 more" in message and len(message) < 1500
+
+
+def test_hundreds_of_problems_list_the_first_fifty(work, capsys):
+    settings = ", ".join(f"p{i}: 1" for i in range(200))
+    text = (
+        "merge_method: linear\nmodels:\n"
+        f"  - {{model: m0.safetensors, parameters: {{{settings}}}}}\n"
+        "  - missing.safetensors\n"
+    )
+    err = refused(_merge(work, text), capsys, work, lines=51)
+    lines = err.strip().splitlines()
+    assert lines[0] == "modelfuse: error: 201 problems:"
+    assert lines[-1] == "  and 152 more"

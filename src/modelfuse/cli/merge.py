@@ -130,7 +130,8 @@ def _report_problems(exc: BaseException) -> None:
     problems = getattr(exc, "problems", None)
     if not isinstance(problems, list) or len(problems) < 2:
         return
-    print(f"modelfuse: error: {len(problems)} problems:", file=sys.stderr)
+    count = getattr(exc, "count", len(problems))
+    print(f"modelfuse: error: {count} problems:", file=sys.stderr)
     for problem in problems:
         text = " ".join(str(problem).split())
         print(f"  {text if len(text) <= 400 else text[:397] + '...'}", file=sys.stderr)

@@ -210,4 +210,12 @@ def format_error(err: Mapping[str, Any]) -> str:
 
 def format_validation_error(exc: ValidationError, *, where: str) -> str:
     """One line from a pydantic ValidationError: each failing key, what was wrong."""
-    return f"{where}: " + "; ".join(format_error(err) for err in exc.errors())
+    errors = exc.errors()
+    parts = [format_error(err) for err in errors[:MAX_LISTED]]
+    if len(errors) > MAX_LISTED:
+        parts.append(f"and {len(errors) - MAX_LISTED} more")
+    return f"{where}: " + "; ".join(parts)
+
+
+MAX_LISTED = 20
+"""Problems of one kind listed in a message; the others are counted."""

@@ -8,7 +8,10 @@ from typing import NoReturn, TypeVar
 
 from modelfuse.errors import ConfigError, ModelfuseError
 
-__all__ = ["Problems"]
+__all__ = ["MAX_PROBLEMS", "Problems"]
+
+MAX_PROBLEMS = 50
+"""Problems listed in one error; beyond, the last line counts the others."""
 
 T = TypeVar("T")
 
@@ -84,11 +87,15 @@ class Problems:
         kinds = {kind for kind, _ in self.items}
         kind = kinds.pop() if len(kinds) == 1 else ConfigError
         messages = list(dict.fromkeys(message for _, message in self.items))
-        if len(messages) == 1:
+        count = len(messages)
+        if count > MAX_PROBLEMS:
+            messages = [*messages[: MAX_PROBLEMS - 1], f"and {count - MAX_PROBLEMS + 1} more"]
+        if count == 1:
             error = kind(messages[0])
         else:
-            error = kind(f"{len(messages)} problems:\n" + "\n".join(f"  {m}" for m in messages))
+            error = kind(f"{count} problems:\n" + "\n".join(f"  {m}" for m in messages))
         error.problems = messages  # type: ignore[attr-defined]
+        error.count = count  # type: ignore[attr-defined]
         raise error
 
     def raise_now(self) -> NoReturn:
