@@ -444,3 +444,28 @@ def test_unusual_host_names_still_give_a_readable_marker(tmp_path: Path, monkeyp
         (tmp / MARKER_NAME).write_text(text.replace(f"pid={os.getpid()}", f"pid={dead}"))
         assert writer_module._stale_owner(tmp) == dead
         writer.abort()
+
+
+def test_an_interrupt_inside_the_main_thread_s_own_write_cannot_hang_the_cleanup(
+    tmp_path: Path,
+) -> None:
+    # A KeyboardInterrupt can land while the interrupted thread re-takes the writer's lock
+    # to finish its bookkeeping: its own write then still counts as in flight. The cleanup
+    # waits for other threads' writes only, so it neither hangs nor leaves the folder.
+    out = tmp_path / "out"
+    finished = threading.Event()
+
+    def scenario() -> None:
+        try:
+            with CheckpointWriter(out, PLAN) as writer:
+                with writer._lock:
+                    writer._active[threading.get_ident()] += 1  # as the interrupt leaves it
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            finished.set()
+
+    runner = threading.Thread(target=scenario, daemon=True)
+    runner.start()
+    runner.join(20)
+    assert finished.is_set()
+    assert not out.exists() and leftovers(tmp_path, "out") == []

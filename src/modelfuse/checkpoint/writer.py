@@ -11,6 +11,7 @@ an interruption removes the temporary folder and leaves the target untouched.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fnmatch
 import json
@@ -376,7 +377,9 @@ class CheckpointWriter:
         self._names = shard_names(len(shards))
         self._lock = threading.Condition()
         self._state: _State = "open"
-        self._active = 0
+        # writes in flight, per thread: an interrupt can leave the main thread's count
+        # behind, and a thread never waits for its own (see _others_writing)
+        self._active: collections.Counter[int] = collections.Counter()
         self._rows: dict[str, list[tuple[int, int]]] = {}  # row blocks written, per tensor
         self._bytes_written = 0
         self._extra: set[str] = set()
@@ -600,7 +603,7 @@ class CheckpointWriter:
                     f"{self.out}:{what} tensor {tensor_label(slot.name)} was already written"
                 )
             blocks.append(block)
-            self._active += 1
+            self._active[threading.get_ident()] += 1
         failure: OSError | None = None
         done = False
         try:
@@ -611,7 +614,7 @@ class CheckpointWriter:
             failure = exc
         finally:
             with self._lock:
-                self._active -= 1
+                self._active[threading.get_ident()] -= 1
                 if done:
                     self._bytes_written += len(data)
                 else:
@@ -723,7 +726,7 @@ class CheckpointWriter:
                 return self.out
             self._check_open("commit()")
             self._state = "committing"
-            while self._active:
+            while self._others_writing():
                 self._lock.wait()
         missing = [
             name
@@ -818,13 +821,18 @@ class CheckpointWriter:
             shutil.rmtree(backup, ignore_errors=True)
         _fsync_path(target.parent, directory=True)
 
+    def _others_writing(self) -> bool:
+        """Whether a thread other than this one is writing (call with the lock held)."""
+        me = threading.get_ident()
+        return any(count > 0 for ident, count in self._active.items() if ident != me)
+
     def abort(self) -> None:
         """Stop writing and remove the temporary folder; ``out`` is untouched. Idempotent."""
         with self._lock:
             if self._state == "committed":
                 return
             self._state = "aborted"
-            while self._active:
+            while self._others_writing():
                 self._lock.wait()
         self._finalizer()  # once only; a second abort (say, after an interrupted one) retries
 
