@@ -213,6 +213,14 @@ def test_alias_to_its_own_collection(work, capsys):
     assert "an alias refers to the collection that holds it" in err
 
 
+def test_aliases_nesting_deeper_than_the_limit(work, capsys):
+    text = "a0: &a0 " + "[" * 50 + "1" + "]" * 50 + "\n"
+    for i in range(1, 100):
+        text += f"a{i}: &a{i} " + "[" * 50 + f"*a{i - 1}" + "]" * 50 + "\n"
+    err = refused(_merge(work, text), capsys, work)
+    assert "aliases nest the document deeper than 64 levels" in err
+
+
 def test_a_plain_alias_still_works(work, capsys):
     text = (
         "merge_method: linear\nmodels:\n"

@@ -108,14 +108,16 @@ _BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+
 
 
 def _expanded_size(root: yaml.Node, budget: int) -> int:
-    """Nodes of the document once every alias is expanded; more than ``budget`` stops counting.
+    """Nodes of the document once every alias is expanded, refused beyond ``budget``.
 
     A node reached through several aliases counts once per path, which is
     what a consumer of the loaded document walks (a billion-laughs file
     expands a few KB into millions of nodes). An alias inside its own anchor
-    (a cycle) is refused.
+    (a cycle), and aliases nesting the expanded document deeper than
+    :data:`MAX_DEPTH`, are refused too. The work is linear in the file's nodes.
     """
     sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
     active: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
@@ -126,6 +128,14 @@ def _expanded_size(root: yaml.Node, budget: int) -> int:
             children = _children(node)
             total = 1 + sum(sizes[id(c)] for c in children)
             sizes[key] = min(total, budget + 1)
+            depths[key] = 1 + max((depths[id(c)] for c in children), default=0)
+            if depths[key] > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"aliases nest the document deeper than {MAX_DEPTH} levels",
+                    node.start_mark,
+                )
             continue
         if key in sizes:
             continue
