@@ -285,3 +285,10 @@ def test_a_storage_larger_than_the_file_is_refused_without_allocating(tmp_path: 
     at = raw.index(b"cpuq\x06K\x02") + 5  # the storage's element count: 2 -> 2**31 - 1
     path.write_bytes(raw[:at] + b"J" + struct.pack("<i", 2**31 - 1) + raw[at + 2 :])
     assert "cannot be loaded as a PyTorch checkpoint" in _error(path)
+
+
+def test_meta_tensors_are_refused_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    torch.save({"v": torch.ones(2), "w": torch.empty(2, device="meta")}, path)
+    message = _error(path)
+    assert "tensor 'w' is on the meta device (a shape without data)" in message

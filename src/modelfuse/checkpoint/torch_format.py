@@ -162,6 +162,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "name; save the state dict with string keys"
             )
         check_name(key, str(path), "rename the tensor and save the checkpoint again")
+        if value.is_meta:
+            raise CheckpointError(
+                f"{path}: tensor {tensor_label(key)} is on the meta device (a shape without "
+                "data); expected weights; save the model after its weights are loaded"
+            )
         if value.layout != torch.strided or value.is_quantized:
             raise CheckpointError(
                 f"{path}: tensor {tensor_label(key)} is {value.layout} or quantized; expected "
