@@ -58,10 +58,28 @@ def check_name(name: str, where: str, fix: str) -> None:
     Such a name cannot be written as UTF-8, so no safetensors file, index or
     Hugging Face tool can hold it.
 
+    Parameters
+    ----------
+    name : str
+        The tensor name as read.
+    where : str
+        The file it was read from, which starts the message.
+    fix : str
+        What the user should do, which ends the message.
+
     Raises
     ------
     CheckpointError
         Naming the tensor in escaped form, the problem and ``fix``.
+
+    Examples
+    --------
+    >>> check_name("model.w", "m.safetensors", "rename it")
+    >>> try:
+    ...     check_name("w\ud800", "m.safetensors", "rename it")
+    ... except CheckpointError as exc:
+    ...     print(exc)
+    m.safetensors: tensor name 'w\ud800' is not valid Unicode (it holds a lone surrogate), so it cannot be stored as UTF-8 in a safetensors file; rename it
     """
     try:
         name.encode("utf-8")

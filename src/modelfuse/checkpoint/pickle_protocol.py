@@ -1,4 +1,4 @@
-"""PyTorch files pickled with protocol 3, 4 or 5, read through torch's safe loader.
+"""PyTorch files pickled with protocol 4 or 5, read through torch's safe loader.
 
 ``torch.load(weights_only=True)``, the only way modelfuse unpickles, reads
 the opcodes of pickle protocol 2 (``torch.save``'s default) and refuses the
@@ -244,7 +244,9 @@ class _SplicedFile(io.RawIOBase):
     file's end); writes are allowed only there and stay in memory.
     """
 
-    def __init__(self, handle: io.BufferedReader, prefix: bytes, start: int, stop: int | None) -> None:
+    def __init__(
+        self, handle: io.BufferedReader, prefix: bytes, start: int, stop: int | None
+    ) -> None:
         super().__init__()
         self._handle = handle
         self._prefix = prefix
