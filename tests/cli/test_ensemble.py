@@ -447,9 +447,9 @@ def test_bad_overwrite_of_an_input(files, tmp_path, capsys) -> None:
     saved = tmp_path / "ENS.json"
     assert main(_fit_argv(_members(files), files["y"], tmp_path)) == 0
     capsys.readouterr()
-    argv = ["ensemble", "--apply", str(saved), "-p", *_members(files), "-o", str(files["m1"]),
-            "--overwrite"]  # fmt: skip
-    _bad(tmp_path, capsys, argv, files["m1"], "is the input of --predictions m1")
+    argv = ["ensemble", "--apply", str(saved), "-p", *_members(files), "-o", str(files["m1"])]
+    _bad(tmp_path, capsys, argv, files["m1"], "is the input of --predictions m1")  # not "exists"
+    _bad(tmp_path, capsys, [*argv, "--overwrite"], files["m1"], "is the input of --predictions m1")
 
 
 def test_bad_apply_of_logits_ensemble_to_probabilities(files, tmp_path, capsys) -> None:

@@ -140,8 +140,8 @@ def calibrate_command(
     ((name, scores),) = named_files([scores], option="--scores").items()
     inputs: dict[str, Path | str | None] = {"--scores": scores, "--labels": labels, "--apply": apply}
     if apply is not None:
-        check_output(out, suffix=".npy", overwrite=overwrite)
         refuse_input_as_output(out, inputs)
+        check_output(out, suffix=".npy", overwrite=overwrite)
         calibrator = read_saved(apply, "calibrator", calibrator_from_json)
         s, found = _read_scores(scores, kind)
         if found != calibrator.kind:
@@ -170,8 +170,8 @@ def calibrate_command(
     )
     if labels is None:
         raise ConfigError("--labels: fitting a calibrator needs the labels of the scores")
-    check_output(out, suffix=".json", overwrite=overwrite)
     refuse_input_as_output(out, inputs)
+    check_output(out, suffix=".json", overwrite=overwrite)
     from modelfuse.arrays import load_array
     from modelfuse.calibration.base import check_calibration_set
     from modelfuse.calibration.cross_validation import cross_validated_metrics
@@ -318,11 +318,11 @@ def calibration_report_command(
     named = named_files([*(predictions or []), *(more or [])], option="--predictions")
     if not named:
         raise ConfigError("--predictions: give at least one file, e.g. --predictions p.npy")
-    check_folder_output(out, overwrite=overwrite)
-    require_parent_folder(out)
     inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
     inputs["--labels"] = labels
     _refuse_folder_holding_inputs(out, inputs)
+    check_folder_output(out, overwrite=overwrite)
+    require_parent_folder(out)
     from modelfuse.calibration.reliability import reliability_diagram
     from modelfuse.calibration.softmax import to_probabilities
 

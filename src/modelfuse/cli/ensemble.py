@@ -227,6 +227,7 @@ def read_named_predictions(
 
 
 def read_labels(path: Path, n_samples: int, n_classes: int) -> np.ndarray:
+    """Integer labels from ``path``, one per sample, in ``[0, n_classes)``; errors name the file."""
     from modelfuse.arrays import check_labels, load_array
 
     return check_labels(
@@ -372,8 +373,8 @@ def ensemble_command(
     inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
     inputs.update({"--labels": labels, "--apply": apply})
     if apply is not None:
-        check_output(out, suffix=".npy", overwrite=overwrite)
         refuse_input_as_output(out, inputs)
+        check_output(out, suffix=".npy", overwrite=overwrite)
         _apply(apply, named, labels, kind, out, quiet)
         return
     from modelfuse.ensemble.saved import ENSEMBLE_METHODS, fit_ensemble
@@ -384,8 +385,8 @@ def ensemble_command(
     check_choice(average, KINDS, "--average")
     if labels is None and method != "soft":
         raise ConfigError(f"--labels: method {method} learns from validation labels; give them")
-    check_output(out, suffix=".json", overwrite=overwrite)
     refuse_input_as_output(out, inputs)
+    check_output(out, suffix=".json", overwrite=overwrite)
     p, found_kind = read_named_predictions(named, kind)
     y = read_labels(labels, p.shape[1], p.shape[2]) if labels is not None else None
     options: dict[str, Any] = {"random_state": seed}
