@@ -469,3 +469,15 @@ def test_an_interrupt_inside_the_main_thread_s_own_write_cannot_hang_the_cleanup
     runner.join(20)
     assert finished.is_set()
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_an_interrupt_while_the_headers_are_written_leaves_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def interrupted(fd: int, data: memoryview, offset: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module, "_write_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        CheckpointWriter(tmp_path / "out", PLAN)
+    assert leftovers(tmp_path, "out") == []

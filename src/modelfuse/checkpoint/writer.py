@@ -401,6 +401,9 @@ class CheckpointWriter:
             self._create_shards(shards)
         except OSError as exc:
             raise self._failed(self._write_error(exc, "the shard headers")) from exc
+        except BaseException:  # an interrupt while the headers are written
+            self.abort()
+            raise
 
     def _plan(
         self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], budget: int
