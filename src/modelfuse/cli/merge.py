@@ -22,10 +22,11 @@ Example:
 
     modelfuse merge soup.yaml ./merged --threads 2 --shard-size 2GB
 
-(or -o ./merged). OUT gets the weights, modelfuse.yaml (this configuration with
-absolute paths, which merges the same weights again), a README.md model card
-(--no-model-card: none), and the model folder's config and tokenizer files.
---dry-run lists every problem found (and the plan) without writing anything.
+(or -o ./merged). OUT gets the weights, modelfuse.yaml (this
+configuration with absolute paths: it merges the same weights again),
+a README.md model card (--no-model-card: none), and the model folder's
+config and tokenizer files. --dry-run lists every problem found (and
+the plan) without writing anything.
 
 with soup.yaml:
 
