@@ -172,7 +172,8 @@ def saved_array(
     if array is None or array.dtype.kind not in "iuf":
         raise ConfigError(
             f'"{key}": expected a list of numbers of shape {_shape_text(shape)}, '
-            "got a ragged list or one holding strings, booleans, objects or nulls"
+            "got a list that is ragged, nested too deeply, or holds strings, booleans, "
+            "objects or nulls"
         )
     array = array.astype(np.float64)
     wanted = len(shape) == array.ndim and all(
