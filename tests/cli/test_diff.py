@@ -85,3 +85,8 @@ def test_existing_output_needs_overwrite(work, capsys):
     capsys.readouterr()
     assert "--overwrite" in refused(["diff", "a", "b.safetensors", "-o", "patch"], capsys, work)
     assert main(["diff", "a", "b.safetensors", "-o", "patch", "--quiet", "--overwrite"]) == 0
+
+
+def test_output_under_an_unknown_user(work, capsys):
+    err = refused(["diff", "a", "b.safetensors", "-o", "~nosuchuser-modelfuse/p"], capsys, work)
+    assert "--out: '~nosuchuser-modelfuse/p': no such user" in err

@@ -543,3 +543,9 @@ def test_hundreds_of_problems_list_the_first_fifty(work, capsys):
     lines = err.strip().splitlines()
     assert lines[0] == "modelfuse: error: 201 problems:"
     assert lines[-1] == "  and 152 more"
+
+
+def test_output_under_an_unknown_user(work, capsys):
+    config = _config(work, "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n")
+    err = refused(["merge", config, "~nosuchuser-modelfuse/out", "--quiet"], capsys, work)
+    assert "OUT: '~nosuchuser-modelfuse/out': no such user 'nosuchuser-modelfuse'" in err

@@ -49,7 +49,7 @@ def diff_command(
     from modelfuse.cli._memory import return_freed_memory_promptly
     from modelfuse.errors import ConfigError
     from modelfuse.merge.config import resolve_dtype
-    from modelfuse.merge.output_paths import check_output_path
+    from modelfuse.merge.output_paths import check_output_path, expand_user
     from modelfuse.merge.patch import diff_checkpoints
     from modelfuse.progress import progress_bar
 
@@ -60,6 +60,7 @@ def diff_command(
         parse_size(shard_size)
     except ConfigError as exc:
         raise ConfigError(f"--shard-size: {exc}") from None
+    out = expand_user(str(out), key="--out")  # a quoted ~user/... names a home folder
     check_output_path(out, [("checkpoint A", a), ("checkpoint B", b)], overwrite=overwrite)
     return_freed_memory_promptly()
 

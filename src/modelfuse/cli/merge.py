@@ -72,6 +72,7 @@ def merge_command(
     from modelfuse.cli._memory import return_freed_memory_promptly
     from modelfuse.errors import ConfigError, ModelfuseError
     from modelfuse.merge.engine import close_plan, describe_plan, merge, plan_merge
+    from modelfuse.merge.output_paths import expand_user
     from modelfuse.progress import progress_bar
 
     if (out is None) == (out_option is None):
@@ -83,6 +84,7 @@ def merge_command(
     target = out if out is not None else out_option
     if target is None:  # for the type checker; refused above
         raise ConfigError("missing the output folder")
+    target = expand_user(str(target), key="OUT")  # a quoted ~user/... names a home folder
     try:
         parse_size(shard_size)
     except ConfigError as exc:
