@@ -237,7 +237,7 @@ def test_a_plain_alias_still_works(work, capsys):
 @pytest.mark.parametrize(
     ("bound", "expected"),
     [
-        ("1e30", "layer_range.1"),
+        ("1e30", "layer_range: 1e+30 is not a layer index"),
         ("10**30", "layer_range.1"),
         ("9" * 5000, "an integer of 5000 digits is too large"),
         ("3", "layer_range [0, 3] is not within the model's 2 layers"),

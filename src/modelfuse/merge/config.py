@@ -281,6 +281,20 @@ class SliceSourceEntry(BaseModel):
     layer_range: tuple[LayerIndex, LayerIndex] = Field(
         description="layers [START, STOP) of the model"
     )
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _layer_indices(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            for bound in value:
+                if isinstance(bound, float) and not (
+                    math.isfinite(bound) and bound.is_integer() and 0 <= bound < 2**31
+                ):
+                    raise ValueError(
+                        f"{short(bound)} is not a layer index; give [START, STOP) as whole "
+                        "numbers within the model's layers"
+                    )
+        return value
     parameters: dict[str, ParameterSetting] | None = Field(
         None, description="per-source parameter settings"
     )
