@@ -187,6 +187,13 @@ def _open_all(
             failed.add(reference)
             problems.add_error(exc)
             return None
+        except OSError as exc:  # permission denied, an unreadable disk, ...
+            failed.add(reference)
+            problems.add(
+                f"{key}: {short(reference)}: cannot be read ({exc.strerror or exc})",
+                CheckpointError,
+            )
+            return None
         located[reference] = os.path.abspath(location)
         inputs.append((what, location))
         return opened[opened_key]
