@@ -304,9 +304,11 @@ def test_plain_files_space_separated_and_repeated_flags(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["reference"] == "best"
-    names = {c["name"]: c["file"] for c in results["candidates"]}
-    assert names == {"base": str(paths["base"]), "best": str(paths["ties"]),
-                     "soup": str(paths["soup"])}
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:5]] == ["base", "best", "soup"]
+    names = [(c["name"], c["file"]) for c in results["candidates"]]
+    assert names == [("base", str(paths["base"])), ("best", str(paths["ties"])),
+                     ("soup", str(paths["soup"]))]  # the command line's order
 
 
 def test_kind_auto_reads_logits_and_probabilities_alike(tmp_path, capsys):

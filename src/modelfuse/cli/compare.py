@@ -15,6 +15,7 @@ import typer
 from modelfuse.cli._app import app
 from modelfuse.cli._inputs import named_files
 from modelfuse.cli._output import check_folder_output, publish_folder, staging_folder
+from modelfuse.cli.ensemble import InputsInOrder
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["compare_command", "refuse_output_over_inputs"]
@@ -86,6 +87,7 @@ def _no_friedman(n_samples: int, blocks: int) -> str:
 
 @app.command(
     "compare",
+    cls=InputsInOrder,
     help="""Compare models' predictions on the same labelled samples, honestly.
 
 Prints, for each candidate, the metric with its bootstrap confidence interval,
@@ -95,7 +97,8 @@ with report.md, a self-contained report.html, results.json (every number),
 forest plots and, for three or more candidates, a critical-difference diagram.
 
 Candidates are NAME=FILE or FILE (named after the file), repeated (-p a.npy
--p b.npy) or listed after one flag (-p a.npy b.npy). Example:
+-p b.npy) or listed after one flag (-p a.npy b.npy), and keep the order given;
+the reference is the first unless --reference names another. Example:
 
     modelfuse compare --predictions base=base.npy soup=soup.npy ties.npy
         --labels y.npy --reference base --metric accuracy -o compare-report
