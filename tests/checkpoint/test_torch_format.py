@@ -292,3 +292,25 @@ def test_meta_tensors_are_refused_when_opened(tmp_path: Path) -> None:
     torch.save({"v": torch.ones(2), "w": torch.empty(2, device="meta")}, path)
     message = _error(path)
     assert "tensor 'w' is on the meta device (a shape without data)" in message
+
+
+def test_a_crafted_string_length_in_a_newer_protocol_file_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import struct
+
+    from modelfuse.checkpoint import pickle_protocol
+
+    path = tmp_path / "m.bin"  # protocol 4, then an 8-byte string length of 2**50
+    path.write_bytes(b"\x80\x04\x8d" + struct.pack("<Q", 2**50) + b"abc")
+    sizes: list[int] = []
+    real = pickle_protocol._BoundedReader.read
+
+    def read(self, size: int = -1) -> bytes:
+        sizes.append(size)
+        return real(self, size)
+
+    monkeypatch.setattr(pickle_protocol._BoundedReader, "read", read)
+    message = _error(path)
+    assert "cannot be loaded as a PyTorch checkpoint" in message and "MemoryError" not in message
+    assert 2**50 in sizes  # asked for, and answered with the 3 bytes there are

@@ -224,17 +224,43 @@ def _rewritten_archive(handle: io.BufferedReader) -> _SplicedFile:
 
 def _rewritten_legacy(handle: io.BufferedReader) -> _SplicedFile:
     """The legacy format with its five pickles rewritten; the tensor data follow unchanged."""
+    end = handle.seek(0, io.SEEK_END)
     handle.seek(0)
     prefix = bytearray()
+    bounded = _BoundedReader(handle, end)
     for _ in range(_LEGACY_PICKLES):
         start = handle.tell()
-        for _op in pickletools.genops(handle):
+        for _op in pickletools.genops(bounded):
             pass
         stop = handle.tell()
         handle.seek(start)
         pickled, _ = downgrade_pickle(handle.read(stop - start))
         prefix.extend(pickled)
     return _SplicedFile(handle, bytes(prefix), handle.tell(), None)
+
+
+class _BoundedReader:
+    """Reads of a file that never ask for more than the file holds.
+
+    A crafted length field (a string of 2**50 bytes) would otherwise make
+    ``read`` allocate that much before finding the file too short.
+    """
+
+    def __init__(self, handle: io.BufferedReader, end: int) -> None:
+        self._handle = handle
+        self._end = end
+
+    def _left(self) -> int:
+        return max(0, self._end - self._handle.tell())
+
+    def read(self, size: int = -1) -> bytes:
+        return self._handle.read(self._left() if size < 0 else min(size, self._left()))
+
+    def readline(self) -> bytes:
+        return self._handle.readline(self._left())
+
+    def tell(self) -> int:
+        return self._handle.tell()
 
 
 class _SplicedFile(io.RawIOBase):
