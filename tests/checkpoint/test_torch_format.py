@@ -314,3 +314,49 @@ def test_a_crafted_string_length_in_a_newer_protocol_file_is_refused(
     message = _error(path)
     assert "cannot be loaded as a PyTorch checkpoint" in message and "MemoryError" not in message
     assert 2**50 in sizes  # asked for, and answered with the 3 bytes there are
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_damaged_newer_protocol_files_are_read_or_refused_in_one_line(
+    tmp_path: Path, zip_format: bool
+) -> None:
+    import random
+    import warnings
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    path = tmp_path / "m.bin"
+    torch.save(
+        {"state_dict": state, "epoch": 1},
+        path,
+        pickle_protocol=4,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    raw = path.read_bytes()
+    rng = random.Random(0)
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(150):
+        damaged = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with open_checkpoint(path) as ckpt:
+                    for name in ckpt.keys():
+                        ckpt.read(name)
+            outcomes["read"] += 1
+        except CheckpointError as exc:  # anything else fails the test
+            assert "\n" not in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0
+
+
+def test_an_archive_zipfile_cannot_open_is_reported_as_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=4)
+    raw = bytearray(path.read_bytes())
+    entry = raw.index(b"PK\x01\x02")  # the first central directory entry
+    raw[entry + 6 : entry + 8] = (200).to_bytes(2, "little")  # needs "zip version 20.0"
+    path.write_bytes(bytes(raw))
+    assert "cannot be loaded as a PyTorch checkpoint" in _error(path)
