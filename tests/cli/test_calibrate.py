@@ -527,11 +527,9 @@ def test_bad_deeply_nested_saved_calibrator(files, tmp_path, capsys) -> None:
 
 
 def _fitted(files, tmp_path, capsys, method: str) -> dict:
-    assert main([*_fit(files["val"], files["val_y"], tmp_path), "--method", method]) == 0
-    capsys.readouterr()
-    value = json.loads((tmp_path / "CAL.json").read_text())
-    (tmp_path / "CAL.json").unlink()
-    return value
+    """The saved form `modelfuse calibrate` writes (without its fitted_on record)."""
+    cal = make_calibrator(method, kind="logits").fit(np.load(files["val"]), np.load(files["val_y"]))
+    return json.loads(json.dumps(cal.to_json()))
 
 
 @pytest.mark.parametrize(

@@ -475,13 +475,13 @@ def test_bad_deeply_nested_saved_ensemble(files, tmp_path, capsys) -> None:
 
 
 def _fitted(files, tmp_path, capsys, method: str = "learned") -> dict:
-    saved = tmp_path / "ENS.json"
-    argv = _fit_argv(_members(files), files["y"], tmp_path, method=method)
-    assert main(argv) == 0
-    capsys.readouterr()
-    value = json.loads(saved.read_text())
-    saved.unlink()
-    return value
+    """The saved form `modelfuse ensemble` writes (without its validation record)."""
+    from modelfuse.ensemble import fit_ensemble
+
+    logits = np.stack([np.load(p) for p in _members(files)])
+    saved, _ = fit_ensemble(logits, np.load(files["y"]), kind="logits", method=method,
+                            members=["m0", "m1", "m2"], random_state=0)  # fmt: skip
+    return json.loads(json.dumps(saved))
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -55,12 +56,17 @@ def test_apply_checks_the_members() -> None:
         fit_ensemble(logits, None, kind="logits", method="caruana")
 
 
-def _saved(method: str, k: int = 3) -> dict:
-    logits, labels = _library(k)
+@functools.cache
+def _saved_text(method: str) -> str:
+    logits, labels = _library(3)
     saved, _ = fit_ensemble(
         logits, labels, kind="logits", method=method, random_state=0, members=["a", "b", "c"]
     )
-    return json.loads(json.dumps(saved))
+    return json.dumps(saved)
+
+
+def _saved(method: str) -> dict:
+    return json.loads(_saved_text(method))  # a fresh copy each time
 
 
 _DELETE = object()
