@@ -425,6 +425,11 @@ def test_bad_weights(files, tmp_path, capsys, weights: str, message: str) -> Non
     _bad(tmp_path, capsys, argv, "--weights", message)
 
 
+def test_bad_weights_for_a_method_that_learns_them(files, tmp_path, capsys) -> None:
+    argv = [*_fit_argv(_members(files), files["y"], tmp_path), "--weights", "1,1,1"]
+    _bad(tmp_path, capsys, argv, "--weights", "applies to --method soft, not learned")
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--n-rounds", "0"), ("--n-rounds", "1000000000"), ("--cv", "1"), ("--n-init", "-1"),

@@ -383,6 +383,11 @@ def ensemble_command(
     check_method(method, ENSEMBLE_METHODS)
     check_choice(metric, SELECTION_METRICS, "--metric")
     check_choice(average, KINDS, "--average")
+    if weights is not None and method != "soft":
+        raise ConfigError(
+            f"--weights: applies to --method soft, not {method} (which learns its weights); "
+            "drop --weights"
+        )
     if labels is None and method != "soft":
         raise ConfigError(f"--labels: method {method} learns from validation labels; give them")
     refuse_input_as_output(out, inputs)

@@ -2,7 +2,12 @@
 
 from modelfuse.ensemble.cascade import CascadeResult, early_exit_cascade
 from modelfuse.ensemble.quantile import QuantileEnsemble, combine_quantiles, conformal_margin
-from modelfuse.ensemble.saved import ENSEMBLE_METHODS, apply_ensemble, fit_ensemble
+from modelfuse.ensemble.saved import (
+    ENSEMBLE_METHODS,
+    apply_ensemble,
+    check_saved_ensemble,
+    fit_ensemble,
+)
 from modelfuse.ensemble.selection import SelectionResult, caruana_selection
 from modelfuse.ensemble.stacking import (
     StackingResult,
@@ -28,6 +33,7 @@ __all__ = [
     "apply_ensemble",
     "caruana_selection",
     "check_ensemble_predictions",
+    "check_saved_ensemble",
     "combine_quantiles",
     "conformal_margin",
     "early_exit_cascade",
