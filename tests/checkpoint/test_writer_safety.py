@@ -481,3 +481,59 @@ def test_an_interrupt_while_the_headers_are_written_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         CheckpointWriter(tmp_path / "out", PLAN)
     assert leftovers(tmp_path, "out") == []
+
+
+def _cli_models(tmp_path: Path) -> Path:
+    for i in range(2):
+        state = {f"layers.{j}.w": torch.full((256,), float(i + j)) for j in range(12)}
+        save_file(state, str(tmp_path / f"m{i}.safetensors"))
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: linear\nmodels: [{tmp_path / 'm0.safetensors'}, "
+        f"{tmp_path / 'm1.safetensors'}]\n"
+    )
+    return config
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfuse: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_full_disk_with_two_threads(tmp_path: Path, monkeypatch, capsys) -> None:
+    config = _cli_models(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    real = writer_module._write_at
+    count = {"n": 0}
+    lock = threading.Lock()
+
+    def fills_up(fd: int, data: memoryview, offset: int) -> None:
+        with lock:
+            count["n"] += 1
+            number = count["n"]
+        if number == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        time.sleep(0.002)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module, "_write_at", fills_up)
+    code = main(["merge", str(config), str(tmp_path / "out"), "--quiet", "--threads", "2"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "the disk filled up while writing tensor" in line
+    assert "free space and run again" in line
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_cli_failed_replacement_keeps_the_previous_output(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    config = _cli_models(tmp_path)
+    out, before = _previous(tmp_path)
+    _failing_rename(monkeypatch, [(".out.tmp-", "out")])
+    code = main(["merge", str(config), str(out), "--quiet", "--overwrite"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "Permission denied" in line
+    assert _contents(out) == before
+    assert leftovers(tmp_path, "out") == []

@@ -477,16 +477,16 @@ class CheckpointWriter:
 
     def _write_error(self, exc: OSError, what: str) -> OutputError:
         """The error for a failed write; the first one is kept for every later call."""
+        # short enough that the command line never cuts the fix off a long path
         if exc.errno in _DISK_FULL:
             error = OutputError(
-                f"{self.out}: the disk filled up while writing {what} into {self._tmp}; nothing "
-                f"was written to {self.out}; free space and run again"
+                f"{self.out}: the disk filled up while writing {what}; nothing was written to "
+                "it; free space and run again"
             )
         else:
             error = OutputError(
-                f"{self.out}: could not write {what} into {self._tmp} "
-                f"({exc.strerror or exc}); nothing was written to {self.out}; check the "
-                "folder's permissions and free space, then run again"
+                f"{self.out}: could not write {what} ({exc.strerror or exc}); nothing was "
+                "written to it; check the folder's permissions and free space, then run again"
             )
         with self._lock:
             if self._failure is None:
