@@ -186,9 +186,8 @@ class Checkpoint(abc.ABC):
                 raise CheckpointError(
                     f"{info.file}: tensor {tensor_label(info.name)} "
                     f"({str(info.dtype).removeprefix('torch.')}) holds {count} "
-                    "NaN or inf values; a float8 checkpoint is merged through float32 and cast "
-                    "back, so they would spread into the output; expected finite values; "
-                    "quantize the model again with saturation (or fix those values)"
+                    "NaN or inf values, which a merge would spread; expected finite values; "
+                    "quantize the model again with saturation"
                 )
         return tensor
 

@@ -79,14 +79,14 @@ def check_name(name: str, where: str, fix: str) -> None:
     ...     check_name("w\ud800", "m.safetensors", "rename it")
     ... except CheckpointError as exc:
     ...     print(exc)
-    m.safetensors: tensor name 'w\ud800' is not valid Unicode (it holds a lone surrogate), so it cannot be stored as UTF-8 in a safetensors file; rename it
+    m.safetensors: tensor name 'w\ud800' is not valid Unicode (it holds a lone surrogate), so no safetensors file can store it; rename it
     """
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise CheckpointError(
             f"{where}: tensor name {tensor_label(name)} is not valid Unicode (it holds a lone "
-            f"surrogate), so it cannot be stored as UTF-8 in a safetensors file; {fix}"
+            f"surrogate), so no safetensors file can store it; {fix}"
         ) from None
 
 

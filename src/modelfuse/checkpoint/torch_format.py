@@ -34,10 +34,7 @@ __all__ = [
 #: Keys under which training scripts nest the model's state dict, in order of preference.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "model_state", "weights")
 
-_CONVERT = (
-    "load it in code you trust and save its tensors with safetensors.torch.save_file, "
-    "then pass the .safetensors file"
-)
+_CONVERT = "in code you trust, save its tensors with safetensors.torch.save_file and pass that"
 
 
 def _holds_tensors(value: object) -> bool:
@@ -145,8 +142,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if found or "Weights only load failed" in message:
             what = f" ({preview(found.group(1))[1:-1]})" if found else ""
             raise CheckpointError(
-                f"{path}: holds objects other than tensors{what}; modelfuse loads PyTorch files "
-                f"with weights_only=True and does not unpickle untrusted code; {_CONVERT}"
+                f"{path}: holds objects other than tensors{what}, which modelfuse does not "
+                f"unpickle (weights_only=True: no code from a file runs); {_CONVERT}"
             ) from None
         raise _corrupt(path, exc) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... on bad files
