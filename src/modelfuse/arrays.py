@@ -138,7 +138,9 @@ def _load_npz_member(path: Path, key: str | None) -> np.ndarray:
         names = list(members)
         if key is None:
             if len(names) != 1:
-                listed = ", ".join(n[:40] for n in names[:10]) + (", ..." if len(names) > 10 else "")
+                listed = ", ".join(n[:40] for n in names[:10]) + (
+                    ", ..." if len(names) > 10 else ""
+                )
                 raise DataError(
                     f"{path}: holds {len(names)} arrays ({listed}); name one as {path}:NAME"
                 )
@@ -222,7 +224,9 @@ def check_predictions(
     """
     hint = f"{option} logits" if option else "kind='logits'"
     if kind not in ("probabilities", "logits"):
-        raise DataError(f"{source}: kind must be 'probabilities' or 'logits', got {str(kind)[:40]!r}")
+        raise DataError(
+            f"{source}: kind must be 'probabilities' or 'logits', got {str(kind)[:40]!r}"
+        )
     array = np.asarray(predictions)
     if array.size == 0:
         raise DataError(f"{source}: the array is empty (shape {array.shape}); expected predictions")
@@ -374,9 +378,7 @@ def resolve_kind(
     'logits'
     """
     if kind not in KIND_OPTIONS:
-        raise DataError(
-            f"{option}: expected auto, probabilities or logits, got {str(kind)[:40]!r}"
-        )
+        raise DataError(f"{option}: expected auto, probabilities or logits, got {str(kind)[:40]!r}")
     array = np.asarray(predictions)
     is_distribution = looks_like_probabilities(array, atol=atol)
     if kind == "auto":

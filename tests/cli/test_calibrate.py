@@ -238,7 +238,9 @@ def test_bad_probabilities_that_do_not_sum_to_one(files, tmp_path, capsys) -> No
     s = tmp_path / "p.npy"
     np.save(s, np.full((1000, 3), 0.5))
     argv = [*_fit(s, files["val_y"], tmp_path), "--kind", "probabilities"]
-    _bad(tmp_path, capsys, argv, s, "rows not summing to 1); if these are logits pass --kind logits")
+    _bad(
+        tmp_path, capsys, argv, s, "rows not summing to 1); if these are logits pass --kind logits"
+    )
 
 
 def test_bad_apply_to_another_number_of_classes(files, tmp_path, capsys) -> None:
@@ -316,7 +318,9 @@ def test_fit_prints_held_out_metrics_from_the_library(files, tmp_path, capsys) -
     printed = capsys.readouterr().out
     z, y = np.load(files["val"]), np.load(files["val_y"])
     held_out = cross_validated_metrics(VectorScaling(), z, y, cv=4, random_state=7)
-    row = next(line for line in printed.splitlines() if line.startswith("vector (held-out, 4-fold)"))
+    row = next(
+        line for line in printed.splitlines() if line.startswith("vector (held-out, 4-fold)")
+    )
     assert row.split()[3] == f"{held_out.nll:.4f}"
     assert row.split()[-1] == f"{held_out.ece:.4f}"
     saved = json.loads(cal.read_text())["fitted_on"]
@@ -356,7 +360,10 @@ def test_too_few_samples_for_the_folds_is_a_warning_not_an_error(tmp_path, capsy
     np.save(tmp_path / "y.npy", np.array([0, 1, 1, 1]))
     assert main(_fit(tmp_path / "z.npy", tmp_path / "y.npy", tmp_path)) == 0
     captured = capsys.readouterr()
-    assert captured.err.startswith("modelfuse: warning: held-out metrics not computed: labels: ")
+    assert captured.err.startswith(
+        f"modelfuse: warning: held-out metrics not computed: {tmp_path / 'y.npy'}: the most "
+        "frequent class has 3 samples, fewer than the 5 cross-validation folds"
+    )
     assert "held-out" not in captured.out
     assert json.loads((tmp_path / "CAL.json").read_text())["fitted_on"]["cross_validation"] is None
 
@@ -540,12 +547,21 @@ def _fitted(files, tmp_path, capsys, method: str) -> dict:
         ("temperature", lambda s: s["state"].update(temperature_="2"), '"state.temperature_"'),
         ("vector", lambda s: s["state"].update(coef_={"a": 1}), '"state.coef_": expected a list'),
         ("vector", lambda s: s["state"].update(coef_=[1, 2]), '"state.coef_": expected shape (3,)'),
-        ("matrix", lambda s: s["state"].update(coef_=[[1, 0], [0, 1]]),
-         '"state.coef_": expected shape (3, 3), got (2, 2)'),
-        ("histogram", lambda s: s["params"].update(n_bins=10**9),
-         '"params.n_bins": expected an integer in [1, 10000]'),
-        ("platt", lambda s: s["state"].update(n_classes_=4),
-         '"state.coef_": expected shape (4,), got (3,)'),
+        (
+            "matrix",
+            lambda s: s["state"].update(coef_=[[1, 0], [0, 1]]),
+            '"state.coef_": expected shape (3, 3), got (2, 2)',
+        ),
+        (
+            "histogram",
+            lambda s: s["params"].update(n_bins=10**9),
+            '"params.n_bins": expected an integer in [1, 10000]',
+        ),
+        (
+            "platt",
+            lambda s: s["state"].update(n_classes_=4),
+            '"state.coef_": expected shape (4,), got (3,)',
+        ),
     ],
 )
 def test_bad_malformed_saved_calibrators(files, tmp_path, capsys, method, change, message) -> None:

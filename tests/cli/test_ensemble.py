@@ -279,7 +279,9 @@ def test_bad_probabilities_that_do_not_sum_to_one(files, tmp_path, capsys) -> No
     p = tmp_path / "p.npy"
     np.save(p, np.full((300, 3), 0.3))
     argv = _fit_argv([p, files["m0"]], files["y"], tmp_path, kind="probabilities")
-    _bad(tmp_path, capsys, argv, p, "rows not summing to 1); if these are logits pass --kind logits")
+    _bad(
+        tmp_path, capsys, argv, p, "rows not summing to 1); if these are logits pass --kind logits"
+    )
 
 
 def test_bad_nan(files, tmp_path, capsys) -> None:
@@ -376,7 +378,14 @@ def test_bad_mixed_kinds(files, tmp_path, capsys) -> None:
 
 
 def test_bad_name_given_twice(files, tmp_path, capsys) -> None:
-    argv = ["ensemble", "-p", f"a={files['m0']}", f"a={files['m1']}", "-o", str(tmp_path / "E.json")]
+    argv = [
+        "ensemble",
+        "-p",
+        f"a={files['m0']}",
+        f"a={files['m1']}",
+        "-o",
+        str(tmp_path / "E.json"),
+    ]
     _bad(tmp_path, capsys, argv, "--predictions", "the name 'a' is given twice")
 
 
@@ -406,7 +415,7 @@ def test_bad_stacking_with_labels_of_one_class(files, tmp_path, capsys) -> None:
     y = tmp_path / "one_class.npy"
     np.save(y, np.ones(300, dtype=int))
     argv = _fit_argv(_members(files), y, tmp_path, method="stacking")
-    _bad(tmp_path, capsys, argv, "labels", "only class 1 occurs; stacking fits a classifier")
+    _bad(tmp_path, capsys, argv, f"{y}: only class 1 occurs", "stacking fits a classifier")
 
 
 @pytest.mark.parametrize(
@@ -432,17 +441,21 @@ def test_bad_weights_for_a_method_that_learns_them(files, tmp_path, capsys) -> N
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--n-rounds", "0"), ("--n-rounds", "1000000000"), ("--cv", "1"), ("--n-init", "-1"),
-     ("--n-bags", "-1"), ("--seed", "-1")],  # fmt: skip
+    [
+        ("--n-rounds", "0"),
+        ("--n-rounds", "1000000000"),
+        ("--cv", "1"),
+        ("--n-init", "-1"),
+        ("--n-bags", "-1"),
+        ("--seed", "-1"),
+    ],  # fmt: skip
 )
 def test_bad_numbers_are_usage_errors(files, tmp_path, capsys, option: str, value: str) -> None:
     argv = [*_fit_argv(_members(files), files["y"], tmp_path), option, value]
     _usage_error(tmp_path, capsys, argv, option)
 
 
-@pytest.mark.parametrize(
-    ("option", "value"), [("--metric", "auc"), ("--average", "geometric")]
-)
+@pytest.mark.parametrize(("option", "value"), [("--metric", "auc"), ("--average", "geometric")])
 def test_bad_choices(files, tmp_path, capsys, option: str, value: str) -> None:
     argv = [*_fit_argv(_members(files), files["y"], tmp_path, method="caruana"), option, value]
     _bad(tmp_path, capsys, argv, option, f"unknown '{value}'; expected one of")

@@ -29,6 +29,7 @@ from modelfuse.cli.ensemble import (
     check_choice,
     check_kind,
     check_method,
+    labels_named,
     metrics_table,
     read_labels,
     read_saved,
@@ -59,8 +60,7 @@ def _refuse_unused(method: str, given: dict[str, tuple[object, tuple[str, ...]]]
     for option, (value, methods) in given.items():
         if value is not None and method not in methods:
             raise ConfigError(
-                f"{option}: applies to --method {' or '.join(methods)}, not {method}; "
-                f"drop {option}"
+                f"{option}: applies to --method {' or '.join(methods)}, not {method}; drop {option}"
             )
 
 
@@ -131,14 +131,20 @@ def calibrate_command(
         int, typer.Option(help="seed of the cross-validation folds", min=0, max=SEED_MAX)
     ] = 0,
     apply: Annotated[Path | None, typer.Option(help="a saved CAL.json to apply")] = None,
-    quiet: Annotated[bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     from modelfuse.calibration.registry import CALIBRATORS, calibrator_from_json, make_calibrator
 
     check_kind(kind)
     ((name, scores),) = named_files([scores], option="--scores").items()
-    inputs: dict[str, Path | str | None] = {"--scores": scores, "--labels": labels, "--apply": apply}
+    inputs: dict[str, Path | str | None] = {
+        "--scores": scores,
+        "--labels": labels,
+        "--apply": apply,
+    }
     if apply is not None:
         refuse_input_as_output(out, inputs)
         check_output(out, suffix=".npy", overwrite=overwrite)
@@ -195,7 +201,9 @@ def calibrate_command(
         )
     except DataError as exc:
         warnings.warn(
-            f"held-out metrics not computed: {exc}; pass a smaller --cv", UserWarning, stacklevel=1
+            f"held-out metrics not computed: {labels_named(exc, labels)}; pass a smaller --cv",
+            UserWarning,
+            stacklevel=1,
         )
     if held_out is not None:
         rows[f"{method} (held-out, {cv}-fold)"] = held_out.probabilities
@@ -310,7 +318,9 @@ def calibration_report_command(
     kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
     n_bins: Annotated[int, typer.Option(help="number of bins", min=1, max=MAX_BINS)] = 15,
     binning: Annotated[str, typer.Option(help="uniform or quantile")] = "uniform",
-    quiet: Annotated[bool, typer.Option(help="no table; errors, warnings and 'wrote' stay")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="no table; errors, warnings and 'wrote' stay")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     check_kind(kind)
@@ -364,7 +374,10 @@ def calibration_report_command(
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
-        *(f"| {row} | " + " | ".join(f"{metrics[n][row]:.4f}" for n in names) + " |" for row in rows),
+        *(
+            f"| {row} | " + " | ".join(f"{metrics[n][row]:.4f}" for n in names) + " |"
+            for row in rows
+        ),
         "",
         *(f"![reliability diagram: {name}]({diagrams[name]})" for name in names),
         "",

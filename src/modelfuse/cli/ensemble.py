@@ -23,6 +23,7 @@ __all__ = [
     "check_kind",
     "check_method",
     "ensemble_command",
+    "labels_named",
     "metrics_table",
     "naming",
     "read_json",
@@ -118,7 +119,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
         raise ConfigError(
-            f"{path}: nested too deeply to be a {what} written by modelfuse"
+            f"{path}: JSON nested too deeply; give the {what} written by modelfuse"
         ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
@@ -131,6 +132,14 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a JSON object holding a {what}")
     return value
+
+
+def labels_named(exc: DataError, labels: Path | None) -> DataError:
+    """``exc`` with a leading ``labels:`` (the library's name) replaced by the labels file."""
+    message = str(exc)
+    if labels is not None and message.startswith("labels: "):
+        message = f"{labels}: {message[len('labels: ') :]}"
+    return DataError(message)
 
 
 def naming(path: Path, exc: ConfigError) -> ConfigError:
@@ -161,9 +170,7 @@ def write_saved_json(out: Path, value: dict[str, Any]) -> None:
 def check_kind(kind: str) -> str:
     """``kind`` if it is auto, probabilities or logits; else a ConfigError naming ``--kind``."""
     if kind not in KIND_OPTIONS:
-        raise ConfigError(
-            f"--kind: expected auto, probabilities or logits, got {str(kind)[:40]!r}"
-        )
+        raise ConfigError(f"--kind: expected auto, probabilities or logits, got {str(kind)[:40]!r}")
     return kind
 
 
@@ -332,9 +339,7 @@ def ensemble_command(
     ],
     predictions: Annotated[
         list[str] | None,
-        typer.Option(
-            "--predictions", "-p", help="NAME=FILE or FILE of one model; more may follow"
-        ),
+        typer.Option("--predictions", "-p", help="NAME=FILE or FILE of one model; more may follow"),
     ] = None,
     more: Annotated[
         list[str] | None, typer.Argument(help="further predictions files", show_default=False)
@@ -365,7 +370,9 @@ def ensemble_command(
     seed: Annotated[
         int, typer.Option(help="seed of tie-breaks, bags and folds", min=0, max=SEED_MAX)
     ] = 0,
-    quiet: Annotated[bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="no tables; errors, warnings and 'wrote' stay")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     check_kind(kind)
@@ -401,9 +408,17 @@ def ensemble_command(
         options.update(n_rounds=n_rounds, metric=metric, n_init=n_init, n_bags=n_bags)
     elif method == "stacking":
         options.update(cv=cv)
-    saved, probs = fit_ensemble(
-        p, y, kind=found_kind, method=method, members=list(named), **options  # type: ignore[arg-type]
-    )
+    try:
+        saved, probs = fit_ensemble(
+            p,
+            y,
+            kind=found_kind,  # type: ignore[arg-type]
+            method=method,
+            members=list(named),
+            **options,
+        )
+    except DataError as exc:
+        raise labels_named(exc, labels) from None
     saved["member_files"] = list(named.values())
     if y is not None:
         from modelfuse.ensemble.voting import member_probabilities

@@ -291,11 +291,7 @@ def _check_saved_stacking(value: Any, n_models: int, n_classes: int) -> dict[str
         low=0,
         high=n_classes - 1,
     )
-    if (
-        classes.size < 2
-        or np.any(classes != np.round(classes))
-        or np.any(np.diff(classes) <= 0)
-    ):
+    if classes.size < 2 or np.any(classes != np.round(classes)) or np.any(np.diff(classes) <= 0):
         raise ConfigError(
             f'"stacking.classes": expected at least two increasing integers in [0, {n_classes})'
         )
