@@ -553,3 +553,24 @@ def test_bad_stacking_matrix_of_the_wrong_size(files, tmp_path, capsys) -> None:
     argv = ["ensemble", "--apply", str(saved), "-p", *_members(files), "-o",
             str(tmp_path / "p.npy")]  # fmt: skip
     _bad(tmp_path, capsys, argv, saved, '"stacking.coef": expected shape (3, 9), got (3, 8)')
+
+
+def test_command_line_order_falls_back_when_arguments_do_not_match_up() -> None:
+    from modelfuse.cli.ensemble import _command_line_order
+
+    takes_value = {"-o", "--out", "--kind"}
+    raw = ["-p", "a", "b", "-o", "x.json", "-p", "c", "d"]
+    assert _command_line_order(raw, ["a", "c"], ["b", "d"], takes_value) == ["a", "b", "c", "d"]
+    # a positional the parser did not report, or one -p too many: click's order is kept
+    assert _command_line_order(raw, ["a", "c"], ["b"], takes_value) is None
+    assert _command_line_order([*raw, "-p", "e"], ["a", "c"], ["b", "d"], takes_value) is None
+
+
+def test_a_non_finite_result_is_never_written(tmp_path, capsys) -> None:
+    from modelfuse.cli.ensemble import write_saved_json
+    from modelfuse.errors import DataError
+
+    out = tmp_path / "E.json"
+    with pytest.raises(DataError, match="holds NaN or infinite values; nothing was written"):
+        write_saved_json(out, {"weights": [0.5, float("nan")]})
+    assert list(tmp_path.iterdir()) == []

@@ -6,11 +6,14 @@ a JSON object::
     {"format": "modelfuse-ensemble", "version": 1, "method": ..., "kind": ...,
      "n_models": M, "n_classes": K, "weights": [...] | null,
      "average": "probabilities" | "logits", "stacking": {...} | null,
-     "options": {...}}
+     "options": {...}, "members": [NAME, ...]}
 
 ``stacking`` holds a multinomial (or, for two classes, binary) logistic
 regression meta-learner as numbers: ``coef``, ``intercept``, ``classes``
-and ``features``.
+and ``features``. ``members`` (optional) names the models in order; the
+command line also records ``member_files`` and the ``validation`` table.
+Only finite numbers are written, and :func:`check_saved_ensemble` checks
+every value of a file before it is applied.
 """
 
 from __future__ import annotations
