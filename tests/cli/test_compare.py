@@ -446,3 +446,22 @@ def test_npz_keys_name_their_candidates_and_are_inputs_too(tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 2
     assert "holds the input" in capsys.readouterr().err
     assert archive.is_file()
+
+
+def test_an_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import modelfuse.report.comparison as comparison_report
+
+    paths = _data(tmp_path)
+    out = tmp_path / "out"
+    real = comparison_report.write_comparison_report
+
+    def interrupted(comparison, folder, **options):
+        real(comparison, folder, **options)  # every file written into the staging folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(comparison_report, "write_comparison_report", interrupted)
+    before = _snapshot(tmp_path)
+    assert main(_args(paths, out)) == 130
+    assert capsys.readouterr().err == "modelfuse: interrupted; nothing was written\n"
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert _snapshot(tmp_path) == before
