@@ -108,20 +108,20 @@ def calibrate_command(
     kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
     n_bins: Annotated[
         int | None,
-        typer.Option(help="histogram: number of bins [default: 15]", min=1, max=MAX_BINS),
+        typer.Option(help="histogram: number of bins (default 15)", min=1, max=MAX_BINS),
     ] = None,
     reg: Annotated[
         float | None,
         typer.Option(
-            help="vector, matrix: L2 penalty strength [default: 10 for vector, 100 for matrix]",
+            help="vector, matrix: L2 penalty strength (default 10 for vector, 100 for matrix)",
             min=0.0,
-            max=1e12,
+            max=1e9,
         ),
     ] = None,
     prior_strength: Annotated[
         float | None,
         typer.Option(
-            help="histogram: pseudo-samples of each bin's prior [default: 2]", min=1e-12, max=1e12
+            help="histogram: pseudo-samples of each bin's prior (default 2)", min=1e-12, max=1e9
         ),
     ] = None,
     cv: Annotated[
