@@ -48,3 +48,42 @@ def test_declarations_split_per_model_and_global():
     assert TaskArithmeticParameters.field_for("density") is None
     rows = {row[0]: row for row in TaskArithmeticParameters.describe()}
     assert rows["weight"][1] == "per model" and rows["lambda"][2] == "1.0"
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            [{"pattern": "self_attn", "value": [0, 1]}, {"value": 0.5}],
+            "entry 0 has the key 'pattern'; a filtered setting's entries have the keys filter "
+            "and value; mergekit reads no 'pattern' key",
+        ),
+        ([{"filter": "mlp"}], "entry 0 has no value"),
+        ([0.5, {"value": 1.0}], "entry 0 is 0.5; a list holds numbers (a gradient) or {filter, value} entries, not both"),
+        ({"a": 1}, "entry 0 has the key 'a'"),
+        ([{"value": {"x": 1}}], "entry 0: value must be a number or a list of numbers"),
+    ],
+)
+def test_a_setting_of_no_written_form_is_one_clear_problem(setting, message):
+    from modelfuse.errors import ConfigError
+    from modelfuse.merge.config import load_config
+
+    config = {"merge_method": "linear", "models": ["a", "b"], "parameters": {"t": setting}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    text = str(caught.value)
+    assert text.startswith("configuration: parameters.t: ") and message in text
+    assert "valid boolean" not in text and text.count(";") <= 3  # one problem, not one per form
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [0.5, "x", True, [0, 0.5, 1], [{"filter": "mlp", "value": [0, 1]}, {"value": 0.2}],
+     {"filter": "mlp", "value": 0.3}],
+)
+def test_every_written_form_of_a_setting_is_accepted(setting):
+    from modelfuse.merge.config import load_config
+
+    config = {"merge_method": "linear", "models": ["a", "b"], "parameters": {"t": setting}}
+    loaded, _ = load_config(config)
+    assert loaded.parameters is not None and "t" in loaded.parameters

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from modelfuse.errors import ConfigError
 
@@ -56,7 +56,58 @@ class Conditional(BaseModel):
     value: Scalar | list[float] | list[Scalar]
 
 
-ParameterSetting = Scalar | list[float] | list[Scalar] | list[Conditional] | Conditional
+def _setting_shape(value: Any) -> Any:
+    """Refuse a setting of none of the written forms with one message saying which form fails.
+
+    Without this, pydantic reports the failure of every form of the union
+    (bool, int, float, string, list, ...), which says nothing useful.
+    """
+    scalar = (bool, int, float, str)
+    entries = value if isinstance(value, list) else [value] if isinstance(value, dict) else None
+    if isinstance(value, scalar):
+        return value
+    if entries is None:
+        raise ValueError(
+            f"expected a number, a list of numbers (a gradient) or a list of "
+            f"{{filter, value}} entries, got {type(value).__name__}"
+        )
+    if all(isinstance(e, scalar) for e in entries):
+        return value
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"entry {index} is {short(entry)}; a list holds numbers (a gradient) or "
+                "{filter, value} entries, not both"
+            )
+        unknown = [key for key in entry if key not in ("filter", "value")]
+        if unknown:
+            hint = (
+                "; mergekit reads no 'pattern' key (it applies such an entry to every "
+                "tensor): write filter"
+                if "pattern" in unknown
+                else ""
+            )
+            raise ValueError(
+                f"entry {index} has the key {short(unknown[0])}; a filtered setting's "
+                f"entries have the keys filter and value{hint}"
+            )
+        if "value" not in entry:
+            raise ValueError(f"entry {index} has no value; write {{filter: ..., value: ...}}")
+        nested = entry["value"]
+        if not isinstance(nested, scalar) and not (
+            isinstance(nested, list) and all(isinstance(e, scalar) for e in nested)
+        ):
+            raise ValueError(
+                f"entry {index}: value must be a number or a list of numbers, "
+                f"got {short(nested)}"
+            )
+    return value
+
+
+ParameterSetting = Annotated[
+    Scalar | list[float] | list[Scalar] | list[Conditional] | Conditional,
+    BeforeValidator(_setting_shape),
+]
 
 
 class _PerModel:
