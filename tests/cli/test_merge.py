@@ -566,3 +566,20 @@ def test_unreadable_model_is_one_of_the_problems(work, capsys, monkeypatch):
     err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=3)
     assert "models[1].model: 'm1.safetensors': cannot be read (Permission denied)" in err
     assert "unknown parameter 'colour'" in err
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text(""), "the configuration is empty; write merge_method and models"),
+        (lambda p: p.write_text("# only a comment\n"), "the configuration is empty"),
+        (lambda p: p.mkdir(), "is a folder; give the path of a YAML configuration file"),
+    ],
+)
+def test_an_empty_or_folder_configuration_is_named_as_such(make, message, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    make(config)
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"modelfuse: error: {config}: {message}" + err.split(message, 1)[1]
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

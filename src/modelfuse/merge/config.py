@@ -422,6 +422,8 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
     if isinstance(source, (str, Path)):
         path = Path(source)
         where = str(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
         if not path.is_file():
             raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
         size = path.stat().st_size
@@ -442,6 +444,10 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
         folder = path.resolve().parent
     else:
         data = source
+    if data is None:
+        raise ConfigError(
+            f"{where}: the configuration is empty; write merge_method and models (or slices)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where}: expected a mapping with merge_method and models, got {type(data).__name__}"
