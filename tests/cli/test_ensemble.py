@@ -556,7 +556,7 @@ def test_bad_stacking_matrix_of_the_wrong_size(files, tmp_path, capsys) -> None:
 
 
 def test_command_line_order_falls_back_when_arguments_do_not_match_up() -> None:
-    from modelfuse.cli.ensemble import _command_line_order
+    from modelfuse.cli._inputs import _command_line_order
 
     takes_value = {"-o", "--out", "--kind"}
     raw = ["-p", "a", "b", "-o", "x.json", "-p", "c", "d"]

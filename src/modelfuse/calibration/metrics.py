@@ -21,6 +21,7 @@ import numpy as np
 
 from modelfuse.arrays import check_labels, check_predictions
 from modelfuse.errors import ConfigError, DataError
+from modelfuse.limits import MAX_BINS
 
 __all__ = [
     "MAX_BINS",
@@ -38,9 +39,6 @@ Norm = Literal["l1", "l2", "max"]
 
 _BINNINGS = ("uniform", "quantile")
 _NORMS = ("l1", "l2", "max")
-# The most bins any metric or calibrator takes: more would only hold empty bins
-# (and 10^9 of them would exhaust memory before computing anything).
-MAX_BINS = 10_000
 # Upper bound on the elements gathered at once when ``indices`` is given.
 _CHUNK_ELEMENTS = 1 << 22
 

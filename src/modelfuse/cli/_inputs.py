@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from typer.core import TyperCommand
 
 from modelfuse.errors import ConfigError
 
-__all__ = ["file_name", "named_files"]
+__all__ = ["InputsInOrder", "file_name", "named_files"]
 
 
 def file_name(path: str) -> str:
@@ -61,3 +64,72 @@ def named_files(items: Iterable[str], *, option: str = "--predictions") -> dict[
             )
         named[name] = path
     return named
+
+
+class InputsInOrder(TyperCommand):
+    """A command whose ``--predictions`` and trailing ``MORE`` files keep the command line's order.
+
+    Click collects the values of a repeated option and the positional
+    arguments apart, so ``-p a b -p c`` would reach the command as
+    ``[a, c]`` and ``[b]``. This command reads the arguments once more and
+    hands the command one list, ``predictions``, in the order given (and an
+    empty ``more``); the order matters for ``--weights`` and for applying a
+    saved ensemble by position.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        raw = list(args)
+        rest = super().parse_args(ctx, args)
+        given = list(ctx.params.get("predictions") or [])
+        more = list(ctx.params.get("more") or [])
+        if more:
+            takes_value = {
+                name
+                for param in self.params
+                if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+                for name in param.opts
+            }
+            ordered = _command_line_order(raw, given, more, takes_value)
+            if ordered is not None:
+                ctx.params["predictions"], ctx.params["more"] = ordered, []
+        return rest
+
+
+def _command_line_order(
+    raw: list[str], given: list[str], more: list[str], takes_value: set[str]
+) -> list[str] | None:
+    """``given`` (values of -p) and ``more`` (positionals) merged in the order of ``raw``.
+
+    None when the arguments cannot be matched up (then click's order is kept).
+    """
+    ordered: list[str] = []
+    n_given = n_more = i = 0
+    while i < len(raw):
+        token = raw[i]
+        if token == "--":
+            ordered.extend(more[n_more:])
+            n_more = len(more)
+            break
+        if token in ("-p", "--predictions") or token.startswith("--predictions="):
+            if n_given >= len(given):
+                return None
+            ordered.append(given[n_given])
+            n_given += 1
+            i += 1 if "=" in token else 2
+            continue
+        if token.startswith("-p") and not token.startswith("--"):  # -pFILE
+            if n_given >= len(given):
+                return None
+            ordered.append(given[n_given])
+            n_given += 1
+        elif token in takes_value:
+            i += 1  # skip the option's value
+        elif not token.startswith("-") or token == "-":
+            if n_more >= len(more):
+                return None
+            ordered.append(more[n_more])
+            n_more += 1
+        i += 1
+    if n_given != len(given) or n_more != len(more):
+        return None
+    return ordered

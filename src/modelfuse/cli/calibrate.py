@@ -12,9 +12,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from modelfuse.calibration.metrics import MAX_BINS
 from modelfuse.cli._app import app
-from modelfuse.cli._inputs import named_files
+from modelfuse.cli._inputs import InputsInOrder, named_files
 from modelfuse.cli._output import (
     check_folder_output,
     check_output,
@@ -25,7 +24,6 @@ from modelfuse.cli._output import (
 from modelfuse.cli.ensemble import (
     KIND_HELP,
     SEED_MAX,
-    InputsInOrder,
     check_choice,
     check_kind,
     check_method,
@@ -38,6 +36,7 @@ from modelfuse.cli.ensemble import (
     write_saved_json,
 )
 from modelfuse.errors import ConfigError, DataError, OutputError
+from modelfuse.limits import MAX_BINS
 
 __all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
 

@@ -13,9 +13,8 @@ from typing import Annotated
 import typer
 
 from modelfuse.cli._app import app
-from modelfuse.cli._inputs import named_files
+from modelfuse.cli._inputs import InputsInOrder, named_files
 from modelfuse.cli._output import check_folder_output, publish_folder, staging_folder
-from modelfuse.cli.ensemble import InputsInOrder
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["compare_command", "refuse_output_over_inputs"]
