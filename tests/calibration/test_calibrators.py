@@ -350,3 +350,23 @@ def test_matrix_scaling_refuses_more_classes_than_it_can_hold() -> None:
     z[:, 0] = 1.0
     with pytest.raises(DataError, match="matrix scaling: 1001 classes would need 1003002 param"):
         MatrixScaling().fit(z, np.array([0, 1, 2, 3]))
+
+
+def test_a_temperature_saved_as_its_inverse_by_modelfuse_0_1_0_still_loads() -> None:
+    z = np.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    old = {
+        "method": "temperature",
+        "params": {"kind": "logits", "max_iter": 500},
+        "state": {
+            "n_classes_": 3,
+            "coef_": {"array": [0.5], "dtype": "float64"},
+            "intercept_": {"array": [0.0, 0.0, 0.0], "dtype": "float64"},
+        },
+    }
+    loaded = calibrator_from_json(old)
+    assert loaded.temperature_ == 2.0
+    expected = np.exp(z / 2.0) / np.exp(z / 2.0).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(loaded.predict_proba(z), expected, rtol=1e-12)
+    old["state"]["coef_"] = [0.0]
+    with pytest.raises(ConfigError, match="state.coef_"):
+        calibrator_from_json(old)

@@ -259,6 +259,13 @@ class TemperatureScaling(_LogitScaling):
         return np.zeros(self.n_classes_)
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
+        if "temperature_" not in state and "coef_" in state:
+            # modelfuse 0.1.0 saved the inverse temperature as coef_ = [1 / T]
+            inverse = saved_array(state["coef_"], "state.coef_", shape=(1,), low=0.0)
+            if inverse[0] <= 0:
+                raise ConfigError('"state.coef_": expected a positive inverse temperature')
+            self.temperature_ = float(1.0 / inverse[0])
+            return
         key = "state.temperature_"
         self.temperature_ = saved_number(
             saved_field(state, "temperature_", key), key, low=0.0, open_low=True
