@@ -90,3 +90,26 @@ def test_existing_output_needs_overwrite(work, capsys):
 def test_output_under_an_unknown_user(work, capsys):
     err = refused(["diff", "a", "b.safetensors", "-o", "~nosuchuser-modelfuse/p"], capsys, work)
     assert "--out: '~nosuchuser-modelfuse/p': no such user" in err
+
+
+def test_diff_says_which_stale_folder_of_a_killed_run_it_removed(work: Path, capsys) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from modelfuse.checkpoint.writer import MARKER_NAME
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = work / ".p.tmp-0000abcd"
+    stale.mkdir()
+    (stale / MARKER_NAME).write_text(
+        f"modelfuse-partial pid={dead.pid} host={socket.gethostname()}\n"
+    )
+    assert main(["diff", "a", "b.safetensors", "-o", "p", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"modelfuse: removed {stale.resolve()}, the temporary folder of an interrupted "
+        f"modelfuse run (process {dead.pid}, no longer running)\n"
+    )
+    assert not stale.exists() and (work / "p").is_dir()

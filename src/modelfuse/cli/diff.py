@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -71,4 +72,6 @@ def diff_command(
             a, b, out, density=density, dtype=dtype, shard_size=shard_size,
             overwrite=overwrite, progress=advance,
         )
+    for note in result.notes:
+        print(f"modelfuse: {note}", file=sys.stderr)
     print(result.summary())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -144,6 +144,8 @@ class DiffResult:
     kept: int
     total: int
     seconds: float
+    notes: list[str] = field(default_factory=list)
+    """What the writer did beside writing (stale temporary folders of killed runs removed)."""
 
     def summary(self) -> str:
         share = self.kept / self.total if self.total else 1.0
@@ -259,4 +261,7 @@ def diff_checkpoints(
             )
             path = writer.commit()
             written = writer.bytes_written
-    return DiffResult(Path(path), len(names), written, kept, total, time.perf_counter() - started)
+            notes = list(writer.notes)
+    return DiffResult(
+        Path(path), len(names), written, kept, total, time.perf_counter() - started, notes
+    )
