@@ -133,3 +133,18 @@ def test_publish_folder_creates_and_replaces(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["other.md"]  # the old folder is gone
     assert (out / "other.md").read_text() == "second"
     assert _hidden(tmp_path) == []
+
+
+def test_an_output_never_is_or_holds_an_input(tmp_path) -> None:
+    from modelfuse.cli._output import refuse_output_over_inputs
+
+    (tmp_path / "run").mkdir()
+    inputs = {"--predictions a": tmp_path / "run" / "a.npz:logits", "--labels": None}
+    refuse_output_over_inputs(tmp_path / "elsewhere", inputs)  # unrelated: allowed
+    with pytest.raises(OutputError, match=r"run/a\.npz: is the input of --predictions a"):
+        refuse_output_over_inputs(tmp_path / "run" / "a.npz", inputs)
+    with pytest.raises(OutputError, match=r"run: holds the input of --predictions a; choose"):
+        refuse_output_over_inputs(tmp_path / "run", inputs)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    with pytest.raises(OutputError, match="link: holds the input of --predictions a"):
+        refuse_output_over_inputs(tmp_path / "link", inputs)

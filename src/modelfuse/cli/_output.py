@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "current_umask",
     "publish_folder",
     "refuse_existing",
+    "refuse_output_over_inputs",
     "require_parent_folder",
     "staging_folder",
     "write_atomically",
@@ -37,6 +38,35 @@ def refuse_existing(out: Path, *, overwrite: bool) -> None:
         raise OutputError(
             f"{out}: already exists; remove it, choose another -o, or pass --overwrite"
         )
+
+
+def refuse_output_over_inputs(out: Path, inputs: Mapping[str, Path | str | None]) -> None:
+    """Refuse an ``out`` that is one of the inputs or a folder holding one.
+
+    ``--overwrite`` replaces ``out`` only, never an input: without this check
+    it would delete the very files the command reads. ``inputs`` maps how
+    the command line named an input (``"--predictions a"``) to its path; a
+    ``FILE.npz:KEY`` names its ``.npz``. Symbolic links are resolved.
+
+    Raises
+    ------
+    OutputError
+        Naming the first input found at or under ``out``.
+    """
+    target = out.resolve()
+    for described, path in inputs.items():
+        if path is None:
+            continue
+        text = str(path)
+        if ".npz:" in text:
+            text = text.rsplit(".npz:", 1)[0] + ".npz"
+        resolved = Path(text).resolve()
+        if resolved == target or target in resolved.parents:
+            relation = "is" if resolved == target else "holds"
+            raise OutputError(
+                f"{out}: {relation} the input of {described}; choose another -o "
+                "(--overwrite never replaces an input)"
+            )
 
 
 def require_parent_folder(out: Path) -> None:

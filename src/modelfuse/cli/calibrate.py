@@ -18,6 +18,7 @@ from modelfuse.cli._output import (
     check_folder_output,
     check_output,
     publish_folder,
+    refuse_output_over_inputs,
     require_parent_folder,
     staging_folder,
 )
@@ -31,7 +32,6 @@ from modelfuse.cli.ensemble import (
     metrics_table,
     read_labels,
     read_saved,
-    refuse_input_as_output,
     write_probabilities,
     write_saved_json,
 )
@@ -145,7 +145,7 @@ def calibrate_command(
         "--apply": apply,
     }
     if apply is not None:
-        refuse_input_as_output(out, inputs)
+        refuse_output_over_inputs(out, inputs)
         check_output(out, suffix=".npy", overwrite=overwrite)
         calibrator = read_saved(apply, "calibrator", calibrator_from_json)
         s, found = _read_scores(scores, kind)
@@ -175,7 +175,7 @@ def calibrate_command(
     )
     if labels is None:
         raise ConfigError("--labels: fitting a calibrator needs the labels of the scores")
-    refuse_input_as_output(out, inputs)
+    refuse_output_over_inputs(out, inputs)
     check_output(out, suffix=".json", overwrite=overwrite)
     from modelfuse.arrays import load_array
     from modelfuse.calibration.base import check_calibration_set
@@ -329,7 +329,7 @@ def calibration_report_command(
         raise ConfigError("--predictions: give at least one file, e.g. --predictions p.npy")
     inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
     inputs["--labels"] = labels
-    _refuse_folder_holding_inputs(out, inputs)
+    refuse_output_over_inputs(out, inputs)
     check_folder_output(out, overwrite=overwrite)
     require_parent_folder(out)
     from modelfuse.calibration.reliability import reliability_diagram
@@ -412,20 +412,3 @@ def calibration_report_command(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     typer.echo(f"wrote {out}/metrics.md, metrics.json, {', '.join(diagrams.values())}")
-
-
-def _refuse_folder_holding_inputs(out: Path, inputs: dict[str, Path | str | None]) -> None:
-    """Refuse a report folder that is or contains an input (``--overwrite`` would delete it)."""
-    target = out.resolve()
-    for described, path in inputs.items():
-        if path is None:
-            continue
-        text = str(path)
-        if ".npz:" in text:
-            text = text.rsplit(".npz:", 1)[0] + ".npz"
-        resolved = Path(text).resolve()
-        if resolved == target or target in resolved.parents:
-            raise OutputError(
-                f"{out}: holds the input of {described}; choose another -o (--overwrite never "
-                "replaces an input)"
-            )

@@ -6,7 +6,7 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +14,15 @@ import typer
 
 from modelfuse.cli._app import app
 from modelfuse.cli._inputs import InputsInOrder, named_files
-from modelfuse.cli._output import check_folder_output, publish_folder, staging_folder
+from modelfuse.cli._output import (
+    check_folder_output,
+    publish_folder,
+    refuse_output_over_inputs,
+    staging_folder,
+)
 from modelfuse.errors import ConfigError, DataError, OutputError
 
-__all__ = ["compare_command", "refuse_output_over_inputs"]
+__all__ = ["compare_command"]
 
 METRIC_NAMES = "accuracy, balanced_accuracy, macro_f1, auroc, nll, brier or ece"
 TESTS = ("permutation", "bootstrap", "mcnemar")
@@ -36,27 +41,6 @@ def _level(value: float) -> float:
     if not 0 < value < 1:
         raise typer.BadParameter(f"expected a level in (0, 1) such as 0.95, got {value:g}")
     return value
-
-
-def refuse_output_over_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
-    """Refuse an ``out`` folder that is an input file or holds one (``--overwrite`` would delete it).
-
-    Raises
-    ------
-    OutputError
-        Naming the first input found at or under ``out``.
-    """
-    target = out.resolve()
-    for item in inputs:
-        text = str(item)
-        if ".npz:" in text:
-            text = text.rsplit(".npz:", 1)[0] + ".npz"
-        path = Path(text).resolve()
-        if path == target or target in path.parents:
-            raise OutputError(
-                f"{out}: holds the input {str(item)[:80]}, which --overwrite would delete; "
-                "choose another -o"
-            )
 
 
 _KEYWORDS_AS_FLAGS = {
@@ -193,7 +177,9 @@ def compare_command(
             f"{', '.join(n[:40] for n in files)}"
         )
     check_folder_output(out, overwrite=overwrite)
-    refuse_output_over_inputs(out, [*files.values(), labels])
+    refuse_output_over_inputs(
+        out, {**{f"--predictions {name}": path for name, path in files.items()}, "--labels": labels}
+    )
     arrays = {name: load_array(path) for name, path in files.items()}
     shapes = {name: a.shape for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:

@@ -13,8 +13,8 @@ import typer
 from modelfuse.arrays import KIND_OPTIONS
 from modelfuse.cli._app import app
 from modelfuse.cli._inputs import InputsInOrder, named_files
-from modelfuse.cli._output import check_output, write_atomically
-from modelfuse.errors import ConfigError, DataError, OutputError
+from modelfuse.cli._output import check_output, refuse_output_over_inputs, write_atomically
+from modelfuse.errors import ConfigError, DataError
 
 __all__ = [
     "check_choice",
@@ -28,7 +28,6 @@ __all__ = [
     "read_labels",
     "read_named_predictions",
     "read_saved",
-    "refuse_input_as_output",
     "write_probabilities",
     "write_saved_json",
 ]
@@ -115,26 +114,6 @@ def check_choice(value: str, choices: Collection[str], option: str) -> str:
 def check_method(method: str, registry: Collection[str]) -> str:
     """Refuse a ``--method`` that is not a key of ``registry``, listing the valid ones."""
     return check_choice(method, registry, "--method")
-
-
-def refuse_input_as_output(out: Path, inputs: dict[str, Path | str | None]) -> None:
-    """Refuse an ``out`` that is one of the input files (``--overwrite`` would destroy it).
-
-    ``inputs`` maps a description (``"--predictions a"``) to a path (a
-    ``FILE.npz:KEY`` names its ``.npz``).
-    """
-    target = out.resolve()
-    for described, path in inputs.items():
-        if path is None:
-            continue
-        text = str(path)
-        if ".npz:" in text:
-            text = text.rsplit(".npz:", 1)[0] + ".npz"
-        if Path(text).resolve() == target:
-            raise OutputError(
-                f"{out}: is the input of {described}; choose another -o (--overwrite never "
-                "replaces an input)"
-            )
 
 
 def read_named_predictions(
@@ -309,7 +288,7 @@ def ensemble_command(
     inputs: dict[str, Path | str | None] = {f"--predictions {n}": p for n, p in named.items()}
     inputs.update({"--labels": labels, "--apply": apply})
     if apply is not None:
-        refuse_input_as_output(out, inputs)
+        refuse_output_over_inputs(out, inputs)
         check_output(out, suffix=".npy", overwrite=overwrite)
         _apply(apply, named, labels, kind, out, quiet)
         return
@@ -326,7 +305,7 @@ def ensemble_command(
         )
     if labels is None and method != "soft":
         raise ConfigError(f"--labels: method {method} learns from validation labels; give them")
-    refuse_input_as_output(out, inputs)
+    refuse_output_over_inputs(out, inputs)
     check_output(out, suffix=".json", overwrite=overwrite)
     p, found_kind = read_named_predictions(named, kind)
     y = read_labels(labels, p.shape[1], p.shape[2]) if labels is not None else None
