@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -108,7 +107,11 @@ def generate(cache: Path, n_models: int, layers: int) -> list[Path]:
 
 def _peak_rss_mb() -> float:
     """Peak resident memory in MB (10^6 bytes), as the merge summary prints it."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    from modelfuse.memory import peak_rss_bytes
+
+    # not ru_maxrss: Linux carries it over from this benchmark's parent process,
+    # which may just have generated the checkpoints
+    return peak_rss_bytes() / 1e6
 
 
 def child_io_floor(folders: list[Path], out: Path, threads: int | None) -> dict:

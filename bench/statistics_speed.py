@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -162,11 +161,12 @@ def stand_in_fishers(folders: list[Path], cache: Path) -> list[Path]:
 
 def child_merge(args: argparse.Namespace) -> None:
     import modelfuse
+    from modelfuse.memory import peak_rss_bytes
 
     config = json.loads(args.config)
     start = time.perf_counter()
     modelfuse.merge(config, args.out, threads=args.threads, overwrite=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # MB, 10^6 bytes
+    peak = peak_rss_bytes() / 1e6  # MB, 10^6 bytes; this process only, not its parent's peak
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak}))
 
 

@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 import re
-import resource
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +25,7 @@ import yaml
 
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, parse_size
 from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError
+from modelfuse.memory import peak_rss_bytes
 from modelfuse.merge.config import MergeConfig, ModelEntry, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
 from modelfuse.merge.output_paths import check_output_path, expand_user
@@ -92,11 +91,6 @@ class MergeResult:
             f"merged {self.tensors} tensors ({self.bytes / 1e9:.3f} GB) into {self.out} "
             f"in {self.seconds:.1f} s; peak memory {self.peak_rss / 1e6:.0f} MB"
         )
-
-
-def _peak_rss() -> int:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage if sys.platform == "darwin" else usage * 1024
 
 
 def _locate(reference: str, folder: Path, key: str = "model") -> str:
@@ -747,7 +741,7 @@ def merge(
         tensors=len(plan.tasks),
         bytes=written,
         seconds=time.perf_counter() - started,
-        peak_rss=_peak_rss(),
+        peak_rss=peak_rss_bytes(),
         warnings=[str(w.message) for w in caught],
         notes=notes,
     )
