@@ -416,6 +416,26 @@ def test_missing_model_and_unknown_parameter_together(work, capsys):
     assert "unknown parameter 'epsilon' for merge method 'ties'" in err
 
 
+def test_a_missing_model_does_not_hide_out_of_range_values(work, capsys):
+    """Plain values apply to every tensor, so they are checked before the models are read."""
+    text = (
+        "merge_method: ties\nbase_model: m0.safetensors\n"
+        "models:\n"
+        "  - {model: m1.safetensors, parameters: {density: 1.5, weight: [0, 9]}}\n"
+        "  - missing.safetensors\n"
+        "parameters: {epsilon: 3, lambda: 0.5}\n"
+    )
+    err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=4)
+    lines = err.strip().splitlines()
+    assert lines[0] == "modelfuse: error: 3 problems:"
+    assert "missing.safetensors: no such file or folder" in err
+    assert "unknown parameter 'epsilon' for merge method 'ties'" in err
+    assert (
+        "m1.safetensors: parameters: density: Input should be less than or equal to 1 (got 1.5)"
+        in err
+    )
+
+
 def _inputs_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A model folder, a model file, and a configuration merging them, in three places."""
     folder = tmp_path / "models" / "base"

@@ -15,13 +15,14 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, parse_size
 from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError
@@ -29,7 +30,7 @@ from modelfuse.memory import peak_rss_bytes
 from modelfuse.merge.config import MergeConfig, ModelEntry, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
 from modelfuse.merge.output_paths import check_output_path, expand_user
-from modelfuse.merge.parameters import short
+from modelfuse.merge.parameters import format_error, short
 from modelfuse.merge.patch import PatchSource
 from modelfuse.merge.plan import (
     MergePlan,
@@ -276,16 +277,47 @@ def _open_all(
 
 
 def _parameter_key_problems(method: MergeMethod, config: MergeConfig) -> list[str]:
-    """Unknown parameter names, found without opening any model."""
-    found = check_keys(method, "parameters", config.parameters or {})
-    for entry in config.models or []:
-        found += check_keys(method, f"{entry.model}: parameters", entry.parameters or {})
+    """Unknown parameter names and out-of-range plain values, found without opening any model.
+
+    A plain value (a number, not a gradient or filters) applies to every
+    tensor, so it can be checked before the tensors are known; gradients and
+    filters are checked per tensor when the models can be read.
+    """
+    levels: list[tuple[str, Mapping[str, Any]]] = [("parameters", config.parameters or {})]
+    levels += [(f"{e.model}: parameters", e.parameters or {}) for e in config.models or []]
     for number, piece in enumerate(config.slices or []):
-        found += check_keys(method, f"slices[{number}].parameters", piece.parameters or {})
-        for src in piece.sources:
-            where = f"slices[{number}]: {src.model}: parameters"
-            found += check_keys(method, where, src.parameters or {})
+        levels.append((f"slices[{number}].parameters", piece.parameters or {}))
+        levels += [
+            (f"slices[{number}]: {src.model}: parameters", src.parameters or {})
+            for src in piece.sources
+        ]
+    found: list[str] = []
+    for where, settings in levels:
+        found += check_keys(method, where, settings)
+        found += _plain_value_problems(method, where, settings)
     return found
+
+
+def _plain_value_problems(method: MergeMethod, where: str, settings: Mapping[str, Any]) -> list[str]:
+    """A problem for each plain (scalar) setting that ``method``'s declaration refuses."""
+    declaration = method.parameters
+    given = {
+        key: value
+        for key, value in settings.items()
+        if declaration.field_for(key) is not None and isinstance(value, (bool, int, float, str))
+    }
+    if not given:
+        return []
+    try:
+        declaration.model_validate(given)
+    except ValidationError as exc:
+        keys = set(given) | {declaration.field_for(key) for key in given}
+        return [
+            f"{where}: {format_error(err)}"
+            for err in exc.errors()
+            if err["loc"] and str(err["loc"][0]) in keys
+        ]
+    return []
 
 
 def _model_plan(
