@@ -94,7 +94,7 @@ def test_empirical_fisher_of_a_bert_classifier(bert_folder, data_file, tmp_path)
             "sentence",
             "--label-column",
             "y",
-            "--kind",
+            "--estimator",
             "empirical",
             "--batch-size",
             "3",
@@ -193,7 +193,7 @@ def test_factory_for_any_model_end_to_end_through_a_subprocess(tmp_path):
             "cannot import module",
         ),
         (
-            ["statistics", "fisher", "--kind", "sampled", "--factory", "m:f", "-o", "OUT"],
+            ["statistics", "fisher", "--estimator", "sampled", "--factory", "m:f", "-o", "OUT"],
             "exact, empirical",
         ),
         (
@@ -204,7 +204,7 @@ def test_factory_for_any_model_end_to_end_through_a_subprocess(tmp_path):
             [
                 "statistics",
                 "fisher",
-                "--kind",
+                "--estimator",
                 "empirical",
                 "--model",
                 "MODEL",

@@ -125,7 +125,12 @@ def statistics_command(
         typer.Option(help="package.module:function returning (model, batches), for any model"),
     ] = None,
     kind: Annotated[
-        str, typer.Option(help="Fisher estimator: exact (model's distribution) or empirical")
+        str,
+        typer.Option(
+            "--estimator",
+            help="Fisher estimator: exact (over the model's distribution) or empirical "
+            "(the true labels)",
+        ),
     ] = "exact",
     n_examples: Annotated[
         int | None,
@@ -139,7 +144,9 @@ def statistics_command(
     if what not in ("fisher", "gram"):
         raise ConfigError(f"statistics: unknown kind of statistics {what!r}; valid: fisher, gram")
     if kind not in ("exact", "empirical"):
-        raise ConfigError(f"--kind: unknown Fisher estimator {kind!r}; valid: exact, empirical")
+        raise ConfigError(
+            f"--estimator: unknown Fisher estimator {kind[:40]!r}; valid: exact, empirical"
+        )
     if factory is not None and (model is not None or data is not None):
         raise ConfigError("give either --factory, or --model with --data, not both")
     if factory is None and (model is None or data is None):
@@ -216,7 +223,7 @@ def _run(
         if needs_labels and examples.labels is None:
             raise DataError(
                 f"{data}: no column {label_column!r}, but the empirical Fisher needs labels; "
-                "choose it with --label-column or use --kind exact"
+                "choose it with --label-column or use --estimator exact"
             )
         network, tokenizer = load_sequence_classifier(model)
         labels = (
