@@ -7,6 +7,7 @@ from modelfuse.merge.plan import layer_position
 
 
 def test_layer_positions_follow_mergekit():
+    """mergekit 0.1.5 reads every tensor outside the numbered layers at t = 0."""
     names = [
         "model.embed_tokens.weight",
         "model.layers.0.mlp.weight",
@@ -17,7 +18,44 @@ def test_layer_positions_follow_mergekit():
         "lm_head.weight",
     ]
     pos = layer_position(names)
-    assert [pos[n] for n in names] == [0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]
+    assert [pos[n] for n in names] == [0.0, 0.0, 1 / 3, 2 / 3, 1.0, 0.0, 0.0]
+
+
+def _tiny_llama_state(value: float) -> dict[str, torch.Tensor]:
+    """Llama tensor names, three layers, every entry ``value``."""
+    state = {"model.embed_tokens.weight": torch.full((5, 2), value)}
+    for layer in range(3):
+        state[f"model.layers.{layer}.mlp.down_proj.weight"] = torch.full((2, 2), value)
+        state[f"model.layers.{layer}.input_layernorm.weight"] = torch.full((2,), value)
+    state["model.norm.weight"] = torch.full((2,), value)
+    state["lm_head.weight"] = torch.full((5, 2), value)
+    return state
+
+
+def test_a_gradient_gives_every_tensor_outside_the_layers_its_first_value():
+    """linear with weight [0, 1] on a and [1, 0] on b: the merge is w_a * 1 + w_b * 3 over
+    w_a + w_b; at t = 0 that is b's 3 for the embeddings, final norm and head alike."""
+    a, b = _tiny_llama_state(1.0), _tiny_llama_state(3.0)
+    out = merge_state_dicts(
+        "linear", [a, b], model_parameters=[{"weight": [0.0, 1.0]}, {"weight": [1.0, 0.0]}]
+    )
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(out[name], torch.full_like(a[name], 3.0), rtol=0, atol=0)
+    # Layers 0, 1, 2 at t = 0, 1/2, 1: weights (0, 1), (1/2, 1/2), (1, 0).
+    for layer, expected in enumerate([3.0, 2.0, 1.0]):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        torch.testing.assert_close(out[name], torch.full((2, 2), expected), rtol=0, atol=0)
+
+
+def test_a_global_gradient_outside_the_layers_on_task_arithmetic():
+    """lambda [0.5, 2]: the head and final norm get 0.5 (mergekit's t = 0), layer 2 gets 2."""
+    base, tuned = _tiny_llama_state(1.0), _tiny_llama_state(3.0)
+    out = merge_state_dicts("task_arithmetic", [tuned], base, **{"lambda": [0.5, 2.0]})
+    for name in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(out[name], torch.full_like(base[name], 1.0 + 0.5 * 2.0))
+    torch.testing.assert_close(
+        out["model.layers.2.mlp.down_proj.weight"], torch.full((2, 2), 1.0 + 2.0 * 2.0)
+    )
 
 
 def test_all_mismatches_reported_together():

@@ -73,9 +73,10 @@ def test_slices_with_two_sources_and_a_gradient(llama_folders, tmp_path):
     name = "model.layers.{}.mlp.down_proj.weight"
     torch.testing.assert_close(merged[name.format(0)], sa[name.format(0)])  # t = 0
     torch.testing.assert_close(merged[name.format(1)], sb[name.format(1)])  # t = 1
-    # Outside the layers: embeddings at t = 0, the head at t = 1.
+    # Outside the layers, embeddings and head alike: t = 0, as mergekit 0.1.5 reads them.
     torch.testing.assert_close(merged["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
-    torch.testing.assert_close(merged["lm_head.weight"], sb["lm_head.weight"])
+    torch.testing.assert_close(merged["lm_head.weight"], sa["lm_head.weight"])
+    torch.testing.assert_close(merged["model.norm.weight"], sa["model.norm.weight"])
 
 
 def test_slice_sources_of_different_lengths(llama_folders, tmp_path):

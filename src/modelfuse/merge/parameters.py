@@ -17,9 +17,9 @@ A parameter *setting* is written as mergekit writes it:
   gradient.
 
 Layer position ``t``: the tensors of layer ``i`` of ``n`` get ``t = i / (n - 1)``
-(``t = 1`` for a single layer); tensors outside the layers get ``t = 0`` when
-they are embeddings (their name contains ``embed``, ``wte`` or ``wpe``) and
-``t = 1`` otherwise (final norm, output head), as in mergekit.
+(``t = 1`` for a single layer); every tensor outside the layers (embeddings,
+final norm and output head alike) gets ``t = 0``, so a gradient gives it its
+first value, as in mergekit 0.1.5.
 """
 
 from __future__ import annotations

@@ -129,12 +129,14 @@ _EMBEDDING = re.compile(r"embed|wte|wpe")
 
 
 def layer_position(names: Sequence[str]) -> dict[str, float]:
-    """The gradient position ``t`` of every tensor name, as mergekit computes it.
+    """The gradient position ``t`` of every tensor name, as mergekit 0.1.5 computes it.
 
     The first numeric component of a name is its layer index ``i`` of ``n``
     layers (``n`` = the largest index + 1): ``t = i / (n - 1)``, or 1 when
-    there is one layer. Names without a layer index get ``t = 0`` for
-    embeddings and ``t = 1`` for everything else (final norm, output head).
+    there is one layer. Names without a layer index (embeddings, final norm,
+    output head alike) get ``t = 0``: mergekit's planner reads the settings of
+    every tensor outside the layers at ``t = 0``, so a gradient gives them its
+    first value.
 
     Examples
     --------
@@ -142,7 +144,7 @@ def layer_position(names: Sequence[str]) -> dict[str, float]:
     ...                       "model.layers.2.w", "lm_head.weight"])
     >>> [pos[k] for k in ["model.embed_tokens.weight", "model.layers.0.w",
     ...                   "model.layers.2.w", "lm_head.weight"]]
-    [0.0, 0.0, 1.0, 1.0]
+    [0.0, 0.0, 1.0, 0.0]
     """
     index: dict[str, int | None] = {}
     for name in names:
@@ -153,7 +155,7 @@ def layer_position(names: Sequence[str]) -> dict[str, float]:
     positions: dict[str, float] = {}
     for name, i in index.items():
         if i is None:
-            positions[name] = 0.0 if _EMBEDDING.search(name) else 1.0
+            positions[name] = 0.0
         elif n_layers > 1:
             positions[name] = i / (n_layers - 1)
         else:
@@ -551,7 +553,9 @@ def build_slice_plan(
     of a slice is merged from layer ``start + k`` of each source (all sources
     of a slice span the same number of layers), with ``t = k / (n - 1)`` for
     gradients. Tensors outside the layers come from the first slice's sources
-    when they are embeddings and from the last slice's otherwise, as in mergekit.
+    when they are embeddings and from the last slice's otherwise, with the
+    slice's parameters at ``t = 0`` (a gradient's first value), as in mergekit
+    0.1.5.
     """
     global_settings = dict(global_settings or {})
     problems = check_keys(method, "parameters", global_settings)
@@ -689,7 +693,7 @@ def build_slice_plan(
                     f"slices[{number}]",
                 )
             layer += 1
-    edge(slices[-1], len(slices) - 1, finals, 1.0)
+    edge(slices[-1], len(slices) - 1, finals, 0.0)
     _raise_all(problems, mismatches, values)
     models = list({id(s.model): s.model for piece in slices for s in piece.sources}.values())
     plan = MergePlan(method, models, None, tasks, compute_dtype)
