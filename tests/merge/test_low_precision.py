@@ -18,8 +18,10 @@ SETTINGS = {
     "breadcrumbs_ties": {"density": 0.6, "gamma": 0.1},
     "fisher": {},
     "gradient_matching": {},
+    "karcher": {},
     "model_stock": {},
     "multislerp": {},
+    "nearswap": {"t": 0.3},
     "slerp": {"t": 0.3},
 }
 

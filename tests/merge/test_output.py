@@ -185,9 +185,9 @@ def _method_config(name: str, folder: Path, prefix: str) -> dict:
     config: dict = {"merge_method": name, "models": models}
     if method.uses_base:
         config["base_model"] = base
-    if name in ("passthrough", "slerp"):
+    if name in ("passthrough", "slerp", "nearswap"):
         config["models"] = models[:1]
-    if name == "slerp":
+    if name in ("slerp", "nearswap"):
         config["parameters"] = {"t": 0.3}
     return config
 

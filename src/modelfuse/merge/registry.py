@@ -49,9 +49,11 @@ from modelfuse.merge.breadcrumbs import (
 from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
 from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
+from modelfuse.merge.karcher import KarcherParameters, karcher, karcher_gram
 from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.model_stock import ModelStockParameters, model_stock, task_vector_gram
 from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp, point_gram
+from modelfuse.merge.nearswap import NearSwapParameters, nearswap
 from modelfuse.merge.parameters import MethodParameters, short
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
@@ -367,6 +369,25 @@ METHODS: dict[str, MergeMethod] = {
         low_precision_inputs=True,
         # filter_wise needs no reduction but on 1-D tensors (one row): always reduced
         reduction=Reduction(task_vector_gram, "gram"),
+    ),
+    "nearswap": MergeMethod(
+        "nearswap",
+        nearswap,
+        NearSwapParameters,
+        "NearSwap: the other model's value where it is within t of the base's",
+        requires_base=True,
+        max_models=1,
+        separable=True,
+        low_precision_inputs=True,
+    ),
+    "karcher": MergeMethod(
+        "karcher",
+        karcher,
+        KarcherParameters,
+        "Karcher (Riemannian) mean of the models on the sphere, at their mean norm",
+        optional_base=True,
+        low_precision_inputs=True,
+        reduction=Reduction(karcher_gram, "gram"),
     ),
 }
 """Every merge method, by the name used in configurations."""
