@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -92,14 +93,51 @@ def karcher_coefficients(
     >>> [round(c, 4) for c in karcher_coefficients(gram)]  # mean norm 3, at 45 degrees
     [1.0607, 0.5303]
     """
-    gram = gram.to(torch.float64)
-    n = gram.shape[0]
-    norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
-    scale = sum(norms) / n  # equal weights 1/n, every point counted (zeros too)
-    valid = [i for i in range(n) if norms[i] > tol]
+    matrix = gram.detach().to(torch.float64).cpu().numpy()
+    n = matrix.shape[0]
+    norms = np.sqrt(np.clip(np.diagonal(matrix), 0.0, None))
+    scale = float(norms.sum()) / n  # equal weights 1/n, every point counted (zeros too)
+    valid = np.flatnonzero(norms > tol)
     coefficients = [0.0] * n
-    if not valid:
+    if valid.size == 0:
         return coefficients
+    inverse = 1.0 / norms[valid]
+    unit_gram = matrix[np.ix_(valid, valid)] * inverse[:, None] * inverse[None, :]
+    k = valid.size
+    alphas = np.full(k, 1.0 / k)
+
+    def length(c: np.ndarray) -> float:
+        return math.sqrt(max(float(c @ unit_gram @ c), 0.0))
+
+    # Start: the normalized mean of the unit vectors (the first unit vector if it is ~0).
+    c = alphas.copy()
+    start = length(c)
+    if start < tol:
+        c = np.zeros(k)
+        c[0] = 1.0
+    else:
+        c = c / start
+    for _ in range(max_iter):
+        dots = np.clip(unit_gram @ c, -1.0, 1.0)
+        angles = np.arccos(dots)
+        sines = np.sin(angles)
+        # the log map of unit vector i at the iterate u: angle / sin(angle) times its
+        # component orthogonal to u, x_i - (x_i . u) u; nothing from points within tol
+        # of u, or antipodal to it (no direction defined)
+        moving = (angles >= tol) & (sines >= _MIN_SINE)
+        factors = np.where(moving, alphas * angles / np.where(moving, sines, 1.0), 0.0)
+        step = factors - float(factors @ dots) * c
+        step_length = length(step)
+        if step_length < tol:
+            break
+        # the exponential map back onto the sphere
+        c = math.cos(step_length) * c + (math.sin(step_length) / step_length) * step
+        size = length(c)
+        if size > tol:
+            c = c / size
+    for j, i in enumerate(valid):
+        coefficients[int(i)] = scale * float(c[j]) / float(norms[i])
+    return coefficients
     index = torch.tensor(valid)
     inverse = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
     unit_gram = gram[index][:, index] * inverse[:, None] * inverse[None, :]

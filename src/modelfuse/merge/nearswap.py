@@ -24,8 +24,8 @@ class NearSwapParameters(MethodParameters):
     """Parameters of :func:`nearswap` (mergekit's ``nearswap``)."""
 
     t: float = Field(
-        description="distance scale: entries closer than t take the other model's value; "
-        "farther ones move toward it by t / |a - b|"
+        description="distance scale: entries of the two models closer than t take the other "
+        "model's value; farther ones move by t toward it"
     )
 
 
