@@ -44,6 +44,7 @@ METHOD_PARAMETERS: dict[str, dict] = {
     "breadcrumbs": {"density": 0.8, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
     "slerp": {"t": 0.4},
+    "nearswap": {"t": 0.001},
 }
 
 # Methods that take fewer models than the benchmark has (slerp: the base and one other).
