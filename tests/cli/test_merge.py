@@ -409,11 +409,11 @@ def test_every_problem_is_reported_at_once(work, capsys, dry_run):
 def test_missing_model_and_unknown_parameter_together(work, capsys):
     text = (
         "merge_method: ties\nbase_model: m0.safetensors\n"
-        "models: [m1.safetensors, missing.safetensors]\nparameters: {epsilon: 3}\n"
+        "models: [m1.safetensors, missing.safetensors]\nparameters: {densty: 3}\n"
     )
     err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=3)
     assert "missing.safetensors: no such file or folder" in err
-    assert "unknown parameter 'epsilon' for merge method 'ties'" in err
+    assert "unknown parameter 'densty' for merge method 'ties'" in err
 
 
 def test_a_missing_model_does_not_hide_out_of_range_values(work, capsys):
@@ -423,13 +423,13 @@ def test_a_missing_model_does_not_hide_out_of_range_values(work, capsys):
         "models:\n"
         "  - {model: m1.safetensors, parameters: {density: 1.5, weight: [0, 9]}}\n"
         "  - missing.safetensors\n"
-        "parameters: {epsilon: 3, lambda: 0.5}\n"
+        "parameters: {densty: 3, lambda: 0.5}\n"
     )
     err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=4)
     lines = err.strip().splitlines()
     assert lines[0] == "modelfuse: error: 3 problems:"
     assert "missing.safetensors: no such file or folder" in err
-    assert "unknown parameter 'epsilon' for merge method 'ties'" in err
+    assert "unknown parameter 'densty' for merge method 'ties'" in err
     assert (
         "m1.safetensors: parameters: density: Input should be less than or equal to 1 (got 1.5)"
         in err
@@ -603,3 +603,92 @@ def test_an_empty_or_folder_configuration_is_named_as_such(make, message, tmp_pa
     err = capsys.readouterr().err
     assert err == f"modelfuse: error: {config}: {message}" + err.split(message, 1)[1]
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+# mergekit 0.1.5 parity: names mergekit accepts and ignores, global settings under a model.
+
+IGNORED = [
+    (
+        "merge_method: model_stock\nbase_model: m0.safetensors\n"
+        "models:\n  - {model: m1.safetensors, parameters: {weight: 0.3}}\n  - m2.safetensors\n",
+        ["m1.safetensors: parameters: 'weight' is ignored: merge method 'model_stock' has no "
+         "such parameter, and mergekit 0.1.5 ignores it too; remove it (parameters of "
+         "'model_stock': filter_wise, pairwise_mean)"],
+    ),
+    (
+        "merge_method: task_arithmetic\nbase_model: m0.safetensors\n"
+        "models:\n  - {model: m1.safetensors, parameters: {lambda: 3, density: 0.5}}\n"
+        "  - m2.safetensors\nparameters: {rescale: true}\n",
+        ["parameters: 'rescale' is ignored: merge method 'task_arithmetic' has no such parameter",
+         "m1.safetensors: parameters: 'lambda' is ignored: it is a global parameter of merge "
+         "method 'task_arithmetic', which mergekit 0.1.5 reads only from the top-level "
+         "parameters (or a slice's), never from a model's; move it there",
+         "m1.safetensors: parameters: 'density' is ignored: merge method 'task_arithmetic'"],
+    ),
+    (
+        "merge_method: linear\nslices:\n  - sources:\n"
+        "      - {model: m0.safetensors, layer_range: [0, 2]}\n"
+        "      - {model: m1.safetensors, layer_range: [0, 2], parameters: {weight: 2}}\n"
+        "    residual_weight: 0.5\n",
+        ["slices[0]: residual_weight is ignored: mergekit 0.1.5 accepts it and uses it nowhere; "
+         "remove it"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), IGNORED, ids=["model_stock", "task_arithmetic", "slices"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_ignored_names_run_with_one_warning_line_each(work, capsys, text, expected, dry_run):
+    code = main(_merge(work, text, *(["--dry-run"] if dry_run else [])))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err and "error" not in err
+    warned = [line for line in err.splitlines() if line.startswith("modelfuse: warning:")]
+    assert len(warned) == len(expected), err  # once each, though the merge is planned twice
+    for line, start in zip(warned, expected):
+        assert line.removeprefix("modelfuse: warning: ").startswith(start)
+    assert (work / "out" / "model.safetensors").is_file() != dry_run
+
+
+def test_a_models_global_setting_gives_the_same_merge_in_either_order(work, capsys):
+    text = (
+        "merge_method: task_arithmetic\nbase_model: m0.safetensors\n"
+        "models:\n  - {model: m1.safetensors, parameters: {lambda: 3}}\n  - m2.safetensors\n"
+    )
+    swapped = (
+        "merge_method: task_arithmetic\nbase_model: m0.safetensors\n"
+        "models:\n  - m2.safetensors\n  - {model: m1.safetensors, parameters: {lambda: 3}}\n"
+    )
+    merged = []
+    for number, config in enumerate([text, swapped]):
+        args = ["merge", _config(work, config), str(work / f"out{number}"), "--quiet"]
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert err.count("'lambda' is ignored") == 1, err
+        merged.append(load_file(work / f"out{number}" / "model.safetensors"))
+    m0, m1, m2 = (load_file(work / f"m{i}.safetensors") for i in range(3))
+    for name in TENSORS:  # lambda 1: m0 + (m1 - m0) + (m2 - m0)
+        expected = m0[name] + (m1[name] - m0[name]) + (m2[name] - m0[name])
+        for result in merged:
+            torch.testing.assert_close(result[name], expected)
+
+
+def test_a_name_mergekit_would_not_know_is_still_refused(work, capsys):
+    text = (
+        "merge_method: model_stock\nbase_model: m0.safetensors\n"
+        "models: [m1.safetensors, {model: m2.safetensors, parameters: {wieght: 1}}]\n"
+    )
+    err = refused(_merge(work, text), capsys, work)
+    assert "m2.safetensors: parameters: unknown parameter 'wieght' for merge method " in err
+    assert "'model_stock'; valid parameters: filter_wise, pairwise_mean" in err
+
+
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+def test_float64_is_accepted(work, capsys, key):
+    text = f"merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n{key}: float64\n"
+    assert main(_merge(work, text)) == 0, capsys.readouterr().err
+    merged = load_file(work / "out" / "model.safetensors")
+    m0, m1 = (load_file(work / f"m{i}.safetensors") for i in range(2))
+    for name in TENSORS:
+        assert merged[name].dtype == torch.float64
+        torch.testing.assert_close(merged[name], ((m0[name] + m1[name]) / 2).double())

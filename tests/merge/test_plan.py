@@ -72,8 +72,11 @@ def test_all_mismatches_reported_together():
 
 
 def test_unknown_parameter_lists_valid_ones():
-    with pytest.raises(ConfigError, match="unknown parameter 'density'.*valid parameters: weight, normalize"):
-        merge_state_dicts("linear", [{"x": torch.ones(1)}], density=0.5)
+    """A name no mergekit method reads (a misspelling) is an error, as it is for every method."""
+    with pytest.raises(ConfigError, match="unknown parameter 'densty'.*valid parameters: weight, normalize"):
+        merge_state_dicts("linear", [{"x": torch.ones(1)}], densty=0.5)
+    with pytest.raises(ConfigError, match="unknown parameter 'colour' for merge method 'fisher'"):
+        merge_state_dicts("fisher", [{"x": torch.ones(1)}], fishers=[{"x": torch.ones(1)}], colour=1)
 
 
 def test_unknown_method_lists_valid_ones():

@@ -120,8 +120,8 @@ def merge_command(
                 progress=advance,
                 model_card=model_card,
             )
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        print(f"modelfuse: warning: {message}", file=sys.stderr)
+    for w in caught:  # one line each, and once: plan_merge may have printed the same already
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not quiet:
         for note in result.notes:
             print(f"modelfuse: {note}", file=sys.stderr)

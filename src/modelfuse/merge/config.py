@@ -192,9 +192,12 @@ def read_yaml(text: str) -> Any:
         loader.dispose()
 
 
-DTypeName = Literal["float32", "float16", "bfloat16"]
+DTypeName = Literal["float64", "float32", "float16", "bfloat16"]
 
 DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
     "float32": torch.float32,
     "fp32": torch.float32,
     "float": torch.float32,
@@ -312,6 +315,11 @@ class SliceEntry(BaseModel):
     parameters: dict[str, ParameterSetting] | None = Field(
         None, description="parameter settings for this slice"
     )
+    residual_weight: FiniteFloat | None = Field(
+        None,
+        description="accepted for mergekit configurations, which read it nowhere; ignored "
+        "with a warning",
+    )
 
     _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
 
@@ -356,7 +364,9 @@ class MergeConfig(BaseModel):
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype {short(value)}; valid: float32, float16, bfloat16")
+            raise ValueError(
+                f"unknown dtype {short(value)}; valid: float64, float32, float16, bfloat16"
+            )
         return value
 
     @field_validator("out_dtype")
@@ -364,7 +374,7 @@ class MergeConfig(BaseModel):
     def _known_out_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in OUT_DTYPES:
             raise ValueError(
-                f"unknown dtype {short(value)}; valid: float32, float16, bfloat16, "
+                f"unknown dtype {short(value)}; valid: float64, float32, float16, bfloat16, "
                 "float8_e4m3fn, float8_e5m2"
             )
         return value

@@ -30,7 +30,7 @@ from modelfuse.memory import peak_rss_bytes
 from modelfuse.merge.config import MergeConfig, ModelEntry, load_config, resolve_dtype
 from modelfuse.merge.execute import default_threads, execute_plan
 from modelfuse.merge.output_paths import check_output_path, expand_user
-from modelfuse.merge.parameters import format_error, short
+from modelfuse.merge.parameters import IgnoredParameterWarning, format_error, short
 from modelfuse.merge.patch import PatchSource
 from modelfuse.merge.plan import (
     MergePlan,
@@ -283,28 +283,37 @@ def _parameter_key_problems(method: MergeMethod, config: MergeConfig) -> list[st
     tensor, so it can be checked before the tensors are known; gradients and
     filters are checked per tensor when the models can be read.
     """
-    levels: list[tuple[str, Mapping[str, Any]]] = [("parameters", config.parameters or {})]
-    levels += [(f"{e.model}: parameters", e.parameters or {}) for e in config.models or []]
+    levels: list[tuple[str, Mapping[str, Any], bool]] = [
+        ("parameters", config.parameters or {}, False)
+    ]
+    levels += [(f"{e.model}: parameters", e.parameters or {}, True) for e in config.models or []]
     for number, piece in enumerate(config.slices or []):
-        levels.append((f"slices[{number}].parameters", piece.parameters or {}))
+        levels.append((f"slices[{number}].parameters", piece.parameters or {}, False))
         levels += [
-            (f"slices[{number}]: {src.model}: parameters", src.parameters or {})
+            (f"slices[{number}]: {src.model}: parameters", src.parameters or {}, True)
             for src in piece.sources
         ]
     found: list[str] = []
-    for where, settings in levels:
+    for where, settings, model in levels:
         found += check_keys(method, where, settings)
-        found += _plain_value_problems(method, where, settings)
+        found += _plain_value_problems(method, where, settings, model=model)
     return found
 
 
-def _plain_value_problems(method: MergeMethod, where: str, settings: Mapping[str, Any]) -> list[str]:
-    """A problem for each plain (scalar) setting that ``method``'s declaration refuses."""
+def _plain_value_problems(
+    method: MergeMethod, where: str, settings: Mapping[str, Any], *, model: bool = False
+) -> list[str]:
+    """A problem for each plain (scalar) setting that ``method``'s declaration refuses.
+
+    With ``model`` (one model's settings), global parameters are ignored, as
+    the merge ignores them there.
+    """
     declaration = method.parameters
+    used = set(declaration.per_model_fields()) if model else set(declaration.model_fields)
     given = {
         key: value
         for key, value in settings.items()
-        if declaration.field_for(key) is not None and isinstance(value, (bool, int, float, str))
+        if declaration.field_for(key) in used and isinstance(value, (bool, int, float, str))
     }
     if not given:
         return []
@@ -397,9 +406,18 @@ def _slice_plan(
                 )
             base = matches[0]
         slices.append(OutputSlice(sources, base, dict(entry.parameters or {})))
-    return build_slice_plan(
+    plan = build_slice_plan(
         method, slices, config.parameters or {}, compute_dtype=compute, out_dtype=out_dtype
     )
+    for number, entry in enumerate(config.slices or []):
+        if entry.residual_weight is not None:
+            warnings.warn(
+                f"slices[{number}]: residual_weight is ignored: mergekit 0.1.5 accepts it and "
+                "uses it nowhere; remove it",
+                IgnoredParameterWarning,
+                stacklevel=2,
+            )
+    return plan
 
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

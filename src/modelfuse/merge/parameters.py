@@ -33,8 +33,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from modelfuse.errors import ConfigError
 
 __all__ = [
+    "MERGEKIT_METHODS",
+    "MERGEKIT_PARAMETERS",
     "PER_MODEL",
     "Conditional",
+    "IgnoredParameterWarning",
     "MethodParameters",
     "ParameterSetting",
     "Scalar",
@@ -45,6 +48,43 @@ __all__ = [
 ]
 
 Scalar = bool | int | float | str
+
+MERGEKIT_METHODS = frozenset(
+    {
+        "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
+        "della", "della_linear", "karcher", "linear", "model_stock", "multislerp",
+        "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "slerp",
+        "task_arithmetic", "ties",
+    }
+)  # fmt: skip
+"""The merge methods of mergekit 0.1.5, by the names its configurations use."""
+
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "alpha", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask",
+        "lambda", "max_iter", "normalize", "normalize_weights", "nuslerp_flatten",
+        "nuslerp_row_wise", "r", "rescale", "scale", "select_topk", "t", "tol", "weight",
+    }
+)  # fmt: skip
+"""Every parameter name some mergekit 0.1.5 method reads.
+
+mergekit reads the names its method declares and ignores every other key of
+``parameters`` without a word. For a method mergekit has, modelfuse ignores
+these names, when the method has no such parameter, with an
+:class:`IgnoredParameterWarning` (a ``weight`` on ``model_stock``, a
+``density`` on ``task_arithmetic``); any other unknown name is an error, as it
+is most likely a misspelling that mergekit would silently drop.
+"""
+
+
+class IgnoredParameterWarning(UserWarning):
+    """A configuration key that the merge ignores, as mergekit 0.1.5 does; the merge runs.
+
+    Raised for a parameter name of another mergekit method (see
+    :data:`MERGEKIT_PARAMETERS`), a global parameter given under one model's
+    ``parameters`` (mergekit reads global parameters only from the top-level
+    ``parameters`` and a slice's), and a slice's ``residual_weight``.
+    """
 
 
 class Conditional(BaseModel):

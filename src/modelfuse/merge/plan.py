@@ -8,6 +8,7 @@ invalid parameter values) is collected and reported together.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -17,6 +18,9 @@ from pydantic import ValidationError
 
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.merge.parameters import (
+    MERGEKIT_METHODS,
+    MERGEKIT_PARAMETERS,
+    IgnoredParameterWarning,
     MethodParameters,
     evaluate_setting,
     format_error,
@@ -38,6 +42,7 @@ __all__ = [
     "attach_patches",
     "check_keys",
     "count_layers",
+    "ignored_keys",
     "layer_position",
     "split_layer_name",
 ]
@@ -163,6 +168,20 @@ def layer_position(names: Sequence[str]) -> dict[str, float]:
     return positions
 
 
+def _dtypes(
+    compute_dtype: torch.dtype | None, out_dtype: torch.dtype | None
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``(compute, out)``: ``dtype: float64`` rounds no input, so inputs are read as they are.
+
+    The arithmetic is float32 whatever the compute dtype; float64 only decides
+    the written dtype (unless ``out_dtype`` is given), without holding float64
+    copies of the inputs.
+    """
+    if compute_dtype == torch.float64:
+        return None, out_dtype or torch.float64
+    return compute_dtype, out_dtype
+
+
 def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a merged tensor is written in without ``dtype``: float8 inputs give float32."""
     return torch.float32 if dtype.itemsize == 1 else dtype
@@ -207,7 +226,9 @@ def _value_texts(
     exc: ValidationError, declaration: type[MethodParameters], model: ModelInput | None
 ) -> list[str]:
     """One text per failing parameter, naming the model only when the model set the value."""
+    per_model = set(declaration.per_model_fields())
     own = set() if model is None else {declaration.field_for(k) for k in model.parameters}
+    own &= per_model
     texts = []
     for error in exc.errors():
         field_name = declaration.field_for(str(error["loc"][0])) if error["loc"] else None
@@ -225,9 +246,12 @@ def _resolve(
 ) -> dict[str, Any]:
     """Resolve and validate every parameter of ``method`` for tensor ``name``.
 
-    A model's own settings win, then ``levels`` from the most specific (a
-    slice's) to the least (the global ``parameters``); a setting whose filters
-    match nothing falls through to the next level, as in mergekit.
+    A model's own settings of per-model parameters win, then ``levels`` from
+    the most specific (a slice's) to the least (the global ``parameters``); a
+    setting whose filters match nothing falls through to the next level, as in
+    mergekit. A model's settings of global parameters are ignored (mergekit
+    reads global parameters with no model; :func:`ignored_keys` warns), so the
+    result never depends on the order of the models.
     """
     declaration = method.parameters
     resolved_global: dict[str, Any] = {}
@@ -246,8 +270,8 @@ def _resolve(
     for model in models:
         values = dict(resolved_global)
         for key, setting in model.parameters.items():
-            if declaration.field_for(key) is None:
-                continue  # reported by check_keys
+            if declaration.field_for(key) not in per_model:
+                continue  # unknown: reported by check_keys; global: ignored (ignored_keys)
             value = evaluate_setting(setting, name, t)
             if value is not None:
                 values[key] = value
@@ -275,18 +299,77 @@ def _resolve(
     return kwargs
 
 
+def _mergekit_ignores(method: MergeMethod, key: str) -> bool:
+    """Whether mergekit 0.1.5 runs ``method`` with ``key`` and ignores it (see MERGEKIT_PARAMETERS)."""
+    return (
+        method.name in MERGEKIT_METHODS
+        and key in MERGEKIT_PARAMETERS
+        and method.parameters.field_for(key) is None
+    )
+
+
+def _valid_names(method: MergeMethod) -> str:
+    declaration = method.parameters
+    return ", ".join(declaration.config_name(f) for f in declaration.model_fields) or "none"
+
+
 def check_keys(method: MergeMethod, where: str, settings: Mapping[str, Any]) -> list[str]:
-    """A problem for every key of ``settings`` that ``method`` does not have."""
+    """A problem for every key of ``settings`` that ``method`` does not have.
+
+    Names that mergekit 0.1.5 accepts and ignores for this method are not
+    problems (:func:`ignored_keys` warns about them instead).
+    """
     declaration = method.parameters
     problems = []
     for key in settings:
-        if declaration.field_for(key) is None:
-            valid = ", ".join(declaration.config_name(f) for f in declaration.model_fields)
+        if declaration.field_for(key) is None and not _mergekit_ignores(method, key):
             problems.append(
-                f"{where}: unknown parameter {key!r} for merge method {method.name!r}; "
-                f"valid parameters: {valid or 'none'}"
+                f"{where}: unknown parameter {short(key)} for merge method {method.name!r}; "
+                f"valid parameters: {_valid_names(method)}"
             )
     return problems
+
+
+def ignored_keys(
+    method: MergeMethod, where: str, settings: Mapping[str, Any], *, model: bool
+) -> list[str]:
+    """One message for every key of ``settings`` that the merge ignores, as mergekit 0.1.5 does.
+
+    Ignored are a parameter name of another mergekit method on a mergekit
+    method without it (``weight`` on ``model_stock``, ``density`` on
+    ``task_arithmetic``), and, when ``model`` is true (the settings are one
+    model's), a global parameter: mergekit reads global parameters only from
+    the top-level ``parameters`` and a slice's, never from a model's.
+
+    Examples
+    --------
+    >>> from modelfuse.merge.registry import get_method
+    >>> ignored_keys(get_method("slerp"), "models[0]", {"weight": 1.0}, model=True)[0][:52]
+    "models[0]: 'weight' is ignored: merge method 'slerp'"
+    """
+    declaration = method.parameters
+    per_model = set(declaration.per_model_fields())
+    found = []
+    for key in settings:
+        field_name = declaration.field_for(key)
+        if _mergekit_ignores(method, key):
+            found.append(
+                f"{where}: {short(key)} is ignored: merge method {method.name!r} has no such "
+                f"parameter, and mergekit 0.1.5 ignores it too; remove it (parameters of "
+                f"{method.name!r}: {_valid_names(method)})"
+            )
+        elif model and field_name is not None and field_name not in per_model:
+            found.append(
+                f"{where}: {short(key)} is ignored: it is a global parameter of merge method "
+                f"{method.name!r}, which mergekit 0.1.5 reads only from the top-level "
+                "parameters (or a slice's), never from a model's; move it there"
+            )
+    return found
+
+
+def _warn_ignored(messages: Sequence[str]) -> None:
+    for message in dict.fromkeys(messages):
+        warnings.warn(message, IgnoredParameterWarning, stacklevel=3)
 
 
 def _check_method(
@@ -421,10 +504,13 @@ def build_plan(
         problem is listed in the one message.
     """
     global_settings = dict(global_settings or {})
+    compute_dtype, out_dtype = _dtypes(compute_dtype, out_dtype)
     problems: list[str] = []
     problems += check_keys(method, "parameters", global_settings)
+    ignored = ignored_keys(method, "parameters", global_settings, model=False)
     for model in models:
         problems += check_keys(method, f"{model.label}: parameters", model.parameters)
+        ignored += ignored_keys(method, f"{model.label}: parameters", model.parameters, model=True)
     problems += _check_method(method, models, base)
     values = _ValueProblems()
 
@@ -496,6 +582,7 @@ def build_plan(
             )
         )
     _raise_all(problems, mismatches, values)
+    _warn_ignored(ignored)
     return MergePlan(method, list(models), base, tasks, compute_dtype, notes)
 
 
@@ -558,13 +645,17 @@ def build_slice_plan(
     0.1.5.
     """
     global_settings = dict(global_settings or {})
+    compute_dtype, out_dtype = _dtypes(compute_dtype, out_dtype)
     problems = check_keys(method, "parameters", global_settings)
+    ignored = ignored_keys(method, "parameters", global_settings, model=False)
     for number, piece in enumerate(slices):
-        problems += check_keys(method, f"slices[{number}].parameters", piece.parameters)
+        where = f"slices[{number}].parameters"
+        problems += check_keys(method, where, piece.parameters)
+        ignored += ignored_keys(method, where, piece.parameters, model=False)
         for source in piece.sources:
-            problems += check_keys(
-                method, f"slices[{number}]: {source.model.label}: parameters", source.model.parameters
-            )
+            where = f"slices[{number}]: {source.model.label}: parameters"
+            problems += check_keys(method, where, source.model.parameters)
+            ignored += ignored_keys(method, where, source.model.parameters, model=True)
     values = _ValueProblems()
 
     def participants(piece: OutputSlice) -> tuple[list[SliceSource], SliceSource | None]:
@@ -695,6 +786,7 @@ def build_slice_plan(
             layer += 1
     edge(slices[-1], len(slices) - 1, finals, 0.0)
     _raise_all(problems, mismatches, values)
+    _warn_ignored(ignored)
     models = list({id(s.model): s.model for piece in slices for s in piece.sources}.values())
     plan = MergePlan(method, models, None, tasks, compute_dtype)
     plan.layers = layer
