@@ -235,8 +235,8 @@ def test_unknown_method_and_parameter(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="unknown merge method 'avg'; valid methods:"):
         modelfuse.merge(_config(paths, method="avg"), out)
-    with pytest.raises(ConfigError, match="unknown parameter 'alpha'.*valid parameters: weight"):
-        modelfuse.merge(_config(paths, parameters={"alpha": 0.5}), out)
+    with pytest.raises(ConfigError, match="unknown parameter 'colour'.*valid parameters: weight"):
+        modelfuse.merge(_config(paths, parameters={"colour": 0.5}), out)
     with pytest.raises(ConfigError, match="unknown key.*valid keys: merge_method"):
         modelfuse.merge(_config(paths, merge_methd="linear"), out)
     _assert_nothing_written(tmp_path, out)
