@@ -54,6 +54,7 @@ from modelfuse.merge.linear import LinearParameters, linear
 from modelfuse.merge.model_stock import ModelStockParameters, model_stock, task_vector_gram
 from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp, point_gram
 from modelfuse.merge.nearswap import NearSwapParameters, nearswap
+from modelfuse.merge.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
 from modelfuse.merge.parameters import MethodParameters, short
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
@@ -388,6 +389,19 @@ METHODS: dict[str, MergeMethod] = {
         optional_base=True,
         low_precision_inputs=True,
         reduction=Reduction(karcher_gram, "gram"),
+    ),
+    "nuslerp": MergeMethod(
+        "nuslerp",
+        nuslerp,
+        NuSlerpParameters,
+        "spherical interpolation of two models at t = w_2 / (w_1 + w_2), of task vectors "
+        "when a base is given",
+        optional_base=True,
+        min_models=2,
+        max_models=2,
+        # the vectors along the last dimension need no reduction (a block holds them
+        # whole); the reduction then returns nothing
+        reduction=Reduction(nuslerp_products, "products"),
     ),
 }
 """Every merge method, by the name used in configurations."""

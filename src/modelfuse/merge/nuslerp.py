@@ -1,0 +1,223 @@
+"""NuSLERP: spherical interpolation of two models by their weights (mergekit's ``nuslerp``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.parameters import PER_MODEL, MethodParameters
+
+__all__ = ["NuSlerpParameters", "nuslerp", "nuslerp_products"]
+
+_MIN_NORM = 1e-7
+"""Norms are clamped at this before the cosine is taken (mergekit's normalisation)."""
+
+_COLINEAR = 1e-8
+"""Below this ``|sin Ω|`` the two vectors are colinear and interpolated linearly."""
+
+_CHUNK = 1 << 20
+"""Entries multiplied at a time for the dot products of a whole flattened tensor."""
+
+Layout = Literal["flat", "last", "first"]
+
+
+class NuSlerpParameters(MethodParameters):
+    """Parameters of :func:`nuslerp` (mergekit's ``nuslerp``)."""
+
+    weight: Annotated[float, PER_MODEL] = Field(
+        1.0,
+        description="the model's weight; t = w_2 / (w_1 + w_2) (mergekit requires it; "
+        "modelfuse defaults to 1)",
+    )
+    nuslerp_flatten: bool = Field(
+        True,
+        description="one angle for the whole tensor (true), or one per vector (false; see "
+        "nuslerp_row_wise)",
+    )
+    nuslerp_row_wise: bool = Field(
+        False,
+        description="without nuslerp_flatten: interpolate the vectors along the first "
+        "dimension (true) instead of the last (false), as mergekit does",
+    )
+
+
+def _layout(tensor: torch.Tensor, flatten: bool, row_wise: bool) -> Layout:
+    if flatten or tensor.dim() <= 1:
+        return "flat"
+    return "first" if row_wise else "last"
+
+
+def _points(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two vectors interpolated, in float32: the tensors, or their task vectors."""
+    if len(tensors) != 2:
+        extra = " besides the base model" if base is not None else ""
+        raise ConfigError(
+            f"nuslerp interpolates between exactly two models{extra}; got {len(tensors)}"
+        )
+    v0, v1 = (t.to(torch.float32) for t in tensors)
+    if base is not None:
+        reference = base.to(torch.float32)
+        v0, v1 = v0 - reference, v1 - reference
+    return v0, v1
+
+
+def _flat_products(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    square_a = square_b = dot = 0.0
+    for start in range(0, a.numel(), _CHUNK):  # float32 per chunk, summed in double
+        part_a, part_b = a[start : start + _CHUNK], b[start : start + _CHUNK]
+        square_a += float(torch.dot(part_a, part_a))
+        square_b += float(torch.dot(part_b, part_b))
+        dot += float(torch.dot(part_a, part_b))
+    return torch.tensor([square_a, square_b, dot], dtype=torch.float64)
+
+
+def _products(v0: torch.Tensor, v1: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``[3, ...]`` float64: ``v0·v0, v1·v1, v0·v1`` per vector of the layout."""
+    if layout == "flat":
+        return _flat_products(v0, v1)
+    axis = 0 if layout == "first" else -1
+    return torch.stack([(v0 * v0).sum(axis), (v1 * v1).sum(axis), (v0 * v1).sum(axis)]).double()
+
+
+def nuslerp_products(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> torch.Tensor:
+    r"""What NuSLERP needs of a whole tensor before merging a block of its rows.
+
+    ``[3]`` float64 (:math:`v_0 \cdot v_0, v_1 \cdot v_1, v_0 \cdot v_1`) when
+    the whole tensor is one vector (``nuslerp_flatten``, or a 1-D tensor);
+    ``[3, *shape[1:]]`` with ``nuslerp_row_wise`` (one vector per position along
+    the first dimension); an empty tensor when the vectors lie along the last
+    dimension, which a block of rows holds whole. Sums over blocks of rows add
+    up to the whole tensor's.
+
+    Examples
+    --------
+    >>> nuslerp_products([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])])
+    tensor([25.,  1.,  4.], dtype=torch.float64)
+    """
+    v0, v1 = _points(tensors, base)
+    layout = _layout(v0, nuslerp_flatten, nuslerp_row_wise)
+    if layout == "last":
+        return torch.zeros(0, dtype=torch.float64)
+    return _products(v0, v1, layout)
+
+
+def _coefficients(products: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLERP's two coefficients per vector (float64), linear where the vectors are colinear."""
+    square_0, square_1, dot = products[0], products[1], products[2]
+    norm_0 = square_0.clamp(min=0).sqrt().clamp(min=_MIN_NORM)
+    norm_1 = square_1.clamp(min=0).sqrt().clamp(min=_MIN_NORM)
+    omega = torch.arccos((dot / (norm_0 * norm_1)).clamp(-1.0, 1.0))
+    sine = torch.sin(omega)
+    colinear = sine.abs() < _COLINEAR
+    safe = torch.where(colinear, torch.ones_like(sine), sine)
+    c0 = torch.where(colinear, torch.full_like(sine, 1.0 - t), torch.sin((1.0 - t) * omega) / safe)
+    c1 = torch.where(colinear, torch.full_like(sine, t), torch.sin(t * omega) / safe)
+    return c0, c1
+
+
+def nuslerp(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    weight: Sequence[float] | None = None,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+    products: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Spherical interpolation between two models at :math:`t = w_2 / (w_1 + w_2)`.
+
+    With :math:`v_0, v_1` the two models' tensors (their task vectors
+    :math:`\theta_i - \theta_b` when a base is given) and
+    :math:`t = w_2 / (w_1 + w_2)` (0.5 when :math:`|w_1 + w_2| < 10^{-6}`),
+    for each vector:
+
+    .. math::
+
+        \cos\Omega = \frac{v_0 \cdot v_1}{\max(\lVert v_0\rVert, 10^{-7})\,
+        \max(\lVert v_1\rVert, 10^{-7})}, \qquad
+        \operatorname{slerp} = \frac{\sin((1-t)\Omega)}{\sin\Omega} v_0
+        + \frac{\sin(t\Omega)}{\sin\Omega} v_1 ,
+
+    the linear interpolation :math:`(1-t) v_0 + t v_1` where
+    :math:`|\sin\Omega| < 10^{-8}`; with a base the result is
+    :math:`\theta_b + \operatorname{slerp}`. The vectors are the whole flattened
+    tensor (``nuslerp_flatten``, the default), else the tensor's vectors along
+    its last dimension (one per output row of a linear layer), or along its
+    first dimension with ``nuslerp_row_wise`` (mergekit's naming); a 1-D tensor
+    is one vector in every mode.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        Exactly two models' tensors. Not modified.
+    base : Tensor, optional
+        Interpolate the task vectors around this tensor.
+    weight : sequence of float, optional
+        The two models' weights (default 1 each: t = 0.5).
+    nuslerp_flatten : bool, default True
+        One angle for the whole tensor.
+    nuslerp_row_wise : bool, default False
+        Without ``nuslerp_flatten``: vectors along the first dimension.
+    products : Tensor, optional
+        :func:`nuslerp_products` of the whole tensors, when the inputs are a
+        block of rows of them (the engine's row blocks); computed from the
+        inputs when not given.
+
+    Returns
+    -------
+    Tensor
+        float32.
+
+    References
+    ----------
+    Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985;
+    mergekit's ``nuslerp`` (Goddard et al., "Arcee's MergeKit: a toolkit for
+    merging large language models", EMNLP 2024 Industry Track,
+    https://arxiv.org/abs/2403.13257).
+
+    Examples
+    --------
+    >>> a, b = torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    >>> nuslerp([a, b], weight=[1.0, 1.0], nuslerp_flatten=False)  # per row: 45 degrees
+    tensor([[0.7071, 0.7071],
+            [1.4142, 1.4142]])
+    >>> nuslerp([a, b], weight=[3.0, 1.0])  # t = 0.25 of the angle, whole tensor
+    tensor([[0.9239, 0.3827],
+            [1.8478, 0.7654]])
+    """
+    v0, v1 = _points(tensors, base)
+    weights = [1.0, 1.0] if weight is None else [float(w) for w in weight]
+    if len(weights) != len(tensors):
+        raise ConfigError(
+            f"nuslerp: {len(weights)} weights for {len(tensors)} models; give one per model"
+        )
+    total = weights[0] + weights[1]
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    layout = _layout(v0, nuslerp_flatten, nuslerp_row_wise)
+    if layout == "last" or products is None:
+        products = _products(v0, v1, layout)
+    c0, c1 = _coefficients(products.to(torch.float64), t)
+    if layout == "last":
+        c0, c1 = c0.unsqueeze(-1), c1.unsqueeze(-1)
+    elif layout == "first":
+        c0, c1 = c0.unsqueeze(0), c1.unsqueeze(0)
+    else:
+        c0, c1 = c0.reshape((1,) * v0.dim()), c1.reshape((1,) * v0.dim())
+    # new tensors: v0 and v1 may be the caller's own float32 tensors
+    out = torch.mul(v0, c0.to(torch.float32)).add_(v1 * c1.to(torch.float32))
+    if base is not None:
+        out.add_(base.to(torch.float32))
+    return out
