@@ -101,3 +101,21 @@ def test_tensor_larger_than_a_chunk():
     torch.testing.assert_close(
         out, _ref(base, tensors, [1, 1], [0.3, 0.7], [0.05, 0.2], consensus="sum")
     )
+
+
+def test_tiny_densities_keep_int_density_n_as_mergekit():
+    """mergekit 0.1.5 (sparsify.magnitude_outliers) keeps int(density * n) entries, with no
+    floor of one (unlike its magnitude trim): at density 0.005 a 130-entry tensor keeps
+    none; at 0.01 it keeps 1, the largest after int(gamma * n) = 1 outlier is dropped."""
+    base, a = _models(1)
+    tau = (a - base).reshape(-1)
+    torch.testing.assert_close(breadcrumbs([a], base, density=0.005, gamma=0.01), base)
+    order = torch.argsort(tau.abs(), descending=True)
+    expected = torch.zeros(130)
+    expected[order[1]] = tau[order[1]]
+    out = breadcrumbs([a], base, density=0.01, gamma=0.01)
+    torch.testing.assert_close(out, base + expected.reshape(10, 13))
+    # rescale: true is mergekit's L1 rescale: the one kept entry carries the whole norm
+    expected[order[1]] = torch.sign(tau[order[1]]) * tau.abs().sum()
+    out = breadcrumbs([a], base, density=0.01, gamma=0.01, rescale=True)
+    torch.testing.assert_close(out, base + expected.reshape(10, 13))

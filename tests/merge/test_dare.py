@@ -5,6 +5,7 @@ import torch
 from modelfuse.merge import merge_state_dicts
 from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
 from modelfuse.merge.execute import tensor_generator
+from modelfuse.merge.task_vectors import rescale_factors
 
 from ._reference import combine
 
@@ -35,18 +36,30 @@ def _masks(shape, densities, seed, generator=None):
     return masks
 
 
-def _ref(base, tensors, w, d, seed, lam=1.0, normalize=False, consensus=None):
+def _rescaled(tau, m, d, how):
+    """mergekit 0.1.5's rescale ('l1': the kept entries times ||tau||_1 / ||m tau||_1, no
+    rescale when either is below 1e-7), the paper's ('exact': divided by d), or none."""
+    if d >= 1:
+        return tau
+    kept = tau * m
+    if how == "exact":
+        return kept / d if d > 0 else kept
+    if how == "l1":
+        before, after = np.abs(tau).sum(), np.abs(kept).sum()
+        return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+    return kept
+
+
+def _ref(base, tensors, w, d, seed, lam=1.0, normalize=False, consensus=None, how="l1"):
     b = base.double().numpy()
     masks = _masks(base.shape, d, seed)
-    taus = [
-        (t.double().numpy() - b) * m / di if di > 0 else 0 * b
-        for t, m, di in zip(tensors, masks, d)
-    ]
+    taus = [_rescaled(t.double().numpy() - b, m, di, how) for t, m, di in zip(tensors, masks, d)]
     return torch.from_numpy(combine(b, taus, w, lam, normalize, consensus)).float()
 
 
+@pytest.mark.parametrize("how", ["l1", "exact"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_dare_linear_matches_formula_with_exact_rescale(normalize):
+def test_dare_linear_matches_formula(normalize, how):
     base, *tensors = _models(3)
     w, d = [0.5, 1.0, -0.3], [0.1, 0.5, 0.8]
     out = dare_linear(
@@ -56,13 +69,15 @@ def test_dare_linear_matches_formula_with_exact_rescale(normalize):
         density=d,
         lambda_=1.2,
         normalize=normalize,
+        rescale_method=how,
         generator=torch.Generator().manual_seed(7),
     )
-    torch.testing.assert_close(out, _ref(base, tensors, w, d, 7, 1.2, normalize))
+    torch.testing.assert_close(out, _ref(base, tensors, w, d, 7, 1.2, normalize, how=how))
 
 
+@pytest.mark.parametrize("how", ["l1", "exact"])
 @pytest.mark.parametrize("consensus", ["sum", "count"])
-def test_dare_ties_matches_formula(consensus):
+def test_dare_ties_matches_formula(consensus, how):
     base, *tensors = _models(3)
     w, d = [1.0, 0.6, 0.8], [0.3, 0.5, 0.9]
     out = dare_ties(
@@ -71,14 +86,64 @@ def test_dare_ties_matches_formula(consensus):
         weight=w,
         density=d,
         consensus_method=consensus,
+        rescale_method=how,
         generator=torch.Generator().manual_seed(3),
     )
-    torch.testing.assert_close(out, _ref(base, tensors, w, d, 3, consensus=consensus))
+    torch.testing.assert_close(out, _ref(base, tensors, w, d, 3, consensus=consensus, how=how))
+
+
+def test_default_rescale_keeps_each_task_vectors_l1_norm_as_mergekit():
+    """mergekit 0.1.5 (sparsify.bernoulli, rescale_norm=l1 when rescale is true, the
+    default of dare_linear and dare_ties): sum |kept| equals sum |tau| per tensor."""
+    base, a, b = _models(2)
+    g = torch.Generator().manual_seed(8)
+    dropped = dare_linear([a], base, density=0.3, rescale=False, generator=g)
+    kept = int((dropped != base).sum())
+    out = dare_linear([a], base, density=0.3, generator=torch.Generator().manual_seed(8))
+    tau = (a - base).double()
+    assert 0 < kept < tau.numel()
+    assert abs(float((out - base).double().abs().sum() / tau.abs().sum()) - 1) < 1e-6
+    # the same through a configuration, where rescale and rescale_method are not given
+    merged = merge_state_dicts("dare_linear", [{"w": a}], {"w": base}, density=0.3)
+    assert abs(float((merged["w"] - base).double().abs().sum() / tau.abs().sum()) - 1) < 1e-6
+    for cls in (DareLinearParameters, DareTiesParameters):
+        assert cls().rescale_method == "l1"
+
+
+def test_l1_rescale_below_mergekits_epsilon_is_no_rescale():
+    """mergekit leaves the kept entries as they are when ||tau||_1 or ||m tau||_1 < 1e-7."""
+    base, a = _models(1)
+    torch.testing.assert_close(dare_linear([base.clone()], base, density=0.5), base)
+    zero = torch.zeros(600)
+    signs = torch.sign(a.reshape(-1) - base.reshape(-1))
+    for size, rescaled in [(1e-10, False), (1e-9, True)]:  # ||tau||_1 = 6e-8, 6e-7
+        model = size * signs
+
+        def run(model=model, **kwargs):
+            return dare_linear(
+                [model], zero, density=0.5, generator=torch.Generator().manual_seed(1), **kwargs
+            )
+
+        plain = run(rescale=False)
+        kept = int((plain != 0).sum())
+        assert 200 < kept < 400
+        expected = plain * (600 / kept) if rescaled else plain
+        torch.testing.assert_close(run(), expected)
+
+
+def test_density_one_is_never_rescaled_and_tiny_densities_may_keep_nothing():
+    """Bernoulli drops round nothing (mergekit 0.1.5 draws torch.bernoulli(density)): a
+    density of 1e-6 keeps no entry of 600 here, and an all-zero kept vector is left alone."""
+    base, a = _models(1)
+    torch.testing.assert_close(dare_linear([a], base, density=1.0), a)
+    for how in ("l1", "exact"):
+        out = dare_linear([a], base, density=1e-6, rescale_method=how, random_seed=3)
+        torch.testing.assert_close(out, base)
 
 
 def test_kept_entries_are_divided_by_exactly_the_keep_probability():
     base = torch.zeros(20000)
-    out = dare_linear([torch.ones(20000)], base, density=0.3, random_seed=1)
+    out = dare_linear([torch.ones(20000)], base, density=0.3, random_seed=1, rescale_method="exact")
     values = set(out.unique().tolist())
     assert values == {0.0, 1.0 / 0.3} or values == {0.0, float(torch.tensor(1.0) / 0.3)}
     kept = float((out != 0).float().mean())
@@ -147,7 +212,7 @@ def test_same_seed_same_result_for_one_or_two_threads():
 def _ref_with_generator(base, tensors, d, g):
     masks = _masks(base.shape, d, None, generator=g)
     b = base.double().numpy()
-    taus = [(t.double().numpy() - b) * m / di for t, m, di in zip(tensors, masks, d)]
+    taus = [_rescaled(t.double().numpy() - b, m, di, "l1") for t, m, di in zip(tensors, masks, d)]
     return torch.from_numpy(combine(b, taus, [1, 1], 1.0, False, "sum")).float()
 
 
@@ -180,7 +245,7 @@ def test_a_block_of_rows_gets_the_whole_tensors_draws():
     is the whole tensor's rows, across generator chunks (2**18 entries)."""
     g = torch.Generator().manual_seed(5)
     base, a, b = (torch.randn(700, 600, generator=g) for _ in range(3))
-    kwargs = {"density": [0.4, 0.7], "random_seed": 3}
+    kwargs = {"density": [0.4, 0.7], "random_seed": 3, "rescale_method": "exact"}
     whole = dare_ties([a, b], base, **kwargs)
     for start, stop in [(0, 1), (400, 700), (436, 437), (123, 555)]:
         block = dare_ties(
@@ -190,3 +255,54 @@ def test_a_block_of_rows_gets_the_whole_tensors_draws():
     linear_whole = dare_linear([a, b], base, **kwargs)
     block = dare_linear([a[436:], b[436:]], base[436:], offset=436 * 600, **kwargs)
     assert torch.equal(block, linear_whole[436:])
+    # with the default L1 rescale a block needs the whole tensor's factors
+    factors = rescale_factors(
+        [a, b], base, density=[0.4, 0.7], generator=torch.Generator().manual_seed(3)
+    )
+    masks = _masks(base.shape, [0.4, 0.7], 3)
+    for factor, model, m in zip(factors, (a, b), masks):
+        tau = (model - base).double().numpy()
+        assert abs(factor - np.abs(tau).sum() / np.abs(tau * m).sum()) < 1e-9 * factor
+    kwargs["rescale_method"] = "l1"
+    block = dare_linear(
+        [a[436:], b[436:]], base[436:], offset=436 * 600, rescale_factors=factors, **kwargs
+    )
+    assert not torch.equal(block, linear_whole[436:])
+    assert torch.equal(block, dare_linear([a, b], base, **kwargs)[436:])
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("how", ["l1", "exact"])
+def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method, how):
+    """The engine merges large tensors in blocks of rows: with the L1 rescale each tensor's
+    factors are its reduction (one pass over the whole tensor, with the merge's masks),
+    then every block is merged alone; the exact rescale needs no reduction. Bitwise the
+    whole tensor's result, from one thread or two, and the formula written out."""
+    import modelfuse.merge.execute as execute
+
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in "ab"]
+    params = {"density": 0.4, "random_seed": 5, "rescale_method": how}
+    whole = merge_state_dicts(method, models, base, **params)
+    consensus = "sum" if method == "dare_ties" else None
+    for name in base:
+        masks = _masks(base[name].shape, [0.4, 0.4], None, generator=tensor_generator(5, name))
+        b = base[name].double().numpy()
+        taus = [
+            _rescaled(m[name].double().numpy() - b, mask, d, how)
+            for m, mask, d in zip(models, masks, [0.4, 0.4])
+        ]
+        expected = torch.from_numpy(combine(b, taus, [1, 1], 1.0, False, consensus)).float()
+        torch.testing.assert_close(whole[name], expected)
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    reductions, blocks = [], []
+    reduce, call = execute._reduce, execute._call
+    monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))
+    monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
+    for threads in (1, 2):
+        merged = merge_state_dicts(method, models, base, threads=threads, **params)
+        for name in whole:
+            assert torch.equal(merged[name], whole[name])
+    assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)
+    assert sorted(reductions) == (["b", "b", "w", "w"] if how == "l1" else [])

@@ -6,6 +6,7 @@ from modelfuse.merge import magnitude_selection
 from modelfuse.merge.magnitude_selection import (
     TensorSelection,
     global_top_k,
+    kept_count,
     kth_largest,
     select_top_k,
     select_top_ks,
@@ -135,3 +136,23 @@ def test_a_guess_from_a_tied_sample_is_checked_by_counting(truthful):
     select = selection.selector()  # one selector: ties are kept in index order across chunks
     got = torch.cat([select(c) != 0 for c in chunks]).numpy()
     assert np.array_equal(got, expected)
+
+
+def test_kept_count_is_mergekits_count():
+    # mergekit 0.1.5 sparsify.magnitude: k = max(1, int(density * numel)); density <= 0: 0
+    for density, n, k in [
+        (0.5, 5, 2),
+        (1e-9, 1000, 1),
+        (0.0, 1000, 0),
+        (0.999, 10, 9),
+        (1.0, 7, 7),
+        (0.3, 0, 0),
+    ]:
+        assert kept_count(density, n) == k
+
+
+def test_global_top_k_keeps_one_entry_at_a_tiny_density():
+    chunks = [("a", [torch.tensor([0.5, 4.0])]), ("b", [torch.tensor([1.0, 3.0, 2.0])])]
+    [selection] = global_top_k(lambda: iter(chunks), [1e-6])
+    assert (selection.kept, selection.value) == (1, 4.0)
+    assert selection.mask(torch.tensor([0.5, 4.0]), "a").tolist() == [False, True]

@@ -202,7 +202,9 @@ def test_l1_rescale_restores_the_norm_of_each_trimmed_task_vector():
     kept *= np.abs(tau).sum() / np.abs(kept).sum()
     result = ties([a], base, density=0.3, rescale=True, rescale_method="l1")
     torch.testing.assert_close(result, base + torch.from_numpy(kept).float())
-    exact = ties([a], base, density=0.3, rescale=True)
+    # rescale: true alone is mergekit's (the L1 norm); dividing by density is one setting away
+    torch.testing.assert_close(ties([a], base, density=0.3, rescale=True), result)
+    exact = ties([a], base, density=0.3, rescale=True, rescale_method="exact")
     torch.testing.assert_close(exact, base + torch.from_numpy(trim(tau, 0.3) / 0.3).float())
 
 
@@ -215,3 +217,36 @@ def test_tensor_larger_than_a_chunk_with_many_ties(consensus):
     torch.testing.assert_close(
         out, _ref(base, tensors, [0.75, 1.25], [0.2, 0.55], consensus=consensus)
     )
+
+
+@pytest.mark.parametrize("density", [1e-9, 0.01, 0.02])
+def test_tiny_densities_keep_at_least_one_entry_as_mergekit(density):
+    """mergekit 0.1.5 (sparsify.magnitude) keeps k = max(1, int(density * n)) entries for
+    any density > 0 (mergekit 0.1.4 and older stopped on an assertion when int(...) was 0):
+    here n = 42, so 1e-9 and 0.01 keep the single largest |tau|, 0.02 too (0.84 -> 1)."""
+    base, a = _models(1)
+    tau = (a - base).reshape(-1)
+    largest = int(tau.abs().argmax())
+    expected = torch.zeros(42)
+    expected[largest] = tau[largest]
+    out = ties([a], base, density=density)
+    torch.testing.assert_close(out, base + expected.reshape(6, 7))
+    with_rescale = ties([a], base, density=density, rescale=True)  # one entry: L1 restored
+    expected[largest] = torch.sign(tau[largest]) * tau.abs().sum()
+    torch.testing.assert_close(with_rescale, base + expected.reshape(6, 7))
+    torch.testing.assert_close(ties([a], base, density=0.0), base)  # 0 still keeps nothing
+
+
+def test_tiny_density_through_a_configuration_and_global_scope():
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(4, 5, generator=g), "v": torch.randn(3, generator=g)}
+    model = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for scope, kept in [("tensor", {"w": 1, "v": 1}), ("global", None)]:
+        merged = merge_state_dicts("ties", [model], base, density=0.01, scope=scope)
+        changed = {k: int((merged[k] != base[k]).sum()) for k in base}
+        if kept is not None:
+            assert changed == kept
+        else:  # the one largest |tau| of the 23 entries of the whole model
+            taus = {k: (model[k] - base[k]).abs().max() for k in base}
+            top = max(taus, key=lambda k: float(taus[k]))
+            assert changed == {k: int(k == top) for k in base}

@@ -53,7 +53,7 @@ def breadcrumbs(
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: bool = False,
-    rescale_method: RescaleMethod = "exact",
+    rescale_method: RescaleMethod = "l1",
     int8_mask: bool = False,
     selections: Sequence[Sequence[TensorSelection]] | None = None,
     offset: int = 0,
@@ -64,7 +64,8 @@ def breadcrumbs(
     the ``int(gamma * n)`` largest magnitudes are dropped, and the next
     ``int(density * n)`` are kept (the smallest ``1 - density - gamma`` are
     dropped); when ``density + gamma > 1`` fewer large entries are dropped so
-    that ``int(density * n)`` are kept. Then
+    that ``int(density * n)`` are kept (mergekit 0.1.5's counts: a tensor of
+    fewer than ``1 / density`` entries keeps none). Then
     :math:`\theta = \theta_b + \lambda \sum_i w_i \hat\tau_i`.
 
     Parameters
@@ -84,7 +85,8 @@ def breadcrumbs(
     normalize : bool, default False
         Divide by the sum of the weights.
     rescale, rescale_method
-        Rescale the kept entries (see :func:`~modelfuse.merge.task_vectors.sparsify`).
+        Rescale the kept entries (see :func:`~modelfuse.merge.task_vectors.sparsify`);
+        off by default, and to the L1 norm when on, as in mergekit.
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
 
@@ -134,7 +136,7 @@ def breadcrumbs_ties(
     normalize: bool = False,
     consensus_method: ConsensusMethod = "sum",
     rescale: bool = False,
-    rescale_method: RescaleMethod = "exact",
+    rescale_method: RescaleMethod = "l1",
     int8_mask: bool = False,
     selections: Sequence[Sequence[TensorSelection]] | None = None,
     offset: int = 0,

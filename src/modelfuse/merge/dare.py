@@ -1,8 +1,17 @@
-"""DARE: drop task-vector entries at random and rescale, then sum or TIES-merge."""
+"""DARE: drop task-vector entries at random and rescale, then sum or TIES-merge.
+
+``rescale`` (on by default, as in mergekit) follows mergekit 0.1.5 by default:
+each model's kept entries of a tensor are multiplied by the L1 norm of its task
+vector over the L1 norm of what is kept (``rescale_method: l1``), a whole-tensor
+value that :func:`dare_rescale_factors` computes first when the engine merges a
+large tensor in blocks of rows. ``rescale_method: exact`` divides by the keep
+probability instead (the paper's :math:`1/(1-p)`), elementwise.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -11,17 +20,27 @@ from modelfuse.merge.task_vectors import (
     ConsensusMethod,
     RescaleMethod,
     SparsifyingParameters,
+    elementwise_rescale,
     generalized_task_arithmetic,
+    rescale_factors,
 )
 
-__all__ = ["DareLinearParameters", "DareTiesParameters", "dare_linear", "dare_ties"]
+__all__ = [
+    "DareLinearParameters",
+    "DareTiesParameters",
+    "dare_linear",
+    "dare_rescale_factors",
+    "dare_ties",
+    "norm_rescale",
+]
 
 
 class DareLinearParameters(SparsifyingParameters):
     """Parameters of :func:`dare_linear` (mergekit's ``dare_linear``)."""
 
     rescale: bool = Field(
-        True, description="rescale the kept entries (DARE's rescale; see rescale_method)"
+        True,
+        description="rescale the kept entries (on, as in mergekit; how: rescale_method)",
     )
     random_seed: int = Field(
         0,
@@ -42,6 +61,54 @@ def _generator(generator: torch.Generator | None, random_seed: int) -> torch.Gen
     return generator if generator is not None else torch.Generator().manual_seed(random_seed)
 
 
+def norm_rescale(parameters: Mapping[str, Any]) -> bool:
+    """Whether a tensor's resolved parameters rescale to a norm of the whole tensor, so
+    that the engine computes :func:`dare_rescale_factors` before merging it in blocks."""
+    return not elementwise_rescale(parameters)
+
+
+def dare_rescale_factors(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    rescale: bool = True,
+    rescale_method: RescaleMethod = "l1",
+    random_seed: int = 0,
+    name: str = "",
+) -> list[float]:
+    """The per-tensor reduction of :func:`dare_linear` and :func:`dare_ties` with a norm
+    rescale: each model's factor (norm of its task vector over the norm of what its
+    drop mask keeps) for the whole tensor, with the masks the merge draws (from the
+    generator seeded by ``random_seed`` and the tensor's ``name``; see
+    :func:`~modelfuse.merge.task_vectors.rescale_factors`).
+
+    Examples
+    --------
+    >>> from modelfuse.merge.execute import tensor_generator
+    >>> base, model = torch.zeros(1000), torch.ones(1000)
+    >>> [factor] = dare_rescale_factors([model], base, density=0.25, name="w")
+    >>> dropped = dare_linear([model], base, density=0.25, rescale=False,
+    ...                       generator=tensor_generator(0, "w"))
+    >>> kept = int(dropped.sum())
+    >>> abs(factor - 1000 / kept) < 1e-12
+    True
+    """
+    # imported here: the engine imports the method registry, which imports this module
+    from modelfuse.merge.execute import tensor_generator
+
+    return rescale_factors(
+        tensors,
+        base,
+        density=density,
+        sparsification="random",
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=tensor_generator(random_seed, name),
+        method="dare",
+    )
+
+
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -51,18 +118,24 @@ def dare_linear(
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: bool = True,
-    rescale_method: RescaleMethod = "exact",
+    rescale_method: RescaleMethod = "l1",
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    rescale_factors: Sequence[float] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    r"""DARE then task arithmetic: :math:`\theta_b + \lambda \sum_i w_i\, m_i \odot \tau_i / d_i`.
+    r"""DARE then task arithmetic: :math:`\theta_b + \lambda \sum_i w_i\, c_i\, m_i \odot \tau_i`.
 
     Each entry of each task vector :math:`\tau_i = \theta_i - \theta_b` is kept
     with probability :math:`d_i` (``density``; the drop rate is
     :math:`p = 1 - d_i`), :math:`m_i \sim \mathrm{Bernoulli}(d_i)`, and what
-    is kept is divided by exactly :math:`d_i = 1 - p` (``rescale_method="exact"``).
+    is kept is rescaled by :math:`c_i`: by default (``rescale_method="l1"``, as
+    mergekit 0.1.5) :math:`c_i = \|\tau_i\|_1 / \|m_i \odot \tau_i\|_1` over
+    the tensor (1 when either is below 1e-7), so each task vector keeps its L1
+    norm; with ``rescale_method="exact"`` :math:`c_i = 1 / d_i` exactly (the
+    paper's); with ``rescale=False`` :math:`c_i = 1`. Nothing is rescaled at
+    :math:`d_i \ge 1`.
 
     Parameters
     ----------
@@ -80,9 +153,10 @@ def dare_linear(
         Divide by the sum of the weights.
     rescale : bool, default True
         Rescale the kept entries; ``False`` drops without rescaling.
-    rescale_method : {"exact", "l1", "l2", "linf"}, default "exact"
-        ``"exact"`` divides by the keep probability (the paper);
-        ``"l1"`` restores each task vector's L1 norm (mergekit's implementation).
+    rescale_method : {"l1", "exact", "l2", "linf"}, default "l1"
+        ``"l1"`` restores each task vector's L1 norm over the tensor (mergekit's
+        ``rescale``); ``"l2"`` and ``"linf"`` those norms; ``"exact"``
+        divides by the keep probability (the paper).
     random_seed : int, default 0
         Seed used when no ``generator`` is given.
     int8_mask : bool, default False
@@ -92,6 +166,10 @@ def dare_linear(
         ``random_seed`` and the tensor's name. Each model's draws are
         :func:`~modelfuse.merge.task_vectors.uniform_draws` of a seed drawn
         from it, one per flat entry of the whole tensor.
+    rescale_factors : sequence of float, optional
+        :func:`dare_rescale_factors` of the whole tensor, when the inputs are a
+        block of rows of it and the rescale is a norm's; found from the inputs
+        when not given.
     offset : int, default 0
         The flat index of the inputs' first entry in the whole tensor, when
         they are a block of rows of it (the engine's row blocks): the block
@@ -110,9 +188,12 @@ def dare_linear(
     Examples
     --------
     >>> base = torch.zeros(1000)
-    >>> out = dare_linear([torch.ones(1000)], base, density=0.25, random_seed=0)
+    >>> out = dare_linear([torch.ones(1000)], base, density=0.25, rescale_method="exact")
     >>> sorted(set(out.tolist()))
     [0.0, 4.0]
+    >>> out = dare_linear([torch.ones(1000)], base, density=0.25)  # L1 norm kept
+    >>> round(float(out.sum()), 3)
+    1000.0
     """
     del int8_mask
     return generalized_task_arithmetic(
@@ -126,6 +207,7 @@ def dare_linear(
         rescale=rescale,
         rescale_method=rescale_method,
         generator=_generator(generator, random_seed),
+        rescale_factors=rescale_factors,
         offset=offset,
         method="dare_linear",
     )
@@ -141,10 +223,11 @@ def dare_ties(
     normalize: bool = False,
     consensus_method: ConsensusMethod = "sum",
     rescale: bool = True,
-    rescale_method: RescaleMethod = "exact",
+    rescale_method: RescaleMethod = "l1",
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    rescale_factors: Sequence[float] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""DARE then TIES' sign election and disjoint merge.
@@ -157,7 +240,7 @@ def dare_ties(
     Parameters
     ----------
     tensors, base, weight, density, lambda_, normalize, rescale, rescale_method,
-    random_seed, int8_mask, generator, offset
+    random_seed, int8_mask, generator, rescale_factors, offset
         As in :func:`dare_linear`.
     consensus_method : {"sum", "count"}, default "sum"
         How the sign is elected.
@@ -192,6 +275,7 @@ def dare_ties(
         rescale=rescale,
         rescale_method=rescale_method,
         generator=_generator(generator, random_seed),
+        rescale_factors=rescale_factors,
         offset=offset,
         method="dare_ties",
     )

@@ -1,7 +1,8 @@
 """Exact top-k selection by magnitude, for one tensor or a whole model streamed once per pass.
 
-Trimming a task vector to a ``density`` keeps its ``k = int(density * n)``
-entries of largest magnitude. Both selections here are exact and never sort:
+Trimming a task vector to a ``density`` keeps its ``k = max(1, int(density * n))``
+entries of largest magnitude (:func:`kept_count`, mergekit 0.1.5's count). Both
+selections here are exact and never sort:
 
 - :func:`select_top_k` (one tensor, read chunk by chunk): the k-th largest
   value is found inside a narrow band bracketed from a strided sample (checked
@@ -37,6 +38,7 @@ __all__ = [
     "MagnitudeThreshold",
     "TensorSelection",
     "global_top_k",
+    "kept_count",
     "kth_largest",
     "sample_stride",
     "select_top_k",
@@ -59,6 +61,20 @@ def sample_stride(n: int) -> int:
     """
     target = min(_SAMPLE, max(1024, int((3 * n) ** (2 / 3))))
     return max(1, n // target)
+
+
+def kept_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a magnitude trim to ``density`` keeps: ``int(density * n)``,
+    and at least one when ``density > 0`` (mergekit 0.1.5's count).
+
+    Examples
+    --------
+    >>> kept_count(0.5, 5), kept_count(1e-9, 1000), kept_count(0.0, 1000)
+    (2, 1, 0)
+    """
+    if density <= 0 or n <= 0:
+        return 0
+    return max(1, int(density * n))
 
 
 def _check_magnitudes(values: torch.Tensor) -> torch.Tensor:
@@ -610,8 +626,9 @@ def global_top_k(
     magnitudes: MagnitudeStream,
     density: Sequence[float],
 ) -> list[MagnitudeThreshold]:
-    """Per model, the exact selection of its ``int(density * n)`` largest magnitudes
-    over every tensor of the stream, holding two histograms per model in memory.
+    """Per model, the exact selection of its ``max(1, int(density * n))`` largest
+    magnitudes (:func:`kept_count`) over every tensor of the stream, holding two
+    histograms per model in memory.
 
     Parameters
     ----------
@@ -642,7 +659,7 @@ def global_top_k(
         total += mags[0].numel() if mags else 0
         for i, m in enumerate(mags):
             high[i] += torch.bincount(_bits(m) >> 16, minlength=_HIGH_BINS)
-    wanted = [int(d * total) for d in density]
+    wanted = [kept_count(d, total) for d in density]
     results: list[MagnitudeThreshold | None] = [None] * n_models
     high_bin = [0] * n_models
     above = [0] * n_models

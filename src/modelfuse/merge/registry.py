@@ -46,7 +46,14 @@ from modelfuse.merge.breadcrumbs import (
     breadcrumbs_selections,
     breadcrumbs_ties,
 )
-from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
+from modelfuse.merge.dare import (
+    DareLinearParameters,
+    DareTiesParameters,
+    dare_linear,
+    dare_rescale_factors,
+    dare_ties,
+    norm_rescale,
+)
 from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.karcher import KarcherParameters, karcher, karcher_gram
@@ -304,19 +311,25 @@ METHODS: dict[str, MergeMethod] = {
         "dare_linear",
         dare_linear,
         DareLinearParameters,
-        "DARE: random drop with 1/density rescale, then task arithmetic",
+        "DARE: random drop, rescale (L1 norm, as mergekit), then task arithmetic",
         requires_base=True,
         low_precision_inputs=True,
         separable=elementwise_rescale,
+        reduction=Reduction(
+            dare_rescale_factors, "rescale_factors", over="tensor", applies=norm_rescale
+        ),
     ),
     "dare_ties": MergeMethod(
         "dare_ties",
         dare_ties,
         DareTiesParameters,
-        "DARE: random drop with 1/density rescale, then TIES sign election",
+        "DARE: random drop, rescale (L1 norm, as mergekit), then TIES sign election",
         requires_base=True,
         low_precision_inputs=True,
         separable=elementwise_rescale,
+        reduction=Reduction(
+            dare_rescale_factors, "rescale_factors", over="tensor", applies=norm_rescale
+        ),
     ),
     "breadcrumbs": MergeMethod(
         "breadcrumbs",

@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -43,6 +44,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.magnitude_selection import (
     MagnitudeThreshold,
     TensorSelection,
+    kept_count,
     sample_stride,
     select_top_k,
     select_top_ks,
@@ -58,6 +60,7 @@ __all__ = [
     "TaskVectorParameters",
     "elementwise_rescale",
     "generalized_task_arithmetic",
+    "rescale_factors",
     "sparsify",
     "tensor_selections",
     "uniform_draws",
@@ -99,9 +102,10 @@ class SparsifyingParameters(TaskVectorParameters):
     )
     rescale: bool = Field(False, description="rescale the kept entries (see rescale_method)")
     rescale_method: RescaleMethod = Field(
-        "exact",
-        description="'exact': divide the kept entries by density (DARE's 1/(1-p)); "
-        "'l1'/'l2'/'linf': restore the task vector's norm, as mergekit does",
+        "l1",
+        description="'l1' (as mergekit): multiply the kept entries so that each tensor's task "
+        "vector keeps its L1 norm ('l2', 'linf': those norms); 'exact': divide them by "
+        "density (DARE's 1/(1-p))",
     )
 
 
@@ -144,18 +148,41 @@ def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
 
 def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
     """Whether a tensor's resolved parameters rescale kept entries elementwise (``"exact"``,
-    or no rescale), so that a block of it merges alone; a norm rescale needs every entry."""
+    or no rescale), so that a block of it merges alone; a norm rescale needs the whole
+    tensor's norms (:func:`rescale_factors`)."""
     return not parameters.get("rescale", False) or parameters.get("rescale_method") == "exact"
 
 
-def _norm(values: torch.Tensor, method: RescaleMethod) -> float:
-    if method == "l1":
-        return float(values.abs().sum())
-    if method == "l2":
-        return float(torch.linalg.vector_norm(values))
-    if method == "linf":
-        return float(values.abs().max()) if values.numel() else 0.0
-    raise ConfigError(f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf")
+class _NormSum:
+    """A norm accumulated chunk by chunk, the same whatever the torch thread count.
+
+    Chunk sums are numpy's pairwise float64 sums (single-threaded): a tensor's
+    norm is the same number whether its merge runs whole or as the engine's
+    reduction before its row blocks.
+    """
+
+    def __init__(self, method: RescaleMethod) -> None:
+        if method not in ("l1", "l2", "linf"):
+            raise ConfigError(
+                f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf"
+            )
+        self.method = method
+        self.total = 0.0
+
+    def add(self, values: torch.Tensor, scratch: torch.Tensor) -> None:
+        if values.numel() == 0:
+            return
+        magnitudes = torch.abs(values.reshape(-1), out=scratch).numpy()
+        if self.method == "l1":
+            self.total += float(np.sum(magnitudes, dtype=np.float64))
+        elif self.method == "l2":
+            wide = magnitudes.astype(np.float64)
+            self.total += float(np.sum(wide * wide))
+        else:
+            self.total = max(self.total, float(magnitudes.max()))
+
+    def value(self) -> float:
+        return float(np.sqrt(self.total)) if self.method == "l2" else self.total
 
 
 class _Workspace:
@@ -185,7 +212,11 @@ class _Sparsifier:
 
     ``delta_of(index, out)`` writes the task vector's entries at a slice of the
     flattened tensor into ``out`` (a new tensor when ``out`` is None) and returns
-    it; the chunks must then come in index order.
+    it; the chunks must then come in index order (:meth:`restart` starts again).
+
+    :attr:`factor` multiplies what is kept: ``1 / density`` for the ``"exact"``
+    rescale, the whole tensor's norm ratio for a norm rescale once
+    :func:`_set_norm_factors` has run (or given by the engine's reduction), else 1.
     """
 
     def __init__(
@@ -229,6 +260,7 @@ class _Sparsifier:
         self.workspace = workspace
         self.selectors: list[Callable[..., torch.Tensor]] = []
         self.thresholds: list[MagnitudeThreshold] = []
+        self._global: tuple[MagnitudeThreshold, str] | None = None
         if self.keep_all or method == "random":
             return
 
@@ -247,9 +279,10 @@ class _Sparsifier:
             sample = delta_of(slice(None, None, sample_stride(n)), None).abs_()
         if method == "magnitude":
             if threshold is not None:
+                self._global = (threshold, name)
                 self.selectors = [threshold.selector(name)]
             else:
-                self.thresholds = [select_top_k(magnitudes, int(density * n), n, sample)]
+                self.thresholds = [select_top_k(magnitudes, kept_count(density, n), n, sample)]
                 self.selectors = [self.thresholds[0].selector()]
             return
         target, top = int(density * n), int(gamma * n)
@@ -258,16 +291,22 @@ class _Sparsifier:
         self.thresholds = [kept] if top <= 0 else [kept, dropped]
         self.selectors = [t.selector() for t in self.thresholds]
 
+    def restart(self) -> None:
+        """Start again from the first chunk (the magnitude selectors count ties as they go)."""
+        if self._global is not None:
+            self.selectors = [self._global[0].selector(self._global[1])]
+        else:
+            self.selectors = [t.selector() for t in self.thresholds]
+
     def __call__(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Sparsify the next chunk (``delta`` may be reused), at flat index ``start``
         of the whole tensor; returns it.
 
-        The ``"exact"`` rescale is left to the caller (multiply by :attr:`factor`),
-        which folds it into the model's weight.
+        The rescale is left to the caller (multiply by :attr:`factor`), which
+        folds it into the model's weight.
         """
         if self.keep_all:
             return delta
-        before = _norm(delta, self.norm) if self.norm is not None else 0.0
         length = delta.numel()
         if self.method == "random":
             # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
@@ -280,11 +319,42 @@ class _Sparsifier:
             if len(self.selectors) > 1:
                 # the largest ones, dropped again
                 kept.sub_(self.selectors[1](delta, out=self.workspace.get("top", length)))
-        if self.norm is not None:
-            after = _norm(kept, self.norm)
-            if before >= _NORM_EPS and after >= _NORM_EPS:
-                kept.mul_(before / after)
         return kept
+
+
+def _set_norm_factors(
+    sparsifiers: Sequence[_Sparsifier | None],
+    deltas: Sequence[Callable[[slice, torch.Tensor | None], torch.Tensor]],
+    size: int,
+    chunk: int,
+    workspace: _Workspace,
+) -> list[float]:
+    """Each norm-rescaling sparsifier's factor over the whole tensor, set on it and returned.
+
+    As mergekit's ``rescale``: the norm of the task vector before the drop over
+    the norm of what is kept, or 1 when either is below 1e-7. One pass over
+    the tensor per such model, chunk by chunk from flat index 0 (so the result
+    is the same for the whole merge and the engine's reduction).
+    """
+    factors = []
+    for sparsifier, delta_of in zip(sparsifiers, deltas):
+        if sparsifier is None or sparsifier.norm is None:
+            factors.append(1.0 if sparsifier is None else sparsifier.factor)
+            continue
+        before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
+        for index in _chunks(size, chunk, 0):
+            length = index.stop - index.start
+            scratch = workspace.get("norm", length)
+            delta = delta_of(index, workspace.get("delta", length))
+            before.add(delta, scratch)
+            after.add(sparsifier(delta, index.start), scratch)
+        sparsifier.restart()
+        ratio = 1.0
+        if before.value() >= _NORM_EPS and after.value() >= _NORM_EPS:
+            ratio = before.value() / after.value()
+        sparsifier.factor = ratio
+        factors.append(ratio)
+    return factors
 
 
 def sparsify(
@@ -309,21 +379,23 @@ def sparsify(
     delta : Tensor
         The task vector. Not modified.
     method : {"magnitude", "random", "magnitude_outliers"}
-        ``"magnitude"`` keeps the ``k = int(density * n)`` entries of largest
-        magnitude (ties go to the lower index); ``"random"`` keeps each entry
-        with probability ``density`` (DARE); ``"magnitude_outliers"`` drops the
-        ``int(gamma * n)`` largest and keeps the next ``int(density * n)``
-        (breadcrumbs; fewer large ones are dropped if both do not fit).
+        ``"magnitude"`` keeps the ``k = max(1, int(density * n))`` entries of
+        largest magnitude (none when ``density`` is 0; ties go to the lower
+        index; see :func:`~modelfuse.merge.magnitude_selection.kept_count`); ``"random"`` keeps each entry with probability
+        ``density`` (DARE); ``"magnitude_outliers"`` drops the ``int(gamma * n)``
+        largest and keeps the next ``int(density * n)`` (breadcrumbs; fewer large
+        ones are dropped if both do not fit). These are mergekit 0.1.5's counts.
     density : float
         Fraction kept, in [0, 1]. ``density >= 1`` keeps everything, unscaled.
     gamma : float, default 0
         Fraction of largest magnitudes dropped (``"magnitude_outliers"``).
     rescale : bool, default False
-        Rescale what is kept.
+        Rescale what is kept (only when ``density < 1``).
     rescale_method : {"exact", "l1", "l2", "linf"}, default "exact"
         ``"exact"`` divides by ``density`` (for DARE, exactly :math:`1/(1-p)`);
-        the norms restore the task vector's norm before dropping (mergekit's
-        ``rescale`` is ``"l1"``).
+        ``"l1"`` (mergekit's ``rescale``), ``"l2"`` and ``"linf"`` multiply what
+        is kept by :math:`\|\tau\| / \|\hat\tau\|`, the norm before the drop over
+        the norm after it, unless either is below 1e-7.
     generator : torch.Generator, optional
         Random numbers for ``"random"``: a seed ``s`` is drawn from it
         (``torch.randint(0, 2**62, (1,))``) and the draws are
@@ -338,6 +410,9 @@ def sparsify(
     --------
     >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), method="magnitude", density=0.5)
     tensor([ 0., -3.,  2.,  0.])
+    >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), method="magnitude", density=0.5,
+    ...          rescale=True, rescale_method="l1")  # L1 norm 5.6 kept: times 5.6 / 5
+    tensor([ 0.0000, -3.3600,  2.2400,  0.0000])
     """
     flat = delta.to(torch.float32).reshape(-1)
     n = flat.numel()
@@ -356,6 +431,14 @@ def sparsify(
         chunk=max(n, 1),
         workspace=_Workspace(n),
     )
+    if sparsifier.norm is not None:
+        _set_norm_factors(
+            [sparsifier],
+            [lambda index, out: out.copy_(flat[index])],
+            n,
+            max(n, 1),
+            sparsifier.workspace,
+        )
     kept = sparsifier(flat.clone())
     if sparsifier.factor != 1.0:
         kept.mul_(sparsifier.factor)
@@ -402,6 +485,7 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
     selections: Sequence[Sequence[TensorSelection]] | None = None,
+    rescale_factors: Sequence[float] | None = None,
     offset: int = 0,
     name: str = "",
     method: str = "task-vector merge",
@@ -439,6 +523,9 @@ def generalized_task_arithmetic(
         :func:`tensor_selections` of the whole tensor, when the inputs are a
         block of it (the engine's row blocks); found from the inputs when not
         given.
+    rescale_factors : sequence of float, optional
+        :func:`rescale_factors` of the whole tensor (a norm rescale), when the
+        inputs are a block of it; found from the inputs when not given.
     offset : int, default 0
         The flat index of the inputs' first entry in the whole tensor (for
         ``selections`` and the random draws).
@@ -474,52 +561,49 @@ def generalized_task_arithmetic(
     if n == 0:
         raise ConfigError(f"{method}: no models besides the base; give at least one")
     weights = _weights(weight, n, method)
-    densities = _per_model(density, 1.0, n, "density", method)
-    gammas = _per_model(gamma, 0.0, n, "gamma", method)
     if magnitude_thresholds is not None and len(magnitude_thresholds) != n:
         raise ConfigError(
             f"{method}: {len(magnitude_thresholds)} magnitude thresholds for {n} models"
         )
     if selections is not None and len(selections) != n:
         raise ConfigError(f"{method}: {len(selections)} tensor selections for {n} models")
+    if rescale_factors is not None and len(rescale_factors) != n:
+        raise ConfigError(f"{method}: {len(rescale_factors)} rescale factors for {n} models")
+    if consensus_method is not None and consensus_method not in ("sum", "count"):
+        raise ConfigError(
+            f"consensus_method: unknown value {consensus_method!r}; valid: sum, count"
+        )
     # Inputs stay in their dtype (a bfloat16 tensor is never copied whole); each chunk
     # of the base is converted to float32, so every difference is computed in float32.
     base_flat = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     size = base_flat.numel()
-    if consensus_method is not None and consensus_method not in ("sum", "count"):
-        raise ConfigError(
-            f"consensus_method: unknown value {consensus_method!r}; valid: sum, count"
-        )
-    # The whole tensor is one chunk when a norm rescale needs every entry at once.
-    chunk = size if (rescale and rescale_method != "exact") else _CHUNK
-    chunk = max(1, min(chunk, size))
+    chunk = max(1, min(_CHUNK, size))
     workspace = _Workspace(chunk)
-    sparsifiers: list[_Sparsifier | None] = [None] * n
-    if sparsification is not None:
-        # One generator per model, seeded from ``generator``: each model's draws are
-        # one stream, whatever the chunking.
-        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
-        for i in range(n):
-            flat = flats[i]
-            sparsifiers[i] = _Sparsifier(
-                lambda index, out, flat=flat: torch.sub(
-                    flat[index], base_flat[index].to(torch.float32), out=out
-                ),
-                size,
-                method=sparsification,
-                density=densities[i],
-                gamma=gammas[i],
-                rescale=rescale,
-                rescale_method=rescale_method,
-                seed=int(seeds[i]),
-                threshold=None if magnitude_thresholds is None else magnitude_thresholds[i],
-                name=name,
-                chunk=chunk,
-                workspace=workspace,
-                selections=None if selections is None else selections[i],
-                offset=offset,
-            )
+    sparsifiers, deltas = _sparsifiers(
+        flats,
+        base_flat,
+        density=density,
+        gamma=gamma,
+        sparsification=sparsification,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=generator,
+        magnitude_thresholds=magnitude_thresholds,
+        selections=selections,
+        offset=offset,
+        name=name,
+        chunk=chunk,
+        workspace=workspace,
+        method=method,
+    )
+    if any(s is not None and s.norm is not None for s in sparsifiers):
+        if rescale_factors is None:
+            _set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
+        else:
+            for sparsifier, factor in zip(sparsifiers, rescale_factors):
+                if sparsifier is not None and sparsifier.norm is not None:
+                    sparsifier.factor = float(factor)
     scale = float(lambda_)
     if consensus_method is None and normalize:
         divisor = sum(weights)
@@ -553,6 +637,119 @@ def generalized_task_arithmetic(
             )
         torch.add(base_part, merged, alpha=scale, out=out[index])
     return out.reshape(base.shape)
+
+
+def _sparsifiers(
+    flats: Sequence[torch.Tensor],
+    base_flat: torch.Tensor,
+    *,
+    density: Sequence[float] | float | None,
+    gamma: Sequence[float] | float | None,
+    sparsification: Sparsification | None,
+    rescale: bool,
+    rescale_method: RescaleMethod,
+    generator: torch.Generator | None,
+    magnitude_thresholds: Sequence[MagnitudeThreshold] | None,
+    selections: Sequence[Sequence[TensorSelection]] | None,
+    offset: int,
+    name: str,
+    chunk: int,
+    workspace: _Workspace,
+    method: str,
+) -> tuple[list[_Sparsifier | None], list[Callable[[slice, torch.Tensor | None], torch.Tensor]]]:
+    """Each model's sparsifier (None without ``sparsification``) and task-vector reader."""
+    n = len(flats)
+    size = base_flat.numel()
+    densities = _per_model(density, 1.0, n, "density", method)
+    gammas = _per_model(gamma, 0.0, n, "gamma", method)
+    deltas: list[Callable[[slice, torch.Tensor | None], torch.Tensor]] = [
+        lambda index, out, flat=flat: torch.sub(
+            flat[index], base_flat[index].to(torch.float32), out=out
+        )
+        for flat in flats
+    ]
+    sparsifiers: list[_Sparsifier | None] = [None] * n
+    if sparsification is None:
+        return sparsifiers, deltas
+    # One generator per model, seeded from ``generator``: each model's draws are
+    # one stream, whatever the chunking.
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    for i in range(n):
+        sparsifiers[i] = _Sparsifier(
+            deltas[i],
+            size,
+            method=sparsification,
+            density=densities[i],
+            gamma=gammas[i],
+            rescale=rescale,
+            rescale_method=rescale_method,
+            seed=int(seeds[i]),
+            threshold=None if magnitude_thresholds is None else magnitude_thresholds[i],
+            name=name,
+            chunk=chunk,
+            workspace=workspace,
+            selections=None if selections is None else selections[i],
+            offset=offset,
+        )
+    return sparsifiers, deltas
+
+
+def rescale_factors(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float | None = None,
+    sparsification: Sparsification = "random",
+    rescale: bool = True,
+    rescale_method: RescaleMethod = "l1",
+    generator: torch.Generator | None = None,
+    method: str = "task-vector merge",
+) -> list[float]:
+    r"""Each model's norm-rescale factor of a whole tensor: the per-tensor reduction of a
+    norm rescale (DARE's, as mergekit's ``rescale``).
+
+    For model i with task vector :math:`	au_i` and what its sparsification
+    keeps, :math:`\hat	au_i`, the factor is :math:`\|	au_i\| / \|\hat	au_i\|`
+    (``rescale_method``'s norm), or 1 when either norm is below 1e-7, when
+    ``density >= 1`` or when ``rescale`` is off or ``"exact"`` (whose factor is
+    ``1 / density``, elementwise). With these, any block of rows is merged alone
+    by :func:`generalized_task_arithmetic` (``rescale_factors`` and ``offset``)
+    exactly as the whole tensor would be. ``generator`` must be the one the
+    merge uses (the same drop masks).
+
+    Examples
+    --------
+    >>> base = torch.zeros(4)
+    >>> tau = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    >>> rescale_factors([tau], base, density=0.5, sparsification="magnitude")  # 10 / 7
+    [1.4285714285714286]
+    """
+    if base is None:
+        raise ConfigError(f"{method} needs a base model; set base_model")
+    base_flat = base.reshape(-1)
+    size = base_flat.numel()
+    chunk = max(1, min(_CHUNK, size))
+    workspace = _Workspace(chunk)
+    sparsifiers, deltas = _sparsifiers(
+        [t.reshape(-1) for t in tensors],
+        base_flat,
+        density=density,
+        gamma=gamma,
+        sparsification=sparsification,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=generator,
+        magnitude_thresholds=None,
+        selections=None,
+        offset=0,
+        name="",
+        chunk=chunk,
+        workspace=workspace,
+        method=method,
+    )
+    factors = _set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
+    return [f if s is not None and s.norm is not None else 1.0 for f, s in zip(factors, sparsifiers)]
 
 
 def tensor_selections(

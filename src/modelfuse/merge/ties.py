@@ -57,7 +57,7 @@ def ties(
     consensus_method: ConsensusMethod = "sum",
     scope: Scope = "tensor",
     rescale: bool = False,
-    rescale_method: RescaleMethod = "exact",
+    rescale_method: RescaleMethod = "l1",
     int8_mask: bool = False,
     name: str = "",
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
@@ -66,8 +66,9 @@ def ties(
 ) -> torch.Tensor:
     r"""TIES merging of task vectors.
 
-    1. trim: keep the ``int(density * n)`` largest-magnitude entries of each
-       task vector :math:`\tau_i = \theta_i - \theta_b`;
+    1. trim: keep the ``max(1, int(density * n))`` largest-magnitude entries of
+       each task vector :math:`\tau_i = \theta_i - \theta_b` (none at density
+       0), mergekit 0.1.5's count;
     2. elect: :math:`\gamma = \operatorname{sign}(\sum_i w_i \hat\tau_i)` (``"sum"``)
        or the majority of signs (``"count"``), zero counting as +;
     3. disjoint merge: :math:`\tau_m = \sum_{i: \operatorname{sign}(w_i\hat\tau_i) = \gamma}
@@ -97,7 +98,8 @@ def ties(
         :func:`~modelfuse.merge.merge_state_dicts` compute for you.
     rescale, rescale_method
         Rescale the trimmed task vectors (see
-        :func:`~modelfuse.merge.task_vectors.sparsify`); off by default.
+        :func:`~modelfuse.merge.task_vectors.sparsify`); off by default, and
+        to the L1 norm when on, as in mergekit.
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
     name : str
