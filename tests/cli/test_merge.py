@@ -621,8 +621,8 @@ IGNORED = [
         "  - m2.safetensors\nparameters: {rescale: true}\n",
         ["parameters: 'rescale' is ignored: merge method 'task_arithmetic' has no such parameter",
          "m1.safetensors: parameters: 'lambda' is ignored: it is a global parameter of merge "
-         "method 'task_arithmetic', which mergekit 0.1.5 reads only from the top-level "
-         "parameters (or a slice's), never from a model's; move it there",
+         "method 'task_arithmetic', and mergekit 0.1.5 reads those only from the top-level (or "
+         "a slice's) parameters; move it there",
          "m1.safetensors: parameters: 'density' is ignored: merge method 'task_arithmetic'"],
     ),
     (

@@ -138,7 +138,7 @@ def test_a_models_global_setting_is_ignored_in_either_order(tmp_path, method, ke
     for found in messages:
         assert len(found) == 1
         assert found[0].startswith(f"{a}: parameters: '{key}' is ignored: it is a global parameter")
-        assert "top-level parameters" in found[0]
+        assert found[0].endswith("top-level (or a slice's) parameters; move it there")
     # The same bytes as a configuration that never set it.
     plain = [{"model": a, "parameters": {"weight": 0.75}}, {"model": b}]
     config = {"merge_method": method, "base_model": base, "models": plain, "parameters": top}

@@ -361,8 +361,8 @@ def ignored_keys(
         elif model and field_name is not None and field_name not in per_model:
             found.append(
                 f"{where}: {short(key)} is ignored: it is a global parameter of merge method "
-                f"{method.name!r}, which mergekit 0.1.5 reads only from the top-level "
-                "parameters (or a slice's), never from a model's; move it there"
+                f"{method.name!r}, and mergekit 0.1.5 reads those only from the top-level (or "
+                "a slice's) parameters; move it there"
             )
     return found
 
