@@ -153,3 +153,13 @@ def test_mergekit_yaml_through_the_file_engine(tmp_path):
             torch.testing.assert_close(merged[name], expected)
         else:
             assert torch.equal(merged[name], tensor)
+
+
+@pytest.mark.parametrize("flatten,row_wise", MODES)
+def test_bfloat16_tensor_larger_than_a_chunk(flatten, row_wise):
+    a, b, c = (t.to(torch.bfloat16) for t in _models(3, shape=(1100, 1000), seed=6))
+    kw = {"weight": [0.6, 0.4], "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    out = nuslerp([a, b], c, **kw)
+    assert out.dtype == torch.float32
+    expected = _reference([a.float(), b.float()], [0.6, 0.4], c.float(), flatten, row_wise)
+    torch.testing.assert_close(out, expected)

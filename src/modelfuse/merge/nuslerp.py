@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -46,44 +46,62 @@ class NuSlerpParameters(MethodParameters):
 
 
 def _layout(tensor: torch.Tensor, flatten: bool, row_wise: bool) -> Layout:
-    if flatten or tensor.dim() <= 1:
+    if flatten or tensor.dim() <= 1 or tensor.numel() == 0:
         return "flat"
     return "first" if row_wise else "last"
 
 
-def _points(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two vectors interpolated, in float32: the tensors, or their task vectors."""
+def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
     if len(tensors) != 2:
         extra = " besides the base model" if base is not None else ""
         raise ConfigError(
             f"nuslerp interpolates between exactly two models{extra}; got {len(tensors)}"
         )
-    v0, v1 = (t.to(torch.float32) for t in tensors)
-    if base is not None:
-        reference = base.to(torch.float32)
-        v0, v1 = v0 - reference, v1 - reference
-    return v0, v1
 
 
-def _flat_products(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    square_a = square_b = dot = 0.0
-    for start in range(0, a.numel(), _CHUNK):  # float32 per chunk, summed in double
-        part_a, part_b = a[start : start + _CHUNK], b[start : start + _CHUNK]
-        square_a += float(torch.dot(part_a, part_a))
-        square_b += float(torch.dot(part_b, part_b))
-        dot += float(torch.dot(part_a, part_b))
-    return torch.tensor([square_a, square_b, dot], dtype=torch.float64)
-
-
-def _products(v0: torch.Tensor, v1: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``[3, ...]`` float64: ``v0·v0, v1·v1, v0·v1`` per vector of the layout."""
+def _matrix(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A 2-D view ``[rows, columns]``: the vectors are its columns ("flat": one column of
+    every entry; "first": the tensor's vectors along its first dimension) or its rows
+    ("last")."""
     if layout == "flat":
-        return _flat_products(v0, v1)
-    axis = 0 if layout == "first" else -1
-    return torch.stack([(v0 * v0).sum(axis), (v1 * v1).sum(axis), (v0 * v1).sum(axis)]).double()
+        return tensor.reshape(-1, 1)
+    if layout == "first":
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _chunks(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, layout: Layout
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(rows, v0, v1, base)`` chunk by chunk of rows of the 2-D views, in float32: inputs
+    stay in their dtype and temporaries stay one chunk whatever the tensor size."""
+    m0, m1 = _matrix(tensors[0], layout), _matrix(tensors[1], layout)
+    mb = None if base is None else _matrix(base, layout)
+    rows, columns = m0.shape
+    step = max(1, _CHUNK // max(columns, 1))
+    for start in range(0, rows, step):
+        index = slice(start, min(rows, start + step))
+        v0, v1 = m0[index].to(torch.float32), m1[index].to(torch.float32)
+        reference = None
+        if mb is not None:
+            reference = mb[index].to(torch.float32)
+            v0, v1 = v0 - reference, v1 - reference
+        yield index, v0, v1, reference
+
+
+def _column_products(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, layout: Layout
+) -> torch.Tensor:
+    """``[3, columns]`` float64: ``v0·v0, v1·v1, v0·v1`` of each column vector, float32 per
+    chunk of rows summed in double."""
+    total: torch.Tensor | None = None
+    for _, v0, v1, _ in _chunks(tensors, base, layout):
+        part = torch.stack([(v0 * v0).sum(0), (v1 * v1).sum(0), (v0 * v1).sum(0)]).double()
+        total = part if total is None else total + part
+    if total is None:  # no rows
+        columns = _matrix(tensors[0], layout).shape[1]
+        return torch.zeros(3, columns, dtype=torch.float64)
+    return total
 
 
 def nuslerp_products(
@@ -95,23 +113,25 @@ def nuslerp_products(
 ) -> torch.Tensor:
     r"""What NuSLERP needs of a whole tensor before merging a block of its rows.
 
-    ``[3]`` float64 (:math:`v_0 \cdot v_0, v_1 \cdot v_1, v_0 \cdot v_1`) when
+    ``[3, 1]`` float64 (:math:`v_0 \cdot v_0, v_1 \cdot v_1, v_0 \cdot v_1`) when
     the whole tensor is one vector (``nuslerp_flatten``, or a 1-D tensor);
-    ``[3, *shape[1:]]`` with ``nuslerp_row_wise`` (one vector per position along
-    the first dimension); an empty tensor when the vectors lie along the last
-    dimension, which a block of rows holds whole. Sums over blocks of rows add
-    up to the whole tensor's.
+    ``[3, prod(shape[1:])]`` with ``nuslerp_row_wise`` (one vector per position
+    along the first dimension); an empty tensor when the vectors lie along the
+    last dimension, which a block of rows holds whole. Sums over blocks of rows
+    add up to the whole tensor's.
 
     Examples
     --------
     >>> nuslerp_products([torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])])
-    tensor([25.,  1.,  4.], dtype=torch.float64)
+    tensor([[25.],
+            [ 1.],
+            [ 4.]], dtype=torch.float64)
     """
-    v0, v1 = _points(tensors, base)
-    layout = _layout(v0, nuslerp_flatten, nuslerp_row_wise)
+    _check(tensors, base)
+    layout = _layout(tensors[0], nuslerp_flatten, nuslerp_row_wise)
     if layout == "last":
         return torch.zeros(0, dtype=torch.float64)
-    return _products(v0, v1, layout)
+    return _column_products(tensors, base, layout)
 
 
 def _coefficients(products: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +218,7 @@ def nuslerp(
     tensor([[0.9239, 0.3827],
             [1.8478, 0.7654]])
     """
-    v0, v1 = _points(tensors, base)
+    _check(tensors, base)
     weights = [1.0, 1.0] if weight is None else [float(w) for w in weight]
     if len(weights) != len(tensors):
         raise ConfigError(
@@ -206,18 +226,25 @@ def nuslerp(
         )
     total = weights[0] + weights[1]
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
-    layout = _layout(v0, nuslerp_flatten, nuslerp_row_wise)
-    if layout == "last" or products is None:
-        products = _products(v0, v1, layout)
-    c0, c1 = _coefficients(products.to(torch.float64), t)
-    if layout == "last":
-        c0, c1 = c0.unsqueeze(-1), c1.unsqueeze(-1)
-    elif layout == "first":
-        c0, c1 = c0.unsqueeze(0), c1.unsqueeze(0)
-    else:
-        c0, c1 = c0.reshape((1,) * v0.dim()), c1.reshape((1,) * v0.dim())
-    # new tensors: v0 and v1 may be the caller's own float32 tensors
-    out = torch.mul(v0, c0.to(torch.float32)).add_(v1 * c1.to(torch.float32))
-    if base is not None:
-        out.add_(base.to(torch.float32))
+    layout = _layout(tensors[0], nuslerp_flatten, nuslerp_row_wise)
+    column_coefficients = None
+    if layout != "last":
+        if products is None:
+            products = _column_products(tensors, base, layout)
+        c0, c1 = _coefficients(products.to(torch.float64), t)
+        column_coefficients = (c0.float().unsqueeze(0), c1.float().unsqueeze(0))
+    out = torch.empty(tensors[0].shape, dtype=torch.float32)
+    matrix = _matrix(out, layout)
+    for index, v0, v1, reference in _chunks(tensors, base, layout):
+        if column_coefficients is None:  # one vector per row: its own angle
+            rows = torch.stack([(v0 * v0).sum(1), (v1 * v1).sum(1), (v0 * v1).sum(1)]).double()
+            c0, c1 = _coefficients(rows, t)
+            k0, k1 = c0.float().unsqueeze(1), c1.float().unsqueeze(1)
+        else:
+            k0, k1 = column_coefficients
+        part = matrix[index]
+        # never in place on v0 or v1: they may be views of the caller's float32 tensors
+        torch.mul(v0, k0, out=part).addcmul_(v1, k1)
+        if reference is not None:
+            part.add_(reference)
     return out

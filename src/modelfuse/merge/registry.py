@@ -412,6 +412,7 @@ METHODS: dict[str, MergeMethod] = {
         optional_base=True,
         min_models=2,
         max_models=2,
+        low_precision_inputs=True,
         # the vectors along the last dimension need no reduction (a block holds them
         # whole); the reduction then returns nothing
         reduction=Reduction(nuslerp_products, "products"),
