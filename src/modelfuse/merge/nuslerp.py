@@ -20,7 +20,7 @@ _COLINEAR = 1e-8
 """Below this ``|sin Ω|`` the two vectors are colinear and interpolated linearly."""
 
 _CHUNK = 1 << 20
-"""Entries multiplied at a time for the dot products of a whole flattened tensor."""
+"""Entries converted to float32 at a time (whole rows of the 2-D view of a tensor)."""
 
 Layout = Literal["flat", "last", "first"]
 
