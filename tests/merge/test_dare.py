@@ -260,15 +260,33 @@ def test_a_block_of_rows_gets_the_whole_tensors_draws():
         [a, b], base, density=[0.4, 0.7], generator=torch.Generator().manual_seed(3)
     )
     masks = _masks(base.shape, [0.4, 0.7], 3)
-    for factor, model, m in zip(factors, (a, b), masks):
+    for factor, packed, model, m in zip(factors.factors, factors.masks, (a, b), masks):
         tau = (model - base).double().numpy()
         assert abs(factor - np.abs(tau).sum() / np.abs(tau * m).sum()) < 1e-9 * factor
+        # the masks the factors were found with, one bit per entry, for the blocks to apply
+        assert packed.nbytes == (700 * 600 + 7) // 8
+        assert np.array_equal(np.unpackbits(packed)[: 700 * 600], m.reshape(-1))
     kwargs["rescale_method"] = "l1"
-    block = dare_linear(
-        [a[436:], b[436:]], base[436:], offset=436 * 600, rescale_factors=factors, **kwargs
-    )
-    assert not torch.equal(block, linear_whole[436:])
-    assert torch.equal(block, dare_linear([a, b], base, **kwargs)[436:])
+    whole = dare_linear([a, b], base, **kwargs)
+    for start in (436, 1, 0):  # unaligned offsets: test_row_blocks_give_the_same_bytes...
+        block = dare_linear(
+            [a[start:], b[start:]],
+            base[start:],
+            offset=start * 600,
+            rescale_factors=factors,
+            **kwargs,
+        )
+        assert torch.equal(block, whole[start:])
+        # plain factors (no masks): the block draws its masks again, the same ones
+        plain = dare_linear(
+            [a[start:], b[start:]],
+            base[start:],
+            offset=start * 600,
+            rescale_factors=list(factors.factors),
+            **kwargs,
+        )
+        assert torch.equal(plain, whole[start:])
+    assert not torch.equal(whole, linear_whole)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -306,3 +324,27 @@ def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method,
             assert torch.equal(merged[name], whole[name])
     assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)
     assert sorted(reductions) == (["b", "b", "w", "w"] if how == "l1" else [])
+
+
+def test_the_l1_rescale_draws_each_mask_once(monkeypatch):
+    """The norm pass draws the masks and keeps them (one bit per entry) for the merge
+    pass: as many draws as the exact rescale, and the same masks (the formula above)."""
+    import modelfuse.merge.task_vectors as task_vectors
+
+    calls = []
+    draw = task_vectors.uniform_draws
+    monkeypatch.setattr(task_vectors, "uniform_draws", lambda *a: calls.append(a[1]) or draw(*a))
+    monkeypatch.setattr(task_vectors, "_CHUNK", 64)  # 600 entries: 10 chunks per model
+    base, a, b = _models(2)
+    for how in ("exact", "l1"):
+        calls.clear()
+        out = dare_ties(
+            [a, b],
+            base,
+            density=[0.3, 0.6],
+            rescale_method=how,
+            generator=torch.Generator().manual_seed(2),
+        )
+        assert len(calls) == 2 * 10
+        expected = _ref(base, [a, b], [1, 1], [0.3, 0.6], 2, consensus="sum", how=how)
+        torch.testing.assert_close(out, expected)

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from modelfuse.merge.task_vectors import (
     ConsensusMethod,
+    RescaleFactors,
     RescaleMethod,
     SparsifyingParameters,
     elementwise_rescale,
@@ -76,18 +77,19 @@ def dare_rescale_factors(
     rescale_method: RescaleMethod = "l1",
     random_seed: int = 0,
     name: str = "",
-) -> list[float]:
+) -> RescaleFactors:
     """The per-tensor reduction of :func:`dare_linear` and :func:`dare_ties` with a norm
     rescale: each model's factor (norm of its task vector over the norm of what its
-    drop mask keeps) for the whole tensor, with the masks the merge draws (from the
-    generator seeded by ``random_seed`` and the tensor's ``name``; see
+    drop mask keeps) for the whole tensor, and the masks themselves (one bit per
+    entry), drawn as the merge draws them (from the generator seeded by
+    ``random_seed`` and the tensor's ``name``; see
     :func:`~modelfuse.merge.task_vectors.rescale_factors`).
 
     Examples
     --------
     >>> from modelfuse.merge.execute import tensor_generator
     >>> base, model = torch.zeros(1000), torch.ones(1000)
-    >>> [factor] = dare_rescale_factors([model], base, density=0.25, name="w")
+    >>> [factor] = dare_rescale_factors([model], base, density=0.25, name="w").factors
     >>> dropped = dare_linear([model], base, density=0.25, rescale=False,
     ...                       generator=tensor_generator(0, "w"))
     >>> kept = int(dropped.sum())
@@ -122,7 +124,7 @@ def dare_linear(
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
-    rescale_factors: Sequence[float] | None = None,
+    rescale_factors: RescaleFactors | Sequence[float] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""DARE then task arithmetic: :math:`\theta_b + \lambda \sum_i w_i\, c_i\, m_i \odot \tau_i`.
@@ -166,7 +168,7 @@ def dare_linear(
         ``random_seed`` and the tensor's name. Each model's draws are
         :func:`~modelfuse.merge.task_vectors.uniform_draws` of a seed drawn
         from it, one per flat entry of the whole tensor.
-    rescale_factors : sequence of float, optional
+    rescale_factors : RescaleFactors or sequence of float, optional
         :func:`dare_rescale_factors` of the whole tensor, when the inputs are a
         block of rows of it and the rescale is a norm's; found from the inputs
         when not given.
@@ -227,7 +229,7 @@ def dare_ties(
     random_seed: int = 0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
-    rescale_factors: Sequence[float] | None = None,
+    rescale_factors: RescaleFactors | Sequence[float] | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""DARE then TIES' sign election and disjoint merge.

@@ -34,6 +34,7 @@ block of entries finds its own draws without generating the ones before it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -54,6 +55,7 @@ from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 __all__ = [
     "ConsensusMethod",
     "RANDOM_CHUNK",
+    "RescaleFactors",
     "RescaleMethod",
     "SparsifyingParameters",
     "Sparsification",
@@ -247,6 +249,7 @@ class _Sparsifier:
                 f"rescale_method: unknown value {rescale_method!r}; valid: exact, l1, l2, linf"
             )
         self.method = method
+        self.size = n
         self.density = float(density)
         self.seed = int(seed)
         self.keep_all = density >= 1 and (threshold is None or method != "magnitude")
@@ -261,6 +264,10 @@ class _Sparsifier:
         self.selectors: list[Callable[..., torch.Tensor]] = []
         self.thresholds: list[MagnitudeThreshold] = []
         self._global: tuple[MagnitudeThreshold, str] | None = None
+        # DARE's keep mask of the whole tensor, one bit per flat entry (numpy packbits),
+        # recorded by the norm pass so that the merge pass need not draw it again
+        self.mask: np.ndarray | None = None
+        self.recording = False
         if self.keep_all or method == "random":
             return
 
@@ -291,6 +298,14 @@ class _Sparsifier:
         self.thresholds = [kept] if top <= 0 else [kept, dropped]
         self.selectors = [t.selector() for t in self.thresholds]
 
+    def _record(self, keep: torch.Tensor, start: int) -> None:
+        if self.mask is None:
+            self.mask = np.zeros((self.size + 7) // 8, dtype=np.uint8)
+        if start % 8:
+            raise RuntimeError(f"drop masks are recorded from chunks at multiples of 8, not {start}")
+        bits = np.packbits(keep.reshape(-1).to(torch.uint8).numpy())
+        self.mask[start // 8 : start // 8 + bits.size] = bits
+
     def restart(self) -> None:
         """Start again from the first chunk (the magnitude selectors count ties as they go)."""
         if self._global is not None:
@@ -309,17 +324,53 @@ class _Sparsifier:
             return delta
         length = delta.numel()
         if self.method == "random":
-            # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
-            keep = uniform_draws(
-                self.seed, start, self.workspace.get("random", length).view(delta.shape)
-            )
-            kept = delta.mul_(keep.add_(self.density).floor_())
+            buffer = self.workspace.get("random", length).view(delta.shape)
+            if self.mask is not None and not self.recording:
+                keep = _unpack(self.mask, start, buffer)
+            else:
+                # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
+                keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
+                if self.recording:
+                    self._record(keep, start)
+            kept = delta.mul_(keep)
         else:
             kept = self.selectors[0](delta, out=self.workspace.get("kept", length))
             if len(self.selectors) > 1:
                 # the largest ones, dropped again
                 kept.sub_(self.selectors[1](delta, out=self.workspace.get("top", length)))
         return kept
+
+
+def _unpack(mask: np.ndarray, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Entries ``start ... start + out.numel()`` of a packed 0/1 mask, as floats in ``out``."""
+    length = out.numel()
+    first = start // 8
+    bits = np.unpackbits(mask[first : (start + length + 7) // 8])
+    skip = start - 8 * first
+    return out.copy_(torch.from_numpy(bits[skip : skip + length]).view(out.shape))
+
+
+@dataclass(frozen=True)
+class RescaleFactors:
+    """Each model's norm-rescale factor of a whole tensor, and DARE's drop masks behind it.
+
+    Attributes
+    ----------
+    factors : tuple of float
+        Per model: the multiplier of what it keeps (1 when it is not rescaled).
+    masks : tuple of numpy.ndarray or None
+        Per model: the keep mask of random drops over the whole tensor, one bit
+        per flat entry (``numpy.packbits``; ``n / 8`` bytes), so that a merge
+        given these factors (whole, or a block at its offset) applies the
+        masks the factors were found with instead of drawing them again; None
+        for other sparsifications.
+    """
+
+    factors: tuple[float, ...]
+    masks: tuple[np.ndarray | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.factors)
 
 
 def _set_norm_factors(
@@ -342,12 +393,14 @@ def _set_norm_factors(
             factors.append(1.0 if sparsifier is None else sparsifier.factor)
             continue
         before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
+        sparsifier.recording = sparsifier.method == "random"
         for index in _chunks(size, chunk, 0):
             length = index.stop - index.start
             scratch = workspace.get("norm", length)
             delta = delta_of(index, workspace.get("delta", length))
             before.add(delta, scratch)
             after.add(sparsifier(delta, index.start), scratch)
+        sparsifier.recording = False
         sparsifier.restart()
         ratio = 1.0
         if before.value() >= _NORM_EPS and after.value() >= _NORM_EPS:
@@ -485,7 +538,7 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
     selections: Sequence[Sequence[TensorSelection]] | None = None,
-    rescale_factors: Sequence[float] | None = None,
+    rescale_factors: RescaleFactors | Sequence[float] | None = None,
     offset: int = 0,
     name: str = "",
     method: str = "task-vector merge",
@@ -523,9 +576,10 @@ def generalized_task_arithmetic(
         :func:`tensor_selections` of the whole tensor, when the inputs are a
         block of it (the engine's row blocks); found from the inputs when not
         given.
-    rescale_factors : sequence of float, optional
+    rescale_factors : RescaleFactors or sequence of float, optional
         :func:`rescale_factors` of the whole tensor (a norm rescale), when the
-        inputs are a block of it; found from the inputs when not given.
+        inputs are a block of it; found from the inputs when not given. Their
+        drop masks, when present, are applied instead of drawing them again.
     offset : int, default 0
         The flat index of the inputs' first entry in the whole tensor (for
         ``selections`` and the random draws).
@@ -601,9 +655,15 @@ def generalized_task_arithmetic(
         if rescale_factors is None:
             _set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
         else:
-            for sparsifier, factor in zip(sparsifiers, rescale_factors):
+            given = (
+                rescale_factors
+                if isinstance(rescale_factors, RescaleFactors)
+                else RescaleFactors(tuple(rescale_factors), (None,) * n)
+            )
+            for sparsifier, factor, mask in zip(sparsifiers, given.factors, given.masks):
                 if sparsifier is not None and sparsifier.norm is not None:
                     sparsifier.factor = float(factor)
+                    sparsifier.mask = mask
     scale = float(lambda_)
     if consensus_method is None and normalize:
         divisor = sum(weights)
@@ -705,7 +765,7 @@ def rescale_factors(
     rescale_method: RescaleMethod = "l1",
     generator: torch.Generator | None = None,
     method: str = "task-vector merge",
-) -> list[float]:
+) -> RescaleFactors:
     r"""Each model's norm-rescale factor of a whole tensor: the per-tensor reduction of a
     norm rescale (DARE's, as mergekit's ``rescale``).
 
@@ -716,14 +776,15 @@ def rescale_factors(
     ``1 / density``, elementwise). With these, any block of rows is merged alone
     by :func:`generalized_task_arithmetic` (``rescale_factors`` and ``offset``)
     exactly as the whole tensor would be. ``generator`` must be the one the
-    merge uses (the same drop masks).
+    merge uses: random drops are drawn as the merge draws them, and kept (one
+    bit per entry) for the merge to apply.
 
     Examples
     --------
     >>> base = torch.zeros(4)
     >>> tau = torch.tensor([1.0, -2.0, 3.0, 4.0])
-    >>> rescale_factors([tau], base, density=0.5, sparsification="magnitude")  # 10 / 7
-    [1.4285714285714286]
+    >>> rescale_factors([tau], base, density=0.5, sparsification="magnitude").factors  # 10 / 7
+    (1.4285714285714286,)
     """
     if base is None:
         raise ConfigError(f"{method} needs a base model; set base_model")
@@ -749,7 +810,11 @@ def rescale_factors(
         method=method,
     )
     factors = _set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
-    return [f if s is not None and s.norm is not None else 1.0 for f, s in zip(factors, sparsifiers)]
+    rescaled = [s is not None and s.norm is not None for s in sparsifiers]
+    return RescaleFactors(
+        tuple(f if r else 1.0 for f, r in zip(factors, rescaled)),
+        tuple(s.mask if s is not None and r else None for s, r in zip(sparsifiers, rescaled)),
+    )
 
 
 def tensor_selections(
