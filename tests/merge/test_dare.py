@@ -348,3 +348,42 @@ def test_the_l1_rescale_draws_each_mask_once(monkeypatch):
         assert len(calls) == 2 * 10
         expected = _ref(base, [a, b], [1, 1], [0.3, 0.6], 2, consensus="sum", how=how)
         torch.testing.assert_close(out, expected)
+
+
+def test_a_mergekit_dare_file_gives_mergekits_rescale(tmp_path):
+    """A mergekit dare_ties file (weights, densities, rescale left at mergekit's default)
+    gives mergekit 0.1.5's formula: each task vector's kept entries times its tensor's
+    ||tau||_1 / ||kept||_1, then the sign election without normalize."""
+    from safetensors.torch import load_file, save_file
+
+    import modelfuse
+
+    g = torch.Generator().manual_seed(9)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.norm.weight"]
+    shapes = [(10, 4), (4, 4), (4,)]
+    states = [{n: torch.randn(s, generator=g) for n, s in zip(names, shapes)} for _ in range(3)]
+    for i, state in enumerate(states):
+        save_file(state, tmp_path / f"m{i}.safetensors")
+    config = tmp_path / "dare.yaml"
+    config.write_text(
+        "merge_method: dare_ties\n"
+        f"base_model: {tmp_path / 'm0.safetensors'}\n"
+        "models:\n"
+        f"  - model: {tmp_path / 'm1.safetensors'}\n"
+        "    parameters: {weight: 0.7, density: 0.5}\n"
+        f"  - model: {tmp_path / 'm2.safetensors'}\n"
+        "    parameters: {weight: 0.4, density: 6e-1}\n"
+        "dtype: float32\n"
+    )
+    modelfuse.merge(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for name in names:
+        base = states[0][name]
+        masks = _masks(base.shape, [0.5, 0.6], None, generator=tensor_generator(0, name))
+        b = base.double().numpy()
+        taus = [
+            _rescaled(s[name].double().numpy() - b, m, d, "l1")
+            for s, m, d in zip(states[1:], masks, [0.5, 0.6])
+        ]
+        expected = combine(b, taus, [0.7, 0.4], 1.0, False, "sum")
+        torch.testing.assert_close(merged[name], torch.from_numpy(expected).float())
