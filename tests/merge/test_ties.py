@@ -250,3 +250,26 @@ def test_tiny_density_through_a_configuration_and_global_scope():
             taus = {k: (model[k] - base[k]).abs().max() for k in base}
             top = max(taus, key=lambda k: float(taus[k]))
             assert changed == {k: int(k == top) for k in base}
+
+
+def test_l1_rescale_with_global_scope_is_per_tensor_after_the_global_trim():
+    """With scope: global the trim is the whole model's, and rescale: true (mergekit's L1)
+    still restores each tensor's task-vector L1 norm. Integer task vectors: many ties at
+    the threshold, kept earlier tensor and lower index first."""
+    sizes = [37, 500, 9, 300]
+    base = _split_model(0, sizes)
+    g = torch.Generator().manual_seed(4)
+    model = {k: v + torch.randint(-3, 4, v.shape, generator=g).float() for k, v in base.items()}
+    merged = merge_state_dicts("ties", [model], base, scope="global", density=0.2, rescale=True)
+    names = list(base)
+    flat_tau = torch.cat([(model[k] - base[k]) for k in names]).double().numpy()
+    kept = trim(flat_tau, 0.2)  # the 20 % largest over the whole model, lower index first
+    start = 0
+    for name in names:
+        tau = flat_tau[start : start + base[name].numel()]
+        part = kept[start : start + base[name].numel()]
+        start += base[name].numel()
+        before, after = np.abs(tau).sum(), np.abs(part).sum()
+        expected = part * (before / after) if after >= 1e-7 and before >= 1e-7 else part
+        got = (merged[name] - base[name]).double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
