@@ -138,48 +138,6 @@ def karcher_coefficients(
     for j, i in enumerate(valid):
         coefficients[int(i)] = scale * float(c[j]) / float(norms[i])
     return coefficients
-    index = torch.tensor(valid)
-    inverse = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
-    unit_gram = gram[index][:, index] * inverse[:, None] * inverse[None, :]
-    k = len(valid)
-    alphas = torch.full((k,), 1.0 / k, dtype=torch.float64)
-
-    def length(c: torch.Tensor) -> float:
-        return math.sqrt(max(float(c @ unit_gram @ c), 0.0))
-
-    # Start: the normalized mean of the unit vectors (the first unit vector if it is ~0).
-    c = alphas.clone()
-    start = length(c)
-    if start < tol:
-        c = torch.zeros(k, dtype=torch.float64)
-        c[0] = 1.0
-    else:
-        c = c / start
-    for _ in range(max_iter):
-        dots = (unit_gram @ c).clamp(-1.0, 1.0)
-        angles = torch.arccos(dots)
-        step = torch.zeros(k, dtype=torch.float64)
-        for i in range(k):
-            angle = float(angles[i])
-            sine = math.sin(angle)
-            if angle < tol or sine < _MIN_SINE:
-                continue
-            # log map of the unit vector i at the iterate: angle / sin(angle) times its
-            # component orthogonal to the iterate, x_i - (x_i . u) u
-            factor = float(alphas[i]) * angle / sine
-            step[i] += factor
-            step -= factor * float(dots[i]) * c
-        step_length = length(step)
-        if step_length < tol:
-            break
-        # exponential map back onto the sphere
-        c = math.cos(step_length) * c + (math.sin(step_length) / step_length) * step
-        size = length(c)
-        if size > tol:
-            c = c / size
-    for j, i in enumerate(valid):
-        coefficients[i] = scale * float(c[j]) / norms[i]
-    return coefficients
 
 
 def karcher(
