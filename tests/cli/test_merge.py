@@ -692,3 +692,17 @@ def test_float64_is_accepted(work, capsys, key):
     for name in TENSORS:
         assert merged[name].dtype == torch.float64
         torch.testing.assert_close(merged[name], ((m0[name] + m1[name]) / 2).double())
+
+
+def test_a_base_listed_among_the_models_is_used_once_and_said_so(tmp_path, capsys):
+    a, b, c = _models(tmp_path, 3)  # tensors filled with 0, 1 and 2
+    config = _yaml(
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {a}\nmodels: [{a}, {b}, {c}]\n",
+    )
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"modelfuse: {a} is both base_model and a model; it is used once, as the base\n" in err
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    # base 0 + lambda 1 * ((1 - 0) + (2 - 0)): the base adds no zero task vector of its own
+    torch.testing.assert_close(merged["layers.0.w"], torch.full((3,), 3.0))

@@ -342,7 +342,9 @@ def _model_plan(
     if base_ckpt is not None and method.uses_base:
         kept = [e for e in entries if e[1] is not base_ckpt]
         if len(kept) < len(entries):
-            notes.append(f"{config.base_model} is the base model; it is not merged as a model")
+            notes.append(
+                f"{config.base_model} is both base_model and a model; it is used once, as the base"
+            )
     models = [
         ModelInput(
             label=entry.model,
