@@ -706,3 +706,75 @@ def test_a_base_listed_among_the_models_is_used_once_and_said_so(tmp_path, capsy
     merged = load_file(tmp_path / "out" / "model.safetensors")
     # base 0 + lambda 1 * ((1 - 0) + (2 - 0)): the base adds no zero task vector of its own
     torch.testing.assert_close(merged["layers.0.w"], torch.full((3,), 3.0))
+
+
+def _folder_model(folder: Path, value: float) -> Path:
+    folder.mkdir()
+    save_file(
+        {f"model.layers.{i}.w": torch.full((10, 10), value + i) for i in range(3)},
+        folder / "model.safetensors",
+    )
+    (folder / "config.json").write_text('{"model_type": "llama", "torch_dtype": "float32"}\n')
+    (folder / "tokenizer.json").write_text("{}\n")
+    (folder / "special_tokens_map.json").write_text("{}\n")
+    return folder
+
+
+def test_mergekit_command_line_habits(tmp_path, capsys):
+    """-j, --out-shard-size (parameters), --no-copy-tokenizer, --no-write-model-card."""
+    a = _folder_model(tmp_path / "a", 0.0)
+    b = _folder_model(tmp_path / "b", 1.0)
+    config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
+    out = tmp_path / "out"
+    args = ["merge", str(config), str(out), "-j", "1", "--out-shard-size", "150",
+            "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+    assert main(args) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert "tokenizer.json" not in files and "special_tokens_map.json" not in files
+    assert "config.json" in files and "README.md" not in files
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) == 3  # 3 tensors of 100 parameters, at most 150 parameters a shard
+    for shard in shards:
+        assert sum(t.numel() for t in load_file(shard).values()) <= 150
+    assert main(["merge", str(config), str(tmp_path / "out2"), "--quiet"]) == 0
+    assert {"tokenizer.json", "special_tokens_map.json", "README.md"} <= {
+        p.name for p in (tmp_path / "out2").iterdir()
+    }
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out-shard-size", "5X"], "--out-shard-size: expected a positive number of parameters"),
+        (["--out-shard-size", "0"], "--out-shard-size: expected a positive number of parameters"),
+        (["--out-shard-size", "5B", "--shard-size", "1GB"], "not both"),
+    ],
+)
+def test_bad_out_shard_size(extra, message, tmp_path, capsys):
+    a, b = _models(tmp_path)
+    config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "out").exists()
+
+
+def test_mergekit_only_options_are_accepted_with_one_line_each(tmp_path, capsys):
+    from modelfuse.cli.merge import MERGEKIT_ONLY
+
+    a, b = _models(tmp_path)
+    config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
+    flags = ["--cuda", "--low-cpu-memory", "--lazy-unpickle", "--clone-tensors",
+             "--trust-remote-code", "--safe-serialization", "--transformers-cache", "x",
+             "--lora-merge-cache", "y"]
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet", *flags]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"modelfuse: {flag} is mergekit's; {why}" for flag, why in MERGEKIT_ONLY.items()]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_an_unchanged_config_json_gets_no_empty_note(tmp_path, capsys):
+    a = _folder_model(tmp_path / "a", 0.0)
+    b = _folder_model(tmp_path / "b", 1.0)
+    config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 0
+    assert "config.json: \n" not in capsys.readouterr().err

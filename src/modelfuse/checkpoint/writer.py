@@ -41,8 +41,10 @@ __all__ = [
     "DEFAULT_SHARD_SIZE",
     "INDEX_NAME",
     "MARKER_NAME",
+    "TOKENIZER_FILE_PATTERNS",
     "CheckpointWriter",
     "is_model_file",
+    "is_tokenizer_file",
     "remove_stale_folders",
     "shard_names",
 ]
@@ -75,6 +77,30 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _MAX_DIMENSION = 2**63 - 1
 
 _State = Literal["open", "committing", "committed", "aborted"]
+
+
+TOKENIZER_FILE_PATTERNS = (
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "tokenizer*",
+    "vocab*",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+)
+"""The files of a model folder that make up its tokenizer (and chat template)."""
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of a model folder belongs to its tokenizer.
+
+    Examples
+    --------
+    >>> [is_tokenizer_file(n) for n in ["tokenizer.json", "merges.txt", "config.json"]]
+    [True, True, False]
+    """
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_FILE_PATTERNS)
 
 
 def is_model_file(name: str) -> bool:
@@ -682,14 +708,15 @@ class CheckpointWriter:
             raise self._failed(self._write_error(exc, relative_name)) from exc
         self._extra.add(relative_name)
 
-    def copy_model_files(self, folder: Path) -> list[str]:
+    def copy_model_files(self, folder: Path, *, tokenizer: bool = True) -> list[str]:
         """Copy the non-weight files of a Hugging Face model folder into the checkpoint.
 
         Copies ``config.json``, ``generation_config.json``, tokenizer files
         (``tokenizer*``, ``special_tokens_map.json``, ``added_tokens.json``,
         ``vocab*``, ``merges.txt``, ``*.model``, ``*.tiktoken``),
         ``chat_template*`` and processor configs; never weights. Files
-        already given with :meth:`add_file` are kept.
+        already given with :meth:`add_file` are kept. ``tokenizer=False``
+        leaves the tokenizer's files out (:func:`is_tokenizer_file`).
 
         Returns
         -------
@@ -704,6 +731,8 @@ class CheckpointWriter:
             )
         copied = []
         for path in sorted(folder.iterdir()):
+            if not tokenizer and is_tokenizer_file(path.name):
+                continue
             if path.is_file() and is_model_file(path.name) and path.name not in self._extra:
                 self.add_file(path.name, path)
                 copied.append(path.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +13,42 @@ import typer
 
 from modelfuse.cli._app import app
 
-__all__ = ["merge_command", "methods_command"]
+__all__ = ["merge_command", "methods_command", "parse_parameter_count"]
+
+MERGEKIT_ONLY = {
+    "--cuda": "modelfuse merges on the CPU, in row blocks on every core; ignored",
+    "--low-cpu-memory": "memory is bounded by a few tensors already; ignored",
+    "--lazy-unpickle": "PyTorch files are always read lazily, with weights_only=True; ignored",
+    "--clone-tensors": "every output tensor is written from its own buffer; ignored",
+    "--trust-remote-code": "modelfuse runs no code from model folders; ignored",
+    "--safe-serialization": "the output is always safetensors; ignored",
+    "--transformers-cache": "modelfuse never downloads (models are local paths); ignored",
+    "--lora-merge-cache": "modelfuse never downloads (models are local paths); ignored",
+}
+"""mergekit-yaml's options that have no use in modelfuse, and what it does instead."""
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_parameter_count(text: str, *, flag: str) -> int:
+    """A number of parameters as mergekit writes it: ``5B`` is 5 * 10**9, ``500M``, ``1000``.
+
+    Examples
+    --------
+    >>> parse_parameter_count("5B", flag="--out-shard-size"), parse_parameter_count("1.5M", flag="x")
+    (5000000000, 1500000)
+    """
+    from modelfuse.errors import ConfigError
+
+    match = _COUNT.match(text) if len(text) <= 40 else None
+    count = int(float(match.group(1)) * _COUNT_UNITS[match.group(2).upper()]) if match else 0
+    if count < 1:
+        raise ConfigError(
+            f"{flag}: expected a positive number of parameters such as 5B or 500M, "
+            f"got {text[:40]!r}"
+        )
+    return count
 
 
 @app.command(
@@ -48,11 +85,26 @@ def merge_command(
         Path | None, typer.Option("-o", "--out", help="the output model folder")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(help="tensors merged at once [default: all cores]", min=1)
+        int | None,
+        typer.Option("--threads", "-j", help="tensors merged at once [default: all cores]", min=1),
     ] = None,
     shard_size: Annotated[
         str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")
     ] = "5GB",
+    out_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="largest output shard in parameters, as mergekit counts it: 5B, 500M "
+            "(instead of --shard-size)"
+        ),
+    ] = None,
+    copy_tokenizer: Annotated[
+        bool,
+        typer.Option(
+            "--copy-tokenizer/--no-copy-tokenizer",
+            help="copy the base (else first) model's tokenizer files beside the weights",
+        ),
+    ] = True,
     overwrite: Annotated[
         bool, typer.Option(help="replace OUT if it exists (never an input or a folder holding one)")
     ] = False,
@@ -63,10 +115,20 @@ def merge_command(
         bool,
         typer.Option(
             "--model-card/--no-model-card",
+            "--write-model-card/--no-write-model-card",
             help="write README.md naming the method, inputs, parameters and version",
         ),
     ] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    # mergekit-yaml's options that have no use here: accepted, with one line saying why
+    cuda: Annotated[bool, typer.Option("--cuda/--no-cuda", hidden=True)] = False,
+    low_cpu_memory: Annotated[bool, typer.Option(hidden=True)] = False,
+    lazy_unpickle: Annotated[bool, typer.Option(hidden=True)] = False,
+    clone_tensors: Annotated[bool, typer.Option(hidden=True)] = False,
+    trust_remote_code: Annotated[bool, typer.Option(hidden=True)] = False,
+    safe_serialization: Annotated[bool, typer.Option(hidden=True)] = False,
+    transformers_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
+    lora_merge_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     from modelfuse.checkpoint import parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
@@ -75,6 +137,18 @@ def merge_command(
     from modelfuse.merge.output_paths import expand_user
     from modelfuse.progress import progress_bar
 
+    given = {
+        "--cuda": cuda,
+        "--low-cpu-memory": low_cpu_memory,
+        "--lazy-unpickle": lazy_unpickle,
+        "--clone-tensors": clone_tensors,
+        "--trust-remote-code": trust_remote_code,
+        "--safe-serialization": safe_serialization,
+        "--transformers-cache": transformers_cache is not None,
+        "--lora-merge-cache": lora_merge_cache is not None,
+    }
+    for flag in (flag for flag, used in given.items() if used):
+        print(f"modelfuse: {flag} is mergekit's; {MERGEKIT_ONLY[flag]}", file=sys.stderr)
     if (out is None) == (out_option is None):
         raise ConfigError(
             "give the output folder once: as the second argument (modelfuse merge CONFIG OUT) "
@@ -89,6 +163,11 @@ def merge_command(
         parse_size(shard_size)
     except ConfigError as exc:
         raise ConfigError(f"--shard-size: {exc}") from None
+    shard_parameters = None
+    if out_shard_size is not None:
+        if shard_size != "5GB":
+            raise ConfigError("give --shard-size (bytes) or --out-shard-size (parameters), not both")
+        shard_parameters = parse_parameter_count(out_shard_size, flag="--out-shard-size")
     return_freed_memory_promptly()
 
     # Every problem (configuration, inputs, output) is reported together before any work.
@@ -101,6 +180,9 @@ def merge_command(
         if dry_run:
             print(describe_plan(plan))
         total, total_bytes = len(plan.tasks), plan.total_bytes
+        if shard_parameters is not None:  # mergekit counts parameters; the writer counts bytes
+            elements = sum(math.prod(task.shape) for task in plan.tasks)
+            shard_size = str(max(1, shard_parameters * total_bytes // max(1, elements)))
     finally:
         close_plan(plan)
     if dry_run:
@@ -119,6 +201,7 @@ def merge_command(
                 overwrite=overwrite,
                 progress=advance,
                 model_card=model_card,
+                copy_tokenizer=copy_tokenizer,
             )
     for w in caught:  # one line each, and once: plan_merge may have printed the same already
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -679,6 +679,7 @@ def merge(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     model_card: bool = True,
+    copy_tokenizer: bool = True,
 ) -> MergeResult:
     """Merge checkpoints on disk as a configuration says, streaming tensor by tensor.
 
@@ -702,6 +703,9 @@ def merge(
     model_card : bool, default True
         Write a ``README.md`` naming the method, the inputs, the parameters
         and the modelfuse version.
+    copy_tokenizer : bool, default True
+        Copy the tokenizer files of the base model (else the first model)
+        beside the weights, as ``mergekit-yaml --copy-tokenizer`` does.
 
     Returns
     -------
@@ -773,9 +777,10 @@ def merge(
             updated = _updated_model_config(opened.files_from, plan)
             if updated is not None:
                 writer.add_file("config.json", updated[0])
-                notes.append(f"config.json: {', '.join(updated[1])}")
+                if updated[1]:  # say what changed, if anything did
+                    notes.append(f"config.json: {', '.join(updated[1])}")
             if opened.files_from is not None:
-                copied = writer.copy_model_files(opened.files_from)
+                copied = writer.copy_model_files(opened.files_from, tokenizer=copy_tokenizer)
                 if copied:
                     notes.append(f"copied {', '.join(copied)} from {opened.files_from}")
             writer.add_file("modelfuse.yaml", _resolved_yaml(cfg, opened.located))
