@@ -778,3 +778,48 @@ def test_an_unchanged_config_json_gets_no_empty_note(tmp_path, capsys):
     config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
     assert main(["merge", str(config), str(tmp_path / "out")]) == 0
     assert "config.json: \n" not in capsys.readouterr().err
+
+
+def test_random_seed_sets_the_drop_masks_seed_and_is_recorded(tmp_path, capsys):
+    a = _folder_model(tmp_path / "a", 0.0)
+    b = _folder_model(tmp_path / "b", 1.0)
+    c = _folder_model(tmp_path / "c", 3.0)
+    text = f"merge_method: dare_linear\nbase_model: {a}\nmodels: [{b}, {c}]\n"
+    text += "parameters: {density: 0.5}\n"
+    config = _yaml(tmp_path, text)
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(text.replace("{density: 0.5}", "{density: 0.5, random_seed: 7}"))
+
+    def weights(out: str, yaml_file: Path, *extra: str) -> bytes:
+        assert main(["merge", str(yaml_file), str(tmp_path / out), "--quiet", *extra]) == 0
+        return (tmp_path / out / "model.safetensors").read_bytes()
+
+    by_flag = weights("flag7", config, "--random-seed", "7")
+    assert by_flag == weights("config7", seeded)
+    assert by_flag != weights("flag8", config, "--random-seed", "8")
+    assert "random_seed: 7" in (tmp_path / "flag7" / "modelfuse.yaml").read_text()
+    capsys.readouterr()
+    args = ["merge", str(seeded), str(tmp_path / "clash"), "--random-seed", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sets random_seed: 7; give the seed once" in err
+    # a method without random draws takes the flag and is unchanged by it
+    linear = _yaml(tmp_path, f"merge_method: linear\nmodels: [{b}, {c}]\n")
+    assert main(["merge", str(linear), str(tmp_path / "lin"), "--quiet", "--random-seed", "3"]) == 0
+
+
+def test_different_architectures_need_allow_crimes(tmp_path, capsys):
+    a = _folder_model(tmp_path / "a", 0.0)
+    b = _folder_model(tmp_path / "b", 1.0)
+    (a / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}\n')
+    (b / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}\n')
+    config = _yaml(tmp_path, f"merge_method: linear\nmodels: [{a}, {b}]\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "LlamaForCausalLM" in err and "MistralForCausalLM" in err and "--allow-crimes" in err
+    assert not (tmp_path / "out").exists()
+    args = ["merge", str(config), str(tmp_path / "out"), "--quiet", "--allow-crimes"]
+    assert main(args) == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    torch.testing.assert_close(merged["model.layers.0.w"], torch.full((10, 10), 0.5))

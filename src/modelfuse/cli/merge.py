@@ -120,6 +120,21 @@ def merge_command(
         ),
     ] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    allow_crimes: Annotated[
+        bool,
+        typer.Option(
+            help="merge models whose config.json names different architectures (mergekit's "
+            "--allow-crimes); tensor names and shapes must still match"
+        ),
+    ] = False,
+    random_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="seed of a method's random draws (DARE) when the configuration sets none",
+            min=0,
+            max=2**32 - 1,
+        ),
+    ] = None,
     # mergekit-yaml's options that have no use here: accepted, with one line saying why
     cuda: Annotated[bool, typer.Option("--cuda/--no-cuda", hidden=True)] = False,
     low_cpu_memory: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -172,7 +187,13 @@ def merge_command(
 
     # Every problem (configuration, inputs, output) is reported together before any work.
     try:
-        plan = plan_merge(config, target, overwrite=overwrite)
+        plan = plan_merge(
+            config,
+            target,
+            overwrite=overwrite,
+            allow_crimes=allow_crimes,
+            random_seed=random_seed,
+        )
     except ModelfuseError as exc:
         _report_problems(exc)
         raise
@@ -202,6 +223,8 @@ def merge_command(
                 progress=advance,
                 model_card=model_card,
                 copy_tokenizer=copy_tokenizer,
+                allow_crimes=allow_crimes,
+                random_seed=random_seed,
             )
     for w in caught:  # one line each, and once: plan_merge may have printed the same already
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)

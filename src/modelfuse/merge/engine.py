@@ -152,6 +152,7 @@ def _open_all(
     out: str | Path | None = None,
     overwrite: bool = False,
     config_file: Path | None = None,
+    allow_crimes: bool = False,
 ) -> _Opened:
     """Open every input and plan the merge; every problem found is raised together.
 
@@ -224,6 +225,10 @@ def _open_all(
                 inputs.append(("patch", location))
             except ModelfuseError as exc:
                 problems.add_error(exc)
+        if not allow_crimes:
+            crime = _mixed_architectures(opened)
+            if crime is not None:
+                problems.add(crime, CheckpointError)
         if config_file is not None:
             inputs.append(("configuration file", config_file))
             inputs.append(("folder of the configuration", config_file.resolve().parent))
@@ -274,6 +279,57 @@ def _open_all(
         notes + plan.notes,
         located,
     )
+
+
+def _architecture(checkpoint: Checkpoint) -> str | None:
+    """The architecture a model folder's config.json names (``architectures``, else ``model_type``)."""
+    folder = getattr(checkpoint, "folder", None)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    names = data.get("architectures")
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return short(", ".join(names))
+    kind = data.get("model_type")
+    return short(kind) if isinstance(kind, str) else None
+
+
+def _mixed_architectures(opened: Mapping[str, Checkpoint]) -> str | None:
+    """A problem when the model folders name different architectures, as mergekit refuses."""
+    found: dict[str, str] = {}
+    for location, checkpoint in opened.items():
+        name = _architecture(checkpoint)
+        if name is not None:
+            found.setdefault(name, location)
+    if len(found) < 2:
+        return None
+    listed = "; ".join(f"{short(where)}: {name}" for name, where in found.items())
+    return (
+        f"the models name different architectures ({listed}); merging them is what mergekit "
+        "calls a crime: pass --allow-crimes (allow_crimes=True) if you mean it"
+    )
+
+
+def _with_seed(config: MergeConfig, random_seed: int | None) -> MergeConfig:
+    """``config`` with ``random_seed`` set for a method that draws random numbers (DARE)."""
+    if random_seed is None:
+        return config
+    method = METHODS.get(config.merge_method)
+    if method is None or method.parameters.field_for("random_seed") is None:
+        return config  # the method draws nothing: the seed changes nothing
+    given = (config.parameters or {}).get("random_seed")
+    if given is not None and given != random_seed:
+        raise ConfigError(
+            f"--random-seed {random_seed}: the configuration sets random_seed: {short(given)}; "
+            "give the seed once"
+        )
+    parameters = {**(config.parameters or {}), "random_seed": random_seed}
+    return config.model_copy(update={"parameters": parameters})
 
 
 def _parameter_key_problems(method: MergeMethod, config: MergeConfig) -> list[str]:
@@ -492,6 +548,8 @@ def plan_merge(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
+    allow_crimes: bool = False,
+    random_seed: int | None = None,
 ) -> MergePlan:
     """Open the inputs and plan the merge without merging; every problem is raised together.
 
@@ -502,7 +560,7 @@ def plan_merge(
     out : path, optional
         The output folder: an existing one (without ``overwrite``) or one that
         is or holds an input is a problem too.
-    overwrite : bool, default False
+    overwrite, allow_crimes, random_seed
         As for :func:`merge`.
 
     Raises
@@ -516,7 +574,12 @@ def plan_merge(
     """
     cfg, folder = load_config(config)
     return _open_all(
-        cfg, folder, out=out, overwrite=overwrite, config_file=_config_file(config)
+        _with_seed(cfg, random_seed),
+        folder,
+        out=out,
+        overwrite=overwrite,
+        config_file=_config_file(config),
+        allow_crimes=allow_crimes,
     ).plan
 
 
@@ -680,6 +743,8 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     model_card: bool = True,
     copy_tokenizer: bool = True,
+    allow_crimes: bool = False,
+    random_seed: int | None = None,
 ) -> MergeResult:
     """Merge checkpoints on disk as a configuration says, streaming tensor by tensor.
 
@@ -706,6 +771,13 @@ def merge(
     copy_tokenizer : bool, default True
         Copy the tokenizer files of the base model (else the first model)
         beside the weights, as ``mergekit-yaml --copy-tokenizer`` does.
+    allow_crimes : bool, default False
+        Merge model folders whose ``config.json`` names different
+        architectures (mergekit's ``--allow-crimes``); refused otherwise.
+        Tensor names and shapes must match either way.
+    random_seed : int, optional
+        The seed of a method's random draws (DARE's ``random_seed``) when the
+        configuration does not set it; recorded in ``modelfuse.yaml``.
 
     Returns
     -------
@@ -741,12 +813,18 @@ def merge(
     """
     started = time.perf_counter()
     cfg, folder = load_config(config)
+    cfg = _with_seed(cfg, random_seed)
     budget = parse_size(shard_size)
     workers = default_threads() if threads is None else int(threads)
     if workers < 1:
         raise ConfigError(f"threads: expected a positive number, got {threads}")
     opened = _open_all(
-        cfg, folder, out=out, overwrite=overwrite, config_file=_config_file(config)
+        cfg,
+        folder,
+        out=out,
+        overwrite=overwrite,
+        config_file=_config_file(config),
+        allow_crimes=allow_crimes,
     )
     plan = opened.plan
     caught: list[warnings.WarningMessage] = []
