@@ -823,3 +823,29 @@ def test_different_architectures_need_allow_crimes(tmp_path, capsys):
     assert main(args) == 0
     merged = load_file(tmp_path / "out" / "model.safetensors")
     torch.testing.assert_close(merged["model.layers.0.w"], torch.full((10, 10), 0.5))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "base_model: a\ngate_mode: hidden\nexperts:\n  - source_model: a\n"
+            "    positive_prompts: [math]\n",
+            "a mergekit-moe configuration (experts, gate_mode), not a merge",
+        ),
+        (
+            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: union\n",
+            "tokenizer_source: 'union' is not supported; modelfuse copies the base model's "
+            "tokenizer",
+        ),
+        (
+            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: {model: a}\n",
+            "tokenizer_source: {'model': 'a'} is not supported",
+        ),
+    ],
+)
+def test_mergekit_files_modelfuse_cannot_run_are_refused_saying_why(text, message, tmp_path, capsys):
+    config = _yaml(tmp_path, text)
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "valid keys" not in err

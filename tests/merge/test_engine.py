@@ -298,7 +298,8 @@ def test_base_listed_among_models_is_not_merged_twice(tmp_path):
     merged = load_file(tmp_path / "out" / "model.safetensors")
     name = "model.norm.weight"
     torch.testing.assert_close(merged[name], states[1][name])
-    assert any("base model" in note for note in result.notes)
+    assert any("is both base_model and a model; it is used once, as the base" in note
+               for note in result.notes)
 
 
 def test_added_tokens_keep_their_rows(llama_folders, tmp_path):

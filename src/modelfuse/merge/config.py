@@ -462,6 +462,19 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
         raise ConfigError(
             f"{where}: expected a mapping with merge_method and models, got {type(data).__name__}"
         )
+    if "experts" in data and "merge_method" not in data:
+        raise ConfigError(
+            f"{where}: a mergekit-moe configuration (experts, gate_mode), not a merge; "
+            "modelfuse merge builds one model from several and has no mixture-of-experts "
+            "builder: run it with mergekit-moe"
+        )
+    if data.get("tokenizer_source") not in (None, "base"):
+        raise ConfigError(
+            f"{where}: tokenizer_source: {short(data['tokenizer_source'])} is not supported; "
+            "modelfuse copies the base model's tokenizer (tokenizer_source: base), and "
+            "mergekit's union or per-model vocabularies are not built: merge models that "
+            "share a tokenizer, or leave tokenizer_source out"
+        )
     try:
         return MergeConfig.model_validate(data), folder
     except ValidationError as exc:
