@@ -36,6 +36,12 @@ CASES: dict[str, tuple[list[str], list[str], list[str], str]] = {
         ["diff", "a", "b", "-o", "p", "--density", "1.5"],
         "--density",
     ),
+    "extract-lora": (
+        ["extract-lora", "a", "b", "-o", "lora", "--rnk", "2"],
+        ["extract-lora", "a", "-o", "lora", "--rank", "2"],
+        ["extract-lora", "a", "b", "-o", "lora", "--rank", "0"],
+        "--rank",
+    ),
     "ensemble": (
         ["ensemble", "-p", "a.npy", "-o", "e.json", "--methd", "soft"],
         ["ensemble", "-p", "a.npy"],

@@ -9,6 +9,12 @@ energy threshold) and writes a PEFT LoRA adapter folder that
 
 from __future__ import annotations
 
-from modelfuse.lora.extract import LoraResult, ModuleFit, extract_lora, low_rank_factors
+from modelfuse.lora.extract import (
+    LoraResult,
+    ModuleFit,
+    extract_lora,
+    low_rank_factors,
+    matching_tensors,
+)
 
-__all__ = ["LoraResult", "ModuleFit", "extract_lora", "low_rank_factors"]
+__all__ = ["LoraResult", "ModuleFit", "extract_lora", "low_rank_factors", "matching_tensors"]

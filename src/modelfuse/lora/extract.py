@@ -38,7 +38,7 @@ from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import CheckpointError, ConfigError, OutputError
 from modelfuse.merge.output_paths import check_output_path
 
-__all__ = ["LoraResult", "ModuleFit", "extract_lora", "low_rank_factors"]
+__all__ = ["LoraResult", "ModuleFit", "extract_lora", "low_rank_factors", "matching_tensors"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -211,8 +211,14 @@ def _check_rank_energy(rank: int | None, energy: float | None) -> None:
         )
 
 
-def _candidates(base: Checkpoint, tuned: Checkpoint) -> list[str]:
-    """The floating-point tensors of ``tuned``, after checking ``base`` has them in the same shape."""
+def matching_tensors(base: Checkpoint, tuned: Checkpoint) -> list[str]:
+    """The floating-point tensors of ``tuned``, after checking ``base`` has them in the same shape.
+
+    Raises
+    ------
+    CheckpointError
+        A tensor is missing from either checkpoint or has another shape.
+    """
     names = [n for n in tuned.keys() if tuned.info(n).dtype.is_floating_point]
     floats = {n for n in base.keys() if base.info(n).dtype.is_floating_point}
     problems = []
@@ -373,7 +379,7 @@ def extract_lora(
     unchanged: list[str] = []
     skipped: list[str] = []
     with open_checkpoint(base) as cb, open_checkpoint(finetuned) as ct, torch.no_grad():
-        names = _candidates(cb, ct)
+        names = matching_tensors(cb, ct)
         task_type = _task_type(cb.folder)
         for name in names:
             tuned = ct.read(name)

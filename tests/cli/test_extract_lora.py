@@ -1,0 +1,127 @@
+"""``modelfuse extract-lora`` through the command line: output, --quiet, ranges and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelfuse.cli import main
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """base/ (a model folder) and tuned.safetensors: fc gets singular values 3, 2, 1 added,
+    and a norm changes."""
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.randn(5, 4, generator=g), "norm.weight": torch.ones(4)}
+    u, _ = torch.linalg.qr(torch.randn(5, 3, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(4, 3, generator=g))
+    delta = (u * torch.tensor([3.0, 2.0, 1.0])) @ v.T
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    save_file({"fc.weight": base["fc.weight"] + delta, "norm.weight": torch.full((4,), 2.0)},
+              tmp_path / "tuned.safetensors")
+    save_file({"fc.weight": torch.zeros(5, 5), "norm.weight": torch.ones(4)},
+              tmp_path / "wide.safetensors")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -> str:
+    before, names = _snapshot(folder), sorted(os.listdir(folder))
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if lines[0].startswith("Usage:"):
+        assert any(line.startswith("Error:") for line in lines) and len(lines) <= 4, err
+    else:
+        assert len(lines) == 1 and lines[0].startswith("modelfuse: error: "), err
+    assert sorted(os.listdir(folder)) == names and _snapshot(folder) == before
+    return err
+
+
+def test_rank_1_writes_the_adapter_and_reports_the_error(work, capsys) -> None:
+    assert main(["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "1"]) == 0
+    captured = capsys.readouterr()
+    # the norm changed but cannot be stored: said on stderr, once
+    assert captured.err.count("modelfuse: ") == 1 and "norm.weight" in captured.err
+    expected = math.sqrt(4 + 1) / math.sqrt(9 + 4 + 1)  # Eckart-Young with s = 3, 2, 1
+    assert f"relative error max {expected:.3g}, mean {expected:.3g}" in captured.out
+    assert "fc" in captured.out and "rank" in captured.out  # the per-module table
+    assert captured.out.strip().splitlines()[-1].startswith("wrote a LoRA adapter of 1 modules")
+    config = json.loads((work / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["target_modules"] == ["fc"]
+    assert config["base_model_name_or_path"] == "base"
+    stored = load_file(work / "lora" / "adapter_model.safetensors")
+    assert stored["base_model.model.fc.lora_A.weight"].shape == (1, 4)
+    assert stored["base_model.model.fc.lora_B.weight"].shape == (5, 1)
+
+
+def test_quiet_energy_keeps_the_final_line_only(work, capsys) -> None:
+    argv = ["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--energy", "0.9", "--quiet"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines() == [captured.out.strip()]
+    assert captured.out.startswith("wrote a LoRA adapter of 1 modules (rank 2)")  # 13/14 >= 0.9
+    assert "norm.weight" in captured.err  # notes still go to stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--rank", "0"], "--rank"),
+        (["--energy", "1.5"], "--energy"),
+        (["--energy", "0"], "--energy: expected a fraction in (0, 1], got 0"),
+        ([], "expected --rank, --energy or both"),
+        (["--rank", "two"], "--rank"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(work, capsys, extra: list[str], message: str) -> None:
+    err = refused(["extract-lora", "base", "tuned.safetensors", "-o", "lora", *extra], capsys, work)
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["base", "base", "-o", "lora", "--rank", "2"], "the task vector is zero"),
+        (["base", "wide.safetensors", "-o", "lora", "--rank", "2"],
+         "fc.weight has shape [5, 4] in the base but [5, 5]"),
+        (["base", "missing", "-o", "lora", "--rank", "2"], "missing"),
+        (["base", "tuned.safetensors", "-o", "base", "--rank", "2", "--overwrite"],
+         "is the base checkpoint"),
+        (["base", "tuned.safetensors", "-o", "tuned.safetensors", "--rank", "2", "--overwrite"],
+         "is the fine-tuned checkpoint"),
+        (["base", "tuned.safetensors", "-o", ".", "--rank", "2", "--overwrite"], "contains"),
+        (["base", "tuned.safetensors", "-o", "wide.safetensors", "--rank", "2"], "already exists"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(work, capsys, argv: list[str], message: str) -> None:
+    err = refused(["extract-lora", *argv], capsys, work)
+    assert message in err, err
+
+
+def test_overwrite_replaces_a_previous_adapter(work, capsys) -> None:
+    assert main(["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    refused(["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "3"], capsys, work)
+    argv = ["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "3", "--overwrite"]
+    assert main([*argv, "--quiet"]) == 0
+    assert json.loads((work / "lora" / "adapter_config.json").read_text())["r"] == 3
+    assert not [p for p in os.listdir(work) if p.startswith(".")]  # no staging folder left
