@@ -7,7 +7,12 @@
   one warning naming the key and the model;
 - parameter names that mergekit accepts and ignores run with one warning;
   names no mergekit method reads stay errors;
-- ``dtype: float64`` and ``out_dtype: float64`` are accepted.
+- ``dtype: float64`` and ``out_dtype: float64`` are accepted;
+- every method and option computes mergekit 0.1.5's formula (written out in
+  ``_mergekit_formulas.py``) in float32 and bfloat16, and where modelfuse
+  deliberately differs (TIES ``scope: global``, which of several equal
+  magnitudes at a trim threshold survive) mergekit's result is one setting away
+  or the difference stays within a stated bound.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
 from modelfuse.merge.parameters import IgnoredParameterWarning
 
+from . import _mergekit_formulas as mf
 from .conftest import random_state
 
 
@@ -190,7 +196,9 @@ def test_state_dicts_ignore_a_models_global_setting_too():
     for order in ([a, b], [b, a]):
         params = [{"lambda": 4.0} if sd is a else {} for sd in order]
         with pytest.warns(IgnoredParameterWarning, match="'lambda' is ignored"):
-            results.append(merge_state_dicts("task_arithmetic", order, base, model_parameters=params))
+            results.append(
+                merge_state_dicts("task_arithmetic", order, base, model_parameters=params)
+            )
     assert torch.equal(results[0]["w"], results[1]["w"])
     torch.testing.assert_close(results[0]["w"], torch.full((3,), 3.0))  # lambda 1: 1 + 2
 
@@ -334,3 +342,278 @@ def test_float64_in_memory():
     )
     assert out["w"].dtype == torch.float64
     assert torch.equal(out["w"], torch.full((2,), 0.5, dtype=torch.float64))
+
+
+# 5. Every method and option against mergekit 0.1.5's formula ----------------------------
+#
+# Tiny state dicts with Llama names over three layers (so gradients read positions 0, 0.5
+# and 1, and every tensor outside the layers reads t = 0), merged with merge_state_dicts and
+# compared with the formula of tests/merge/_mergekit_formulas.py computed in float64 from the
+# same (float32 or bfloat16) inputs. Tolerances: float32 1e-6 relative plus 1e-6 absolute
+# (values are of order 1; a few float32 operations); bfloat16 one bfloat16 rounding step of
+# the exact value (modelfuse computes in float32 and rounds once) plus 1e-6 absolute.
+
+N_LAYERS = 3
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _llama_state(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (8, 4)}
+    for i in range(N_LAYERS):
+        shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (4, 4)
+        shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (6, 4)
+    shapes["model.norm.weight"] = (4,)
+    shapes["lm_head.weight"] = (8, 4)
+    return {k: torch.randn(*s, generator=g).to(dtype) for k, s in shapes.items()}
+
+
+def _f64(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.to(torch.float64).numpy() for k, v in state.items()}
+
+
+def _assert_parity(merged, expected: dict[str, np.ndarray], dtype: torch.dtype) -> None:
+    assert set(merged) == set(expected)
+    for name, want in expected.items():
+        assert merged[name].dtype == dtype, name
+        got = merged[name].to(torch.float64).numpy()
+        if dtype == torch.float32:
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+        else:
+            bound = mf.bfloat16_step(want) + 1e-6
+            worst = float(np.max(np.abs(got - want) - bound))
+            assert worst <= 0, (name, worst)
+
+
+def _models(dtype, n=3):
+    """(base, models) as torch state dicts."""
+    return _llama_state(100, dtype), [_llama_state(101 + i, dtype) for i in range(n)]
+
+
+def _expected(names, fn):
+    return {name: fn(name) for name in names}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_weights_gradients_and_filters(dtype, normalize):
+    _, models = _models(dtype)
+    settings = [
+        {"weight": 1.0},
+        {"weight": [0.5, 2.0]},
+        {"weight": [{"filter": "self_attn", "value": 0.25}, {"value": [3.0, 1.0, 2.0]}]},
+    ]
+    merged = merge_state_dicts("linear", models, model_parameters=settings, normalize=normalize)
+    xs = [_f64(m) for m in models]
+    expected = _expected(
+        xs[0],
+        lambda k: mf.linear(
+            [x[k] for x in xs], [mf.resolve(s["weight"], k, N_LAYERS) for s in settings], normalize
+        ),
+    )
+    _assert_parity(merged, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_task_arithmetic_lambda_and_normalize(dtype, normalize):
+    base, models = _models(dtype, 2)
+    settings = [{"weight": 0.7}, {"weight": [{"filter": "mlp", "value": -0.4}, {"value": 1.2}]}]
+    lam = [0.5, 1.5]
+    merged = merge_state_dicts(
+        "task_arithmetic", models, base, model_parameters=settings, lambda_=lam, normalize=normalize
+    )
+    b, xs = _f64(base), [_f64(m) for m in models]
+    expected = _expected(
+        b,
+        lambda k: mf.task_arithmetic_family(
+            b[k],
+            [x[k] for x in xs],
+            [mf.resolve(s["weight"], k, N_LAYERS) for s in settings],
+            lam=mf.resolve(lam, k, N_LAYERS),
+            normalize=normalize,
+            consensus=False,
+        ),
+    )
+    _assert_parity(merged, expected, dtype)
+
+
+def _family_case(method, dtype, settings, globals_, *, consensus, trim, n=3):
+    """Merge with modelfuse and with the formula; ``trim(tau, setting, name)`` sparsifies."""
+    base, models = _models(dtype, n)
+    merged = merge_state_dicts(method, models, base, model_parameters=settings, **globals_)
+    b, xs = _f64(base), [_f64(m) for m in models]
+    lam = globals_.get("lambda_", 1.0)
+
+    def one(k):
+        return mf.task_arithmetic_family(
+            b[k],
+            [x[k] for x in xs],
+            [mf.resolve(s.get("weight", 1.0), k, N_LAYERS) for s in settings],
+            lam=mf.resolve(lam, k, N_LAYERS),
+            normalize=globals_["normalize"],
+            consensus=consensus,
+            sparsify=None if trim is None else (lambda tau, i: trim(tau, settings[i], k)),
+        )
+
+    return merged, _expected(b, one)
+
+
+TIES_CASES = [
+    # (per-model settings, global parameters)
+    ([{"weight": 1.0, "density": 0.5}] * 3, {"normalize": True}),
+    (
+        [
+            {"weight": 1.0, "density": 0.5},
+            {"weight": [0.3, 1.5], "density": [0.2, 0.9]},
+            {"weight": -0.6, "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]},
+        ],
+        {"normalize": False, "lambda_": [0.8, 1.6]},
+    ),
+    ([{"weight": 0.5, "density": 0.4}] * 3, {"normalize": True, "int8_mask": True, "lambda_": 2}),
+    (
+        [{"weight": 1.0, "density": 0.3}, {"weight": 2.0, "density": 0.6}],
+        {"normalize": True, "rescale": True},
+    ),
+    ([{"weight": 1.0, "density": 0.01}] * 2, {"normalize": False, "rescale": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("settings", "globals_"), TIES_CASES)
+def test_ties(dtype, settings, globals_):
+    rescale = globals_.get("rescale", False)
+    merged, expected = _family_case(
+        "ties",
+        dtype,
+        settings,
+        globals_,
+        consensus=True,
+        trim=lambda tau, s, k: mf.magnitude(tau, mf.resolve(s["density"], k, N_LAYERS), rescale),
+        n=len(settings),
+    )
+    _assert_parity(merged, expected, dtype)
+
+
+BREADCRUMBS_CASES = [
+    ([{"weight": 1.0, "density": 0.5, "gamma": 0.1}] * 2, {"normalize": False}),
+    (
+        [{"weight": 0.7, "density": [0.4, 0.8], "gamma": 0.05}, {"weight": 1.3, "density": 0.6}],
+        {"normalize": True, "rescale": True, "lambda_": 1.5},
+    ),
+    ([{"weight": 1.0, "density": 0.9, "gamma": 0.2}] * 2, {"normalize": False}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("settings", "globals_"), BREADCRUMBS_CASES)
+def test_breadcrumbs(dtype, method, settings, globals_):
+    rescale = globals_.get("rescale", False)
+
+    def trim(tau, s, k):
+        density = mf.resolve(s["density"], k, N_LAYERS)
+        return mf.magnitude_outliers(tau, density, s.get("gamma", 0.01), rescale)
+
+    merged, expected = _family_case(
+        method, dtype, settings, globals_, consensus=method.endswith("ties"), trim=trim, n=2
+    )
+    _assert_parity(merged, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dare_at_density_1_is_deterministic(dtype, method, normalize):
+    """At density 1 mergekit's Bernoulli drop returns the task vector (rescale does nothing)."""
+    settings = [{"weight": 0.6, "density": 1.0}, {"weight": [1.4, 0.2], "density": 1.0}]
+    merged, expected = _family_case(
+        method,
+        dtype,
+        settings,
+        {"normalize": normalize, "lambda_": 1.3},
+        consensus=method == "dare_ties",
+        trim=None,
+        n=2,
+    )
+    _assert_parity(merged, expected, dtype)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_rescale_rule_given_modelfuses_masks(method):
+    """The masks are random; given modelfuse's (read from a run without rescale, same seed),
+    the default rescale is mergekit's: kept * |tau|_1 / |kept|_1 per tensor and model."""
+    base, models = _models(torch.float32, 2)
+    settings = [{"weight": 0.8, "density": 0.5}, {"weight": 1.1, "density": 0.3}]
+    common = {"model_parameters": settings, "random_seed": 7, "normalize": False}
+    b, xs = _f64(base), [_f64(m) for m in models]
+    # Model i's mask depends on its position among the models: read both from one run each,
+    # with the other model's task vector zero (a copy of the base).
+    masks = []
+    for i in range(2):
+        inputs = [model if j == i else base for j, model in enumerate(models)]
+        alone = merge_state_dicts(method, inputs, base, rescale=False, **common)
+        masks.append({k: _f64(alone)[k] != b[k] for k in b})
+    merged = merge_state_dicts(method, models, base, **common)
+    expected = _expected(
+        b,
+        lambda k: mf.task_arithmetic_family(
+            b[k],
+            [x[k] for x in xs],
+            [s["weight"] for s in settings],
+            normalize=False,
+            consensus=method == "dare_ties",
+            sparsify=lambda tau, i: mf.l1_rescale(tau, tau * masks[i][k]),
+        ),
+    )
+    assert any(m[k].mean() < 0.8 for m in masks for k in b)  # the drop really dropped
+    _assert_parity(merged, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "t",
+    [0.3, [0.0, 0.3, 1.0], [{"filter": "self_attn", "value": 0.25}, {"value": [0.2, 0.8]}]],
+)
+def test_slerp_t_gradients_and_filters(dtype, t):
+    base, models = _models(dtype, 1)
+    merged = merge_state_dicts("slerp", models, base, t=t)
+    b, x = _f64(base), _f64(models[0])
+    expected = _expected(b, lambda k: mf.slerp(b[k], x[k], mf.resolve(t, k, N_LAYERS)))
+    _assert_parity(merged, expected, dtype)
+    if isinstance(t, list) and not isinstance(t[0], dict) and t[0] == 0.0:
+        # Outside the layers t = 0: the base itself, bit for bit.
+        for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            assert torch.equal(merged[k], base[k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_stock(dtype):
+    base, models = _models(dtype, 3)
+    merged = merge_state_dicts("model_stock", models, base)
+    b, xs = _f64(base), [_f64(m) for m in models]
+    expected = _expected(b, lambda k: mf.model_stock(b[k], [x[k] for x in xs]))
+    _assert_parity(merged, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("normalize_weights", [True, False])
+def test_multislerp(dtype, with_base, normalize_weights):
+    base, models = _models(dtype, 3)
+    weights = [1.0, 2.0, 0.5] if normalize_weights else [0.2, 0.5, 0.3]
+    merged = merge_state_dicts(
+        "multislerp",
+        models,
+        base if with_base else None,
+        weights=weights,
+        normalize_weights=normalize_weights,
+    )
+    b, xs = _f64(base), [_f64(m) for m in models]
+    expected = _expected(
+        b,
+        lambda k: mf.multislerp(
+            [x[k] for x in xs], weights, b[k] if with_base else None, normalize_weights
+        ),
+    )
+    _assert_parity(merged, expected, dtype)
