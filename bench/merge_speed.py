@@ -43,6 +43,9 @@ METHOD_PARAMETERS: dict[str, dict] = {
     "dare_ties": {"density": 0.5},
     "breadcrumbs": {"density": 0.8, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+    "della": {"density": 0.5},
+    "della_linear": {"density": 0.5},
+    "sce": {"select_topk": 0.1},
     "slerp": {"t": 0.4},
     "nearswap": {"t": 0.001},
 }

@@ -54,6 +54,13 @@ from modelfuse.merge.dare import (
     dare_ties,
     norm_rescale,
 )
+from modelfuse.merge.della import (
+    DellaLinearParameters,
+    DellaParameters,
+    della,
+    della_linear,
+    della_rescale_factors,
+)
 from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
 from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
 from modelfuse.merge.karcher import KarcherParameters, karcher, karcher_gram
@@ -65,6 +72,7 @@ from modelfuse.merge.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
 from modelfuse.merge.parameters import MethodParameters, short
 from modelfuse.merge.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.regmean import RegMeanParameters, regmean
+from modelfuse.merge.sce import SceParameters, sce
 from modelfuse.merge.slerp import SlerpParameters, slerp, slerp_products
 from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 from modelfuse.merge.task_vectors import elementwise_rescale
@@ -331,6 +339,30 @@ METHODS: dict[str, MergeMethod] = {
             dare_rescale_factors, "rescale_factors", over="tensor", applies=norm_rescale
         ),
     ),
+    "della": MergeMethod(
+        "della",
+        della,
+        DellaParameters,
+        "DELLA: drop with probabilities ranked by magnitude, rescale, TIES sign election",
+        requires_base=True,
+        low_precision_inputs=True,
+        # rows are ranked whole (a 1-D tensor is one row): merged whole unless the norm
+        # rescale's reduction records the drop masks of the whole tensor first
+        reduction=Reduction(
+            della_rescale_factors, "rescale_factors", over="tensor", applies=norm_rescale
+        ),
+    ),
+    "della_linear": MergeMethod(
+        "della_linear",
+        della_linear,
+        DellaLinearParameters,
+        "DELLA: drop with probabilities ranked by magnitude, rescale, task arithmetic",
+        requires_base=True,
+        low_precision_inputs=True,
+        reduction=Reduction(
+            della_rescale_factors, "rescale_factors", over="tensor", applies=norm_rescale
+        ),
+    ),
     "breadcrumbs": MergeMethod(
         "breadcrumbs",
         breadcrumbs,
@@ -352,6 +384,14 @@ METHODS: dict[str, MergeMethod] = {
         reduction=Reduction(
             breadcrumbs_selections, "selections", over="tensor", applies=elementwise_rescale
         ),
+    ),
+    "sce": MergeMethod(
+        "sce",
+        sce,
+        SceParameters,
+        "SCE: keep the entries varying most, weights from mean squares, erase minority signs",
+        requires_base=True,
+        low_precision_inputs=True,
     ),
     "slerp": MergeMethod(
         "slerp",

@@ -6,7 +6,9 @@ Every method of the family is a setting of :func:`generalized_task_arithmetic`:
 2. sparsify each :math:`\tau_i` (``sparsification``): keep the ``density``
    fraction of largest magnitudes (TIES), a Bernoulli sample of entries (DARE),
    or drop the top ``gamma`` and the bottom ``1 - density - gamma`` by magnitude
-   (breadcrumbs); optionally rescale what is kept;
+   (breadcrumbs), or a Bernoulli sample whose keep probabilities rise with each
+   entry's magnitude rank in its row (DELLA's ``"della_magprune"``); optionally
+   rescale what is kept;
 3. weight: :math:`x_i = w_i \hat\tau_i`;
 4. combine: the sum :math:`\sum_i x_i`, or with ``consensus_method`` a sign
    election :math:`\gamma = \operatorname{sign}(\sum_i x_i)` (``"sum"``) or
@@ -33,6 +35,7 @@ block of entries finds its own draws without generating the ones before it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -54,12 +57,15 @@ from modelfuse.merge.parameters import PER_MODEL, MethodParameters
 
 __all__ = [
     "ConsensusMethod",
+    "DELLA_ONE_ENTRY",
     "RANDOM_CHUNK",
     "RescaleFactors",
     "RescaleMethod",
     "SparsifyingParameters",
     "Sparsification",
     "TaskVectorParameters",
+    "della_groups",
+    "della_probabilities",
     "elementwise_rescale",
     "generalized_task_arithmetic",
     "rescale_factors",
@@ -68,7 +74,7 @@ __all__ = [
     "uniform_draws",
 ]
 
-Sparsification = Literal["magnitude", "random", "magnitude_outliers"]
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 ConsensusMethod = Literal["sum", "count"]
 RescaleMethod = Literal["exact", "l1", "l2", "linf"]
 
@@ -118,6 +124,73 @@ _SAMPLE = 1 << 16
 
 RANDOM_CHUNK = 1 << 18
 """Flat entries drawing from one generator in DARE's drop masks (see :func:`uniform_draws`)."""
+
+DELLA_ONE_ENTRY = 0.5
+"""The rank position given to an entry ranked alone (a row of one entry): its keep
+probability is then ``density`` (mergekit 0.1.5 divides 0 by 0 there and fails)."""
+
+
+def della_groups(shape: Sequence[int]) -> tuple[int, int]:
+    """``(length, stride)`` of the groups within which DELLA ranks magnitudes.
+
+    As mergekit's ``della_magprune``: along the second dimension (each row of a
+    matrix; for more dimensions, each ``tensor[i, :, j, ...]``), or the whole
+    tensor when it has fewer than two dimensions. In the flat layout a group's
+    entries are ``stride`` apart and ``length * stride`` entries hold whole groups.
+
+    Examples
+    --------
+    >>> della_groups((4, 6)), della_groups((10,)), della_groups((2, 3, 5))
+    ((6, 1), (10, 1), (3, 5))
+    """
+    if len(shape) < 2:
+        n = 1
+        for size in shape:
+            n *= int(size)
+        return n, 1
+    stride = 1
+    for size in shape[2:]:
+        stride *= int(size)
+    return int(shape[1]), stride
+
+
+def della_probabilities(
+    magnitudes: torch.Tensor, density: float, epsilon: float, groups: tuple[int, int]
+) -> torch.Tensor:
+    r"""DELLA's keep probabilities: linear in each entry's magnitude rank within its group.
+
+    In a group of :math:`m` entries, the entry of rank :math:`r` (0 for the
+    smallest magnitude; equal magnitudes ranked by position) is kept with
+    probability :math:`p = (d - \epsilon) + 2\epsilon\, r / (m - 1)`, from
+    :math:`d - \epsilon` to :math:`d + \epsilon` (:data:`DELLA_ONE_ENTRY` in
+    place of :math:`r / (m - 1)` when :math:`m = 1`), in float32 as mergekit
+    0.1.5 computes them. ``magnitudes`` holds whole groups (a multiple of
+    ``length * stride`` flat entries, see :func:`della_groups`). Returns a new
+    float32 tensor of the same shape.
+
+    Examples
+    --------
+    >>> della_probabilities(torch.tensor([3.0, 1.0, 2.0]), 0.5, 0.1, (3, 1))
+    tensor([0.6000, 0.4000, 0.5000])
+    """
+    length, stride = groups
+    view = magnitudes.reshape(-1, length, stride)
+    if length == 1:
+        position = torch.full(view.shape, DELLA_ONE_ENTRY, dtype=torch.float32)
+    else:
+        order = torch.argsort(view, dim=1, stable=True)
+        position = torch.argsort(order, dim=1, stable=True).to(torch.float32)
+        position.div_(length - 1)
+    probabilities = position.mul_(2).mul_(epsilon).add_(density - epsilon)
+    return probabilities.reshape(magnitudes.shape)
+
+
+def _della_chunk(groups: tuple[int, int], size: int) -> int:
+    """Entries merged at once by DELLA: whole groups and a multiple of 8 (for the packed
+    drop masks), about :data:`_CHUNK` of them, or the whole tensor."""
+    whole = groups[0] * groups[1]
+    unit = max(1, whole * 8 // math.gcd(whole, 8))
+    return max(1, min(size, max(1, _CHUNK // unit) * unit))
 
 
 def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
@@ -238,12 +311,21 @@ class _Sparsifier:
         workspace: _Workspace,
         selections: Sequence[TensorSelection] | None = None,
         offset: int = 0,
+        epsilon: float = 0.0,
+        groups: tuple[int, int] = (1, 1),
     ) -> None:
-        if method not in ("magnitude", "random", "magnitude_outliers"):
+        if method not in ("magnitude", "random", "magnitude_outliers", "della_magprune"):
             raise ConfigError(
                 f"sparsification: unknown method {method!r}; valid: magnitude, random, "
-                "magnitude_outliers"
+                "magnitude_outliers, della_magprune"
             )
+        if method == "della_magprune" and 0 < density < 1:
+            if not (0 < density - epsilon < 1 and 0 < density + epsilon < 1):
+                raise ConfigError(
+                    f"epsilon: {epsilon:g} with density {density:g} gives keep probabilities "
+                    f"from {density - epsilon:g} to {density + epsilon:g}; choose epsilon so "
+                    "that density - epsilon and density + epsilon are in (0, 1)"
+                )
         if rescale_method not in ("exact", "l1", "l2", "linf"):
             raise ConfigError(
                 f"rescale_method: unknown value {rescale_method!r}; valid: exact, l1, l2, linf"
@@ -251,11 +333,17 @@ class _Sparsifier:
         self.method = method
         self.size = n
         self.density = float(density)
+        self.epsilon = float(epsilon)
+        self.groups = groups
         self.seed = int(seed)
         self.keep_all = density >= 1 and (threshold is None or method != "magnitude")
         rescaling = rescale and density < 1
+        # DELLA's exact rescale divides each kept entry by its own keep probability
+        self.per_entry = rescaling and rescale_method == "exact" and method == "della_magprune"
         self.factor = (
-            1.0 / density if rescaling and rescale_method == "exact" and density > 0 else 1.0
+            1.0 / density
+            if rescaling and rescale_method == "exact" and density > 0 and not self.per_entry
+            else 1.0
         )
         self.norm: RescaleMethod | None = (
             rescale_method if rescaling and rescale_method != "exact" else None
@@ -268,7 +356,7 @@ class _Sparsifier:
         # recorded by the norm pass so that the merge pass need not draw it again
         self.mask: np.ndarray | None = None
         self.recording = False
-        if self.keep_all or method == "random":
+        if self.keep_all or method in ("random", "della_magprune"):
             return
 
         def magnitudes() -> Iterator[torch.Tensor]:
@@ -323,15 +411,20 @@ class _Sparsifier:
         if self.keep_all:
             return delta
         length = delta.numel()
-        if self.method == "random":
+        if self.method in ("random", "della_magprune"):
             buffer = self.workspace.get("random", length).view(delta.shape)
             if self.mask is not None and not self.recording:
                 keep = _unpack(self.mask, start, buffer)
-            else:
+            elif self.method == "random" or self.density <= 0:
                 # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
                 keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
-                if self.recording:
-                    self._record(keep, start)
+            else:
+                p = della_probabilities(delta.abs(), self.density, self.epsilon, self.groups)
+                keep = uniform_draws(self.seed, start, buffer).add_(p).floor_()
+                if self.per_entry:
+                    keep.div_(p)
+            if self.recording:
+                self._record(keep, start)
             kept = delta.mul_(keep)
         else:
             kept = self.selectors[0](delta, out=self.workspace.get("kept", length))
@@ -393,7 +486,7 @@ def _set_norm_factors(
             factors.append(1.0 if sparsifier is None else sparsifier.factor)
             continue
         before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
-        sparsifier.recording = sparsifier.method == "random"
+        sparsifier.recording = sparsifier.method in ("random", "della_magprune")
         for index in _chunks(size, chunk, 0):
             length = index.stop - index.start
             scratch = workspace.get("norm", length)
@@ -421,6 +514,7 @@ def sparsify(
     generator: torch.Generator | None = None,
     threshold: MagnitudeThreshold | None = None,
     name: str = "",
+    epsilon: float = 0.0,
 ) -> torch.Tensor:
     r"""Sparsify one task vector; returns a new tensor.
 
@@ -431,13 +525,17 @@ def sparsify(
     ----------
     delta : Tensor
         The task vector. Not modified.
-    method : {"magnitude", "random", "magnitude_outliers"}
+    method : {"magnitude", "random", "magnitude_outliers", "della_magprune"}
         ``"magnitude"`` keeps the ``k = max(1, int(density * n))`` entries of
         largest magnitude (none when ``density`` is 0; ties go to the lower
         index; see :func:`~modelfuse.merge.magnitude_selection.kept_count`); ``"random"`` keeps each entry with probability
         ``density`` (DARE); ``"magnitude_outliers"`` drops the ``int(gamma * n)``
         largest and keeps the next ``int(density * n)`` (breadcrumbs; fewer large
         ones are dropped if both do not fit). These are mergekit 0.1.5's counts.
+        ``"della_magprune"`` keeps each entry with its own probability, from
+        ``density - epsilon`` to ``density + epsilon`` by magnitude rank in its
+        row (:func:`della_probabilities`), with ``"exact"`` dividing each kept
+        entry by its probability.
     density : float
         Fraction kept, in [0, 1]. ``density >= 1`` keeps everything, unscaled.
     gamma : float, default 0
@@ -458,6 +556,8 @@ def sparsify(
         per-tensor one for ``"magnitude"``.
     name : str
         The tensor's name, for ``threshold``.
+    epsilon : float, default 0
+        Half the spread of DELLA's keep probabilities (``"della_magprune"``).
 
     Examples
     --------
@@ -469,7 +569,8 @@ def sparsify(
     """
     flat = delta.to(torch.float32).reshape(-1)
     n = flat.numel()
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if method == "random" else 0
+    random = method in ("random", "della_magprune")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if random else 0
     sparsifier = _Sparsifier(
         lambda index, out: flat[index].clone() if out is None else out.copy_(flat[index]),
         n,
@@ -483,6 +584,8 @@ def sparsify(
         name=name,
         chunk=max(n, 1),
         workspace=_Workspace(n),
+        epsilon=epsilon,
+        groups=della_groups(delta.shape),
     )
     if sparsifier.norm is not None:
         _set_norm_factors(
@@ -529,6 +632,7 @@ def generalized_task_arithmetic(
     weight: Sequence[float] | None = None,
     density: Sequence[float] | float | None = None,
     gamma: Sequence[float] | float | None = None,
+    epsilon: Sequence[float] | float | None = None,
     lambda_: float = 1.0,
     normalize: bool = False,
     sparsification: Sparsification | None = None,
@@ -553,13 +657,13 @@ def generalized_task_arithmetic(
         The base model's tensor.
     weight : sequence of float, optional
         One weight per model (default 1).
-    density, gamma : float or sequence of float, optional
+    density, gamma, epsilon : float or sequence of float, optional
         Per-model sparsification settings (see :func:`sparsify`).
     lambda_ : float, default 1.0
         Scale of the combined task vector, applied after ``normalize``.
     normalize : bool, default False
         Divide by the sum of the weights of the contributing models.
-    sparsification : {"magnitude", "random", "magnitude_outliers"}, optional
+    sparsification : {"magnitude", "random", "magnitude_outliers", "della_magprune"}, optional
         How each task vector is sparsified; None keeps it whole.
     consensus_method : {"sum", "count"}, optional
         Sign election (TIES); None sums every task vector.
@@ -632,13 +736,19 @@ def generalized_task_arithmetic(
     base_flat = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     size = base_flat.numel()
-    chunk = max(1, min(_CHUNK, size))
+    groups = della_groups(base.shape)
+    if sparsification == "della_magprune":
+        chunk = _della_chunk(groups, size)
+    else:
+        chunk = max(1, min(_CHUNK, size))
     workspace = _Workspace(chunk)
     sparsifiers, deltas = _sparsifiers(
         flats,
         base_flat,
         density=density,
         gamma=gamma,
+        epsilon=epsilon,
+        groups=groups,
         sparsification=sparsification,
         rescale=rescale,
         rescale_method=rescale_method,
@@ -705,6 +815,8 @@ def _sparsifiers(
     *,
     density: Sequence[float] | float | None,
     gamma: Sequence[float] | float | None,
+    epsilon: Sequence[float] | float | None,
+    groups: tuple[int, int],
     sparsification: Sparsification | None,
     rescale: bool,
     rescale_method: RescaleMethod,
@@ -722,6 +834,7 @@ def _sparsifiers(
     size = base_flat.numel()
     densities = _per_model(density, 1.0, n, "density", method)
     gammas = _per_model(gamma, 0.0, n, "gamma", method)
+    epsilons = _per_model(epsilon, 0.0, n, "epsilon", method)
     deltas: list[Callable[[slice, torch.Tensor | None], torch.Tensor]] = [
         lambda index, out, flat=flat: torch.sub(
             flat[index], base_flat[index].to(torch.float32), out=out
@@ -750,6 +863,8 @@ def _sparsifiers(
             workspace=workspace,
             selections=None if selections is None else selections[i],
             offset=offset,
+            epsilon=epsilons[i],
+            groups=groups,
         )
     return sparsifiers, deltas
 
@@ -765,6 +880,7 @@ def rescale_factors(
     rescale_method: RescaleMethod = "l1",
     generator: torch.Generator | None = None,
     method: str = "task-vector merge",
+    epsilon: Sequence[float] | float | None = None,
 ) -> RescaleFactors:
     r"""Each model's norm-rescale factor of a whole tensor: the per-tensor reduction of a
     norm rescale (DARE's, as mergekit's ``rescale``).
@@ -790,13 +906,19 @@ def rescale_factors(
         raise ConfigError(f"{method} needs a base model; set base_model")
     base_flat = base.reshape(-1)
     size = base_flat.numel()
-    chunk = max(1, min(_CHUNK, size))
+    groups = della_groups(base.shape)
+    if sparsification == "della_magprune":
+        chunk = _della_chunk(groups, size)
+    else:
+        chunk = max(1, min(_CHUNK, size))
     workspace = _Workspace(chunk)
     sparsifiers, deltas = _sparsifiers(
         [t.reshape(-1) for t in tensors],
         base_flat,
         density=density,
         gamma=gamma,
+        epsilon=epsilon,
+        groups=groups,
         sparsification=sparsification,
         rescale=rescale,
         rescale_method=rescale_method,
