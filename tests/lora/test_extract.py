@@ -300,3 +300,35 @@ def test_output_never_an_input_and_overwrite(two_layers, tmp_path: Path) -> None
     extract_lora(base, tuned, out, rank=2, overwrite=True)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lora", "tuned.safetensors"]
+
+
+def test_non_finite_weights_are_refused(two_layers, tmp_path: Path) -> None:
+    base, tuned, _ = two_layers
+    state = load_file(tuned)
+    state["fc2.weight"][0, 0] = float("nan")
+    save_file(state, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="fc2.weight: the difference .* NaN or inf"):
+        extract_lora(base, tmp_path / "nan.safetensors", tmp_path / "lora", rank=2)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_large_modules_use_a_randomized_svd_that_still_finds_an_exact_low_rank_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import modelfuse.lora.extract as extract
+
+    calls = []
+    real = torch.svd_lowrank
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "_LOWRANK_SIDE", 40)
+    monkeypatch.setattr(torch, "svd_lowrank", counted)
+    delta = _with_spectrum([5.0, 3.0, 2.0], 60, 48, 3)
+    b, a = low_rank_factors(delta, rank=3)
+    assert calls == [(60, 48)]
+    torch.testing.assert_close(b @ a, delta, atol=1e-5, rtol=0)
+    b, a = low_rank_factors(delta, energy=0.99)  # an energy threshold needs the whole spectrum
+    assert calls == [(60, 48)] and a.shape[0] == 3

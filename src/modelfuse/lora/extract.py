@@ -344,8 +344,8 @@ def extract_lora(
     ConfigError
         Neither ``rank`` nor ``energy``, or one of them out of range.
     CheckpointError
-        The checkpoints differ in tensor names or shapes, or no linear
-        weight differs (nothing to extract).
+        The checkpoints differ in tensor names or shapes, a difference holds
+        NaN or inf, or no linear weight differs (nothing to extract).
     OutputError
         ``out`` exists without ``overwrite``, or is or holds an input.
 
@@ -385,6 +385,11 @@ def extract_lora(
             tuned = ct.read(name)
             delta = tuned.to(torch.float32) - cb.read(name).to(torch.float32)
             module = name.removesuffix(".weight")
+            if not bool(torch.isfinite(delta).all()):
+                raise CheckpointError(
+                    f"tensor {name[:80]}: the difference of the checkpoints holds NaN or inf "
+                    f"(in {finetuned} or {base}); expected finite weights; check both files"
+                )
             linear = delta.dim() == 2 and name.endswith(".weight")
             embedding = linear and _is_embedding(module)
             if not bool(torch.any(delta != 0)):
