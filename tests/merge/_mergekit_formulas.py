@@ -193,3 +193,19 @@ def bfloat16_step(values: np.ndarray) -> np.ndarray:
     """One bfloat16 rounding step at each value: 2^(e - 7) for |v| in [2^e, 2^(e+1))."""
     magnitude = np.maximum(np.abs(values), 2.0**-126)
     return 2.0 ** (np.floor(np.log2(magnitude)) - 7)
+
+
+def tie_bound(magnitudes: np.ndarray, kept: np.ndarray) -> int:
+    """How many entries two selections of the same counts per magnitude can disagree on.
+
+    For each magnitude v that the selection ``kept`` takes only partly (q_v of the e_v entries
+    equal to v), another selection keeping q_v of them as well differs on at most
+    2 min(q_v, e_v - q_v) positions; magnitudes kept wholly or not at all add nothing.
+    """
+    flat, kept = magnitudes.reshape(-1), kept.reshape(-1)
+    total = 0
+    for value in np.unique(flat[kept]):
+        equal = flat == value
+        e, q = int(equal.sum()), int((equal & kept).sum())
+        total += 2 * min(q, e - q)
+    return total

@@ -617,3 +617,208 @@ def test_multislerp(dtype, with_base, normalize_weights):
         ),
     )
     _assert_parity(merged, expected, dtype)
+
+
+def test_passthrough_slices_take_layers_renumbered(tmp_path):
+    """Layers 0-1 of a then 1-2 of b: out layers 0, 1 are a's 0, 1 and 2, 3 are b's 1, 2;
+    the tensors before the layers come from the first slice, after them from the last
+    (mergekit's planner reads pre-weights from slices[0] and post-weights from slices[-1])."""
+    sa, sb = _llama_state(1, torch.float32), _llama_state(2, torch.float32)
+    a, b = _write(tmp_path, "a", sa), _write(tmp_path, "b", sb)
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": b, "layer_range": [1, 3]}]},
+        ],
+    }
+    merged, _ = _merge(config, tmp_path / "out")
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    u = "model.layers.{}.mlp.up_proj.weight"
+    for out, (source, i) in enumerate([(sa, 0), (sa, 1), (sb, 1), (sb, 2)]):
+        assert torch.equal(merged[q.format(out)], source[q.format(i)])
+        assert torch.equal(merged[u.format(out)], source[u.format(i)])
+    assert q.format(4) not in merged
+    assert torch.equal(merged["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], sb["model.norm.weight"])
+    assert torch.equal(merged["lm_head.weight"], sb["lm_head.weight"])
+
+
+# 6. Where modelfuse deliberately differs: one setting away, or within a bound ------------
+
+
+def test_ties_scope_tensor_is_mergekit_and_global_is_the_papers():
+    """``scope: tensor`` (the default) is mergekit's per-tensor trim; ``scope: global`` trims
+    each model over the whole model at once, the k-th largest of all its magnitudes."""
+    base, models = _models(torch.float32, 2)
+    settings = [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.3}]
+    b, xs = _f64(base), [_f64(m) for m in models]
+
+    def reference(trims):
+        return _expected(
+            b,
+            lambda k: mf.task_arithmetic_family(
+                b[k],
+                [x[k] for x in xs],
+                [s["weight"] for s in settings],
+                normalize=True,
+                consensus=True,
+                sparsify=lambda tau, i: trims[i][k],
+            ),
+        )
+
+    per_tensor = [{k: mf.magnitude(x[k] - b[k], 0.3, False) for k in b} for x in xs]
+    whole_model = []
+    for x in xs:
+        taus = {k: x[k] - b[k] for k in b}
+        flat = np.concatenate([t.reshape(-1) for t in taus.values()])
+        threshold = np.sort(np.abs(flat))[::-1][max(1, int(0.3 * flat.size)) - 1]
+        whole_model.append({k: np.where(np.abs(t) >= threshold, t, 0.0) for k, t in taus.items()})
+
+    tensor = merge_state_dicts("ties", models, base, model_parameters=settings, scope="tensor")
+    default = merge_state_dicts("ties", models, base, model_parameters=settings)
+    global_ = merge_state_dicts("ties", models, base, model_parameters=settings, scope="global")
+    _assert_parity(tensor, reference(per_tensor), torch.float32)
+    _assert_parity(default, reference(per_tensor), torch.float32)
+    _assert_parity(global_, reference(whole_model), torch.float32)
+    assert any(not torch.equal(tensor[k], global_[k]) for k in b)
+
+
+def _tied_task_vector(seed: int, shape=(64, 64)) -> np.ndarray:
+    """Magnitudes 1, 2, 3 or 4 with random signs: most entries tie with many others."""
+    rng = np.random.default_rng(seed)
+    magnitude = rng.choice([1.0, 2.0, 3.0, 4.0], size=shape, p=[0.4, 0.3, 0.2, 0.1])
+    return magnitude * rng.choice([-1.0, 1.0], size=shape)
+
+
+def _torch_order(descending: bool):
+    """The order mergekit 0.1.5 takes: torch.argsort of the float32 magnitudes (not stable)."""
+
+    def order(magnitudes):
+        values = torch.from_numpy(magnitudes.astype(np.float32))
+        return torch.argsort(values, descending=descending).numpy()
+
+    return order
+
+
+def _reversed_ties(descending: bool):
+    """Among equal magnitudes the higher position first. Descending, this is the opposite of
+    modelfuse's TIES rule; ascending, it is modelfuse's breadcrumbs rule at both cuts."""
+
+    def order(magnitudes):
+        positions = np.arange(magnitudes.size)
+        return np.lexsort((-positions, -magnitudes if descending else magnitudes))
+
+    return order
+
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+def _tie_case(method, weight=0.5, lam=2.0, **parameters):
+    """The tied task vector merged alone by modelfuse (base zero, normalize false)."""
+    tau = _tied_task_vector(0)
+    base = {NAME: torch.zeros(tau.shape)}
+    model = {NAME: torch.from_numpy(tau).float()}
+    merged = merge_state_dicts(
+        method, [model], base, weights=[weight], lambda_=lam, normalize=False, **parameters
+    )
+    return tau, merged[NAME].numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("order_name", ["torch", "reversed"])
+def test_ties_tie_breaking_differs_by_at_most_the_tie_bound(order_name):
+    """One model, density 0.3 of 4096 entries of magnitudes 1..4: the threshold magnitude has
+    hundreds of equal entries and only some are kept. modelfuse keeps them in flat-index
+    order (its result is the formula with a stable sort, exactly); mergekit keeps the ones its
+    sort puts first. The outputs differ on at most 2 min(q, e - q) entries (e entries equal to
+    the threshold, q of them kept), each by lambda * |weight| * the threshold."""
+    order = {"torch": _torch_order(True), "reversed": _reversed_ties(True)}[order_name]
+    tau, got = _tie_case("ties", density=0.3)
+    modelfuse_rule = 2.0 * 0.5 * mf.magnitude(tau, 0.3, False)
+    mergekit = 2.0 * 0.5 * mf.magnitude(tau, 0.3, False, order)
+    np.testing.assert_array_equal(got, modelfuse_rule)
+    magnitudes = np.abs(tau)
+    threshold = np.sort(magnitudes.reshape(-1))[::-1][int(0.3 * tau.size) - 1]
+    equal, above = magnitudes == threshold, magnitudes > threshold
+    e, q = int(equal.sum()), int(0.3 * tau.size) - int(above.sum())
+    assert 0 < q < e  # the threshold really splits a group of ties
+    bound = mf.tie_bound(magnitudes, modelfuse_rule != 0)
+    assert bound == 2 * min(q, e - q)
+    differ = got != mergekit
+    assert differ.sum() <= bound
+    assert np.all(equal[differ])  # only entries at the threshold
+    assert np.all(np.abs(got - mergekit)[differ] == 2.0 * 0.5 * threshold)
+    if order_name == "reversed":
+        assert differ.sum() == bound  # the bound is reached
+
+
+def _modelfuse_outliers(tau: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """modelfuse's breadcrumbs rule: by decreasing magnitude, the lower position first among
+    equals, skip the first int(gamma n) and keep the next int(density n)."""
+    flat = tau.reshape(-1)
+    n = flat.size
+    target = int(density * n)
+    top = min(int(gamma * n), n - target)
+    positions = mf.descending(np.abs(flat))[top : top + target]
+    out = np.zeros_like(flat)
+    out[positions] = flat[positions]
+    return out.reshape(tau.shape)
+
+
+@pytest.mark.parametrize("order_name", ["torch", "stable", "reversed"])
+def test_breadcrumbs_tie_breaking_differs_by_at_most_the_tie_bound(order_name):
+    """Breadcrumbs cuts at two magnitudes (below the int(gamma n) largest and above the
+    bottom). mergekit sorts ascending and keeps positions n_bot to n_bot + target: with a
+    stable sort that keeps the higher positions among ties at the lower cut and the lower
+    ones at the upper cut; modelfuse keeps the lower positions at the lower cut and the
+    higher ones at the upper cut (it drops the first of the ties among the largest). So
+    even a stable sort reaches the bound, the sum over both cuts of 2 min(q, e - q)."""
+    order = {"torch": _torch_order(False), "stable": None, "reversed": _reversed_ties(False)}[
+        order_name
+    ]
+    tau, got = _tie_case("breadcrumbs", density=0.5, gamma=0.1)
+    modelfuse_rule = 2.0 * 0.5 * _modelfuse_outliers(tau, 0.5, 0.1)
+    mergekit = 2.0 * 0.5 * mf.magnitude_outliers(tau, 0.5, 0.1, False, order)
+    np.testing.assert_array_equal(got, modelfuse_rule)
+    magnitudes = np.abs(tau)
+    bound = mf.tie_bound(magnitudes, modelfuse_rule != 0)
+    assert bound > 0
+    differ = got != mergekit
+    assert differ.sum() <= bound
+    assert np.all(np.abs(got - mergekit)[differ] == 2.0 * 0.5 * magnitudes[differ])
+    if order_name == "stable":
+        assert differ.sum() == bound
+    if order_name == "reversed":
+        assert differ.sum() == 0
+
+
+def test_ties_with_two_models_differs_only_where_a_selection_does():
+    """With several models a different tie choice can also flip the elected sign, so an entry
+    may change by more than one model's share; the entries that change are still only those
+    where some model's selection changed: at most the sum of the models' bounds."""
+    taus = [_tied_task_vector(1), _tied_task_vector(2)]
+    base = {NAME: torch.zeros(taus[0].shape)}
+    models = [{NAME: torch.from_numpy(t).float()} for t in taus]
+    merged = merge_state_dicts("ties", models, base, weights=[1.0, 0.7], density=0.3)
+    got = merged[NAME].numpy().astype(np.float64)
+    order = _reversed_ties(True)
+
+    def formula(o):
+        return mf.task_arithmetic_family(
+            np.zeros(taus[0].shape),
+            taus,
+            [1.0, 0.7],
+            normalize=True,
+            consensus=True,
+            sparsify=lambda tau, i: mf.magnitude(tau, 0.3, False, o),
+        )
+
+    np.testing.assert_allclose(got, formula(None), rtol=1e-6)
+    mergekit = formula(order)
+    selections = [mf.magnitude(t, 0.3, False) != mf.magnitude(t, 0.3, False, order) for t in taus]
+    differ = np.abs(got - mergekit) > 1e-5
+    assert differ.any()
+    assert np.all((selections[0] | selections[1])[differ])
+    bounds = [mf.tie_bound(np.abs(t), mf.magnitude(t, 0.3, False) != 0) for t in taus]
+    assert differ.sum() <= sum(bounds)
