@@ -125,3 +125,26 @@ def test_overwrite_replaces_a_previous_adapter(work, capsys) -> None:
     assert main([*argv, "--quiet"]) == 0
     assert json.loads((work / "lora" / "adapter_config.json").read_text())["r"] == 3
     assert not [p for p in os.listdir(work) if p.startswith(".")]  # no staging folder left
+
+
+def test_embeddings_only_with_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    table = torch.zeros(10, 4)
+    save_file({"embed_tokens.weight": table, "fc.weight": torch.zeros(3, 4)}, tmp_path / "a.safetensors")
+    change = torch.outer(torch.arange(10.0), torch.ones(4))
+    save_file({"embed_tokens.weight": table + change, "fc.weight": torch.ones(3, 4)},
+              tmp_path / "b.safetensors")
+    assert main(["extract-lora", "a.safetensors", "b.safetensors", "-o", "plain", "--rank", "1"]) == 0
+    assert "embed_tokens.weight" in capsys.readouterr().err
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["target_modules"] == ["fc"]
+    argv = ["extract-lora", "a.safetensors", "b.safetensors", "-o", "emb", "--rank", "1", "--embeddings"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("modelfuse:") == 0
+    config = json.loads((tmp_path / "emb" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["embed_tokens", "fc"]
+    stored = load_file(tmp_path / "emb" / "adapter_model.safetensors")
+    # PEFT's embedding layout: (B @ A).T is the change of the (vocab, dim) table
+    product = stored["base_model.model.embed_tokens.lora_embedding_B"] @ stored[
+        "base_model.model.embed_tokens.lora_embedding_A"
+    ]
+    torch.testing.assert_close(product.T, change, atol=1e-5, rtol=0)

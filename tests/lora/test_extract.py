@@ -332,3 +332,23 @@ def test_large_modules_use_a_randomized_svd_that_still_finds_an_exact_low_rank_u
     torch.testing.assert_close(b @ a, delta, atol=1e-5, rtol=0)
     b, a = low_rank_factors(delta, energy=0.99)  # an energy threshold needs the whole spectrum
     assert calls == [(60, 48)] and a.shape[0] == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [(OSError(28, "No space left on device"), OutputError), (KeyboardInterrupt(), KeyboardInterrupt)],
+)
+def test_a_failed_or_interrupted_write_leaves_nothing(
+    two_layers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure, expected
+) -> None:
+    import safetensors.torch
+
+    base, tuned, _ = two_layers
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(expected):
+        extract_lora(base, tuned, tmp_path / "lora", rank=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tuned.safetensors"]
