@@ -17,11 +17,12 @@ __all__ = ["extract_lora_command"]
     "extract-lora",
     help="""Write the low-rank adapter (PEFT LoRA) that turns BASE into FINETUNED.
 
-Each 2-D linear weight's difference is cut to its leading singular directions:
---rank R for every module, or --energy E for the smallest rank per module keeping
+Each 2-D linear weight's difference is cut to its leading singular directions: \
+--rank R for every module, or --energy E for the smallest rank per module keeping \
 the fraction E of the squared singular values (capped by --rank when both are given).
-Norms, biases and other 1-D tensors are not stored (a note names those that changed);
-embeddings only with --embeddings. Load the result with
+
+Norms, biases and other 1-D tensors are not stored (a note names those that changed); \
+embeddings only with --embeddings. Load the result with \
 peft.PeftModel.from_pretrained(base_model, OUT).
 
 Example:
