@@ -71,11 +71,12 @@ def sce_selection(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Ten
     size = variance.numel()
     threshold = torch.kthvalue(variance, size - k + 1).values
     above = variance > threshold
-    equal = variance == threshold
+    mask[above] = 1.0
     missing = k - int(above.sum())
+    del above
     # the first `missing` entries equal to the threshold, by position
-    ties = equal & (torch.cumsum(equal, 0) <= missing)
-    mask[above | ties] = 1.0
+    ties = torch.nonzero(variance == threshold).reshape(-1)[:missing]
+    mask[ties] = 1.0
     return mask
 
 

@@ -179,8 +179,10 @@ def della_probabilities(
         position = torch.full(view.shape, DELLA_ONE_ENTRY, dtype=torch.float32)
     else:
         order = torch.argsort(view, dim=1, stable=True)
-        position = torch.argsort(order, dim=1, stable=True).to(torch.float32)
-        position.div_(length - 1)
+        # the rank of entry order[j] is j: scattered back, not sorted again
+        ranks = torch.arange(length, dtype=torch.float32).div_(length - 1).view(1, -1, 1)
+        position = torch.empty(view.shape, dtype=torch.float32)
+        position.scatter_(1, order, ranks.expand(view.shape))
     probabilities = position.mul_(2).mul_(epsilon).add_(density - epsilon)
     return probabilities.reshape(magnitudes.shape)
 
