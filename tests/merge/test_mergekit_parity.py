@@ -822,3 +822,36 @@ def test_ties_with_two_models_differs_only_where_a_selection_does():
     assert np.all((selections[0] | selections[1])[differ])
     bounds = [mf.tie_bound(np.abs(t), mf.magnitude(t, 0.3, False) != 0) for t in taus]
     assert differ.sum() <= sum(bounds)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear"])
+def test_normalize_with_weights_summing_to_zero_divides_by_one(method):
+    """mergekit replaces a weight sum below 1e-8 in magnitude by 1."""
+    settings = [{"weight": 1.0}, {"weight": -1.0}]
+    merged, expected = _family_case(
+        method, torch.float32, settings, {"normalize": True}, consensus=False, trim=None, n=2
+    )
+    _assert_parity(merged, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_stock_with_two_models(dtype):
+    base, models = _models(dtype, 2)
+    merged = merge_state_dicts("model_stock", models, base)
+    b, xs = _f64(base), [_f64(m) for m in models]
+    _assert_parity(merged, _expected(b, lambda k: mf.model_stock(b[k], [x[k] for x in xs])), dtype)
+
+
+def test_slerp_from_a_zero_tensor_is_linear_here_and_not_in_mergekit():
+    """A documented difference: mergekit's zero-norm guard makes cos = 0 and interpolates with
+    sin((1 - t) pi / 2), sin(t pi / 2); modelfuse interpolates linearly."""
+    base, models = _models(torch.float32, 1)
+    base = {**base, "model.norm.weight": torch.zeros(4)}
+    t = 0.3
+    merged = merge_state_dicts("slerp", models, base, t=[t, t])
+    b = models[0]["model.norm.weight"].numpy().astype(np.float64)
+    got = merged["model.norm.weight"].numpy()
+    np.testing.assert_allclose(got, t * b, rtol=1e-6)
+    mergekit = mf.slerp(np.zeros(4), b, t)
+    np.testing.assert_allclose(mergekit, np.sin(t * np.pi / 2) * b, rtol=1e-12)
+    assert not np.allclose(got, mergekit, rtol=1e-3)
