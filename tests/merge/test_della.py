@@ -11,6 +11,7 @@ from modelfuse.merge.della import (
     della_linear,
     della_rescale_factors,
 )
+from modelfuse.merge.engine import plan_merge
 from modelfuse.merge.execute import tensor_generator
 
 from ._reference import combine
@@ -342,6 +343,11 @@ def test_a_bad_epsilon_in_a_file_names_the_key(tmp_path):
         f"  - model: {tmp_path / 'm1.safetensors'}\n"
         "    parameters: {density: 0.1, epsilon: 0.2}\n"
     )
-    with pytest.raises(ConfigError, match="epsilon"):
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    message = r"m1\.safetensors: .*epsilon: 0\.2 with density 0\.1 gives keep probabilities"
+    with pytest.raises(ConfigError, match=message):  # found as the merge is planned
+        plan_merge(config, tmp_path / "out")
+    with pytest.raises(ConfigError, match=message):
         modelfuse.merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

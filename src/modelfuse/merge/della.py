@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Annotated
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from modelfuse.merge.dare import DareLinearParameters
 from modelfuse.merge.parameters import PER_MODEL
@@ -49,6 +49,18 @@ class DellaLinearParameters(DareLinearParameters):
         description="keep probabilities run from density - epsilon (smallest magnitude of a "
         "row) to density + epsilon (largest); both must be in (0, 1)",
     )
+
+    @field_validator("epsilon")
+    @classmethod
+    def _probabilities_in_range(cls, e: float, info: ValidationInfo) -> float:
+        # checked per model as configurations are planned (the merge checks it again)
+        d = info.data.get("density")
+        if d is not None and 0 < d < 1 and not (0 < d - e < 1 and 0 < d + e < 1):
+            raise ValueError(
+                f"{e:g} with density {d:g} gives keep probabilities from {d - e:g} to {d + e:g}; "
+                "choose epsilon so that density - epsilon and density + epsilon are in (0, 1)"
+            )
+        return e
 
 
 class DellaParameters(DellaLinearParameters):
