@@ -15,7 +15,7 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from modelfuse.merge.dare import DareLinearParameters
+from modelfuse.merge.dare import DareLinearParameters, _generator
 from modelfuse.merge.parameters import PER_MODEL
 from modelfuse.merge.task_vectors import (
     ConsensusMethod,
@@ -74,10 +74,6 @@ class DellaParameters(DellaLinearParameters):
     consensus_method: ConsensusMethod = Field(
         "sum", description="sign election: 'sum' of weighted task vectors, or 'count' of signs"
     )
-
-
-def _generator(generator: torch.Generator | None, random_seed: int) -> torch.Generator:
-    return generator if generator is not None else torch.Generator().manual_seed(random_seed)
 
 
 def della_rescale_factors(
