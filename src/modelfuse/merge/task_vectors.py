@@ -187,9 +187,14 @@ def della_probabilities(
     return probabilities.reshape(magnitudes.shape)
 
 
-def _della_chunk(groups: tuple[int, int], size: int) -> int:
-    """Entries merged at once by DELLA: whole groups and a multiple of 8 (for the packed
-    drop masks), about :data:`_CHUNK` of them, or the whole tensor."""
+def _chunk_size(sparsification: str, groups: tuple[int, int], size: int) -> int:
+    """Entries merged at once: about :data:`_CHUNK` of them, or the whole tensor.
+
+    DELLA's chunks hold whole groups and a multiple of 8 entries (for the
+    packed drop masks); the other sparsifications' chunks any entries.
+    """
+    if sparsification != "della_magprune":
+        return max(1, min(_CHUNK, size))
     whole = groups[0] * groups[1]
     unit = max(1, whole * 8 // math.gcd(whole, 8))
     return max(1, min(size, max(1, _CHUNK // unit) * unit))
@@ -739,10 +744,7 @@ def generalized_task_arithmetic(
     flats = [t.reshape(-1) for t in tensors]
     size = base_flat.numel()
     groups = della_groups(base.shape)
-    if sparsification == "della_magprune":
-        chunk = _della_chunk(groups, size)
-    else:
-        chunk = max(1, min(_CHUNK, size))
+    chunk = _chunk_size(sparsification, groups, size)
     workspace = _Workspace(chunk)
     sparsifiers, deltas = _sparsifiers(
         flats,
@@ -909,10 +911,7 @@ def rescale_factors(
     base_flat = base.reshape(-1)
     size = base_flat.numel()
     groups = della_groups(base.shape)
-    if sparsification == "della_magprune":
-        chunk = _della_chunk(groups, size)
-    else:
-        chunk = max(1, min(_CHUNK, size))
+    chunk = _chunk_size(sparsification, groups, size)
     workspace = _Workspace(chunk)
     sparsifiers, deltas = _sparsifiers(
         [t.reshape(-1) for t in tensors],
