@@ -6,12 +6,12 @@ import shlex
 import shutil
 import sys
 import warnings
-from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from modelfuse.arrays import KIND_OPTIONS
 from modelfuse.cli._app import app
 from modelfuse.cli._inputs import InputsInOrder, named_files
 from modelfuse.cli._output import (
@@ -20,6 +20,7 @@ from modelfuse.cli._output import (
     refuse_output_over_inputs,
     staging_folder,
 )
+from modelfuse.cli.ensemble import check_choice
 from modelfuse.errors import ConfigError, DataError, OutputError
 
 __all__ = ["compare_command"]
@@ -27,14 +28,6 @@ __all__ = ["compare_command"]
 METRIC_NAMES = "accuracy, balanced_accuracy, macro_f1, auroc, nll, brier or ece"
 TESTS = ("permutation", "bootstrap", "mcnemar")
 INTERVALS = ("bca", "percentile")
-
-
-def _choice(flag: str, value: str, valid: Collection[str]) -> str:
-    if value not in valid:
-        raise ConfigError(
-            f"{flag}: unknown {str(value)[:40]!r}; expected one of {', '.join(valid)}"
-        )
-    return value
 
 
 def _level(value: float) -> float:
@@ -161,10 +154,10 @@ def compare_command(
         raise ConfigError(
             "--predictions: give each candidate's file, e.g. -p base=base.npy soup=soup.npy"
         )
-    _choice("--kind", kind, ("auto", "probabilities", "logits"))
-    _choice("--metric", metric, METRICS)
-    _choice("--test", test, TESTS)
-    _choice("--interval", interval, INTERVALS)
+    check_choice(kind, KIND_OPTIONS, "--kind")
+    check_choice(metric, METRICS, "--metric")
+    check_choice(test, TESTS, "--test")
+    check_choice(interval, INTERVALS, "--interval")
     if test == "mcnemar" and metric != "accuracy":
         raise ConfigError(
             f"--test mcnemar compares accuracies, but --metric is {metric}; "
