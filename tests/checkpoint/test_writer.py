@@ -638,3 +638,23 @@ def test_extra_text_that_is_not_unicode_is_refused_in_one_line(tmp_path: Path) -
     assert "d\\udcff/a" in message and "\n" not in message
     message.encode("ascii")
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_file_name_writes_one_file_whatever_the_shard_size(tmp_path: Path) -> None:
+    plan = [("a", (300,), torch.float32), ("b", (200,), torch.float32)]
+    with CheckpointWriter(
+        tmp_path / "adapter", plan, shard_size=100, file_name="adapter_model.safetensors"
+    ) as writer:
+        writer.write("a", torch.arange(300.0))
+        writer.write("b", torch.ones(200))
+        writer.commit()
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_model.safetensors"]
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("a"), torch.arange(300.0)) and f.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("name", ["model.bin", "sub/adapter.safetensors", ".hidden.safetensors"])
+def test_file_name_must_be_a_plain_safetensors_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="plain .safetensors file name"):
+        CheckpointWriter(tmp_path / "out", [("a", (1,), torch.float32)], file_name=name)
+    assert list(tmp_path.iterdir()) == []

@@ -318,6 +318,11 @@ class CheckpointWriter:
     metadata : dict of str to str, optional
         Stored in every shard's ``__metadata__``, beside ``"format": "pt"``
         (which transformers requires, so it always wins).
+    file_name : str, optional
+        Write every tensor into one file of this name (a ``.safetensors``
+        name without folders, e.g. PEFT's ``adapter_model.safetensors``)
+        instead of ``model.safetensors`` or shards; ``shard_size`` is then
+        not used.
 
     Attributes
     ----------
@@ -377,8 +382,17 @@ class CheckpointWriter:
         shard_size: int | str = DEFAULT_SHARD_SIZE,
         overwrite: bool = False,
         metadata: Mapping[str, str] | None = None,
+        file_name: str | None = None,
     ) -> None:
         self.out = Path(out)
+        if file_name is not None and (
+            not file_name.endswith(".safetensors")
+            or PurePosixPath(file_name).name != file_name
+            or file_name.startswith(".")
+        ):
+            raise ValueError(
+                f"file_name {preview(file_name)} must be a plain .safetensors file name"
+            )
         self.overwrite = overwrite
         self._target = self.out.absolute()
         budget = parse_size(shard_size)
@@ -399,8 +413,8 @@ class CheckpointWriter:
                 f"{self.out}: already exists; expected a new output path; pass --overwrite "
                 "(overwrite=True) to replace it, or choose another path"
             )
-        shards = self._plan(tensors, budget)
-        self._names = shard_names(len(shards))
+        shards = self._plan(tensors, None if file_name is not None else budget)
+        self._names = [file_name] if file_name is not None else shard_names(len(shards))
         self._lock = threading.Condition()
         self._state: _State = "open"
         # writes in flight, per thread: an interrupt can leave the main thread's count
@@ -432,7 +446,7 @@ class CheckpointWriter:
             raise
 
     def _plan(
-        self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], budget: int
+        self, tensors: Sequence[tuple[str, tuple[int, ...], torch.dtype]], budget: int | None
     ) -> list[list[tuple[str, tuple[int, ...], torch.dtype, int]]]:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         seen: set[str] = set()
@@ -464,7 +478,7 @@ class CheckpointWriter:
                     f"store; expected one of {known}; choose another output dtype"
                 )
             nbytes = math.prod(shape) * itemsize(dtype)
-            if shards[-1] and size + nbytes > budget:
+            if budget is not None and shards[-1] and size + nbytes > budget:
                 shards.append([])
                 size = 0
             shards[-1].append((name, shape, dtype, nbytes))
