@@ -48,7 +48,7 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
     assert code == 2, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    if lines[0].startswith("Usage:"):
+    if lines[0].startswith(("Usage:", "Error:")):
         assert any(line.startswith("Error:") for line in lines) and len(lines) <= 4, err
     else:
         assert len(lines) == 1 and lines[0].startswith("modelfuse: error: "), err
@@ -59,14 +59,18 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
 def test_rank_1_writes_the_adapter_and_reports_the_error(work, capsys) -> None:
     assert main(["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "1"]) == 0
     captured = capsys.readouterr()
-    # the norm changed but cannot be stored: said on stderr, once
-    assert captured.err.count("modelfuse: ") == 1 and "norm.weight" in captured.err
+    # the norm changed and cannot be factored: stored whole, said on stderr, once
+    assert captured.err.count("modelfuse: ") == 1 and "modules_to_save: norm" in captured.err
     expected = math.sqrt(4 + 1) / math.sqrt(9 + 4 + 1)  # Eckart-Young with s = 3, 2, 1
     assert f"relative error max {expected:.3g}, mean {expected:.3g}" in captured.out
     assert "fc" in captured.out and "rank" in captured.out  # the per-module table
-    assert captured.out.strip().splitlines()[-1].startswith("wrote a LoRA adapter of 1 modules")
+    assert captured.out.strip().splitlines()[-1].startswith(
+        "wrote a LoRA adapter of 1 low-rank modules (rank 1"
+    )
+    assert "and 1 whole modules" in captured.out
     config = json.loads((work / "lora" / "adapter_config.json").read_text())
     assert config["r"] == 1 and config["target_modules"] == ["fc"]
+    assert config["modules_to_save"] == ["norm"]
     assert config["base_model_name_or_path"] == "base"
     stored = load_file(work / "lora" / "adapter_model.safetensors")
     assert stored["base_model.model.fc.lora_A.weight"].shape == (1, 4)
@@ -78,8 +82,9 @@ def test_quiet_energy_keeps_the_final_line_only(work, capsys) -> None:
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines() == [captured.out.strip()]
-    assert captured.out.startswith("wrote a LoRA adapter of 1 modules (rank 2)")  # 13/14 >= 0.9
-    assert "norm.weight" in captured.err  # notes still go to stderr
+    # 13/14 >= 0.9
+    assert captured.out.startswith("wrote a LoRA adapter of 1 low-rank modules (rank 2;")
+    assert "modules_to_save: norm" in captured.err  # notes still go to stderr
 
 
 @pytest.mark.parametrize(
@@ -90,6 +95,8 @@ def test_quiet_energy_keeps_the_final_line_only(work, capsys) -> None:
         (["--energy", "0"], "--energy: expected a fraction in (0, 1], got 0"),
         ([], "expected --rank, --energy or both"),
         (["--rank", "two"], "--rank"),
+        (["--rank", "2", "--embeddings", "maybe"], "--embeddings: unknown 'maybe'; expected one of"),
+        (["--rank", "2", "--embeddings"], "--embeddings"),
     ],
 )
 def test_bad_numbers_are_usage_errors(work, capsys, extra: list[str], message: str) -> None:
@@ -127,7 +134,9 @@ def test_overwrite_replaces_a_previous_adapter(work, capsys) -> None:
     assert not [p for p in os.listdir(work) if p.startswith(".")]  # no staging folder left
 
 
-def test_embeddings_only_with_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_embeddings_whole_factored_or_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     table = torch.zeros(10, 4)
     save_file({"embed_tokens.weight": table, "fc.weight": torch.zeros(3, 4)}, tmp_path / "a.safetensors")
@@ -135,9 +144,18 @@ def test_embeddings_only_with_the_flag(tmp_path: Path, monkeypatch: pytest.Monke
     save_file({"embed_tokens.weight": table + change, "fc.weight": torch.ones(3, 4)},
               tmp_path / "b.safetensors")
     assert main(["extract-lora", "a.safetensors", "b.safetensors", "-o", "plain", "--rank", "1"]) == 0
-    assert "embed_tokens.weight" in capsys.readouterr().err
-    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["target_modules"] == ["fc"]
-    argv = ["extract-lora", "a.safetensors", "b.safetensors", "-o", "emb", "--rank", "1", "--embeddings"]
+    assert "modules_to_save: embed_tokens" in capsys.readouterr().err
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["fc"] and config["modules_to_save"] == ["embed_tokens"]
+    stored = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert torch.equal(stored["base_model.model.embed_tokens.weight"], table + change)
+    argv = ["extract-lora", "a.safetensors", "b.safetensors", "-o", "skip", "--rank", "1"]
+    assert main([*argv, "--embeddings", "skip"]) == 0
+    assert "embed_tokens.weight" in capsys.readouterr().err  # named as left out
+    config = json.loads((tmp_path / "skip" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["fc"] and config["modules_to_save"] is None
+    argv = ["extract-lora", "a.safetensors", "b.safetensors", "-o", "emb", "--rank", "1",
+            "--embeddings", "lora"]
     assert main(argv) == 0
     assert capsys.readouterr().err.count("modelfuse:") == 0
     config = json.loads((tmp_path / "emb" / "adapter_config.json").read_text())
@@ -148,3 +166,14 @@ def test_embeddings_only_with_the_flag(tmp_path: Path, monkeypatch: pytest.Monke
         "base_model.model.embed_tokens.lora_embedding_A"
     ]
     torch.testing.assert_close(product.T, change, atol=1e-5, rtol=0)
+
+
+def test_skip_undecomposable_leaves_the_norm_out(work, capsys) -> None:
+    argv = ["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "3"]
+    assert main([*argv, "--skip-undecomposable", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "norm.weight" in captured.err and "not stored" in captured.err
+    assert json.loads((work / "lora" / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert sorted(load_file(work / "lora" / "adapter_model.safetensors")) == [
+        "base_model.model.fc.lora_A.weight", "base_model.model.fc.lora_B.weight"
+    ]

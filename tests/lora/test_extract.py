@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelfuse.errors import CheckpointError, ConfigError, OutputError
-from modelfuse.lora import extract_lora, low_rank_factors
+from modelfuse.lora import extract_lora
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -83,16 +83,19 @@ def test_rank_2_reproduces_the_finetune_through_peft(llama, tmp_path: Path) -> N
     assert sorted(result.modules) == sorted(modules)
     assert {fit.rank for fit in result.modules.values()} == {2}
     assert result.max_error < 1e-5
-    assert result.skipped == ["model.embed_tokens.weight", "model.norm.weight"]
-    assert any("model.norm.weight" in note for note in result.notes())
+    # what cannot be factored is stored whole, as mergekit-extract-lora does
+    assert result.skipped == [] and result.full == ["model.embed_tokens", "model.norm"]
+    assert any("model.norm" in note and "modules_to_save" in note for note in result.notes())
 
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 2
     assert config["rank_pattern"] == {} and sorted(config["target_modules"]) == sorted(modules)
-    assert config["task_type"] == "CAUSAL_LM"
+    assert config["modules_to_save"] == ["model.embed_tokens", "model.norm"]
+    assert config["task_type"] == "CAUSAL_LM" and config["lora_bias"] is False
     stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    whole = ["base_model.model.model.embed_tokens.weight", "base_model.model.model.norm.weight"]
     assert sorted(stored) == sorted(
-        f"base_model.model.{m}.lora_{x}.weight" for m in modules for x in "AB"
+        [f"base_model.model.{m}.lora_{x}.weight" for m in modules for x in "AB"] + whole
     )
     deltas = _deltas(base, tuned)
     for m in modules:
@@ -100,23 +103,37 @@ def test_rank_2_reproduces_the_finetune_through_peft(llama, tmp_path: Path) -> N
             f"base_model.model.{m}.lora_A.weight"
         ]
         torch.testing.assert_close(product.double(), deltas[m + ".weight"], atol=2e-6, rtol=0)
+    reference = LlamaForCausalLM.from_pretrained(tuned).eval()
+    assert torch.equal(stored[whole[1]], reference.model.norm.weight)
 
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "lora")
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
     merged = model.merge_and_unload().eval()
-    reference = LlamaForCausalLM.from_pretrained(tuned).eval()
     expected = dict(reference.named_parameters())
     for name, parameter in merged.named_parameters():
-        if "embed_tokens" in name or name == "model.norm.weight":
-            # left out of the adapter: the base's
-            torch.testing.assert_close(parameter, dict(_llama(0).named_parameters())[name])
-        else:
-            torch.testing.assert_close(parameter, expected[name], atol=2e-6, rtol=0)
-    # with the embeddings and norm of the fine-tune copied in, the logits match
-    with torch.no_grad():
-        merged.model.embed_tokens.weight.copy_(reference.model.embed_tokens.weight)
-        merged.model.norm.weight.copy_(reference.model.norm.weight)
-        ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
-        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(parameter, expected[name], atol=2e-6, rtol=0)
+
+
+def test_embeddings_and_norms_can_be_left_out(llama, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, tuned = llama
+    result = extract_lora(
+        base, tuned, tmp_path / "lora", rank=2, embeddings="skip", skip_undecomposable=True
+    )
+    assert result.skipped == ["model.embed_tokens.weight", "model.norm.weight"] and not result.full
+    assert any("model.norm.weight" in note for note in result.notes())
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None
+    merged = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base), tmp_path / "lora"
+    ).merge_and_unload()
+    original = dict(_llama(0).named_parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):  # the base's, unchanged
+        torch.testing.assert_close(dict(merged.named_parameters())[name], original[name])
 
 
 def test_embeddings_are_adapted_when_asked(llama, tmp_path: Path) -> None:
@@ -124,9 +141,9 @@ def test_embeddings_are_adapted_when_asked(llama, tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
     base, tuned = llama
-    result = extract_lora(base, tuned, tmp_path / "lora", rank=2, embeddings=True)
+    result = extract_lora(base, tuned, tmp_path / "lora", rank=2, embeddings="lora")
     assert result.modules["model.embed_tokens"].embedding
-    assert result.skipped == ["model.norm.weight"]
+    assert result.skipped == [] and result.full == ["model.norm"]
     stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert stored["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (2, 32)
     assert stored["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (16, 2)
@@ -224,17 +241,6 @@ def test_energy_threshold_picks_the_hand_rank_and_peft_applies_rank_pattern(
         assert result.modules[m].error == pytest.approx(dropped, abs=1e-6)
 
 
-def test_low_rank_factors_split_the_singular_values_evenly() -> None:
-    delta = _with_spectrum([5.0, 1.0], 4, 3, 0)
-    b, a = low_rank_factors(delta, rank=1)
-    # B = u1 sqrt(s1), A = sqrt(s1) v1: both carry norm sqrt(5)
-    assert float(b.norm()) == pytest.approx(math.sqrt(5.0), rel=1e-5)
-    assert float(a.norm()) == pytest.approx(math.sqrt(5.0), rel=1e-5)
-    before = delta.clone()
-    low_rank_factors(delta, energy=0.5)
-    assert torch.equal(delta, before)
-
-
 def test_same_model_twice_is_refused(two_layers, tmp_path: Path) -> None:
     base, _, _ = two_layers
     with pytest.raises(CheckpointError, match="task vector is zero"):
@@ -312,28 +318,6 @@ def test_non_finite_weights_are_refused(two_layers, tmp_path: Path) -> None:
     assert not (tmp_path / "lora").exists()
 
 
-def test_large_modules_use_a_randomized_svd_that_still_finds_an_exact_low_rank_update(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import modelfuse.lora.extract as extract
-
-    calls = []
-    real = torch.svd_lowrank
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(extract, "_LOWRANK_SIDE", 40)
-    monkeypatch.setattr(torch, "svd_lowrank", counted)
-    delta = _with_spectrum([5.0, 3.0, 2.0], 60, 48, 3)
-    b, a = low_rank_factors(delta, rank=3)
-    assert calls == [(60, 48)]
-    torch.testing.assert_close(b @ a, delta, atol=1e-5, rtol=0)
-    b, a = low_rank_factors(delta, energy=0.99)  # an energy threshold needs the whole spectrum
-    assert calls == [(60, 48)] and a.shape[0] == 3
-
-
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [(OSError(28, "No space left on device"), OutputError), (KeyboardInterrupt(), KeyboardInterrupt)],
@@ -341,14 +325,146 @@ def test_large_modules_use_a_randomized_svd_that_still_finds_an_exact_low_rank_u
 def test_a_failed_or_interrupted_write_leaves_nothing(
     two_layers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure, expected
 ) -> None:
-    import safetensors.torch
+    import modelfuse.checkpoint.writer as writer_module
 
     base, tuned, _ = two_layers
 
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(writer_module, "_write_at", fail)
     with pytest.raises(expected):
         extract_lora(base, tuned, tmp_path / "lora", rank=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tuned.safetensors"]
+
+
+KILLED_EXTRACTION = """
+import os, signal, sys
+import modelfuse.checkpoint.writer as writer_module
+from modelfuse.lora import extract_lora
+
+real = writer_module._write_at
+def write_then_die(*args):
+    real(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+writer_module._write_at = write_then_die
+extract_lora(sys.argv[1], sys.argv[2], sys.argv[3], rank=2)
+"""
+
+
+def test_a_killed_extraction_s_folder_is_removed_by_the_next_one(two_layers, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    base, tuned, _ = two_layers
+    out = tmp_path / "lora"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_EXTRACTION, str(base), str(tuned), str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".lora.tmp-")]
+    result = extract_lora(base, tuned, out, rank=2)
+    assert not left.exists() and any("removed" in note for note in result.notes())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lora", "tuned.safetensors"]
+
+
+def test_changed_biases_become_lora_bias_when_every_adapted_layer_has_one(
+    two_layers, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    base, tuned, deltas = two_layers
+    state = load_file(tuned)
+    bias_update = torch.tensor([0.5, -1.0, 0.0, 2.0])
+    state["fc2.bias"] = state["fc2.bias"] + bias_update
+    save_file(state, tmp_path / "biased.safetensors")
+    out = tmp_path / "lora"
+    result = extract_lora(base, tmp_path / "biased.safetensors", out, rank=3)
+    assert result.lora_bias and not result.full and sorted(result.modules) == ["fc1", "fc2"]
+    stored = load_file(out / "adapter_model.safetensors")
+    torch.testing.assert_close(stored["base_model.model.fc2.lora_B.bias"], bias_update)
+    assert torch.equal(stored["base_model.model.fc1.lora_B.bias"], torch.zeros(5))
+    assert json.loads((out / "adapter_config.json").read_text())["lora_bias"] is True
+
+    model = _TwoLayers()
+    model.load_state_dict(load_file(base))
+    reference = _TwoLayers()
+    reference.load_state_dict(state)
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    adapted = PeftModel.from_pretrained(model, out)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_a_changed_bias_of_a_layer_peft_cannot_give_lora_bias_stores_the_layer_whole(
+    tmp_path: Path,
+) -> None:
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4, bias=False))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    tuned = {k: v.clone() for k, v in state.items()}
+    tuned["0.weight"] += _with_spectrum([1.0], 5, 6, 2)
+    tuned["2.weight"] += _with_spectrum([2.0, 1.0], 4, 5, 3)
+    tuned["0.bias"] += torch.randn(5, generator=generator)
+    save_file(state, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    out = tmp_path / "lora"
+    result = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, rank=2)
+    # layer 2 has no bias, so PEFT's lora_bias cannot be used: layer 0 is stored whole
+    assert not result.lora_bias and result.full == ["0"] and list(result.modules) == ["2"]
+    stored = load_file(out / "adapter_model.safetensors")
+    assert torch.equal(stored["base_model.model.0.bias"], tuned["0.bias"])
+    assert torch.equal(stored["base_model.model.0.weight"], tuned["0.weight"])
+    reference = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4, bias=False))
+    reference.load_state_dict(tuned)
+    model.load_state_dict(state)
+    adapted = PeftModel.from_pretrained(model, out)
+    x = torch.randn(3, 6, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_a_grown_vocabulary_is_stored_whole_with_the_tokenizer(llama, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base, _ = llama
+    grown = LlamaForCausalLM.from_pretrained(base)
+    grown.resize_token_embeddings(35)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        grown.model.embed_tokens.weight[32:] = torch.randn(3, 16, generator=generator)
+        grown.lm_head.weight[32:] = torch.randn(3, 16, generator=generator)
+        grown.model.layers[0].mlp.up_proj.weight += _rank2((24, 16), generator)
+    grown.save_pretrained(tmp_path / "grown")
+    (tmp_path / "grown" / "tokenizer_config.json").write_text('{"model_max_length": 32}')
+    out = tmp_path / "lora"
+    result = extract_lora(base, tmp_path / "grown", out, rank=2)
+    assert result.vocabulary == (32, 35)
+    assert result.full == ["lm_head", "model.embed_tokens"]
+    assert list(result.modules) == ["model.layers.0.mlp.up_proj"]
+    assert any("resize_token_embeddings(35)" in note for note in result.notes())
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 32}'
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(35)
+    adapted = PeftModel.from_pretrained(model, out).eval()
+    ids = torch.tensor([[1, 33, 9, 34, 7, 32]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, grown.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_two_different_row_changes_are_not_a_vocabulary(two_layers, tmp_path: Path) -> None:
+    base, tuned, _ = two_layers
+    state = load_file(base)
+    state["fc1.weight"] = torch.zeros(7, 6)
+    state["fc2.weight"] = torch.zeros(3, 5)
+    save_file(state, tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match="fc1.weight has 5 rows in the base but 7"):
+        extract_lora(base, tmp_path / "odd.safetensors", tmp_path / "lora", rank=2)
+    assert not (tmp_path / "lora").exists()

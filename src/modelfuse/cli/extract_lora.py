@@ -21,8 +21,12 @@ Each 2-D linear weight's difference is cut to its leading singular directions: \
 --rank R for every module, or --energy E for the smallest rank per module keeping \
 the fraction E of the squared singular values (capped by --rank when both are given).
 
-Norms, biases and other 1-D tensors are not stored (a note names those that changed); \
-embeddings only with --embeddings. Load the result with \
+What cannot be factored is stored whole as PEFT modules_to_save, as \
+mergekit-extract-lora does: changed embeddings (--embeddings lora factors them, \
+--embeddings skip leaves them out), a grown vocabulary (with the fine-tune's \
+tokenizer), norms and biases (--skip-undecomposable leaves those out). Changed \
+biases of the adapted layers are stored as PEFT lora_bias when every adapted \
+layer has a bias. Load the result with \
 peft.PeftModel.from_pretrained(base_model, OUT).
 
 Example:
@@ -46,7 +50,21 @@ def extract_lora_command(
             max=1.0,
         ),
     ] = None,
-    embeddings: Annotated[bool, typer.Option(help="also adapt the embeddings")] = False,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            metavar="full|lora|skip",
+            help="changed embeddings: stored whole (modules_to_save), as low-rank factors, "
+            "or left out",
+        ),
+    ] = "full",
+    skip_undecomposable: Annotated[
+        bool,
+        typer.Option(
+            "--skip-undecomposable",
+            help="leave out changed norms and biases instead of storing their modules whole",
+        ),
+    ] = False,
     overwrite: Annotated[
         bool,
         typer.Option(help="replace OUT if it exists (never BASE, FINETUNED or a folder holding them)"),
@@ -55,11 +73,13 @@ def extract_lora_command(
 ) -> None:
     from modelfuse.checkpoint import open_checkpoint
     from modelfuse.cli._memory import return_freed_memory_promptly
+    from modelfuse.cli.ensemble import check_choice
     from modelfuse.errors import ConfigError
     from modelfuse.lora import extract_lora, matching_tensors
     from modelfuse.merge.output_paths import check_output_path, expand_user
     from modelfuse.progress import progress_bar
 
+    check_choice(embeddings, ("full", "lora", "skip"), "--embeddings")
     if rank is None and energy is None:
         raise ConfigError("expected --rank, --energy or both; pass e.g. --rank 16 or --energy 0.9")
     if energy is not None and not energy > 0:
@@ -73,8 +93,8 @@ def extract_lora_command(
         total = len(matching_tensors(first, second))  # a mismatch is refused before the bar shows
     with progress_bar("extract-lora", total, enabled=not quiet) as advance:
         result = extract_lora(
-            base, finetuned, out, rank=rank, energy=energy, embeddings=embeddings,
-            overwrite=overwrite, progress=advance,
+            base, finetuned, out, rank=rank, energy=energy, embeddings=embeddings,  # type: ignore[arg-type]
+            skip_undecomposable=skip_undecomposable, overwrite=overwrite, progress=advance,
         )
     for note in result.notes():
         print(f"modelfuse: {note}", file=sys.stderr)
