@@ -36,9 +36,23 @@ from modelfuse.vocabulary.settings import (
     model_reference,
     tokenizer_settings,
 )
+from modelfuse.vocabulary.sources import (
+    EMBEDDING_NAMES,
+    HEAD_NAMES,
+    AlignedSource,
+    VocabularyMerge,
+    prepare_vocabulary,
+    vocabulary_tensors,
+)
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "EMBEDDING_NAMES",
+    "HEAD_NAMES",
+    "AlignedSource",
+    "VocabularyMerge",
+    "prepare_vocabulary",
+    "vocabulary_tensors",
     "ModelTokenSource",
     "RowPlan",
     "TokenSetting",
