@@ -6,8 +6,10 @@ import math
 import re
 import sys
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -135,6 +137,15 @@ def merge_command(
             max=2**32 - 1,
         ),
     ] = None,
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--intermediate-dir",
+            "-I",
+            help="multi-stage file (several '---' documents with name: keys): keep each named "
+            "stage's output in DIR/NAME (default: a temporary folder, removed)",
+        ),
+    ] = None,
     # mergekit-yaml's options that have no use here: accepted, with one line saying why
     cuda: Annotated[bool, typer.Option("--cuda/--no-cuda", hidden=True)] = False,
     low_cpu_memory: Annotated[bool, typer.Option(hidden=True)] = False,
@@ -184,6 +195,32 @@ def merge_command(
             raise ConfigError("give --shard-size (bytes) or --out-shard-size (parameters), not both")
         shard_parameters = parse_parameter_count(out_shard_size, flag="--out-shard-size")
     return_freed_memory_promptly()
+    from modelfuse.merge.multistage import is_multistage
+
+    if is_multistage(config):
+        _merge_multistage(
+            config,
+            target,
+            intermediate_dir=intermediate_dir,
+            dry_run=dry_run,
+            quiet=quiet,
+            shard_size=shard_size,
+            shard_parameters=shard_parameters,
+            options={
+                "threads": threads,
+                "overwrite": overwrite,
+                "model_card": model_card,
+                "copy_tokenizer": copy_tokenizer,
+                "allow_crimes": allow_crimes,
+                "random_seed": random_seed,
+            },
+        )
+        return
+    if intermediate_dir is not None:
+        raise ConfigError(
+            f"--intermediate-dir: {config} holds one merge, which has no intermediate outputs; "
+            "leave the option out (it is for files of several '---' documents with name: keys)"
+        )
 
     # Every problem (configuration, inputs, output) is reported together before any work.
     try:
@@ -231,6 +268,76 @@ def merge_command(
     if not quiet:
         for note in result.notes:
             print(f"modelfuse: {note}", file=sys.stderr)
+    print(result.summary())
+
+
+def _merge_multistage(
+    config: Path,
+    target: Path,
+    *,
+    intermediate_dir: Path | None,
+    dry_run: bool,
+    quiet: bool,
+    shard_size: str,
+    shard_parameters: int | None,
+    options: dict[str, Any],
+) -> None:
+    """A file of several merges (mergekit-multi's format): check all, then run them in order."""
+    from modelfuse.errors import ModelfuseError
+    from modelfuse.merge.multistage import PlannedStage, merge_multistage, plan_multistage
+    from modelfuse.progress import progress_bar
+
+    try:
+        stages = plan_multistage(
+            config,
+            target,
+            intermediate_dir=intermediate_dir,
+            overwrite=options["overwrite"],
+            allow_crimes=options["allow_crimes"],
+            random_seed=options["random_seed"],
+        )
+    except ModelfuseError as exc:
+        _report_problems(exc)
+        raise
+    if dry_run:
+        for stage in stages:
+            where = stage.out if stage.out is not None else "a temporary folder"
+            print(f"stage {stage.number}/{stage.count}: {stage.label} -> {where}")
+            print("  " + stage.description.replace("\n", "\n  "))
+        print("order: " + " -> ".join(stage.label for stage in stages))
+        print(f"no problems found; {target} would be written", file=sys.stderr)
+        return
+    if shard_parameters is not None:  # mergekit counts parameters; the writer counts bytes
+        final = stages[-1]
+        shard_size = str(max(1, shard_parameters * final.bytes // max(1, final.parameters)))
+
+    def stage_progress(stage: PlannedStage) -> AbstractContextManager[Callable[[int, int], None]]:
+        if not quiet:
+            print(f"stage {stage.number}/{stage.count}: {stage.label}", file=sys.stderr)
+        return progress_bar(
+            "merging", stage.tensors, total_bytes=stage.bytes, enabled=not quiet
+        )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = merge_multistage(
+                config,
+                target,
+                intermediate_dir=intermediate_dir,
+                shard_size=shard_size,
+                stage_progress=stage_progress,
+                **options,
+            )
+        except ModelfuseError as exc:
+            _report_problems(exc)
+            raise
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if not quiet:
+        for _, stage_result in result.stages:
+            for note in stage_result.notes:
+                print(f"modelfuse: {note}", file=sys.stderr)
     print(result.summary())
 
 
