@@ -42,6 +42,12 @@ CASES: dict[str, tuple[list[str], list[str], list[str], str]] = {
         ["extract-lora", "a", "b", "-o", "lora", "--rank", "0"],
         "--rank",
     ),
+    "moe": (
+        ["moe", "moe.yaml", "out", "--random-sed", "1"],
+        ["moe"],
+        ["moe", "moe.yaml", "out", "--random-seed", "-1"],
+        "--random-seed",
+    ),
     "ensemble": (
         ["ensemble", "-p", "a.npy", "-o", "e.json", "--methd", "soft"],
         ["ensemble", "-p", "a.npy"],
