@@ -163,12 +163,16 @@ BAD_CONFIGS = {
          "shared_experts": [{"source_model": "./e1", "positive_prompts": ["c"]}]},
         "Mixtral has no shared experts",
     ),
+    "shared expert without prompts": (
+        {"shared_experts": [{"source_model": "./e1"}]},
+        "mergekit 0.1.5 writes this configuration as a DeepSeek MoE",
+    ),
     "two shared experts": (
         {"shared_experts": [{"source_model": "./e1", "positive_prompts": ["c"]},
                             {"source_model": "./e0", "positive_prompts": ["d"]}]},
         "Qwen MoE needs exactly 1 shared expert",
     ),
-    "no tokenizer": ({"base_model": "./bare"}, "base_model: bare has no tokenizer transformers can load"),
+    "no tokenizer": ({"base_model": "./bare"}, "base_model: 'bare' has no tokenizer files"),
     "noise not a number": (
         {"experts": [{"source_model": "./e0", "positive_prompts": ["a"], "noise_scale": "big"},
                      {"source_model": "./e1", "positive_prompts": ["b"]}]},

@@ -18,6 +18,7 @@ the numbers are the same.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +106,14 @@ class OutputArchitecture:
         """The shared expert's gate (1 x hidden) of a layer (Qwen2-MoE)."""
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
-    def unsupported(self, config: MoeConfig, model_types: list[str], needs_prompts: bool) -> str | None:
-        """Why this layout cannot hold the configuration, or None when it can."""
+    def unsupported(
+        self, config: MoeConfig, model_types: Mapping[str, str], needs_prompts: bool
+    ) -> str | None:
+        """Why this layout cannot hold the configuration, or None when it can.
+
+        ``model_types`` maps each input's key (``base_model``,
+        ``experts[0].source_model``, ...) to its ``model_type``.
+        """
         shared = config.shared_experts or []
         if self.shared_experts == 0 and shared:
             return f"{self.title} has no shared experts"
@@ -114,12 +121,17 @@ class OutputArchitecture:
             return f"{self.title} needs exactly {self.shared_experts} shared expert"
         if self.shared_experts and needs_prompts and not shared[0].positive_prompts:
             return f"{self.title} needs positive_prompts for the shared expert"
-        if len(set(model_types)) != 1:
-            return f"{self.title} needs every input model of one model_type"
-        if model_types[0] not in self.input_types:
+        types = list(model_types.values())
+        if len(set(types)) != 1:
+            odd = next(key for key, kind in model_types.items() if kind != types[0])
+            return (
+                f"{self.title} needs every input model of one model_type (base_model is "
+                f"{short(types[0])}, {odd} is {short(model_types[odd])})"
+            )
+        if types[0] not in self.input_types:
             return (
                 f"{self.title} takes {' or '.join(self.input_types)} models, not "
-                f"{short(model_types[0])}"
+                f"{short(types[0])}"
             )
         return None
 
@@ -183,6 +195,7 @@ def get_architecture(name: str) -> OutputArchitecture:
 
 
 def _deepseek_fits(config: MoeConfig, model_types: list[str]) -> bool:
+    """Whether mergekit 0.1.5's DeepSeek MoE takes the configuration (its supports_config)."""
     shared = config.shared_experts or []
     return (
         len(shared) <= 1
@@ -193,7 +206,7 @@ def _deepseek_fits(config: MoeConfig, model_types: list[str]) -> bool:
 
 
 def select_architecture(
-    config: MoeConfig, model_types: list[str], *, needs_prompts: bool
+    config: MoeConfig, model_types: Mapping[str, str], *, needs_prompts: bool
 ) -> OutputArchitecture:
     """The layout mergekit 0.1.5 would choose for ``config``, or a one-line refusal.
 
@@ -204,8 +217,9 @@ def select_architecture(
     Parameters
     ----------
     config : MoeConfig
-    model_types : list of str
-        ``model_type`` of the base, the experts and the shared experts.
+    model_types : mapping of str to str
+        ``model_type`` of the base, the experts and the shared experts, by
+        their key (``base_model``, ``experts[0].source_model``, ...).
     needs_prompts : bool
         Whether the gate mode makes the routers from prompts.
 
@@ -232,14 +246,21 @@ def select_architecture(
                 fitting.append(title)
             else:
                 reasons.append(reason)
-        elif title == "DeepSeek MoE" and _deepseek_fits(config, model_types):
+        elif title == "DeepSeek MoE" and _deepseek_fits(config, list(model_types.values())):
             fitting.append(title)
-        elif title == "Qwen3 MoE" and not config.shared_experts and set(model_types) == {"qwen3"}:
+        elif title == "Qwen3 MoE" and not config.shared_experts and set(
+            model_types.values()
+        ) == {"qwen3"}:
             fitting.append(title)
     if "Mixtral" in fitting:
         return by_title["Mixtral"]
     if fitting and fitting[0] in by_title:
         return by_title[fitting[0]]
+    if fitting and config.architecture:
+        raise ConfigError(
+            f"architecture: {short(config.architecture)} selects mergekit's {fitting[0]}, which "
+            f"modelfuse moe does not write; valid: {', '.join(ARCHITECTURES)}"
+        )
     if fitting:
         return _refuse_mergekit_only(fitting[0])
     raise ConfigError(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
+from modelfuse.checkpoint.writer import is_tokenizer_file
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.merge.output_paths import check_output_path, expand_user
 from modelfuse.merge.parameters import short
@@ -334,8 +335,14 @@ def plan_moe(
     configs = {key: _model_config(path, key) for key, path in labelled}
     base_config = configs["base_model"]
     arch = select_architecture(
-        cfg, [c["model_type"] for c in configs.values()], needs_prompts=mode.needs_prompts
+        cfg, {key: c["model_type"] for key, c in configs.items()}, needs_prompts=mode.needs_prompts
     )
+    if mode.needs_prompts and not any(is_tokenizer_file(p.name) for p in base.iterdir()):
+        raise ConfigError(
+            f"base_model: {short(str(base), 200)} has no tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json, ...); gate_mode {mode.name} tokenizes the prompts with the "
+            "base model's tokenizer: add its files, or use gate_mode: random"
+        )
     base_file = base / "config.json"
     layers = _positive_int(base_config, "num_hidden_layers", base_file)
     hidden = _positive_int(base_config, "hidden_size", base_file)
