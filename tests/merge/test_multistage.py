@@ -15,9 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from modelfuse.checkpoint.writer import MARKER_NAME, _marker_text
 from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError, OutputError
 from modelfuse.merge import merge, multistage
 from modelfuse.merge.multistage import is_multistage, merge_multistage, plan_multistage
+from modelfuse.merge.multistage_config import read_stages
 
 from .conftest import random_state, tiny_llama
 
@@ -477,3 +479,60 @@ def test_planning_leaves_no_placeholder_behind(tmp_path, monkeypatch):
     plan_multistage(_config(tmp_path, TWO_STAGES), tmp_path / "out")
     assert _listing(scratch) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_chain_is_ordered_and_a_long_cycle_named_in_bounds(tmp_path):
+    _small(tmp_path, 1)
+    count = 1200  # deeper than Python's default recursion limit
+    documents = ["name: s0\nmerge_method: linear\nmodels: [m0.safetensors]\n"]
+    documents += [f"name: s{i}\nmerge_method: linear\nmodels: [s{i - 1}]\n" for i in range(1, count)]
+    documents.append(f"merge_method: linear\nmodels: [s{count - 1}]\n")
+    config = _config(tmp_path, "---\n".join(documents))
+    order = read_stages(config, keep_all=False)
+    assert [stage.name for stage in order] == [*(f"s{i}" for i in range(count)), None]
+    documents[0] = f"name: s0\nmerge_method: linear\nmodels: [s{count - 1}]\n"
+    config.write_text("---\n".join(documents))
+    with pytest.raises(ConfigError) as info:
+        read_stages(config, keep_all=False)
+    message = str(info.value)
+    last = [f"s{count - i}" for i in range(1, 5)]
+    assert f"cycle: s0 -> {' -> '.join(last)} -> ({count - 9} more) -> s4 -> s3 -> s2 -> s1 -> s0;" in message
+    assert message.count("->") == 10
+
+
+def test_the_temporary_folder_is_the_writers_kind_so_a_killed_run_is_cleaned_up(tmp_path):
+    import subprocess
+    import sys
+
+    _small(tmp_path)
+    config = _config(tmp_path, TWO_STAGES)
+    seen = []
+
+    class Look:
+        def __init__(self, stage):
+            self.stage = stage
+
+        def __enter__(self):
+            if self.stage.number == 2:
+                seen.extend(
+                    (p, (p / MARKER_NAME).is_file(), (p / "a").is_dir())
+                    for p in tmp_path.iterdir()
+                    if p.name.startswith(".out.tmp-")
+                )
+            return None
+
+        def __exit__(self, *exc):
+            return False
+
+    merge_multistage(config, tmp_path / "out", stage_progress=Look)
+    assert len(seen) == 1 and seen[0][1:] == (True, True) and not seen[0][0].exists()
+    # A folder left by a killed run (its process no longer runs) goes at the next run.
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left = tmp_path / ".again.tmp-0123abcd"
+    (left / "a").mkdir(parents=True)
+    marker = _marker_text().replace(f"pid={os.getpid()}", f"pid={int(done.stdout)}")
+    (left / MARKER_NAME).write_text(marker)
+    result = merge_multistage(config, tmp_path / "again")
+    assert not left.exists()
+    assert any("interrupted modelfuse run" in note for note in result.stages[-1][1].notes)

@@ -8,7 +8,7 @@ configuration, finds which stage uses which, and orders them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,28 +346,35 @@ def _ordered(stages: list[Stage], path: Path, keep_all: bool) -> list[Stage]:
     by_name = {stage.name: stage for stage in stages if stage.name is not None}
     order: list[Stage] = []
     done: set[str | None] = set()
-    trail: list[str] = []
 
-    def visit(stage: Stage) -> None:
-        if stage.name in done:
-            return
-        if stage.name is not None and stage.name in trail:
-            cycle = [*trail[trail.index(stage.name) :], stage.name]
-            raise ConfigError(
-                f"{path}: the stages use each other in a cycle: {' -> '.join(cycle)}; "
-                "a stage can use only outputs that do not depend on it"
-            )
-        if stage.name is not None:
-            trail.append(stage.name)
-        for used in stage.uses:
-            visit(by_name[used])
-        if stage.name is not None:
-            trail.pop()
-        done.add(stage.name)
-        order.append(stage)
+    def visit(start: Stage) -> None:
+        # Depth first without recursion: a chain of thousands of stages stays in bounds.
+        trail: list[tuple[Stage, Iterator[str]]] = [(start, iter(start.uses))]
+        on_trail = {start.name}
+        while trail:
+            stage, pending = trail[-1]
+            used = next(pending, None)
+            if used is None:
+                trail.pop()
+                on_trail.discard(stage.name)
+                done.add(stage.name)
+                order.append(stage)
+            elif used in on_trail:
+                names = [str(s.name) for s, _ in trail]
+                cycle = [*names[names.index(used) :], used]
+                if len(cycle) > 11:
+                    cycle = [*cycle[:5], f"({len(cycle) - 10} more)", *cycle[-5:]]
+                raise ConfigError(
+                    f"{path}: the stages use each other in a cycle: {' -> '.join(cycle)}; "
+                    "a stage can use only outputs that do not depend on it"
+                )
+            elif used not in done:
+                trail.append((by_name[used], iter(by_name[used].uses)))
+                on_trail.add(used)
 
     for stage in stages:
-        visit(stage)
+        if stage.name not in done:
+            visit(stage)
     unnamed = [stage for stage in stages if stage.name is None]
     final = unnamed[0] if unnamed else stages[-1]
     for stage in stages:
