@@ -21,6 +21,7 @@ from modelfuse.vocabulary import (
         ("base", "base", "base"),
         ("./chat", "./chat", "model"),
         ("model:./chat", "./chat", "model"),
+        ({"model": "./chat"}, "./chat", "model"),
     ],
 )
 def test_tokenizer_source_is_a_tokenizer_mapping_with_that_source(given, source, kind):
@@ -96,3 +97,19 @@ def test_malformed_tokenizer_mappings_are_refused(bad):
 def test_tokenizer_source_must_be_a_non_empty_string(bad):
     with pytest.raises(ConfigError, match="tokenizer_source: expected union, base or a model"):
         tokenizer_settings(bad)
+
+
+def test_a_model_reference_with_a_lora_is_refused():
+    with pytest.raises(ConfigError, match="lora in a model reference is not supported"):
+        tokenizer_settings({"model": "./m", "lora": "./adapter"})
+    with pytest.raises(ValidationError, match="lora in a model reference is not supported"):
+        TokenizerSettings.model_validate(
+            {"tokens": {"<a>": {"source": {"model": "./m", "lora": "./l"}}}}
+        )
+
+
+def test_a_mapping_reference_reads_as_its_path():
+    settings = TokenizerSettings.model_validate(
+        {"source": {"model": "./a"}, "tokens": {"<a>": {"source": {"model": "./b"}}}}
+    )
+    assert settings.source == "./a" and settings.tokens["<a>"].source == "./b"

@@ -226,17 +226,13 @@ def _union(
                 )
     result = _copy(tokenizers[base])
     base_vocab = tokenizers[base].get_vocab()
-    new = []
+    fresh = [t for t in plain if t not in added and t not in base_vocab]
     with _quiet_transformers():
-        for token in plain:
-            if token not in added and token not in base_vocab:
-                result.add_tokens(token)
-                new.append(token)
-        for content, info in added.items():
-            result.add_tokens(info)
-            if content not in base_vocab:
-                new.append(content)
-    return result, new
+        if fresh:
+            result.add_tokens(fresh)
+        if added:
+            result.add_tokens(list(added.values()))
+    return result, fresh + [content for content in added if content not in base_vocab]
 
 
 def build_vocabulary(
@@ -311,12 +307,11 @@ def build_vocabulary(
             f"or one of {', '.join(_short(k) for k in labels[:5])}"
         )
     existing = tokenizer.get_vocab()
-    with _quiet_transformers():
-        for token in add_tokens:
-            if token not in existing:
-                tokenizer.add_tokens(token)
-                added.append(token)
-                existing = tokenizer.get_vocab()
+    named = [t for t in dict.fromkeys(add_tokens) if t not in existing]
+    if named:
+        with _quiet_transformers():
+            tokenizer.add_tokens(named)
+        added.extend(named)
     tokens = dict(_by_id(tokenizer.get_vocab()))
     size = max(tokens.values()) + 1 if tokens else 0
     maps: dict[str, np.ndarray] = {}

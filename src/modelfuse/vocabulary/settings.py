@@ -26,17 +26,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from modelfuse.errors import ConfigError
 
 __all__ = [
     "MODEL_PREFIX",
     "ModelTokenSource",
+    "TokenSource",
     "TokenSetting",
     "TokenizerSettings",
     "ZeroSource",
     "model_reference",
+    "reference_value",
     "tokenizer_settings",
 ]
 
@@ -61,6 +71,29 @@ def model_reference(value: str) -> str:
     ('./chat', './chat')
     """
     return value[len(MODEL_PREFIX) :] if value.startswith(MODEL_PREFIX) else value
+
+
+def reference_value(value: Any) -> Any:
+    """A model reference written as mergekit allows (``PATH``, ``model:PATH``, ``{model: PATH}``) -> PATH.
+
+    Other values are returned as they are (for the validator to refuse).
+
+    Examples
+    --------
+    >>> reference_value({"model": "./chat"}), reference_value("model:./chat")
+    ('./chat', './chat')
+    """
+    if isinstance(value, dict) and "kind" not in value and "model" in value:
+        extra = sorted(set(value) - {"model"})
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)} in a model reference is not supported; give the path of "
+                "the model's folder (merge a LoRA into its model first)"
+            )
+        value = value["model"]
+    if isinstance(value, str):
+        return model_reference(value)
+    return value
 
 
 class ModelTokenSource(BaseModel):
@@ -97,12 +130,35 @@ class ZeroSource(BaseModel):
     kind: Literal["zero"]
 
 
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "path"
+    if isinstance(value, dict):
+        kind = value.get("kind")
+        return kind if kind in ("model_token", "zero") else None
+    return getattr(value, "kind", None)
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenSource, Tag("model_token")]
+    | Annotated[ZeroSource, Tag("zero")]
+    | Annotated[str, Tag("path")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="token_source",
+        custom_error_message="expected a model's path, {kind: model_token, model: PATH, "
+        "token: TOKEN} (or token_id: ROW) or {kind: zero}",
+    ),
+]
+"""Where a token's row comes from: a model's path, another token of a model, or zeros."""
+
+
 class TokenSetting(BaseModel):
     """Where one output token's row comes from for the models that lack it (or all, ``force``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: ModelTokenSource | ZeroSource | str | None = Field(
+    source: TokenSource | None = Field(
         None, description="a model's path, {kind: model_token, ...} or {kind: zero}"
     )
     force: bool = Field(False, description="use the source's row for every model")
@@ -110,10 +166,9 @@ class TokenSetting(BaseModel):
     @field_validator("source", mode="before")
     @classmethod
     def _source(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("an empty model path; give a model of the merge")
-            return model_reference(value)
+        value = reference_value(value)
+        if value == "":
+            raise ValueError("an empty model path; give a model of the merge")
         return value
 
 
@@ -132,10 +187,10 @@ class TokenizerSettings(BaseModel):
         None, description="pad the vocabulary's rows to a multiple of this"
     )
 
-    @field_validator("source")
+    @field_validator("source", mode="before")
     @classmethod
-    def _source(cls, value: str) -> str:
-        return model_reference(value)
+    def _source(cls, value: Any) -> Any:
+        return reference_value(value)
 
     @property
     def kind(self) -> Literal["union", "base", "model"]:
@@ -179,6 +234,10 @@ def tokenizer_settings(
             else TokenizerSettings.model_validate(tokenizer)
         )
     if tokenizer_source is not None:
+        try:
+            tokenizer_source = reference_value(tokenizer_source)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: tokenizer_source: {exc}") from None
         if not isinstance(tokenizer_source, str) or not tokenizer_source:
             raise ConfigError(
                 f"{where}: tokenizer_source: expected union, base or a model's path, got "

@@ -222,7 +222,8 @@ def prepare_vocabulary(
     *,
     base: str | None = None,
     reference: str | None = None,
-    participants: Mapping[str, Sequence[str]] | None = None,
+    embedding_models: Sequence[str] | None = None,
+    head_models: Sequence[str] | None = None,
     locate: Callable[[str], str | None] | None = None,
     keys: Mapping[str, str] | None = None,
 ) -> VocabularyMerge:
@@ -240,8 +241,10 @@ def prepare_vocabulary(
         rows fill tokens it has (default: the first model, whose rows fill none).
     reference : str, optional
         The model whose tensor names the output has (default: ``base``, else the first).
-    participants : mapping of str to sequence of str, optional
-        For a token-indexed tensor, the models merged into it (default: every model).
+    embedding_models, head_models : sequence of str, optional
+        The models merged into the embedding, and into the output head (and
+        its bias); default: every model. They differ with mergekit's
+        ``slices:`` (the first slice's models and the last slice's).
     locate : callable, optional
         Maps a model as written in the settings to its label (None: not in the merge).
     keys : mapping of str to str, optional
@@ -330,7 +333,8 @@ def prepare_vocabulary(
     plans: dict[str, RowPlan] = {}
     by_group: dict[tuple[str, ...], RowPlan] = {}
     for name in names:
-        group = tuple((participants or {}).get(name, everyone))
+        chosen = embedding_models if name == embedding else head_models
+        group = tuple(everyone if chosen is None else chosen)
         if group not in by_group:
             by_group[group] = plan_rows(
                 vocabulary,
