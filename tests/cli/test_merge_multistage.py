@@ -200,3 +200,14 @@ def test_quiet_prints_no_stage_lines_and_no_bar(chain, capsys, monkeypatch):
     assert opened == [False, False, False]
     assert not [line for line in captured.err.splitlines() if line.startswith("stage ")]
     assert captured.out.splitlines()[-1].startswith("stage 3/3 the final merge: merged 4 tensors")
+
+
+def test_a_warning_of_a_stage_is_one_line_naming_the_stage(chain, capsys):
+    (chain / "chain.yaml").write_text(CHAIN.replace("{t: 0.3}", "{t: 0.3, weight: 2}"))
+    assert main(["merge", "chain.yaml", "out", "--quiet"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        "modelfuse: warning: chain.yaml: stage 'b' (document 2): parameters: 'weight' is "
+        "ignored: merge method 'slerp' has no such parameter, and mergekit 0.1.5 ignores it "
+        "too; remove it (parameters of 'slerp': t)"
+    ]

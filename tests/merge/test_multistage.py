@@ -432,7 +432,7 @@ def test_an_interrupted_run_leaves_nothing(tmp_path, kept, when):
     _small(tmp_path)
     config = _config(tmp_path, TWO_STAGES)
     before = _listing(tmp_path)
-    folder = tmp_path / "kept" if kept else None
+    folder = tmp_path / "kept" / "deeper" if kept else None
 
     def interrupt(*args):
         raise KeyboardInterrupt

@@ -45,7 +45,8 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,17 @@ def _restated(error: ModelfuseError, where: str, names: Mapping[str, str]) -> Mo
     return type(error)(fix(str(error)))
 
 
+@contextlib.contextmanager
+def _stage_warnings(where: str, names: Mapping[str, str], *, show: bool = True) -> Iterator[None]:
+    """Warnings raised in the block, said again of one stage (or dropped when not ``show``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if show:
+        for w in caught:
+            warnings.warn(f"{where}: {_renamed(str(w.message), names)}", w.category, stacklevel=3)
+
+
 def _prepare(
     config: str | Path,
     out: str | Path,
@@ -192,7 +204,9 @@ def _prepare(
     overwrite: bool,
     allow_crimes: bool,
     random_seed: int | None,
+    show_warnings: bool,
 ) -> tuple[list[Stage], list[PlannedStage]]:
+    """The stages in run order, each checked; warnings of the checks shown or dropped."""
     path = Path(config)
     target = Path(out)
     folder = Path(intermediate_dir) if intermediate_dir is not None else None
@@ -205,13 +219,14 @@ def _prepare(
             final = number == len(stages)
             named = {folder_: name for name, folder_ in placeholders.items()}
             try:
-                plan = plan_merge(
-                    bind(stage.config, placeholders),
-                    target if final else None,
-                    overwrite=overwrite,
-                    allow_crimes=allow_crimes,
-                    random_seed=random_seed,
-                )
+                with _stage_warnings(stage_where(path, stage), named, show=show_warnings):
+                    plan = plan_merge(
+                        bind(stage.config, placeholders),
+                        target if final else None,
+                        overwrite=overwrite,
+                        allow_crimes=allow_crimes,
+                        random_seed=random_seed,
+                    )
             except ModelfuseError as exc:
                 raise _restated(exc, stage_where(path, stage), named) from None
             try:
@@ -303,6 +318,7 @@ def plan_multistage(
         overwrite=overwrite,
         allow_crimes=allow_crimes,
         random_seed=random_seed,
+        show_warnings=True,
     )[1]
 
 
@@ -375,13 +391,14 @@ def merge_multistage(
     started = time.perf_counter()
     path, target = Path(config), Path(out)
     folder = Path(intermediate_dir) if intermediate_dir is not None else None
-    stages, planned = _prepare(
+    stages, planned = _prepare(  # its warnings come again, with real paths, from the run
         path,
         target,
         intermediate_dir=folder,
         overwrite=overwrite,
         allow_crimes=allow_crimes,
         random_seed=random_seed,
+        show_warnings=False,
     )
     results: list[tuple[PlannedStage, MergeResult]] = []
     with intermediate_folder(target, folder) as where:
@@ -389,8 +406,12 @@ def merge_multistage(
         for stage, plan in zip(stages, planned):
             written = target if plan.final else where / (stage.name or "final")
             progress = stage_progress(plan) if stage_progress is not None else None
+            named = {folder_: name for name, folder_ in outputs.items()}
             try:
-                with progress if progress is not None else contextlib.nullcontext() as advance:
+                with (
+                    _stage_warnings(stage_where(path, stage), named),
+                    progress if progress is not None else contextlib.nullcontext() as advance,
+                ):
                     result = merge(
                         bind(stage.config, outputs),
                         written,
@@ -404,7 +425,6 @@ def merge_multistage(
                         random_seed=random_seed,
                     )
             except ModelfuseError as exc:
-                named = {folder_: name for name, folder_ in outputs.items()}
                 raise _restated(exc, stage_where(path, stage), named) from None
             if stage.name is not None:
                 outputs[stage.name] = os.path.abspath(written)

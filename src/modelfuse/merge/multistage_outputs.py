@@ -130,7 +130,7 @@ def intermediate_folder(out: Path, intermediate_dir: Path | None) -> Iterator[Pa
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
-    created = not intermediate_dir.exists()
+    created = [p for p in (intermediate_dir, *intermediate_dir.parents) if not p.exists()]
     intermediate_dir.mkdir(parents=True, exist_ok=True)
     before = set(os.listdir(intermediate_dir))
     try:
@@ -139,9 +139,9 @@ def intermediate_folder(out: Path, intermediate_dir: Path | None) -> Iterator[Pa
         # An interrupted or failed run leaves nothing: only what it wrote is removed.
         for entry in set(os.listdir(intermediate_dir)) - before:
             shutil.rmtree(intermediate_dir / entry, ignore_errors=True)
-        if created:
+        for folder in created:  # the folders it created, innermost first, if empty
             with contextlib.suppress(OSError):
-                intermediate_dir.rmdir()
+                folder.rmdir()
         raise
 
 
