@@ -76,6 +76,12 @@ with soup.yaml:
       - model: ./finetune-b
         parameters: {weight: 0.4}
     dtype: bfloat16
+
+A file of several merges separated by '---', each with a name: key
+(mergekit-multi's format), runs them in order: a later merge uses an
+earlier one's output by writing its name as a model path, the document
+without a name (else the last) is written to OUT, and the others go to
+--intermediate-dir DIR (kept) or to a temporary folder (removed).
 """,
 )
 def merge_command(
