@@ -90,7 +90,11 @@ def test_padding_rows_are_the_mean_row(folders):
 
 
 def test_a_source_not_in_the_merge_is_refused(folders):
-    with pytest.raises(ConfigError, match="tokenizer source './c' is not a model of the merge"):
+    with pytest.raises(
+        ConfigError,
+        match="tokenizer.source: './c' is not a model of the merge; give union, base or "
+        "one of the models \\('base', 'a', 'b'\\)",
+    ):
         prepare_vocabulary(TokenizerSettings(source="model:./c"), _open(folders))
 
 

@@ -145,6 +145,8 @@ class AlignedSource:
         self._aligned = {name for (model, name) in alignment.inputs if model == label}
 
     def __getattr__(self, name: str) -> Any:
+        if name == "source":  # not set yet: never look it up through itself
+            raise AttributeError(name)
         return getattr(self.source, name)
 
     def keys(self) -> list[str]:
@@ -226,6 +228,7 @@ def prepare_vocabulary(
     head_models: Sequence[str] | None = None,
     locate: Callable[[str], str | None] | None = None,
     keys: Mapping[str, str] | None = None,
+    source_key: str = "tokenizer.source",
 ) -> VocabularyMerge:
     """Build the output vocabulary and align every model's checkpoint to it.
 
@@ -249,6 +252,9 @@ def prepare_vocabulary(
         Maps a model as written in the settings to its label (None: not in the merge).
     keys : mapping of str to str, optional
         Each label's configuration key, for messages (default: the label).
+    source_key : str
+        The key that gave the source, for messages (``tokenizer_source`` or
+        ``tokenizer.source``).
 
     Raises
     ------
@@ -315,9 +321,10 @@ def prepare_vocabulary(
     if settings.kind == "model":
         found = find(settings.source)
         if found is None or found not in sources:
+            listed = ", ".join(_short(m, 50) for m in labels[:5])
             raise ConfigError(
-                f"tokenizer source {_short(settings.source)} is not a model of the merge; give "
-                f"union, base or one of the models ({', '.join(_short(key(m), 40) for m in labels[:5])})"
+                f"{source_key}: {_short(settings.source)} is not a model of the merge; give "
+                f"union, base or one of the models ({listed})"
             )
         source_label = found
     else:
