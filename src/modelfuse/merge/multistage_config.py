@@ -384,6 +384,7 @@ def _ordered(stages: list[Stage], path: Path, keep_all: bool) -> list[Stage]:
                 "as none goes without a name); the final merge is the document without a "
                 "name, else the last one: put the final merge last or leave its name out"
             )
+    final_name = f" {final.name!r}" if final.name is not None else ""
     needed: set[str | None] = {final.name}
     for stage in reversed(order):  # every stage comes after the stages it uses
         if stage.name in needed:
@@ -391,7 +392,7 @@ def _ordered(stages: list[Stage], path: Path, keep_all: bool) -> list[Stage]:
     for stage in stages:
         if stage.name not in needed and not keep_all:
             raise ConfigError(
-                f"{stage_where(path, stage)} is not used by the final merge ({stage_label(final.name)}): "
+                f"{stage_where(path, stage)} is not used by the final merge{final_name}: "
                 "its output would be thrown away; use it, remove it, or pass "
                 "--intermediate-dir DIR (intermediate_dir=) to keep it"
             )

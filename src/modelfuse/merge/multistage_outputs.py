@@ -51,7 +51,7 @@ def check_outputs(
             *(e.patch for e in config.patches or []),
         ]
         inputs += [
-            (f"input of {_stage_named(stage)}", str(expand_user(reference, key="model")))
+            (f"input of {_stage_named(stage)}:", str(expand_user(reference, key="model")))
             for reference in references
             if reference is not None and reference not in names
         ]
@@ -74,8 +74,8 @@ def check_outputs(
         real = os.path.realpath(path)
         if real_dir == real or real_dir.startswith(real.rstrip(os.sep) + os.sep):
             raise OutputError(
-                f"--intermediate-dir {intermediate_dir}: is inside {short(path, 200)}, an {what}; "
-                "choose a folder of its own"
+                f"--intermediate-dir {intermediate_dir}: is inside {short(path, 200)}, an "
+                f"{what.rstrip(':')}; choose a folder of its own"
             )
     for stage in stages:
         if stage.name is None:
