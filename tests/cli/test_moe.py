@@ -84,21 +84,47 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
 def test_writes_a_mixtral_with_the_summary_line(work, capsys) -> None:
     assert main(["moe", write_config(work), "out", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("wrote a Mixtral mixture of 2 experts (2 per token; hidden gates)")
+    assert captured.out.startswith(
+        "wrote a Mixtral mixture of 2 experts (2 per token; hidden gates)"
+    )
     assert captured.out.count("\n") == 1 and "moe" not in captured.err  # no bar with --quiet
     files = sorted(os.listdir(work / "out"))
     assert files == [
-        "config.json", "generation_config.json", "mergekit_moe_config.yml", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "mergekit_moe_config.yml",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     # -o is the same output; the seed flag has mergekit's name and the convention's
-    assert main(["moe", "moe.yaml", "-o", "out", "--overwrite", "--seed", "1",
-                 "--no-copy-tokenizer", "--no-write-model-card"]) == 0
-    assert sorted(os.listdir(work / "out")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert (
+        main(
+            [
+                "moe",
+                "moe.yaml",
+                "-o",
+                "out",
+                "--overwrite",
+                "--seed",
+                "1",
+                "--no-copy-tokenizer",
+                "--no-write-model-card",
+            ]
+        )
+        == 0
+    )
+    assert sorted(os.listdir(work / "out")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
 
 
 def test_small_shards_and_a_progress_bar(work, capsys) -> None:
-    assert main(["moe", write_config(work, gate_mode="random"), "out", "--out-shard-size", "5K"]) == 0
+    assert (
+        main(["moe", write_config(work, gate_mode="random"), "out", "--out-shard-size", "5K"]) == 0
+    )
     err = capsys.readouterr().err
     assert "moe" in err and "copied" in err  # the bar and the note
     index = json.loads((work / "out" / "model.safetensors.index.json").read_text())
@@ -111,10 +137,13 @@ def test_small_shards_and_a_progress_bar(work, capsys) -> None:
 
 
 def test_all_experts_the_same_model_needs_mergekit_s_flag(work, capsys) -> None:
-    config = write_config(work, experts=[
-        {"source_model": "./e0", "positive_prompts": PROMPTS[0]},
-        {"source_model": "./e0", "positive_prompts": PROMPTS[1]},
-    ])
+    config = write_config(
+        work,
+        experts=[
+            {"source_model": "./e0", "positive_prompts": PROMPTS[0]},
+            {"source_model": "./e0", "positive_prompts": PROMPTS[1]},
+        ],
+    )
     err = refused(["moe", config, "out"], capsys, work)
     assert "--i-understand-this-is-not-useful-without-training" in err
     flag = "--i-understand-this-is-not-useful-without-training"
@@ -124,43 +153,72 @@ def test_all_experts_the_same_model_needs_mergekit_s_flag(work, capsys) -> None:
 BAD_CONFIGS = {
     "unknown key": ({"gate_mod": "hidden"}, "gate_mod: unknown key"),
     "missing expert": (
-        {"experts": [{"source_model": "./nope", "positive_prompts": ["a"]},
-                     {"source_model": "./e1", "positive_prompts": ["b"]}]},
+        {
+            "experts": [
+                {"source_model": "./nope", "positive_prompts": ["a"]},
+                {"source_model": "./e1", "positive_prompts": ["b"]},
+            ]
+        },
         "experts[0].source_model: 'nope': no such model folder",
     ),
     "other MLP shape": (
-        {"experts": [{"source_model": "./e0", "positive_prompts": ["a"]},
-                     {"source_model": "./wide", "positive_prompts": ["b"]}]},
+        {
+            "experts": [
+                {"source_model": "./e0", "positive_prompts": ["a"]},
+                {"source_model": "./wide", "positive_prompts": ["b"]},
+            ]
+        },
         "experts[1].source_model: tensor model.layers.0.mlp.gate_proj.weight has shape [48, 32]",
     ),
     "other architecture": (
-        {"experts": [{"source_model": "./e0", "positive_prompts": ["a"]},
-                     {"source_model": "./mistral", "positive_prompts": ["b"]}]},
+        {
+            "experts": [
+                {"source_model": "./e0", "positive_prompts": ["a"]},
+                {"source_model": "./mistral", "positive_prompts": ["b"]},
+            ]
+        },
         "Mixtral needs every input model of one model_type",
     ),
     "too many per token": ({"experts_per_token": 3}, "3 experts per token but only 2 experts"),
     "no experts per token": ({"experts_per_token": 0}, "experts_per_token: expected at least 1"),
     "empty prompts": (
-        {"experts": [{"source_model": "./e0", "positive_prompts": []},
-                     {"source_model": "./e1", "positive_prompts": ["b"]}]},
+        {
+            "experts": [
+                {"source_model": "./e0", "positive_prompts": []},
+                {"source_model": "./e1", "positive_prompts": ["b"]},
+            ]
+        },
         "experts[0]: no positive_prompts; gate_mode hidden",
     ),
     "same prompts": (
-        {"experts": [{"source_model": "./e0", "positive_prompts": ["a"]},
-                     {"source_model": "./e1", "positive_prompts": ["a"]}]},
+        {
+            "experts": [
+                {"source_model": "./e0", "positive_prompts": ["a"]},
+                {"source_model": "./e1", "positive_prompts": ["a"]},
+            ]
+        },
         "every expert has the same positive and negative prompts",
     ),
-    "union tokenizer": ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
+    "union tokenizer": (
+        {"tokenizer_source": "union"},
+        "tokenizer_source: 'union' is not supported",
+    ),
     "tokenizer block": (
-        {"tokenizer": {"source": "union"}}, "modelfuse moe copies the base model's tokenizer"
+        {"tokenizer": {"source": "union"}},
+        "modelfuse moe copies the base model's tokenizer",
     ),
     "gate mode": ({"gate_mode": "hiden"}, "gate_mode: unknown mode 'hiden'; valid: hidden"),
     "dtype": ({"dtype": "int8"}, "dtype: unknown dtype 'int8'; valid: bfloat16"),
     "deepseek": ({"architecture": "deepseek"}, "DeepSeek MoE"),
-    "unknown architecture": ({"architecture": "gpt"}, "names no output architecture; valid: mixtral, qwen"),
+    "unknown architecture": (
+        {"architecture": "gpt"},
+        "names no output architecture; valid: mixtral, qwen",
+    ),
     "shared expert in a mixtral": (
-        {"architecture": "mixtral",
-         "shared_experts": [{"source_model": "./e1", "positive_prompts": ["c"]}]},
+        {
+            "architecture": "mixtral",
+            "shared_experts": [{"source_model": "./e1", "positive_prompts": ["c"]}],
+        },
         "Mixtral has no shared experts",
     ),
     "shared expert without prompts": (
@@ -168,14 +226,22 @@ BAD_CONFIGS = {
         "mergekit 0.1.5 writes this configuration as a DeepSeek MoE",
     ),
     "two shared experts": (
-        {"shared_experts": [{"source_model": "./e1", "positive_prompts": ["c"]},
-                            {"source_model": "./e0", "positive_prompts": ["d"]}]},
+        {
+            "shared_experts": [
+                {"source_model": "./e1", "positive_prompts": ["c"]},
+                {"source_model": "./e0", "positive_prompts": ["d"]},
+            ]
+        },
         "Qwen MoE needs exactly 1 shared expert",
     ),
     "no tokenizer": ({"base_model": "./bare"}, "base_model: 'bare' has no tokenizer files"),
     "noise not a number": (
-        {"experts": [{"source_model": "./e0", "positive_prompts": ["a"], "noise_scale": "big"},
-                     {"source_model": "./e1", "positive_prompts": ["b"]}]},
+        {
+            "experts": [
+                {"source_model": "./e0", "positive_prompts": ["a"], "noise_scale": "big"},
+                {"source_model": "./e1", "positive_prompts": ["b"]},
+            ]
+        },
         "experts.0.noise_scale",
     ),
 }
@@ -196,7 +262,10 @@ def test_a_bad_configuration_is_one_line(case, work, capsys) -> None:
         (["moe", "moe.yaml"], "missing the output folder"),
         (["moe", "moe.yaml", "out", "-o", "out"], "give the output folder once"),
         (["moe", "moe.yaml", "out", "--device", "cuda"], "--device: 'cuda' is not available"),
-        (["moe", "moe.yaml", "out", "--out-shard-size", "0"], "--out-shard-size: expected a positive"),
+        (
+            ["moe", "moe.yaml", "out", "--out-shard-size", "0"],
+            "--out-shard-size: expected a positive",
+        ),
         (["moe", "moe.yaml", "base", "--overwrite"], "base: is the base model"),
         (["moe", "moe.yaml", ".", "--overwrite"], "contains the base model"),
         (["moe", "nothing.yaml", "out"], "nothing.yaml: no such configuration file"),
@@ -217,3 +286,22 @@ def test_an_existing_output_needs_overwrite_and_a_merge_file_is_pointed_to_merge
     err = refused(["moe", "merge.yaml", "out2"], capsys, work)
     assert "run it with modelfuse merge CONFIG OUT" in err
     (work / "merge.yaml").unlink()
+
+
+def test_ctrl_c_while_writing_leaves_nothing(work, capsys, monkeypatch) -> None:
+    import modelfuse.moe.build as build
+
+    real, calls = build._tensor, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_tensor", interrupted)
+    config = write_config(work, gate_mode="random")
+    before = sorted(os.listdir(work))
+    assert main(["moe", config, "out", "--quiet"]) == 130
+    assert capsys.readouterr().err == "modelfuse: interrupted; nothing was written\n"
+    assert sorted(os.listdir(work)) == before and len(calls) == 5  # no OUT, no temporary folder

@@ -1,4 +1,4 @@
-"""Tiny Llama base models and experts with a word-level tokenizer, built offline for the MoE tests."""
+"""Tiny Llamas (a base and experts) with a word-level tokenizer, built offline for the MoE tests."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ PROMPTS = {  # what should go to each expert: its own words, each one last in so
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over :data:`WORDS` (ids in that order), BOS ``<s>``, EOS ``</s>``."""
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
+    )
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
@@ -30,9 +32,16 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 def llama_config(**changes: object) -> LlamaConfig:
     settings = dict(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, dtype="float32",
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="float32",
     )
     settings.update(changes)
     return LlamaConfig(**settings)
@@ -78,3 +87,35 @@ def moe_config(base: Path, experts: list[Path], **settings: object) -> dict[str,
         {"source_model": str(p), "positive_prompts": PROMPTS[i]} for i, p in enumerate(experts)
     ]
     return {"base_model": str(base), "experts": entries, **settings}
+
+
+def qwen2_models(root: Path, experts: int = 3) -> tuple[Path, list[Path]]:
+    """A 2-layer Qwen2 (attention biases, tied embeddings) and ``experts`` experts of it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, dtype="float32",
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.1)  # biases that must reach the output
+    base = root / "qwen2-base"
+    model.save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    folders = []
+    for i in range(experts):
+        expert = Qwen2ForCausalLM.from_pretrained(base)
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                if ".mlp." in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        expert.save_pretrained(root / f"qwen2-e{i}")
+        folders.append(root / f"qwen2-e{i}")
+    return base, folders

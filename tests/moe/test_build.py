@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from modelfuse.moe import CONFIG_COPY, build_moe, plan_moe
 
-from ._tiny import PROMPTS, build_models, moe_config
+from ._tiny import PROMPTS, build_models, moe_config, qwen2_models
 
 LAYERS = 2
 PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -76,7 +76,9 @@ def test_expert_mlps_are_the_experts_bytes_and_the_rest_is_the_base(inputs, hidd
                 want = source[f"model.layers.{layer}.mlp.{projection}.weight"]
                 assert got.dtype == want.dtype and torch.equal(got, want)
                 if e == 0:  # the experts really differ from the base
-                    assert not torch.equal(want, base_tensors[f"model.layers.{layer}.mlp.{projection}.weight"])
+                    assert not torch.equal(
+                        want, base_tensors[f"model.layers.{layer}.mlp.{projection}.weight"]
+                    )
     outside = {n: t for n, t in base_tensors.items() if ".mlp." not in n}
     for name, tensor in outside.items():
         assert torch.equal(written[name], tensor), name
@@ -94,8 +96,12 @@ def _reference_hidden_gates(base, prompt_sets):
     tokenizer.pad_token_id = tokenizer.bos_token_id
     rows = []
     for prompts in prompt_sets:
-        batch = tokenizer(["<s>" + p for p in prompts], padding=True, add_special_tokens=False,
-                          return_tensors="pt")
+        batch = tokenizer(
+            ["<s>" + p for p in prompts],
+            padding=True,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             states = model(**batch, output_hidden_states=True).hidden_states[:-1]
         vector = torch.stack([h[:, -1, :] for h in states]).sum(dim=1) / len(prompts)
@@ -160,7 +166,9 @@ def test_random_gates_use_the_seed(inputs):
     draws = torch.randn((LAYERS, 4, 32), generator=torch.Generator().manual_seed(3))
     written = _tensors(out)
     for layer in range(LAYERS):
-        assert torch.equal(written[f"model.layers.{layer}.block_sparse_moe.gate.weight"], draws[layer])
+        assert torch.equal(
+            written[f"model.layers.{layer}.block_sparse_moe.gate.weight"], draws[layer]
+        )
     _, uniform = _build(inputs, "uniform", gate_mode="uniform_random", options={"random_seed": 3})
     rows = _tensors(uniform)["model.layers.0.block_sparse_moe.gate.weight"]
     scale = (1 / 32) ** 0.5
@@ -178,14 +186,18 @@ def test_dtype_noise_and_residual_scale(inputs):
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     assert json.loads((result.out / "config.json").read_text())["dtype"] == "bfloat16"
     down = _tensors(experts[0])["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(written["model.layers.0.block_sparse_moe.experts.0.w2.weight"],
-                       (down * 0.5).to(torch.bfloat16))
+    assert torch.equal(
+        written["model.layers.0.block_sparse_moe.experts.0.w2.weight"],
+        (down * 0.5).to(torch.bfloat16),
+    )
     up = _tensors(experts[1])["model.layers.0.mlp.up_proj.weight"]
     noisy = written["model.layers.0.block_sparse_moe.experts.1.w3.weight"].float()
     assert 0.005 < float((noisy - up).std()) < 0.02  # noise of scale 0.01 on top
     again = build_moe(config, inputs[0] / "scaled", random_seed=1, overwrite=True)
-    assert torch.equal(_tensors(again.out)["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
-                       written["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+    assert torch.equal(
+        _tensors(again.out)["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+        written["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+    )
 
 
 def test_qwen2_moe_with_a_shared_expert_loads_and_runs(inputs):
@@ -202,14 +214,20 @@ def test_qwen2_moe_with_a_shared_expert_loads_and_runs(inputs):
     written = _tensors(result.out)
     shared = _tensors(experts[2])
     for projection in PROJECTIONS:
-        assert torch.equal(written[f"model.layers.1.mlp.shared_expert.{projection}.weight"],
-                           shared[f"model.layers.1.mlp.{projection}.weight"])
-        assert torch.equal(written[f"model.layers.1.mlp.experts.1.{projection}.weight"],
-                           _tensors(experts[1])[f"model.layers.1.mlp.{projection}.weight"])
+        assert torch.equal(
+            written[f"model.layers.1.mlp.shared_expert.{projection}.weight"],
+            shared[f"model.layers.1.mlp.{projection}.weight"],
+        )
+        assert torch.equal(
+            written[f"model.layers.1.mlp.experts.1.{projection}.weight"],
+            _tensors(experts[1])[f"model.layers.1.mlp.{projection}.weight"],
+        )
     assert torch.equal(written["model.layers.0.self_attn.k_proj.bias"], torch.zeros(16))
     expected = _reference_hidden_gates(base, [PROMPTS[0], PROMPTS[1], ["w1 w2"]])
     assert torch.equal(written["model.layers.1.mlp.gate.weight"], expected[1, :2].float())
-    assert torch.equal(written["model.layers.1.mlp.shared_expert_gate.weight"], expected[1, 2:].float())
+    assert torch.equal(
+        written["model.layers.1.mlp.shared_expert_gate.weight"], expected[1, 2:].float()
+    )
 
 
 def test_the_plan_counts_every_step(inputs):
@@ -218,3 +236,37 @@ def test_the_plan_counts_every_step(inputs):
     # 2 layers x (4 attention + 2 norms) + embedding, norm, head; 4 experts x 3 MLP x 2 layers;
     # 2 routers; and one step per expert's prompts
     assert len(plan.tensors) == 15 + 24 + 2 and plan.steps == 41 + 4
+
+
+def test_a_qwen2_base_keeps_its_attention_biases_and_tied_head(tmp_path):
+    base, experts = qwen2_models(tmp_path)
+    config = moe_config(base, experts[:2], gate_mode="cheap_embed")
+    config["shared_experts"] = [{"source_model": str(experts[2]), "positive_prompts": ["w1"]}]
+    with pytest.warns(UserWarning, match="nearly dependent"):  # every row holds BOS's embedding
+        result = build_moe(config, tmp_path / "out")
+    assert result.architecture == "Qwen MoE"
+    written = _tensors(result.out)
+    source = _tensors(base)
+    for name in ("model.layers.1.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"):
+        assert torch.equal(written[name], source[name]) and bool(source[name].abs().sum() > 0)
+    assert "lm_head.weight" not in written  # tied to the embedding, as in the base
+    model, info = AutoModelForCausalLM.from_pretrained(result.out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.tie_word_embeddings
+    ids = torch.tensor([[1, 13, 14]])
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+def test_mergekit_s_warnings_power_of_two_and_dependent_rows():
+    from modelfuse.moe.build import _warn_about
+
+    orthonormal = torch.eye(4, 8).expand(2, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_about(orthonormal, 4)  # condition number 1: nothing to say
+    close = orthonormal.clone()
+    close[1, 1] = close[1, 0] + 0.01 * close[1, 1]  # layer 1: two rows almost the same
+    with pytest.warns(UserWarning, match=r"router rows of layers 1 are nearly dependent"):
+        _warn_about(close, 4)
+    with pytest.warns(UserWarning, match="3 experts, not a power of two"):
+        _warn_about(orthonormal[:, :3], 3)

@@ -8,7 +8,11 @@ from modelfuse.errors import ConfigError
 from modelfuse.moe import ARCHITECTURES, load_moe_config
 from modelfuse.moe.architectures import select_architecture
 
-LLAMAS = {"base_model": "llama", "experts[0].source_model": "llama", "experts[1].source_model": "llama"}
+LLAMAS = {
+    "base_model": "llama",
+    "experts[0].source_model": "llama",
+    "experts[1].source_model": "llama",
+}
 
 
 def config(**changes):
@@ -36,7 +40,11 @@ def test_mergekit_s_keys_and_defaults(tmp_path):
     expert = cfg.experts[0]
     assert (expert.noise_scale, expert.residual_scale) == (0.01, 0.5)  # 1e-2 is a number
     defaults = config()
-    assert (defaults.gate_mode, defaults.experts_per_token, defaults.shared_experts) == ("hidden", 2, None)
+    assert (defaults.gate_mode, defaults.experts_per_token, defaults.shared_experts) == (
+        "hidden",
+        2,
+        None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +75,10 @@ def test_tokenizer_from_the_base_is_accepted():
 
 def test_the_layout_mergekit_would_choose():
     assert select_architecture(config(), LLAMAS, needs_prompts=True) is ARCHITECTURES["mixtral"]
-    assert select_architecture(config(architecture="mix"), LLAMAS, needs_prompts=True).name == "mixtral"
+    assert (
+        select_architecture(config(architecture="mix"), LLAMAS, needs_prompts=True).name
+        == "mixtral"
+    )
     shared = [{"source_model": "z", "positive_prompts": ["c"]}]
     three = {**LLAMAS, "shared_experts[0].source_model": "llama"}
     chosen = select_architecture(config(shared_experts=shared), three, needs_prompts=True)
@@ -79,13 +90,16 @@ def test_the_layout_mergekit_would_choose():
     told = config(shared_experts=bare, architecture="qwen", gate_mode="random")
     assert select_architecture(told, three, needs_prompts=False).name == "qwen"
     with pytest.raises(ConfigError, match="Qwen MoE needs positive_prompts for the shared expert"):
-        select_architecture(config(shared_experts=bare, architecture="qwen"), three, needs_prompts=True)
+        select_architecture(
+            config(shared_experts=bare, architecture="qwen"), three, needs_prompts=True
+        )
     qwen2 = dict.fromkeys(LLAMAS, "qwen2")
     with pytest.raises(ConfigError, match="Mixtral takes llama or mistral models, not 'qwen2'"):
         select_architecture(config(), qwen2, needs_prompts=True)
     with pytest.raises(ConfigError, match="selects mergekit's Qwen3 MoE"):
-        select_architecture(config(architecture="qwen3"), dict.fromkeys(LLAMAS, "qwen3"),
-                            needs_prompts=True)
+        select_architecture(
+            config(architecture="qwen3"), dict.fromkeys(LLAMAS, "qwen3"), needs_prompts=True
+        )
     mixed = {**LLAMAS, "experts[1].source_model": "mistral"}
     with pytest.raises(ConfigError, match=r"experts\[1\].source_model is 'mistral'"):
         select_architecture(config(), mixed, needs_prompts=True)

@@ -27,8 +27,9 @@ def model_and_tokenizer(base):
 def _reference_states(model, tokenizer, prompts):
     """transformers' own hidden states: (layers, prompts, positions, hidden), left-padded batch."""
     tokenizer.padding_side = "left"
-    batch = tokenizer(["<s>" + p for p in prompts], padding=True, add_special_tokens=False,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["<s>" + p for p in prompts], padding=True, add_special_tokens=False, return_tensors="pt"
+    )
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
     return torch.stack(out.hidden_states[:-1])  # the input of every layer; [-1] is after the norm
@@ -121,7 +122,12 @@ def test_negative_prompts_are_subtracted_before_the_normalisation():
 
 def test_gate_modes_are_mergekit_s():
     assert set(GATE_MODES) == {
-        "hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"
+        "hidden",
+        "hidden_last",
+        "hidden_avg",
+        "cheap_embed",
+        "random",
+        "uniform_random",
     }
     assert GATE_MODES["hidden"].reduce == "last" and GATE_MODES["hidden_avg"].reduce == "mean"
     assert not GATE_MODES["random"].needs_prompts and GATE_MODES["cheap_embed"].needs_prompts

@@ -105,8 +105,9 @@ def moe_command(
     if (out is None) == (out_option is None):
         raise ConfigError(
             "give the output folder once: as the second argument (modelfuse moe CONFIG OUT) "
-            "or with -o/--out, not both" if out is not None else
-            "missing the output folder: modelfuse moe CONFIG OUT (or -o/--out OUT)"
+            "or with -o/--out, not both"
+            if out is not None
+            else "missing the output folder: modelfuse moe CONFIG OUT (or -o/--out OUT)"
         )
     target = expand_user(str(out if out is not None else out_option), key="OUT")
     if device not in DEVICES:
@@ -135,7 +136,9 @@ def moe_command(
                 progress=advance,
             )
     for w in caught:  # transformers' deprecation notices are not the user's concern
-        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        if not issubclass(
+            w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+        ):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not quiet:
         for note in result.notes:

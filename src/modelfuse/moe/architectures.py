@@ -130,8 +130,7 @@ class OutputArchitecture:
             )
         if types[0] not in self.input_types:
             return (
-                f"{self.title} takes {' or '.join(self.input_types)} models, not "
-                f"{short(types[0])}"
+                f"{self.title} takes {' or '.join(self.input_types)} models, not {short(types[0])}"
             )
         return None
 
@@ -248,9 +247,11 @@ def select_architecture(
                 reasons.append(reason)
         elif title == "DeepSeek MoE" and _deepseek_fits(config, list(model_types.values())):
             fitting.append(title)
-        elif title == "Qwen3 MoE" and not config.shared_experts and set(
-            model_types.values()
-        ) == {"qwen3"}:
+        elif (
+            title == "Qwen3 MoE"
+            and not config.shared_experts
+            and set(model_types.values()) == {"qwen3"}
+        ):
             fitting.append(title)
     if "Mixtral" in fitting:
         return by_title["Mixtral"]
@@ -264,7 +265,8 @@ def select_architecture(
     if fitting:
         return _refuse_mergekit_only(fitting[0])
     raise ConfigError(
-        "no output architecture fits the configuration (" + "; ".join(reasons or ["none named"])
+        "no output architecture fits the configuration ("
+        + "; ".join(reasons or ["none named"])
         + "); write a Mixtral from Llama or Mistral experts without shared_experts, or a "
         "Qwen2-MoE with one shared expert (architecture: qwen)"
     )

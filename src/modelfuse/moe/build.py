@@ -40,7 +40,14 @@ from modelfuse.moe.gates import (
 )
 from modelfuse.moe.plan import MoePlan, OutputTensor, plan_moe
 
-__all__ = ["CONFIG_COPY", "MoeResult", "build_moe", "make_gates", "noise_and_scale"]
+__all__ = [
+    "CONFIG_COPY",
+    "MoeResult",
+    "build_moe",
+    "make_gates",
+    "noise_and_scale",
+    "output_config_json",
+]
 
 CONFIG_COPY = "mergekit_moe_config.yml"
 """The file in the output holding the configuration, with the model paths made absolute."""
@@ -247,7 +254,8 @@ def _warn_about(gates: torch.Tensor, experts: int) -> None:
             stacklevel=3,
         )
     degenerate = [
-        layer for layer in range(gates.shape[0])
+        layer
+        for layer in range(gates.shape[0])
         if float(torch.linalg.cond(gates[layer].float())) > DEGENERATE_CONDITION
     ]
     if degenerate:
@@ -259,6 +267,27 @@ def _warn_about(gates: torch.Tensor, experts: int) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def output_config_json(plan: MoePlan) -> str:
+    """The output's ``config.json``: the base's, made a Mixtral or Qwen2-MoE configuration."""
+    with _quiet_transformers() as transformers:
+        try:
+            base_config = transformers.AutoConfig.from_pretrained(str(plan.base))
+            out_config = plan.architecture.output_config(
+                base_config,
+                experts=len(plan.experts),
+                experts_per_token=plan.config.experts_per_token,
+                dtype=plan.dtype,
+            )
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(
+                f"base_model: transformers cannot read {plan.base / 'config.json'} "
+                f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}); "
+                f"expected the configuration of a {' or '.join(plan.architecture.input_types)} "
+                "model; check the file"
+            ) from None
+        return str(out_config.to_json_string(use_diff=True))
 
 
 def _resolved_yaml(plan: MoePlan) -> str:
@@ -287,7 +316,9 @@ def _tensor(
         return gates[task.index, experts:].to(task.dtype).contiguous()
     tensor = opened[(task.source, task.index)].read(task.source_name)
     if task.source in ("expert", "shared"):
-        entries = plan.config.experts if task.source == "expert" else plan.config.shared_experts or []
+        entries = (
+            plan.config.experts if task.source == "expert" else plan.config.shared_experts or []
+        )
         tensor = noise_and_scale(
             tensor, entries[task.index], residual=task.residual, generator=generator
         )
@@ -348,7 +379,8 @@ def build_moe(
     >>> def model(name, seed):
     ...     g = torch.Generator().manual_seed(seed)
     ...     t = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
-    ...          "model.norm.weight": torch.ones(4), "lm_head.weight": torch.randn(10, 4, generator=g),
+    ...          "model.norm.weight": torch.ones(4),
+    ...          "lm_head.weight": torch.randn(10, 4, generator=g),
     ...          "model.layers.0.input_layernorm.weight": torch.ones(4),
     ...          "model.layers.0.post_attention_layernorm.weight": torch.ones(4)}
     ...     for p in "qkvo":
@@ -371,13 +403,23 @@ def build_moe(
     ('Mixtral', 16)
     """
     started = time.perf_counter()
-    if isinstance(random_seed, bool) or not isinstance(random_seed, int) or not 0 <= random_seed < 2**64:
+    if (
+        isinstance(random_seed, bool)
+        or not isinstance(random_seed, int)
+        or not 0 <= random_seed < 2**64
+    ):
         raise ConfigError(f"--random-seed: expected a whole number >= 0, got {short(random_seed)}")
-    if isinstance(out_shard_size, bool) or not isinstance(out_shard_size, int) or out_shard_size < 1:
+    if (
+        isinstance(out_shard_size, bool)
+        or not isinstance(out_shard_size, int)
+        or out_shard_size < 1
+    ):
         raise ConfigError(
-            f"--out-shard-size: expected a positive number of parameters, got {short(out_shard_size)}"
+            "--out-shard-size: expected a positive number of parameters, "
+            f"got {short(out_shard_size)}"
         )
     plan = plan_moe(config, out, overwrite=overwrite, allow_all_same=allow_all_same)
+    model_config = output_config_json(plan)
     generator = torch.Generator().manual_seed(random_seed)
     with torch.no_grad():
         gates = make_gates(plan, generator=generator, progress=progress)
@@ -402,15 +444,7 @@ def build_moe(
             written += task.nbytes
             if progress is not None:
                 progress(1, task.nbytes)
-        with _quiet_transformers() as transformers:
-            base_config = transformers.AutoConfig.from_pretrained(str(plan.base))
-            out_config = plan.architecture.output_config(
-                base_config,
-                experts=len(plan.experts),
-                experts_per_token=plan.config.experts_per_token,
-                dtype=plan.dtype,
-            )
-        writer.add_file("config.json", out_config.to_json_string(use_diff=True))
+        writer.add_file("config.json", model_config)
         if write_config:
             writer.add_file(CONFIG_COPY, _resolved_yaml(plan))
         copied = writer.copy_model_files(plan.base, tokenizer=copy_tokenizer)

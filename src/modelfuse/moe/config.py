@@ -98,9 +98,7 @@ class MoeConfig(BaseModel):
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value.removeprefix("torch.") not in MOE_DTYPES:
-            raise ValueError(
-                f"unknown dtype {short(value)}; valid: {', '.join(MOE_DTYPES)}"
-            )
+            raise ValueError(f"unknown dtype {short(value)}; valid: {', '.join(MOE_DTYPES)}")
         return value
 
     @field_validator("tokenizer_source")

@@ -83,23 +83,30 @@ class GateMode:
 
 GATE_MODES: dict[str, GateMode] = {
     "hidden": GateMode(
-        "hidden", "hidden", "last",
+        "hidden",
+        "hidden",
+        "last",
         summary="base model's hidden states at the last token of each prompt, per layer",
     ),
     "hidden_last": GateMode(
         "hidden_last", "hidden", "last", summary="the same as hidden (mergekit's alias)"
     ),
     "hidden_avg": GateMode(
-        "hidden_avg", "hidden", "mean",
+        "hidden_avg",
+        "hidden",
+        "mean",
         summary="base model's hidden states averaged over the prompt positions, per layer",
     ),
     "cheap_embed": GateMode(
-        "cheap_embed", "cheap_embed",
+        "cheap_embed",
+        "cheap_embed",
         summary="sum of the prompts' token embeddings, the same for every layer",
     ),
     "random": GateMode("random", "random", summary="standard normal draws (seeded)"),
     "uniform_random": GateMode(
-        "uniform_random", "random", uniform=True,
+        "uniform_random",
+        "random",
+        uniform=True,
         summary="uniform draws in +-1/sqrt(hidden size), nn.Linear's initialisation (seeded)",
     ),
 }
@@ -300,7 +307,8 @@ def cheap_embedding_vector(
     Examples
     --------
     >>> table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
-    >>> batch = {"input_ids": torch.tensor([[2, 0, 1]]), "attention_mask": torch.tensor([[0, 1, 1]])}
+    >>> ids, mask = torch.tensor([[2, 0, 1]]), torch.tensor([[0, 1, 1]])
+    >>> batch = {"input_ids": ids, "attention_mask": mask}
     >>> cheap_embedding_vector(lambda ids: table[ids], batch, 2).tolist()  # (1, 2) / sqrt(5)
     [[0.4472135901451111, 0.8944271802902222], [0.4472135901451111, 0.8944271802902222]]
     """

@@ -113,7 +113,9 @@ class MoePlan:
     def gated(self) -> list[tuple[str, ExpertEntry]]:
         """The experts (then the shared expert) that get a router row, labelled for messages."""
         rows = [(f"experts[{i}]", e) for i, e in enumerate(self.config.experts)]
-        return rows + [(f"shared_experts[{i}]", e) for i, e in enumerate(self.config.shared_experts or [])]
+        return rows + [
+            (f"shared_experts[{i}]", e) for i, e in enumerate(self.config.shared_experts or [])
+        ]
 
     @property
     def total_bytes(self) -> int:
@@ -156,12 +158,18 @@ def _model_config(path: Path, key: str) -> dict[str, Any]:
         )
     try:
         if file.stat().st_size > _MAX_CONFIG_JSON:
-            raise CheckpointError(f"{file}: a config.json larger than 4 MB; expected a model configuration")
+            raise CheckpointError(
+                f"{file}: a config.json larger than 4 MB; expected a model configuration"
+            )
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not a readable JSON configuration ({short(str(exc), 80)})") from None
+        raise CheckpointError(
+            f"{file}: not a readable JSON configuration ({short(str(exc), 80)})"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise CheckpointError(f"{file}: has no model_type; expected a transformers model configuration")
+        raise CheckpointError(
+            f"{file}: has no model_type; expected a transformers model configuration"
+        )
     return data
 
 
@@ -175,9 +183,7 @@ def _positive_int(config: dict[str, Any], key: str, file: Path) -> int:
 def _check_experts(cfg: MoeConfig, mode: GateMode, allow_all_same: bool) -> None:
     """mergekit 0.1.5's checks of the expert list (its is_bad_config), one line each."""
     if cfg.experts_per_token < 1:
-        raise ConfigError(
-            f"experts_per_token: expected at least 1, got {cfg.experts_per_token}"
-        )
+        raise ConfigError(f"experts_per_token: expected at least 1, got {cfg.experts_per_token}")
     if len(cfg.experts) < cfg.experts_per_token:
         raise ConfigError(
             f"experts_per_token: {cfg.experts_per_token} experts per token but only "
@@ -236,7 +242,9 @@ def _mlp_shapes(ckpt: Checkpoint, layers: int, key: str) -> dict[str, tuple[int,
                 )
             info = ckpt.info(name)
             if not info.dtype.is_floating_point:
-                raise CheckpointError(f"{key}: tensor {name} is {info.dtype}; expected floating point")
+                raise CheckpointError(
+                    f"{key}: tensor {name} is {info.dtype}; expected floating point"
+                )
             shapes[name] = tuple(info.shape)
     return shapes
 
@@ -253,7 +261,9 @@ def _base_tensors(
             misfits.append(name)
             continue
         info = ckpt.info(name)
-        kept.append(OutputTensor(name, tuple(info.shape), dtype or info.dtype, "base", source_name=name))
+        kept.append(
+            OutputTensor(name, tuple(info.shape), dtype or info.dtype, "base", source_name=name)
+        )
     if misfits:
         shown = ", ".join(short(n, 80) for n in misfits[:3])
         raise CheckpointError(
@@ -261,9 +271,13 @@ def _base_tensors(
             f"({shown}); expected a Llama or Mistral model (Qwen2 for architecture: qwen)"
         )
     names = {t.name for t in kept}
-    required = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
+    required = ["model.embed_tokens.weight", "model.norm.weight"] + (
+        [] if tied else ["lm_head.weight"]
+    )
     required += [
-        f"model.layers.{i}.{part}" for i in range(layers) for part in arch.layer_tensors()
+        f"model.layers.{i}.{part}"
+        for i in range(layers)
+        for part in arch.layer_tensors()
         if not part.endswith(".bias")
     ]
     missing = [n for n in required if n not in names]
@@ -319,7 +333,10 @@ def plan_moe(
     _check_experts(cfg, mode, allow_all_same)
     dtype = resolve_moe_dtype(cfg.dtype)
     base = _locate(cfg.base_model, folder, "base_model")
-    experts = [_locate(e.source_model, folder, f"experts[{i}].source_model") for i, e in enumerate(cfg.experts)]
+    experts = [
+        _locate(e.source_model, folder, f"experts[{i}].source_model")
+        for i, e in enumerate(cfg.experts)
+    ]
     shared = [
         _locate(e.source_model, folder, f"shared_experts[{i}].source_model")
         for i, e in enumerate(cfg.shared_experts or [])
@@ -329,9 +346,11 @@ def plan_moe(
         if config_file is not None:
             inputs += [("configuration file", config_file)]
         check_output_path(out, inputs, overwrite=overwrite, flag="OUT")
-    labelled = [("base_model", base)] + [
-        (f"experts[{i}].source_model", p) for i, p in enumerate(experts)
-    ] + [(f"shared_experts[{i}].source_model", p) for i, p in enumerate(shared)]
+    labelled = (
+        [("base_model", base)]
+        + [(f"experts[{i}].source_model", p) for i, p in enumerate(experts)]
+        + [(f"shared_experts[{i}].source_model", p) for i, p in enumerate(shared)]
+    )
     configs = {key: _model_config(path, key) for key, path in labelled}
     base_config = configs["base_model"]
     arch = select_architecture(
@@ -348,8 +367,12 @@ def plan_moe(
     hidden = _positive_int(base_config, "hidden_size", base_file)
     if dtype is None:
         named = base_config.get("torch_dtype") or base_config.get("dtype")
-        dtype = resolve_moe_dtype(named) if isinstance(named, str) and named.removeprefix("torch.") in (
-            "bfloat16", "float16", "float32", "float64") else None
+        dtype = (
+            resolve_moe_dtype(named)
+            if isinstance(named, str)
+            and named.removeprefix("torch.") in ("bfloat16", "float16", "float32", "float64")
+            else None
+        )
     for key, path in labelled[1:]:
         other = configs[key]
         for name, expected in (("num_hidden_layers", layers), ("hidden_size", hidden)):
@@ -364,7 +387,10 @@ def plan_moe(
         shapes = _mlp_shapes(ckpt, layers, "base_model")
     sources: list[tuple[Source, int, Path, ExpertEntry, str]] = [
         ("expert", i, p, e, f"experts[{i}]") for i, (p, e) in enumerate(zip(experts, cfg.experts))
-    ] + [("shared", i, p, e, f"shared_experts[{i}]") for i, (p, e) in enumerate(zip(shared, cfg.shared_experts or []))]
+    ] + [
+        ("shared", i, p, e, f"shared_experts[{i}]")
+        for i, (p, e) in enumerate(zip(shared, cfg.shared_experts or []))
+    ]
     infos: dict[tuple[str, int], dict[str, torch.dtype]] = {}
     for source, index, path, _, key in sources:
         with open_checkpoint(path) as ckpt:
@@ -382,25 +408,49 @@ def plan_moe(
             for projection in MLP_PROJECTIONS:
                 name = f"model.layers.{layer}.mlp.{projection}.weight"
                 target = (
-                    arch.expert(layer, index, projection) if source == "expert"
+                    arch.expert(layer, index, projection)
+                    if source == "expert"
                     else arch.shared_expert(layer, projection)
                 )
-                tensors.append(OutputTensor(
-                    target, shapes[name], dtype or infos[(source, index)][name], source, index,
-                    name, projection == "down_proj",
-                ))
+                tensors.append(
+                    OutputTensor(
+                        target,
+                        shapes[name],
+                        dtype or infos[(source, index)][name],
+                        source,
+                        index,
+                        name,
+                        projection == "down_proj",
+                    )
+                )
     # the routers: written in the dtype, else in that of the rows (bfloat16 from the base
     # model's hidden states, as mergekit runs it; float32 otherwise)
     gate_dtype = dtype or (torch.bfloat16 if mode.source == "hidden" else torch.float32)
     for layer in range(layers):
-        tensors.append(OutputTensor(
-            arch.router(layer), (len(experts), hidden), gate_dtype, "router", layer
-        ))
+        tensors.append(
+            OutputTensor(arch.router(layer), (len(experts), hidden), gate_dtype, "router", layer)
+        )
         if shared:
-            tensors.append(OutputTensor(
-                arch.shared_router(layer), (len(shared), hidden), gate_dtype, "shared_router", layer
-            ))
+            tensors.append(
+                OutputTensor(
+                    arch.shared_router(layer),
+                    (len(shared), hidden),
+                    gate_dtype,
+                    "shared_router",
+                    layer,
+                )
+            )
     return MoePlan(
-        cfg, config_file, base, experts, shared, arch, mode, base_config, layers, hidden, dtype,
+        cfg,
+        config_file,
+        base,
+        experts,
+        shared,
+        arch,
+        mode,
+        base_config,
+        layers,
+        hidden,
+        dtype,
         tensors,
     )
