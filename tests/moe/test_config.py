@@ -56,6 +56,12 @@ def test_mergekit_s_keys_and_defaults(tmp_path):
         ({"dtype": "int64"}, "unknown dtype 'int64'"),
         ({"tokenizer_source": "model:./x"}, "tokenizer_source: 'model:./x' is not supported"),
         ({"merge_method": "linear"}, "merge_method: unknown key"),
+        ({"experts_per_token": True}, "experts_per_token: True is not a number"),
+        ({"experts_per_token": 1.5}, "experts_per_token: Input should be a valid integer"),
+        (
+            {"experts": [{"source_model": "x", "residual_scale": False}]},
+            "experts.0.residual_scale: False is not a number",
+        ),
     ],
 )
 def test_refusals_name_the_key(changes, message):

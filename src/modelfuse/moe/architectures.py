@@ -66,6 +66,16 @@ class OutputArchitecture:
         Shared experts it needs (0 for Mixtral, 1 for Qwen2-MoE).
     qkv_bias : bool
         Whether its attention has q/k/v biases (zeros when the base has none).
+
+    Examples
+    --------
+    >>> mixtral = ARCHITECTURES["mixtral"]
+    >>> mixtral.expert(0, 3, "down_proj")
+    'model.layers.0.block_sparse_moe.experts.3.w2.weight'
+    >>> mixtral.router(0)
+    'model.layers.0.block_sparse_moe.gate.weight'
+    >>> ARCHITECTURES["qwen"].expert(1, 0, "up_proj")
+    'model.layers.1.mlp.experts.0.up_proj.weight'
     """
 
     name: str
@@ -184,7 +194,13 @@ MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 
 
 def get_architecture(name: str) -> OutputArchitecture:
-    """The layout named ``name`` (``mixtral`` or ``qwen``); an unknown name lists the valid ones."""
+    """The layout named ``name`` (``mixtral`` or ``qwen``); an unknown name lists the valid ones.
+
+    Examples
+    --------
+    >>> get_architecture("qwen").class_name
+    'Qwen2MoeForCausalLM'
+    """
     try:
         return ARCHITECTURES[name]
     except KeyError:
@@ -227,6 +243,15 @@ def select_architecture(
     ConfigError
         No layout fits, or mergekit would write one modelfuse does not
         (DeepSeek MoE, Qwen3 MoE).
+
+    Examples
+    --------
+    >>> from modelfuse.moe import load_moe_config
+    >>> cfg, _ = load_moe_config({"base_model": "b", "experts": [{"source_model": "x"}],
+    ...                           "shared_experts": [{"source_model": "y"}], "architecture": "q"})
+    >>> types = {"base_model": "llama", "experts[0]": "llama", "shared_experts[0]": "llama"}
+    >>> select_architecture(cfg, types, needs_prompts=False).title
+    'Qwen MoE'
     """
     wanted = (config.architecture or "").lower()
     titles = [t for t in MERGEKIT_ARCHITECTURES if t.lower().startswith(wanted)]

@@ -39,6 +39,13 @@ MOE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 """The dtypes mergekit-moe's ``dtype`` names (``torch.`` prefixed or not)."""
 
 
+def _not_bool(value: Any) -> Any:
+    """Refuse ``true``/``false`` where a number belongs (pydantic would read them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value} is not a number; give a number")
+    return value
+
+
 def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{value} is not a finite number; give a finite value")
@@ -64,6 +71,9 @@ class ExpertEntry(BaseModel):
         None, description="factor applied to the expert's down_proj (its residual output)"
     )
 
+    _numbers = field_validator("noise_scale", "residual_scale", mode="before")(
+        classmethod(lambda cls, v: _not_bool(v))
+    )
     _finite_scales = field_validator("noise_scale", "residual_scale")(
         classmethod(lambda cls, v: _finite(v))
     )
@@ -92,6 +102,10 @@ class MoeConfig(BaseModel):
     )
     tokenizer: dict[str, Any] | None = Field(
         None, description="only {source: base}: the base model's tokenizer is copied"
+    )
+
+    _number = field_validator("experts_per_token", mode="before")(
+        classmethod(lambda cls, v: _not_bool(v))
     )
 
     @field_validator("dtype")

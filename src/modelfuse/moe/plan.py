@@ -326,6 +326,14 @@ def plan_moe(
     ------
     ConfigError, CheckpointError, OutputError
         The first problem found, in one line naming the key, file or tensor.
+
+    Examples
+    --------
+    >>> plan_moe({"base_model": "b", "experts": [{"source_model": "x", "positive_prompts": ["a"]}]})
+    Traceback (most recent call last):
+    ...
+    modelfuse.errors.ConfigError: experts_per_token: 2 experts per token but only 1 experts; \
+list at least as many experts, or lower experts_per_token
     """
     cfg, folder = load_moe_config(config)
     config_file = Path(config) if isinstance(config, (str, Path)) else None
