@@ -270,3 +270,23 @@ def test_mergekit_s_warnings_power_of_two_and_dependent_rows():
         _warn_about(close, 4)
     with pytest.warns(UserWarning, match="3 experts, not a power of two"):
         _warn_about(orthonormal[:, :3], 3)
+
+
+def test_without_transformers_the_refusal_says_what_to_install(inputs, monkeypatch):
+    import builtins
+
+    _, base, experts = inputs
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name.split(".")[0] == "transformers":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    from modelfuse.errors import ConfigError
+
+    out = inputs[0] / "never"
+    with pytest.raises(ConfigError, match=r"pip install 'modelfuse\[hf\]'"):
+        build_moe(moe_config(base, experts, gate_mode="random"), out)
+    assert not out.exists()

@@ -133,8 +133,14 @@ def noise_and_scale(
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[Any]:
     """transformers imported, with its progress bars off (restored after)."""
-    import transformers
-    from transformers.utils import logging as hf_logging
+    try:
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise ConfigError(
+            "modelfuse moe writes transformers configurations and runs the base model with "
+            "transformers, which is not installed; install it (pip install 'modelfuse[hf]')"
+        ) from None
 
     bars = hf_logging.is_progress_bar_enabled()
     level = hf_logging.get_verbosity()
