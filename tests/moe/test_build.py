@@ -87,9 +87,10 @@ def test_expert_mlps_are_the_experts_bytes_and_the_rest_is_the_base(inputs, hidd
     assert set(written) == set(outside) | expert_names | set(routers)
 
 
-def _reference_hidden_gates(base, prompt_sets):
+def _reference_hidden_gates(base, prompt_sets, average=False):
     """mergekit 0.1.5's hidden gate, written out: the base in bfloat16, left-padded batch with
-    BOS-prefixed prompts, each layer's input at the last position, mean over the prompts, L2."""
+    BOS-prefixed prompts, each layer's input at the last position (``average``: the mean over
+    the positions, pads included), mean over the prompts, L2."""
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side = "left"
@@ -104,7 +105,11 @@ def _reference_hidden_gates(base, prompt_sets):
         )
         with torch.no_grad():
             states = model(**batch, output_hidden_states=True).hidden_states[:-1]
-        vector = torch.stack([h[:, -1, :] for h in states]).sum(dim=1) / len(prompts)
+        if average:
+            per_prompt = [h.sum(dim=1) / h.shape[1] for h in states]
+        else:
+            per_prompt = [h[:, -1, :] for h in states]
+        vector = torch.stack(per_prompt).sum(dim=1) / len(prompts)
         rows.append(vector / vector.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(rows, dim=1)  # (layers, experts, hidden)
 
@@ -118,6 +123,16 @@ def test_hidden_routers_equal_the_reference(inputs, hidden):
         router = written[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
         assert router.dtype == torch.float32  # the base's dtype; the rows were bfloat16
         assert torch.equal(router, expected[layer].float())
+
+
+def test_hidden_avg_routers_average_over_the_tokens(inputs):
+    _, base, _ = inputs
+    result, out = _build(inputs, "hidden-avg", gate_mode="hidden_avg")
+    expected = _reference_hidden_gates(base, [PROMPTS[i] for i in range(4)], average=True)
+    router = _tensors(out)["model.layers.1.block_sparse_moe.gate.weight"]
+    assert torch.equal(router, expected[1].float())
+    last = _reference_hidden_gates(base, [PROMPTS[i] for i in range(4)])
+    assert not torch.allclose(router, last[1].float(), atol=1e-2)  # not the last-token rows
 
 
 def test_the_router_sends_each_expert_s_prompts_to_it(hidden):
