@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ def models(tmp_path_factory) -> Path:
     base_llama(root / "wide", seed=3, intermediate_size=48)
     expert_llama(root / "mistral", base, seed=4, model_type="mistral")
     base_llama(root / "bare", tokenizer=False)
+    shutil.copytree(base, root / "heads")  # a config.json transformers refuses
+    config = json.loads((root / "heads" / "config.json").read_text())
+    config.update(num_attention_heads=5, num_key_value_heads=5)
+    (root / "heads" / "config.json").write_text(json.dumps(config))
     return root
 
 
@@ -36,8 +41,6 @@ def work(models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for stale in ("out", "moe.yaml"):
         path = models / stale
         if path.is_dir():
-            import shutil
-
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
@@ -233,6 +236,10 @@ BAD_CONFIGS = {
             ]
         },
         "Qwen MoE needs exactly 1 shared expert",
+    ),
+    "config.json transformers refuses": (
+        {"base_model": "./heads"},
+        "transformers cannot read heads/config.json (The hidden size (32) is not a multiple",
     ),
     "no tokenizer": ({"base_model": "./bare"}, "base_model: 'bare' has no tokenizer files"),
     "noise not a number": (

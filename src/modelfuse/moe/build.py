@@ -130,6 +130,17 @@ def noise_and_scale(
     return tensor
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause of ``exc``, at most 120 characters."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[Any]:
     """transformers imported, with its progress bars off (restored after)."""
@@ -157,10 +168,10 @@ def _quiet_transformers() -> Iterator[Any]:
 def _tokenizer(transformers: Any, plan: MoePlan) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(plan.base))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # transformers' own checks of a stranger's files: any of them
         raise ConfigError(
             f"base_model: {plan.base} has no tokenizer transformers can load "
-            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}); "
+            f"({_reason(exc)}); "
             f"gate_mode {plan.gate_mode.name} tokenizes the prompts with the base's tokenizer: "
             "add its tokenizer files, or use gate_mode: random"
         ) from None
@@ -236,10 +247,10 @@ def _hidden_gates(
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(plan.base), dtype=torch.bfloat16
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # transformers' own checks of a stranger's files: any of them
         raise CheckpointError(
             f"base_model: transformers cannot load {plan.base} "
-            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}); "
+            f"({_reason(exc)}); "
             f"gate_mode {mode.name} runs the prompts through it; check the model folder"
         ) from None
     return gate_vectors(
@@ -286,10 +297,10 @@ def output_config_json(plan: MoePlan) -> str:
                 experts_per_token=plan.config.experts_per_token,
                 dtype=plan.dtype,
             )
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # transformers' own checks of a stranger's files: any of them
             raise CheckpointError(
                 f"base_model: transformers cannot read {plan.base / 'config.json'} "
-                f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)}); "
+                f"({_reason(exc)}); "
                 f"expected the configuration of a {' or '.join(plan.architecture.input_types)} "
                 "model; check the file"
             ) from None
