@@ -28,10 +28,16 @@ def models(tmp_path_factory) -> Path:
     base_llama(root / "wide", seed=3, intermediate_size=48)
     expert_llama(root / "mistral", base, seed=4, model_type="mistral")
     base_llama(root / "bare", tokenizer=False)
-    shutil.copytree(base, root / "heads")  # a config.json transformers refuses
-    config = json.loads((root / "heads" / "config.json").read_text())
-    config.update(num_attention_heads=5, num_key_value_heads=5)
-    (root / "heads" / "config.json").write_text(json.dumps(config))
+    crafted = {  # config.json files that do not fit their weights
+        "heads": {"num_attention_heads": 5, "num_key_value_heads": 5},  # transformers refuses
+        "deep": {"num_hidden_layers": 10**9},
+        "wide-claim": {"hidden_size": 10**12},
+    }
+    for name, changes in crafted.items():
+        shutil.copytree(base, root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config.update(changes)
+        (root / name / "config.json").write_text(json.dumps(config))
     return root
 
 
@@ -240,6 +246,22 @@ BAD_CONFIGS = {
     "config.json transformers refuses": (
         {"base_model": "./heads"},
         "transformers cannot read heads/config.json (The hidden size (32) is not a multiple",
+    ),
+    "a billion layers claimed": (
+        {
+            "base_model": "./deep",
+            "gate_mode": "random",
+            "experts": [{"source_model": "./deep"}, {"source_model": "deep"}],
+        },
+        "deep/config.json: num_hidden_layers is 1000000000 but deep holds 21 tensors",
+    ),
+    "a huge hidden size claimed": (
+        {
+            "base_model": "./wide-claim",
+            "gate_mode": "random",
+            "experts": [{"source_model": "./wide-claim"}, {"source_model": "wide-claim"}],
+        },
+        "hidden_size is 1000000000000 but model.embed_tokens.weight has shape [100, 32]",
     ),
     "no tokenizer": ({"base_model": "./bare"}, "base_model: 'bare' has no tokenizer files"),
     "noise not a number": (

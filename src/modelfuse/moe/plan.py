@@ -249,6 +249,21 @@ def _mlp_shapes(ckpt: Checkpoint, layers: int, key: str) -> dict[str, tuple[int,
     return shapes
 
 
+def _check_sizes(ckpt: Checkpoint, file: Path, layers: int, hidden: int) -> None:
+    """The config's layer count and hidden size against the weights (they bound all the work)."""
+    if layers > len(ckpt):
+        raise CheckpointError(
+            f"{file}: num_hidden_layers is {layers} but {ckpt.path} holds {len(ckpt)} tensors; "
+            "expected the configuration of these weights"
+        )
+    name = "model.embed_tokens.weight"
+    if name in ckpt and tuple(ckpt.info(name).shape[1:]) != (hidden,):
+        raise CheckpointError(
+            f"{file}: hidden_size is {hidden} but {name} has shape "
+            f"{list(ckpt.info(name).shape)}; expected the configuration of these weights"
+        )
+
+
 def _base_tensors(
     ckpt: Checkpoint, arch: OutputArchitecture, layers: int, tied: bool, dtype: torch.dtype | None
 ) -> list[OutputTensor]:
@@ -391,6 +406,7 @@ list at least as many experts, or lower experts_per_token
                 )
     tied = bool(base_config.get("tie_word_embeddings", False))
     with open_checkpoint(base) as ckpt:
+        _check_sizes(ckpt, base_file, layers, hidden)
         tensors = _base_tensors(ckpt, arch, layers, tied, dtype)
         shapes = _mlp_shapes(ckpt, layers, "base_model")
     sources: list[tuple[Source, int, Path, ExpertEntry, str]] = [
