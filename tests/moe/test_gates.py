@@ -8,7 +8,13 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modelfuse.errors import ConfigError
 from modelfuse.moe import GATE_MODES, cheap_embedding_vector, hidden_state_vector, random_gates
-from modelfuse.moe.gates import gate_vectors, get_gate_mode, normalized, prepare_tokenizer
+from modelfuse.moe.gates import (
+    gate_vectors,
+    get_gate_mode,
+    normalized,
+    prepare_tokenizer,
+    prompt_batches,
+)
 
 from ._tiny import PROMPTS, base_llama
 
@@ -133,3 +139,18 @@ def test_gate_modes_are_mergekit_s():
     assert not GATE_MODES["random"].needs_prompts and GATE_MODES["cheap_embed"].needs_prompts
     with pytest.raises(ConfigError, match="valid: hidden, hidden_last"):
         get_gate_mode("hiden")
+
+
+def test_cheap_embed_in_bounded_batches_is_the_same_sum(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompts = ["w1 w2 w3 w4 w5 w6", "w7", "w8 w9"]
+    whole = prompt_batches(tokenizer, prompts)
+    pieces = prompt_batches(tokenizer, prompts, max_tokens=7)  # the long prompt runs alone
+    assert len(whole) == 1 and [b["input_ids"].shape for b in pieces] == [(1, 7), (2, 3)]
+    table = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+    one = cheap_embedding_vector(lambda ids: table[ids], whole[0], 2)
+    split = cheap_embedding_vector(lambda ids: table[ids], pieces, 2)
+    assert torch.allclose(one, split, atol=1e-6)
+    tokens = [1, 3 + 1, 3 + 2, 3 + 3, 3 + 4, 3 + 5, 3 + 6, 1, 3 + 7, 1, 3 + 8, 3 + 9]  # BOS + words
+    expected = table[tokens].sum(dim=0)
+    assert torch.allclose(one[0], expected / expected.norm(), atol=1e-6)

@@ -35,8 +35,8 @@ from modelfuse.moe.gates import (
     gate_vectors,
     hidden_state_vector,
     prepare_tokenizer,
+    prompt_batches,
     random_gates,
-    tokenize_prompts,
 )
 from modelfuse.moe.plan import MoePlan, OutputTensor, plan_moe
 
@@ -225,7 +225,7 @@ def make_gates(
                 return gate_vectors(
                     sets,
                     lambda prompts, what: cheap_embedding_vector(
-                        rows, tokenize_prompts(tokenizer, prompts), plan.num_layers
+                        rows, prompt_batches(tokenizer, prompts, what=what), plan.num_layers
                     ),
                     progress=progress,
                 )

@@ -43,6 +43,7 @@ __all__ = [
     "hidden_state_vector",
     "normalized",
     "prepare_tokenizer",
+    "prompt_batches",
     "random_gates",
     "tokenize_prompts",
 ]
@@ -245,33 +246,20 @@ def hidden_state_vector(
         One prompt alone is longer than ``max_tokens`` tokens, or the hidden
         states hold NaN or inf.
     """
-    lengths = [
-        len(tokenizer((tokenizer.bos_token or "") + p, add_special_tokens=False)["input_ids"])
-        for p in prompts
-    ]
-    longest = max(lengths)
-    if longest > max_tokens:
-        raise ConfigError(
-            f"{what}: a prompt of {longest} tokens is longer than the {max_tokens} tokens run "
-            "through the base model at once; shorten it"
-        )
+    batches = prompt_batches(tokenizer, prompts, max_tokens=max_tokens, what=what)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ranges = _chunks(lengths, max_tokens)
-            if len(ranges) == 1:
-                states = _layer_inputs(model, tokenize_prompts(tokenizer, prompts), reduce)
+            if len(batches) == 1:  # mergekit's computation, in the model's dtype
+                states = _layer_inputs(model, batches[0], reduce)
                 result = states.sum(dim=1) / states.shape[1]
             else:
-                total: torch.Tensor | None = None
-                for start, stop in ranges:
-                    batch = tokenize_prompts(tokenizer, prompts[start:stop])
-                    part = _layer_inputs(model, batch, reduce).to(torch.float32).sum(dim=1)
-                    total = part if total is None else total + part
-                if total is None:  # no prompts: refused by the caller
-                    raise ConfigError(f"{what}: no prompts to run")
-                result = (total / len(prompts)).to(states_dtype(model))
+                total = sum(
+                    _layer_inputs(model, batch, reduce).to(torch.float32).sum(dim=1)
+                    for batch in batches
+                )
+                result = (torch.as_tensor(total) / len(prompts)).to(_states_dtype(model))
     finally:
         model.train(training)
     if not bool(torch.isfinite(result).all()):
@@ -282,14 +270,44 @@ def hidden_state_vector(
     return result
 
 
-def states_dtype(model: Any) -> torch.dtype:
+def _states_dtype(model: Any) -> torch.dtype:
     """The dtype of ``model``'s parameters."""
     return next(model.parameters()).dtype
 
 
+def prompt_batches(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int = MAX_TOKENS_PER_PASS,
+    what: str = "prompts",
+) -> list[dict[str, torch.Tensor]]:
+    """The prompts as left-padded batches of at most ``max_tokens`` tokens (one when they fit).
+
+    Raises
+    ------
+    ConfigError
+        One prompt alone is longer than ``max_tokens`` tokens.
+    """
+    lengths = [
+        len(tokenizer((tokenizer.bos_token or "") + p, add_special_tokens=False)["input_ids"])
+        for p in prompts
+    ]
+    longest = max(lengths)
+    if longest > max_tokens:
+        raise ConfigError(
+            f"{what}: a prompt of {longest} tokens is longer than the {max_tokens} tokens run "
+            "at once; shorten it"
+        )
+    return [
+        tokenize_prompts(tokenizer, prompts[start:stop])
+        for start, stop in _chunks(lengths, max_tokens)
+    ]
+
+
 def cheap_embedding_vector(
     rows: Callable[[torch.Tensor], torch.Tensor],
-    batch: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
     num_layers: int,
 ) -> torch.Tensor:
     """The unit-length sum of the prompts' token embeddings, repeated per layer: (layers, hidden).
@@ -299,8 +317,9 @@ def cheap_embedding_vector(
     rows : callable
         ``rows(input_ids)`` -> the embedding rows of those token ids,
         shape ``input_ids.shape + (hidden,)``.
-    batch : dict
-        ``input_ids`` and ``attention_mask`` (B, S); masked positions are left out.
+    batch : dict or sequence of dict
+        ``input_ids`` and ``attention_mask`` (B, S); masked positions are left
+        out. Several batches (of one prompt set) are summed.
     num_layers : int
         Rows of the result.
 
@@ -312,9 +331,12 @@ def cheap_embedding_vector(
     >>> cheap_embedding_vector(lambda ids: table[ids], batch, 2).tolist()  # (1, 2) / sqrt(5)
     [[0.4472135901451111, 0.8944271802902222], [0.4472135901451111, 0.8944271802902222]]
     """
-    embedded = rows(batch["input_ids"]).to(torch.float32)
-    mask = batch["attention_mask"].unsqueeze(-1).to(embedded.dtype)
-    summed = (embedded * mask).sum(dim=1).sum(dim=0, keepdim=True)
+    parts = []
+    for one in [batch] if isinstance(batch, dict) else batch:
+        embedded = rows(one["input_ids"]).to(torch.float32)
+        mask = one["attention_mask"].unsqueeze(-1).to(embedded.dtype)
+        parts.append((embedded * mask).sum(dim=1).sum(dim=0, keepdim=True))
+    summed = parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
     return normalized(summed).repeat(num_layers, 1)
 
 
