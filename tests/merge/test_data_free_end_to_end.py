@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 import modelfuse
-from modelfuse.merge.breadcrumbs import breadcrumbs, breadcrumbs_ties
-from modelfuse.merge.dare import dare_linear, dare_ties
 from modelfuse.merge.execute import tensor_generator
-from modelfuse.merge.model_stock import model_stock
-from modelfuse.merge.multislerp import multislerp
-from modelfuse.merge.slerp import slerp
-from modelfuse.merge.task_arithmetic import task_arithmetic
-from modelfuse.merge.ties import ties
+from modelfuse.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from modelfuse.merge.methods.dare import dare_linear, dare_ties
+from modelfuse.merge.methods.model_stock import model_stock
+from modelfuse.merge.methods.multislerp import multislerp
+from modelfuse.merge.methods.slerp import slerp
+from modelfuse.merge.methods.task_arithmetic import task_arithmetic
+from modelfuse.merge.methods.ties import ties
 
 CASES = {
     "task_arithmetic": ({"lambda": 0.7}, lambda ts, b, n: task_arithmetic(ts, b, lambda_=0.7)),

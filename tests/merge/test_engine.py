@@ -405,7 +405,7 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     result, up to the order of float sums, from one thread or two. Integer task vectors
     make many magnitudes tie at the thresholds, across blocks."""
     import modelfuse.merge.execute as execute
-    import modelfuse.merge.task_vectors as task_vectors
+    import modelfuse.merge.methods.task_vectors as task_vectors
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}

@@ -1,9 +1,9 @@
 import pytest
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.linear import LinearParameters
+from modelfuse.merge.methods.linear import LinearParameters
+from modelfuse.merge.methods.task_arithmetic import TaskArithmeticParameters
 from modelfuse.merge.parameters import evaluate_setting
-from modelfuse.merge.task_arithmetic import TaskArithmeticParameters
 
 
 def test_scalar_is_returned_as_is():

@@ -12,21 +12,21 @@ import sys
 import types
 from typing import Any
 
-from modelfuse.merge.breadcrumbs import breadcrumbs, breadcrumbs_ties
-from modelfuse.merge.dare import dare_linear, dare_ties
 from modelfuse.merge.engine import MergeResult, merge, plan_merge
-from modelfuse.merge.fisher import fisher
-from modelfuse.merge.gradient_matching import gradient_matching
-from modelfuse.merge.linear import linear
-from modelfuse.merge.model_stock import model_stock
-from modelfuse.merge.multislerp import multislerp
+from modelfuse.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
+from modelfuse.merge.methods.dare import dare_linear, dare_ties
+from modelfuse.merge.methods.fisher import fisher
+from modelfuse.merge.methods.gradient_matching import gradient_matching
+from modelfuse.merge.methods.linear import linear
+from modelfuse.merge.methods.model_stock import model_stock
+from modelfuse.merge.methods.multislerp import multislerp
+from modelfuse.merge.methods.regmean import RegMeanJitterWarning, regmean
+from modelfuse.merge.methods.slerp import slerp
+from modelfuse.merge.methods.task_arithmetic import task_arithmetic
+from modelfuse.merge.methods.task_vectors import generalized_task_arithmetic
+from modelfuse.merge.methods.ties import ties
 from modelfuse.merge.registry import METHODS, MergeMethod, get_method
-from modelfuse.merge.regmean import RegMeanJitterWarning, regmean
-from modelfuse.merge.slerp import slerp
 from modelfuse.merge.state_dict import merge_state_dicts
-from modelfuse.merge.task_arithmetic import task_arithmetic
-from modelfuse.merge.task_vectors import generalized_task_arithmetic
-from modelfuse.merge.ties import ties
 
 __all__ = [
     "METHODS",

@@ -25,7 +25,7 @@ import torch
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint, parse_size
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.merge.config import resolve_dtype
-from modelfuse.merge.magnitude_selection import top_k_mask
+from modelfuse.merge.methods.magnitude_selection import top_k_mask
 from modelfuse.merge.output_paths import check_output_path
 from modelfuse.merge.parameters import short
 

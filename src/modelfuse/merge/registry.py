@@ -39,14 +39,14 @@ from typing import Any, Literal
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.breadcrumbs import (
+from modelfuse.merge.methods.breadcrumbs import (
     BreadcrumbsParameters,
     BreadcrumbsTiesParameters,
     breadcrumbs,
     breadcrumbs_selections,
     breadcrumbs_ties,
 )
-from modelfuse.merge.dare import (
+from modelfuse.merge.methods.dare import (
     DareLinearParameters,
     DareTiesParameters,
     dare_linear,
@@ -54,35 +54,40 @@ from modelfuse.merge.dare import (
     dare_ties,
     norm_rescale,
 )
-from modelfuse.merge.della import (
+from modelfuse.merge.methods.della import (
     DellaLinearParameters,
     DellaParameters,
     della,
     della_linear,
     della_rescale_factors,
 )
-from modelfuse.merge.fisher import FisherParameters, fisher, fisher_separable, prepare_fisher
-from modelfuse.merge.gradient_matching import GradientMatchingParameters, gradient_matching
-from modelfuse.merge.karcher import KarcherParameters, karcher, karcher_gram
-from modelfuse.merge.linear import LinearParameters, linear
-from modelfuse.merge.model_stock import ModelStockParameters, model_stock, task_vector_gram
-from modelfuse.merge.multislerp import MultiSlerpParameters, multislerp, point_gram
-from modelfuse.merge.nearswap import NearSwapParameters, nearswap
-from modelfuse.merge.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
-from modelfuse.merge.parameters import MethodParameters, short
-from modelfuse.merge.passthrough import PassthroughParameters, passthrough
-from modelfuse.merge.regmean import RegMeanParameters, regmean
-from modelfuse.merge.sce import SceParameters, sce
-from modelfuse.merge.slerp import SlerpParameters, slerp, slerp_products
-from modelfuse.merge.task_arithmetic import TaskArithmeticParameters, task_arithmetic
-from modelfuse.merge.task_vectors import elementwise_rescale
-from modelfuse.merge.ties import (
+from modelfuse.merge.methods.fisher import (
+    FisherParameters,
+    fisher,
+    fisher_separable,
+    prepare_fisher,
+)
+from modelfuse.merge.methods.gradient_matching import GradientMatchingParameters, gradient_matching
+from modelfuse.merge.methods.karcher import KarcherParameters, karcher, karcher_gram
+from modelfuse.merge.methods.linear import LinearParameters, linear
+from modelfuse.merge.methods.model_stock import ModelStockParameters, model_stock, task_vector_gram
+from modelfuse.merge.methods.multislerp import MultiSlerpParameters, multislerp, point_gram
+from modelfuse.merge.methods.nearswap import NearSwapParameters, nearswap
+from modelfuse.merge.methods.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
+from modelfuse.merge.methods.passthrough import PassthroughParameters, passthrough
+from modelfuse.merge.methods.regmean import RegMeanParameters, regmean
+from modelfuse.merge.methods.sce import SceParameters, sce
+from modelfuse.merge.methods.slerp import SlerpParameters, slerp, slerp_products
+from modelfuse.merge.methods.task_arithmetic import TaskArithmeticParameters, task_arithmetic
+from modelfuse.merge.methods.task_vectors import elementwise_rescale
+from modelfuse.merge.methods.ties import (
     TiesParameters,
     per_tensor_trimming,
     prepare_ties,
     ties,
     ties_selections,
 )
+from modelfuse.merge.parameters import MethodParameters, short
 
 __all__ = [
     "METHODS",

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.breadcrumbs import BreadcrumbsParameters, breadcrumbs, breadcrumbs_ties
+from modelfuse.merge.methods.breadcrumbs import BreadcrumbsParameters, breadcrumbs, breadcrumbs_ties
 
-from ._reference import combine, outliers
+from .._reference import combine, outliers
 
 
 def _models(n, shape=(10, 13), seed=0, dtype=torch.float32):

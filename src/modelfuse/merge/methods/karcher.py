@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.multislerp import point_gram
+from modelfuse.merge.methods.multislerp import point_gram
 from modelfuse.merge.parameters import MethodParameters
 
 __all__ = ["KarcherParameters", "karcher", "karcher_coefficients", "karcher_gram"]

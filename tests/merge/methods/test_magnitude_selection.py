@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelfuse.merge import magnitude_selection
-from modelfuse.merge.magnitude_selection import (
+from modelfuse.merge.methods import magnitude_selection
+from modelfuse.merge.methods.magnitude_selection import (
     TensorSelection,
     global_top_k,
     kept_count,
@@ -13,7 +13,7 @@ from modelfuse.merge.magnitude_selection import (
     top_k_mask,
 )
 
-from ._reference import top_k_positions
+from .._reference import top_k_positions
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000, 200_003])

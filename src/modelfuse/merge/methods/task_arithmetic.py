@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modelfuse.merge.task_vectors import TaskVectorParameters, generalized_task_arithmetic
+from modelfuse.merge.methods.task_vectors import TaskVectorParameters, generalized_task_arithmetic
 
 __all__ = ["TaskArithmeticParameters", "task_arithmetic"]
 
@@ -27,7 +27,7 @@ def task_arithmetic(
     r"""Task arithmetic: :math:`\theta_b + \lambda \sum_i w_i (\theta_i - \theta_b)`.
 
     The plain setting of
-    :func:`~modelfuse.merge.task_vectors.generalized_task_arithmetic`: no
+    :func:`~modelfuse.merge.methods.task_vectors.generalized_task_arithmetic`: no
     sparsification, no sign election.
 
     Parameters

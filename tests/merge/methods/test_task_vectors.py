@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.task_vectors import generalized_task_arithmetic, sparsify
+from modelfuse.merge.methods.task_vectors import generalized_task_arithmetic, sparsify
 
 
 def test_sparsify_does_not_modify_its_input_and_returns_new_tensors():

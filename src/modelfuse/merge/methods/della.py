@@ -1,9 +1,9 @@
 """DELLA: drop task-vector entries with probabilities ranked by magnitude, then sum or TIES-merge.
 
 DARE with a keep probability per entry (``sparsification="della_magprune"`` of
-:func:`~modelfuse.merge.task_vectors.generalized_task_arithmetic`): within each
+:func:`~modelfuse.merge.methods.task_vectors.generalized_task_arithmetic`): within each
 row, the entries of larger magnitude are kept more often. The draws are DARE's
-(:func:`~modelfuse.merge.task_vectors.uniform_draws`), so a merge is reproducible
+(:func:`~modelfuse.merge.methods.task_vectors.uniform_draws`), so a merge is reproducible
 from ``random_seed`` and the tensor's name.
 """
 
@@ -15,15 +15,15 @@ from typing import Annotated
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from modelfuse.merge.dare import DareLinearParameters, _generator
-from modelfuse.merge.parameters import PER_MODEL
-from modelfuse.merge.task_vectors import (
+from modelfuse.merge.methods.dare import DareLinearParameters, _generator
+from modelfuse.merge.methods.task_vectors import (
     ConsensusMethod,
     RescaleFactors,
     RescaleMethod,
     generalized_task_arithmetic,
     rescale_factors,
 )
+from modelfuse.merge.parameters import PER_MODEL
 
 __all__ = [
     "DellaLinearParameters",
@@ -89,7 +89,7 @@ def della_rescale_factors(
 ) -> RescaleFactors:
     """The per-tensor reduction of :func:`della` and :func:`della_linear` with a norm
     rescale: each model's factor and drop mask over the whole tensor, drawn as the
-    merge draws them (see :func:`~modelfuse.merge.dare.dare_rescale_factors`).
+    merge draws them (see :func:`~modelfuse.merge.methods.dare.dare_rescale_factors`).
 
     Examples
     --------
@@ -137,7 +137,7 @@ def della_linear(
     second dimension; a 1-D tensor is one row), the entry of magnitude rank
     :math:`r` among :math:`m` (0 the smallest) is kept with probability
     :math:`p = d_i - \epsilon_i + 2 \epsilon_i r / (m - 1)`
-    (:func:`~modelfuse.merge.task_vectors.della_probabilities`):
+    (:func:`~modelfuse.merge.methods.task_vectors.della_probabilities`):
     :math:`m_i \sim \mathrm{Bernoulli}(p)`. What is kept is rescaled by
     :math:`c_i`: by default (``rescale_method="l1"``, as mergekit 0.1.5) the L1
     norm of :math:`\tau_i` over the L1 norm of what is kept, over the tensor;
@@ -173,7 +173,7 @@ def della_linear(
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
     generator : torch.Generator, optional
-        Source of the drops, as in :func:`~modelfuse.merge.dare.dare_linear`:
+        Source of the drops, as in :func:`~modelfuse.merge.methods.dare.dare_linear`:
         model i's draws are ``uniform_draws`` of a seed drawn from it, and entry
         e is kept when its draw plus its probability is at least 1.
     rescale_factors : RescaleFactors or sequence of float, optional

@@ -4,9 +4,9 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.ties import TiesParameters, ties
+from modelfuse.merge.methods.ties import TiesParameters, ties
 
-from ._reference import combine, trim
+from .._reference import combine, trim
 
 
 def _models(n, shape=(6, 7), seed=0, dtype=torch.float32):

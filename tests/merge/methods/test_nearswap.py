@@ -7,9 +7,9 @@ from safetensors.torch import load_file, save_file
 import modelfuse
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.nearswap import nearswap
+from modelfuse.merge.methods.nearswap import nearswap
 
-from .conftest import random_state
+from ..conftest import random_state
 
 
 def _pair(seed=0, shape=(6, 9), spread=0.1):

@@ -8,15 +8,15 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from modelfuse.merge.magnitude_selection import TensorSelection
-from modelfuse.merge.parameters import PER_MODEL
-from modelfuse.merge.task_vectors import (
+from modelfuse.merge.methods.magnitude_selection import TensorSelection
+from modelfuse.merge.methods.task_vectors import (
     ConsensusMethod,
     RescaleMethod,
     SparsifyingParameters,
     generalized_task_arithmetic,
     tensor_selections,
 )
+from modelfuse.merge.parameters import PER_MODEL
 
 __all__ = [
     "BreadcrumbsParameters",
@@ -85,7 +85,7 @@ def breadcrumbs(
     normalize : bool, default False
         Divide by the sum of the weights.
     rescale, rescale_method
-        Rescale the kept entries (see :func:`~modelfuse.merge.task_vectors.sparsify`);
+        Rescale the kept entries (see :func:`~modelfuse.merge.methods.task_vectors.sparsify`);
         off by default, and to the L1 norm when on, as in mergekit.
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
@@ -196,7 +196,7 @@ def breadcrumbs_selections(
 ) -> list[list[TensorSelection]]:
     """The per-tensor reduction of :func:`breadcrumbs` and :func:`breadcrumbs_ties`: each
     model's two magnitude thresholds of the whole tensor (see
-    :func:`~modelfuse.merge.task_vectors.tensor_selections`).
+    :func:`~modelfuse.merge.methods.task_vectors.tensor_selections`).
 
     Examples
     --------

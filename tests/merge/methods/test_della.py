@@ -4,17 +4,17 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.della import (
+from modelfuse.merge.engine import plan_merge
+from modelfuse.merge.execute import tensor_generator
+from modelfuse.merge.methods.della import (
     DellaLinearParameters,
     DellaParameters,
     della,
     della_linear,
     della_rescale_factors,
 )
-from modelfuse.merge.engine import plan_merge
-from modelfuse.merge.execute import tensor_generator
 
-from ._reference import combine
+from .._reference import combine
 
 CHUNK = 2**18  # entries per generator in the documented stream
 

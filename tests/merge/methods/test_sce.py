@@ -4,7 +4,7 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.sce import SceParameters, sce, sce_selection
+from modelfuse.merge.methods.sce import SceParameters, sce, sce_selection
 
 
 def _ref(base, tensors, select_topk=1.0):

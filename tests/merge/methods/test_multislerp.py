@@ -4,7 +4,7 @@ import torch
 
 from modelfuse.errors import DataError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.multislerp import multislerp
+from modelfuse.merge.methods.multislerp import multislerp
 
 
 def _models(n, shape=(4, 9), seed=0):

@@ -7,9 +7,9 @@ from safetensors.torch import load_file, save_file
 import modelfuse
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.karcher import karcher, karcher_gram
+from modelfuse.merge.methods.karcher import karcher, karcher_gram
 
-from .conftest import random_state
+from ..conftest import random_state
 
 
 def _models(n, shape=(5, 8), seed=0, spread=1.0):

@@ -6,7 +6,7 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.model_stock import model_stock
+from modelfuse.merge.methods.model_stock import model_stock
 
 
 def _models(n, shape=(6, 5), seed=0):

@@ -6,7 +6,7 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.slerp import slerp
+from modelfuse.merge.methods.slerp import slerp
 
 
 def _pair(seed=0, shape=(5, 7)):

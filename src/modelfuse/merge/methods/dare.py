@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from modelfuse.merge.task_vectors import (
+from modelfuse.merge.methods.task_vectors import (
     ConsensusMethod,
     RescaleFactors,
     RescaleMethod,
@@ -83,7 +83,7 @@ def dare_rescale_factors(
     drop mask keeps) for the whole tensor, and the masks themselves (one bit per
     entry), drawn as the merge draws them (from the generator seeded by
     ``random_seed`` and the tensor's ``name``; see
-    :func:`~modelfuse.merge.task_vectors.rescale_factors`).
+    :func:`~modelfuse.merge.methods.task_vectors.rescale_factors`).
 
     Examples
     --------
@@ -166,7 +166,7 @@ def dare_linear(
     generator : torch.Generator, optional
         Source of the drop masks; the engine seeds one per tensor from
         ``random_seed`` and the tensor's name. Each model's draws are
-        :func:`~modelfuse.merge.task_vectors.uniform_draws` of a seed drawn
+        :func:`~modelfuse.merge.methods.task_vectors.uniform_draws` of a seed drawn
         from it, one per flat entry of the whole tensor.
     rescale_factors : RescaleFactors or sequence of float, optional
         :func:`dare_rescale_factors` of the whole tensor, when the inputs are a
@@ -235,7 +235,7 @@ def dare_ties(
     r"""DARE then TIES' sign election and disjoint merge.
 
     The task vectors are dropped and rescaled as in :func:`dare_linear`, then
-    merged as in :func:`~modelfuse.merge.ties.ties` (sign elected by
+    merged as in :func:`~modelfuse.merge.methods.ties.ties` (sign elected by
     ``consensus_method``, only agreeing entries summed; divided by their
     weights' sum when ``normalize``, off by default as in mergekit).
 

@@ -22,7 +22,7 @@ Each tensor is processed in chunks of 2**18 entries: for every chunk the models
 are visited one at a time and only running sums are kept, so the temporaries
 are a few chunks whatever the tensor's size or the number of models (the
 magnitude thresholds are found first, exactly, by a selection that reads the
-task vector chunk by chunk; see :mod:`modelfuse.merge.magnitude_selection`).
+task vector chunk by chunk; see :mod:`modelfuse.merge.methods.magnitude_selection`).
 
 Every step is elementwise once each tensor's magnitude selections are known,
 so the engine merges large tensors in blocks of rows: :func:`tensor_selections`
@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.magnitude_selection import (
+from modelfuse.merge.methods.magnitude_selection import (
     MagnitudeThreshold,
     TensorSelection,
     kept_count,
@@ -535,7 +535,7 @@ def sparsify(
     method : {"magnitude", "random", "magnitude_outliers", "della_magprune"}
         ``"magnitude"`` keeps the ``k = max(1, int(density * n))`` entries of
         largest magnitude (none when ``density`` is 0; ties go to the lower
-        index; see :func:`~modelfuse.merge.magnitude_selection.kept_count`); ``"random"`` keeps each entry with probability
+        index; see :func:`~modelfuse.merge.methods.magnitude_selection.kept_count`); ``"random"`` keeps each entry with probability
         ``density`` (DARE); ``"magnitude_outliers"`` drops the ``int(gamma * n)``
         largest and keeps the next ``int(density * n)`` (breadcrumbs; fewer large
         ones are dropped if both do not fit). These are mergekit 0.1.5's counts.

@@ -7,9 +7,9 @@ from safetensors.torch import load_file, save_file
 import modelfuse
 from modelfuse.errors import ConfigError
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.nuslerp import nuslerp, nuslerp_products
+from modelfuse.merge.methods.nuslerp import nuslerp, nuslerp_products
 
-from .conftest import random_state
+from ..conftest import random_state
 
 
 def _models(n, shape=(6, 5), seed=0):

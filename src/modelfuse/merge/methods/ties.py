@@ -9,12 +9,12 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.magnitude_selection import (
+from modelfuse.merge.methods.magnitude_selection import (
     MagnitudeThreshold,
     TensorSelection,
     global_top_k,
 )
-from modelfuse.merge.task_vectors import (
+from modelfuse.merge.methods.task_vectors import (
     ConsensusMethod,
     RescaleMethod,
     SparsifyingParameters,
@@ -98,7 +98,7 @@ def ties(
         :func:`~modelfuse.merge.merge_state_dicts` compute for you.
     rescale, rescale_method
         Rescale the trimmed task vectors (see
-        :func:`~modelfuse.merge.task_vectors.sparsify`); off by default, and
+        :func:`~modelfuse.merge.methods.task_vectors.sparsify`); off by default, and
         to the L1 norm when on, as in mergekit.
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
@@ -162,7 +162,7 @@ def ties_selections(
 ) -> list[list[TensorSelection]]:
     """The per-tensor reduction of :func:`ties` (``scope: tensor``): each model's
     magnitude threshold of the whole tensor (see
-    :func:`~modelfuse.merge.task_vectors.tensor_selections`).
+    :func:`~modelfuse.merge.methods.task_vectors.tensor_selections`).
 
     Examples
     --------

@@ -3,11 +3,16 @@ import pytest
 import torch
 
 from modelfuse.merge import merge_state_dicts
-from modelfuse.merge.dare import DareLinearParameters, DareTiesParameters, dare_linear, dare_ties
 from modelfuse.merge.execute import tensor_generator
-from modelfuse.merge.task_vectors import rescale_factors
+from modelfuse.merge.methods.dare import (
+    DareLinearParameters,
+    DareTiesParameters,
+    dare_linear,
+    dare_ties,
+)
+from modelfuse.merge.methods.task_vectors import rescale_factors
 
-from ._reference import combine
+from .._reference import combine
 
 
 def _models(n, shape=(20, 30), seed=0):
@@ -329,7 +334,7 @@ def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method,
 def test_the_l1_rescale_draws_each_mask_once(monkeypatch):
     """The norm pass draws the masks and keeps them (one bit per entry) for the merge
     pass: as many draws as the exact rescale, and the same masks (the formula above)."""
-    import modelfuse.merge.task_vectors as task_vectors
+    import modelfuse.merge.methods.task_vectors as task_vectors
 
     calls = []
     draw = task_vectors.uniform_draws
