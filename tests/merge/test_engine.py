@@ -405,7 +405,7 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     result, up to the order of float sums, from one thread or two. Integer task vectors
     make many magnitudes tie at the thresholds, across blocks."""
     import modelfuse.merge.execute as execute
-    import modelfuse.merge.methods.task_vectors as task_vectors
+    import modelfuse.merge.methods.random_drops as random_drops
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
@@ -416,7 +416,7 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     if method == "slerp":
         models = models[:1]
     params = REDUCED[method]
-    monkeypatch.setattr(task_vectors, "RANDOM_CHUNK", 7)  # draws cross generator chunks
+    monkeypatch.setattr(random_drops, "RANDOM_CHUNK", 7)  # draws cross generator chunks
     whole = modelfuse.merge_state_dicts(method, models, base, **params)
     monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
     reductions, blocks = [], []

@@ -76,10 +76,10 @@ from modelfuse.merge.methods.nearswap import NearSwapParameters, nearswap
 from modelfuse.merge.methods.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
 from modelfuse.merge.methods.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.methods.regmean import RegMeanParameters, regmean
+from modelfuse.merge.methods.rescaling import elementwise_rescale
 from modelfuse.merge.methods.sce import SceParameters, sce
 from modelfuse.merge.methods.slerp import SlerpParameters, slerp, slerp_products
 from modelfuse.merge.methods.task_arithmetic import TaskArithmeticParameters, task_arithmetic
-from modelfuse.merge.methods.task_vectors import elementwise_rescale
 from modelfuse.merge.methods.ties import (
     TiesParameters,
     per_tensor_trimming,

@@ -10,7 +10,7 @@ from modelfuse.merge.methods.dare import (
     dare_linear,
     dare_ties,
 )
-from modelfuse.merge.methods.task_vectors import rescale_factors
+from modelfuse.merge.methods.rescaling import rescale_factors
 
 from .._reference import combine
 
@@ -334,12 +334,12 @@ def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method,
 def test_the_l1_rescale_draws_each_mask_once(monkeypatch):
     """The norm pass draws the masks and keeps them (one bit per entry) for the merge
     pass: as many draws as the exact rescale, and the same masks (the formula above)."""
-    import modelfuse.merge.methods.task_vectors as task_vectors
+    import modelfuse.merge.methods.sparsification as sparsification
 
     calls = []
-    draw = task_vectors.uniform_draws
-    monkeypatch.setattr(task_vectors, "uniform_draws", lambda *a: calls.append(a[1]) or draw(*a))
-    monkeypatch.setattr(task_vectors, "_CHUNK", 64)  # 600 entries: 10 chunks per model
+    draw = sparsification.uniform_draws
+    monkeypatch.setattr(sparsification, "uniform_draws", lambda *a: calls.append(a[1]) or draw(*a))
+    monkeypatch.setattr(sparsification, "_CHUNK", 64)  # 600 entries: 10 chunks per model
     base, a, b = _models(2)
     for how in ("exact", "l1"):
         calls.clear()

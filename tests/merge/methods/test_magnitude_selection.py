@@ -3,15 +3,14 @@ import pytest
 import torch
 
 from modelfuse.merge.methods import magnitude_selection
+from modelfuse.merge.methods.global_top_k import global_top_k
 from modelfuse.merge.methods.magnitude_selection import (
-    TensorSelection,
-    global_top_k,
-    kept_count,
     kth_largest,
     select_top_k,
     select_top_ks,
     top_k_mask,
 )
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection, kept_count
 
 from .._reference import top_k_positions
 

@@ -8,14 +8,10 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods.magnitude_selection import TensorSelection
-from modelfuse.merge.methods.task_vectors import (
-    ConsensusMethod,
-    RescaleMethod,
-    SparsifyingParameters,
-    generalized_task_arithmetic,
-    tensor_selections,
-)
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection
+from modelfuse.merge.methods.sign_consensus import ConsensusMethod
+from modelfuse.merge.methods.sparsification import RescaleMethod, tensor_selections
+from modelfuse.merge.methods.task_vectors import SparsifyingParameters, generalized_task_arithmetic
 from modelfuse.merge.parameters import PER_MODEL
 
 __all__ = [
@@ -196,7 +192,7 @@ def breadcrumbs_selections(
 ) -> list[list[TensorSelection]]:
     """The per-tensor reduction of :func:`breadcrumbs` and :func:`breadcrumbs_ties`: each
     model's two magnitude thresholds of the whole tensor (see
-    :func:`~modelfuse.merge.methods.task_vectors.tensor_selections`).
+    :func:`~modelfuse.merge.methods.sparsification.tensor_selections`).
 
     Examples
     --------

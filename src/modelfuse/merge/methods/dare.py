@@ -16,15 +16,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods.task_vectors import (
-    ConsensusMethod,
-    RescaleFactors,
-    RescaleMethod,
-    SparsifyingParameters,
-    elementwise_rescale,
-    generalized_task_arithmetic,
-    rescale_factors,
-)
+from modelfuse.merge.methods.rescaling import RescaleFactors, elementwise_rescale, rescale_factors
+from modelfuse.merge.methods.sign_consensus import ConsensusMethod
+from modelfuse.merge.methods.sparsification import RescaleMethod
+from modelfuse.merge.methods.task_vectors import SparsifyingParameters, generalized_task_arithmetic
 
 __all__ = [
     "DareLinearParameters",
@@ -83,7 +78,7 @@ def dare_rescale_factors(
     drop mask keeps) for the whole tensor, and the masks themselves (one bit per
     entry), drawn as the merge draws them (from the generator seeded by
     ``random_seed`` and the tensor's ``name``; see
-    :func:`~modelfuse.merge.methods.task_vectors.rescale_factors`).
+    :func:`~modelfuse.merge.methods.rescaling.rescale_factors`).
 
     Examples
     --------
@@ -166,7 +161,7 @@ def dare_linear(
     generator : torch.Generator, optional
         Source of the drop masks; the engine seeds one per tensor from
         ``random_seed`` and the tensor's name. Each model's draws are
-        :func:`~modelfuse.merge.methods.task_vectors.uniform_draws` of a seed drawn
+        :func:`~modelfuse.merge.methods.random_drops.uniform_draws` of a seed drawn
         from it, one per flat entry of the whole tensor.
     rescale_factors : RescaleFactors or sequence of float, optional
         :func:`dare_rescale_factors` of the whole tensor, when the inputs are a

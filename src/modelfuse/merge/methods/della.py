@@ -3,7 +3,7 @@
 DARE with a keep probability per entry (``sparsification="della_magprune"`` of
 :func:`~modelfuse.merge.methods.task_vectors.generalized_task_arithmetic`): within each
 row, the entries of larger magnitude are kept more often. The draws are DARE's
-(:func:`~modelfuse.merge.methods.task_vectors.uniform_draws`), so a merge is reproducible
+(:func:`~modelfuse.merge.methods.random_drops.uniform_draws`), so a merge is reproducible
 from ``random_seed`` and the tensor's name.
 """
 
@@ -16,13 +16,10 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from modelfuse.merge.methods.dare import DareLinearParameters, _generator
-from modelfuse.merge.methods.task_vectors import (
-    ConsensusMethod,
-    RescaleFactors,
-    RescaleMethod,
-    generalized_task_arithmetic,
-    rescale_factors,
-)
+from modelfuse.merge.methods.rescaling import RescaleFactors, rescale_factors
+from modelfuse.merge.methods.sign_consensus import ConsensusMethod
+from modelfuse.merge.methods.sparsification import RescaleMethod
+from modelfuse.merge.methods.task_vectors import generalized_task_arithmetic
 from modelfuse.merge.parameters import PER_MODEL
 
 __all__ = [
@@ -137,7 +134,7 @@ def della_linear(
     second dimension; a 1-D tensor is one row), the entry of magnitude rank
     :math:`r` among :math:`m` (0 the smallest) is kept with probability
     :math:`p = d_i - \epsilon_i + 2 \epsilon_i r / (m - 1)`
-    (:func:`~modelfuse.merge.methods.task_vectors.della_probabilities`):
+    (:func:`~modelfuse.merge.methods.random_drops.della_probabilities`):
     :math:`m_i \sim \mathrm{Bernoulli}(p)`. What is kept is rescaled by
     :math:`c_i`: by default (``rescale_method="l1"``, as mergekit 0.1.5) the L1
     norm of :math:`\tau_i` over the L1 norm of what is kept, over the tensor;

@@ -1,15 +1,15 @@
 """Exact top-k selection by magnitude, for one tensor or a whole model streamed once per pass.
 
 Trimming a task vector to a ``density`` keeps its ``k = max(1, int(density * n))``
-entries of largest magnitude (:func:`kept_count`, mergekit 0.1.5's count). Both
-selections here are exact and never sort:
+entries of largest magnitude (:func:`~modelfuse.merge.methods.magnitude_threshold.kept_count`, mergekit 0.1.5's count). Both
+selections are exact and never sort:
 
 - :func:`select_top_k` (one tensor, read chunk by chunk): the k-th largest
   value is found inside a narrow band bracketed from a strided sample (checked
   by counting in the same pass, with a radix histogram on the float bits as the
   fall-back), then ``kthvalue`` runs on the band only. :func:`top_k_mask` and
   :func:`kth_largest` are its whole-tensor forms.
-- :func:`global_top_k` (a whole model, ``scope: global``): a radix selection on
+- :func:`~modelfuse.merge.methods.global_top_k.global_top_k` (a whole model, ``scope: global``): a radix selection on
   the float32 bit patterns of the magnitudes, which order like the values for
   non-negative floats. Pass 1 counts the top 16 bits of every magnitude (one
   histogram of 32768 bins per model), which locates the bin holding the k-th
@@ -26,19 +26,24 @@ and the result does not depend on the order in which tensors are merged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.magnitude_threshold import (
+    HIGH_BINS,
+    LOW_BINS,
+    Chunks,
+    MagnitudeThreshold,
+    check_magnitudes,
+    count_at_or_above,
+    count_ones,
+    magnitude_bits,
+    scratch_buffer,
+)
 
 __all__ = [
-    "Chunks",
-    "MagnitudeThreshold",
-    "TensorSelection",
-    "global_top_k",
-    "kept_count",
     "kth_largest",
     "sample_stride",
     "select_top_k",
@@ -46,8 +51,6 @@ __all__ = [
     "top_k_mask",
 ]
 
-_HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit is 0)
-_LOW_BINS = 1 << 16
 _SAMPLE = 1 << 16
 _SMALL = 1 << 17
 
@@ -63,244 +66,6 @@ def sample_stride(n: int) -> int:
     return max(1, n // target)
 
 
-def kept_count(density: float, n: int) -> int:
-    """How many of ``n`` entries a magnitude trim to ``density`` keeps: ``int(density * n)``,
-    and at least one when ``density > 0`` (mergekit 0.1.5's count).
-
-    Examples
-    --------
-    >>> kept_count(0.5, 5), kept_count(1e-9, 1000), kept_count(0.0, 1000)
-    (2, 1, 0)
-    """
-    if density <= 0 or n <= 0:
-        return 0
-    return max(1, int(density * n))
-
-
-def _check_magnitudes(values: torch.Tensor) -> torch.Tensor:
-    if values.dtype != torch.float32:
-        values = values.to(torch.float32)
-    return values.reshape(-1).contiguous()
-
-
-def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return _check_magnitudes(magnitudes).view(torch.int32)
-
-
-class MagnitudeThreshold:
-    """A selection of the ``kept`` largest magnitudes among ``total``, over one tensor or a model.
-
-    Attributes
-    ----------
-    value : float
-        The ``kept``-th largest magnitude (``inf`` when nothing is kept, ``-inf``
-        when everything is).
-    kept, total : int
-        Entries kept, and entries looked at.
-    tie_quota : dict name -> int, or None
-        When not every entry equal to ``value`` fits, how many of them each
-        tensor keeps, first in index order (tensors not listed keep none);
-        None keeps them all.
-
-    Examples
-    --------
-    >>> selection = MagnitudeThreshold(2.0, kept=2, total=4, tie_quota={"w": 1})
-    >>> selection.mask(torch.tensor([2.0, 3.0, 2.0, 1.0]), "w")
-    tensor([ True,  True, False, False])
-    """
-
-    __slots__ = ("kept", "tie_quota", "total", "value")
-
-    def __init__(
-        self, value: float, kept: int, total: int, tie_quota: Mapping[str, int] | None = None
-    ) -> None:
-        self.value = float(value)
-        self.kept = int(kept)
-        self.total = int(total)
-        self.tie_quota = None if tie_quota is None else dict(tie_quota)
-
-    def __repr__(self) -> str:
-        return (
-            f"MagnitudeThreshold(value={self.value!r}, kept={self.kept}, total={self.total}, "
-            f"tie_quota={self.tie_quota!r})"
-        )
-
-    def masker(self, name: str = "") -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function masking the chunks of tensor ``name``, given in index order.
-
-        Each call takes the magnitudes of the next chunk and returns a bool mask.
-        """
-        value = self.value
-        quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
-
-        def mask(magnitudes: torch.Tensor) -> torch.Tensor:
-            if quota is None:
-                return magnitudes >= value
-            kept = magnitudes > value
-            if quota[0] > 0:
-                positions = (magnitudes.reshape(-1) == value).nonzero().view(-1)[: quota[0]]
-                kept.view(-1)[positions] = True
-                quota[0] -= positions.numel()
-            return kept
-
-        return mask
-
-    def selector(self, name: str = "") -> Callable[..., torch.Tensor]:
-        """A function zeroing the unselected entries of the chunks of tensor ``name``.
-
-        ``select(values, out=None)`` takes the next chunk of signed values
-        (selected by magnitude) and returns the selection, written into ``out``
-        when given (else a new tensor); the chunks must come in index order.
-        """
-        value = self.value
-        quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
-        # |x| >= value  <=>  |x| > the float32 just below value (value > 0).
-        below = float(torch.nextafter(torch.tensor(value), torch.tensor(0.0))) if value > 0 else 0.0
-
-        def shrink(values: torch.Tensor, limit: float, out: torch.Tensor | None) -> torch.Tensor:
-            if out is None:
-                return torch.nn.functional.hardshrink(values, limit)
-            return torch.ops.aten.hardshrink.out(values, limit, out=out)
-
-        scratch: dict[str, torch.Tensor] = {}
-
-        def select(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-            if value == float("inf"):
-                return torch.zeros_like(values) if out is None else out.zero_()
-            if value == float("-inf") or value <= 0.0:
-                return values.clone() if out is None else out.copy_(values)
-            if quota is None:
-                return shrink(values, below, out)
-            if quota[0] <= 0:
-                return shrink(values, value, out)
-            # ties counted as floats in reused buffers (much faster than bool tensors)
-            flat = values.reshape(-1)
-            ties = torch.abs(flat, out=_scratch(scratch, "abs", flat.numel()))
-            ties = torch.eq(ties, value, out=ties)
-            count = _count(ties)
-            if count <= quota[0]:
-                quota[0] -= count
-                return shrink(values, below, out)
-            kept = shrink(values, value, out)
-            positions = ties.nonzero().view(-1)[: quota[0]]
-            kept.view(-1)[positions] = flat[positions]
-            quota[0] = 0
-            return kept
-
-        return select
-
-    def mask(self, magnitudes: torch.Tensor, name: str = "") -> torch.Tensor:
-        """The entries of the whole tensor ``name`` this selection keeps."""
-        return self.masker(name)(_check_magnitudes(magnitudes).reshape(magnitudes.shape))
-
-
-Chunks = Callable[[], Iterable[torch.Tensor]]
-"""Calling it yields the magnitudes of one tensor chunk by chunk, in index order."""
-
-
-class TensorSelection:
-    """One tensor's selection in a form any block of its entries can apply alone.
-
-    An entry is kept when its magnitude exceeds ``value``, or equals it and its
-    flat index is below ``cutoff`` (every such entry when ``cutoff`` is None).
-
-    Examples
-    --------
-    >>> values = torch.tensor([2.0, 3.0, 2.0, 1.0])
-    >>> selection = TensorSelection.of(select_top_k(lambda: [values], 2, 4), lambda: [values])
-    >>> selection
-    TensorSelection(value=2.0, cutoff=1)
-    >>> selection.within(2, 2, lambda: [values[2:]]).mask(values[2:])  # entries 2 and 3
-    tensor([False, False])
-    """
-
-    __slots__ = ("cutoff", "value")
-
-    def __init__(self, value: float, cutoff: int | None = None) -> None:
-        self.value = float(value)
-        self.cutoff = None if cutoff is None else int(cutoff)
-
-    def __repr__(self) -> str:
-        return f"TensorSelection(value={self.value!r}, cutoff={self.cutoff!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TensorSelection):
-            return NotImplemented
-        return (self.value, self.cutoff) == (other.value, other.cutoff)
-
-    def __hash__(self) -> int:
-        return hash((self.value, self.cutoff))
-
-    @classmethod
-    def of(cls, threshold: MagnitudeThreshold, chunks: Chunks) -> TensorSelection:
-        """The selection of a whole tensor, from its :func:`select_top_k` threshold.
-
-        ``chunks`` yields the tensor's magnitudes; it is read only when some
-        entries equal to the threshold are kept and others not.
-        """
-        quota = None if threshold.tie_quota is None else threshold.tie_quota.get("", 0)
-        if quota is None:
-            return cls(threshold.value)
-        if quota <= 0:
-            return cls(threshold.value, 0)
-        seen = 0
-        scratch: dict[str, torch.Tensor] = {}
-        for chunk in chunks():
-            flat = chunk.reshape(-1)
-            # counted as floats (fast); positions only in the chunk where the quota runs out
-            equal = torch.eq(flat, threshold.value, out=_scratch(scratch, "eq", flat.numel()))
-            count = _count(equal)
-            if count >= quota:
-                ties = equal.nonzero().view(-1)
-                return cls(threshold.value, seen + int(ties[quota - 1]) + 1)
-            quota -= count
-            seen += flat.numel()
-        return cls(threshold.value, seen)
-
-    def within(self, offset: int, n: int, chunks: Chunks) -> MagnitudeThreshold:
-        """The selection of the ``n`` entries starting at flat index ``offset``.
-
-        ``chunks`` yields their magnitudes; it is read only when the cutoff
-        falls inside them and entries equal to the threshold are there.
-        """
-        if self.cutoff is None or self.cutoff >= offset + n:
-            return MagnitudeThreshold(self.value, 0, n)
-        if self.cutoff <= offset:
-            return MagnitudeThreshold(self.value, 0, n, {"": 0})
-        limit, quota, seen = self.cutoff - offset, 0, 0
-        scratch: dict[str, torch.Tensor] = {}
-        for chunk in chunks():
-            flat = chunk.reshape(-1)
-            part = flat[: max(0, limit - seen)]
-            quota += _count(torch.eq(part, self.value, out=_scratch(scratch, "eq", part.numel())))
-            seen += flat.numel()
-            if seen >= limit:
-                break
-        return MagnitudeThreshold(self.value, 0, n, {"": quota})
-
-
-def _scratch(
-    cache: dict[str, torch.Tensor], key: str, length: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """A buffer of at least ``length`` entries, reused from chunk to chunk."""
-    buffer = cache.get(key)
-    if buffer is None or buffer.numel() < length or buffer.dtype != dtype:
-        buffer = cache[key] = torch.empty(length, dtype=dtype)
-    return buffer[:length]
-
-
-def _count(flags: torch.Tensor) -> int:
-    """How many of the 0/1 float ``flags`` are 1 (a float sum is exact below 2**24)."""
-    if flags.numel() < (1 << 24):
-        return int(flags.sum())
-    return int(flags.sum(dtype=torch.float64))
-
-
-def _top_down(counts: torch.Tensor) -> torch.Tensor:
-    """``out[b]`` = how many are in bin ``b`` or above."""
-    return torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
-
-
 def _finish(band: torch.Tensor, above: int, k: int, n: int) -> MagnitudeThreshold:
     """The k-th largest, knowing ``above`` entries exceed every entry of ``band``."""
     rank = k - above
@@ -312,13 +77,13 @@ def _finish(band: torch.Tensor, above: int, k: int, n: int) -> MagnitudeThreshol
 
 
 def _select_radix(chunks: Chunks, k: int, n: int) -> MagnitudeThreshold:
-    counts = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    counts = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for chunk in chunks():
-        counts += torch.bincount(_bits(chunk) >> 16, minlength=_HIGH_BINS)
-    at_or_above = _top_down(counts)
+        counts += torch.bincount(magnitude_bits(chunk) >> 16, minlength=HIGH_BINS)
+    at_or_above = count_at_or_above(counts)
     high = int((at_or_above >= k).nonzero().max())
-    above = int(at_or_above[high + 1]) if high + 1 < _HIGH_BINS else 0
-    band = torch.cat([c.reshape(-1)[(_bits(c) >> 16) == high] for c in chunks()])
+    above = int(at_or_above[high + 1]) if high + 1 < HIGH_BINS else 0
+    band = torch.cat([c.reshape(-1)[(magnitude_bits(c) >> 16) == high] for c in chunks()])
     return _finish(band, above, k, n)
 
 
@@ -371,7 +136,7 @@ def select_top_ks(
     ordered = None
     if sample is not None and sample.numel() >= 64:
         # several selections read up to three order statistics each: sort the sample once
-        ordered = _Sample(_check_magnitudes(sample), presort=sum(0 < k < n for k in ks) > 1)
+        ordered = _Sample(check_magnitudes(sample), presort=sum(0 < k < n for k in ks) > 1)
     for j, k in enumerate(ks):
         if k <= 0:
             results[j] = MagnitudeThreshold(float("inf"), 0, n)
@@ -427,8 +192,8 @@ def _tracker(sample: _Sample, k: int, n: int) -> _Band | _BitRange | _Guess:
     rank = min(m, max(1, round(q * m)))
     guess = sample.largest(rank)
     scratch = torch.empty(m)
-    above = _count(torch.gt(sample.values, guess, out=scratch))
-    equal = _count(torch.eq(sample.values, guess, out=scratch))
+    above = count_ones(torch.gt(sample.values, guess, out=scratch))
+    equal = count_ones(torch.eq(sample.values, guess, out=scratch))
     # The k-th largest falls at a sample rank ~ Normal(q m, sigma m): the chance that it is
     # the guess. Counting costs about a third of gathering a band, so a wrong guess (one
     # more pass) is worth the risk from an even chance on.
@@ -454,7 +219,7 @@ def _bracket(sample: _Sample, k: int, n: int) -> _Band | _BitRange:
     lower = sample.largest(lo_rank)
     low_bits = _float_bits(lower)
     span = _float_bits(upper) - low_bits
-    if span < _LOW_BINS:
+    if span < LOW_BINS:
         return _BitRange(k, n, low_bits, span)
     return _Band(k, n, lower, upper)
 
@@ -472,9 +237,9 @@ class _Guess:
         self.above = self.equal = 0
 
     def update(self, chunk: torch.Tensor, scratch: dict[str, torch.Tensor]) -> None:
-        flags = torch.gt(chunk, self.value, out=_scratch(scratch, "flags", chunk.numel()))
-        self.above += _count(flags)
-        self.equal += _count(torch.eq(chunk, self.value, out=flags))
+        flags = torch.gt(chunk, self.value, out=scratch_buffer(scratch, "flags", chunk.numel()))
+        self.above += count_ones(flags)
+        self.equal += count_ones(torch.eq(chunk, self.value, out=flags))
 
     def result(self, chunks: Chunks) -> MagnitudeThreshold:
         if self.above < self.k <= self.above + self.equal:
@@ -515,10 +280,10 @@ class _Band:
 
     def update(self, chunk: torch.Tensor, scratch: dict[str, torch.Tensor]) -> None:
         # Comparisons into float buffers: much faster than into bool tensors.
-        flags = torch.gt(chunk, self.upper, out=_scratch(scratch, "flags", chunk.numel()))
-        self.above += _count(flags)
+        flags = torch.gt(chunk, self.upper, out=scratch_buffer(scratch, "flags", chunk.numel()))
+        self.above += count_ones(flags)
         inside = torch.ge(chunk, self.lower, out=flags)
-        inside.mul_(torch.le(chunk, self.upper, out=_scratch(scratch, "upper", chunk.numel())))
+        inside.mul_(torch.le(chunk, self.upper, out=scratch_buffer(scratch, "upper", chunk.numel())))
         self.bands.append(_compress(inside, chunk))
 
     def result(self, chunks: Chunks) -> MagnitudeThreshold:
@@ -540,14 +305,14 @@ class _BitRange:
         self.counts = torch.zeros(span + 3, dtype=torch.int64)
 
     def update(self, chunk: torch.Tensor, scratch: dict[str, torch.Tensor]) -> None:
-        bits = _bits(chunk)
-        buffer = _scratch(scratch, "bits", bits.numel(), bits.dtype)
+        bits = magnitude_bits(chunk)
+        buffer = scratch_buffer(scratch, "bits", bits.numel(), bits.dtype)
         offset = torch.sub(bits, self.low_bits - 1, out=buffer).clamp_(0, self.span + 2)
         self.counts += torch.bincount(offset, minlength=self.span + 3)
 
     def result(self, chunks: Chunks) -> MagnitudeThreshold:
         k, counts = self.k, self.counts
-        at_or_above = _top_down(counts)
+        at_or_above = count_at_or_above(counts)
         if not int(at_or_above[1]) >= k > int(at_or_above[self.span + 2]):
             return _select_radix(chunks, k, self.n)  # the bracket missed
         position = int((at_or_above >= k).nonzero().max())
@@ -583,7 +348,7 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     >>> kth_largest(torch.tensor([0.5, 3.0, 1.0, 2.0]), 2)
     2.0
     """
-    flat = _check_magnitudes(values)
+    flat = check_magnitudes(values)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -613,102 +378,6 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     >>> top_k_mask(torch.tensor([2.0, 2.0, 2.0]), 2)
     tensor([ True,  True, False])
     """
-    flat = _check_magnitudes(values)
+    flat = check_magnitudes(values)
     selection = select_top_k(lambda: [flat], k, flat.numel(), _strided_sample(flat))
     return selection.masker("")(flat).reshape(values.shape)
-
-
-MagnitudeStream = Callable[[], Iterable[tuple[str, Sequence[torch.Tensor]]]]
-"""Calling it yields ``(name, [magnitudes of model 0, model 1, ...])`` over the tensors."""
-
-
-def global_top_k(
-    magnitudes: MagnitudeStream,
-    density: Sequence[float],
-) -> list[MagnitudeThreshold]:
-    """Per model, the exact selection of its ``max(1, int(density * n))`` largest
-    magnitudes (:func:`kept_count`) over every tensor of the stream, holding two
-    histograms per model in memory.
-
-    Parameters
-    ----------
-    magnitudes : callable
-        Each call yields ``(name, [m_0, ..., m_{N-1}])``, the non-negative
-        magnitudes of every model for one tensor, in the same order every time.
-        It is called two or three times.
-    density : sequence of float
-        The fraction of entries each model keeps.
-
-    Returns
-    -------
-    list of MagnitudeThreshold
-        One per model.
-
-    Examples
-    --------
-    >>> chunks = {"a": [torch.tensor([0.25, 0.75])], "b": [torch.tensor([0.5, 0.125, 0.625])]}
-    >>> [t.value for t in global_top_k(lambda: chunks.items(), [0.4])]
-    [0.625]
-    """
-    n_models = len(density)
-    high = [torch.zeros(_HIGH_BINS, dtype=torch.int64) for _ in range(n_models)]
-    total = 0
-    for _, mags in magnitudes():
-        if len(mags) != n_models:
-            raise ConfigError(f"{len(mags)} models in the stream but {n_models} densities")
-        total += mags[0].numel() if mags else 0
-        for i, m in enumerate(mags):
-            high[i] += torch.bincount(_bits(m) >> 16, minlength=_HIGH_BINS)
-    wanted = [kept_count(d, total) for d in density]
-    results: list[MagnitudeThreshold | None] = [None] * n_models
-    high_bin = [0] * n_models
-    above = [0] * n_models
-    for i, k in enumerate(wanted):
-        if k <= 0:
-            results[i] = MagnitudeThreshold(float("inf"), 0, total)
-        elif k >= total:
-            results[i] = MagnitudeThreshold(float("-inf"), total, total)
-        else:
-            at_or_above = _top_down(high[i])
-            high_bin[i] = int((at_or_above >= k).nonzero().max())
-            if high_bin[i] + 1 < _HIGH_BINS:
-                above[i] = int(at_or_above[high_bin[i] + 1])
-    active = [i for i in range(n_models) if results[i] is None]
-    if not active:
-        return [r for r in results if r is not None]
-
-    low = {i: torch.zeros(_LOW_BINS, dtype=torch.int64) for i in active}
-    for _, mags in magnitudes():
-        for i in active:
-            bits = _bits(mags[i])
-            inside = bits[(bits >> 16) == high_bin[i]] & 0xFFFF
-            low[i] += torch.bincount(inside, minlength=_LOW_BINS)
-    value: dict[int, float] = {}
-    ties_needed: dict[int, int] = {}
-    ties_total: dict[int, int] = {}
-    for i in active:
-        at_or_above = _top_down(low[i]) + above[i]
-        low_bin = int((at_or_above >= wanted[i]).nonzero().max())
-        strictly = int(at_or_above[low_bin + 1]) if low_bin + 1 < _LOW_BINS else above[i]
-        bits = torch.tensor([(high_bin[i] << 16) | low_bin], dtype=torch.int32)
-        value[i] = float(bits.view(torch.float32))
-        ties_needed[i] = wanted[i] - strictly
-        ties_total[i] = int(low[i][low_bin])
-
-    partial = [i for i in active if ties_needed[i] < ties_total[i]]
-    quotas: dict[int, dict[str, int]] = {i: {} for i in partial}
-    if partial:
-        left = {i: ties_needed[i] for i in partial}
-        for name, mags in magnitudes():
-            for i in partial:
-                if left[i] <= 0:
-                    continue
-                count = int(torch.count_nonzero(_check_magnitudes(mags[i]) == value[i]))
-                if count:
-                    quotas[i][name] = min(count, left[i])
-                    left[i] -= quotas[i][name]
-    for i in active:
-        results[i] = MagnitudeThreshold(
-            value[i], wanted[i], total, quotas[i] if i in quotas else None
-        )
-    return [r for r in results if r is not None]

@@ -9,19 +9,12 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods.magnitude_selection import (
-    MagnitudeThreshold,
-    TensorSelection,
-    global_top_k,
-)
-from modelfuse.merge.methods.task_vectors import (
-    ConsensusMethod,
-    RescaleMethod,
-    SparsifyingParameters,
-    elementwise_rescale,
-    generalized_task_arithmetic,
-    tensor_selections,
-)
+from modelfuse.merge.methods.global_top_k import global_top_k
+from modelfuse.merge.methods.magnitude_threshold import MagnitudeThreshold, TensorSelection
+from modelfuse.merge.methods.rescaling import elementwise_rescale
+from modelfuse.merge.methods.sign_consensus import ConsensusMethod
+from modelfuse.merge.methods.sparsification import RescaleMethod, tensor_selections
+from modelfuse.merge.methods.task_vectors import SparsifyingParameters, generalized_task_arithmetic
 
 __all__ = ["TiesParameters", "per_tensor_trimming", "prepare_ties", "ties", "ties_selections"]
 
@@ -162,7 +155,7 @@ def ties_selections(
 ) -> list[list[TensorSelection]]:
     """The per-tensor reduction of :func:`ties` (``scope: tensor``): each model's
     magnitude threshold of the whole tensor (see
-    :func:`~modelfuse.merge.methods.task_vectors.tensor_selections`).
+    :func:`~modelfuse.merge.methods.sparsification.tensor_selections`).
 
     Examples
     --------

@@ -1,0 +1,127 @@
+"""Random drop masks that any block of a tensor draws alone: DARE's and DELLA's.
+
+DARE keeps each entry with probability ``density``; DELLA with a probability
+rising with the entry's magnitude rank in its row (:func:`della_probabilities`).
+The draws of flat entry ``e`` come from a generator seeded by
+``s + e // RANDOM_CHUNK`` (:func:`uniform_draws`), so a block of rows finds its
+own draws without drawing the ones before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DELLA_ONE_ENTRY",
+    "RANDOM_CHUNK",
+    "della_groups",
+    "della_probabilities",
+    "uniform_draws",
+    "unpack_mask",
+]
+
+
+RANDOM_CHUNK = 1 << 18
+"""Flat entries drawing from one generator in DARE's drop masks (see :func:`uniform_draws`)."""
+
+
+DELLA_ONE_ENTRY = 0.5
+"""The rank position given to an entry ranked alone (a row of one entry): its keep
+probability is then ``density`` (mergekit 0.1.5 divides 0 by 0 there and fails)."""
+
+
+def della_groups(shape: Sequence[int]) -> tuple[int, int]:
+    """``(length, stride)`` of the groups within which DELLA ranks magnitudes.
+
+    As mergekit's ``della_magprune``: along the second dimension (each row of a
+    matrix; for more dimensions, each ``tensor[i, :, j, ...]``), or the whole
+    tensor when it has fewer than two dimensions. In the flat layout a group's
+    entries are ``stride`` apart and ``length * stride`` entries hold whole groups.
+
+    Examples
+    --------
+    >>> della_groups((4, 6)), della_groups((10,)), della_groups((2, 3, 5))
+    ((6, 1), (10, 1), (3, 5))
+    """
+    if len(shape) < 2:
+        n = 1
+        for size in shape:
+            n *= int(size)
+        return n, 1
+    stride = 1
+    for size in shape[2:]:
+        stride *= int(size)
+    return int(shape[1]), stride
+
+
+def della_probabilities(
+    magnitudes: torch.Tensor, density: float, epsilon: float, groups: tuple[int, int]
+) -> torch.Tensor:
+    r"""DELLA's keep probabilities: linear in each entry's magnitude rank within its group.
+
+    In a group of :math:`m` entries, the entry of rank :math:`r` (0 for the
+    smallest magnitude; equal magnitudes ranked by position) is kept with
+    probability :math:`p = (d - \epsilon) + 2\epsilon\, r / (m - 1)`, from
+    :math:`d - \epsilon` to :math:`d + \epsilon` (:data:`DELLA_ONE_ENTRY` in
+    place of :math:`r / (m - 1)` when :math:`m = 1`), in float32 as mergekit
+    0.1.5 computes them. ``magnitudes`` holds whole groups (a multiple of
+    ``length * stride`` flat entries, see :func:`della_groups`). Returns a new
+    float32 tensor of the same shape.
+
+    Examples
+    --------
+    >>> della_probabilities(torch.tensor([3.0, 1.0, 2.0]), 0.5, 0.1, (3, 1))
+    tensor([0.6000, 0.4000, 0.5000])
+    """
+    length, stride = groups
+    view = magnitudes.reshape(-1, length, stride)
+    if length == 1:
+        position = torch.full(view.shape, DELLA_ONE_ENTRY, dtype=torch.float32)
+    else:
+        order = torch.argsort(view, dim=1, stable=True)
+        # the rank of entry order[j] is j: scattered back, not sorted again
+        ranks = torch.arange(length, dtype=torch.float32).div_(length - 1).view(1, -1, 1)
+        position = torch.empty(view.shape, dtype=torch.float32)
+        position.scatter_(1, order, ranks.expand(view.shape))
+    probabilities = position.mul_(2).mul_(epsilon).add_(density - epsilon)
+    return probabilities.reshape(magnitudes.shape)
+
+
+def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` with the uniform draws of flat entries ``start ...`` of a stream.
+
+    Entry ``e`` of the stream is draw ``e % RANDOM_CHUNK`` of a generator seeded
+    by ``seed + e // RANDOM_CHUNK``, so any block of entries is found without
+    drawing the ones before it, and the stream does not depend on how a tensor
+    is split.
+
+    Examples
+    --------
+    >>> whole = uniform_draws(7, 0, torch.empty(10))
+    >>> torch.equal(uniform_draws(7, 4, torch.empty(6)), whole[4:])
+    True
+    """
+    flat = out.reshape(-1)
+    length, done = flat.numel(), 0
+    while done < length:
+        chunk, position = divmod(start + done, RANDOM_CHUNK)
+        take = min(length - done, RANDOM_CHUNK - position)
+        generator = torch.Generator().manual_seed(seed + chunk)
+        if position == 0:
+            torch.rand(take, generator=generator, out=flat[done : done + take])
+        else:
+            flat[done : done + take] = torch.rand(position + take, generator=generator)[position:]
+        done += take
+    return out
+
+
+def unpack_mask(mask: np.ndarray, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Entries ``start ... start + out.numel()`` of a packed 0/1 mask, as floats in ``out``."""
+    length = out.numel()
+    first = start // 8
+    bits = np.unpackbits(mask[first : (start + length + 7) // 8])
+    skip = start - 8 * first
+    return out.copy_(torch.from_numpy(bits[skip : skip + length]).view(out.shape))

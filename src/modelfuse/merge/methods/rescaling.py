@@ -1,0 +1,200 @@
+"""Rescaling what a sparsification keeps: by ``1 / density``, or to the task vector's norm.
+
+``rescale_method: exact`` divides the kept entries by ``density`` (elementwise);
+``l1`` (mergekit's ``rescale``), ``l2`` and ``linf`` multiply them by the norm of
+the whole task vector before the drop over its norm after it. A norm rescale
+needs the whole tensor: :func:`rescale_factors` is its per-tensor reduction,
+after which any block of rows merges alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.random_drops import della_groups
+from modelfuse.merge.methods.sparsification import (
+    RescaleMethod,
+    Sparsification,
+    Sparsifier,
+    Workspace,
+    chunk_size,
+    chunk_slices,
+    model_sparsifiers,
+)
+
+__all__ = ["RescaleFactors", "elementwise_rescale", "rescale_factors", "set_norm_factors"]
+
+
+_NORM_EPS = 1e-7
+
+
+def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
+    """Whether a tensor's resolved parameters rescale kept entries elementwise (``"exact"``,
+    or no rescale), so that a block of it merges alone; a norm rescale needs the whole
+    tensor's norms (:func:`rescale_factors`)."""
+    return not parameters.get("rescale", False) or parameters.get("rescale_method") == "exact"
+
+
+class _NormSum:
+    """A norm accumulated chunk by chunk, the same whatever the torch thread count.
+
+    Chunk sums are numpy's pairwise float64 sums (single-threaded): a tensor's
+    norm is the same number whether its merge runs whole or as the engine's
+    reduction before its row blocks.
+    """
+
+    def __init__(self, method: RescaleMethod) -> None:
+        if method not in ("l1", "l2", "linf"):
+            raise ConfigError(
+                f"rescale_method: unknown value {method!r}; valid: exact, l1, l2, linf"
+            )
+        self.method = method
+        self.total = 0.0
+
+    def add(self, values: torch.Tensor, scratch: torch.Tensor) -> None:
+        if values.numel() == 0:
+            return
+        magnitudes = torch.abs(values.reshape(-1), out=scratch).numpy()
+        if self.method == "l1":
+            self.total += float(np.sum(magnitudes, dtype=np.float64))
+        elif self.method == "l2":
+            wide = magnitudes.astype(np.float64)
+            self.total += float(np.sum(wide * wide))
+        else:
+            self.total = max(self.total, float(magnitudes.max()))
+
+    def value(self) -> float:
+        return float(np.sqrt(self.total)) if self.method == "l2" else self.total
+
+
+@dataclass(frozen=True)
+class RescaleFactors:
+    """Each model's norm-rescale factor of a whole tensor, and DARE's drop masks behind it.
+
+    Attributes
+    ----------
+    factors : tuple of float
+        Per model: the multiplier of what it keeps (1 when it is not rescaled).
+    masks : tuple of numpy.ndarray or None
+        Per model: the keep mask of random drops over the whole tensor, one bit
+        per flat entry (``numpy.packbits``; ``n / 8`` bytes), so that a merge
+        given these factors (whole, or a block at its offset) applies the
+        masks the factors were found with instead of drawing them again; None
+        for other sparsifications.
+    """
+
+    factors: tuple[float, ...]
+    masks: tuple[np.ndarray | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+def set_norm_factors(
+    sparsifiers: Sequence[Sparsifier | None],
+    deltas: Sequence[Callable[[slice, torch.Tensor | None], torch.Tensor]],
+    size: int,
+    chunk: int,
+    workspace: Workspace,
+) -> list[float]:
+    """Each norm-rescaling sparsifier's factor over the whole tensor, set on it and returned.
+
+    As mergekit's ``rescale``: the norm of the task vector before the drop over
+    the norm of what is kept, or 1 when either is below 1e-7. One pass over
+    the tensor per such model, chunk by chunk from flat index 0 (so the result
+    is the same for the whole merge and the engine's reduction).
+    """
+    factors = []
+    for sparsifier, delta_of in zip(sparsifiers, deltas):
+        if sparsifier is None or sparsifier.norm is None:
+            factors.append(1.0 if sparsifier is None else sparsifier.factor)
+            continue
+        before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
+        sparsifier.recording = sparsifier.method in ("random", "della_magprune")
+        for index in chunk_slices(size, chunk, 0):
+            length = index.stop - index.start
+            scratch = workspace.get("norm", length)
+            delta = delta_of(index, workspace.get("delta", length))
+            before.add(delta, scratch)
+            after.add(sparsifier(delta, index.start), scratch)
+        sparsifier.recording = False
+        sparsifier.restart()
+        ratio = 1.0
+        if before.value() >= _NORM_EPS and after.value() >= _NORM_EPS:
+            ratio = before.value() / after.value()
+        sparsifier.factor = ratio
+        factors.append(ratio)
+    return factors
+
+
+def rescale_factors(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float | None = None,
+    sparsification: Sparsification = "random",
+    rescale: bool = True,
+    rescale_method: RescaleMethod = "l1",
+    generator: torch.Generator | None = None,
+    method: str = "task-vector merge",
+    epsilon: Sequence[float] | float | None = None,
+) -> RescaleFactors:
+    r"""Each model's norm-rescale factor of a whole tensor: the per-tensor reduction of a
+    norm rescale (DARE's, as mergekit's ``rescale``).
+
+    For model i with task vector :math:`	au_i` and what its sparsification
+    keeps, :math:`\hat	au_i`, the factor is :math:`\|	au_i\| / \|\hat	au_i\|`
+    (``rescale_method``'s norm), or 1 when either norm is below 1e-7, when
+    ``density >= 1`` or when ``rescale`` is off or ``"exact"`` (whose factor is
+    ``1 / density``, elementwise). With these, any block of rows is merged alone
+    by :func:`generalized_task_arithmetic` (``rescale_factors`` and ``offset``)
+    exactly as the whole tensor would be. ``generator`` must be the one the
+    merge uses: random drops are drawn as the merge draws them, and kept (one
+    bit per entry) for the merge to apply.
+
+    Examples
+    --------
+    >>> base = torch.zeros(4)
+    >>> tau = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    >>> rescale_factors([tau], base, density=0.5, sparsification="magnitude").factors  # 10 / 7
+    (1.4285714285714286,)
+    """
+    if base is None:
+        raise ConfigError(f"{method} needs a base model; set base_model")
+    base_flat = base.reshape(-1)
+    size = base_flat.numel()
+    groups = della_groups(base.shape)
+    chunk = chunk_size(sparsification, groups, size)
+    workspace = Workspace(chunk)
+    sparsifiers, deltas = model_sparsifiers(
+        [t.reshape(-1) for t in tensors],
+        base_flat,
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        groups=groups,
+        sparsification=sparsification,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=generator,
+        magnitude_thresholds=None,
+        selections=None,
+        offset=0,
+        name="",
+        chunk=chunk,
+        workspace=workspace,
+        method=method,
+    )
+    factors = set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
+    rescaled = [s is not None and s.norm is not None for s in sparsifiers]
+    return RescaleFactors(
+        tuple(f if r else 1.0 for f, r in zip(factors, rescaled)),
+        tuple(s.mask if s is not None and r else None for s, r in zip(sparsifiers, rescaled)),
+    )
