@@ -572,16 +572,16 @@ def test_output_under_an_unknown_user(work, capsys):
 
 
 def test_unreadable_model_is_one_of_the_problems(work, capsys, monkeypatch):
-    import modelfuse.merge.engine as engine
+    import modelfuse.merge.open_inputs as open_inputs
 
-    real = engine.open_checkpoint
+    real = open_inputs.open_checkpoint
 
     def refuse_m1(path):
         if str(path).endswith("m1.safetensors"):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(engine, "open_checkpoint", refuse_m1)
+    monkeypatch.setattr(open_inputs, "open_checkpoint", refuse_m1)
     text = "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\nparameters: {colour: 1}\n"
     err = refused(_merge(work, text, "--dry-run"), capsys, work, lines=3)
     assert "models[1].model: 'm1.safetensors': cannot be read (Permission denied)" in err

@@ -354,7 +354,7 @@ BLOCK_PARAMETERS = {
 def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
     """Large tensors are merged in blocks of rows (for TIES and breadcrumbs after their
     per-tensor thresholds; DARE's draws are seeded per entry): the same bytes on disk."""
-    import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     states = [random_state(i, torch.bfloat16) for i in range(3)]
     paths = [_write(tmp_path / f"m{i}", sd, "safetensors") for i, sd in enumerate(states)]
@@ -370,9 +370,9 @@ def test_row_blocks_give_the_same_bytes(tmp_path, monkeypatch, method):
     else:
         config["models"] = [str(p) for p in paths]
     modelfuse.merge(config, tmp_path / "whole", threads=1)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 7)  # 10 x 4 embeddings -> blocks of 1 row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 7)  # 10 x 4 embeddings -> blocks of 1 row
     plan = plan_merge(config)
-    blocks = {t.name: execute.row_blocks(plan, t) for t in plan.tasks}
+    blocks = {t.name: schedule.row_blocks(plan, t) for t in plan.tasks}
     assert blocks["model.embed_tokens.weight"] == [(i, i + 1) for i in range(10)]
     assert blocks["position_ids"] == [None]
     modelfuse.merge(config, tmp_path / "blocks", threads=2)
@@ -406,6 +406,7 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     make many magnitudes tie at the thresholds, across blocks."""
     import modelfuse.merge.execute as execute
     import modelfuse.merge.methods.random_drops as random_drops
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
@@ -418,7 +419,7 @@ def test_methods_with_whole_tensor_values_merge_row_blocks_alike(monkeypatch, me
     params = REDUCED[method]
     monkeypatch.setattr(random_drops, "RANDOM_CHUNK", 7)  # draws cross generator chunks
     whole = modelfuse.merge_state_dicts(method, models, base, **params)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row
     reductions, blocks = [], []
     reduce, call = execute._reduce, execute._call
     monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[2]) or reduce(*a))
@@ -439,12 +440,13 @@ def test_reductions_run_one_at_a_time_and_filter_wise_vectors_are_one_row(monkey
     import time
 
     import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(2)
     base = {f"t{i}": torch.randn(40, generator=g) for i in range(6)}
     models = [{k: v + torch.randn(40, generator=g) for k, v in base.items()} for _ in range(2)]
     whole = modelfuse.merge_state_dicts("model_stock", models, base, filter_wise=True)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 8)
     running, tensors, lock = [], set(), threading.Lock()
     reduce = execute._reduce
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import modelfuse
 from modelfuse.cli import main
 from modelfuse.merge.config import load_config
-from modelfuse.merge.engine import DROPPED_CONFIG_KEYS
+from modelfuse.merge.output_files import DROPPED_CONFIG_KEYS
 from modelfuse.merge.registry import METHODS
 from modelfuse.statistics.storage import save as save_statistics
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import modelfuse
 from modelfuse.errors import ConfigError
-from modelfuse.merge.plan import split_layer_name
+from modelfuse.merge.slices import split_layer_name
 
 
 def test_split_layer_name():

@@ -13,6 +13,7 @@ import types
 from typing import Any
 
 from modelfuse.merge.engine import MergeResult, merge, plan_merge
+from modelfuse.merge.merge_method import MergeMethod
 from modelfuse.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from modelfuse.merge.methods.dare import dare_linear, dare_ties
 from modelfuse.merge.methods.fisher import fisher
@@ -25,7 +26,7 @@ from modelfuse.merge.methods.slerp import slerp
 from modelfuse.merge.methods.task_arithmetic import task_arithmetic
 from modelfuse.merge.methods.task_vectors import generalized_task_arithmetic
 from modelfuse.merge.methods.ties import ties
-from modelfuse.merge.registry import METHODS, MergeMethod, get_method
+from modelfuse.merge.registry import METHODS, get_method
 from modelfuse.merge.state_dict import merge_state_dicts
 
 __all__ = [

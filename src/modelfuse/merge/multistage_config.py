@@ -16,15 +16,10 @@ from typing import Any
 import yaml
 
 from modelfuse.errors import ConfigError, ModelfuseError
-from modelfuse.merge.config import (
-    MAX_CONFIG_BYTES,
-    MergeConfig,
-    _BoundedLoader,
-    _expanded_size,
-    load_config,
-)
+from modelfuse.merge.config import MergeConfig, load_config
 from modelfuse.merge.output_paths import expand_user
 from modelfuse.merge.parameters import short
+from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, _BoundedLoader, _expanded_size
 
 __all__ = [
     "Stage",

@@ -16,8 +16,8 @@ about a fifth of the space of the model in bfloat16.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,8 +28,9 @@ from modelfuse.merge.config import resolve_dtype
 from modelfuse.merge.methods.magnitude_selection import top_k_mask
 from modelfuse.merge.output_paths import check_output_path
 from modelfuse.merge.parameters import short
+from modelfuse.merge.plan import MergePlan, TensorSource
 
-__all__ = ["DiffResult", "PatchSource", "diff_checkpoints", "sparse_parts"]
+__all__ = ["DiffResult", "PatchSource", "attach_patches", "diff_checkpoints", "sparse_parts"]
 
 _INDICES, _VALUES, _SHAPE = "::indices", "::values", "::shape"
 PATCH_MARKER = {"modelfuse": "patch"}
@@ -265,3 +266,49 @@ def diff_checkpoints(
     return DiffResult(
         Path(path), len(names), written, kept, total, time.perf_counter() - started, notes
     )
+
+
+def attach_patches(
+    plan: MergePlan, patches: Sequence[tuple[str, TensorSource, float]]
+) -> MergePlan:
+    """Add ``scale * patch`` to the output tensors each patch holds.
+
+    A patch may hold a subset of the tensors (the others get nothing); a patch
+    tensor that is not in the output, has another shape, or is not floating
+    point is an error, and every such problem is reported together.
+    """
+    if not patches:
+        return plan
+    tasks = {task.name: task for task in plan.tasks}
+    added: dict[str, list[tuple[TensorSource, float]]] = {}
+    problems: list[str] = []
+    for label, source, scale in patches:
+        covered = 0
+        for name in source.keys():
+            task = tasks.get(name)
+            if task is None:
+                problems.append(f"tensor {name} of patch {label} is not in the merged model")
+                continue
+            shape = tuple(int(s) for s in source.info(name).shape)
+            if shape != task.shape:
+                problems.append(
+                    f"tensor {name} has shape {list(shape)} in patch {label} "
+                    f"but {list(task.shape)} in the merged model"
+                )
+            elif task.action != "merge":
+                problems.append(f"tensor {name} is not floating point; patch {label} cannot add to it")
+            else:
+                added.setdefault(name, []).append((source, scale))
+                covered += 1
+        merged = sum(1 for t in plan.tasks if t.action == "merge")
+        if covered < merged:
+            plan.notes.append(f"patch {label} changes {covered} of the {merged} merged tensors")
+    if problems:
+        raise CheckpointError(
+            f"the patches do not fit the model ({len(problems)} problems): " + "; ".join(problems[:20])
+        )
+    plan.tasks = [
+        replace(task, patches=tuple(added[task.name])) if task.name in added else task
+        for task in plan.tasks
+    ]
+    return plan

@@ -27,8 +27,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.config import DTYPES, read_yaml
+from modelfuse.merge.config import DTYPES
 from modelfuse.merge.parameters import format_validation_error, short
+from modelfuse.merge.yaml_reading import read_yaml
 
 __all__ = ["MOE_DTYPES", "ExpertEntry", "MoeConfig", "load_moe_config", "resolve_moe_dtype"]
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.registry import MergeMethod, get_method
+from modelfuse.merge.merge_method import MergeMethod
+from modelfuse.merge.registry import get_method
 from modelfuse.merge.state_dict import merge_state_dicts
 from modelfuse.search._state import check_matching
 from modelfuse.search.results import Candidate, SearchResult

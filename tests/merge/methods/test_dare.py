@@ -302,6 +302,7 @@ def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method,
     then every block is merged alone; the exact rescale needs no reduction. Bitwise the
     whole tensor's result, from one thread or two, and the formula written out."""
     import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(6)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
@@ -318,7 +319,7 @@ def test_row_blocks_give_the_same_bytes_as_the_whole_tensor(monkeypatch, method,
         ]
         expected = torch.from_numpy(combine(b, taus, [1, 1], 1.0, False, consensus)).float()
         torch.testing.assert_close(whole[name], expected)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row
     reductions, blocks = [], []
     reduce, call = execute._reduce, execute._call
     monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))

@@ -209,6 +209,7 @@ def test_engine_row_blocks_give_the_whole_tensors_bytes(monkeypatch, method, how
     """With the L1 rescale the engine reduces each tensor (its masks, drawn from the whole
     tensor's rows) and merges blocks of rows; with the exact rescale it merges whole."""
     import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(6)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
@@ -229,7 +230,7 @@ def test_engine_row_blocks_give_the_whole_tensors_bytes(monkeypatch, method, how
             consensus=consensus,
         )
         torch.testing.assert_close(whole[name], expected)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row (of 5 entries of b)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row (of 5 entries of b)
     reductions, blocks = [], []
     reduce, call = execute._reduce, execute._call
     monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))

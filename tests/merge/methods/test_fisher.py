@@ -169,7 +169,7 @@ def test_model_normalisation_needs_the_norms():
 
 def test_row_blocks_read_statistics_rows_and_match(tmp_path, monkeypatch):
     """Large tensors are merged in blocks of rows, their Fisher rows read alongside."""
-    import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     states = _states(2, seed=10)
     fishers = _fishers(2, seed=11)
@@ -181,17 +181,17 @@ def test_row_blocks_read_statistics_rows_and_match(tmp_path, monkeypatch):
     config = {"merge_method": "fisher", "models": models, "parameters": {"normalize": "model"}}
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 3)  # 4 x 3 weight -> four blocks of one row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 3)  # 4 x 3 weight -> four blocks of one row
     from modelfuse.merge.engine import plan_merge
 
     plan = plan_merge(path)
     task = next(t for t in plan.tasks if t.name == "layer.weight")
-    assert execute.row_blocks(plan, task) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert schedule.row_blocks(plan, task) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     result = merge(path, tmp_path / "out", threads=2)
     from safetensors.torch import load_file
 
     merged = load_file(str(result.out / "model.safetensors"))
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 1 << 22)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 1 << 22)
     expected = merge_state_dicts("fisher", states, fishers=fishers, normalize="model")
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name])

@@ -80,13 +80,13 @@ def test_tensors_larger_than_one_block_follow_the_formula():
 
 def test_row_blocks_give_the_same_result(monkeypatch):
     """gradient_matching is elementwise, so the engine may merge it in blocks of rows."""
-    import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(6, 5, generator=g)}
     models = [{"w": torch.randn(6, 5, generator=g)} for _ in range(2)]
     fishers = [{"w": torch.rand(6, 5, generator=g)} for _ in range(2)]
     whole = merge_state_dicts("gradient_matching", models, base, fishers=fishers)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 10)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 10)
     blocks = merge_state_dicts("gradient_matching", models, base, fishers=fishers, threads=2)
     torch.testing.assert_close(blocks["w"], whole["w"], rtol=0, atol=0)

@@ -137,12 +137,13 @@ def test_row_blocks_with_the_whole_tensors_gram_equal_the_whole_merge():
 
 def test_engine_merges_row_blocks_after_the_gram_reduction(monkeypatch):
     import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
     models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
     whole = merge_state_dicts("karcher", models, base)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row
     reductions, blocks = [], []
     reduce, call = execute._reduce, execute._call
     monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[2]) or reduce(*a))

@@ -96,13 +96,14 @@ def test_block_of_rows_with_the_whole_tensors_products():
 @pytest.mark.parametrize("flatten,row_wise", MODES)
 def test_engine_row_blocks_equal_the_whole_merge(monkeypatch, flatten, row_wise):
     import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
 
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(12, 5, generator=g), "b": torch.randn(30, generator=g)}
     models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
     kw = {"weights": [0.4, 0.6], "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
     whole = merge_state_dicts("nuslerp", models, base, **kw)
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 5)  # blocks of one row
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row
     blocks = []
     call = execute._call
     monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
