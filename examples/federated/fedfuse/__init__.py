@@ -1,0 +1,1 @@
+"""A Flower app: a small MLP learns scikit-learn's digits, aggregated by modelfuse."""
