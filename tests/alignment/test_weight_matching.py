@@ -7,14 +7,14 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from modelfuse.errors import CheckpointError, ConfigError
-from modelfuse.merge.weight_matching import (
+from modelfuse.alignment import (
     PermutationSpec,
     apply_permutation,
     matching_objective,
     sequential_permutation_spec,
     weight_matching,
 )
+from modelfuse.errors import CheckpointError, ConfigError
 
 
 def outputs(model, state_dict, x):
