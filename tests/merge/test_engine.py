@@ -302,6 +302,36 @@ def test_base_listed_among_models_is_not_merged_twice(tmp_path):
                for note in result.notes)
 
 
+@pytest.mark.parametrize(
+    ("parameters", "error"),
+    [
+        ({"bogus": 2}, "m0.safetensors: parameters: unknown parameter 'bogus'"),
+        ({"weight": float("nan")}, "weight"),
+        ({"weight": 0.3}, None),
+    ],
+)
+def test_the_base_s_own_entry_is_checked_and_its_parameters_ignored(tmp_path, parameters, error):
+    states = [random_state(i) for i in range(2)]
+    paths = [_write(tmp_path / f"m{i}", sd, "safetensors") for i, sd in enumerate(states)]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(paths[0]), "parameters": parameters},
+                   {"model": str(paths[1]), "parameters": {"weight": 0.5}}],
+    }
+    if error is not None:
+        with pytest.raises(ConfigError, match=error):
+            modelfuse.merge(config, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return
+    with pytest.warns(UserWarning, match=r"'weight' ignored: .*m0.safetensors is the base model"):
+        modelfuse.merge(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.norm.weight"  # base + 0.5 (m1 - base): the base's 0.3 plays no part
+    expected = states[0][name] + 0.5 * (states[1][name] - states[0][name])
+    torch.testing.assert_close(merged[name], expected)
+
+
 def test_added_tokens_keep_their_rows(llama_folders, tmp_path):
     """A fine-tune with extra vocabulary rows: shared rows merged, extra rows kept."""
     from transformers import LlamaForCausalLM

@@ -91,6 +91,9 @@ def model_plan(
             notes.append(
                 f"{config.base_model} is both base_model and a model; it is used once, as the base"
             )
+        for entry, ckpt, _ in entries:
+            if ckpt is base_ckpt and entry.parameters:
+                _check_base_entry(method, entry)
     models = [
         ModelInput(
             label=entry.model,
@@ -115,6 +118,24 @@ def model_plan(
         config.parameters or {},
         compute_dtype=compute,
         out_dtype=out_dtype,
+    )
+
+
+def _check_base_entry(method: MergeMethod, entry: ModelEntry) -> None:
+    """Refuse unknown or invalid parameters under the base's model entry; warn that valid ones
+    are ignored (the base takes no per-model parameters, in mergekit 0.1.5 as here)."""
+    where = f"{entry.model}: parameters"
+    settings = entry.parameters or {}
+    problems = check_keys(method, where, settings)
+    problems += _plain_value_problems(method, where, settings, model=True)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    keys = ", ".join(repr(str(key))[:40] for key in settings)
+    warnings.warn(
+        f"{where}: {keys} ignored: {entry.model} is the base model, which takes no per-model "
+        "parameters (mergekit 0.1.5 ignores them too); remove them from its entry",
+        IgnoredParameterWarning,
+        stacklevel=2,
     )
 
 
