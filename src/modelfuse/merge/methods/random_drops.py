@@ -71,6 +71,12 @@ def della_probabilities(
     ``length * stride`` flat entries, see :func:`della_groups`). Returns a new
     float32 tensor of the same shape.
 
+    The ``m`` probabilities are computed once per group length and handed to
+    each entry by its rank, which one sort per group finds: the float32 bit
+    patterns of the magnitudes (ordered as the values) widened to integers with
+    the entry's position in the low bits, so that a plain sort orders equal
+    magnitudes by position and also says where each sorted entry came from.
+
     Examples
     --------
     >>> della_probabilities(torch.tensor([3.0, 1.0, 2.0]), 0.5, 0.1, (3, 1))
@@ -80,14 +86,40 @@ def della_probabilities(
     view = magnitudes.reshape(-1, length, stride)
     if length == 1:
         position = torch.full(view.shape, DELLA_ONE_ENTRY, dtype=torch.float32)
-    else:
-        order = torch.argsort(view, dim=1, stable=True)
-        # the rank of entry order[j] is j: scattered back, not sorted again
-        ranks = torch.arange(length, dtype=torch.float32).div_(length - 1).view(1, -1, 1)
-        position = torch.empty(view.shape, dtype=torch.float32)
-        position.scatter_(1, order, ranks.expand(view.shape))
-    probabilities = position.mul_(2).mul_(epsilon).add_(density - epsilon)
+        probabilities = position.mul_(2).mul_(epsilon).add_(density - epsilon)
+        return probabilities.reshape(magnitudes.shape)
+    # p for each rank: the same float32 operations as on every entry, done once per rank
+    table = torch.arange(length, dtype=torch.float32).div_(length - 1)
+    table = table.mul_(2).mul_(epsilon).add_(density - epsilon)
+    rows = view.transpose(1, 2) if stride > 1 else view
+    order = _rank_order(rows.reshape(-1, length))
+    probabilities = torch.empty(order.shape, dtype=torch.float32)
+    probabilities.scatter_(1, order, table.expand(order.shape))
+    if stride > 1:
+        probabilities = probabilities.view(-1, stride, length).transpose(1, 2)
     return probabilities.reshape(magnitudes.shape)
+
+
+_NAN_BITS = 0x7F800001
+"""Every NaN's bit pattern (sign bit cleared) is clamped to this, just above inf's: NaNs
+rank above every number and among themselves by position, as torch's stable sort ranks them."""
+
+
+def _rank_order(groups: torch.Tensor) -> torch.Tensor:
+    """For each row of the 2-D ``groups`` (non-negative values), the positions of its
+    entries from the smallest to the largest, equal values by position: a stable argsort
+    along the rows, as int64."""
+    length = groups.shape[1]
+    shift = max(1, (length - 1).bit_length())
+    if shift > 32:  # positions do not fit beside the 31 bits of a magnitude
+        return torch.argsort(groups, dim=1, stable=True)
+    bits = groups.to(torch.float32).contiguous().view(torch.int32)
+    keys = bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS).to(torch.int64).numpy()
+    np.left_shift(keys, shift, out=keys)
+    np.bitwise_or(keys, np.arange(length, dtype=np.int64), out=keys)
+    keys.sort(axis=1)
+    np.bitwise_and(keys, (1 << shift) - 1, out=keys)
+    return torch.from_numpy(keys)
 
 
 def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
