@@ -447,12 +447,21 @@ def test_unknown_method_and_bad_settings_are_one_line():
     with pytest.raises(ConfigError) as error:
         settings({"server-momentum": 1.5, "desnity": 0.3})
     message = str(error.value)
-    assert "server_momentum: Input should be less than 1 (got 1.5)" in message
+    assert "server-momentum: Input should be less than 1 (got 1.5)" in message
     assert "desnity: unknown key (got 0.3)" in message
     assert "\n" not in message
     with pytest.raises(ConfigError) as error:
         settings(method="x" * 10_000)
     assert len(str(error.value)) < 300
+
+
+def test_messages_name_keys_as_the_caller_wrote_them():
+    with pytest.raises(ConfigError) as error:
+        settings({"modelfuse-server-momentum": -0.5, "modelfuse-density": 0}, where="run config")
+    assert str(error.value) == (
+        "run config: modelfuse-server-momentum: Input should be greater than or equal to 0 "
+        "(got -0.5); modelfuse-density: Input should be greater than 0 (got 0)"
+    )
 
 
 def test_run_config_keys_are_accepted():

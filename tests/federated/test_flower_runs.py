@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -181,12 +182,20 @@ def _check_model(out: Path) -> None:
 
 
 def test_simulation_engine_four_clients_accuracy_improves(tmp_path):
+    # partition 3 sends a NaN every round: left out, named, and the run goes on
     history, out, output = _run_app(
-        tmp_path, simulation=True, overrides="num-server-rounds=3 min-nodes=4"
+        tmp_path, simulation=True, overrides="num-server-rounds=3 min-nodes=4 nan-partition=3"
     )
     accuracy = [history[str(r)]["accuracy"] for r in range(4)]
     assert accuracy[3] > accuracy[0] + 0.3, accuracy
-    assert "configure_train: Sampled 4 nodes (out of 4)" in output
+    assert output.count("aggregate_train: Received 4 results and 0 failures") == 3
+    skips = re.findall(r"modelfuse: round (\d): client node (\d+) skipped: (.*)", output)
+    assert [r for r, _, _ in skips] == ["1", "2", "3"], output[-3000:]
+    assert len({node for _, node, _ in skips}) == 1
+    assert {reason.strip() for _, _, reason in skips} == {
+        "tensor '0.weight' has 1 NaN or inf values of 2048"
+    }
+    assert "(3 client replies skipped)" in output
     _check_model(out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -31,6 +32,9 @@ def train_round(msg: Message, context: Context) -> Message:
         batch_size=int(context.run_config["batch-size"]),
         seed=int(config["server-round"]) * 1000 + _partition(context)[0],
     )
+    if _partition(context)[0] == int(context.run_config["nan-partition"]):
+        with torch.no_grad():  # the demonstration of a broken client: the server skips it
+            next(model.parameters()).view(-1)[0] = float("nan")
     needs = requested_statistics(config)
     statistics = client_statistics(model, [(x, y)], needs, snapshots=snapshots)
     content = client_reply(model, len(y), statistics=statistics, metrics={"train-loss": loss})

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fedfuse.task import build_model, central_test_set, evaluate
 from modelfuse.errors import ModelfuseError
-from modelfuse.federated import MergeStrategy
+from modelfuse.federated import MergeStrategy, settings
 
 app = ServerApp()
 
@@ -51,11 +51,13 @@ def main(grid: Grid, context: Context) -> None:
     """Run the rounds; a bad setting or, with on-failure = raise, a bad client reply ends the
     run with one logged line and no model written."""
     config = context.run_config
-    settings = {k: v for k, v in config.items() if k.startswith("modelfuse-")}
     nodes = int(config["min-nodes"])
     try:
+        aggregation = settings(
+            {k: v for k, v in config.items() if k.startswith("modelfuse-")}, where="run config"
+        )
         strategy = MergeStrategy(
-            settings, min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes
+            aggregation, min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes
         )
         result = strategy.start(
             grid=grid,

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.parameters import format_validation_error, short
+from modelfuse.merge.parameters import MAX_LISTED, format_error, short
 
 __all__ = ["AggregationMethod", "AggregationSettings", "OnFailure", "UncertaintySource", "settings"]
 
@@ -129,24 +129,34 @@ def settings(
     --------
     >>> settings({"method": "fedavgm", "server-momentum": 0.5}).server_momentum
     0.5
-    >>> settings(method="mean")
+    >>> settings({"modelfuse-method": "mean"}, where="run config")
     Traceback (most recent call last):
     ...
-    modelfuse.errors.ConfigError: aggregation settings: method: unknown aggregation 'mean'; valid: linear, fedavgm, fedau, ties, dare_ties, breadcrumbs, fisher, regmean, uncertainty, residual
+    modelfuse.errors.ConfigError: run config: modelfuse-method: unknown aggregation 'mean'; valid: linear, fedavgm, fedau, ties, dare_ties, breadcrumbs, fisher, regmean, uncertainty, residual
     """
     merged: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # field -> the key as the caller wrote it, for messages
     for key, value in {**(values or {}), **kwargs}.items():
         name = str(key)
         if name.startswith(_PREFIX):
             name = name[len(_PREFIX) :]
-        merged[name.replace("-", "_")] = value
+        field = name.replace("-", "_")
+        merged[field] = value
+        spelled[field] = str(key)
     method = merged.get("method", "linear")
     valid = get_args(AggregationMethod)
     if method not in valid:
         raise ConfigError(
-            f"{where}: method: unknown aggregation {short(method)}; valid: {', '.join(valid)}"
+            f"{where}: {spelled.get('method', 'method')}: unknown aggregation {short(method)}; "
+            f"valid: {', '.join(valid)}"
         )
     try:
         return AggregationSettings(**merged)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, where=where)) from None
+        problems = []
+        for problem in error.errors()[:MAX_LISTED]:
+            loc = problem["loc"]
+            if loc and loc[0] in spelled:
+                problem = {**problem, "loc": (spelled[str(loc[0])], *loc[1:])}
+            problems.append(format_error(problem))
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
