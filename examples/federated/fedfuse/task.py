@@ -74,7 +74,7 @@ def train(
             loss = loss_fn(model(x[index]), y[index])
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
         last = total / len(y)
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     model.eval()
