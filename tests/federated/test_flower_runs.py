@@ -96,8 +96,11 @@ def _run_app(tmp_path: Path, *, simulation: bool, overrides: str) -> tuple[dict,
     logs = tmp_path / "logs"
     logs.mkdir()
 
+    handles = []
+
     def start(name: str, command: list[str]) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the test folder
+        log = open(logs / f"{name}.log", "w")  # closed once the processes are stopped
+        handles.append(log)
         process = subprocess.Popen(
             command,
             env=env,
@@ -163,6 +166,8 @@ def _run_app(tmp_path: Path, *, simulation: bool, overrides: str) -> tuple[dict,
         )
     finally:
         _stop(processes)
+        for log in handles:
+            log.close()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert out.exists(), output[-3000:]
@@ -184,18 +189,18 @@ def _check_model(out: Path) -> None:
 def test_simulation_engine_four_clients_accuracy_improves(tmp_path):
     # partition 3 sends a NaN every round: left out, named, and the run goes on
     history, out, output = _run_app(
-        tmp_path, simulation=True, overrides="num-server-rounds=3 min-nodes=4 nan-partition=3"
+        tmp_path, simulation=True, overrides="num-server-rounds=2 min-nodes=4 nan-partition=3"
     )
-    accuracy = [history[str(r)]["accuracy"] for r in range(4)]
-    assert accuracy[3] > accuracy[0] + 0.3, accuracy
-    assert output.count("aggregate_train: Received 4 results and 0 failures") == 3
+    accuracy = [history[str(r)]["accuracy"] for r in range(3)]
+    assert accuracy[2] > accuracy[0] + 0.3, accuracy
+    assert output.count("aggregate_train: Received 4 results and 0 failures") == 2
     skips = re.findall(r"modelfuse: round (\d): client node (\d+) skipped: (.*)", output)
-    assert [r for r, _, _ in skips] == ["1", "2", "3"], output[-3000:]
+    assert [r for r, _, _ in skips] == ["1", "2"], output[-3000:]
     assert len({node for _, node, _ in skips}) == 1
     assert {reason.strip() for _, _, reason in skips} == {
         "tensor '0.weight' has 1 NaN or inf values of 2048"
     }
-    assert "(3 client replies skipped)" in output
+    assert "(2 client replies skipped)" in output
     _check_model(out)
 
 
@@ -204,10 +209,10 @@ def test_localhost_deployment_superlink_and_two_supernodes(tmp_path):
     history, out, output = _run_app(
         tmp_path,
         simulation=False,
-        overrides="num-server-rounds=2 min-nodes=2 modelfuse-method='fisher'",
+        overrides="num-server-rounds=1 min-nodes=2 modelfuse-method='fisher'",
     )
-    accuracy = [history[str(r)]["accuracy"] for r in range(3)]
-    assert accuracy[2] > accuracy[0] + 0.2, accuracy
+    accuracy = [history[str(r)]["accuracy"] for r in range(2)]
+    assert accuracy[1] > accuracy[0] + 0.2, accuracy
     assert "aggregate_train: Received 2 results and 0 failures" in output
     assert "modelfuse aggregation: fisher" in output
     assert "(0 client replies skipped)" in output
