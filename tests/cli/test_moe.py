@@ -334,3 +334,9 @@ def test_ctrl_c_while_writing_leaves_nothing(work, capsys, monkeypatch) -> None:
     assert main(["moe", config, "out", "--quiet"]) == 130
     assert capsys.readouterr().err == "modelfuse: interrupted; nothing was written\n"
     assert sorted(os.listdir(work)) == before and len(calls) == 5  # no OUT, no temporary folder
+
+
+def test_modelfuse_merge_points_a_mergekit_moe_file_here(work, capsys) -> None:
+    err = refused(["merge", write_config(work), "out"], capsys, work)
+    assert "a mergekit-moe configuration" in err
+    assert "run it with modelfuse moe CONFIG OUT" in err

@@ -29,12 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import DTYPES
 from modelfuse.merge.parameters import format_validation_error, short
-from modelfuse.merge.yaml_reading import read_yaml
+from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, read_yaml
 
 __all__ = ["MOE_DTYPES", "ExpertEntry", "MoeConfig", "load_moe_config", "resolve_moe_dtype"]
-
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-"""Largest configuration file read."""
 
 MOE_DTYPES = ("bfloat16", "float16", "float32", "float64")
 """The dtypes mergekit-moe's ``dtype`` names (``torch.`` prefixed or not)."""
