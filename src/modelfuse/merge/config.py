@@ -35,13 +35,6 @@ from pydantic import (
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import ParameterSetting, format_validation_error, short
 from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, read_yaml
-from modelfuse.vocabulary.chat_templates import resolve_chat_template
-from modelfuse.vocabulary.settings import TokenizerSettings, reference_value
-
-_BOTH_TOKENIZER_KEYS = (
-    "both tokenizer_source and tokenizer are given; mergekit reads one: keep tokenizer "
-    "(tokenizer_source: X is tokenizer: {source: X})"
-)
 
 __all__ = [
     "DTYPES",
@@ -218,18 +211,10 @@ class MergeConfig(BaseModel):
     patches: list[PatchEntry] | None = Field(
         None, description="task-vector patches added to the merged model"
     )
-    tokenizer_source: str | None = Field(
+    tokenizer_source: Literal["base"] | None = Field(
         None,
-        description="the output vocabulary: union, base, or a model's path (model:PATH); "
-        "without it (and without tokenizer) the base model's tokenizer files are copied",
-    )
-    tokenizer: TokenizerSettings | None = Field(
-        None,
-        description="mergekit's tokenizer mapping: source, tokens (per-token row sources), "
-        "pad_to_multiple_of",
-    )
-    chat_template: str | None = Field(
-        None, description="a built-in chat template name, auto, or a Jinja template"
+        description="where the tokenizer comes from; modelfuse copies it from the base "
+        "model (or the first model) and supports only 'base'",
     )
 
     _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
@@ -252,27 +237,6 @@ class MergeConfig(BaseModel):
                 "float8_e4m3fn, float8_e5m2"
             )
         return value
-
-    @field_validator("tokenizer_source", mode="before")
-    @classmethod
-    def _tokenizer_reference(cls, value: Any) -> Any:
-        return reference_value(value)  # model:PATH and {model: PATH} read as PATH
-
-    @field_validator("chat_template")
-    @classmethod
-    def _known_template(cls, value: str | None) -> str | None:
-        if value is not None and value != "auto":
-            try:
-                resolve_chat_template(value, where="")
-            except ConfigError as exc:
-                raise ValueError(str(exc).removeprefix(": ")) from None
-        return value
-
-    @model_validator(mode="after")
-    def _one_tokenizer_key(self) -> MergeConfig:
-        if self.tokenizer_source is not None and self.tokenizer is not None:
-            raise ValueError(_BOTH_TOKENIZER_KEYS)
-        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
@@ -343,11 +307,6 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             problem = str(getattr(exc, "problem", None) or exc)[:200]
-            if problem == "but found another document":
-                raise ConfigError(
-                    f"{path}: a second YAML document starts{at}: a multi-stage file of several "
-                    "merges; run it with merge_multistage (`modelfuse merge` runs either kind)"
-                ) from None
             raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
@@ -367,8 +326,13 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
             f"{where}: a mergekit-moe configuration (experts, gate_mode), not a merge; "
             "run it with modelfuse moe CONFIG OUT, which builds the mixture of experts"
         )
-    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
-        raise ConfigError(f"{where}: {_BOTH_TOKENIZER_KEYS}")
+    if data.get("tokenizer_source") not in (None, "base"):
+        raise ConfigError(
+            f"{where}: tokenizer_source: {short(data['tokenizer_source'])} is not supported; "
+            "modelfuse copies the base model's tokenizer (tokenizer_source: base), and "
+            "mergekit's union or per-model vocabularies are not built: merge models that "
+            "share a tokenizer, or leave tokenizer_source out"
+        )
     try:
         return MergeConfig.model_validate(data), folder
     except ValidationError as exc:
