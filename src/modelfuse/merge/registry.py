@@ -49,7 +49,7 @@ from modelfuse.merge.methods.nuslerp import NuSlerpParameters, nuslerp, nuslerp_
 from modelfuse.merge.methods.passthrough import PassthroughParameters, passthrough
 from modelfuse.merge.methods.regmean import RegMeanParameters, regmean
 from modelfuse.merge.methods.rescaling import elementwise_rescale
-from modelfuse.merge.methods.sce import SceParameters, sce
+from modelfuse.merge.methods.sce import SceParameters, sce, sce_reduction
 from modelfuse.merge.methods.slerp import SlerpParameters, slerp, slerp_products
 from modelfuse.merge.methods.task_arithmetic import TaskArithmeticParameters, task_arithmetic
 from modelfuse.merge.methods.ties import (
@@ -209,9 +209,7 @@ METHODS: dict[str, MergeMethod] = {
         "breadcrumbs: drop the largest gamma and smallest entries, then task arithmetic",
         requires_base=True,
         low_precision_inputs=True,
-        reduction=Reduction(
-            breadcrumbs_selections, "selections", over="tensor", applies=elementwise_rescale
-        ),
+        reduction=Reduction(breadcrumbs_selections, "selections", over="tensor"),
     ),
     "breadcrumbs_ties": MergeMethod(
         "breadcrumbs_ties",
@@ -220,9 +218,7 @@ METHODS: dict[str, MergeMethod] = {
         "breadcrumbs, then TIES sign election",
         requires_base=True,
         low_precision_inputs=True,
-        reduction=Reduction(
-            breadcrumbs_selections, "selections", over="tensor", applies=elementwise_rescale
-        ),
+        reduction=Reduction(breadcrumbs_selections, "selections", over="tensor"),
     ),
     "sce": MergeMethod(
         "sce",
@@ -231,6 +227,7 @@ METHODS: dict[str, MergeMethod] = {
         "SCE: keep the entries varying most, weights from mean squares, erase minority signs",
         requires_base=True,
         low_precision_inputs=True,
+        reduction=Reduction(sce_reduction, "reduced", over="tensor"),
     ),
     "slerp": MergeMethod(
         "slerp",

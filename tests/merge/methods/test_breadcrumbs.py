@@ -119,3 +119,47 @@ def test_tiny_densities_keep_int_density_n_as_mergekit():
     expected[order[1]] = torch.sign(tau[order[1]]) * tau.abs().sum()
     out = breadcrumbs([a], base, density=0.01, gamma=0.01, rescale=True)
     torch.testing.assert_close(out, base + expected.reshape(10, 13))
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_rescaled_row_blocks_give_the_whole_tensors_bytes(monkeypatch, method):
+    """With the L1 rescale the engine reduces each large tensor to its two thresholds and
+    its factors, then merges blocks of rows alone: bitwise the whole tensor's result, from
+    one thread or two, and the formula written out (integer task vectors: many ties)."""
+    import numpy as np
+
+    import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
+
+    g = torch.Generator().manual_seed(12)
+    base = {
+        "w": torch.randint(-9, 9, (12, 5), generator=g).float(),
+        "b": torch.randint(-9, 9, (30,), generator=g).float(),
+    }
+    models = [
+        {k: v + torch.randint(-3, 4, v.shape, generator=g).float() for k, v in base.items()}
+        for _ in range(3)
+    ]
+    params = {"density": 0.5, "gamma": 0.1, "rescale": True}
+    whole = merge_state_dicts(method, models, base, **params)
+    consensus = "sum" if method == "breadcrumbs_ties" else None
+    for name in base:
+        b = base[name].double().numpy()
+        taus = []
+        for m in models:
+            tau = m[name].double().numpy() - b
+            kept = outliers(tau, 0.5, 0.1)
+            taus.append(kept * np.abs(tau).sum() / np.abs(kept).sum())
+        expected = torch.from_numpy(combine(b, taus, [1, 1, 1], 1.0, False, consensus)).float()
+        torch.testing.assert_close(whole[name], expected)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row (of 5 entries of b)
+    reductions, blocks = [], []
+    reduce, call = execute._reduce, execute._call
+    monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))
+    monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
+    for threads in (1, 2):
+        merged = merge_state_dicts(method, models, base, threads=threads, **params)
+        for name in whole:
+            assert torch.equal(merged[name], whole[name])
+    assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)
+    assert sorted(reductions) == ["b", "b", "w", "w"]

@@ -356,6 +356,32 @@ def test_the_l1_rescale_draws_each_mask_once(monkeypatch):
         torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("consensus", [None, "sum"])
+def test_held_chunks_and_recorded_masks_give_the_same_bytes(monkeypatch, consensus):
+    """The norm pass holds what each chunk keeps for the merge pass when the tensor's task
+    vectors fit in KEEP_BYTES, and records the drop masks (one bit per entry) otherwise:
+    bitwise the same result, the formula, and no draw repeated by the merge pass."""
+    import modelfuse.merge.methods.rescaling as rescaling
+    import modelfuse.merge.methods.sparsification as sparsification
+
+    calls = []
+    draw = sparsification.uniform_draws
+    monkeypatch.setattr(sparsification, "uniform_draws", lambda *a: calls.append(a[1]) or draw(*a))
+    monkeypatch.setattr(sparsification, "_CHUNK", 64)  # 600 entries: 10 chunks per model
+    base, a, b = _models(2)
+    merge = dare_linear if consensus is None else dare_ties
+    results = []
+    for keep_bytes in (rescaling.KEEP_BYTES, 0):
+        monkeypatch.setattr(rescaling, "KEEP_BYTES", keep_bytes)
+        calls.clear()
+        results.append(merge([a, b], base, density=[0.3, 0.6], weight=[0.5, 2.0],
+                             generator=torch.Generator().manual_seed(4)))
+        assert len(calls) == 2 * 10
+    assert torch.equal(results[0], results[1])
+    expected = _ref(base, [a, b], [0.5, 2.0], [0.3, 0.6], 4, consensus=consensus, how="l1")
+    torch.testing.assert_close(results[0], expected)
+
+
 def test_a_mergekit_dare_file_gives_mergekits_rescale(tmp_path):
     """A mergekit dare_ties file (weights, densities, rescale left at mergekit's default)
     gives mergekit 0.1.5's formula: each task vector's kept entries times its tensor's

@@ -120,3 +120,58 @@ def test_a_mergekit_sce_file_merges_to_the_formula(tmp_path):
     for name in names:
         expected = _ref(states[0][name], [s[name] for s in states[1:]], 0.5)
         torch.testing.assert_close(merged[name], expected)
+
+
+@pytest.mark.parametrize("select_topk", [0.3, 1.0])
+def test_row_blocks_give_the_whole_tensors_bytes(monkeypatch, select_topk):
+    """The engine reduces each large tensor (its selection and weights, found chunk by
+    chunk) and merges blocks of rows alone: bitwise the whole tensor's result, from one
+    thread or two, and the formula written out. Many equal variances, so that the
+    selection's cutoff among them falls inside a block."""
+    import modelfuse.merge.execute as execute
+    import modelfuse.merge.methods.sparsification as sparsification
+    import modelfuse.merge.schedule as schedule
+
+    monkeypatch.setattr(sparsification, "_CHUNK", 16)  # chunk bounds inside the blocks
+    g = torch.Generator().manual_seed(8)
+    # integers and four models: task vectors and variances are exact in float32
+    base = {
+        "w": torch.randint(-9, 9, (12, 5), generator=g).float(),
+        "b": torch.randint(-9, 9, (30,), generator=g).float(),
+    }
+    models = [
+        {k: v + torch.randint(-2, 3, v.shape, generator=g).float() for k, v in base.items()}
+        for _ in "abcd"
+    ]
+    whole = merge_state_dicts("sce", models, base, select_topk=select_topk)
+    for name in base:
+        expected = _ref(base[name], [m[name] for m in models], select_topk)
+        torch.testing.assert_close(whole[name], expected)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row (of 5 entries of b)
+    reductions, blocks = [], []
+    reduce, call = execute._reduce, execute._call
+    monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))
+    monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
+    for threads in (1, 2):
+        merged = merge_state_dicts("sce", models, base, threads=threads, select_topk=select_topk)
+        for name in whole:
+            assert torch.equal(merged[name], whole[name])
+    assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)
+    assert sorted(reductions) == ["b", "b", "w", "w"]
+
+
+def test_the_reduction_holds_the_selection_and_weights_of_the_whole_tensor():
+    """sce_reduction's selection keeps exactly the k entries of largest variance (equal
+    ones by position) and its weights are the masked mean squares, normalised."""
+    from modelfuse.merge.methods.sce import sce_reduction
+
+    base = torch.zeros(6)
+    a = torch.tensor([2.0, 1.0, 1.0, 0.0, 3.0, 1.0])
+    b = torch.tensor([0.0, -1.0, 3.0, 0.0, 3.0, -1.0])
+    # variances 1, 1, 1, 0, 0, 1: nonzero 4, k = int(4 * 0.5) = 2: entries 0 and 1
+    reduced = sce_reduction([a, b], base, select_topk=0.5)
+    assert (reduced.selection.value, reduced.selection.cutoff) == (1.0, 2)
+    squares = [(4.0 + 1.0) / 6, (0.0 + 1.0) / 6]
+    assert reduced.weights == pytest.approx([s / sum(squares) for s in squares], rel=1e-15)
+    out = sce([a, b], base, select_topk=0.5, reduced=reduced)
+    torch.testing.assert_close(out, _ref(base, [a, b], 0.5))

@@ -273,3 +273,59 @@ def test_l1_rescale_with_global_scope_is_per_tensor_after_the_global_trim():
         expected = part * (before / after) if after >= 1e-7 and before >= 1e-7 else part
         got = (merged[name] - base[name]).double().numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _integer_models(seed, n=3):
+    """Integer base and task vectors (exact in float32): many magnitudes tie at the
+    thresholds, across blocks of rows."""
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "w": torch.randint(-9, 9, (12, 5), generator=g).float(),
+        "b": torch.randint(-9, 9, (30,), generator=g).float(),
+    }
+    models = [
+        {k: v + torch.randint(-3, 4, v.shape, generator=g).float() for k, v in base.items()}
+        for _ in range(n)
+    ]
+    return base, models
+
+
+def _norm_ratio(tau, kept, norm):
+    if norm == "l1":
+        before, after = np.abs(tau).sum(), np.abs(kept).sum()
+    else:
+        before, after = np.sqrt((tau**2).sum()), np.sqrt((kept**2).sum())
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_rescaled_row_blocks_give_the_whole_tensors_bytes(monkeypatch, norm):
+    """With a norm rescale the engine reduces each large tensor to its thresholds and
+    factors (one pass more over the whole tensor) and merges blocks of rows alone: bitwise
+    the whole tensor's result, from one thread or two, and the formula written out."""
+    import modelfuse.merge.execute as execute
+    import modelfuse.merge.schedule as schedule
+
+    base, models = _integer_models(11)
+    params = {"density": 0.4, "rescale": True, "rescale_method": norm}
+    whole = merge_state_dicts("ties", models, base, **params)
+    for name in base:
+        b = base[name].double().numpy()
+        taus = []
+        for m in models:
+            tau = m[name].double().numpy() - b
+            kept = trim(tau, 0.4)
+            taus.append(kept * _norm_ratio(tau, kept, norm))
+        expected = torch.from_numpy(combine(b, taus, [1, 1, 1], 1.0, True, "sum")).float()
+        torch.testing.assert_close(whole[name], expected)
+    monkeypatch.setattr(schedule, "BLOCK_ELEMENTS", 5)  # blocks of one row (of 5 entries of b)
+    reductions, blocks = [], []
+    reduce, call = execute._reduce, execute._call
+    monkeypatch.setattr(execute, "_reduce", lambda *a: reductions.append(a[1].name) or reduce(*a))
+    monkeypatch.setattr(execute, "_call", lambda *a: blocks.append(a[3]) or call(*a))
+    for threads in (1, 2):
+        merged = merge_state_dicts("ties", models, base, threads=threads, **params)
+        for name in whole:
+            assert torch.equal(merged[name], whole[name])
+    assert sum(rows is not None for rows in blocks) == 2 * (12 + 6)
+    assert sorted(reductions) == ["b", "b", "w", "w"]

@@ -9,8 +9,9 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
+from modelfuse.merge.methods.rescaling import RescaledSelections, trim_reduction
 from modelfuse.merge.methods.sign_consensus import ConsensusMethod
-from modelfuse.merge.methods.sparsification import RescaleMethod, tensor_selections
+from modelfuse.merge.methods.sparsification import RescaleMethod
 from modelfuse.merge.methods.task_vectors import SparsifyingParameters, generalized_task_arithmetic
 from modelfuse.merge.parameters import PER_MODEL
 
@@ -51,7 +52,7 @@ def breadcrumbs(
     rescale: bool = False,
     rescale_method: RescaleMethod = "l1",
     int8_mask: bool = False,
-    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | RescaledSelections | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""Breadcrumbs then task arithmetic.
@@ -134,7 +135,7 @@ def breadcrumbs_ties(
     rescale: bool = False,
     rescale_method: RescaleMethod = "l1",
     int8_mask: bool = False,
-    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | RescaledSelections | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""Breadcrumbs then TIES' sign election and disjoint merge.
@@ -189,10 +190,12 @@ def breadcrumbs_selections(
     *,
     density: Sequence[float] | float | None = None,
     gamma: Sequence[float] | float = 0.01,
-) -> list[list[TensorSelection]]:
+    rescale: bool = False,
+    rescale_method: RescaleMethod = "l1",
+) -> list[list[TensorSelection]] | RescaledSelections:
     """The per-tensor reduction of :func:`breadcrumbs` and :func:`breadcrumbs_ties`: each
-    model's two magnitude thresholds of the whole tensor (see
-    :func:`~modelfuse.merge.methods.sparsification.tensor_selections`).
+    model's two magnitude thresholds of the whole tensor, and with a norm rescale its
+    factor (see :func:`~modelfuse.merge.methods.rescaling.trim_reduction`).
 
     Examples
     --------
@@ -200,11 +203,13 @@ def breadcrumbs_selections(
     >>> breadcrumbs_selections([a], torch.zeros(5), density=0.4, gamma=0.2)
     [[TensorSelection(value=3.0, cutoff=None), TensorSelection(value=5.0, cutoff=None)]]
     """
-    return tensor_selections(
+    return trim_reduction(
         tensors,
         base,
         density=density,
         gamma=gamma,
         sparsification="magnitude_outliers",
+        rescale=rescale,
+        rescale_method=rescale_method,
         method="breadcrumbs",
     )

@@ -4,7 +4,9 @@
 ``l1`` (mergekit's ``rescale``), ``l2`` and ``linf`` multiply them by the norm of
 the whole task vector before the drop over its norm after it. A norm rescale
 needs the whole tensor: :func:`rescale_factors` is its per-tensor reduction,
-after which any block of rows merges alone.
+after which any block of rows merges alone; :func:`trim_reduction` is the
+magnitude trims' (TIES, breadcrumbs), their selections and, with a norm
+rescale, the factors that go with them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.random_drops import della_groups
 from modelfuse.merge.methods.sparsification import (
     RescaleMethod,
@@ -26,12 +29,25 @@ from modelfuse.merge.methods.sparsification import (
     chunk_size,
     chunk_slices,
     model_sparsifiers,
+    tensor_selections,
 )
 
-__all__ = ["RescaleFactors", "elementwise_rescale", "rescale_factors", "set_norm_factors"]
+__all__ = [
+    "KEEP_BYTES",
+    "RescaleFactors",
+    "RescaledSelections",
+    "elementwise_rescale",
+    "rescale_factors",
+    "set_norm_factors",
+    "trim_reduction",
+]
 
 
 _NORM_EPS = 1e-7
+
+KEEP_BYTES = 64 * 1024 * 1024
+"""A norm rescale's first pass keeps what each chunk keeps (float32) for the merge pass
+when all the rescaled task vectors of a tensor fit in this; else it keeps drop masks."""
 
 
 def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
@@ -102,6 +118,8 @@ def set_norm_factors(
     size: int,
     chunk: int,
     workspace: Workspace,
+    *,
+    hold: bool = True,
 ) -> list[float]:
     """Each norm-rescaling sparsifier's factor over the whole tensor, set on it and returned.
 
@@ -109,20 +127,34 @@ def set_norm_factors(
     the norm of what is kept, or 1 when either is below 1e-7. One pass over
     the tensor per such model, chunk by chunk from flat index 0 (so the result
     is the same for the whole merge and the engine's reduction).
+
+    The merge pass then needs what each chunk keeps again: with ``hold``, for
+    a tensor whose task vectors fit in :data:`KEEP_BYTES` (float32), the kept
+    chunks are held (:meth:`Sparsifier.take`), so the merge reads and draws
+    nothing twice; otherwise random drops are recorded as one bit per entry
+    (what a reduction hands to the blocks).
     """
     factors = []
+    rescaled = sum(s is not None and s.norm is not None for s in sparsifiers)
+    keep = hold and size * rescaled * 4 <= KEEP_BYTES
     for sparsifier, delta_of in zip(sparsifiers, deltas):
         if sparsifier is None or sparsifier.norm is None:
             factors.append(1.0 if sparsifier is None else sparsifier.factor)
             continue
         before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
-        sparsifier.recording = sparsifier.method in ("random", "della_magprune")
+        random = sparsifier.method in ("random", "della_magprune")
+        sparsifier.recording = random and not keep
+        if keep:
+            sparsifier.kept = {}
         for index in chunk_slices(size, chunk, 0):
             length = index.stop - index.start
             scratch = workspace.get("norm", length)
             delta = delta_of(index, workspace.get("delta", length))
             before.add(delta, scratch)
-            after.add(sparsifier(delta, index.start), scratch)
+            kept = sparsifier(delta, index.start)
+            after.add(kept, scratch)
+            if sparsifier.kept is not None:
+                sparsifier.kept[index.start] = kept.clone()
         sparsifier.recording = False
         sparsifier.restart()
         ratio = 1.0
@@ -192,9 +224,94 @@ def rescale_factors(
         workspace=workspace,
         method=method,
     )
-    factors = set_norm_factors(sparsifiers, deltas, size, chunk, workspace)
+    factors = set_norm_factors(sparsifiers, deltas, size, chunk, workspace, hold=False)
     rescaled = [s is not None and s.norm is not None for s in sparsifiers]
     return RescaleFactors(
         tuple(f if r else 1.0 for f, r in zip(factors, rescaled)),
         tuple(s.mask if s is not None and r else None for s, r in zip(sparsifiers, rescaled)),
+    )
+
+
+@dataclass(frozen=True)
+class RescaledSelections:
+    """A magnitude trim's selections of a whole tensor and the norm-rescale factors they give.
+
+    Attributes
+    ----------
+    selections : tuple of list of TensorSelection
+        Per model, as :func:`~modelfuse.merge.methods.sparsification.tensor_selections`.
+    factors : RescaleFactors
+        Per model, the norm of its task vector over the norm of what its
+        selections keep (1 when it is not rescaled).
+    """
+
+    selections: tuple[list[TensorSelection], ...]
+    factors: RescaleFactors
+
+    def __len__(self) -> int:
+        return len(self.selections)
+
+
+def trim_reduction(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float | None = None,
+    sparsification: Sparsification = "magnitude",
+    rescale: bool = False,
+    rescale_method: RescaleMethod = "l1",
+    method: str = "task-vector merge",
+) -> list[list[TensorSelection]] | RescaledSelections:
+    """The per-tensor reduction of the magnitude trims (TIES, breadcrumbs): each model's
+    selections of the whole tensor, and with a norm rescale (``rescale`` and a
+    ``rescale_method`` other than ``"exact"``) the factors found with them, in one
+    more pass chunk by chunk from flat index 0, as the whole tensor's merge finds them.
+
+    Examples
+    --------
+    >>> base = torch.zeros(4)
+    >>> tau = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    >>> reduced = trim_reduction([tau], base, density=0.5, rescale=True)  # 10 / 7
+    >>> reduced.selections, reduced.factors.factors
+    (([TensorSelection(value=3.0, cutoff=None)],), (1.4285714285714286,))
+    """
+    selections = tensor_selections(
+        tensors,
+        base,
+        density=density,
+        gamma=gamma,
+        sparsification=sparsification,
+        method=method,
+    )
+    if not rescale or rescale_method == "exact" or base is None:
+        return selections
+    base_flat = base.reshape(-1)
+    size = base_flat.numel()
+    chunk = chunk_size(sparsification, (1, 1), size)
+    workspace = Workspace(chunk)
+    sparsifiers, deltas = model_sparsifiers(
+        [t.reshape(-1) for t in tensors],
+        base_flat,
+        density=density,
+        gamma=gamma,
+        epsilon=None,
+        groups=(1, 1),
+        sparsification=sparsification,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        generator=torch.Generator(),  # magnitude trims draw nothing: leave torch's own alone
+        magnitude_thresholds=None,
+        selections=selections,
+        offset=0,
+        name="",
+        chunk=chunk,
+        workspace=workspace,
+        method=method,
+    )
+    factors = set_norm_factors(sparsifiers, deltas, size, chunk, workspace, hold=False)
+    rescaled = [s is not None and s.norm is not None for s in sparsifiers]
+    return RescaledSelections(
+        tuple(selections),
+        RescaleFactors(tuple(f if r else 1.0 for f, r in zip(factors, rescaled)), (None,) * len(rescaled)),
     )

@@ -1,16 +1,38 @@
-"""SCE: select the task-vector entries that vary most, calculate weights, erase minority signs."""
+"""SCE: select the task-vector entries that vary most, calculate weights, erase minority signs.
+
+The selection (an exact top-k of the per-entry variance over the whole tensor)
+and the weights (each task vector's mean square over the tensor) are
+whole-tensor values: :func:`sce_reduction` finds them chunk by chunk, holding
+no float32 copy of any tensor, and any block of rows then merges alone with
+them (the engine's per-tensor reduction). Every step is computed in chunks of
+2**18 entries at fixed flat positions, so a tensor merged whole and the same
+tensor merged in blocks of rows give the same bytes, whatever the threads.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection
+from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
 from modelfuse.merge.parameters import MethodParameters
 
-__all__ = ["SceParameters", "WEIGHT_EPS", "sce", "sce_selection", "sce_weights"]
+__all__ = [
+    "SceParameters",
+    "SceReduction",
+    "WEIGHT_EPS",
+    "sce",
+    "sce_reduction",
+    "sce_selection",
+    "sce_weights",
+]
 
 WEIGHT_EPS = 1e-6
 """Below this sum the models' weights are equal (``1 / N``), and the agreeing weight of an
@@ -34,9 +56,140 @@ class SceParameters(MethodParameters):
     )
 
 
-def _task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
-    flat = base.reshape(-1).to(torch.float32)
-    return [t.reshape(-1).to(torch.float32) - flat for t in tensors]
+@dataclass(frozen=True)
+class SceReduction:
+    """The whole-tensor values of :func:`sce`: its selection and its weights.
+
+    Attributes
+    ----------
+    selection : TensorSelection or None
+        The entries kept by the selection step: variance above ``value``, or
+        equal to it at a flat index below ``cutoff``; None keeps every entry.
+    weights : tuple of float
+        One weight per model (:func:`sce_weights`).
+    """
+
+    selection: TensorSelection | None
+    weights: tuple[float, ...]
+
+
+class _Inputs:
+    """The task vectors of one tensor (or a block of it), chunk by chunk in float32."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, offset: int) -> None:
+        self.flats = [t.reshape(-1) for t in tensors]
+        self.base = base.reshape(-1)
+        self.size = self.base.numel()
+        self.offset = offset
+        self.chunk = chunk_size("magnitude", (1, 1), self.size)
+
+    def slices(self) -> Iterator[slice]:
+        return chunk_slices(self.size, self.chunk, self.offset)
+
+    def taus(self, index: slice) -> list[torch.Tensor]:
+        base = self.base[index].to(torch.float32)
+        return [flat[index].to(torch.float32) - base for flat in self.flats]
+
+    def variances(self) -> Iterator[torch.Tensor]:
+        for index in self.slices():
+            yield _variance(self.taus(index))
+
+
+def _variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The population variance over the models, entry by entry (float32, two passes)."""
+    n = len(taus)
+    mean = torch.zeros_like(taus[0])
+    for tau in taus:
+        mean.add_(tau)
+    mean.div_(n)
+    variance = torch.zeros_like(taus[0])
+    for tau in taus:
+        deviation = tau - mean
+        variance.addcmul_(deviation, deviation)
+    return variance.div_(n)
+
+
+def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
+    """The selection step over a whole tensor, chunk by chunk (see :func:`sce_selection`)."""
+    if select_topk >= 1:
+        return None
+    if select_topk <= 0:
+        return TensorSelection(float("inf"), 0)
+    nonzero = sum(int(torch.count_nonzero(v)) for v in inputs.variances())
+    k = int(nonzero * select_topk)
+    if k == 0:
+        return TensorSelection(float("inf"), 0)
+    n = inputs.size
+    sample = None
+    if n > 2 * (1 << 16):
+        stride = sample_stride(n)
+        sample = _variance(inputs.taus(slice(None, None, stride)))
+    threshold = select_top_k(inputs.variances, k, n, sample)
+    return TensorSelection.of(threshold, inputs.variances)
+
+
+def _masker(
+    selection: TensorSelection | None, inputs: _Inputs
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Masks the variances of the inputs' chunks, given in order (None: all kept)."""
+    if selection is None:
+        return None
+    return selection.within(inputs.offset, inputs.size, inputs.variances).masker()
+
+
+def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float, ...]:
+    """The calculation step over a whole tensor, chunk by chunk (see :func:`sce_weights`)."""
+    sums = [0.0] * len(inputs.flats)
+    masker = _masker(selection, inputs)
+    for index in inputs.slices():
+        taus = inputs.taus(index)
+        if masker is not None:
+            mask = masker(_variance(taus)).to(torch.float32)
+            for tau in taus:
+                tau.mul_(mask)
+        for i, tau in enumerate(taus):
+            sums[i] += _square_sum(tau)
+    return _normalised([s / inputs.size for s in sums] if inputs.size else sums)
+
+
+def _square_sum(values: torch.Tensor) -> float:
+    """The sum of squares in float64: numpy's pairwise sum, the same whatever the torch
+    threads (a float32 square is exact in float64)."""
+    wide = values.numpy().astype(np.float64)
+    return float(np.sum(wide * wide))
+
+
+def _normalised(squares: Sequence[float]) -> tuple[float, ...]:
+    total = sum(squares)
+    if abs(total) < WEIGHT_EPS:
+        return tuple([1.0 / len(squares)] * len(squares))
+    return tuple(s / total for s in squares)
+
+
+def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    if base is None:
+        raise ConfigError("sce needs a base model; set base_model")
+    if not tensors:
+        raise ConfigError("sce: no models besides the base; give at least one")
+    return base
+
+
+def sce_reduction(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, select_topk: float = 1.0
+) -> SceReduction:
+    """The per-tensor reduction of :func:`sce`: its selection and weights over the whole
+    tensor, found chunk by chunk (no float32 copy of a tensor is held); with them any
+    block of rows merges alone.
+
+    Examples
+    --------
+    >>> taus = [torch.tensor([1.0, -2.0, 2.0]), torch.tensor([-1.0, -2.0, 4.0])]
+    >>> sce_reduction(taus, torch.zeros(3)).weights  # mean squares 3 and 7
+    (0.3, 0.7)
+    """
+    inputs = _Inputs(tensors, _check(tensors, base), 0)
+    selection = _select(inputs, select_topk)
+    return SceReduction(selection, _weights(inputs, selection))
 
 
 def sce_selection(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor | None:
@@ -51,33 +204,13 @@ def sce_selection(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Ten
     >>> sce_selection(taus, 0.5)  # variances 1, 0, 0, 1: nnz = 2, k = 1
     tensor([1., 0., 0., 0.])
     """
-    if select_topk >= 1:
+    inputs = _Inputs(taus, torch.zeros_like(taus[0]), 0)
+    masker = _masker(_select(inputs, select_topk), inputs)
+    if masker is None:
         return None
-    n = len(taus)
-    mean = torch.zeros_like(taus[0])
-    for tau in taus:
-        mean.add_(tau)
-    mean.div_(n)
-    variance = torch.zeros_like(taus[0])
-    for tau in taus:
-        deviation = tau - mean
-        variance.addcmul_(deviation, deviation)
-    variance.div_(n)
-    del mean
-    mask = torch.zeros_like(variance)
-    k = int(int(torch.count_nonzero(variance)) * select_topk) if select_topk > 0 else 0
-    if k == 0:
-        return mask
-    size = variance.numel()
-    threshold = torch.kthvalue(variance, size - k + 1).values
-    above = variance > threshold
-    mask[above] = 1.0
-    missing = k - int(above.sum())
-    del above
-    # the first `missing` entries equal to the threshold, by position
-    ties = torch.nonzero(variance == threshold).reshape(-1)[:missing]
-    mask[ties] = 1.0
-    return mask
+    return torch.cat([masker(v).to(torch.float32) for v in inputs.variances()]).reshape(
+        taus[0].shape
+    )
 
 
 def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
@@ -90,11 +223,7 @@ def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
     >>> sce_weights([torch.tensor([1.0, 1.0]), torch.tensor([3.0, -1.0])])
     [0.16666666666666666, 0.8333333333333334]
     """
-    squares = [float(torch.mean(tau.double() ** 2)) if tau.numel() else 0.0 for tau in taus]
-    total = sum(squares)
-    if abs(total) < WEIGHT_EPS:
-        return [1.0 / len(taus)] * len(taus)
-    return [s / total for s in squares]
+    return list(_weights(_Inputs(taus, torch.zeros_like(taus[0]), 0), None))
 
 
 def sce(
@@ -103,6 +232,8 @@ def sce(
     *,
     select_topk: float = 1.0,
     int8_mask: bool = False,
+    reduced: SceReduction | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     r"""SCE: select, calculate, erase, merge (mergekit's ``sce``).
 
@@ -119,8 +250,9 @@ def sce(
     4. merge: :math:`\theta = \theta_b + \sum_i w_i e_i \tau_i / \max(\sum_i
        w_i e_i, 10^{-6})`, with :math:`e_i` 1 where :math:`\tau_i` was kept.
 
-    The selection and the weights are whole-tensor values, so each tensor is
-    merged whole (a few float32 tensors of its size at once).
+    The selection and the weights are whole-tensor values (:func:`sce_reduction`,
+    found from the inputs unless ``reduced`` gives them); the rest is elementwise,
+    computed chunk by chunk.
 
     Parameters
     ----------
@@ -132,6 +264,11 @@ def sce(
         Fraction of the varying entries kept, in [0, 1].
     int8_mask : bool, default False
         Accepted for mergekit configurations; no effect.
+    reduced : SceReduction, optional
+        :func:`sce_reduction` of the whole tensor, when the inputs are a block
+        of rows of it (the engine's row blocks).
+    offset : int, default 0
+        The flat index of the inputs' first entry in the whole tensor.
 
     Returns
     -------
@@ -151,27 +288,32 @@ def sce(
     tensor([ 1.0000, -2.0000,  3.4000])
     """
     del int8_mask
-    if base is None:
-        raise ConfigError("sce needs a base model; set base_model")
-    if not tensors:
-        raise ConfigError("sce: no models besides the base; give at least one")
-    taus = _task_vectors(tensors, base)
-    mask = sce_selection(taus, select_topk)
-    if mask is not None:
+    base = _check(tensors, base)
+    if reduced is None:
+        reduced = sce_reduction(tensors, base, select_topk=select_topk)
+    if len(reduced.weights) != len(tensors):
+        raise ConfigError(f"sce: {len(reduced.weights)} weights for {len(tensors)} models")
+    inputs = _Inputs(tensors, base, offset)
+    masker = _masker(reduced.selection, inputs)
+    out = torch.empty(inputs.size, dtype=torch.float32)
+    for index in inputs.slices():
+        taus = inputs.taus(index)
+        if masker is not None:
+            mask = masker(_variance(taus)).to(torch.float32)
+            for tau in taus:
+                tau.mul_(mask)
+            del mask
+        total = torch.zeros_like(taus[0])
         for tau in taus:
-            tau.mul_(mask)
-        del mask
-    weights = sce_weights(taus)
-    total = torch.zeros_like(taus[0])
-    for tau in taus:
-        total.add_(tau)
-    # +1 where the sum is >= 0, else -1
-    elected = torch.sign(total).add_(1.0).clamp_(max=1.0).mul_(2.0).sub_(1.0)
-    merged = total.zero_()
-    divisor = torch.zeros_like(merged)
-    for tau, w in zip(taus, weights):
-        agree = torch.eq(torch.sign(tau), elected).to(torch.float32)
-        merged.addcmul_(tau, agree, value=w)
-        divisor.add_(agree, alpha=w)
-    merged.div_(divisor.clamp_(min=WEIGHT_EPS))
-    return merged.add_(base.reshape(-1).to(torch.float32)).reshape(base.shape)
+            total.add_(tau)
+        # +1 where the sum is >= 0, else -1
+        elected = torch.sign(total).add_(1.0).clamp_(max=1.0).mul_(2.0).sub_(1.0)
+        merged = total.zero_()
+        divisor = torch.zeros_like(merged)
+        for tau, w in zip(taus, reduced.weights):
+            agree = torch.eq(torch.sign(tau), elected).to(torch.float32)
+            merged.addcmul_(tau, agree, value=w)
+            divisor.add_(agree, alpha=w)
+        merged.div_(divisor.clamp_(min=WEIGHT_EPS))
+        torch.add(merged, inputs.base[index].to(torch.float32), out=out[index])
+    return out.reshape(base.shape)

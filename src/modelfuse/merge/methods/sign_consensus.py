@@ -41,14 +41,19 @@ def elect_signs(
     votes = workspace.zeros("votes", length) if consensus_method == "count" else None
     scratch = workspace.get("scratch", length)
     for i, w in enumerate(weights):
-        delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
         sparsifier = sparsifiers[i]
+        kept = None if sparsifier is None else sparsifier.take(index.start, length)
         scale = w
-        if sparsifier is not None:
-            delta = sparsifier(delta, start)
+        if kept is not None and sparsifier is not None:  # held by the norm pass
             scale = w * sparsifier.factor
-        if scale != 1.0:
-            delta.mul_(scale)
+            delta = kept if scale == 1.0 else kept.mul_(scale)
+        else:
+            delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
+            if sparsifier is not None:
+                delta = sparsifier(delta, start)
+                scale = w * sparsifier.factor
+            if scale != 1.0:
+                delta.mul_(scale)
         total.add_(delta)
         positive.add_(torch.clamp(delta, min=0, out=scratch))
         if votes is not None or (signed is not None and unsigned is not None):

@@ -174,6 +174,9 @@ class Sparsifier:
         # recorded by the norm pass so that the merge pass need not draw it again
         self.mask: np.ndarray | None = None
         self.recording = False
+        # or, for a tensor small enough, the kept chunks themselves (by flat start), kept
+        # by the norm pass for the merge pass (see :func:`set_norm_factors`)
+        self.kept: dict[int, torch.Tensor] | None = None
         if self.keep_all or method in ("random", "della_magprune"):
             return
 
@@ -211,6 +214,14 @@ class Sparsifier:
             raise RuntimeError(f"drop masks are recorded from chunks at multiples of 8, not {start}")
         bits = np.packbits(keep.reshape(-1).to(torch.uint8).numpy())
         self.mask[start // 8 : start // 8 + bits.size] = bits
+
+    def take(self, start: int, length: int) -> torch.Tensor | None:
+        """The kept entries of the chunk at flat ``start`` when the norm pass kept them
+        (each is handed out once), else None."""
+        if not self.kept:
+            return None
+        kept = self.kept.pop(start, None)
+        return kept if kept is not None and kept.numel() == length else None
 
     def restart(self) -> None:
         """Start again from the first chunk (the magnitude selectors count ties as they go)."""

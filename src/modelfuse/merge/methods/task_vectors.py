@@ -49,7 +49,7 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.magnitude_threshold import MagnitudeThreshold, TensorSelection
 from modelfuse.merge.methods.random_drops import della_groups
-from modelfuse.merge.methods.rescaling import RescaleFactors, set_norm_factors
+from modelfuse.merge.methods.rescaling import RescaledSelections, RescaleFactors, set_norm_factors
 from modelfuse.merge.methods.sign_consensus import ConsensusMethod, elect_signs
 from modelfuse.merge.methods.sparsification import (
     RescaleMethod,
@@ -131,7 +131,7 @@ def generalized_task_arithmetic(
     rescale_method: RescaleMethod = "exact",
     generator: torch.Generator | None = None,
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
-    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | RescaledSelections | None = None,
     rescale_factors: RescaleFactors | Sequence[float] | None = None,
     offset: int = 0,
     name: str = "",
@@ -169,7 +169,9 @@ def generalized_task_arithmetic(
     selections : sequence of sequence of TensorSelection, optional
         :func:`tensor_selections` of the whole tensor, when the inputs are a
         block of it (the engine's row blocks); found from the inputs when not
-        given.
+        given. A :class:`~modelfuse.merge.methods.rescaling.RescaledSelections`
+        (:func:`~modelfuse.merge.methods.rescaling.trim_reduction`) gives the
+        norm-rescale factors too.
     rescale_factors : RescaleFactors or sequence of float, optional
         :func:`rescale_factors` of the whole tensor (a norm rescale), when the
         inputs are a block of it; found from the inputs when not given. Their
@@ -209,6 +211,10 @@ def generalized_task_arithmetic(
     if n == 0:
         raise ConfigError(f"{method}: no models besides the base; give at least one")
     weights = _weights(weight, n, method)
+    if isinstance(selections, RescaledSelections):
+        if rescale_factors is None:
+            rescale_factors = selections.factors
+        selections = selections.selections
     if magnitude_thresholds is not None and len(magnitude_thresholds) != n:
         raise ConfigError(
             f"{method}: {len(magnitude_thresholds)} magnitude thresholds for {n} models"
@@ -273,8 +279,12 @@ def generalized_task_arithmetic(
         if consensus_method is None:
             merged = workspace.zeros("merged", length)
             for i in range(n):
-                delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
                 sparsifier = sparsifiers[i]
+                kept = None if sparsifier is None else sparsifier.take(index.start, length)
+                if kept is not None and sparsifier is not None:
+                    merged.add_(kept, alpha=weights[i] * sparsifier.factor)
+                    continue
+                delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
                 if sparsifier is not None:
                     delta = sparsifier(delta, start)
                     merged.add_(delta, alpha=weights[i] * sparsifier.factor)
@@ -387,6 +397,7 @@ def sparsify(
             n,
             max(n, 1),
             sparsifier.workspace,
+            hold=False,
         )
     kept = sparsifier(flat.clone())
     if sparsifier.factor != 1.0:

@@ -11,9 +11,9 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.global_top_k import global_top_k
 from modelfuse.merge.methods.magnitude_threshold import MagnitudeThreshold, TensorSelection
-from modelfuse.merge.methods.rescaling import elementwise_rescale
+from modelfuse.merge.methods.rescaling import RescaledSelections, trim_reduction
 from modelfuse.merge.methods.sign_consensus import ConsensusMethod
-from modelfuse.merge.methods.sparsification import RescaleMethod, tensor_selections
+from modelfuse.merge.methods.sparsification import RescaleMethod
 from modelfuse.merge.methods.task_vectors import SparsifyingParameters, generalized_task_arithmetic
 
 __all__ = ["TiesParameters", "per_tensor_trimming", "prepare_ties", "ties", "ties_selections"]
@@ -54,7 +54,7 @@ def ties(
     int8_mask: bool = False,
     name: str = "",
     magnitude_thresholds: Sequence[MagnitudeThreshold] | None = None,
-    selections: Sequence[Sequence[TensorSelection]] | None = None,
+    selections: Sequence[Sequence[TensorSelection]] | RescaledSelections | None = None,
     offset: int = 0,
 ) -> torch.Tensor:
     r"""TIES merging of task vectors.
@@ -99,6 +99,11 @@ def ties(
         The tensor's name.
     magnitude_thresholds : sequence of MagnitudeThreshold, optional
         The whole-model selections, one per model, for ``scope="global"``.
+    selections : list of list of TensorSelection or RescaledSelections, optional
+        :func:`ties_selections` of the whole tensor (``scope="tensor"``), when
+        the inputs are a block of rows of it; found from the inputs when not given.
+    offset : int, default 0
+        The flat index of the inputs' first entry in the whole tensor.
 
     Returns
     -------
@@ -152,24 +157,33 @@ def ties_selections(
     base: torch.Tensor | None,
     *,
     density: Sequence[float] | float | None = None,
-) -> list[list[TensorSelection]]:
+    rescale: bool = False,
+    rescale_method: RescaleMethod = "l1",
+) -> list[list[TensorSelection]] | RescaledSelections:
     """The per-tensor reduction of :func:`ties` (``scope: tensor``): each model's
-    magnitude threshold of the whole tensor (see
-    :func:`~modelfuse.merge.methods.sparsification.tensor_selections`).
+    magnitude threshold of the whole tensor, and with a norm rescale its factor (see
+    :func:`~modelfuse.merge.methods.rescaling.trim_reduction`).
 
     Examples
     --------
     >>> ties_selections([torch.tensor([1.0, -4.0, 3.0])], torch.zeros(3), density=0.34)
     [[TensorSelection(value=4.0, cutoff=None)]]
     """
-    return tensor_selections(tensors, base, density=density, method="ties")
+    return trim_reduction(
+        tensors,
+        base,
+        density=density,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        method="ties",
+    )
 
 
 def per_tensor_trimming(parameters: Mapping[str, Any]) -> bool:
-    """Whether ``ties`` trims this tensor on its own, so that large tensors are reduced to
-    their thresholds first and merged in blocks of rows (not with ``scope: global``, whose
-    thresholds are the whole model's, nor a norm rescale, which needs every entry)."""
-    return parameters.get("scope", "tensor") == "tensor" and elementwise_rescale(parameters)
+    """Whether ``ties`` trims this tensor on its own (``scope: tensor``), so that large
+    tensors are reduced to their thresholds (and norm-rescale factors) first and merged
+    in blocks of rows; not with ``scope: global``, whose thresholds are the whole model's."""
+    return parameters.get("scope", "tensor") == "tensor"
 
 
 def _is_global(_name: str, parameters: Mapping[str, Any]) -> bool:
