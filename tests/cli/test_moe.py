@@ -186,7 +186,9 @@ BAD_CONFIGS = {
                 {"source_model": "./mistral", "positive_prompts": ["b"]},
             ]
         },
-        "Mixtral needs every input model of one model_type",
+        "Mixtral needs one model_type for all models: base_model is 'llama', "
+        "experts[1].source_model is 'mistral'; Qwen MoE needs exactly 1 shared expert; "
+        "modelfuse moe writes a Mixtral of Llama or Mistral models, or a Qwen2-MoE",
     ),
     "too many per token": ({"experts_per_token": 3}, "3 experts per token but only 2 experts"),
     "no experts per token": ({"experts_per_token": 0}, "experts_per_token: expected at least 1"),

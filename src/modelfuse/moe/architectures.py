@@ -135,8 +135,8 @@ class OutputArchitecture:
         if len(set(types)) != 1:
             odd = next(key for key, kind in model_types.items() if kind != types[0])
             return (
-                f"{self.title} needs every input model of one model_type (base_model is "
-                f"{short(types[0])}, {odd} is {short(model_types[odd])})"
+                f"{self.title} needs one model_type for all models: base_model is "
+                f"{short(types[0], 30)}, {odd} is {short(model_types[odd], 30)}"
             )
         if types[0] not in self.input_types:
             return (
@@ -290,10 +290,10 @@ def select_architecture(
     if fitting:
         return _refuse_mergekit_only(fitting[0])
     raise ConfigError(
-        "no output architecture fits the configuration ("
+        "no output architecture fits: "
         + "; ".join(reasons or ["none named"])
-        + "); write a Mixtral from Llama or Mistral experts without shared_experts, or a "
-        "Qwen2-MoE with one shared expert (architecture: qwen)"
+        + "; modelfuse moe writes a Mixtral of Llama or Mistral models, or a Qwen2-MoE "
+        "with one shared expert"
     )
 
 
