@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,8 @@ def test_usage_error_through_a_subprocess(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     _check_usage_error(done.stderr)
-    assert "No such option: --no-such-flag" in done.stderr
+    # click 8.1-8.3 (vendored by typer 0.29) and click 8.5 word it differently
+    assert re.search(r"No such option:? '?--no-such-flag", done.stderr), done.stderr
 
 
 def test_help_needs_no_optional_dependency(tmp_path: Path) -> None:
@@ -189,7 +191,10 @@ def test_help_needs_no_optional_dependency(tmp_path: Path) -> None:
     blocker = textwrap.dedent(
         """
         import sys
-        BLOCKED = {"transformers", "tokenizers", "peft", "flwr", "ray", "click"}
+        import importlib.util
+        BLOCKED = {"transformers", "tokenizers", "peft", "flwr", "ray"}
+        if importlib.util.find_spec("typer._click") is not None:
+            BLOCKED.add("click")  # typer carries its own click: the CLI must not need another
         class Block:
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in BLOCKED:

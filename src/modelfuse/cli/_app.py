@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
@@ -50,3 +51,14 @@ def _options(
 ) -> None:
     """Fuse trained neural networks: merge weights, ensemble predictions, calibrate,
     and compare honestly."""
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback refusing NaN and infinity as a usage error naming the option.
+
+    click's ``FloatRange`` lets NaN through in some click versions (every
+    comparison with NaN is false), so ranges alone do not refuse it.
+    """
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, got {value}")
+    return value

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from modelfuse.cli._app import app
+from modelfuse.cli._app import app, finite
 from modelfuse.cli._inputs import InputsInOrder, named_files
 from modelfuse.cli._output import (
     check_folder_output,
@@ -115,12 +115,14 @@ def calibrate_command(
             help="vector, matrix: L2 penalty strength (default 10 for vector, 100 for matrix)",
             min=0.0,
             max=1e9,
+            callback=finite,
         ),
     ] = None,
     prior_strength: Annotated[
         float | None,
         typer.Option(
-            help="histogram: pseudo-samples of each bin's prior (default 2)", min=1e-12, max=1e9
+            help="histogram: pseudo-samples of each bin's prior (default 2)", min=1e-12, max=1e9,
+            callback=finite,
         ),
     ] = None,
     cv: Annotated[

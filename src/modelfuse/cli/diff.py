@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from modelfuse.cli._app import app
+from modelfuse.cli._app import app, finite
 
 __all__ = ["diff_command"]
 
@@ -35,6 +35,7 @@ def diff_command(
             help="fraction of entries kept per tensor (largest magnitudes), in (0, 1]",
             min=0.0,
             max=1.0,
+            callback=finite,
         ),
     ] = 1.0,
     dtype: Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from modelfuse.cli._app import app
+from modelfuse.cli._app import app, finite
 
 __all__ = ["extract_lora_command"]
 
@@ -48,6 +48,7 @@ def extract_lora_command(
             "singular values, in (0, 1]",
             min=0.0,
             max=1.0,
+            callback=finite,
         ),
     ] = None,
     embeddings: Annotated[
