@@ -834,13 +834,13 @@ def test_different_architectures_need_allow_crimes(tmp_path, capsys):
             "a mergekit-moe configuration (experts, gate_mode), not a merge",
         ),
         (
-            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: union\n",
-            "tokenizer_source: 'union' is not supported; modelfuse copies the base model's "
-            "tokenizer",
+            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: union\n"
+            "tokenizer: {source: base}\n",
+            "both tokenizer_source and tokenizer are given; mergekit reads one",
         ),
         (
-            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: {model: a}\n",
-            "tokenizer_source: {'model': 'a'} is not supported",
+            "merge_method: linear\nmodels: [a, b]\ntokenizer_source: {model: a, lora: l}\n",
+            "tokenizer_source: lora in a model reference is not supported",
         ),
     ],
 )

@@ -35,6 +35,13 @@ from pydantic import (
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import ParameterSetting, format_validation_error, short
 from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, read_yaml
+from modelfuse.vocabulary.chat_templates import resolve_chat_template
+from modelfuse.vocabulary.settings import TokenizerSettings, reference_value
+
+_BOTH_TOKENIZER_KEYS = (
+    "both tokenizer_source and tokenizer are given; mergekit reads one: keep tokenizer "
+    "(tokenizer_source: X is tokenizer: {source: X})"
+)
 
 __all__ = [
     "DTYPES",
@@ -211,10 +218,18 @@ class MergeConfig(BaseModel):
     patches: list[PatchEntry] | None = Field(
         None, description="task-vector patches added to the merged model"
     )
-    tokenizer_source: Literal["base"] | None = Field(
+    tokenizer_source: str | None = Field(
         None,
-        description="where the tokenizer comes from; modelfuse copies it from the base "
-        "model (or the first model) and supports only 'base'",
+        description="the output vocabulary: union, base, or a model's path (model:PATH); "
+        "without it (and without tokenizer) the base model's tokenizer files are copied",
+    )
+    tokenizer: TokenizerSettings | None = Field(
+        None,
+        description="mergekit's tokenizer mapping: source, tokens (per-token row sources), "
+        "pad_to_multiple_of",
+    )
+    chat_template: str | None = Field(
+        None, description="a built-in chat template name, auto, or a Jinja template"
     )
 
     _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
@@ -237,6 +252,27 @@ class MergeConfig(BaseModel):
                 "float8_e4m3fn, float8_e5m2"
             )
         return value
+
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _tokenizer_reference(cls, value: Any) -> Any:
+        return reference_value(value)  # model:PATH and {model: PATH} read as PATH
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            try:
+                resolve_chat_template(value, where="")
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix(": ")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError(_BOTH_TOKENIZER_KEYS)
+        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
@@ -326,13 +362,8 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
             f"{where}: a mergekit-moe configuration (experts, gate_mode), not a merge; "
             "run it with modelfuse moe CONFIG OUT, which builds the mixture of experts"
         )
-    if data.get("tokenizer_source") not in (None, "base"):
-        raise ConfigError(
-            f"{where}: tokenizer_source: {short(data['tokenizer_source'])} is not supported; "
-            "modelfuse copies the base model's tokenizer (tokenizer_source: base), and "
-            "mergekit's union or per-model vocabularies are not built: merge models that "
-            "share a tokenizer, or leave tokenizer_source out"
-        )
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: {_BOTH_TOKENIZER_KEYS}")
     try:
         return MergeConfig.model_validate(data), folder
     except ValidationError as exc:

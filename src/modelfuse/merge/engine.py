@@ -309,13 +309,19 @@ def merge(
                 warnings.simplefilter("always")
                 execute_plan(plan, sink, threads=workers, on_done=done)
             notes = [*writer.notes, *opened.notes]  # stale temporary folders removed
-            updated = updated_model_config(opened.files_from, plan)
+            step = opened.vocabulary
+            vocab_size = step.vocab_size if step is not None else None
+            updated = updated_model_config(opened.files_from, plan, vocab_size)
             if updated is not None:
                 writer.add_file("config.json", updated[0])
                 if updated[1]:  # say what changed, if anything did
                     notes.append(f"config.json: {', '.join(updated[1])}")
+            # A built vocabulary's tokenizer (or the base's with a chat template) replaces the copy.
+            own = step is not None and step.write(writer, copy_tokenizer, notes)
             if opened.files_from is not None:
-                copied = writer.copy_model_files(opened.files_from, tokenizer=copy_tokenizer)
+                copied = writer.copy_model_files(
+                    opened.files_from, tokenizer=copy_tokenizer and not own
+                )
                 if copied:
                     notes.append(f"copied {', '.join(copied)} from {opened.files_from}")
             writer.add_file("modelfuse.yaml", resolved_yaml(cfg, opened.located))

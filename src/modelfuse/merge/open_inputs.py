@@ -26,6 +26,7 @@ from modelfuse.merge.patch import PatchSource, attach_patches
 from modelfuse.merge.plan import MergePlan
 from modelfuse.merge.problems import Problems
 from modelfuse.merge.registry import METHODS, get_method
+from modelfuse.merge.vocabulary_step import VocabularyStep, check_vocabulary_keys, open_vocabulary
 
 __all__ = ["OpenedInputs", "locate", "open_inputs"]
 
@@ -53,6 +54,7 @@ class OpenedInputs:
     files_from: Path | None
     notes: list[str]
     located: dict[str, str] = field(default_factory=dict)
+    vocabulary: VocabularyStep | None = None
 
 
 _STATISTICS_KIND = "modelfuse.statistics"
@@ -178,12 +180,29 @@ def open_inputs(
                     label = f"models[{i}].statistics {entry.statistics}"
                     for problem in _statistics_problems(method, label, stats, ckpt):
                         problems.add(problem)
+        for problem in check_vocabulary_keys(config, method):
+            problems.add(problem)
         if method is None or failed or len(patch_sources) < len(config.patches or []):
             # Nothing more can be checked against the models: report what was found.
             if method is not None:
                 for problem in parameter_key_problems(method, config):
                     problems.add(problem)
             problems.raise_now()
+        step = None
+        try:  # planning vocabularies left unaligned would only add noise: stop at a problem
+            step = open_vocabulary(config, get, located, folder, base_ckpt, entries, locate)
+        except ModelfuseError as exc:
+            problems.add_error(exc)
+            problems.raise_now()
+        if step is not None and step.sources:  # plan with the checkpoints seen through it
+            swap, open_one = step.source, get
+            entries = [(e, swap(c) if c is not None else c, st) for e, c, st in entries]
+            base_ckpt = swap(base_ckpt) if base_ckpt is not None else None
+
+            def get(reference: str, key: str, what: str = "input model") -> Checkpoint | None:
+                found = open_one(reference, key, what)
+                return swap(found) if found is not None else None
+
         try:
             if config.slices is not None:
                 plan = slice_plan(config, method, get, compute, out_dtype)
@@ -214,8 +233,9 @@ def open_inputs(
         config,
         [*opened.values(), *patch_sources],
         files_from,
-        notes + plan.notes,
+        notes + plan.notes + (step.notes if step is not None else []),
         located,
+        step,
     )
 
 

@@ -46,9 +46,12 @@ def _written_dtype(plan: MergePlan) -> torch.dtype | None:
     return max(counts, key=lambda d: counts[d]) if counts else None
 
 
-def updated_model_config(files_from: Path | None, plan: MergePlan) -> tuple[str, list[str]] | None:
+def updated_model_config(
+    files_from: Path | None, plan: MergePlan, vocab_size: int | None = None
+) -> tuple[str, list[str]] | None:
     """config.json for the output: its layer count, vocabulary size and dtype, no input's identity.
 
+    ``vocab_size`` (the rows of a built vocabulary) is written when given.
     ``torch_dtype`` (and ``dtype``, its newer name, when present) are set to
     the dtype the merged tensors are written in; the keys of
     :data:`DROPPED_CONFIG_KEYS` are removed. None when there is no
@@ -74,6 +77,9 @@ def updated_model_config(files_from: Path | None, plan: MergePlan) -> tuple[str,
             if "vocab_size" in data and data["vocab_size"] != rows:
                 changes.append(f"vocab_size {short(data['vocab_size'])} -> {rows}")
                 data["vocab_size"] = rows
+    if vocab_size is not None and data.get("vocab_size") != vocab_size:
+        changes.append(f"vocab_size {short(data.get('vocab_size'))} -> {vocab_size}")
+        data["vocab_size"] = vocab_size
     written = _written_dtype(plan)
     if written is not None:
         name = str(written).removeprefix("torch.")
@@ -107,6 +113,13 @@ def _resolved_config(config: MergeConfig, located: dict[str, str]) -> dict[str, 
             fix(source, "model")
     for patch in data.get("patches", []):
         fix(patch, "patch")
+    fix(data, "tokenizer_source")
+    tokenizer = data.get("tokenizer") or {}
+    fix(tokenizer, "source")
+    for setting in (tokenizer.get("tokens") or {}).values():
+        fix(setting, "source")
+        if isinstance(setting.get("source"), dict):
+            fix(setting["source"], "model")
     return data
 
 
@@ -160,7 +173,8 @@ def model_card_text(config: MergeConfig, plan: MergePlan, located: dict[str, str
     settings = {
         key: value
         for key, value in data.items()
-        if key in ("parameters", "dtype", "out_dtype", "tokenizer_source")
+        if key
+        in ("parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
     }
     per_model = [e for e in data.get("models", []) if "parameters" in e]
     if not settings and not per_model:
