@@ -292,7 +292,8 @@ def test_an_unknown_reference_that_is_not_a_path_is_refused(tmp_path):
     assert "(names: a)" in message
 
 
-def test_a_name_that_is_also_an_existing_path_is_refused_where_used(tmp_path):
+def test_a_name_that_is_also_an_existing_path_is_refused_where_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ./a is found as given, from the working directory
     _small(tmp_path)
     save_file(random_state(5), tmp_path / "a")
     text = (
@@ -305,6 +306,10 @@ def test_a_name_that_is_also_an_existing_path_is_refused_where_used(tmp_path):
     # Written another way, it is the path; the stage is then unused (refused without a folder).
     text = text.replace("models: [a, m2", "models: [./a, m2")
     assert "stage 'a' (document 1) is not used" in _error(tmp_path, text)
+    result = merge_multistage(tmp_path / "stages.yaml", tmp_path / "out", intermediate_dir=tmp_path / "k")
+    merged = load_file(result.out / "model.safetensors")["model.norm.weight"]
+    expected = (random_state(5)["model.norm.weight"] + random_state(2)["model.norm.weight"]) / 2
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -536,3 +541,11 @@ def test_the_temporary_folder_is_the_writers_kind_so_a_killed_run_is_cleaned_up(
     result = merge_multistage(config, tmp_path / "again")
     assert not left.exists()
     assert any("interrupted modelfuse run" in note for note in result.stages[-1][1].notes)
+
+
+def test_merge_of_a_multistage_file_points_to_merge_multistage(tmp_path):
+    _small(tmp_path)
+    config = _config(tmp_path, TWO_STAGES)
+    with pytest.raises(ConfigError, match="a second YAML document starts at line 4: a multi-stage"):
+        merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

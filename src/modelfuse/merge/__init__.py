@@ -2,7 +2,9 @@
 
 Each method is a pure function of the tensors of one name (see
 :mod:`modelfuse.merge.registry`); :func:`merge` streams checkpoints on disk
-through one of them, :func:`merge_state_dicts` does the same in memory.
+through one of them, :func:`merge_state_dicts` does the same in memory, and
+:func:`merge_multistage` runs a file of several merges where later ones use
+earlier ones' outputs.
 
 The package itself is callable: ``modelfuse.merge(config, out)`` is
 ``modelfuse.merge.merge(config, out)``.
@@ -26,6 +28,12 @@ from modelfuse.merge.methods.slerp import slerp
 from modelfuse.merge.methods.task_arithmetic import task_arithmetic
 from modelfuse.merge.methods.task_vectors import generalized_task_arithmetic
 from modelfuse.merge.methods.ties import ties
+from modelfuse.merge.multistage import (
+    MultistageResult,
+    PlannedStage,
+    merge_multistage,
+    plan_multistage,
+)
 from modelfuse.merge.registry import METHODS, get_method
 from modelfuse.merge.state_dict import merge_state_dicts
 
@@ -33,6 +41,8 @@ __all__ = [
     "METHODS",
     "MergeMethod",
     "MergeResult",
+    "MultistageResult",
+    "PlannedStage",
     "RegMeanJitterWarning",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -44,10 +54,12 @@ __all__ = [
     "gradient_matching",
     "linear",
     "merge",
+    "merge_multistage",
     "merge_state_dicts",
     "model_stock",
     "multislerp",
     "plan_merge",
+    "plan_multistage",
     "regmean",
     "slerp",
     "task_arithmetic",

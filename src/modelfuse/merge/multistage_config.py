@@ -7,6 +7,7 @@ configuration, finds which stage uses which, and orders them.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,13 @@ import yaml
 
 from modelfuse.errors import ConfigError, ModelfuseError
 from modelfuse.merge.config import MergeConfig, load_config
+from modelfuse.merge.open_inputs import locate
 from modelfuse.merge.output_paths import expand_user
 from modelfuse.merge.parameters import short
-from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, _BoundedLoader, _expanded_size
+from modelfuse.merge.yaml_reading import (
+    MAX_CONFIG_BYTES,
+    read_yaml_documents,
+)
 
 __all__ = [
     "Stage",
@@ -118,18 +123,15 @@ def is_multistage(path: str | Path) -> bool:
         text = _read_text(Path(path))
     except (ModelfuseError, OSError):
         return False
-    loader = _BoundedLoader(text)
     documents = 0
-    try:
-        while loader.check_event():
-            if isinstance(loader.get_event(), yaml.DocumentStartEvent):
+    try:  # parser events only: no node is built, no alias expanded
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
                     return True
     except yaml.YAMLError:
         return documents > 1
-    finally:
-        loader.dispose()
     return False
 
 
@@ -140,39 +142,26 @@ def _read_documents(path: Path) -> list[Any]:
     ``max(10000, 4 * len(text))`` nodes, the budget of one file.
     """
     text = _read_text(path)
-    budget = max(10_000, 4 * len(text))
-    loader = _BoundedLoader(text)
-    documents: list[Any] = []
     try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                documents.append(None)
-                continue
-            budget -= _expanded_size(node, budget)
-            documents.append(loader.construct_document(node))
+        return read_yaml_documents(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = str(getattr(exc, "problem", None) or exc)[:200]
         raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
-    finally:
-        loader.dispose()
-    return documents
 
 
 def _found(reference: str, folder: Path, key: str) -> str | None:
-    """Where the engine finds ``reference``: as given (from the working directory), else
-    beside the configuration file; None when it is neither."""
-    path = expand_user(reference, key=key)
+    """Where the engine finds ``reference`` (:func:`locate`: from the working directory,
+    else beside the configuration file); None when it is neither."""
     try:
-        if path.exists():
-            return reference
-        if not path.is_absolute() and (folder / path).exists():
-            return str(folder / path)
-    except OSError:
+        location = locate(reference, folder, key)
+        if not os.path.lexists(expand_user(location, key=key)):
+            return None
+        # Found as given: keep the reference as written (``./a`` must not become a name ``a``).
+        return reference if location == str(expand_user(reference, key=key)) else location
+    except (ModelfuseError, OSError):
         return None
-    return None
 
 
 def _located(config: MergeConfig, folder: Path, names: Sequence[str], where: str) -> tuple[

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "read_yaml"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "read_yaml", "read_yaml_documents"]
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -154,3 +154,33 @@ def read_yaml(text: str) -> Any:
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def read_yaml_documents(text: str) -> list[Any]:
+    """Parse every document of a YAML stream (``---`` separated), bounded as one file.
+
+    Each document is read as :func:`read_yaml` reads one (depth and integer
+    limits); aliases may expand all documents together to at most
+    ``max(10000, 4 * len(text))`` nodes, the budget of one file.
+
+    Raises
+    ------
+    yaml.YAMLError
+        As :func:`read_yaml`, for any document.
+
+    Examples
+    --------
+    >>> read_yaml_documents("name: a\\nweight: 5e-1\\n---\\n---\\nmodels: [a]\\n")
+    [{'name': 'a', 'weight': 0.5}, None, {'models': ['a']}]
+    """
+    budget = max(10_000, 4 * len(text))
+    loader = _BoundedLoader(text)
+    documents: list[Any] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            budget -= _expanded_size(node, budget)
+            documents.append(loader.construct_document(node))
+    finally:
+        loader.dispose()
+    return documents
