@@ -343,6 +343,11 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             problem = str(getattr(exc, "problem", None) or exc)[:200]
+            if problem == "but found another document":
+                raise ConfigError(
+                    f"{path}: a second YAML document starts{at}: a multi-stage file of several "
+                    "merges; run it with merge_multistage (`modelfuse merge` runs either kind)"
+                ) from None
             raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
