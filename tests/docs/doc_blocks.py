@@ -5,7 +5,8 @@ Each fenced block carries its language, and each language is run its own way:
 - ``python``: executed; blocks of ``>>>`` lines are doctests whose printed
   output must match. One namespace per document, so later blocks use earlier ones.
 - ``yaml``: parsed and validated as a merge configuration
-  (``modelfuse.merge.config.load_config``). A block whose first line is a
+  (``modelfuse.merge.config.load_config``; each document of a multi-stage
+  file, without its ``name:``). A block whose first line is a
   comment naming a file (``# ties.yaml``) is also written to that file, for
   the commands that follow.
 - ``sh``: every command (``\\`` continues a line, ``#`` starts a comment) is a
@@ -167,8 +168,12 @@ def _evaluate_yaml(example: Example) -> str | None:
     from modelfuse.merge.config import load_config
 
     source = example.parsed
-    data = yaml.safe_load(source)
-    load_config(data)
+    documents = list(yaml.safe_load_all(source))
+    if len(documents) > 1:  # a multi-stage file: each document is a merge with a name
+        for document in documents:
+            load_config({key: value for key, value in document.items() if key != "name"})
+    else:
+        load_config(documents[0] if documents else None)
     first = source.lstrip().splitlines()[0] if source.strip() else ""
     named = re.fullmatch(r"#\s*([\w.-]+\.ya?ml)\s*", first)
     if named:

@@ -65,7 +65,7 @@ from modelfuse.merge.multistage_outputs import (
     check_outputs,
     intermediate_folder,
     record_stages,
-    write_placeholder,
+    write_planned_output,
 )
 from modelfuse.merge.plan import MergePlan
 
@@ -169,7 +169,7 @@ def _elements(plan: MergePlan) -> int:
 
 
 def _restated(error: ModelfuseError, where: str, names: Mapping[str, str]) -> ModelfuseError:
-    """``error`` said of one stage: ``where`` first, placeholder folders named by their stage."""
+    """``error`` said of one stage: ``where`` first, stand-in folders named by their stage."""
 
     def fix(text: str) -> str:
         return f"{where}: {_renamed(text, names)}"
@@ -214,14 +214,14 @@ def _prepare(
     check_outputs(stages, path, target, folder, overwrite)
     planned: list[PlannedStage] = []
     with tempfile.TemporaryDirectory(prefix="modelfuse-stages-") as scratch:
-        placeholders: dict[str, str] = {}
+        stand_ins: dict[str, str] = {}
         for number, stage in enumerate(stages, start=1):
             final = number == len(stages)
-            named = {folder_: name for name, folder_ in placeholders.items()}
+            named = {folder_: name for name, folder_ in stand_ins.items()}
             try:
                 with _stage_warnings(stage_where(path, stage), named, show=show_warnings):
                     plan = plan_merge(
-                        bind(stage.config, placeholders),
+                        bind(stage.config, stand_ins),
                         target if final else None,
                         overwrite=overwrite,
                         allow_crimes=allow_crimes,
@@ -232,8 +232,8 @@ def _prepare(
             try:
                 description = _renamed(describe_plan(plan), named)
                 if not final and stage.name is not None:
-                    placeholders[stage.name] = str(Path(scratch) / stage.name)
-                    write_placeholder(plan, Path(placeholders[stage.name]))
+                    stand_ins[stage.name] = str(Path(scratch) / stage.name)
+                    write_planned_output(plan, Path(stand_ins[stage.name]))
                 planned.append(
                     PlannedStage(
                         name=stage.name,

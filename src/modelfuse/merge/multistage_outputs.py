@@ -1,4 +1,4 @@
-"""Where a multi-stage merge writes: checked outputs, intermediate folders, placeholders,
+"""Where a multi-stage merge writes: checked outputs, intermediate folders, stand-ins for planning,
 and the record of every stage in the final output."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from modelfuse.merge.output_paths import check_output_path, expand_user
 from modelfuse.merge.parameters import short
 from modelfuse.merge.plan import MergePlan
 
-__all__ = ["check_outputs", "intermediate_folder", "record_stages", "write_placeholder"]
+__all__ = ["check_outputs", "intermediate_folder", "record_stages", "write_planned_output"]
 
 
 def _stage_named(stage: Stage) -> str:
@@ -93,7 +93,7 @@ def check_outputs(
             )
 
 
-def write_placeholder(plan: MergePlan, folder: Path) -> None:
+def write_planned_output(plan: MergePlan, folder: Path) -> None:
     """A model folder with the tensor names, shapes and dtypes ``plan`` writes, and no data.
 
     The safetensors file is extended to its full size without writing its
