@@ -27,6 +27,9 @@ SETTINGS = {
     "nearswap": {"t": 0.3},
     "nuslerp": {"weight": [0.3, 0.7]},
     "slerp": {"t": 0.3},
+    "arcee_fusion": {},
+    "ram": {},
+    "ramplus_tl": {"r": 0.5, "alpha": 1.0},
 }
 
 

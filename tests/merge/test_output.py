@@ -185,7 +185,7 @@ def _method_config(name: str, folder: Path, prefix: str) -> dict:
     config: dict = {"merge_method": name, "models": models}
     if method.uses_base:
         config["base_model"] = base
-    if name in ("passthrough", "slerp", "nearswap"):
+    if name in ("passthrough", "slerp", "nearswap", "arcee_fusion"):
         config["models"] = models[:1]
     if name in ("slerp", "nearswap"):
         config["parameters"] = {"t": 0.3}

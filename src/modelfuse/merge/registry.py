@@ -11,6 +11,11 @@ from collections.abc import Mapping
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.merge_method import MergeMethod, Reduction
+from modelfuse.merge.methods.arcee_fusion import (
+    ArceeFusionParameters,
+    arcee_fusion,
+    fusion_threshold,
+)
 from modelfuse.merge.methods.breadcrumbs import (
     BreadcrumbsParameters,
     BreadcrumbsTiesParameters,
@@ -47,6 +52,13 @@ from modelfuse.merge.methods.multislerp import MultiSlerpParameters, multislerp,
 from modelfuse.merge.methods.nearswap import NearSwapParameters, nearswap
 from modelfuse.merge.methods.nuslerp import NuSlerpParameters, nuslerp, nuslerp_products
 from modelfuse.merge.methods.passthrough import PassthroughParameters, passthrough
+from modelfuse.merge.methods.ram import (
+    RamParameters,
+    RamPlusParameters,
+    ram,
+    ram_counts,
+    ramplus_tl,
+)
 from modelfuse.merge.methods.regmean import RegMeanParameters, regmean
 from modelfuse.merge.methods.rescaling import elementwise_rescale
 from modelfuse.merge.methods.sce import SceParameters, sce, sce_reduction
@@ -292,6 +304,35 @@ METHODS: dict[str, MergeMethod] = {
         # the vectors along the last dimension need no reduction (a block holds them
         # whole); the reduction then returns nothing
         reduction=Reduction(nuslerp_products, "products"),
+    ),
+    "arcee_fusion": MergeMethod(
+        "arcee_fusion",
+        arcee_fusion,
+        ArceeFusionParameters,
+        "Arcee Fusion: the other model's value where its change's importance is an outlier",
+        requires_base=True,
+        max_models=1,
+        low_precision_inputs=True,
+        # the quantiles need every entry: the whole tensor is reduced, then merged in blocks
+        reduction=Reduction(fusion_threshold, "threshold", over="tensor"),
+    ),
+    "ram": MergeMethod(
+        "ram",
+        ram,
+        RamParameters,
+        "RAM: entries changed by one model kept whole, by several averaged",
+        requires_base=True,
+        separable=True,
+        low_precision_inputs=True,
+    ),
+    "ramplus_tl": MergeMethod(
+        "ramplus_tl",
+        ramplus_tl,
+        RamPlusParameters,
+        "RAM+ (tensor-local): RAM with unique entries scaled by how much each model shares",
+        requires_base=True,
+        low_precision_inputs=True,
+        reduction=Reduction(ram_counts, "counts"),
     ),
 }
 """Every merge method, by the name used in configurations."""
