@@ -209,3 +209,48 @@ def tie_bound(magnitudes: np.ndarray, kept: np.ndarray) -> int:
         e, q = int(equal.sum()), int((equal & kept).sum())
         total += 2 * min(q, e - q)
     return total
+
+
+def arcee_fusion(base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Importance |x - b| * KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row (last
+    dimension), threshold median + 1.5 (q3 - q1) with quantile q the sorted entry
+    int(q (n - 1)) (exact below 1M entries), result b + (x - b) [importance >= threshold]."""
+    rows = (-1, base.shape[-1]) if base.ndim else (1, 1)
+    mx, mb = other.reshape(rows), base.reshape(rows)
+
+    def softmax(m: np.ndarray) -> np.ndarray:
+        e = np.exp(m - m.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p, q = softmax(mx) + 1e-8, softmax(mb) + 1e-8
+    importance = np.abs(mx - mb) * (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    s = np.sort(importance.reshape(-1))
+    n = s.size
+    q1, median, q3 = s[int(0.25 * (n - 1))], s[int(0.5 * (n - 1))], s[int(0.75 * (n - 1))]
+    mask = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
+    return base + (other - base) * mask
+
+
+def ram(
+    base: np.ndarray,
+    tensors: Sequence[np.ndarray],
+    epsilon: float = 1e-5,
+    tensor_local: bool = False,
+    r: float = 0.1,
+    alpha: float = 0.2,
+) -> np.ndarray:
+    """``ram`` / ``ramplus_tl``: masks |tau| > epsilon, counts c; unique entries (c = 1)
+    whole (times 1 + r clamp(shared_i / max(unique_i, epsilon), 0, alpha) for ramplus_tl,
+    counted over the whole tensor), shared ones (c > 1) divided by c."""
+    taus = np.stack([t - base for t in tensors])
+    masks = np.abs(taus) > epsilon
+    counts = masks.sum(0)
+    unique, shared = counts == 1, counts > 1
+    merged = np.zeros_like(base)
+    for tau, mask in zip(taus, masks):
+        lam = 1.0
+        if tensor_local:
+            rho = (mask & shared).sum() / max((mask & unique).sum(), epsilon)
+            lam = 1 + r * float(np.clip(rho, 0, alpha))
+        merged = merged + tau * mask * unique * lam + tau * mask * shared / np.maximum(counts, 1)
+    return base + merged

@@ -619,6 +619,45 @@ def test_multislerp(dtype, with_base, normalize_weights):
     _assert_parity(merged, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arcee_fusion(dtype):
+    """Exact quantiles (every tensor below 1M entries); masks compared where no importance is
+    within float32 rounding of the threshold (the random inputs have none)."""
+    base, models = _models(dtype, 1)
+    merged = merge_state_dicts("arcee_fusion", models, base)
+    b, x = _f64(base), _f64(models[0])
+    _assert_parity(merged, _expected(b, lambda k: mf.arcee_fusion(b[k], x[k])), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("ram", {}),
+        ("ram", {"epsilon": [{"filter": "mlp", "value": 0.5}, {"value": [0.0, 1.0]}]}),
+        ("ramplus_tl", {}),
+        ("ramplus_tl", {"r": [0.5, 2.0], "alpha": 1.0, "epsilon": 0.3}),
+    ],
+)
+def test_ram(dtype, method, settings):
+    """Models that change about half of the base's entries (the rest equal to it), so that
+    unique, shared and unchanged entries mix."""
+    base, models = _models(dtype, 3)
+    g = torch.Generator().manual_seed(5)
+    models = [
+        {k: torch.where(torch.rand(v.shape, generator=g) < 0.5, v, base[k]) for k, v in m.items()}
+        for m in models
+    ]
+    merged = merge_state_dicts(method, models, base, **settings)
+    b, xs = _f64(base), [_f64(m) for m in models]
+
+    def one(k):
+        values = {key: mf.resolve(value, k, N_LAYERS) for key, value in settings.items()}
+        return mf.ram(b[k], [x[k] for x in xs], tensor_local=method == "ramplus_tl", **values)
+
+    _assert_parity(merged, _expected(b, one), dtype)
+
+
 def test_passthrough_slices_take_layers_renumbered(tmp_path):
     """Layers 0-1 of a then 1-2 of b: out layers 0, 1 are a's 0, 1 and 2, 3 are b's 1, 2;
     the tensors before the layers come from the first slice, after them from the last
