@@ -118,11 +118,13 @@ def row_divergences(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def _quantile_threshold(values: torch.Tensor) -> torch.Tensor:
     """median + 1.5 (q3 - q1), each quantile ``sorted[int(q (n - 1))]``, in float32."""
-    ordered = torch.sort(values.reshape(-1)).values
-    last = ordered.numel() - 1
-    # int(q * last) for q = 1/4, 1/2, 3/4: exact in integers (mergekit's float32 product is
-    # exact too below 2**22)
-    q1, median, q3 = ordered[last // 4], ordered[last // 2], ordered[3 * last // 4]
+    flat = values.reshape(-1)
+    last = flat.numel() - 1
+    # sorted[int(q * last)] for q = 1/4, 1/2, 3/4, the index exact in integers (mergekit's
+    # float32 product is exact too below 2**22); a selection each, cheaper than a sort
+    q1, median, q3 = (
+        torch.kthvalue(flat, k + 1).values for k in (last // 4, last // 2, 3 * last // 4)
+    )
     return median + 1.5 * (q3 - q1)
 
 
