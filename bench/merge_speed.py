@@ -48,6 +48,9 @@ METHOD_PARAMETERS: dict[str, dict] = {
     "sce": {"select_topk": 0.1},
     "slerp": {"t": 0.4},
     "nearswap": {"t": 0.001},
+    "arcee_fusion": {},
+    "ram": {},
+    "ramplus_tl": {},
 }
 
 # Methods that take fewer models than the benchmark has (slerp: the base and one other).
