@@ -7,7 +7,9 @@
 - :func:`prepare_round` / :func:`aggregate`: the same aggregation without
   Flower, on :class:`ClientUpdate` objects;
 - client side: :func:`requested_statistics`, :func:`client_statistics`,
-  :func:`trajectory_variance`, :func:`client_reply`.
+  :func:`trajectory_variance`, :func:`client_reply`;
+- :class:`Personalizer`: per client, the local, global, interpolated and
+  FedLabel-selected models compared on the client's own held-out split.
 
 :class:`MergeStrategy` and :func:`client_update` need Flower
 (``pip install 'modelfuse[federated]'``); they are imported on first use, so
@@ -37,6 +39,14 @@ from modelfuse.federated.client import (
     requested_statistics,
     trajectory_variance,
 )
+from modelfuse.federated.personalize import (
+    CANDIDATES,
+    ClientComparison,
+    ClientSplit,
+    PersonalizationResult,
+    Personalizer,
+    fedlabel_select,
+)
 from modelfuse.federated.settings import (
     AggregationMethod,
     AggregationSettings,
@@ -50,10 +60,15 @@ __all__ = [
     "AggregationMethod",
     "AggregationSettings",
     "Aggregator",
+    "CANDIDATES",
+    "ClientComparison",
+    "ClientSplit",
     "ClientUpdate",
     "MergeStrategy",
     "OnFailure",
     "Participation",
+    "PersonalizationResult",
+    "Personalizer",
     "RoundAggregation",
     "STATISTICS_KEY",
     "ServerState",
@@ -64,6 +79,7 @@ __all__ = [
     "client_reply",
     "client_statistics",
     "client_update",
+    "fedlabel_select",
     "prepare_round",
     "requested_statistics",
     "settings",
