@@ -20,17 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelfuse.federated.aggregate import (
-    AGGREGATORS,
-    Aggregator,
-    ClientUpdate,
-    Participation,
-    RoundAggregation,
-    ServerState,
-    SkippedClient,
-    aggregate,
-    prepare_round,
-)
+from modelfuse.federated.aggregate import RoundAggregation, aggregate, prepare_round
+from modelfuse.federated.aggregators import AGGREGATORS, Aggregator
 from modelfuse.federated.client import (
     STATISTICS_KEY,
     VARIANCE_KEY,
@@ -54,6 +45,7 @@ from modelfuse.federated.settings import (
     UncertaintySource,
     settings,
 )
+from modelfuse.federated.updates import ClientUpdate, Participation, ServerState, SkippedClient
 
 __all__ = [
     "AGGREGATORS",

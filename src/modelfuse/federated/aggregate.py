@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,317 +32,14 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError, DataError
+from modelfuse.federated.aggregators import AGGREGATORS
+from modelfuse.federated.replies import as_tensor, check_update, is_floating, listed_names
 from modelfuse.federated.settings import AggregationSettings
+from modelfuse.federated.updates import ClientUpdate, Participation, ServerState, SkippedClient
 from modelfuse.merge.execute import tensor_generator
-from modelfuse.merge.parameters import short
 from modelfuse.merge.registry import get_method
 
-__all__ = [
-    "AGGREGATORS",
-    "Aggregator",
-    "ClientUpdate",
-    "Participation",
-    "RoundAggregation",
-    "ServerState",
-    "SkippedClient",
-    "aggregate",
-    "prepare_round",
-]
-
-_LISTED = 5
-"""Names listed in a message; the others are counted."""
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One client's reply to a training round.
-
-    Attributes
-    ----------
-    client : str
-        The client's name in messages and in participation statistics (a
-        Flower node id).
-    arrays : mapping name -> array
-        The client's model after local training: torch tensors, NumPy arrays or
-        Flower ``Array`` objects (read with ``.numpy()`` one at a time). Not modified.
-    num_examples : float
-        The number of examples it trained on (FedAvg's weight).
-    fisher : mapping name -> array, optional
-        Its diagonal Fisher, keyed like ``arrays`` (``fisher``, and
-        ``uncertainty`` from Fisher mass).
-    gram : mapping name -> array, optional
-        Gram matrices of its linear layers' inputs, keyed by the weights' names
-        (``regmean``).
-    variance : float, optional
-        The estimated variance of its update (``uncertainty``; see
-        :func:`modelfuse.federated.trajectory_variance`).
-    """
-
-    client: str
-    arrays: Mapping[str, Any]
-    num_examples: float
-    fisher: Mapping[str, Any] | None = None
-    gram: Mapping[str, Any] | None = None
-    variance: float | None = None
-
-
-@dataclass(frozen=True)
-class SkippedClient:
-    """A client left out of a round, and why."""
-
-    server_round: int
-    client: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"round {self.server_round}: client {self.client} skipped: {self.reason}"
-
-
-@dataclass
-class Participation:
-    """FedAU's running estimate of one client's participation interval.
-
-    ``weight`` is the estimate :math:`\\omega` of the mean interval between
-    participations (1 before any interval completed); ``intervals`` the number
-    of completed intervals; ``elapsed`` the rounds since the last one.
-    """
-
-    weight: float = 1.0
-    intervals: int = 0
-    elapsed: int = 0
-
-
-@dataclass
-class ServerState:
-    """What an aggregation carries from one round to the next.
-
-    Attributes
-    ----------
-    momentum : dict name -> Tensor
-        FedAvgM's momentum buffer (empty before the first round).
-    participation : dict client -> Participation
-        FedAU's per-client estimates.
-    """
-
-    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
-    participation: dict[str, Participation] = field(default_factory=dict)
-
-
-def _tensor(value: Any) -> torch.Tensor:
-    """A torch view (or the tensor itself) of a tensor, a NumPy array or a Flower ``Array``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    if hasattr(value, "numpy"):
-        return torch.from_numpy(np.asarray(value.numpy()))
-    return torch.as_tensor(value)
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in value.shape)
-
-
-def _names(names: Sequence[str] | set[str]) -> str:
-    ordered = sorted(names)
-    listed = ", ".join(short(n) for n in ordered[:_LISTED])
-    more = f" and {len(ordered) - _LISTED} more" if len(ordered) > _LISTED else ""
-    return listed + more
-
-
-def _floating(value: Any) -> bool:
-    dtype = value.dtype
-    if isinstance(dtype, torch.dtype):
-        return dtype.is_floating_point
-    return np.dtype(dtype).kind == "f"
-
-
-@dataclass(frozen=True)
-class Aggregator:
-    """A registered aggregation.
-
-    Attributes
-    ----------
-    name : str
-        Its name in settings.
-    summary : str
-        One line for tables and messages.
-    statistics : callable
-        ``statistics(settings) -> tuple of str``: what each client must send
-        (``"fisher"``, ``"gram"``, ``"variance"``).
-    reference : str
-        The paper.
-    """
-
-    name: str
-    summary: str
-    statistics: Callable[[AggregationSettings], tuple[str, ...]]
-    reference: str
-
-
-def _none(_settings: AggregationSettings) -> tuple[str, ...]:
-    return ()
-
-
-def _uncertainty_statistics(settings: AggregationSettings) -> tuple[str, ...]:
-    return ("variance",) if settings.uncertainty_source == "variance" else ("fisher",)
-
-
-AGGREGATORS: dict[str, Aggregator] = {
-    "linear": Aggregator(
-        "linear",
-        "FedAvg: the clients' models averaged with weights n_i (their example counts)",
-        _none,
-        "McMahan et al., Communication-efficient learning of deep networks from "
-        "decentralized data, AISTATS 2017",
-    ),
-    "fedavgm": Aggregator(
-        "fedavgm",
-        "FedAvgM: server momentum on the pseudo-gradient theta_g - FedAvg",
-        _none,
-        "Hsu, Qi and Brown, Measuring the effects of non-identical data distribution for "
-        "federated visual classification, arXiv:1909.06335, 2019",
-    ),
-    "fedau": Aggregator(
-        "fedau",
-        "FedAU: updates weighted by each client's estimated participation interval",
-        _none,
-        "Wang and Ji, A lightweight method for tackling unknown participation statistics in "
-        "federated averaging, ICLR 2024",
-    ),
-    "ties": Aggregator(
-        "ties",
-        "TIES over the clients' updates: trim, elect signs, disjoint mean",
-        _none,
-        "Yadav et al., TIES-Merging: resolving interference when merging models, NeurIPS 2023",
-    ),
-    "dare_ties": Aggregator(
-        "dare_ties",
-        "DARE over the clients' updates: random drop and rescale, then TIES' election",
-        _none,
-        "Yu et al., Language models are super Mario: absorbing abilities from homologous "
-        "models as a free lunch, ICML 2024",
-    ),
-    "breadcrumbs": Aggregator(
-        "breadcrumbs",
-        "model breadcrumbs over the clients' updates: drop the largest and smallest entries",
-        _none,
-        "Davari and Belilovsky, Model breadcrumbs: scaling multi-task model merging with "
-        "sparse masks, ECCV 2024",
-    ),
-    "fisher": Aggregator(
-        "fisher",
-        "Fisher-weighted average, lambda_i = n_i (clients send diagonal Fisher)",
-        lambda _s: ("fisher",),
-        "Matena and Raffel, Merging models with Fisher-weighted averaging, NeurIPS 2022",
-    ),
-    "regmean": Aggregator(
-        "regmean",
-        "RegMean on linear layers with Gram matrices weighted by n_i (clients send Grams)",
-        lambda _s: ("gram",),
-        "Jin et al., Dataless knowledge fusion by merging weights of language models, ICLR 2023",
-    ),
-    "uncertainty": Aggregator(
-        "uncertainty",
-        "weights n_i / variance_i (reported) or n_i * mean Fisher_i (precision-weighted)",
-        _uncertainty_statistics,
-        "Reyes et al., Precision-weighted federated learning, arXiv:2107.09627, 2021",
-    ),
-    "residual": Aggregator(
-        "residual",
-        "weights n_i, cut (Huber) for clients far from the coordinate-wise median",
-        _none,
-        "Fu et al., Attack-resistant federated learning with residual-based reweighting, "
-        "arXiv:1912.11464, 2019",
-    ),
-}
-"""Every aggregation, by the name used in :class:`AggregationSettings`."""
-
-
-def _check_statistics(
-    update: ClientUpdate,
-    kind: str,
-    record: Mapping[str, Any] | None,
-    global_arrays: Mapping[str, Any],
-) -> str | None:
-    if record is None or len(record) == 0:
-        return f"sent no {kind} statistics, which the method reads; compute them on the client"
-    unknown = [name for name in record if name not in global_arrays]
-    if unknown:
-        return f"sent {kind} statistics for tensors the global model has not: {_names(unknown)}"
-    for name, value in record.items():
-        target = _shape(global_arrays[name])
-        if kind == "fisher":
-            expected = target
-        else:
-            if len(target) != 2:
-                return (
-                    f"sent a Gram matrix for tensor {short(name)} of shape {list(target)}; "
-                    "Gram matrices belong to 2-D linear weights"
-                )
-            expected = (target[1], target[1])
-        if _shape(value) != expected:
-            return (
-                f"{kind} of tensor {short(name)} has shape {list(_shape(value))}, "
-                f"expected {list(expected)}"
-            )
-        tensor = _tensor(value)
-        if tuple(tensor.shape) != expected:
-            return f"{kind} of tensor {short(name)} holds data of another shape than it declares"
-        if not tensor.dtype.is_floating_point:
-            return f"{kind} of tensor {short(name)} has dtype {tensor.dtype}, expected floats"
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            return f"{kind} of tensor {short(name)} has {bad} NaN or inf values"
-        if kind == "fisher" and tensor.numel() and float(tensor.min()) < 0:
-            return f"fisher of tensor {short(name)} has negative entries"
-    return None
-
-
-def _check_update(
-    update: ClientUpdate,
-    global_arrays: Mapping[str, Any],
-    needs: tuple[str, ...],
-) -> str | None:
-    """Why this reply cannot be aggregated, or None. Reads one tensor at a time."""
-    n = update.num_examples
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        return f"reported {short(n)} examples; expected a positive number"
-    missing = [name for name in global_arrays if name not in update.arrays]
-    if missing:
-        return f"misses tensors of the global model: {_names(missing)}"
-    extra = [name for name in update.arrays if name not in global_arrays]
-    if extra:
-        return f"sent tensors the global model has not: {_names(extra)}"
-    for name, value in update.arrays.items():
-        expected = _shape(global_arrays[name])
-        if _shape(value) != expected:
-            return (
-                f"tensor {short(name)} has shape {list(_shape(value))}, "
-                f"the global model's has {list(expected)}"
-            )
-        tensor = _tensor(value)
-        if tuple(tensor.shape) != expected:
-            return f"tensor {short(name)} holds data of another shape than it declares"
-        if _floating(global_arrays[name]) and not tensor.dtype.is_floating_point:
-            return f"tensor {short(name)} has dtype {tensor.dtype}, expected floats"
-        if tensor.dtype.is_floating_point:
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                return f"tensor {short(name)} has {bad} NaN or inf values of {tensor.numel()}"
-    if "variance" in needs:
-        v = update.variance
-        if v is None:
-            return "reported no update variance, which the method reads; compute it on the client"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            return f"reported an update variance of {short(v)}; expected a positive number"
-    for kind in ("fisher", "gram"):
-        if kind in needs:
-            record = update.fisher if kind == "fisher" else update.gram
-            reason = _check_statistics(update, kind, record, global_arrays)
-            if reason is not None:
-                return reason
-    return None
+__all__ = ["RoundAggregation", "aggregate", "prepare_round"]
 
 
 @dataclass
@@ -380,8 +77,8 @@ class RoundAggregation:
             return
         with torch.no_grad():
             for name, global_value in self.global_arrays.items():
-                base = _tensor(global_value)
-                tensors = [_tensor(update.arrays[name]) for update in self.kept]
+                base = as_tensor(global_value)
+                tensors = [as_tensor(update.arrays[name]) for update in self.kept]
                 if base.dtype.is_floating_point:
                     merged = self._merge(name, tensors, base)
                     yield name, merged.to(base.dtype)
@@ -455,7 +152,7 @@ class RoundAggregation:
         out: list[torch.Tensor | None] = []
         for update in self.kept:
             record = (update.fisher if kind == "fisher" else update.gram) or {}
-            out.append(_tensor(record[name]).to(torch.float32))
+            out.append(as_tensor(record[name]).to(torch.float32))
         return out
 
 
@@ -500,9 +197,9 @@ def _consistent_statistics(
         missing, extra = common - names, names - common
         reason = f"sent {kind} statistics for other tensors than the other clients"
         if missing:
-            reason += f" (missing: {_names(missing)})"
+            reason += f" (missing: {listed_names(missing)})"
         if extra:
-            reason += f" (extra: {_names(extra)})"
+            reason += f" (extra: {listed_names(extra)})"
         _reject(update, reason, server_round, settings, skipped)
     return consistent, common
 
@@ -513,9 +210,9 @@ def _residual_weights(
     """``n_i * min(1, c * s / r_i)``: r_i the distance to the coordinate-wise median."""
     squares = [0.0] * len(kept)
     for name, value in global_arrays.items():
-        if not _floating(value):
+        if not is_floating(value):
             continue
-        stacked = torch.stack([_tensor(u.arrays[name]).to(torch.float32) for u in kept])
+        stacked = torch.stack([as_tensor(u.arrays[name]).to(torch.float32) for u in kept])
         ordered = stacked.sort(dim=0).values
         k = len(kept)
         if k % 2:
@@ -539,7 +236,7 @@ def _fisher_masses(kept: list[ClientUpdate], names: frozenset[str]) -> list[floa
         record = update.fisher or {}
         total, count = 0.0, 0
         for name in sorted(names):
-            f = _tensor(record[name]).to(torch.float64)
+            f = as_tensor(record[name]).to(torch.float64)
             total += float(f.sum())
             count += f.numel()
         masses.append(total / max(count, 1))
@@ -636,7 +333,7 @@ def prepare_round(
     kept: list[ClientUpdate] = []
     skipped: list[SkippedClient] = []
     for update in updates:
-        reason = _check_update(update, global_arrays, needs)
+        reason = check_update(update, global_arrays, needs)
         if reason is None:
             kept.append(update)
         else:
@@ -701,5 +398,5 @@ def aggregate(
         global_arrays, updates, settings, state=state, server_round=server_round, clients=clients
     )
     if not prepared.kept:
-        return {name: _tensor(value).clone() for name, value in global_arrays.items()}
+        return {name: as_tensor(value).clone() for name, value in global_arrays.items()}
     return dict(prepared.tensors())

@@ -17,16 +17,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from modelfuse.errors import DataError
-from modelfuse.federated.aggregate import (
-    AGGREGATORS,
-    ClientUpdate,
-    ServerState,
-    SkippedClient,
-    prepare_round,
-)
+from modelfuse.federated.aggregate import prepare_round
+from modelfuse.federated.aggregators import AGGREGATORS
 from modelfuse.federated.client import STATISTICS_KEY, VARIANCE_KEY
 from modelfuse.federated.settings import AggregationSettings
 from modelfuse.federated.settings import settings as validate_settings
+from modelfuse.federated.updates import ClientUpdate, ServerState, SkippedClient
 
 __all__ = ["MergeStrategy", "client_update"]
 
