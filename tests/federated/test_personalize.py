@@ -123,3 +123,29 @@ def test_bad_labels_are_refused():
     bad = ClientSplit("a", ON_X0, x, torch.full((10,), 5), x, torch.zeros(10, dtype=torch.long))
     with pytest.raises(DataError, match=r"y_val: labels must lie in \[0, 2\)"):
         Personalizer(nn.Linear(2, 2), n_resamples=20).fit([bad], ON_X1)
+
+
+@pytest.mark.parametrize(
+    ("local", "y_val", "match"),
+    [
+        (
+            {"weight": torch.zeros(2, 2)},
+            None,
+            r"local_state: tensor names differ .*missing \['bias'\]",
+        ),
+        (
+            {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)},
+            None,
+            r"'weight' has shape \[3, 2\]",
+        ),
+        (ON_X0, torch.zeros(10), "integer class labels, got shape .* of dtype float32"),
+        (ON_X0, torch.zeros(4, dtype=torch.long), "x_val/y_val: .* got 10 inputs and 4 labels"),
+    ],
+)
+def test_mismatched_clients_are_refused_with_the_client_named(local, y_val, match):
+    x = torch.randn(10, 2)
+    y = torch.zeros(10, dtype=torch.long)
+    bad = ClientSplit("a", local, x, y if y_val is None else y_val, x, y)
+    with pytest.raises(DataError, match=match) as info:
+        Personalizer(nn.Linear(2, 2), n_resamples=20).fit([bad], ON_X1)
+    assert str(info.value).startswith("client 'a'")

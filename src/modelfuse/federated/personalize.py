@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modelfuse.errors import ConfigError, DataError
+from modelfuse.evaluation.results import IntervalResult
 
 __all__ = [
     "CANDIDATES",
@@ -81,7 +82,7 @@ class ClientComparison:
     name: str
     alpha: float
     scores: dict[str, dict[str, float]]
-    differences: dict[str, dict[str, object]]
+    differences: dict[str, dict[str, IntervalResult]]
     adjusted_pvalues: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -201,11 +202,39 @@ def _probabilities(
     return torch.softmax(logits.double(), dim=1).numpy()
 
 
+def _check_client(
+    client: ClientSplit, global_state: Mapping[str, torch.Tensor], where: str
+) -> None:
+    local = client.local_state
+    missing = sorted(set(global_state) - set(local))[:5]
+    extra = sorted(set(local) - set(global_state))[:5]
+    if missing or extra:
+        raise DataError(
+            f"{where} local_state: tensor names differ from the global model's "
+            f"(missing {repr(missing)[:120]}, extra {repr(extra)[:120]}); "
+            "give the local model of the same architecture"
+        )
+    for name, value in global_state.items():
+        if tuple(local[name].shape) != tuple(value.shape):
+            raise DataError(
+                f"{where} local_state: tensor {repr(name)[:60]} has shape "
+                f"{list(local[name].shape)}, the global model's has {list(value.shape)}"
+            )
+    for split in ("val", "test"):
+        n_x, n_y = len(getattr(client, f"x_{split}")), len(getattr(client, f"y_{split}"))
+        if n_x != n_y or n_x == 0:
+            raise DataError(
+                f"{where} x_{split}/y_{split}: expected the same positive number of samples, "
+                f"got {n_x} inputs and {n_y} labels"
+            )
+
+
 def _labels(y: torch.Tensor, n_classes: int, where: str) -> np.ndarray:
     labels = np.asarray(torch.as_tensor(y).detach().cpu().numpy())
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
-            f"{where}: expected a 1-D tensor of integer labels, got shape {labels.shape}"
+            f"{where}: expected a 1-D tensor of integer class labels, "
+            f"got shape {labels.shape} of dtype {labels.dtype}"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise DataError(
@@ -302,6 +331,7 @@ class Personalizer:
         self.alphas_: dict[str, float] = {}
         for client in clients:
             where = f"client {repr(client.name)[:60]}"
+            _check_client(client, global_state, where)
             p_global_val = _probabilities(self.model, global_state, client.x_val)
             y_val = _labels(client.y_val, p_global_val.shape[1], f"{where} y_val")
 
@@ -330,7 +360,7 @@ class Personalizer:
                     test[k] = cal.predict_proba(test[k])
             test["selected"] = fedlabel_select(test["local"], test["global"])
             scores = {k: metrics(test[k], y_test) for k in CANDIDATES}
-            diffs: dict[str, dict[str, object]] = {}
+            diffs: dict[str, dict[str, IntervalResult]] = {}
             for k in CANDIDATES[1:]:
                 diffs[k] = {
                     m: paired_bootstrap(
