@@ -123,6 +123,11 @@ class LocalExecutor:
             pool.shutdown(wait=True)
 
 
+def _apply(function: Callable[[T], R], item: T) -> R:
+    """Apply ``function`` to ``item``; the Ray task (callable objects cannot be Ray tasks)."""
+    return function(item)
+
+
 class RayExecutor:
     """Run every item as a task on a Ray cluster.
 
@@ -152,8 +157,9 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=self.address)
         listed = list(items)
-        remote = ray.remote(num_cpus=self.num_cpus)(function)
-        refs = [remote.remote(item) for item in listed]
+        remote = ray.remote(num_cpus=self.num_cpus)(_apply)
+        shared = ray.put(function)  # sent to the object store once, not once per item
+        refs = [remote.remote(shared, item) for item in listed]
         try:
             results: list[R] = []
             for index, (item, ref) in enumerate(zip(listed, refs, strict=True)):
@@ -182,4 +188,3 @@ def resolve_executor(executor: Executor | None) -> Executor:
             f"LocalExecutor or RayExecutor, received {type(executor).__name__}"
         )
     return executor
-

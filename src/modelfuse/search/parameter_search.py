@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.executors import Executor, resolve_executor
 from modelfuse.merge.merge_method import MergeMethod
 from modelfuse.merge.registry import get_method
 from modelfuse.merge.state_dict import merge_state_dicts
@@ -103,15 +104,50 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+class _Evaluate:
+    """Merge one candidate and score it; a picklable callable for executors."""
+
+    def __init__(
+        self,
+        method: str,
+        state_dicts: Sequence[Mapping[str, torch.Tensor]],
+        base: Mapping[str, torch.Tensor] | None,
+        score: Score,
+    ) -> None:
+        self.method = method
+        self.state_dicts = state_dicts
+        self.base = base
+        self.score = score
+
+    def __call__(self, settings: Mapping[str, Any]) -> float:
+        merged = merge_with_settings(self.method, self.state_dicts, self.base, settings)
+        return float(self.score(merged))
+
+
 def _run(
     method: str,
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     base: Mapping[str, torch.Tensor] | None,
     candidates: Sequence[Mapping[str, Any]],
     score: Score,
+    executor: Executor | None = None,
 ) -> SearchResult:
     trace: list[Candidate] = []
     best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    if executor is not None:
+        evaluate = _Evaluate(method, state_dicts, base, score)
+        scores = resolve_executor(executor).map(evaluate, [dict(c) for c in candidates])
+        best_index = -1
+        for index, (settings, s) in enumerate(zip(candidates, scores, strict=True)):
+            trace.append(Candidate({k: _freeze(v) for k, v in settings.items()}, s))
+            if best_index < 0 or s > trace[best_index].score:
+                best_index = index
+        if best_index < 0:
+            raise ConfigError("the search space is empty; give at least one value per parameter")
+        merged = merge_with_settings(method, state_dicts, base, candidates[best_index])
+        return SearchResult(
+            dict(trace[best_index].parameters), merged, trace[best_index].score, tuple(trace)
+        )
     for settings in candidates:
         frozen = {k: _freeze(v) for k, v in settings.items()}
         merged = merge_with_settings(method, state_dicts, base, settings)
@@ -150,6 +186,7 @@ def grid_search(
     score: Score,
     *,
     parameters: Mapping[str, Any] | None = None,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Try every combination of parameter values and keep the best-scoring merge.
 
@@ -172,6 +209,11 @@ def grid_search(
         ``score(state_dict) -> float``, higher is better.
     parameters : mapping, optional
         Fixed settings applied to every candidate.
+    executor : Executor, optional
+        Evaluates the candidates (merge and score), e.g.
+        ``modelfuse.executors.LocalExecutor(workers=2)`` or ``RayExecutor()``;
+        ``score`` must then be picklable. None (default) evaluates them one by
+        one in this process. The result is the same either way.
 
     Returns
     -------
@@ -199,7 +241,7 @@ def grid_search(
     candidates = [
         {**dict(parameters or {}), **dict(zip(keys, combo))} for combo in itertools.product(*values)
     ]
-    return _run(method, state_dicts, base, candidates, score)
+    return _run(method, state_dicts, base, candidates, score, executor)
 
 
 def random_search(
@@ -213,6 +255,7 @@ def random_search(
     concentration: float = 1.0,
     seed: int = 0,
     parameters: Mapping[str, Any] | None = None,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Random search: per-model weights from a Dirichlet, other parameters from lists.
 
@@ -241,6 +284,11 @@ def random_search(
         Seed of the ``numpy.random.Generator``; equal seeds give equal traces.
     parameters : mapping, optional
         Fixed settings applied to every candidate.
+    executor : Executor, optional
+        Evaluates the candidates (merge and score), e.g.
+        ``modelfuse.executors.LocalExecutor(workers=2)`` or ``RayExecutor()``;
+        ``score`` must then be picklable. None (default) evaluates them one by
+        one in this process. The result is the same either way.
 
     Returns
     -------
@@ -287,4 +335,4 @@ def random_search(
             options = list(options)
             settings[key] = options[int(rng.integers(len(options)))]
         candidates.append(settings)
-    return _run(method, state_dicts, base, candidates, score)
+    return _run(method, state_dicts, base, candidates, score, executor)
