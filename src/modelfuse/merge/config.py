@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,7 +33,7 @@ from pydantic import (
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import ParameterSetting, format_validation_error, short
-from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, read_yaml
+from modelfuse.merge.yaml_reading import read_config_source
 from modelfuse.vocabulary.chat_templates import resolve_chat_template
 from modelfuse.vocabulary.settings import TokenizerSettings, reference_value
 
@@ -322,38 +321,11 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> tuple[Merg
     """
     if isinstance(source, MergeConfig):
         return source, Path.cwd()
-    where = "configuration"
-    folder = Path.cwd()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        where = str(path)
-        if path.is_dir():
-            raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{path}: a {size}-byte file; a merge configuration is at most "
-                f"{MAX_CONFIG_BYTES} bytes"
-            )
-        try:
-            data = read_yaml(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = str(getattr(exc, "problem", None) or exc)[:200]
-            if problem == "but found another document":
-                raise ConfigError(
-                    f"{path}: a second YAML document starts{at}: a multi-stage file of several "
-                    "merges; run it with merge_multistage (`modelfuse merge` runs either kind)"
-                ) from None
-            raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
-        folder = path.resolve().parent
-    else:
-        data = source
+    data, where, folder = read_config_source(
+        source,
+        several_documents="a multi-stage file of several merges; run it with merge_multistage "
+        "(`modelfuse merge` runs either kind)",
+    )
     if data is None:
         raise ConfigError(
             f"{where}: the configuration is empty; write merge_method and models (or slices)"

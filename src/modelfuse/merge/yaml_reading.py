@@ -3,12 +3,24 @@ and numbers in every YAML form (``5e-1`` too) read as numbers."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "read_yaml", "read_yaml_documents"]
+from modelfuse.errors import ConfigError
+
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_INT_DIGITS",
+    "read_config_source",
+    "read_yaml",
+    "read_yaml_documents",
+]
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -184,3 +196,53 @@ def read_yaml_documents(text: str) -> list[Any]:
     finally:
         loader.dispose()
     return documents
+
+
+def read_config_source(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None,
+    *,
+    several_documents: str = "",
+) -> tuple[Any, str, Path]:
+    """The parsed YAML of a configuration file (or ``source`` itself when it is not a path),
+    how to name it in messages, and the folder its relative paths start from.
+
+    Parameters
+    ----------
+    source : path or parsed data
+        A configuration file, or an already-parsed configuration (returned as is).
+    several_documents : str
+        What to say when the file holds several YAML documents (after the
+        line where the second starts); without it they are invalid YAML.
+
+    Raises
+    ------
+    ConfigError
+        A folder, a missing or oversized file, a file that is not UTF-8 text
+        or not valid YAML (naming the line).
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return source, "configuration", Path.cwd()
+    path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: a {size}-byte file; a configuration is at most {MAX_CONFIG_BYTES} bytes"
+        )
+    try:
+        data = read_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = str(getattr(exc, "problem", None) or exc)[:200]
+        if several_documents and problem == "but found another document":
+            raise ConfigError(
+                f"{path}: a second YAML document starts{at}: {several_documents}"
+            ) from None
+        raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
+    return data, str(path), path.resolve().parent

@@ -23,13 +23,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import DTYPES
 from modelfuse.merge.parameters import format_validation_error, short
-from modelfuse.merge.yaml_reading import MAX_CONFIG_BYTES, read_yaml
+from modelfuse.merge.yaml_reading import read_config_source
 
 __all__ = ["MOE_DTYPES", "ExpertEntry", "MoeConfig", "load_moe_config", "resolve_moe_dtype"]
 
@@ -173,32 +172,7 @@ tokenizer
     """
     if isinstance(source, MoeConfig):
         return source, Path.cwd()
-    where = "configuration"
-    folder = Path.cwd()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        where = str(path)
-        if path.is_dir():
-            raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{path}: a {size}-byte file; a configuration is at most {MAX_CONFIG_BYTES} bytes"
-            )
-        try:
-            data = read_yaml(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = str(getattr(exc, "problem", None) or exc)[:200]
-            raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
-        folder = path.resolve().parent
-    else:
-        data = source
+    data, where, folder = read_config_source(source)
     if data is None:
         raise ConfigError(f"{where}: the configuration is empty; write base_model and experts")
     if not isinstance(data, dict):
