@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -104,7 +105,9 @@ class LocalExecutor:
                 except Exception as error:
                     _reraise(index, item, error)
             return results
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(listed)))
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(workers, len(listed)), mp_context=multiprocessing.get_context("spawn")
+        )
         futures = [pool.submit(function, item) for item in listed]
         try:
             results = []

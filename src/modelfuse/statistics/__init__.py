@@ -9,6 +9,7 @@ merge configuration).
 from modelfuse.statistics.batches import evaluation_mode
 from modelfuse.statistics.fisher import FisherKind, fisher_diagonal
 from modelfuse.statistics.gram import UnusedLayerWarning, gram_matrices
+from modelfuse.statistics.sharded import combine_shards, sharded_statistics
 from modelfuse.statistics.storage import Statistics, StatisticsKind, load, save
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "Statistics",
     "StatisticsKind",
     "UnusedLayerWarning",
+    "combine_shards",
     "evaluation_mode",
     "fisher_diagonal",
     "gram_matrices",
     "load",
     "save",
+    "sharded_statistics",
 ]
