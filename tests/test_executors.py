@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 
 import pytest
@@ -26,14 +28,19 @@ def test_local_one_worker_matches_list_comprehension() -> None:
 
 
 def test_local_processes_keep_order() -> None:
+    # spawned processes import the function by name: a standard-library one
     items = list(range(7, -3, -1))
-    assert LocalExecutor(workers=2).map(_square, items) == [v * v for v in items]
+    assert LocalExecutor(workers=2).map(operator.neg, items) == [-v for v in items]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_error_names_the_item(workers: int) -> None:
+def test_error_names_the_item() -> None:
     with pytest.raises(ValueError, match=r"item 2 \(3\): three is refused"):
-        LocalExecutor(workers=workers).map(_fails_on_three, [1, 2, 3, 4])
+        LocalExecutor(workers=1).map(_fails_on_three, [1, 2, 3, 4])
+
+
+def test_error_names_the_item_in_processes() -> None:
+    with pytest.raises(ValueError, match=r"item 2 \(-1.0\): math domain error"):
+        LocalExecutor(workers=2).map(math.sqrt, [4.0, 9.0, -1.0, 16.0])
 
 
 @pytest.mark.parametrize("workers", [0, -1, 1.5, True])
