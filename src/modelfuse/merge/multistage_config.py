@@ -22,7 +22,7 @@ from modelfuse.merge.open_inputs import locate
 from modelfuse.merge.output_paths import expand_user
 from modelfuse.merge.parameters import short
 from modelfuse.merge.yaml_reading import (
-    MAX_CONFIG_BYTES,
+    read_config_text,
     read_yaml_documents,
 )
 
@@ -86,23 +86,6 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(names[:10]) + more
 
 
-def _read_text(path: Path) -> str:
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such configuration file; give the path of a YAML file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"{path}: a {size}-byte file; a merge configuration is at most "
-            f"{MAX_CONFIG_BYTES} bytes"
-        )
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
-
-
 def is_multistage(path: str | Path) -> bool:
     """Whether the YAML file ``path`` holds more than one document (a multi-stage merge).
 
@@ -120,7 +103,7 @@ def is_multistage(path: str | Path) -> bool:
     True
     """
     try:
-        text = _read_text(Path(path))
+        text = read_config_text(Path(path))
     except (ModelfuseError, OSError):
         return False
     documents = 0
@@ -141,7 +124,7 @@ def _read_documents(path: Path) -> list[Any]:
     Aliases may expand all documents together to at most
     ``max(10000, 4 * len(text))`` nodes, the budget of one file.
     """
-    text = _read_text(path)
+    text = read_config_text(path)
     try:
         return read_yaml_documents(text)
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "read_config_source",
+    "read_config_text",
     "read_yaml",
     "read_yaml_documents",
 ]
@@ -217,12 +218,30 @@ def read_config_source(
     Raises
     ------
     ConfigError
-        A folder, a missing or oversized file, a file that is not UTF-8 text
-        or not valid YAML (naming the line).
+        A file :func:`read_config_text` refuses, or one that is not valid
+        YAML (naming the line).
     """
     if not isinstance(source, (str, os.PathLike)):
         return source, "configuration", Path.cwd()
     path = Path(source)
+    text = read_config_text(path)
+    try:
+        data = read_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = str(getattr(exc, "problem", None) or exc)[:200]
+        if several_documents and problem == "but found another document":
+            raise ConfigError(
+                f"{path}: a second YAML document starts{at}: {several_documents}"
+            ) from None
+        raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
+    return data, str(path), path.resolve().parent
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the configuration file ``path``, refusing a folder, a missing or
+    oversized file, and a file that is not UTF-8 text, naming the path."""
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the path of a YAML configuration file")
     if not path.is_file():
@@ -233,16 +252,6 @@ def read_config_source(
             f"{path}: a {size}-byte file; a configuration is at most {MAX_CONFIG_BYTES} bytes"
         )
     try:
-        data = read_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = str(getattr(exc, "problem", None) or exc)[:200]
-        if several_documents and problem == "but found another document":
-            raise ConfigError(
-                f"{path}: a second YAML document starts{at}: {several_documents}"
-            ) from None
-        raise ConfigError(f"{path}: not valid YAML{at} ({problem})") from None
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; expected a YAML configuration") from None
-    return data, str(path), path.resolve().parent
