@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 
 import pytest
 
@@ -66,3 +67,14 @@ def test_ray_executor_two_workers() -> None:
             executor.map(_fails_on_three, [1, 2, 3])
     finally:
         ray.shutdown()
+
+
+def test_ray_executor_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ConfigError) as caught:
+        RayExecutor().map(_square, [1])
+    assert str(caught.value) == (
+        "RayExecutor needs Ray, which is not installed; install it with "
+        "pip install 'modelfuse[ray]', or use LocalExecutor"
+    )
+

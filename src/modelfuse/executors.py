@@ -7,7 +7,14 @@ and Ctrl-C cancels the work still pending before re-raising
 :class:`KeyboardInterrupt`.
 
 :class:`LocalExecutor` runs in the calling process when ``workers == 1`` and
-on a :class:`concurrent.futures.ProcessPoolExecutor` otherwise.
+on a :class:`concurrent.futures.ProcessPoolExecutor` of spawned processes
+otherwise. The function is pickled once, in the caller, and loaded once per
+worker process; a function that cannot be sent (a lambda, a closure, a
+function the workers cannot import) is refused with a
+:class:`~modelfuse.errors.ConfigError` naming the fix. Consecutive calls with
+the same function reuse the processes (a search's generations), until
+:meth:`LocalExecutor.close`, the end of a ``with`` block, a call with another
+function, or the executor's garbage collection.
 :class:`RayExecutor` runs every item as a Ray task; Ray is imported only when
 a :class:`RayExecutor` is used, so Ray stays an optional dependency.
 
@@ -22,8 +29,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import pickle
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeVar, runtime_checkable
+from concurrent.futures.process import BrokenProcessPool
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from modelfuse.errors import ConfigError
 
@@ -66,6 +77,52 @@ def _reraise(index: int, item: object, error: BaseException) -> None:
     raise named from error
 
 
+_SEND_FIX = (
+    "with worker processes, define the function at module level of an importable module "
+    "(or use functools.partial of such a function), use RayExecutor, which also sends "
+    "lambdas and closures, or run in this process with workers=1"
+)
+
+
+def _function_label(function: object) -> str:
+    """A function's qualified name; another callable's ``repr`` (both shortened)."""
+    name = getattr(function, "__qualname__", None)
+    if isinstance(name, str):
+        return repr(name)[:60]
+    return repr(function)[:80]
+
+
+# The function of the pool this worker process belongs to, loaded once by _load_function.
+_worker_function: Callable[[Any], Any] | None = None
+_worker_load_error: str | None = None
+
+
+class _FunctionNotLoaded(Exception):
+    """The worker process could not unpickle the function (raised in the worker)."""
+
+
+def _load_function(payload: bytes) -> None:
+    """Pool initializer: unpickle the function once per worker process."""
+    global _worker_function, _worker_load_error
+    try:
+        _worker_function = pickle.loads(payload)
+        _worker_load_error = None
+    except Exception as error:  # reported by _call_function, item by item, as one line
+        _worker_function = None
+        _worker_load_error = f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def _call_function(item: Any) -> Any:
+    """Apply the worker's function to one item."""
+    if _worker_function is None:
+        raise _FunctionNotLoaded(_worker_load_error or "the function was not loaded")
+    return _worker_function(item)
+
+
+def _shutdown(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 class LocalExecutor:
     """Run items in this process (``workers=1``) or on a pool of local processes.
 
@@ -74,12 +131,30 @@ class LocalExecutor:
     workers : int, default 1
         Number of processes; 1 runs every item in the calling process, in order.
         With more than one worker, the function and the items must be picklable
-        (a module-level function, not a lambda).
+        by reference in a fresh process: a module-level function of an
+        importable module (or a ``functools.partial`` of one, or an instance
+        of a module-level class), not a lambda, a closure or a function
+        defined in an interactive session. Anything else is refused with a
+        :class:`~modelfuse.errors.ConfigError` before any work starts.
+
+    Notes
+    -----
+    Worker processes are *spawned* (forking after torch has started threads
+    can deadlock), so each one imports the caller's modules once, which takes
+    a few seconds with torch. The function (with everything it holds, e.g. the
+    models of a search) is sent once per process, not once per item, and the
+    processes are kept for the next :meth:`map` with the same function object.
+    Call :meth:`close` or use the executor as a context manager to stop them
+    early; they also stop when the executor is garbage-collected.
 
     Examples
     --------
     >>> LocalExecutor().map(len, ["a", "bb"])
     [1, 2]
+    >>> import operator
+    >>> with LocalExecutor(workers=2) as executor:
+    ...     executor.map(operator.neg, [1, 2, 3])
+    [-1, -2, -3]
     """
 
     def __init__(self, workers: int = 1) -> None:
@@ -93,8 +168,61 @@ class LocalExecutor:
             )
         return self.workers
 
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (the next :meth:`map` starts new ones)."""
+        finalizer = getattr(self, "_finalizer", None)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool_function: object = None
+        self._finalizer: weakref.finalize | None = None
+        if finalizer is not None:
+            finalizer()
+
+    def _pool_for(
+        self, function: Callable[[T], R], workers: int
+    ) -> concurrent.futures.ProcessPoolExecutor:
+        """The running pool for ``function``, or a new one with ``function`` loaded in it."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None and self._pool_function is function:
+            return pool
+        self.close()
+        try:
+            payload = pickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:  # PicklingError, AttributeError, TypeError: one line
+            raise ConfigError(
+                f"LocalExecutor(workers={workers}): cannot send the function "
+                f"{_function_label(function)} to worker processes "
+                f"({type(error).__name__}: {str(error)[:120]}); {_SEND_FIX}"
+            ) from None
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_load_function,
+            initargs=(payload,),
+        )
+        self._pool, self._pool_function = pool, function
+        self._finalizer = weakref.finalize(self, _shutdown, pool)
+        return pool
+
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """Apply ``function`` to every item; results in the order of ``items``."""
+        """Apply ``function`` to every item; results in the order of ``items``.
+
+        Raises
+        ------
+        ConfigError
+            ``workers`` is not a positive integer, or (with worker processes)
+            the function cannot be pickled or the workers cannot load it.
+        """
         workers = self._check()
         listed: Sequence[T] = list(items)
         if workers == 1 or len(listed) <= 1:
@@ -105,25 +233,32 @@ class LocalExecutor:
                 except Exception as error:
                     _reraise(index, item, error)
             return results
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(workers, len(listed)), mp_context=multiprocessing.get_context("spawn")
-        )
-        futures = [pool.submit(function, item) for item in listed]
+        pool = self._pool_for(function, workers)
+        futures = [pool.submit(_call_function, item) for item in listed]
         try:
             results = []
             for index, (item, future) in enumerate(zip(listed, futures, strict=True)):
                 try:
                     results.append(future.result())
+                except _FunctionNotLoaded as error:
+                    raise ConfigError(
+                        f"LocalExecutor(workers={workers}): the worker processes cannot load "
+                        f"the function {_function_label(function)} ({error}); {_SEND_FIX}"
+                    ) from None
+                except BrokenProcessPool as error:
+                    raise ExecutorError(
+                        f"LocalExecutor(workers={workers}): a worker process died while "
+                        f"running {_item_label(index, item)} ({error}); it may have run out of "
+                        "memory: use fewer workers"
+                    ) from None
                 except Exception as error:
                     _reraise(index, item, error)
             return results
         except BaseException:
             for future in futures:
                 future.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            self.close()
             raise
-        finally:
-            pool.shutdown(wait=True)
 
 
 def _apply(function: Callable[[T], R], item: T) -> R:
@@ -155,7 +290,7 @@ class RayExecutor:
         except ImportError as error:
             raise ConfigError(
                 "RayExecutor needs Ray, which is not installed; install it with "
-                "`pip install ray` or use LocalExecutor"
+                "pip install 'modelfuse[ray]', or use LocalExecutor"
             ) from error
         if not ray.is_initialized():
             ray.init(address=self.address)

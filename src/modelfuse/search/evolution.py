@@ -9,12 +9,35 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.executors import Executor
 from modelfuse.merge.state_dict import merge_state_dicts
+from modelfuse.search._evaluation import evaluate_all
 from modelfuse.search._state import check_matching
 from modelfuse.search.results import Candidate, SearchResult
 from modelfuse.search.scores import Score
 
 __all__ = ["evolutionary_search"]
+
+
+def _combine(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """:math:`\\sum_k w_k \\theta_k`, not normalised (float tensors; others from the first)."""
+    return merge_state_dicts("linear", state_dicts, weights=list(weights), normalize=False)
+
+
+class _ScoreCombination:
+    """Score the combination of the checkpoints with given coefficients; picklable."""
+
+    def __init__(self, state_dicts: Sequence[Mapping[str, torch.Tensor]], score: Score) -> None:
+        self.state_dicts = state_dicts
+        self.score = score
+
+    def __repr__(self) -> str:
+        return f"score {repr(self.score)[:60]} of checkpoint combinations"
+
+    def __call__(self, weights: tuple[float, ...]) -> float:
+        return float(self.score(_combine(self.state_dicts, weights)))
 
 
 def evolutionary_search(
@@ -26,6 +49,7 @@ def evolutionary_search(
     sigma: float = 0.1,
     init: Sequence[float] | None = None,
     seed: int = 0,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Find the coefficients of :math:`\\theta = \\sum_k w_k \\theta_k` by an evolution strategy.
 
@@ -61,6 +85,15 @@ def evolutionary_search(
         Initial mean; default the uniform average :math:`w_k = 1/K`.
     seed : int, default 0
         Seed of the ``numpy.random.Generator``; equal seeds give equal traces.
+    executor : Executor, optional
+        Evaluates each generation's ``population`` candidates (combine and
+        score) in one call, in parallel, e.g.
+        ``modelfuse.executors.LocalExecutor(workers=2)`` or ``RayExecutor()``
+        (the initial mean goes with the first generation); generations run
+        one after another, as each one's mean depends on the previous scores.
+        With worker processes ``score`` must be picklable (see
+        :mod:`modelfuse.executors`). None (default) evaluates the candidates
+        one by one in this process. The result is the same either way.
 
     Returns
     -------
@@ -108,34 +141,36 @@ def evolutionary_search(
     expected_norm = math.sqrt(k) * (1 - 1 / (4 * k) + 1 / (21 * k * k))
     rng = np.random.default_rng(seed)
 
-    def evaluate(w: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
-        merged = merge_state_dicts(
-            "linear", state_dicts, weights=[float(v) for v in w], normalize=False
-        )
-        return float(score(merged)), merged
+    evaluate = _ScoreCombination(state_dicts, score)
+    trace: list[Candidate] = []
 
-    best_score, best_sd = evaluate(mean)
-    best_w = mean.copy()
-    trace = [Candidate({"weights": tuple(float(v) for v in mean), "generation": 0}, best_score)]
+    def score_all(candidates: list[tuple[tuple[float, ...], int]]) -> list[float]:
+        """Score (weights, generation) pairs in one executor call; append them to the trace."""
+        scores = evaluate_all(executor, evaluate, [w for w, _ in candidates])
+        for (w, g), s in zip(candidates, scores):
+            trace.append(Candidate({"weights": w, "generation": g}, s))
+        return scores
+
+    waiting = [(tuple(float(v) for v in mean), 0)]  # the initial mean, scored with generation 1
     path = np.zeros(k)
     step = float(sigma)
     for generation in range(1, generations + 1):
         z = rng.standard_normal((lam, k))
-        scores = np.empty(lam)
-        for i in range(lam):
-            w = mean + step * z[i]
-            s, merged = evaluate(w)
-            scores[i] = s
-            trace.append(
-                Candidate({"weights": tuple(float(v) for v in w), "generation": generation}, s)
-            )
-            if s > best_score:
-                best_score, best_sd, best_w = s, merged, w.copy()
+        population = [(tuple(float(v) for v in mean + step * row), generation) for row in z]
+        scores = np.asarray(score_all(waiting + population)[len(waiting) :])
+        waiting = []
         order = np.argsort(-scores, kind="stable")[:mu]
         z_w = rank_weights @ z[order]
         mean = mean + step * z_w
         path = (1 - c_sigma) * path + math.sqrt(c_sigma * (2 - c_sigma) * mu_eff) * z_w
         step *= math.exp((c_sigma / d_sigma) * (np.linalg.norm(path) / expected_norm - 1))
+    if waiting:  # generations=0: only the initial mean
+        score_all(waiting)
+    best = 0  # the first best candidate; the initial mean unless one scores strictly higher
+    for index, candidate in enumerate(trace):
+        if candidate.score > trace[best].score:
+            best = index
+    best_w = trace[best].parameters["weights"]
     return SearchResult(
-        {"weights": tuple(float(v) for v in best_w)}, best_sd, best_score, tuple(trace)
+        {"weights": best_w}, _combine(state_dicts, best_w), trace[best].score, tuple(trace)
     )

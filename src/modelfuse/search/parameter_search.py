@@ -119,6 +119,9 @@ class _Evaluate:
         self.base = base
         self.score = score
 
+    def __repr__(self) -> str:
+        return f"score {repr(self.score)[:60]} of {self.method} merges"
+
     def __call__(self, settings: Mapping[str, Any]) -> float:
         merged = merge_with_settings(self.method, self.state_dicts, self.base, settings)
         return float(self.score(merged))

@@ -74,22 +74,46 @@ def model_outputs(
         model.train(was_training)
 
 
-def _score_factory(
-    model: nn.Module, batches: Iterable[Any], name: str, per_batch: Callable[..., torch.Tensor]
-) -> Score:
-    data = _labelled_batches(batches, name)
-    total = sum(int(y.shape[0]) for _, y in data)
+def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The number of samples whose arg-max logit is the label."""
+    return (logits.argmax(dim=-1) == labels).sum()
 
-    def score(state_dict: Mapping[str, torch.Tensor]) -> float:
-        check_model_keys(model, state_dict, name)
+
+def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed log-likelihood of the labels (minus the summed cross-entropy)."""
+    return -torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+class _ModelScore:
+    """``score(state_dict)``: a per-batch sum over fixed batches, divided by the sample count.
+
+    A module-level class rather than a closure, so that scores can be pickled
+    and sent to the worker processes of :class:`modelfuse.executors.LocalExecutor`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        name: str,
+        per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.model = model
+        self.data = _labelled_batches(batches, name)
+        self.total = sum(int(y.shape[0]) for _, y in self.data)
+        self.__name__ = name
+        self.per_batch = per_batch
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}({type(self.model).__name__}, {self.total} samples)"
+
+    def __call__(self, state_dict: Mapping[str, torch.Tensor]) -> float:
+        check_model_keys(self.model, state_dict, self.__name__)
         value = 0.0
-        for x, y in data:
-            logits = model_outputs(model, state_dict, x)
-            value += float(per_batch(logits, y))
-        return value / total
-
-    score.__name__ = name
-    return score
+        for x, y in self.data:
+            logits = model_outputs(self.model, state_dict, x)
+            value += float(self.per_batch(logits, y))
+        return value / self.total
 
 
 def accuracy_score(model: nn.Module, batches: Iterable[Any]) -> Score:
@@ -108,7 +132,8 @@ def accuracy_score(model: nn.Module, batches: Iterable[Any]) -> Score:
     -------
     callable
         ``score(state_dict) -> float``, the fraction of samples (over all
-        batches) whose arg-max logit is the label.
+        batches) whose arg-max logit is the label. It can be pickled, so it
+        runs on :class:`~modelfuse.executors.LocalExecutor` worker processes.
 
     Examples
     --------
@@ -117,9 +142,7 @@ def accuracy_score(model: nn.Module, batches: Iterable[Any]) -> Score:
     >>> accuracy_score(m, [(x, y)])(m.state_dict())
     1.0
     """
-    return _score_factory(
-        model, batches, "accuracy_score", lambda z, y: (z.argmax(dim=-1) == y).sum()
-    )
+    return _ModelScore(model, batches, "accuracy_score", _correct)
 
 
 def nll_score(model: nn.Module, batches: Iterable[Any]) -> Score:
@@ -138,6 +161,7 @@ def nll_score(model: nn.Module, batches: Iterable[Any]) -> Score:
         ``score(state_dict) -> float`` equal to
         :math:`\\frac{1}{n}\\sum_i \\log \\mathrm{softmax}(z_i)_{y_i}` over every
         sample of every batch (the negated NLL, so that higher is better).
+        It can be pickled, like :func:`accuracy_score`.
 
     Examples
     --------
@@ -146,9 +170,4 @@ def nll_score(model: nn.Module, batches: Iterable[Any]) -> Score:
     >>> round(nll_score(m, [(torch.ones(4, 1), torch.tensor([0, 1, 0, 1]))])(sd), 4)
     -0.6931
     """
-    return _score_factory(
-        model,
-        batches,
-        "nll_score",
-        lambda z, y: -torch.nn.functional.cross_entropy(z.float(), y, reduction="sum"),
-    )
+    return _ModelScore(model, batches, "nll_score", _log_likelihood)

@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from modelfuse.executors import Executor
 from modelfuse.merge.state_dict import merge_state_dicts
+from modelfuse.search._evaluation import evaluate_all
 from modelfuse.search._state import check_matching, is_float
 from modelfuse.search.results import Candidate, SearchResult
 from modelfuse.search.scores import Score
@@ -63,11 +65,26 @@ def _in_dtypes(
     return {k: v.to(reference[k].dtype) for k, v in average.items()}
 
 
+class _ScoreIngredient:
+    """Score one model alone, given its index; picklable."""
+
+    def __init__(self, state_dicts: Sequence[Mapping[str, torch.Tensor]], score: Score) -> None:
+        self.state_dicts = state_dicts
+        self.score = score
+
+    def __repr__(self) -> str:
+        return f"score {repr(self.score)[:60]} of single models"
+
+    def __call__(self, index: int) -> float:
+        return float(self.score(self.state_dicts[index]))
+
+
 def greedy_soup(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     score: Score,
     *,
     strict: bool = True,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """The greedy soup: add models to the average only while a held-out score improves.
 
@@ -94,6 +111,15 @@ def greedy_soup(
     strict : bool, default True
         Require a strict improvement to add a model; ``False`` adds models
         that leave the score unchanged too.
+    executor : Executor, optional
+        Scores the models alone, all in one call and in parallel, e.g.
+        ``modelfuse.executors.LocalExecutor(workers=2)`` or ``RayExecutor()``.
+        The soup itself is built in this process, one model after another:
+        whether a model is tried with or without the previous one depends on
+        that one's score, so those ``N - 1`` scores cannot run side by side.
+        With worker processes ``score`` must be picklable (see
+        :mod:`modelfuse.executors`). None (default) scores everything in
+        this process. The result is the same either way.
 
     Returns
     -------
@@ -119,12 +145,8 @@ def greedy_soup(
     ((0, 1), 2.0)
     """
     check_matching(state_dicts)
-    trace: list[Candidate] = []
-    alone = []
-    for i, sd in enumerate(state_dicts):
-        s = float(score(sd))
-        alone.append(s)
-        trace.append(Candidate({"model": i}, s))
+    alone = evaluate_all(executor, _ScoreIngredient(state_dicts, score), range(len(state_dicts)))
+    trace = [Candidate({"model": i}, s) for i, s in enumerate(alone)]
     order = sorted(range(len(state_dicts)), key=lambda i: -alone[i])
     first = order[0]
     soup = {
