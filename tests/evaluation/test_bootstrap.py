@@ -66,10 +66,19 @@ def test_many_statistics_per_sample_have_multinomial_moments(compress):
     np.testing.assert_array_equal(sums[:, 5:], 2 * sums[:, :5])
 
 
-def test_percentile_interval_is_the_central_quantiles():
-    dist = np.arange(1, 1001, dtype=float)
-    low, high = percentile_interval(dist, 0.9)
-    assert (low, high) == pytest.approx(tuple(np.quantile(dist, [0.05, 0.95])))
+def test_percentile_interval_is_the_central_order_statistics():
+    # Davison and Hinkley: d_(j), d_(B+1-j) with j = floor((B + 1) alpha / 2)
+    rng = np.random.default_rng(0)
+    dist = rng.permutation(np.arange(1, 1001, dtype=float))
+    assert percentile_interval(dist, 0.9) == (50.0, 951.0)  # j = floor(1001 * 0.05) = 50
+    ordered = np.sort(dist[:999])
+    assert percentile_interval(dist[:999], 0.95) == (ordered[24], ordered[999 - 25])
+
+
+def test_too_few_resamples_for_the_level_are_refused():
+    with pytest.raises(ConfigError, match="pass n_resamples >= 39"):
+        percentile_interval(np.arange(38.0), 0.95)
+    assert percentile_interval(np.arange(39.0), 0.95) == (0.0, 38.0)
 
 
 def test_bca_equals_percentile_on_a_symmetric_case():
@@ -106,8 +115,12 @@ def test_bca_follows_its_formula_with_bias_and_acceleration():
     a = np.sum(d**3) / (6 * np.sum(d**2) ** 1.5)
     z = ndtri(np.array([0.025, 0.975]))
     levels = ndtr(z0 + (z0 + z) / (1 - a * (z0 + z)))
-    expected = np.quantile(dist, levels)
-    assert bca_interval(estimate, dist, jack) == pytest.approx(tuple(expected))
+    ordered = np.sort(dist)
+    expected = (
+        ordered[int(np.floor(5001 * levels[0])) - 1],
+        ordered[int(np.ceil(5001 * levels[1])) - 1],
+    )
+    assert bca_interval(estimate, dist, jack) == expected
 
 
 @pytest.mark.parametrize("method", ["percentile", "bca"])
@@ -244,7 +257,7 @@ def test_results_say_how_the_interval_was_made() -> None:
     y = rng.integers(0, 2, 60)
     a = np.eye(2)[np.where(rng.random(60) < 0.8, y, 1 - y)]
     b = np.eye(2)[np.where(rng.random(60) < 0.6, y, 1 - y)]
-    common = dict(n_resamples=50, random_state=0)
+    common = dict(n_resamples=1000, random_state=0)
     assert bootstrap_metric(a, y, **common).method == "bootstrap BCa"
     assert (
         bootstrap_metric(a, y, method="percentile", stratify=True, **common).method

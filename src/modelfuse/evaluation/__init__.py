@@ -19,6 +19,7 @@ from modelfuse.evaluation.bootstrap import (
     INTERVAL_METHODS,
     bca_interval,
     bootstrap_metric,
+    group_codes,
     paired_bootstrap,
     percentile_interval,
     resample_sums,
@@ -31,6 +32,7 @@ from modelfuse.evaluation.comparison import (
     compare_predictions,
 )
 from modelfuse.evaluation.cv_tests import CV_SCHEMES, compare_estimators, paired_5x2cv
+from modelfuse.evaluation.intervals import BCA_MIN_RESAMPLES, interval_at_level, min_resamples
 from modelfuse.evaluation.metrics import (
     METRICS,
     MetricSpec,
@@ -42,6 +44,7 @@ from modelfuse.evaluation.metrics import (
 )
 from modelfuse.evaluation.nested_cv import nested_cross_validate, nested_cross_validation
 from modelfuse.evaluation.paired_tests import (
+    EXACT_SIGN_FLIPS,
     MCNEMAR_METHODS,
     cochrans_q,
     corrected_resampled_ttest,
@@ -71,9 +74,11 @@ from modelfuse.evaluation.results import (
 )
 
 __all__ = [
+    "BCA_MIN_RESAMPLES",
     "COMPARISON_TESTS",
     "CV_SCHEMES",
     "ESTIMATORS_632",
+    "EXACT_SIGN_FLIPS",
     "INTERVAL_METHODS",
     "MCNEMAR_METHODS",
     "METRICS",
@@ -101,11 +106,14 @@ __all__ = [
     "corrected_resampled_ttest",
     "friedman_test",
     "get_metric",
+    "group_codes",
     "holm",
+    "interval_at_level",
     "macro_f1",
     "mcnemar",
     "mcnemar_from_counts",
     "mean_ranks",
+    "min_resamples",
     "metric_permutation_test",
     "nemenyi_critical_difference",
     "nested_cross_validate",

@@ -20,9 +20,15 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse
-from scipy.special import ndtr, ndtri
 
 from modelfuse.errors import ConfigError, DataError
+from modelfuse.evaluation.intervals import (
+    INTERVAL_METHODS,
+    Inference,
+    bca_interval,
+    infer,
+    percentile_interval,
+)
 from modelfuse.evaluation.metrics import (
     MetricSpec,
     PredictionKind,
@@ -35,6 +41,7 @@ __all__ = [
     "INTERVAL_METHODS",
     "bca_interval",
     "bootstrap_metric",
+    "group_codes",
     "paired_bootstrap",
     "percentile_interval",
     "resample_sums",
@@ -65,118 +72,9 @@ def _batch_size(spec: MetricSpec, per_resample: int) -> int:
     return max(1, size // per_resample)
 
 
-def _check_level(confidence_level: float) -> None:
-    if not 0 < confidence_level < 1:
-        raise ConfigError(
-            f"confidence_level: expected a number in (0, 1) such as 0.95, got {confidence_level!r}"
-        )
-
-
 def _check_resamples(n_resamples: int) -> None:
     if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 2:
         raise ConfigError(f"n_resamples: expected an integer >= 2, got {n_resamples!r}")
-
-
-def percentile_interval(
-    distribution: np.ndarray, confidence_level: float = 0.95
-) -> tuple[float, float]:
-    """The percentile bootstrap interval: the central quantiles of the resampled statistics.
-
-    Parameters
-    ----------
-    distribution : array of shape (n_resamples,)
-        Bootstrap replicates of the statistic.
-    confidence_level : float
-
-    Returns
-    -------
-    (low, high) : tuple of float
-
-    References
-    ----------
-    Efron and Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13.
-
-    Examples
-    --------
-    >>> [round(v, 6) for v in percentile_interval(np.arange(101.0), 0.9)]
-    [5.0, 95.0]
-    """
-    _check_level(confidence_level)
-    alpha = 1 - confidence_level
-    low, high = np.quantile(np.asarray(distribution, dtype=float), [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def bca_interval(
-    estimate: float,
-    distribution: np.ndarray,
-    jackknife_values: np.ndarray,
-    *,
-    confidence_level: float = 0.95,
-    jackknife_weights: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """The bias-corrected and accelerated (BCa) bootstrap interval.
-
-    ``z0 = Phi^-1(share of replicates below the estimate)`` (replicates equal
-    to it count one half), the acceleration
-    ``a = sum(w d^3) / (6 (sum(w d^2))^1.5)`` with ``d = mean(jackknife) -
-    jackknife``, and the interval is the pair of quantiles of the replicates
-    at ``Phi(z0 + (z0 + z) / (1 - a (z0 + z)))`` for ``z`` the normal
-    quantiles of the percentile interval. With ``z0 = 0`` and ``a = 0`` it is
-    the percentile interval.
-
-    Parameters
-    ----------
-    estimate : float
-        The statistic on the full sample.
-    distribution : array of shape (n_resamples,)
-        Bootstrap replicates.
-    jackknife_values : array of shape (m,)
-        Leave-one-out (or leave-one-group-out) values of the statistic.
-    confidence_level : float
-    jackknife_weights : array of shape (m,), optional
-        How many samples each jackknife value stands for (equal samples share one value).
-
-    Returns
-    -------
-    (low, high) : tuple of float
-
-    References
-    ----------
-    Efron, "Better bootstrap confidence intervals", JASA 82 (1987) 171-185.
-
-    Examples
-    --------
-    >>> d = np.array([-2.0, -1.0, 1.0, 2.0]); jack = np.array([-1.0, 1.0])
-    >>> bca_interval(0.0, d, jack, confidence_level=0.5) == percentile_interval(d, 0.5)
-    True
-    """
-    _check_level(confidence_level)
-    distribution = np.asarray(distribution, dtype=float)
-    jack = np.asarray(jackknife_values, dtype=float)
-    weights = np.ones_like(jack) if jackknife_weights is None else np.asarray(jackknife_weights)
-    below = np.count_nonzero(distribution < estimate)
-    equal = np.count_nonzero(distribution == estimate)
-    z0 = ndtri((below + 0.5 * equal) / len(distribution))
-    deviations = np.average(jack, weights=weights) - jack
-    spread = np.sum(weights * deviations**2)
-    acceleration = 0.0 if spread <= 0 else np.sum(weights * deviations**3) / (6 * spread**1.5)
-    alpha = 1 - confidence_level
-    z = ndtri(np.array([alpha / 2, 1 - alpha / 2]))
-    if np.isinf(z0):
-        # every replicate lies on one side of the estimate: the interval ends at the extremes
-        levels = np.array([0.0, 1.0])
-    else:
-        levels = ndtr(z0 + (z0 + z) / (1 - acceleration * (z0 + z)))
-    low, high = np.quantile(distribution, levels)
-    return float(low), float(high)
-
-
-INTERVAL_METHODS: dict[str, str] = {
-    "bca": "bootstrap BCa",
-    "percentile": "bootstrap percentile",
-}
-"""The bootstrap interval methods by name, with the label they print as."""
 
 
 def _strata_positions(strata: np.ndarray | None, n: int) -> list[np.ndarray]:
@@ -278,6 +176,51 @@ def resample_sums(
     return total
 
 
+def group_codes(groups: np.ndarray | None, n_samples: int) -> np.ndarray | None:
+    """Group ids as integer codes ``0 .. G-1`` in order of the sorted ids, checked against ``n_samples``.
+
+    Parameters
+    ----------
+    groups : array of shape (n_samples,) or None
+        Any hashable ids (integers, strings); samples with equal ids form one group.
+    n_samples : int
+
+    Returns
+    -------
+    numpy.ndarray of int or None
+
+    Examples
+    --------
+    >>> group_codes(np.array(["b", "a", "b"]), 3).tolist()
+    [1, 0, 1]
+    """
+    if groups is None:
+        return None
+    ids = np.asarray(groups)
+    if ids.ndim != 1 or ids.shape[0] != n_samples:
+        raise DataError(
+            f"groups: expected one group id per sample, shape ({n_samples},), got {ids.shape}"
+        )
+    if ids.dtype.kind == "f" and not np.isfinite(ids).all():
+        raise DataError("groups: contains NaN or inf; expected one finite id per sample")
+    _, codes = np.unique(ids, return_inverse=True)
+    codes = codes.ravel().astype(np.int64)
+    if codes.max(initial=0) + 1 < 2:
+        raise DataError(
+            f"groups: all {n_samples} samples are in one group; resampling whole groups "
+            "needs at least 2 groups (pass groups=None to resample samples)"
+        )
+    return codes
+
+
+def _group_matrix(codes: np.ndarray) -> scipy.sparse.csr_matrix:
+    """The (G, n) indicator matrix of group membership."""
+    n = len(codes)
+    return scipy.sparse.csr_matrix(
+        (np.ones(n), (codes, np.arange(n))), shape=(int(codes.max()) + 1, n)
+    )
+
+
 class _Plan:
     """The statistic ``sum_m w_m metric(probs_m)`` and how to resample it."""
 
@@ -289,8 +232,11 @@ class _Plan:
         weights: Sequence[float],
         *,
         collapse: bool = True,
+        groups: np.ndarray | None = None,
     ) -> None:
         self.spec = spec
+        self.groups = groups
+        self.n_groups = None if groups is None else int(groups.max()) + 1
         self.probs = list(probs)
         self.labels = labels
         self.weights = list(weights)
@@ -362,6 +308,8 @@ class _Plan:
     def replicates(
         self, n_resamples: int, strata: np.ndarray | None, rng: np.random.Generator
     ) -> np.ndarray:
+        if self.groups is not None:
+            return self._cluster_replicates(n_resamples, rng)
         if self.vectorised:
             sums = resample_sums(self.keys, self.rows, n_resamples, strata=strata, random_state=rng)
             return self.from_sums(sums, self.n)
@@ -381,7 +329,38 @@ class _Plan:
             values[b] = self.on_indices(index)
         return values
 
+    def _group_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-group sums of the per-sample rows (G, d), and the group sizes (G,)."""
+        members = _group_matrix(self.groups)
+        unique, inverse = np.unique(self.keys, axis=0, return_inverse=True)
+        per_sample = self.rows(unique)[inverse.ravel()]
+        sums = np.asarray((members @ per_sample).todense())
+        return sums, np.asarray(members.sum(axis=1)).ravel()
+
+    def _cluster_replicates(self, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+        """Resample whole groups with replacement: G draws of a group per resample."""
+        n_groups = self.n_groups
+        values = np.empty(n_resamples)
+        chunk = max(1, _CHUNK_ELEMENTS // n_groups)
+        if self.vectorised:
+            sums, sizes = self._group_sums()
+        for start in range(0, n_resamples, chunk):
+            stop = min(n_resamples, start + chunk)
+            draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=stop - start)
+            if self.vectorised:
+                values[start:stop] = self.from_sums(draws @ sums, draws @ sizes)
+                continue
+            weights = draws[:, self.groups]  # (c, n): how often each sample is drawn
+            if self.spec.on_weights is not None:
+                values[start:stop] = self.on_weight_rows(weights.astype(np.float32))
+                continue
+            for j, row in enumerate(weights):
+                values[start + j] = self.on_indices(np.repeat(np.arange(self.n), row))
+        return values
+
     def jackknife(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.groups is not None:
+            return self._group_jackknife(rng)
         if self.vectorised:
             unique, counts = np.unique(self.keys, axis=0, return_counts=True)
             table = self.rows(unique)
@@ -415,6 +394,28 @@ class _Plan:
                     values[start + j] = self.on_indices(np.flatnonzero(row))
         return values, np.ones(len(deleted))
 
+    def _group_jackknife(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Delete one group at a time (random sets of groups beyond the exact limit)."""
+        n_groups = self.n_groups
+        if self.vectorised:
+            sums, sizes = self._group_sums()
+            full = sums.sum(axis=0)
+            return self.from_sums(full[None, :] - sums, self.n - sizes), np.ones(n_groups)
+        if n_groups <= _EXACT_JACKKNIFE_LIMIT:
+            deleted = [np.array([g]) for g in range(n_groups)]
+        else:
+            size = n_groups // _JACKKNIFE_GROUPS
+            order = rng.permutation(n_groups)[: size * _JACKKNIFE_GROUPS]
+            deleted = list(order.reshape(-1, size))
+        values = np.empty(len(deleted))
+        for j, gone in enumerate(deleted):
+            keep = ~np.isin(self.groups, gone)
+            if self.spec.on_weights is not None:
+                values[j] = self.on_weight_rows(keep[None, :].astype(np.float32))[0]
+            else:
+                values[j] = self.on_indices(np.flatnonzero(keep))
+        return values, np.ones(len(deleted))
+
 
 def _run(
     plan: _Plan,
@@ -424,16 +425,24 @@ def _run(
     n_resamples: int,
     stratify: bool,
     random_state: RandomState,
-) -> tuple[float, tuple[float, float], np.ndarray]:
+) -> tuple[float, Inference, np.ndarray]:
     if method not in INTERVAL_METHODS:
         raise ConfigError(
             f"method: unknown interval method {method!r}; "
             f"expected one of {', '.join(INTERVAL_METHODS)}"
         )
-    _check_level(confidence_level)
     _check_resamples(n_resamples)
+    if not 0 < confidence_level < 1:
+        raise ConfigError(
+            f"confidence_level: expected a number in (0, 1) such as 0.95, got {confidence_level!r}"
+        )
     if plan.n < 2:
         raise DataError(f"labels: the bootstrap needs at least 2 samples, got {plan.n}")
+    if stratify and plan.groups is not None:
+        raise ConfigError(
+            "stratify, groups: resampling within classes and resampling whole groups "
+            "cannot be combined; pass one of them"
+        )
     rng = _generator(random_state)
     strata = plan.labels if stratify else None
     estimate = plan.estimate()
@@ -445,23 +454,57 @@ def _run(
             "resamples (a class is missing from them); pass stratify=True (CLI: --stratify) "
             "or evaluate on more samples"
         )
-    if method == "percentile":
-        ci = percentile_interval(distribution, confidence_level)
-    else:
-        jack, jack_weights = plan.jackknife(rng)
-        ci = bca_interval(
-            estimate,
-            distribution,
-            jack,
-            confidence_level=confidence_level,
-            jackknife_weights=jack_weights,
-        )
-    return estimate, ci, distribution
+    jackknife = plan.jackknife(rng) if method == "bca" else None
+    inference = infer(
+        estimate,
+        distribution,
+        method=method,
+        confidence_level=confidence_level,
+        jackknife=jackknife,
+    )
+    return estimate, inference, distribution
 
 
-def _method_label(method: str, stratify: bool) -> str:
-    """What an interval's ``method`` says: the interval method, and whether strata were kept."""
-    return INTERVAL_METHODS[method] + (" (stratified)" if stratify else "")
+def _method_label(inference: Inference, stratify: bool, n_groups: int | None) -> str:
+    """What an interval's ``method`` says: the method used, and how samples were resampled."""
+    label = INTERVAL_METHODS[inference.kind]
+    if stratify:
+        label += " (stratified)"
+    if n_groups is not None:
+        label += f" (cluster, {n_groups} groups)"
+    if inference.fallback is not None:
+        label += " (BCa unstable)"
+    return label
+
+
+def _result(
+    plan: _Plan,
+    estimate: float,
+    inference: Inference,
+    distribution: np.ndarray,
+    *,
+    label: str,
+    compared: tuple[str, ...],
+    confidence_level: float,
+    n_resamples: int,
+    pvalue: float | None = None,
+) -> IntervalResult:
+    return IntervalResult(
+        statistic=estimate,
+        ci=inference.interval(confidence_level),
+        method=label,
+        compared=compared,
+        confidence_level=confidence_level,
+        n_resamples=int(n_resamples),
+        pvalue=pvalue,
+        bootstrap_distribution=distribution,
+        method_used=inference.kind,
+        fallback=inference.fallback,
+        bias_correction=inference.bias_correction,
+        acceleration=inference.acceleration,
+        p_floor=inference.p_floor if pvalue is not None else None,
+        n_groups=plan.n_groups,
+    )
 
 
 def bootstrap_metric(
@@ -476,8 +519,14 @@ def bootstrap_metric(
     random_state: RandomState = None,
     kind: PredictionKind = "probabilities",
     name: str = "model",
+    groups: np.ndarray | None = None,
 ) -> IntervalResult:
     """A metric of one model with a bootstrap confidence interval.
+
+    BCa is used where it is stable (see :mod:`modelfuse.evaluation.intervals`:
+    at least 1000 resamples, a jackknife that varies, a monotone level
+    correction, the estimate strictly inside the interval); otherwise the
+    percentile interval, and ``result.method_used`` / ``result.fallback`` say so.
 
     Parameters
     ----------
@@ -487,8 +536,11 @@ def bootstrap_metric(
         A key of :data:`modelfuse.evaluation.metrics.METRICS`: ``accuracy``,
         ``balanced_accuracy``, ``macro_f1``, ``auroc``, ``nll``, ``brier``, ``ece``.
     method : {"bca", "percentile"}
+        The interval asked for; BCa falls back to percentile where unstable.
     confidence_level : float
     n_resamples : int
+        At least :func:`~modelfuse.evaluation.intervals.min_resamples` of the level
+        (39 for 95%).
     stratify : bool
         Resample within each class, keeping the class counts of the data
         (needed by AUROC when a class is rare).
@@ -497,6 +549,10 @@ def bootstrap_metric(
     kind : {"probabilities", "logits"}
     name : str
         What the result says was measured.
+    groups : array of shape (n_samples,), optional
+        Group ids: samples that are not independent (views of one image, the
+        sentences of one document) share an id. Whole groups are resampled (a
+        cluster bootstrap) and the BCa jackknife deletes one group at a time.
 
     Returns
     -------
@@ -517,8 +573,8 @@ def bootstrap_metric(
     """
     spec = get_metric(metric)
     p, y = prepare_predictions(probs, labels, kind=kind)
-    plan = _Plan(spec, [p], y, [1.0])
-    estimate, ci, dist = _run(
+    plan = _Plan(spec, [p], y, [1.0], groups=group_codes(groups, len(y)))
+    estimate, inference, dist = _run(
         plan,
         method=method,
         confidence_level=confidence_level,
@@ -526,15 +582,15 @@ def bootstrap_metric(
         stratify=stratify,
         random_state=random_state,
     )
-    label = _method_label(method, stratify)
-    return IntervalResult(
-        statistic=estimate,
-        ci=ci,
-        method=label,
+    return _result(
+        plan,
+        estimate,
+        inference,
+        dist,
+        label=_method_label(inference, stratify, plan.n_groups),
         compared=(spec.name, name),
         confidence_level=confidence_level,
-        n_resamples=int(n_resamples),
-        bootstrap_distribution=dist,
+        n_resamples=n_resamples,
     )
 
 
@@ -570,14 +626,20 @@ def paired_bootstrap(
     random_state: RandomState = None,
     kind: PredictionKind = "probabilities",
     names: tuple[str, str] = ("a", "b"),
+    groups: np.ndarray | None = None,
 ) -> IntervalResult:
     """The difference ``metric(a) - metric(b)`` of two models on the same samples, with a CI.
 
     Both models are scored on the same resampled indices, so the interval
     accounts for the pairing (it is much narrower than the difference of two
-    independent intervals when the models agree on most samples). The
-    p-value is twice the smaller share of resampled differences on either
-    side of zero (with the usual +1 correction).
+    independent intervals when the models agree on most samples).
+
+    The p-value inverts the interval: it is the smallest ``alpha`` at which
+    the ``1 - alpha`` interval of the method used (BCa, or percentile where
+    BCa is unstable), read off the same resampled differences, excludes 0.
+    So ``pvalue <= 1 - confidence_level`` exactly when ``ci`` excludes 0. For
+    the percentile interval it is ``2 (min(#d <= 0, #d >= 0) + 1) / (B + 1)``;
+    it is never below ``p_floor = 2 / (B + 1)``.
 
     Parameters
     ----------
@@ -587,6 +649,8 @@ def paired_bootstrap(
         As in :func:`bootstrap_metric`.
     names : tuple of str
         The two models' names.
+    groups : array of shape (n_samples,), optional
+        Group ids; whole groups are resampled (see :func:`bootstrap_metric`).
 
     Returns
     -------
@@ -608,8 +672,8 @@ def paired_bootstrap(
     """
     spec = get_metric(metric)
     pa, pb, y = _prepare_pair(probs_a, probs_b, labels, kind=kind, names=names)
-    plan = _Plan(spec, [pa, pb], y, [1.0, -1.0])
-    estimate, ci, dist = _run(
+    plan = _Plan(spec, [pa, pb], y, [1.0, -1.0], groups=group_codes(groups, len(y)))
+    estimate, inference, dist = _run(
         plan,
         method=method,
         confidence_level=confidence_level,
@@ -617,19 +681,14 @@ def paired_bootstrap(
         stratify=stratify,
         random_state=random_state,
     )
-    n = len(dist)
-    pvalue = min(
-        1.0,
-        2 * (min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0)) + 1) / (n + 1),
-    )
-    label = "paired " + _method_label(method, stratify)
-    return IntervalResult(
-        statistic=estimate,
-        ci=ci,
-        method=label,
+    return _result(
+        plan,
+        estimate,
+        inference,
+        dist,
+        label="paired " + _method_label(inference, stratify, plan.n_groups),
         compared=(spec.name, f"{names[0]} - {names[1]}"),
         confidence_level=confidence_level,
-        n_resamples=int(n_resamples),
-        pvalue=float(pvalue),
-        bootstrap_distribution=dist,
+        n_resamples=n_resamples,
+        pvalue=inference.pvalue(),
     )

@@ -9,7 +9,6 @@ swapping the two models' predictions sample by sample).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import product
 from typing import Literal
 
 import numpy as np
@@ -22,13 +21,16 @@ from modelfuse.evaluation.bootstrap import (
     _batch_size,
     _check_resamples,
     _generator,
+    _group_matrix,
     _Plan,
     _prepare_pair,
+    group_codes,
 )
 from modelfuse.evaluation.metrics import MetricSpec, PredictionKind, get_metric
 from modelfuse.evaluation.results import McNemarResult, TestResult
 
 __all__ = [
+    "EXACT_SIGN_FLIPS",
     "MCNEMAR_METHODS",
     "cochrans_q",
     "corrected_resampled_ttest",
@@ -40,6 +42,26 @@ __all__ = [
 
 Alternative = Literal["two-sided", "greater", "less"]
 _ALTERNATIVES = ("two-sided", "greater", "less")
+
+EXACT_SIGN_FLIPS = 2**16
+"""Permutation tests enumerate every sign flip (or swap) when there are at most this many."""
+
+
+def _is_exact(units: int, n_resamples: int) -> bool:
+    """Enumerate all ``2^units`` sign patterns when that is at most ``max(EXACT_SIGN_FLIPS, n_resamples)``."""
+    return units < 63 and 2**units <= max(EXACT_SIGN_FLIPS, n_resamples)
+
+
+def _all_signs(units: int) -> np.ndarray:
+    """Every pattern of ``units`` swaps, as a (2^units, units) boolean array (row 0: none)."""
+    codes = np.arange(2**units, dtype=np.int64)[:, None]
+    return ((codes >> np.arange(units)) & 1).astype(bool)
+
+
+def _floor(units: int, n_resamples: int, exact: bool, alternative: str) -> float:
+    """The smallest p-value the test can give."""
+    count = 2.0**units if exact else n_resamples + 1
+    return min(1.0, (2 if alternative == "two-sided" else 1) / count)
 
 MCNEMAR_METHODS: dict[str, str] = {
     "exact": "McNemar (exact binomial)",
@@ -340,15 +362,20 @@ def paired_permutation_test(
     alternative: Alternative = "two-sided",
     random_state: RandomState = None,
     names: tuple[str, str] = ("a", "b"),
+    groups: np.ndarray | None = None,
 ) -> TestResult:
     """Paired permutation (sign-flip) test of the mean difference of paired values.
 
     Under the null each pair is exchangeable, so the sign of each difference
     ``x_i - y_i`` is flipped at random. All ``2^n`` sign patterns are
-    enumerated when ``2^n <= n_resamples`` (an exact p-value); otherwise
+    enumerated when ``2^n <= max(EXACT_SIGN_FLIPS, n_resamples)`` (an exact
+    p-value, the share of patterns at least as extreme); otherwise
     ``n_resamples`` random patterns are drawn and the p-value is
     ``(1 + #as extreme) / (1 + n_resamples)``. Two-sided p-values double the
-    smaller tail, as :func:`scipy.stats.permutation_test` does.
+    smaller tail, as :func:`scipy.stats.permutation_test` does. With
+    ``groups`` the differences of one group share one sign (whole groups are
+    flipped), which keeps the level when samples within a group are
+    correlated; ``n`` is then the number of groups.
 
     Parameters
     ----------
@@ -359,11 +386,15 @@ def paired_permutation_test(
         ``"greater"``: the mean of ``x - y`` is greater than 0.
     random_state : int or numpy.random.Generator, optional
     names : tuple of str
+    groups : array of shape (n,), optional
+        Group ids; pairs with equal ids are flipped together.
 
     Returns
     -------
     TestResult
-        ``statistic`` is the mean difference.
+        ``statistic`` is the mean difference; ``p_floor`` the smallest
+        p-value the test can give (``2 / 2^n`` exact, ``2 / (n_resamples + 1)``
+        drawn, two-sided).
 
     References
     ----------
@@ -373,30 +404,37 @@ def paired_permutation_test(
     Examples
     --------
     >>> r = paired_permutation_test([3.0, 4.0, 5.0], [1.0, 2.0, 2.0])
-    >>> r.pvalue
-    0.25
+    >>> r.pvalue, r.p_floor
+    (0.25, 0.25)
     """
     _check_alternative(alternative)
+    _check_resamples(n_resamples)
     d = _paired_differences(x, y)
     n = d.size
     observed = float(d.mean())
-    exact = n < 63 and 2**n <= n_resamples
+    codes = group_codes(groups, n)
+    units = d if codes is None else np.bincount(codes, weights=d)
+    exact = _is_exact(units.size, n_resamples)
     if exact:
-        signs = np.array(list(product((1.0, -1.0), repeat=n)))
-        null = signs @ d / n
+        signs = 1.0 - 2.0 * _all_signs(units.size)
+        null = signs @ units / n
     else:
         rng = _generator(random_state)
         null = np.empty(n_resamples)
-        chunk = max(1, (1 << 22) // n)
+        chunk = max(1, (1 << 22) // units.size)
         for start in range(0, n_resamples, chunk):
             stop = min(n_resamples, start + chunk)
-            signs = rng.integers(0, 2, size=(stop - start, n)) * 2.0 - 1.0
-            null[start:stop] = signs @ d / n
+            signs = rng.integers(0, 2, size=(stop - start, units.size)) * 2.0 - 1.0
+            null[start:stop] = signs @ units / n
+    method = "paired permutation test" + (" (exact)" if exact else "")
+    if codes is not None:
+        method += f" (whole groups, {units.size})"
     return TestResult(
         statistic=observed,
         pvalue=_permutation_pvalue(observed, null, alternative, exact=exact),
-        method="paired permutation test" + (" (exact)" if exact else ""),
+        method=method,
         compared=tuple(names),
+        p_floor=_floor(units.size, n_resamples, exact, alternative),
     )
 
 
@@ -411,16 +449,21 @@ def metric_permutation_test(
     random_state: RandomState = None,
     kind: PredictionKind = "probabilities",
     names: tuple[str, str] = ("a", "b"),
+    groups: np.ndarray | None = None,
 ) -> TestResult:
     """Paired permutation test of ``metric(a) - metric(b)`` for any metric.
 
     Under the null the two models' predictions of each sample are
     exchangeable, so each resample swaps them on a random half of the
-    samples and recomputes the difference. For metrics that are functions of
+    samples and recomputes the difference. With ``groups`` a swap moves a
+    whole group's predictions (the sign-flip test over groups). With at most
+    16 samples (or groups), or ``2^n <= n_resamples``, every swap pattern is
+    enumerated and the p-value is exact. For metrics that are functions of
     sums (accuracy, balanced accuracy, macro F1, NLL, Brier) the swaps are
-    drawn as binomial counts per distinct sample and all resamples are
-    computed at once; for AUROC and ECE both models' predictions are stacked
-    and each batch of resamples picks one of the two per sample.
+    drawn as binomial counts per distinct sample (or group) and all
+    resamples are computed at once; for AUROC and ECE both models'
+    predictions are stacked and each batch of resamples picks one of the two
+    per sample.
 
     Parameters
     ----------
@@ -433,11 +476,15 @@ def metric_permutation_test(
     random_state : int or numpy.random.Generator, optional
     kind : {"probabilities", "logits"}
     names : tuple of str
+    groups : array of shape (n_samples,), optional
+        Group ids; the samples of one group are swapped together.
 
     Returns
     -------
     TestResult
-        ``statistic`` is the observed difference; ``p = (1 + #as extreme) / (1 + n_resamples)``.
+        ``statistic`` is the observed difference; ``p = (1 + #as extreme) /
+        (1 + n_resamples)`` (exact: the share of patterns as extreme);
+        ``p_floor`` is the smallest p-value the test can give.
 
     References
     ----------
@@ -456,67 +503,112 @@ def metric_permutation_test(
     _check_resamples(n_resamples)
     spec = get_metric(metric)
     pa, pb, y = _prepare_pair(probs_a, probs_b, labels, kind=kind, names=names)
+    codes = group_codes(groups, len(y))
     rng = _generator(random_state)
     plan = _Plan(spec, [pa, pb], y, [1.0, -1.0], collapse=False)
     observed = plan.estimate()
+    units = len(y) if codes is None else int(codes.max()) + 1
+    exact = _is_exact(units, n_resamples)
     if plan.vectorised:
-        null = _swapped_sums_null(plan, n_resamples, rng)
-    elif plan.batched:
-        null = _swapped_batched_null(spec, pa, pb, y, n_resamples, rng)
+        rows_a, rows_b = _unit_rows(plan, codes)
+        if exact:
+            moved = _all_signs(units).astype(float) @ (rows_b - rows_a)
+            null = _sums_difference(plan, rows_a.sum(axis=0), rows_b.sum(axis=0), moved)
+        else:
+            null = _swapped_sums_null(plan, rows_a, rows_b, n_resamples, rng)
     else:
-        null = np.empty(n_resamples)
-        for r in range(n_resamples):
-            swap = rng.random(len(y)) < 0.5
-            a = np.where(swap[:, None], pb, pa)
-            b = np.where(swap[:, None], pa, pb)
-            null[r] = spec.function(a, y) - spec.function(b, y)
+        null = _swapped_samples_null(spec, pa, pb, y, codes, units, exact, n_resamples, rng)
+    method = f"paired permutation test ({spec.name})" + (" (exact)" if exact else "")
+    if codes is not None:
+        method += f" (whole groups, {units})"
     return TestResult(
         statistic=observed,
-        pvalue=_permutation_pvalue(observed, null, alternative, exact=False),
-        method=f"paired permutation test ({spec.name})",
+        pvalue=_permutation_pvalue(observed, null, alternative, exact=exact),
+        method=method,
         compared=tuple(names),
+        p_floor=_floor(units, n_resamples, exact, alternative),
     )
 
 
-def _swapped_batched_null(
+def _unit_rows(plan: _Plan, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's per-sample sum rows, or per-group sums of them: two (units, d) arrays."""
+    width = plan.widths[0]
+    unique, inverse = np.unique(plan.keys, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    rows_a = plan.spec.rows(unique[:, :width], plan.n_classes)[inverse]
+    rows_b = plan.spec.rows(unique[:, width:], plan.n_classes)[inverse]
+    if codes is not None:
+        members = _group_matrix(codes)
+        rows_a, rows_b = members @ rows_a, members @ rows_b
+    return np.asarray(rows_a.todense()), np.asarray(rows_b.todense())
+
+
+def _sums_difference(
+    plan: _Plan, total_a: np.ndarray, total_b: np.ndarray, moved: np.ndarray
+) -> np.ndarray:
+    """``metric(a) - metric(b)`` after ``moved`` (rows of sums) went from a's sums to b's."""
+    return plan.spec.from_sums(total_a + moved, plan.n) - plan.spec.from_sums(
+        total_b - moved, plan.n
+    )
+
+
+def _swapped_samples_null(
     spec: MetricSpec,
     pa: np.ndarray,
     pb: np.ndarray,
     y: np.ndarray,
+    codes: np.ndarray | None,
+    units: int,
+    exact: bool,
     n_resamples: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Null differences for metrics evaluated in batches: both models stacked, rows pick one."""
+    """Null differences for metrics evaluated on whole predictions: both models stacked."""
     n = len(y)
     stacked = _Plan(spec, [np.concatenate([pa, pb])], np.concatenate([y, y]), [1.0])
     base = np.arange(n)
-    null = np.empty(n_resamples)
+    total = 2**units if exact else n_resamples
+    null = np.empty(total)
     chunk = _batch_size(spec, 2 * n)
-    for start in range(0, n_resamples, chunk):
-        stop = min(n_resamples, start + chunk)
-        swap = rng.random((stop - start, n)) < 0.5
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        if exact:
+            swap = _all_signs(units)[start:stop]
+        else:
+            swap = rng.random((stop - start, units)) < 0.5
+        if codes is not None:
+            swap = swap[:, codes]
         rows_a = base + n * swap  # sample i of model a, or of model b where swapped
         rows_b = base + n * ~swap
-        null[start:stop] = stacked.on_index_rows(rows_a) - stacked.on_index_rows(rows_b)
+        if stacked.batched:
+            null[start:stop] = stacked.on_index_rows(rows_a) - stacked.on_index_rows(rows_b)
+            continue
+        for j in range(stop - start):
+            null[start + j] = stacked.on_indices(rows_a[j]) - stacked.on_indices(rows_b[j])
     return null
 
 
-def _swapped_sums_null(plan: _Plan, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Null differences when each sample's two predictions are swapped with probability 1/2."""
-    unique, counts = np.unique(plan.keys, axis=0, return_counts=True)
-    width = plan.widths[0]
-    rows_a = plan.spec.rows(unique[:, :width], plan.n_classes)
-    rows_b = plan.spec.rows(unique[:, width:], plan.n_classes)
-    total_a = np.asarray(rows_a.T @ counts).ravel()
-    total_b = np.asarray(rows_b.T @ counts).ravel()
-    delta = (rows_b - rows_a).tocsr()  # what one swap moves from a's sums to b's
+def _swapped_sums_null(
+    plan: _Plan,
+    rows_a: np.ndarray,
+    rows_b: np.ndarray,
+    n_resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Null differences when each unit's two predictions are swapped with probability 1/2.
+
+    Units with equal rows are interchangeable: the number swapped among them is binomial.
+    """
+    unique, counts = np.unique(np.hstack([rows_a, rows_b]), axis=0, return_counts=True)
+    d = rows_a.shape[1]
+    unique_a, unique_b = unique[:, :d], unique[:, d:]
+    total_a = counts @ unique_a
+    total_b = counts @ unique_b
+    delta = unique_b - unique_a  # what one swap moves from a's sums to b's
     null = np.empty(n_resamples)
     chunk = max(1, (1 << 22) // len(counts))
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
         swapped = rng.binomial(counts, 0.5, size=(stop - start, len(counts))).astype(float)
-        moved = np.asarray(delta.T @ swapped.T).T
-        sums_a = total_a + moved
-        sums_b = total_b - moved
-        null[start:stop] = plan.spec.from_sums(sums_a, plan.n) - plan.spec.from_sums(sums_b, plan.n)
+        null[start:stop] = _sums_difference(plan, total_a, total_b, swapped @ delta)
     return null

@@ -60,6 +60,10 @@ class TestResult:
         Degrees of freedom of the null distribution, when it has any.
     ci : tuple of float, optional
         A confidence interval of the effect, when the test provides one.
+    p_floor : float, optional
+        For resampling tests, the smallest p-value the resamples can give
+        (``2 / (n_resamples + 1)`` two-sided, ``2 / 2^n`` for an exact
+        enumeration of ``n`` sign flips).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -70,6 +74,7 @@ class TestResult:
     compared: tuple[str, ...] = ()
     df: float | tuple[float, ...] | None = None
     ci: tuple[float, float] | None = None
+    p_floor: float | None = None
 
     def __str__(self) -> str:
         df = "" if self.df is None else f", df={self.df}"
@@ -142,10 +147,22 @@ class IntervalResult:
     n_resamples : int
         The number of bootstrap resamples.
     pvalue : float, optional
-        For a difference, the two-sided bootstrap p-value of "no difference"
-        (twice the smaller share of resampled differences on either side of 0).
+        For a difference, the two-sided bootstrap p-value of "no difference":
+        the inversion of the interval (the smallest ``alpha`` at which the
+        ``1 - alpha`` interval of the same method excludes 0), so
+        ``pvalue <= 1 - confidence_level`` exactly when ``ci`` excludes 0.
     bootstrap_distribution : numpy.ndarray
         The resampled statistics.
+    method_used : {"bca", "percentile"}
+        The interval method actually used (BCa falls back to percentile where unstable).
+    fallback : str, optional
+        Why BCa was asked for but not used.
+    bias_correction, acceleration : float
+        BCa's ``z0`` and ``a`` (both 0 for the percentile interval).
+    p_floor : float, optional
+        The smallest p-value the resamples can give, ``2 / (n_resamples + 1)``.
+    n_groups : int, optional
+        With ``groups=``, the number of groups resampled whole (a cluster bootstrap).
     """
 
     statistic: float
@@ -158,6 +175,12 @@ class IntervalResult:
     bootstrap_distribution: np.ndarray = field(
         default_factory=lambda: np.empty(0), repr=False, compare=False
     )
+    method_used: str = "percentile"
+    fallback: str | None = None
+    bias_correction: float = 0.0
+    acceleration: float = 0.0
+    p_floor: float | None = None
+    n_groups: int | None = None
 
     def __post_init__(self) -> None:
         self.bootstrap_distribution.setflags(write=False)
