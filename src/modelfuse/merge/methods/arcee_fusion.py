@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -121,10 +122,11 @@ def _quantile_threshold(values: torch.Tensor) -> torch.Tensor:
     flat = values.reshape(-1)
     last = flat.numel() - 1
     # sorted[int(q * last)] for q = 1/4, 1/2, 3/4, the index exact in integers (mergekit's
-    # float32 product is exact too below 2**22); a selection each, cheaper than a sort
-    q1, median, q3 = (
-        torch.kthvalue(flat, k + 1).values for k in (last // 4, last // 2, 3 * last // 4)
-    )
+    # float32 product is exact too below 2**22); one selection of the three (NaN last, as
+    # in a sort), cheaper than a sort or three selections
+    ranks = [last // 4, last // 2, 3 * last // 4]
+    selected = np.partition(flat.to(torch.float32).numpy(), ranks)
+    q1, median, q3 = (torch.tensor(selected[k]) for k in ranks)
     return median + 1.5 * (q3 - q1)
 
 

@@ -11,6 +11,8 @@ rescale, the factors that go with them.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.chunk_threads import chunk_workers, ordered_map
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.random_drops import della_groups
 from modelfuse.merge.methods.sparsification import (
@@ -60,9 +63,10 @@ def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
 class _NormSum:
     """A norm accumulated chunk by chunk, the same whatever the torch thread count.
 
-    Chunk sums are numpy's pairwise float64 sums (single-threaded): a tensor's
-    norm is the same number whether its merge runs whole or as the engine's
-    reduction before its row blocks.
+    Chunk sums are numpy's pairwise float64 sums (single-threaded), added in
+    chunk order: a tensor's norm is the same number whether its merge runs
+    whole or as the engine's reduction before its row blocks, and whether the
+    chunks were computed one after another or in parallel.
     """
 
     def __init__(self, method: RescaleMethod) -> None:
@@ -73,17 +77,23 @@ class _NormSum:
         self.method = method
         self.total = 0.0
 
-    def add(self, values: torch.Tensor, scratch: torch.Tensor) -> None:
+    def chunk(self, values: torch.Tensor, scratch: torch.Tensor) -> float:
+        """One chunk's share: its sum of magnitudes (l1), of squares (l2) or its maximum."""
         if values.numel() == 0:
-            return
+            return 0.0
         magnitudes = torch.abs(values.reshape(-1), out=scratch).numpy()
         if self.method == "l1":
-            self.total += float(np.sum(magnitudes, dtype=np.float64))
-        elif self.method == "l2":
+            return float(np.sum(magnitudes, dtype=np.float64))
+        if self.method == "l2":
             wide = magnitudes.astype(np.float64)
-            self.total += float(np.sum(wide * wide))
+            return float(np.sum(wide * wide))
+        return float(magnitudes.max())
+
+    def add(self, share: float) -> None:
+        if self.method == "linf":
+            self.total = max(self.total, share)
         else:
-            self.total = max(self.total, float(magnitudes.max()))
+            self.total += share
 
     def value(self) -> float:
         return float(np.sqrt(self.total)) if self.method == "l2" else self.total
@@ -126,7 +136,10 @@ def set_norm_factors(
     As mergekit's ``rescale``: the norm of the task vector before the drop over
     the norm of what is kept, or 1 when either is below 1e-7. One pass over
     the tensor per such model, chunk by chunk from flat index 0 (so the result
-    is the same for the whole merge and the engine's reduction).
+    is the same for the whole merge and the engine's reduction). Random drops
+    draw each chunk from its position alone, so with more than one torch
+    thread their chunks run in parallel (the per-chunk norms are still added
+    in chunk order: the same factors).
 
     The merge pass then needs what each chunk keeps again: with ``hold``, for
     a tensor whose task vectors fit in :data:`KEEP_BYTES` (float32), the kept
@@ -137,24 +150,44 @@ def set_norm_factors(
     factors = []
     rescaled = sum(s is not None and s.norm is not None for s in sparsifiers)
     keep = hold and size * rescaled * 4 <= KEEP_BYTES
+    slices = list(chunk_slices(size, chunk, 0))
+    workers = min(chunk_workers(), len(slices))
+    local = threading.local()  # one set of chunk buffers per thread
     for sparsifier, delta_of in zip(sparsifiers, deltas):
         if sparsifier is None or sparsifier.norm is None:
             factors.append(1.0 if sparsifier is None else sparsifier.factor)
             continue
         before, after = _NormSum(sparsifier.norm), _NormSum(sparsifier.norm)
         random = sparsifier.method in ("random", "della_magprune")
-        sparsifier.recording = random and not keep
+        if random and not keep:
+            sparsifier.start_recording()
         if keep:
             sparsifier.kept = {}
-        for index in chunk_slices(size, chunk, 0):
+
+        def share(
+            index: slice,
+            space: Workspace,
+            sparsifier: Sparsifier = sparsifier,
+            delta_of: Callable[[slice, torch.Tensor | None], torch.Tensor] = delta_of,
+            before: _NormSum = before,
+            after: _NormSum = after,
+        ) -> tuple[float, float]:
             length = index.stop - index.start
-            scratch = workspace.get("norm", length)
-            delta = delta_of(index, workspace.get("delta", length))
-            before.add(delta, scratch)
-            kept = sparsifier(delta, index.start)
-            after.add(kept, scratch)
+            scratch = space.get("norm", length)
+            delta = delta_of(index, space.get("delta", length))
+            norm_before = before.chunk(delta, scratch)
+            kept = sparsifier(delta, index.start, space)
             if sparsifier.kept is not None:
                 sparsifier.kept[index.start] = kept.clone()
+            return norm_before, after.chunk(kept, scratch)
+
+        if workers > 1 and sparsifier.stateless:
+            shares = ordered_map(functools.partial(_own_workspace, share, local, chunk), slices, workers)
+        else:
+            shares = (share(index, workspace) for index in slices)
+        for norm_before, norm_after in shares:
+            before.add(norm_before)
+            after.add(norm_after)
         sparsifier.recording = False
         sparsifier.restart()
         ratio = 1.0
@@ -163,6 +196,19 @@ def set_norm_factors(
         sparsifier.factor = ratio
         factors.append(ratio)
     return factors
+
+
+def _own_workspace(
+    share: Callable[[slice, Workspace], tuple[float, float]],
+    local: threading.local,
+    chunk: int,
+    index: slice,
+) -> tuple[float, float]:
+    """``share(index, workspace)`` with this thread's own chunk buffers."""
+    space = getattr(local, "workspace", None)
+    if space is None:
+        space = local.workspace = Workspace(chunk)
+    return share(index, space)
 
 
 def rescale_factors(

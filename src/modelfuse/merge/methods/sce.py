@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.chunk_threads import ordered_map
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
@@ -90,9 +91,11 @@ class _Inputs:
         base = self.base[index].to(torch.float32)
         return [flat[index].to(torch.float32) - base for flat in self.flats]
 
+    def variance(self, index: slice) -> torch.Tensor:
+        return _variance(self.taus(index))
+
     def variances(self) -> Iterator[torch.Tensor]:
-        for index in self.slices():
-            yield _variance(self.taus(index))
+        return ordered_map(self.variance, self.slices())
 
 
 def _variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -141,14 +144,25 @@ def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float,
     """The calculation step over a whole tensor, chunk by chunk (see :func:`sce_weights`)."""
     sums = [0.0] * len(inputs.flats)
     masker = _masker(selection, inputs)
-    for index in inputs.slices():
+    slices = list(inputs.slices())
+    if masker is not None:  # the masker counts ties in chunk order: masks come in order
+        masks: Iterator[torch.Tensor | None] = (masker(v) for v in inputs.variances())
+    else:
+        masks = iter([None] * len(slices))
+
+    def squares(item: tuple[slice, torch.Tensor | None]) -> list[float]:
+        index, mask = item
         taus = inputs.taus(index)
-        if masker is not None:
-            mask = masker(_variance(taus)).to(torch.float32)
+        if mask is not None:
+            keep = mask.to(torch.float32)
             for tau in taus:
-                tau.mul_(mask)
-        for i, tau in enumerate(taus):
-            sums[i] += _square_sum(tau)
+                tau.mul_(keep)
+        return [_square_sum(tau) for tau in taus]
+
+    # chunk shares added in chunk order: the same sums on any number of threads
+    for shares in ordered_map(squares, zip(slices, masks)):
+        for i, share in enumerate(shares):
+            sums[i] += share
     return _normalised([s / inputs.size for s in sums] if inputs.size else sums)
 
 

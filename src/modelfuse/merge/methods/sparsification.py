@@ -207,6 +207,12 @@ class Sparsifier:
         self.thresholds = [kept] if top <= 0 else [kept, dropped]
         self.selectors = [t.selector() for t in self.thresholds]
 
+    def start_recording(self) -> None:
+        """Record the drop masks of the chunks sparsified from now on (see :attr:`mask`)."""
+        if self.mask is None:
+            self.mask = np.zeros((self.size + 7) // 8, dtype=np.uint8)
+        self.recording = True
+
     def _record(self, keep: torch.Tensor, start: int) -> None:
         if self.mask is None:
             self.mask = np.zeros((self.size + 7) // 8, dtype=np.uint8)
@@ -230,18 +236,28 @@ class Sparsifier:
         else:
             self.selectors = [t.selector() for t in self.thresholds]
 
-    def __call__(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+    @property
+    def stateless(self) -> bool:
+        """Whether chunks may be sparsified in any order, from several threads at once
+        (random drops: each chunk's draws come from its position alone)."""
+        return self.keep_all or self.method in ("random", "della_magprune")
+
+    def __call__(
+        self, delta: torch.Tensor, start: int = 0, workspace: Workspace | None = None
+    ) -> torch.Tensor:
         """Sparsify the next chunk (``delta`` may be reused), at flat index ``start``
         of the whole tensor; returns it.
 
-        The rescale is left to the caller (multiply by :attr:`factor`), which
-        folds it into the model's weight.
+        ``workspace`` replaces the sparsifier's own buffers (one per thread when
+        :attr:`stateless` chunks are sparsified in parallel). The rescale is left
+        to the caller (multiply by :attr:`factor`), which folds it into the
+        model's weight.
         """
         if self.keep_all:
             return delta
         length = delta.numel()
         if self.method in ("random", "della_magprune"):
-            buffer = self.workspace.get("random", length).view(delta.shape)
+            buffer = (workspace or self.workspace).get("random", length).view(delta.shape)
             if self.mask is not None and not self.recording:
                 keep = unpack_mask(self.mask, start, buffer)
             elif self.method == "random" or self.density <= 0:
