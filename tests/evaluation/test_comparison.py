@@ -8,6 +8,7 @@ import pytest
 from modelfuse.errors import ConfigError, DataError
 from modelfuse.evaluation import (
     accuracy,
+    choose_reference,
     compare_predictions,
     friedman_test,
     holm,
@@ -78,7 +79,7 @@ def test_comparison_is_seeded_and_frozen():
     assert [r.estimate.ci for r in one.candidates] == [r.estimate.ci for r in two.candidates]
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.reference = "x"
-    assert str(one).count("\n") == len(preds) + 1  # header, candidates, Friedman
+    assert str(one).count("\n") == len(preds) + 1 + len(one.notes)  # + Friedman, notes
 
 
 def test_bad_input_is_rejected():
@@ -95,3 +96,132 @@ def test_bad_input_is_rejected():
         compare_predictions(preds, y[:-1])
     with pytest.raises(DataError, match="at least one"):
         compare_predictions({}, y)
+
+
+def _holm_reference(p):
+    # Holm written out: sort, multiply the i-th smallest by (m - i), running maximum, cap at 1
+    order = np.argsort(p)
+    m = len(p)
+    out, running = np.empty(m), 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return out
+
+
+def test_identical_candidates_are_one_model_counted_once():
+    y, preds = _candidates(seed=4)
+    preds = {**preds, "wise_ft": preds["base"].copy(), "greedy": preds["ties"].copy()}
+    c = compare_predictions(preds, y, reference="base", test="mcnemar", n_resamples=200)
+    assert [r.name for r in c.candidates] == list(preds)  # one entry per name, input order
+    assert [m.label for m in c.models] == ["base = wise_ft", "soup", "ties = greedy", "dare"]
+    assert c.family_size == 3
+    copy = c.candidate("wise_ft")
+    assert copy.difference is None and copy.same_as == ("base",)
+    assert c.candidate("greedy").test is c.candidate("ties").test
+    distinct = ["soup", "ties", "dare"]
+    raw = [mcnemar(y, preds[n], preds["base"]).pvalue for n in distinct]
+    np.testing.assert_allclose([c.candidate(n).test.pvalue for n in distinct],
+                               _holm_reference(np.array(raw)))
+    assert any("base = wise_ft: identical predictions" in n for n in c.notes)
+    assert c.friedman.compared == ("base = wise_ft", "soup", "ties = greedy", "dare")
+
+
+def test_holm_consistent_intervals_agree_with_the_holm_verdict():
+    rng = np.random.default_rng(8)
+    checked = significant = 0
+    for case in range(12):
+        n = int(rng.integers(150, 400))
+        y = rng.integers(0, 3, n)
+        preds = {
+            f"m{j}": np.eye(3)[np.where(rng.random(n) < acc, y, (y + 1) % 3)] * 0.8 + 0.2 / 3
+            for j, acc in enumerate(rng.uniform(0.6, 0.8, 5))
+        }
+        alpha = float(rng.choice([0.05, 0.1]))
+        c = compare_predictions(preds, y, alpha=alpha, interval="percentile", n_resamples=200,
+                                random_state=case)
+        raw = np.array([r.raw_pvalue for r in c.candidates[1:]])
+        multipliers = []
+        stopped = None
+        for i, j in enumerate(np.argsort(raw, kind="stable")):
+            if stopped is None and (4 - i) * raw[j] > alpha:
+                stopped = 4 - i
+            multipliers.append((j, 4 - i if stopped is None else stopped))
+        for j, k in multipliers:
+            row = c.candidates[1 + j]
+            assert row.adjusted_difference.confidence_level == pytest.approx(1 - alpha / k)
+            low, high = row.adjusted_difference.ci
+            assert (low > 0 or high < 0) == (row.test.pvalue <= alpha) == row.significant
+            checked += 1
+            significant += row.significant
+    assert checked == 48 and 0 < significant < 48
+
+
+def test_enough_resamples_for_the_family_and_the_floor_stated():
+    y, preds = _candidates(seed=5)
+    six = {**preds, "e": preds["soup"][::-1].copy(), "f": preds["dare"] * 0.5 + 0.5 / 3}
+    c = compare_predictions(six, y, n_resamples=200, test="permutation")
+    # B = ceil(2 m 10 / alpha) - 1 = 1999 for m = 5: the smallest Holm p is 5 * 2 / 2000
+    assert c.family_size == 5 and c.n_test_resamples == 1999
+    assert c.p_floor == pytest.approx(5 * 2 / 2000) and c.p_floor <= 0.05 / 10
+    assert not any("smallest Holm-adjusted" in n for n in c.notes)
+    with pytest.warns(UserWarning, match="no candidate can be found significant"):
+        few = compare_predictions(six, y, n_resamples=200, test="permutation",
+                                  n_permutations=150)
+    assert few.p_floor == pytest.approx(min(1.0, 5 * 2 / 151))
+    assert any("pass n_permutations >= 1999" in n for n in few.notes)
+    middle = compare_predictions(six, y, n_resamples=200, n_permutations=600)
+    assert middle.p_floor == pytest.approx(5 * 2 / 601)
+    assert any(n.startswith("the smallest Holm-adjusted p-value 600 resamples") for n in
+               middle.notes)
+
+
+def test_the_reference_rule_breaks_ties_by_the_tie_breaker_then_order():
+    y, preds = _candidates(seed=6)
+    scores = {"base": 0.7, "soup": 0.74, "ties": 0.74, "dare": 0.6}
+    assert choose_reference(scores) == "soup"  # first among the tied
+    assert choose_reference(scores, tie_breaker={"soup": 0.5, "ties": 0.4}) == "ties"
+    assert choose_reference({"a": 0.3, "b": 0.2}, greater_is_better=False) == "b"
+    c = compare_predictions(preds, y, n_resamples=100, reference_scores=scores,
+                            reference_tie_breaker={"soup": 0.5, "ties": 0.4})
+    assert c.reference == "ties" and "tie-breaker" in c.reference_rule
+    with pytest.raises(DataError, match="tie_breaker: no value for ties"):
+        choose_reference(scores, tie_breaker={"soup": 0.5})
+    with pytest.raises(ConfigError, match="reference_scores: 'nope' is not a candidate"):
+        compare_predictions(preds, y, reference_scores={"nope": 1.0})
+
+
+def test_the_leader_is_named_as_chosen_on_these_samples_with_its_significance():
+    y, preds = _candidates(seed=7)
+    c = compare_predictions(preds, y, reference="base", n_resamples=300)
+    assert c.leader == ("ties",)
+    note = c.notes[-1]
+    assert note.startswith("highest accuracy on these 600 samples: ties")
+    assert "picked on the samples it is scored on" in note
+    assert "edge over the reference base is significant" in note
+    nll = compare_predictions(preds, y, metric="nll", n_resamples=300)
+    assert nll.notes[-1].startswith("lowest nll on these 600 samples")
+
+
+def test_not_significant_edge_is_said_so():
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, 200)
+    a = np.eye(2)[np.where(rng.random(200) < 0.70, y, 1 - y)]
+    b = a.copy()
+    b[:3] = np.eye(2)[y[:3]]  # three more samples right: an edge far from significant
+    c = compare_predictions({"a": a, "b": b}, y, n_resamples=300)
+    assert c.leader == ("b",) and not c.candidates[1].significant
+    assert "b's edge over the reference a is not significant" in c.notes[-1]
+
+
+def test_groups_reach_every_resampling_and_mcnemar_refuses_them():
+    y, preds = _candidates(seed=8)
+    groups = np.arange(len(y)) // 4
+    c = compare_predictions(preds, y, groups=groups, n_resamples=200, test="permutation")
+    assert c.n_groups == 150
+    row = c.candidates[1]
+    assert "cluster, 150 groups" in row.estimate.method
+    assert "cluster, 150 groups" in row.difference.method
+    assert "whole groups, 150" in row.test.method
+    with pytest.raises(ConfigError, match="McNemar's test treats samples as independent"):
+        compare_predictions(preds, y, groups=groups, test="mcnemar")

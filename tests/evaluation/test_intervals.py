@@ -14,7 +14,7 @@ def _excludes_zero(ci):
 
 
 def _alpha(level):
-    return round(1 - level, 12)  # the documented alpha of a level
+    return 1 - level  # as a caller compares a p-value with a level
 
 
 def _pair(rng, n, acc_a, acc_b, k=3):
@@ -32,9 +32,11 @@ def test_hand_worked_percentile_pvalue_and_interval():
     d = np.concatenate([[-2.0, -1.0, 0.0], np.arange(1.0, 37.0)])
     inference = Inference(np.sort(d), "percentile")
     assert inference.pvalue() == pytest.approx(0.2)
-    # at level 0.8, j = 4 (2 * 4 / 40 <= 0.2): [d_(4), d_(36)] = [1, 33] excludes 0
-    assert inference.interval(0.8) == (1.0, 33.0)
+    # at level 0.79, j = 4 (2 * 4 / 40 <= 0.21): [d_(4), d_(36)] = [1, 33] excludes 0
     assert inference.interval(0.79) == (1.0, 33.0)
+    # 1 - 0.8 is 0.19999999999999996 in floating point, just below p = 0.2: j = 3 and the
+    # interval keeps 0, as the p-value says
+    assert inference.interval(0.8) == (0.0, 34.0)
     # above level 0.8, j = 3: [d_(3), d_(37)] = [0, 34] holds 0 at its edge
     assert inference.interval(0.81) == (0.0, 34.0)
     assert inference.p_floor == pytest.approx(2 / 40)
@@ -144,6 +146,6 @@ def test_bca_falls_back_on_a_degenerate_statistic_and_on_few_resamples():
 
 
 def test_a_hand_built_result_can_be_read_at_another_level():
-    d = np.arange(1.0, 100.0)
+    d = np.arange(1.0, 200.0)
     r = IntervalResult(statistic=50.0, ci=(0.0, 0.0), method="x", bootstrap_distribution=d)
-    assert interval_at_level(r, 0.9).ci == (5.0, 95.0)  # j = floor(100 * 0.05) = 5
+    assert interval_at_level(r, 0.95).ci == (5.0, 195.0)  # j = floor(200 * 0.05 / 2) = 5

@@ -49,17 +49,33 @@ def test_comparison_table_columns_and_values():
     bad = np.eye(2)[np.where(rng.random(300) < 0.6, y, 1 - y)]
     c = compare_predictions({"ref": bad, "new": good}, y, n_resamples=300)
     headers, rows = comparison_rows(c)
-    assert headers == ["model", "accuracy", "95% CI", "diff vs ref", "95% CI of diff",
-                       "p (Holm)"]
-    assert rows[0][0] == "ref (reference)" and rows[0][3:] == ["", "", ""]
+    assert headers == ["model", "accuracy", "95% CI", "diff vs ref", "Holm-consistent CI of diff",
+                       "p (Holm)", "Holm verdict (alpha 0.05)"]
+    assert rows[0][0] == "ref (reference)" and rows[0][3:] == ["", "", "", ""]
     new = c.candidates[1]
     assert rows[1][1] == f"{new.estimate.statistic:.4f}"
     assert rows[1][2] == f"[{new.estimate.ci[0]:.4f}, {new.estimate.ci[1]:.4f}]"
     assert rows[1][3] == f"{new.difference.statistic:+.4f}"
-    assert rows[1][4] == f"[{new.difference.ci[0]:+.4f}, {new.difference.ci[1]:+.4f}]"
+    held = new.adjusted_difference.ci
+    assert rows[1][4] == f"[{held[0]:+.4f}, {held[1]:+.4f}]"
     assert rows[1][5] == ("<0.0001" if new.test.pvalue < 1e-4 else f"{new.test.pvalue:.4f}")
+    assert rows[1][6] == "better"
     text = comparison_table(c, style="text")
     assert "ref (reference)" in text and "p (Holm)" in text
+    # another test: the unadjusted paired interval, labelled so
+    c = compare_predictions({"ref": bad, "new": good}, y, n_resamples=300, test="mcnemar")
+    headers, rows = comparison_rows(c)
+    assert headers[4] == "95% CI of diff (unadjusted)"
+    ci = c.candidates[1].difference.ci
+    assert rows[1][4] == f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def test_identical_candidates_share_one_row():
+    y = np.array([0, 1] * 50)
+    p = np.eye(2)[y]
+    c = compare_predictions({"a": p, "b": p[::-1], "wise_ft": p.copy()}, y, n_resamples=100)
+    _, rows = comparison_rows(c)
+    assert [r[0] for r in rows] == ["a = wise_ft (reference)", "b"]
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,9 @@ from modelfuse.evaluation.comparison import (
     COMPARISON_TESTS,
     CandidateComparison,
     Comparison,
+    choose_reference,
     compare_predictions,
+    resamples_for_family,
 )
 from modelfuse.evaluation.cv_tests import CV_SCHEMES, compare_estimators, paired_5x2cv
 from modelfuse.evaluation.intervals import BCA_MIN_RESAMPLES, interval_at_level, min_resamples
@@ -99,6 +101,7 @@ __all__ = [
     "bca_interval",
     "bootstrap_632",
     "bootstrap_metric",
+    "choose_reference",
     "cochrans_q",
     "compare_estimators",
     "compare_predictions",
@@ -124,5 +127,6 @@ __all__ = [
     "percentile_interval",
     "rank_scores",
     "resample_sums",
+    "resamples_for_family",
     "wilcoxon_signed_rank",
 ]

@@ -9,9 +9,9 @@ to ``beta_lo``, ``beta_hi`` and takes ``d_(floor((B+1) beta_lo))`` and
 ``d_(ceil((B+1) beta_hi))``.
 
 The p-value of "no difference" is the inversion of the same interval: the
-smallest ``alpha`` at which the ``1 - alpha`` interval excludes 0 (``alpha = 1 - level`` rounded to
-12 decimals, so that level 0.9 means alpha 0.1 exactly). For the
-percentile interval that is ``2 (min(L, R) + 1) / (B + 1)``, with ``L`` the
+smallest ``alpha`` at which the ``1 - alpha`` interval excludes 0 (``alpha = 1 - level`` in floating
+point, exactly as a caller computes it: ``1 - 0.8`` is just below 0.2). For
+the percentile interval that is ``2 (min(L, R) + 1) / (B + 1)``, with ``L`` the
 replicates at or below 0 and ``R`` those at or above; for BCa it solves the
 level correction for the tail that reaches 0. So ``p <= 1 - level`` exactly
 when the interval at ``level`` excludes 0, and the smallest p the replicates
@@ -66,8 +66,8 @@ def _check_level(confidence_level: float) -> None:
 
 
 def _alpha(confidence_level: float) -> float:
-    """``1 - confidence_level`` without its float residue (``1 - 0.9`` is 0.1, not 0.09999...)."""
-    return round(1.0 - confidence_level, 12)
+    """``1 - confidence_level``, computed as the caller compares a p-value with it."""
+    return 1.0 - confidence_level
 
 
 def _tail_count(alpha: float, n: int) -> int:
@@ -188,8 +188,8 @@ def percentile_interval(
 
     Examples
     --------
-    >>> percentile_interval(np.arange(1.0, 200.0), 0.9)
-    (10.0, 190.0)
+    >>> percentile_interval(np.arange(1.0, 200.0), 0.95)
+    (5.0, 195.0)
     """
     _check_level(confidence_level)
     ordered = np.sort(np.asarray(distribution, dtype=float).ravel())
@@ -377,8 +377,10 @@ def interval_at_level(result: IntervalResult, confidence_level: float) -> Interv
     >>> a = np.eye(2)[np.where(rng.random(300) < 0.8, y, 1 - y)]
     >>> b = np.eye(2)[np.where(rng.random(300) < 0.7, y, 1 - y)]
     >>> r = paired_bootstrap(a, b, y, method="percentile", random_state=0)
-    >>> wide = interval_at_level(r, 1 - r.pvalue)
-    >>> bool(wide.ci[0] > 0 or wide.ci[1] < 0)
+    >>> def excludes_zero(level):
+    ...     low, high = interval_at_level(r, level).ci
+    ...     return bool(low > 0 or high < 0)
+    >>> all(excludes_zero(lv) == (r.pvalue <= 1 - lv) for lv in (0.5, 0.8, 0.9, 0.95, 0.99))
     True
     """
     inference = Inference(

@@ -69,31 +69,35 @@ def write_comparison_report(
         raise OutputError(f"{root}: cannot create the report folder ({exc})") from None
     written: list[Path] = []
     level = f"{comparison.confidence_level:.0%}"
-    names = [c.name for c in comparison.candidates]
+    models = comparison.models
+    names = [c.label for c in models]
     reference = next(c for c in comparison.candidates if c.name == comparison.reference)
     written.append(
         forest_plot(
             names,
-            [c.estimate.statistic for c in comparison.candidates],
-            [c.estimate.ci for c in comparison.candidates],
+            [c.estimate.statistic for c in models],
+            [c.estimate.ci for c in models],
             root / "forest.png",
             reference_value=reference.estimate.statistic,
             xlabel=f"{comparison.metric} ({level} {reference.estimate.method} interval)",
             title=f"{comparison.metric} of each candidate",
         )
     )
-    others = [c for c in comparison.candidates if c.difference is not None]
+    others = [c for c in models if c.difference is not None]
     images = [("forest.png", f"{comparison.metric} with {level} intervals")]
+    holm_consistent = comparison.intervals == "holm-consistent"
     if others:
         written.append(
             forest_plot(
-                [c.name for c in others],
+                [c.label for c in others],
                 [c.difference.statistic for c in others],
-                [c.difference.ci for c in others],
+                [(c.adjusted_difference if holm_consistent else c.difference).ci for c in others],
                 root / "differences.png",
                 reference_value=0.0,
                 xlabel=f"{comparison.metric} minus that of {comparison.reference}",
-                title=f"difference to {comparison.reference} ({level} paired intervals)",
+                title=f"difference to {comparison.reference} "
+                + ("(Holm-consistent intervals)" if holm_consistent else f"({level} paired "
+                   "intervals, unadjusted)"),
             )
         )
         images.append(("differences.png", f"differences to {comparison.reference}"))
@@ -105,14 +109,23 @@ def write_comparison_report(
         f"{reference.estimate.n_resamples} resamples; differences to {comparison.reference} "
         "use paired resamples. p-values: "
         f"{comparison.test} test against {comparison.reference}, Holm-adjusted over "
-        f"{len(others)} comparison(s). Metrics and their intervals have 4 decimals, "
+        f"{comparison.family_size} comparison(s) (each distinct model once); "
+        + (
+            "the difference intervals are Holm-consistent: read off the same resamples as the "
+            "p-value at the level of the model's Holm step, each excludes 0 exactly when the "
+            f"verdict at alpha {comparison.alpha:g} is significant. "
+            if holm_consistent
+            else f"the {level} difference intervals are unadjusted; the Holm verdict beside "
+            "them decides significance. "
+        )
+        + "Metrics and their intervals have 4 decimals, "
         "differences are signed with 4 decimals, p-values have 4 decimals (below 0.0001: "
         "<0.0001). Every number is also in results.json."
     )
     sections = [
         Section(
             "Results",
-            (intro,),
+            (intro, *(f"Note: {n}" for n in comparison.notes)),
             table=(headers, rows),
             images=tuple(images),
             preformatted=command,

@@ -60,10 +60,15 @@ def comparison_results(
         ``format``, ``metric``, ``greater_is_better``, ``reference``,
         ``n_samples``, ``confidence_level``, ``interval_method``,
         ``n_resamples``, ``test``, ``test_method``, ``pvalue_adjustment``,
+        ``alpha``, ``family_size``, ``n_test_resamples``, ``p_floor``,
+        ``difference_intervals``, ``reference_rule``, ``leader``,
+        ``findings`` (the comparison's notes for a reader),
         ``candidates`` (per candidate: ``name``, ``value``, ``interval``,
         ``difference``, ``difference_interval``, ``pvalue``,
-        ``pvalue_adjusted``, ``statistic``; the reference's comparison
-        entries are ``null``), ``friedman`` (or ``null``) and ``notes``.
+        ``pvalue_adjusted``, ``statistic``, ``holm_consistent_interval``,
+        ``holm_consistent_level``, ``significant``, ``same_as``; the
+        reference's comparison entries are absent or ``null``), ``friedman``
+        (or ``null``) and ``notes`` (non-finite numbers).
         Only finite floats, strings, booleans, integers and ``null``.
 
     Examples
@@ -106,6 +111,15 @@ def comparison_results(
             row["statistic"] = number(
                 None if test is None else test.statistic, f"{where} statistic"
             )
+            adjusted = c.adjusted_difference
+            row["holm_consistent_interval"] = (
+                None if adjusted is None else number.pair(adjusted.ci, f"{where} holm interval")
+            )
+            row["holm_consistent_level"] = (
+                None if adjusted is None else float(adjusted.confidence_level)
+            )
+            row["significant"] = c.significant
+        row["same_as"] = list(c.same_as)
         candidates.append(row)
     first_test = next((c.test for c in comparison.candidates if c.test is not None), None)
     friedman = None
@@ -135,6 +149,14 @@ def comparison_results(
         "test": comparison.test,
         "test_method": None if first_test is None else first_test.method,
         "pvalue_adjustment": "holm",
+        "alpha": float(comparison.alpha),
+        "family_size": int(comparison.family_size),
+        "n_test_resamples": comparison.n_test_resamples,
+        "p_floor": number(comparison.p_floor, "p_floor"),
+        "difference_intervals": comparison.intervals,
+        "reference_rule": comparison.reference_rule,
+        "leader": list(comparison.leader),
+        "findings": list(comparison.notes),
         "candidates": candidates,
         "friedman": friedman,
         "notes": number.notes,

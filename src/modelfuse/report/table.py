@@ -194,13 +194,26 @@ def friedman_summary(friedman: FriedmanResult) -> str:
     )
 
 
-def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of a :class:`~modelfuse.evaluation.Comparison`.
+def _verdict(candidate: Any, greater_is_better: bool) -> str:
+    if candidate.significant is None:
+        return ""
+    if not candidate.significant:
+        return "not significant"
+    return "better" if (candidate.difference.statistic > 0) == greater_is_better else "worse"
 
-    Columns: candidate, the metric, its CI, the difference to the reference,
-    the difference's CI, and the Holm-adjusted p-value, each column in one
-    format (:data:`NUMBER_FORMATS`): metrics with 4 decimals, differences
-    signed with 4 decimals, p-values with 4 decimals or ``<0.0001``.
+
+def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a :class:`~modelfuse.evaluation.Comparison`, one row per distinct model.
+
+    Columns: the model (all names of identical candidates, ``a = b``), the
+    metric, its CI, the difference to the reference, the difference's CI,
+    the Holm-adjusted p-value and the Holm verdict at the comparison's
+    ``alpha``. The difference's CI is the Holm-consistent interval (it
+    excludes 0 exactly when the verdict is significant) with the bootstrap
+    test, and the unadjusted paired interval otherwise; its header says
+    which. Each column has one format (:data:`NUMBER_FORMATS`): metrics with
+    4 decimals, differences signed with 4 decimals, p-values with 4 decimals
+    or ``<0.0001``.
 
     Parameters
     ----------
@@ -216,41 +229,47 @@ def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]
     >>> import numpy as np
     >>> from modelfuse.evaluation import compare_predictions
     >>> y = np.array([0, 1] * 50); p = np.eye(2)[y]
-    >>> headers, rows = comparison_rows(compare_predictions({"a": p, "b": p}, y, n_resamples=50))
-    >>> headers[0], rows[0][0], rows[1][1], rows[1][3]
-    ('model', 'a (reference)', '1.0000', '+0.0000')
+    >>> headers, rows = comparison_rows(compare_predictions({"a": p, "b": p[::-1]}, y))
+    >>> headers[4], rows[0][0], rows[1][1], rows[1][3], rows[1][6]
+    ('Holm-consistent CI of diff', 'a (reference)', '0.0000', '-1.0000', 'worse')
     """
     level = f"{comparison.confidence_level:.0%}"
+    holm_consistent = comparison.intervals == "holm-consistent"
+    alpha = comparison.alpha
     headers = [
         "model",
         comparison.metric,
         f"{level} CI",
         f"diff vs {comparison.reference}",
-        f"{level} CI of diff",
+        "Holm-consistent CI of diff" if holm_consistent else f"{level} CI of diff (unadjusted)",
         "p (Holm)",
+        f"Holm verdict (alpha {alpha:g})",
     ]
     rows = []
-    for c in comparison.candidates:
+    for c in comparison.models:
         if c.difference is None:
             rows.append(
                 [
-                    f"{c.name} (reference)",
+                    f"{c.label} (reference)",
                     format_number(c.estimate.statistic, "metric"),
                     _interval(c.estimate.ci, "metric"),
+                    "",
                     "",
                     "",
                     "",
                 ]
             )
         else:
+            shown = c.adjusted_difference if holm_consistent else c.difference
             rows.append(
                 [
-                    c.name,
+                    c.label,
                     format_number(c.estimate.statistic, "metric"),
                     _interval(c.estimate.ci, "metric"),
                     format_number(c.difference.statistic, "difference"),
-                    _interval(c.difference.ci, "difference"),
+                    _interval(shown.ci, "difference"),
                     format_number(c.test.pvalue if c.test is not None else None, "pvalue"),
+                    _verdict(c, comparison.greater_is_better),
                 ]
             )
     return headers, rows
