@@ -111,6 +111,12 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
     np.save(one_row, np.load(paths["soup"])[:1])
     one_label = tmp_path / "one_label.npy"
     np.save(one_label, np.load(paths["y"])[:1])
+    groups_short = tmp_path / "groups_short.npy"
+    np.save(groups_short, np.arange(299) // 3)
+    one_group = tmp_path / "one_group.npy"
+    np.save(one_group, np.zeros(300, dtype=int))
+    groups = tmp_path / "groups.npy"
+    np.save(groups, np.arange(300) // 3)
     rare = tmp_path / "rare.npy"
     np.save(rare, np.r_[np.ones(3, int), np.zeros(297, int)])
     base = ["compare", "-p", f"base={paths['base']}", "-o"]
@@ -161,7 +167,7 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
         "unknown test": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--test", "wilcoxon"],
-            "--test: unknown 'wilcoxon'; expected one of permutation, bootstrap, mcnemar",
+            "--test: unknown 'wilcoxon'; expected one of bootstrap, permutation, mcnemar",
         ),
         "unknown interval": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
@@ -171,7 +177,7 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
         "mcnemar on nll": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "--metric", "nll", "--test", "mcnemar"],
-            "--test mcnemar compares accuracies, but --metric is nll; pass --test permutation",
+            "--test mcnemar compares accuracies, but --metric is nll; pass --test bootstrap",
         ),
         "probabilities given as logits": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
@@ -205,6 +211,22 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
              "--metric", "auroc"],
             "(a class is missing from them); pass --stratify or evaluate on more samples",
         ),
+        "groups of the wrong length": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "--groups", str(groups_short)],
+            "groups_short.npy: expected one group id per sample, shape (300,), got (299,)",
+        ),
+        "a single group": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "-g", str(one_group)],
+            "one_group.npy: all 300 samples are in one group; --groups needs at least 2 groups",
+        ),
+        "groups with mcnemar": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "-g", str(groups), "--test", "mcnemar"],
+            "McNemar's test treats samples as independent, but --groups was given; "
+            "pass --test bootstrap or --test permutation",
+        ),
         "a huge name": (
             [*base, "OUT", "-p", f"{'x' * 5000}={paths['soup']}", "--labels", str(paths["y"]),
              "--reference", "y" * 5000],
@@ -220,7 +242,8 @@ CASES = [
     "plain file named twice", "unknown kind", "unknown test", "unknown interval",
     "mcnemar on nll", "probabilities given as logits", "logits given as probabilities",
     "no candidates", "one-dimensional predictions", "path of an unknown user", "one sample",
-    "auroc with a rare class, not stratified", "a huge name",
+    "auroc with a rare class, not stratified", "a huge name", "groups of the wrong length",
+    "a single group", "groups with mcnemar",
 ]
 
 
@@ -260,6 +283,7 @@ USAGE_CASES = {
     "negative seed": (["--seed", "-1"], "--seed"),
     "seed not a number": (["--seed", "x"], "--seed"),
     "misspelt option": (["--n-resample", "300"], "--n-resample"),
+    "too few permutations": (["--n-permutations", "10"], "--n-permutations"),
 }
 
 
@@ -348,8 +372,12 @@ def test_results_json_holds_every_number_of_the_table(tmp_path, capsys):
     y = np.load(paths["y"])
     expected = compare_predictions(arrays, y, n_resamples=300, random_state=3, test="bootstrap")
     assert results["n_samples"] == 300 and results["reference"] == "base"
-    assert results["test"] == "bootstrap" and results["interval_method"] == "bootstrap BCa"
-    assert results["notes"] == []
+    # 300 resamples are too few for BCa: the percentile interval, and the results say so
+    assert results["test"] == "bootstrap"
+    assert results["interval_method"] == "bootstrap percentile (BCa unstable)"
+    assert results["notes"] == [] and results["findings"] == list(expected.notes)
+    assert results["difference_intervals"] == "holm-consistent"
+    assert results["family_size"] == 2 and results["n_test_resamples"] == 799
     for row, c in zip(results["candidates"], expected.candidates):
         assert row["name"] == c.name
         assert row["value"] == c.estimate.statistic == accuracy(arrays[c.name], y)
@@ -360,9 +388,12 @@ def test_results_json_holds_every_number_of_the_table(tmp_path, capsys):
         assert row["difference"] == c.difference.statistic
         assert row["difference_interval"] == list(c.difference.ci)
         assert row["pvalue"] == c.raw_pvalue and row["pvalue_adjusted"] == c.test.pvalue
+        assert row["holm_consistent_interval"] == list(c.adjusted_difference.ci)
+        assert row["significant"] == c.significant
         shown = f"{row['pvalue_adjusted']:.4f}" if row["pvalue_adjusted"] >= 1e-4 else "<0.0001"
         line = next(x for x in printed.splitlines() if x.startswith(c.name))
-        assert line.split()[-1] == shown
+        cells = line.split()
+        assert cells[-2] == shown and cells[-1] in ("better", "worse", "significant")
     f = expected.friedman
     assert results["friedman"]["statistic"] == f.statistic
     assert results["friedman"]["pvalue"] == f.pvalue
@@ -381,7 +412,7 @@ def test_tiny_pvalues_print_as_less_than_not_zero(tmp_path, capsys):
             "-y", str(tmp_path / "y.npy"), "-o", str(out), "--test", "mcnemar"]
     assert main(argv) == 0
     good = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("good"))
-    assert good.split()[-1] == "<0.0001"
+    assert good.split()[-2:] == ["<0.0001", "better"]
     assert " <0.0001 |" in (out / "report.md").read_text()
     assert "<td>&lt;0.0001</td>" in (out / "report.html").read_text()
     assert "0.0000" not in (out / "report.md").read_text()
@@ -465,3 +496,63 @@ def test_an_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err == "modelfuse: interrupted; nothing was written\n"
     assert not out.exists() and _leftovers(tmp_path) == []
     assert _snapshot(tmp_path) == before
+
+
+def test_identical_candidates_print_as_one_row_with_notes(tmp_path, capsys):
+    paths = _data(tmp_path)
+    np.save(tmp_path / "wise_ft.npy", np.load(paths["base"]))
+    out = tmp_path / "out"
+    argv = _args(paths, out, "-p", str(tmp_path / "wise_ft.npy"))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = [line.split("  ")[0] for line in printed[2:5]]
+    assert rows == ["base = wise_ft (reference)", "soup", "ties"]
+    assert "Holm-consistent CI of diff" in printed[0]
+    notes = [line for line in printed if line.startswith("note: ")]
+    assert any("base = wise_ft: identical predictions" in n for n in notes)
+    assert notes[-1].startswith("note: highest accuracy on these 300 samples: ties (")
+    assert "picked on the samples it is scored on" in notes[-1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["family_size"] == 2
+    assert [c["same_as"] for c in results["candidates"]] == [["wise_ft"], [], [], ["base"]]
+
+
+def test_too_few_permutations_warn_in_one_line_and_still_write(tmp_path, capsys):
+    paths = _data(tmp_path)
+    np.save(tmp_path / "dare.npy", np.load(paths["soup"])[::-1])
+    out = tmp_path / "out"
+    # 3 comparisons, 100 permutations: the smallest Holm p is 3 * 2 / 101 > 0.05
+    argv = _args(paths, out, "-p", str(tmp_path / "dare.npy"), "--test", "permutation",
+                 "--n-permutations", "100", "--quiet")
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "no candidate can be found" in line]
+    assert len(warning) == 1 and "pass --n-permutations 1199 (or more)" in warning[0]
+    assert "0.0594" in warning[0]
+    assert "n_permutations" not in captured.err and "Traceback" not in captured.err
+    assert captured.out.splitlines() == [
+        f"wrote {out}/ (critical_difference.png, differences.png, forest.png, report.html, "
+        "report.md, results.json)"
+    ]
+    assert "pass n_permutations >= 1199" in (out / "report.md").read_text()
+
+
+def test_a_floor_above_alpha_over_ten_is_a_note(tmp_path, capsys):
+    paths = _data(tmp_path)
+    out = tmp_path / "out"
+    assert main(_args(paths, out, "--test", "permutation", "--n-permutations", "100")) == 0
+    captured = capsys.readouterr()
+    assert "note: the smallest Holm-adjusted p-value 100 resamples can give over 2 " \
+        "comparison(s) is 0.0396 (alpha 0.05)" in captured.out
+    assert "no candidate can be found" not in captured.err
+
+
+def test_groups_resample_whole_groups(tmp_path, capsys):
+    paths = _data(tmp_path)
+    np.save(tmp_path / "groups.npy", np.arange(300) // 3)
+    out = tmp_path / "out"
+    argv = _args(paths, out, "--groups", str(tmp_path / "groups.npy"), "--test", "permutation")
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert "cluster, 100 groups" in results["interval_method"]
+    assert "whole groups, 100" in results["test_method"]

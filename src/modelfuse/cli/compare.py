@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,10 +24,13 @@ from modelfuse.cli._output import (
 from modelfuse.cli.ensemble import check_choice
 from modelfuse.errors import ConfigError, DataError, OutputError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["compare_command"]
 
 METRIC_NAMES = "accuracy, balanced_accuracy, macro_f1, auroc, nll, brier or ece"
-TESTS = ("permutation", "bootstrap", "mcnemar")
+TESTS = ("bootstrap", "permutation", "mcnemar")
 INTERVALS = ("bca", "percentile")
 
 
@@ -39,6 +43,9 @@ def _level(value: float) -> float:
 _KEYWORDS_AS_FLAGS = {
     "pass stratify=True (CLI: --stratify)": "pass --stratify",
     "stratify=True": "--stratify",
+    "use test='bootstrap' or test='permutation'": "pass --test bootstrap or --test permutation",
+    "use test='bootstrap' or metric='accuracy'": "pass --test bootstrap or --metric accuracy",
+    "but groups were given": "but --groups was given",
 }
 
 
@@ -46,7 +53,7 @@ def _flags(message: str) -> str:
     """A library message with its Python keywords re-worded as this command's flags."""
     for keyword, flag in _KEYWORDS_AS_FLAGS.items():
         message = message.replace(keyword, flag)
-    return message
+    return re.sub(r"pass n_permutations >= (\d+)", r"pass --n-permutations \1 (or more)", message)
 
 
 def _no_friedman(n_samples: int, blocks: int) -> str:
@@ -61,16 +68,45 @@ def _no_friedman(n_samples: int, blocks: int) -> str:
     )
 
 
+def _load_groups(path: Path, n_samples: int) -> np.ndarray:
+    """The --groups file: one id per sample, at least two distinct ids."""
+    import numpy as np
+
+    from modelfuse.arrays import load_array
+
+    ids = np.asarray(load_array(path))
+    if ids.ndim == 2 and ids.shape[1] == 1:
+        ids = ids[:, 0]
+    if ids.ndim != 1 or ids.shape[0] != n_samples:
+        raise DataError(
+            f"{path}: expected one group id per sample, shape ({n_samples},), got {ids.shape}; "
+            "pass a file with one id per labelled sample to --groups"
+        )
+    if ids.dtype.kind == "f" and not np.isfinite(ids).all():
+        raise DataError(f"{path}: a group id is NaN or infinite; expected one finite id per sample")
+    if len(np.unique(ids)) < 2:
+        raise DataError(
+            f"{path}: all {n_samples} samples are in one group; --groups needs at least 2 "
+            "groups (or leave --groups out to resample samples)"
+        )
+    return ids
+
+
 @app.command(
     "compare",
     cls=InputsInOrder,
     help="""Compare models' predictions on the same labelled samples, honestly.
 
-Prints, for each candidate, the metric with its bootstrap confidence interval,
-the difference to the reference with its paired interval, and the
-Holm-adjusted p-value of a paired test against the reference; writes OUT/
-with report.md, a self-contained report.html, results.json (every number),
-forest plots and, for three or more candidates, a critical-difference diagram.
+Prints, for each distinct model (candidates with identical predictions share
+one row), the metric with its bootstrap confidence interval, the difference to
+the reference with its interval, and the Holm-adjusted p-value and verdict of
+a paired test against the reference, then notes (the leader, picked on these
+samples, and whether its edge is significant; the smallest achievable p-value
+when it matters); writes OUT/ with report.md, a self-contained report.html,
+results.json (every number), forest plots and, for three or more models, a
+critical-difference diagram. With the default --test bootstrap, the p-value
+and the Holm-consistent interval come from the same resampled differences and
+never disagree.
 
 Candidates are NAME=FILE or FILE (named after the file), repeated (-p a.npy
 -p b.npy) or listed after one flag (-p a.npy b.npy), and keep the order given;
@@ -113,8 +149,9 @@ def compare_command(
         ),
     ] = "auto",
     test: Annotated[
-        str, typer.Option(help="paired test against the reference: permutation, bootstrap, mcnemar")
-    ] = "permutation",
+        str,
+        typer.Option(help="paired test against the reference: bootstrap, permutation, mcnemar"),
+    ] = "bootstrap",
     interval: Annotated[str, typer.Option(help="bootstrap interval: bca or percentile")] = "bca",
     confidence: Annotated[
         float,
@@ -124,6 +161,26 @@ def compare_command(
         int,
         typer.Option(help="bootstrap resamples (and permutations)", min=100, max=1_000_000),
     ] = 2000,
+    n_permutations: Annotated[
+        int | None,
+        typer.Option(
+            help="resamples (or permutations) behind each test's p-value [default: enough "
+            "that the smallest Holm-adjusted p is 0.005, at least --n-resamples]",
+            min=100,
+            max=1_000_000,
+            show_default=False,
+        ),
+    ] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option(
+            "--groups",
+            "-g",
+            help="one group id per sample (.npy, .csv): samples of one group (views of one "
+            "image) are resampled and permuted together",
+            show_default=False,
+        ),
+    ] = None,
     blocks: Annotated[
         int,
         typer.Option(
@@ -161,7 +218,7 @@ def compare_command(
     if test == "mcnemar" and metric != "accuracy":
         raise ConfigError(
             f"--test mcnemar compares accuracies, but --metric is {metric}; "
-            "pass --test permutation or --metric accuracy"
+            "pass --test bootstrap or --metric accuracy"
         )
     files = named_files(items, option="--predictions")
     if reference is not None and reference not in files:
@@ -170,9 +227,10 @@ def compare_command(
             f"{', '.join(n[:40] for n in files)}"
         )
     check_folder_output(out, overwrite=overwrite)
-    refuse_output_over_inputs(
-        out, {**{f"--predictions {name}": path for name, path in files.items()}, "--labels": labels}
-    )
+    inputs = {**{f"--predictions {name}": path for name, path in files.items()}, "--labels": labels}
+    if groups is not None:
+        inputs["--groups"] = groups
+    refuse_output_over_inputs(out, inputs)
     arrays = {name: load_array(path) for name, path in files.items()}
     shapes = {name: a.shape for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
@@ -197,8 +255,11 @@ def compare_command(
         probabilities[name], _ = prepare_predictions(array, y, kind=held, source=source)
     if y.shape[0] < 2:
         raise DataError(f"{labels}: {y.shape[0]} sample; comparing needs at least 2 labelled samples")
+    group_ids = None if groups is None else _load_groups(groups, y.shape[0])
     try:
-        comparison = compare_predictions(
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comparison = compare_predictions(
             probabilities,
             y,
             reference=reference,
@@ -211,9 +272,16 @@ def compare_command(
             stratify=stratify,
             n_blocks=blocks,
             random_state=seed,
+            groups=group_ids,
+            n_permutations=n_permutations,
         )
     except (ConfigError, DataError) as exc:
         raise type(exc)(_flags(str(exc))) from None
+    warned = set()
+    for caught_warning in caught:
+        text = _flags(str(caught_warning.message))
+        warned.add(str(caught_warning.message))
+        warnings.warn(text, caught_warning.category, stacklevel=1)
     if len(files) >= 3 and comparison.friedman is None:
         warnings.warn(_no_friedman(len(y), blocks), UserWarning, stacklevel=1)
     command = "modelfuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else ""
@@ -232,4 +300,7 @@ def compare_command(
         typer.echo(comparison_table(comparison, style="text"))
         if comparison.friedman is not None:
             typer.echo(friedman_summary(comparison.friedman))
+        for note in comparison.notes:
+            if note not in warned:  # a warning already went to stderr
+                typer.echo(f"note: {_flags(note)}")
     typer.echo(f"wrote {out}/ ({', '.join(sorted(p.name for p in written))})")
