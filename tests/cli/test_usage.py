@@ -73,6 +73,12 @@ CASES: dict[str, tuple[list[str], list[str], list[str], str]] = {
         ["calibrate", "-s", "s.npy", "-y", "y.npy", "-o", "c.json", "--n-bins", "0"],
         "--n-bins",
     ),
+    "inspect": (
+        ["inspect", "c.yaml", "-o", "out", "--densty", "0.2"],
+        ["inspect"],
+        ["inspect", "c.yaml", "-o", "out", "--density", "1.5"],
+        "--density",
+    ),
     "calibration-report": (
         ["calibration-report", "-p", "p.npy", "-y", "y.npy", "-o", "r", "--nbins", "3"],
         ["calibration-report", "-p", "p.npy", "-o", "r"],

@@ -1,0 +1,468 @@
+r"""The figures of task vectors, tensor by tensor, and their sums over groups of tensors.
+
+For models :math:`\theta_1..\theta_N` fine-tuned from a base :math:`\theta_b`,
+the task vectors are :math:`\tau_i = \theta_i - \theta_b` (computed in float32)
+and the models' weights :math:`w_i` (the configuration's ``weight``, else 1).
+:func:`tensor_figures` reads one tensor of every model chunk by chunk and
+returns sums from which every figure follows; sums add up over tensors, so a
+group of tensors (attention, one layer, the whole model) is the sum of its
+tensors' :class:`TaskVectorFigures`:
+
+- norm: :math:`\|\tau_i\|_2`;
+- cosine: :math:`\langle\tau_i, \tau_j\rangle / (\|\tau_i\| \|\tau_j\|)`;
+- sign conflict (at a density :math:`d`): trim each :math:`\tau_i` to its
+  :math:`\max(1, \lfloor d n \rfloor)` entries of largest magnitude (TIES' trim,
+  ties to the lower index), :math:`x_i = w_i \hat\tau_i`, elect
+  :math:`\gamma = \operatorname{sign}(\sum_i x_i)` (``"sum"``) or the sign of
+  :math:`\sum_i \operatorname{sign}(x_i)` (``"count"``), zero electing +.
+  The conflict rate is the fraction of non-zero :math:`x_{i,e}` whose sign is not
+  :math:`\gamma_e`: exactly the entries TIES' election leaves out of the merge;
+- overlap: the Jaccard index :math:`|K_i \cap K_j| / |K_i \cup K_j|` of the sets
+  :math:`K_i` of the :math:`\max(1, \lfloor d n \rfloor)` largest-magnitude entries
+  of :math:`\tau_i` (zeros excluded), at the overlap density;
+- share in the merged delta: with :math:`\delta = \sum_j w_j \tau_j` (the task
+  arithmetic direction), model :math:`i`'s share is
+  :math:`\langle w_i \tau_i, \delta\rangle / \|\delta\|^2`, its projection on the
+  merged delta; the shares add up to 1 and a negative one pulls against the others.
+
+Over a group, every ratio is a ratio of sums over its tensors (the cosine of
+the group's concatenated task vectors, the conflict among all its entries, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_ks
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection, kept_count
+
+__all__ = ["CHUNK", "TaskVectorFigures", "tensor_figures"]
+
+CHUNK = 1 << 18
+"""Entries per chunk: every temporary is a few chunks, whatever the tensor's size."""
+
+_SAMPLED = 1 << 17  # above this many entries the selection brackets from a strided sample
+
+Consensus = Literal["sum", "count"]
+
+
+@dataclass(frozen=True)
+class TaskVectorFigures:
+    """Sums over the entries of one tensor (or of a group of tensors) of N task vectors.
+
+    Add two with ``+``; the figures are properties computed from the sums.
+
+    Attributes
+    ----------
+    tensors, entries : int
+        Tensors and entries (per model) summed.
+    dots : ndarray (N, N)
+        :math:`\\sum \\tau_i \\tau_j`; the diagonal holds the squared norms.
+    projections : ndarray (N,)
+        :math:`\\langle w_i \\tau_i, \\delta \\rangle` with :math:`\\delta = \\sum_j w_j \\tau_j`.
+    delta_square : float
+        :math:`\\|\\delta\\|^2`.
+    shared : ndarray (N, N)
+        Entries in the top-k sets of both i and j; the diagonal is each set's size.
+    nonzero, dropped : ndarray (N,)
+        Non-zero entries of :math:`x_i` at the conflict density, and those whose
+        sign the election rejects.
+    trimmed_nonzero, trimmed_dropped : ndarray (N,) or None
+        The same at the overlap density, when it differs from the conflict density.
+    """
+
+    tensors: int
+    entries: int
+    dots: np.ndarray
+    projections: np.ndarray
+    delta_square: float
+    shared: np.ndarray
+    nonzero: np.ndarray
+    dropped: np.ndarray
+    trimmed_nonzero: np.ndarray | None = None
+    trimmed_dropped: np.ndarray | None = None
+
+    @classmethod
+    def zeros(cls, n_models: int, trimmed: bool = False) -> TaskVectorFigures:
+        """Empty sums for ``n_models`` models."""
+        vector = np.zeros(n_models)
+        return cls(
+            0, 0, np.zeros((n_models, n_models)), vector, 0.0,
+            np.zeros((n_models, n_models)), vector, vector,
+            vector if trimmed else None, vector if trimmed else None,
+        )
+
+    def __add__(self, other: TaskVectorFigures) -> TaskVectorFigures:
+        def plus(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if a is None:
+                return b
+            if b is None:
+                return a
+            return a + b
+
+        return TaskVectorFigures(
+            self.tensors + other.tensors,
+            self.entries + other.entries,
+            self.dots + other.dots,
+            self.projections + other.projections,
+            self.delta_square + other.delta_square,
+            self.shared + other.shared,
+            self.nonzero + other.nonzero,
+            self.dropped + other.dropped,
+            plus(self.trimmed_nonzero, other.trimmed_nonzero),
+            plus(self.trimmed_dropped, other.trimmed_dropped),
+        )
+
+    @property
+    def norms(self) -> np.ndarray:
+        """:math:`\\|\\tau_i\\|_2` per model."""
+        return np.sqrt(np.clip(np.diag(self.dots), 0.0, None))
+
+    @property
+    def cosine(self) -> np.ndarray:
+        """Pairwise cosine similarities (NaN where a task vector is zero)."""
+        norms = self.norms
+        outer = np.outer(norms, norms)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cosine = np.where(outer > 0, self.dots / np.where(outer > 0, outer, 1.0), np.nan)
+        return np.clip(cosine, -1.0, 1.0)
+
+    @property
+    def mean_cosine(self) -> float:
+        """The mean cosine over pairs of models (NaN with fewer than two, or all zero)."""
+        return _mean_off_diagonal(self.cosine)
+
+    @property
+    def conflict(self) -> float:
+        """The fraction of non-zero weighted entries whose sign TIES' election rejects."""
+        return _ratio(float(self.dropped.sum()), float(self.nonzero.sum()))
+
+    @property
+    def conflict_per_model(self) -> np.ndarray:
+        """Each model's fraction of its non-zero entries rejected by the election."""
+        return _ratios(self.dropped, self.nonzero)
+
+    @property
+    def trimmed_conflict(self) -> float | None:
+        """:attr:`conflict` at the overlap density (None when it equals the conflict density)."""
+        if self.trimmed_nonzero is None or self.trimmed_dropped is None:
+            return None
+        return _ratio(float(self.trimmed_dropped.sum()), float(self.trimmed_nonzero.sum()))
+
+    @property
+    def overlap(self) -> np.ndarray:
+        """Pairwise Jaccard indices of the top-k sets (NaN where both are empty)."""
+        kept = np.diag(self.shared)
+        union = kept[:, None] + kept[None, :] - self.shared
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, self.shared / np.where(union > 0, union, 1.0), np.nan)
+
+    @property
+    def mean_overlap(self) -> float:
+        """The mean Jaccard index over pairs of models."""
+        return _mean_off_diagonal(self.overlap)
+
+    @property
+    def share(self) -> np.ndarray:
+        """Each model's projection on the merged delta over its squared norm (sums to 1)."""
+        if self.delta_square <= 0:
+            return np.full(len(self.projections), np.nan)
+        return self.projections / self.delta_square
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+def _ratios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
+def _mean_off_diagonal(matrix: np.ndarray) -> float:
+    n = matrix.shape[0]
+    if n < 2:
+        return float("nan")
+    values = matrix[np.triu_indices(n, 1)]
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _per_model(value: Sequence[float] | float | None, n: int, default: float, key: str) -> list[float]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n
+    else:
+        values = [float(v) for v in value]
+    if len(values) != n:
+        raise ConfigError(f"{key}: {len(values)} values for {n} models; give one per model")
+    return values
+
+
+def _check_density(values: list[float], key: str) -> None:
+    for value in values:
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(
+                f"{key}: expected a density in (0, 1], got {value!r}; pass e.g. 0.2"
+            )
+
+
+class _Chunks:
+    """Task-vector chunks of one model: each call of :meth:`magnitudes` is one pass."""
+
+    def __init__(self, model: torch.Tensor, base: torch.Tensor, chunk: int) -> None:
+        self.model, self.base, self.chunk = model, base, chunk
+        self.n = base.numel()
+
+    def delta(self, start: int, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Entries ``start:start + chunk`` of the task vector in ``out`` (float32), given
+        that chunk of the base in float32 (every difference is a float32 one)."""
+        stop = min(start + self.chunk, self.n)
+        return out[: stop - start].copy_(self.model[start:stop]).sub_(base)
+
+    def magnitudes(self) -> Any:
+        out = torch.empty(min(self.chunk, self.n))
+        base = torch.empty_like(out)
+        for start in range(0, self.n, self.chunk):
+            stop = min(start + self.chunk, self.n)
+            part = base[: stop - start].copy_(self.base[start:stop])
+            yield self.delta(start, out, part).abs_()
+
+    def sample(self) -> torch.Tensor | None:
+        if self.n <= _SAMPLED:
+            return None
+        stride = sample_stride(self.n)
+        return (self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)).abs_()
+
+
+_TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # the least positive float32
+
+
+class _Cut:
+    """A top-k set as one comparison per chunk: ``|tau| >= at`` before flat index ``cutoff``
+    and ``|tau| > at`` from it on (ties at the threshold go to the lower index); zeros never
+    belong (the threshold is at least the least positive float32)."""
+
+    def __init__(self, selection: TensorSelection | None) -> None:
+        if selection is None:  # every entry: every non-zero one
+            self.at, self.cutoff = _TINY, None
+        else:
+            self.at, self.cutoff = max(selection.value, _TINY), selection.cutoff
+        self.above = float(torch.nextafter(torch.tensor(self.at), torch.tensor(float("inf"))))
+
+    def bound(self, start: int, length: int) -> float | int:
+        """The threshold of ``>=`` over entries ``start:start + length``, or the position
+        inside them where it changes from ``at`` to ``above``."""
+        if self.cutoff is None or self.cutoff >= start + length:
+            return self.at
+        if self.cutoff <= start:
+            return self.above
+        return self.cutoff - start  # an int: the block is split
+
+
+def _cuts(chunks: _Chunks, counts: list[int]) -> dict[int, _Cut]:
+    """The top-k set of each count, found exactly (see :func:`select_top_ks`)."""
+    wanted = sorted({k for k in counts if k < chunks.n})
+    found = {k: _Cut(None) for k in counts if k >= chunks.n}
+    if wanted:
+        thresholds = select_top_ks(chunks.magnitudes, wanted, chunks.n, chunks.sample())
+        for k, threshold in zip(wanted, thresholds):
+            found[k] = _Cut(TensorSelection.of(threshold, chunks.magnitudes))
+    return found
+
+
+def _members(
+    magnitudes: torch.Tensor, cuts: Sequence[_Cut], start: int, out: torch.Tensor
+) -> torch.Tensor:
+    """0/1 floats (N, L): whether each entry is in its model's top-k set."""
+    length = magnitudes.shape[1]
+    # comparisons into float buffers, row by row: much faster than into bool tensors
+    for i, cut in enumerate(cuts):
+        bound = cut.bound(start, length)
+        if isinstance(bound, float):
+            torch.ge(magnitudes[i], bound, out=out[i])
+        else:
+            torch.ge(magnitudes[i, :bound], cut.at, out=out[i, :bound])
+            torch.ge(magnitudes[i, bound:], cut.above, out=out[i, bound:])
+    return out
+
+
+def _gram(rows: torch.Tensor, into: np.ndarray) -> None:
+    """Add the pairwise dot products of ``rows`` (N, L) to ``into`` (one dot per pair: faster
+    than a matrix product of this shape)."""
+    for i in range(rows.shape[0]):
+        for j in range(i + 1):
+            value = float(torch.dot(rows[i], rows[j]))
+            into[i, j] += value
+            if i != j:
+                into[j, i] += value
+
+
+class _Election:
+    """Running counts of non-zero and rejected entries per model, chunk by chunk."""
+
+    def __init__(self, n_models: int, consensus: Consensus) -> None:
+        self.nonzero = np.zeros(n_models)
+        self.dropped = np.zeros(n_models)
+        self.consensus = consensus
+
+    def add(self, values: torch.Tensor, signs: torch.Tensor, tally: torch.Tensor) -> None:
+        """``values`` (N, L): the weighted, trimmed task vectors; ``signs`` a buffer like it
+        and ``tally`` one of length L."""
+        torch.sign(values, out=signs)
+        votes = signs if self.consensus == "count" else values
+        tally.copy_(votes[0])
+        for row in votes[1:]:
+            tally.add_(row)
+        elected = tally.sign_().add_(0.5).sign_()  # +1 where the tally is >= 0 (zero elects +)
+        for i, row in enumerate(signs):
+            # |s| counts the non-zero entries; s . elected is agreeing minus rejected ones
+            # (float sums of +-1 are exact within a chunk)
+            nonzero = float(torch.dot(row, row))
+            self.nonzero[i] += nonzero
+            self.dropped[i] += (nonzero - float(torch.dot(row, elected))) / 2
+
+
+def tensor_figures(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: Sequence[float] | None = None,
+    overlap_density: Sequence[float] | float = 0.2,
+    conflict_density: Sequence[float] | float = 1.0,
+    consensus_method: Consensus = "sum",
+    chunk: int = CHUNK,
+) -> TaskVectorFigures:
+    """The sums of :class:`TaskVectorFigures` for one tensor of N models and their base.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        The models' tensors of one name (any float dtype; read as float32 chunk
+        by chunk, never copied whole). Not modified.
+    base : Tensor
+        The base model's tensor of that name, of the same shape.
+    weight : sequence of float, optional
+        :math:`w_i` per model (default 1).
+    overlap_density : float or sequence of float, default 0.2
+        Fraction of entries in each top-k set, in (0, 1], per model or for all.
+    conflict_density : float or sequence of float, default 1
+        TIES' trim before the sign election, in (0, 1] (1: no trim).
+    consensus_method : {"sum", "count"}, default "sum"
+        The election, as TIES' ``consensus_method``.
+    chunk : int
+        Entries processed at once.
+
+    Returns
+    -------
+    TaskVectorFigures
+
+    Examples
+    --------
+    >>> base = torch.zeros(4)
+    >>> a, b = torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([1.0, -3.0, 1.0, 0.0])
+    >>> f = tensor_figures([a, b], base, overlap_density=0.5)
+    >>> f.norms.round(4).tolist(), round(float(f.cosine[0, 1]), 4)
+    ([2.4495, 3.3166], -0.6155)
+    >>> f.dropped.tolist(), f.nonzero.tolist(), f.conflict  # entry 1: b's -3 outvotes a's 2
+    ([1.0, 0.0], [3.0, 3.0], 0.16666666666666666)
+    """
+    n_models = len(tensors)
+    if n_models == 0:
+        raise ConfigError("tensor_figures: no models; give at least one tensor besides the base")
+    shape = tuple(base.shape)
+    for i, tensor in enumerate(tensors):
+        if tuple(tensor.shape) != shape:
+            raise ConfigError(
+                f"tensor_figures: model {i} has shape {list(tensor.shape)}, the base "
+                f"{list(shape)}; expected the same shape"
+            )
+    if consensus_method not in ("sum", "count"):
+        raise ConfigError(
+            f"consensus_method: unknown value {str(consensus_method)[:40]!r}; valid: sum, count"
+        )
+    weights = np.array(_per_model(weight, n_models, 1.0, "weight"))
+    overlap = _per_model(overlap_density, n_models, 0.2, "overlap_density")
+    conflict = _per_model(conflict_density, n_models, 1.0, "conflict_density")
+    _check_density(overlap, "overlap_density")
+    _check_density(conflict, "conflict_density")
+    n = base.numel()
+    if n == 0:
+        return _empty(n_models, overlap != conflict)
+    chunk = max(1, min(int(chunk), n))
+    base_flat = base.reshape(-1)
+    models = [_Chunks(t.reshape(-1), base_flat, chunk) for t in tensors]
+    overlap_k = [kept_count(d, n) for d in overlap]
+    conflict_k = [kept_count(d, n) for d in conflict]
+    cuts = [_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
+    overlap_cuts = [c[k] for c, k in zip(cuts, overlap_k)]
+    conflict_cuts = [c[k] for c, k in zip(cuts, conflict_k)]
+    trimmed = overlap_k != conflict_k
+    untrimmed = all(k >= n for k in conflict_k)  # the election sees every entry
+    unweighted = bool((weights == 1.0).all())
+    weight_column = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
+    dots = np.zeros((n_models, n_models))
+    shared = np.zeros((n_models, n_models))
+    election = _Election(n_models, consensus_method)
+    trimmed_election = _Election(n_models, consensus_method) if trimmed else None
+    taus_buffer = torch.empty(n_models, chunk)
+    magnitudes_buffer = torch.empty(n_models, chunk)
+    sets_buffer = torch.empty(n_models, chunk)
+    values_buffer = torch.empty(n_models, chunk)
+    signs_buffer = torch.empty(n_models, chunk)
+    base_buffer = torch.empty(chunk)
+    tally_buffer = torch.empty(chunk)
+    for start in range(0, n, chunk):
+        length = min(chunk, n - start)
+        taus = taus_buffer[:, :length]
+        for i, tensor in enumerate(tensors):
+            taus[i].copy_(tensor.reshape(-1)[start : start + length])
+        taus.sub_(base_buffer[:length].copy_(base_flat[start : start + length]))
+        _gram(taus, dots)
+        magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
+        sets = _members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
+        _gram(sets, shared)
+        values = values_buffer[:, :length]
+        signs = signs_buffer[:, :length]
+        tally = tally_buffer[:length]
+        if untrimmed:
+            values = taus if unweighted else torch.mul(taus, weight_column, out=values)
+        elif not trimmed:
+            torch.mul(taus, sets, out=values)
+        else:
+            torch.mul(taus, _members(magnitudes, conflict_cuts, start, values), out=values)
+        if not unweighted and not untrimmed:
+            values.mul_(weight_column)
+        election.add(values, signs, tally)
+        if trimmed_election is not None:
+            values = torch.mul(taus, sets, out=values_buffer[:, :length])
+            if not unweighted:
+                values.mul_(weight_column)
+            trimmed_election.add(values, signs, tally)
+    with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
+        projections = weights * (dots @ weights)
+        delta_square = float(weights @ dots @ weights)
+    return TaskVectorFigures(
+        1,
+        n,
+        dots,
+        projections,
+        delta_square,
+        shared,
+        election.nonzero,
+        election.dropped,
+        None if trimmed_election is None else trimmed_election.nonzero,
+        None if trimmed_election is None else trimmed_election.dropped,
+    )
+
+
+def _empty(n_models: int, trimmed: bool) -> TaskVectorFigures:
+    empty = TaskVectorFigures.zeros(n_models, trimmed)
+    return TaskVectorFigures(1, 0, *list(empty.__dict__.values())[2:])
