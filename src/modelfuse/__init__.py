@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "merge", "merge_state_dicts"]
+__all__ = ["__version__", "inspect_merge", "merge", "merge_state_dicts"]
 
 if TYPE_CHECKING:
     from modelfuse import merge
+    from modelfuse.inspection import inspect_merge
     from modelfuse.merge.state_dict import merge_state_dicts
 
 
@@ -32,6 +33,10 @@ def __getattr__(name: str) -> Any:
         import modelfuse.merge
 
         return modelfuse.merge
+    if name == "inspect_merge":  # not `inspect`, which would shadow the standard library's
+        from modelfuse.inspection import inspect_merge
+
+        return inspect_merge
     if name == "merge_state_dicts":
         from modelfuse.merge.state_dict import merge_state_dicts
 
