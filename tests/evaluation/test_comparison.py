@@ -198,7 +198,7 @@ def test_the_leader_is_named_as_chosen_on_these_samples_with_its_significance():
     note = c.notes[-1]
     assert note.startswith("highest accuracy on these 600 samples: ties")
     assert "picked on the samples it is scored on" in note
-    assert "edge over the reference base is significant" in note
+    assert "the edge of ties over the reference base is significant" in note
     nll = compare_predictions(preds, y, metric="nll", n_resamples=300)
     assert nll.notes[-1].startswith("lowest nll on these 600 samples")
 
@@ -211,7 +211,7 @@ def test_not_significant_edge_is_said_so():
     b[:3] = np.eye(2)[y[:3]]  # three more samples right: an edge far from significant
     c = compare_predictions({"a": a, "b": b}, y, n_resamples=300)
     assert c.leader == ("b",) and not c.candidates[1].significant
-    assert "b's edge over the reference a is not significant" in c.notes[-1]
+    assert "the edge of b over the reference a is not significant" in c.notes[-1]
 
 
 def test_groups_reach_every_resampling_and_mcnemar_refuses_them():

@@ -376,12 +376,12 @@ def _describe_leader(
         p = r.test.pvalue if r.test is not None else 1.0
         if r.significant:
             clauses.append(
-                f"{r.label}'s edge over the reference {reference} is significant "
+                f"the edge of {r.label} over the reference {reference} is significant "
                 f"(Holm-adjusted p = {_fmt_p(p)} <= {alpha:g})"
             )
         else:
             clauses.append(
-                f"{r.label}'s edge over the reference {reference} is not significant "
+                f"the edge of {r.label} over the reference {reference} is not significant "
                 f"(Holm-adjusted p = {_fmt_p(p)} > {alpha:g}): these samples do not show it "
                 f"is better than {reference}"
             )

@@ -297,4 +297,5 @@ def comparison_table(comparison: Comparison, *, style: TableStyle = "markdown") 
     'model'
     """
     headers, rows = comparison_rows(comparison)
-    return format_table(headers, rows, style=style)
+    align: list[Literal["left", "right"]] = ["left"] + ["right"] * (len(headers) - 2) + ["left"]
+    return format_table(headers, rows, style=style, align=align)
