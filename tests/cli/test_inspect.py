@@ -74,6 +74,7 @@ def test_inspect_writes_json_and_heatmap_and_prints_the_table(work, capsys):
     assert (work / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((work / "report" / "inspection.json").read_text())
     assert data["overlap_density"] == [0.5] and data["conflict_density"] == [0.5]
+    assert data["sample"] == 262144
     from safetensors.torch import load_file
 
     states = [load_file(work / f"{n}.safetensors") for n in ("base", "a", "b")]
@@ -99,9 +100,10 @@ def test_quiet_keeps_only_the_wrote_line(work, capsys):
 
 def test_base_option_and_density(work, capsys):
     assert main(["inspect", "linear.yaml", "-o", "r", "--base", "base.safetensors",
-                 "--density", "0.1", "--quiet"]) == 0
+                 "--density", "0.1", "--quiet", "--exact"]) == 0
     data = json.loads((work / "r" / "inspection.json").read_text())
     assert data["overlap_density"] == [0.1] and data["conflict_density"] == [1.0]
+    assert data["sample"] is None and data["overall"]["sign_entries"] == data["overall"]["entries"]
     assert data["overall"]["sign_conflict_at_overlap_density"] is not None
 
 

@@ -177,3 +177,23 @@ def test_bad_settings_are_refused(kwargs, message):
     base = torch.zeros(4)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tensor_figures([base + 1, base - 1], base, **kwargs)
+
+
+def test_a_sample_measures_the_sign_figures_on_strided_entries_only():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 50, generator=g)
+    models = [base + torch.randn(300, 50, generator=g) for _ in range(2)]
+    exact = tensor_figures(models, base, conflict_density=0.5, overlap_density=0.3)
+    sampled = tensor_figures(models, base, conflict_density=0.5, overlap_density=0.3, sample=1000)
+    stride = -(-15000 // 1000)
+    on_sample = tensor_figures(
+        [m.reshape(-1)[::stride] for m in models], base.reshape(-1)[::stride],
+        conflict_density=0.5, overlap_density=0.3,
+    )
+    np.testing.assert_allclose(sampled.dots, exact.dots)  # every entry
+    assert sampled.entries == 15000 and sampled.signed_entries == on_sample.entries == 1000
+    np.testing.assert_array_equal(sampled.dropped, on_sample.dropped)
+    np.testing.assert_array_equal(sampled.shared, on_sample.shared)
+    assert sampled.conflict == pytest.approx(exact.conflict, abs=0.03)
+    assert sampled.mean_overlap == pytest.approx(exact.mean_overlap, abs=0.03)
+    assert tensor_figures(models, base, sample=20000).signed_entries == 15000

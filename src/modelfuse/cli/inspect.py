@@ -48,6 +48,13 @@ def inspect_command(
             callback=finite,
         ),
     ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            help="measure overlap and sign conflict on every entry (default: a strided sample "
+            "of 262144 entries of larger tensors; norms, cosines and shares use every entry)"
+        ),
+    ] = False,
     threads: Annotated[
         int | None,
         typer.Option("--threads", "-j", help="tensors measured at once [default: all cores]", min=1),
@@ -72,7 +79,7 @@ def inspect_command(
     )
     from modelfuse.cli.merge import _report_problems
     from modelfuse.errors import ConfigError, ModelfuseError
-    from modelfuse.inspection import inspect_merge, inspection_heatmap
+    from modelfuse.inspection import DEFAULT_SAMPLE, inspect_merge, inspection_heatmap
     from modelfuse.merge.engine import close_plan, plan_merge
     from modelfuse.merge.output_paths import expand_user
     from modelfuse.progress import progress_bar
@@ -104,6 +111,7 @@ def inspect_command(
             config,
             base=base,
             density=density,
+            sample=None if exact else DEFAULT_SAMPLE,
             threads=threads,
             progress=advance,
             allow_crimes=allow_crimes,
@@ -119,6 +127,7 @@ def inspect_command(
     recommendation = inspection.recommendation
     if not quiet:
         print(inspection.table())
+        print()
         print(f"recommendation: {recommendation.summary}")
         for reason in recommendation.reasons:
             print(f"  - {reason}")

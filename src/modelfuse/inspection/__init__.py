@@ -13,11 +13,17 @@ from modelfuse.inspection.barrier import Barrier, interpolation_barrier
 from modelfuse.inspection.figures import TaskVectorFigures, tensor_figures
 from modelfuse.inspection.groups import TENSOR_GROUPS, tensor_group, tensor_layer
 from modelfuse.inspection.heatmap import inspection_heatmap
-from modelfuse.inspection.merge_inspection import DEFAULT_DENSITY, MergeInspection, inspect_merge
+from modelfuse.inspection.merge_inspection import (
+    DEFAULT_DENSITY,
+    DEFAULT_SAMPLE,
+    MergeInspection,
+    inspect_merge,
+)
 from modelfuse.inspection.recommendation import THRESHOLDS, Recommendation, recommend
 
 __all__ = [
     "DEFAULT_DENSITY",
+    "DEFAULT_SAMPLE",
     "TENSOR_GROUPS",
     "THRESHOLDS",
     "Barrier",

@@ -32,7 +32,7 @@ the group's concatenated task vectors, the conflict among all its entries, ...).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -44,7 +44,7 @@ from modelfuse.merge.methods.magnitude_threshold import TensorSelection, kept_co
 
 __all__ = ["CHUNK", "TaskVectorFigures", "tensor_figures"]
 
-CHUNK = 1 << 18
+CHUNK = 1 << 16
 """Entries per chunk: every temporary is a few chunks, whatever the tensor's size."""
 
 _SAMPLED = 1 << 17  # above this many entries the selection brackets from a strided sample
@@ -75,6 +75,9 @@ class TaskVectorFigures:
         sign the election rejects.
     trimmed_nonzero, trimmed_dropped : ndarray (N,) or None
         The same at the overlap density, when it differs from the conflict density.
+    signed_entries : int
+        Entries (per model) behind ``shared``, ``nonzero`` and ``dropped``: all of
+        them, or a strided sample of large tensors (see :func:`tensor_figures`).
     """
 
     tensors: int
@@ -87,6 +90,7 @@ class TaskVectorFigures:
     dropped: np.ndarray
     trimmed_nonzero: np.ndarray | None = None
     trimmed_dropped: np.ndarray | None = None
+    signed_entries: int = 0
 
     @classmethod
     def zeros(cls, n_models: int, trimmed: bool = False) -> TaskVectorFigures:
@@ -117,6 +121,7 @@ class TaskVectorFigures:
             self.dropped + other.dropped,
             plus(self.trimmed_nonzero, other.trimmed_nonzero),
             plus(self.trimmed_dropped, other.trimmed_dropped),
+            self.signed_entries + other.signed_entries,
         )
 
     @property
@@ -338,6 +343,7 @@ def tensor_figures(
     overlap_density: Sequence[float] | float = 0.2,
     conflict_density: Sequence[float] | float = 1.0,
     consensus_method: Consensus = "sum",
+    sample: int | None = None,
     chunk: int = CHUNK,
 ) -> TaskVectorFigures:
     """The sums of :class:`TaskVectorFigures` for one tensor of N models and their base.
@@ -357,6 +363,11 @@ def tensor_figures(
         TIES' trim before the sign election, in (0, 1] (1: no trim).
     consensus_method : {"sum", "count"}, default "sum"
         The election, as TIES' ``consensus_method``.
+    sample : int, optional
+        With more than ``sample`` entries, the top-k sets and the sign election
+        (overlap and sign conflict) are measured on every ``ceil(n / sample)``-th
+        entry only, the trims at the same densities of that sample; norms,
+        cosines and shares always use every entry. None: every entry for all.
     chunk : int
         Entries processed at once.
 
@@ -396,41 +407,77 @@ def tensor_figures(
     n = base.numel()
     if n == 0:
         return _empty(n_models, overlap != conflict)
-    chunk = max(1, min(int(chunk), n))
+    if sample is not None and int(sample) < 1:
+        raise ConfigError(f"sample: expected a positive number of entries, got {sample}")
+    flats = [t.reshape(-1) for t in tensors]
     base_flat = base.reshape(-1)
-    models = [_Chunks(t.reshape(-1), base_flat, chunk) for t in tensors]
+    settings = (weights, overlap, conflict, consensus_method, chunk)
+    if sample is None or n <= int(sample):
+        return _accumulate(flats, base_flat, settings, dots=True, signs=True)
+    stride = -(-n // int(sample))
+    full = _accumulate(flats, base_flat, settings, dots=True, signs=False)
+    picked = _accumulate(
+        [f[::stride] for f in flats], base_flat[::stride], settings, dots=False, signs=True
+    )
+    return replace(
+        picked, entries=full.entries, dots=full.dots, projections=full.projections,
+        delta_square=full.delta_square,
+    )
+
+
+def _accumulate(
+    flats: list[torch.Tensor],
+    base_flat: torch.Tensor,
+    settings: tuple[np.ndarray, list[float], list[float], Consensus, int],
+    *,
+    dots: bool,
+    signs: bool,
+) -> TaskVectorFigures:
+    """One pass over the entries: the dot products (``dots``) and the top-k sets and
+    elections (``signs``, after the selection pass that finds the thresholds)."""
+    weights, overlap, conflict, consensus_method, chunk = settings
+    n_models, n = len(flats), base_flat.numel()
+    chunk = max(1, min(int(chunk), n))
     overlap_k = [kept_count(d, n) for d in overlap]
     conflict_k = [kept_count(d, n) for d in conflict]
-    cuts = [_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
-    overlap_cuts = [c[k] for c, k in zip(cuts, overlap_k)]
-    conflict_cuts = [c[k] for c, k in zip(cuts, conflict_k)]
     trimmed = overlap_k != conflict_k
+    overlap_cuts: list[_Cut] = []
+    conflict_cuts: list[_Cut] = []
+    if signs:
+        models = [_Chunks(flat, base_flat, chunk) for flat in flats]
+        cuts = [_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
+        overlap_cuts = [c[k] for c, k in zip(cuts, overlap_k)]
+        conflict_cuts = [c[k] for c, k in zip(cuts, conflict_k)]
     untrimmed = all(k >= n for k in conflict_k)  # the election sees every entry
     unweighted = bool((weights == 1.0).all())
     weight_column = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
-    dots = np.zeros((n_models, n_models))
+    gram = np.zeros((n_models, n_models))
     shared = np.zeros((n_models, n_models))
     election = _Election(n_models, consensus_method)
     trimmed_election = _Election(n_models, consensus_method) if trimmed else None
     taus_buffer = torch.empty(n_models, chunk)
-    magnitudes_buffer = torch.empty(n_models, chunk)
-    sets_buffer = torch.empty(n_models, chunk)
-    values_buffer = torch.empty(n_models, chunk)
-    signs_buffer = torch.empty(n_models, chunk)
+    width = chunk if signs else 0  # the buffers of the sign figures, when measured
+    magnitudes_buffer = torch.empty(n_models, width)
+    sets_buffer = torch.empty(n_models, width)
+    values_buffer = torch.empty(n_models, width)
+    signs_buffer = torch.empty(n_models, width)
     base_buffer = torch.empty(chunk)
-    tally_buffer = torch.empty(chunk)
+    tally_buffer = torch.empty(width)
     for start in range(0, n, chunk):
         length = min(chunk, n - start)
         taus = taus_buffer[:, :length]
-        for i, tensor in enumerate(tensors):
-            taus[i].copy_(tensor.reshape(-1)[start : start + length])
+        for i, flat in enumerate(flats):
+            taus[i].copy_(flat[start : start + length])
         taus.sub_(base_buffer[:length].copy_(base_flat[start : start + length]))
-        _gram(taus, dots)
+        if dots:
+            _gram(taus, gram)
+        if not signs:
+            continue
         magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
         sets = _members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
         _gram(sets, shared)
         values = values_buffer[:, :length]
-        signs = signs_buffer[:, :length]
+        sign_buffer = signs_buffer[:, :length]
         tally = tally_buffer[:length]
         if untrimmed:
             values = taus if unweighted else torch.mul(taus, weight_column, out=values)
@@ -440,19 +487,19 @@ def tensor_figures(
             torch.mul(taus, _members(magnitudes, conflict_cuts, start, values), out=values)
         if not unweighted and not untrimmed:
             values.mul_(weight_column)
-        election.add(values, signs, tally)
+        election.add(values, sign_buffer, tally)
         if trimmed_election is not None:
             values = torch.mul(taus, sets, out=values_buffer[:, :length])
             if not unweighted:
                 values.mul_(weight_column)
-            trimmed_election.add(values, signs, tally)
+            trimmed_election.add(values, sign_buffer, tally)
     with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
-        projections = weights * (dots @ weights)
-        delta_square = float(weights @ dots @ weights)
+        projections = weights * (gram @ weights)
+        delta_square = float(weights @ gram @ weights)
     return TaskVectorFigures(
         1,
         n,
-        dots,
+        gram,
         projections,
         delta_square,
         shared,
@@ -460,9 +507,9 @@ def tensor_figures(
         election.dropped,
         None if trimmed_election is None else trimmed_election.nonzero,
         None if trimmed_election is None else trimmed_election.dropped,
+        n if signs else 0,
     )
 
 
 def _empty(n_models: int, trimmed: bool) -> TaskVectorFigures:
-    empty = TaskVectorFigures.zeros(n_models, trimmed)
-    return TaskVectorFigures(1, 0, *list(empty.__dict__.values())[2:])
+    return replace(TaskVectorFigures.zeros(n_models, trimmed), tensors=1)
