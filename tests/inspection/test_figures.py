@@ -197,3 +197,16 @@ def test_a_sample_measures_the_sign_figures_on_strided_entries_only():
     assert sampled.conflict == pytest.approx(exact.conflict, abs=0.03)
     assert sampled.mean_overlap == pytest.approx(exact.mean_overlap, abs=0.03)
     assert tensor_figures(models, base, sample=20000).signed_entries == 15000
+
+
+def test_many_models_match_numpy():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(40, 25, generator=g)
+    models = [base + torch.randn(40, 25, generator=g) * (0.1 + i / 10) for i in range(5)]
+    weights = [1.0, 0.5, 2.0, -1.0, 0.3]
+    found = tensor_figures(models, base, weight=weights, overlap_density=0.25, chunk=300)
+    ref = _reference(models, base, weights, 0.25, 1.0)
+    np.testing.assert_allclose(found.cosine, ref["cosine"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(found.overlap, ref["jaccard"], rtol=1e-12)
+    np.testing.assert_array_equal(found.dropped, ref["dropped"])
+    np.testing.assert_allclose(found.share, ref["share"], rtol=1e-4)

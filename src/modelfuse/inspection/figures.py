@@ -300,8 +300,11 @@ def _members(
 
 
 def _gram(rows: torch.Tensor, into: np.ndarray) -> None:
-    """Add the pairwise dot products of ``rows`` (N, L) to ``into`` (one dot per pair: faster
-    than a matrix product of this shape)."""
+    """Add the pairwise dot products of ``rows`` (N, L) to ``into``: one dot per pair for a
+    few rows (faster than a matrix product of this shape), a matrix product for more."""
+    if rows.shape[0] > 3:
+        into += (rows @ rows.T).double().numpy()
+        return
     for i in range(rows.shape[0]):
         for j in range(i + 1):
             value = float(torch.dot(rows[i], rows[j]))
