@@ -117,7 +117,10 @@ def test_identical_candidates_are_one_model_counted_once():
     assert [m.label for m in c.models] == ["base = wise_ft", "soup", "ties = greedy", "dare"]
     assert c.family_size == 3
     copy = c.candidate("wise_ft")
-    assert copy.difference is None and copy.same_as == ("base",)
+    assert copy.same_as == ("base",) and copy.significant is False
+    assert copy.difference.statistic == 0.0 and copy.difference.ci == (0.0, 0.0)
+    assert copy.test.pvalue == 1.0 and "outside the Holm family" in copy.test.method
+    assert c.candidate("base").difference is None
     assert c.candidate("greedy").test is c.candidate("ties").test
     distinct = ["soup", "ties", "dare"]
     raw = [mcnemar(y, preds[n], preds["base"]).pvalue for n in distinct]

@@ -78,7 +78,9 @@ class CandidateComparison:
     difference : IntervalResult or None
         ``metric(candidate) - metric(reference)`` with its paired interval at
         the comparison's ``confidence_level``, unadjusted for the other
-        comparisons; ``None`` for the reference (and candidates identical to it).
+        comparisons; ``None`` for the reference. A candidate identical to the
+        reference has the exact difference 0 (interval ``(0, 0)``, p = 1),
+        outside the Holm family.
     test : TestResult or None
         The test against the reference; ``pvalue`` is Holm-adjusted over the
         distinct models, ``raw_pvalue`` keeps the unadjusted one.
@@ -650,6 +652,9 @@ def compare_predictions(
         head = next(h for h, members in identical.items() if name in members)
         shared = rows_by_head[head]
         copies = tuple(n for n in identical[head] if n != name)
+        if head == reference and name != reference:
+            rows.append(_copy_of_reference(name, reference, shared.estimate, copies, test))
+            continue
         rows.append(
             CandidateComparison(
                 name,
@@ -715,6 +720,35 @@ def compare_predictions(
         reference_rule=rule,
         notes=tuple(notes),
         n_groups=n_groups,
+    )
+
+
+def _copy_of_reference(
+    name: str, reference: str, estimate: IntervalResult, copies: tuple[str, ...], test: str
+) -> CandidateComparison:
+    """A candidate identical to the reference: its difference is exactly 0, untested (p = 1)."""
+    zero = IntervalResult(
+        statistic=0.0,
+        ci=(0.0, 0.0),
+        method="identical predictions",
+        compared=(estimate.compared[0], f"{name} - {reference}"),
+        confidence_level=estimate.confidence_level,
+        pvalue=1.0,
+    )
+    return CandidateComparison(
+        name,
+        estimate,
+        zero,
+        TestResult(
+            statistic=0.0,
+            pvalue=1.0,
+            method="identical predictions to the reference (outside the Holm family)",
+            compared=(name, reference),
+        ),
+        raw_pvalue=1.0,
+        same_as=copies,
+        adjusted_difference=zero if test == "bootstrap" else None,
+        significant=False,
     )
 
 
