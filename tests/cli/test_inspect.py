@@ -59,7 +59,7 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("modelfuse: error:"), err
     assert sorted(os.listdir(folder)) == names and _snapshot(folder) == before
     return err

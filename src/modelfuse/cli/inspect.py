@@ -79,8 +79,12 @@ def inspect_command(
     )
     from modelfuse.cli.merge import _report_problems
     from modelfuse.errors import ConfigError, ModelfuseError
-    from modelfuse.inspection import DEFAULT_SAMPLE, inspect_merge, inspection_heatmap
-    from modelfuse.merge.engine import close_plan, plan_merge
+    from modelfuse.inspection import (
+        DEFAULT_SAMPLE,
+        inspection_heatmap,
+        plan_inspection,
+        run_inspection,
+    )
     from modelfuse.merge.output_paths import expand_user
     from modelfuse.progress import progress_bar
 
@@ -93,29 +97,24 @@ def inspect_command(
     # Every problem of the configuration and its inputs (the output holding one, too) is
     # found from the headers before any tensor is read.
     try:
-        plan = plan_merge(config, out, overwrite=overwrite, allow_crimes=allow_crimes)
-    except ModelfuseError as exc:
-        _report_problems(exc)
-        raise
-    try:
-        tasks = [task for task in plan.tasks if task.action == "merge"]
-        readers = len(plan.models) + 1
-        total_bytes = sum(task.nbytes for task in tasks) * readers
-    finally:
-        close_plan(plan)
-    return_freed_memory_promptly()
-    with progress_bar(
-        "inspecting", len(tasks), total_bytes=total_bytes, enabled=not quiet
-    ) as advance:
-        inspection = inspect_merge(
+        planned = plan_inspection(
             config,
             base=base,
             density=density,
             sample=None if exact else DEFAULT_SAMPLE,
-            threads=threads,
-            progress=advance,
             allow_crimes=allow_crimes,
+            out=out,
+            overwrite=overwrite,
         )
+    except ModelfuseError as exc:
+        _report_problems(exc)
+        raise
+    with planned:
+        return_freed_memory_promptly()
+        with progress_bar(
+            "inspecting", planned.tensors, total_bytes=planned.nbytes, enabled=not quiet
+        ) as advance:
+            inspection = run_inspection(planned, threads=threads, progress=advance)
     staging = staging_folder(out)
     try:
         write_json(staging / "inspection.json", inspection.to_dict())

@@ -16,8 +16,11 @@ from modelfuse.inspection.heatmap import inspection_heatmap
 from modelfuse.inspection.merge_inspection import (
     DEFAULT_DENSITY,
     DEFAULT_SAMPLE,
+    InspectionPlan,
     MergeInspection,
     inspect_merge,
+    plan_inspection,
+    run_inspection,
 )
 from modelfuse.inspection.recommendation import THRESHOLDS, Recommendation, recommend
 
@@ -27,13 +30,16 @@ __all__ = [
     "TENSOR_GROUPS",
     "THRESHOLDS",
     "Barrier",
+    "InspectionPlan",
     "MergeInspection",
     "Recommendation",
     "TaskVectorFigures",
     "inspect_merge",
     "inspection_heatmap",
     "interpolation_barrier",
+    "plan_inspection",
     "recommend",
+    "run_inspection",
     "tensor_figures",
     "tensor_group",
     "tensor_layer",

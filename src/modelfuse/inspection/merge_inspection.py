@@ -42,7 +42,15 @@ from modelfuse.merge.execute import NonFiniteInputWarning, default_threads
 from modelfuse.merge.open_inputs import locate
 from modelfuse.merge.plan import MergePlan, TensorTask
 
-__all__ = ["DEFAULT_DENSITY", "DEFAULT_SAMPLE", "MergeInspection", "inspect_merge"]
+__all__ = [
+    "DEFAULT_DENSITY",
+    "DEFAULT_SAMPLE",
+    "InspectionPlan",
+    "MergeInspection",
+    "inspect_merge",
+    "plan_inspection",
+    "run_inspection",
+]
 
 DEFAULT_DENSITY = 0.2
 """The density of the top-k sets when neither the caller nor the configuration gives one."""
@@ -217,6 +225,7 @@ class _Job:
     conflict: list[float]
     consensus: str
     sample: int | None
+    nbytes: int
 
 
 def _per_model(value: Any, n: int) -> list[float] | None:
@@ -317,6 +326,8 @@ def _jobs(
                 conflict,
                 str(consensus),
                 sample,
+                sum(m.source.info(i).nbytes for m, i in zip(task.models, task.inputs))
+                + source.info(name).nbytes,
             )
         )
     return jobs
@@ -420,6 +431,124 @@ def _state(plan: MergePlan, which: int, base_read: Mapping[str, Callable[[], tor
     return state
 
 
+@dataclass
+class InspectionPlan:
+    """An inspection opened and checked by :func:`plan_inspection`, before any tensor is read.
+
+    Holds the merge's plan and the checkpoints open; run it with
+    :func:`run_inspection` and close it (or use it in a ``with`` block).
+
+    Attributes
+    ----------
+    method : str
+        The configuration's merge method.
+    base : str
+        The base model the task vectors start from.
+    models : tuple of str
+        The models, as the configuration names them.
+    tensors : int
+        Float tensors to measure.
+    nbytes : int
+        Bytes of every input tensor to read (models and base).
+    sample : int or None
+        As :func:`inspect_merge` takes it.
+    """
+
+    method: str
+    base: str
+    models: tuple[str, ...]
+    sample: int | None
+    plan: MergePlan = field(repr=False)
+    jobs: list[_Job] = field(repr=False)
+    base_checkpoint: Checkpoint | None = field(default=None, repr=False)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(job.nbytes for job in self.jobs)
+
+    def close(self) -> None:
+        """Close every checkpoint the inspection holds open; idempotent."""
+        close_plan(self.plan)
+        if self.base_checkpoint is not None:
+            with contextlib.suppress(Exception):
+                self.base_checkpoint.close()
+
+    def __enter__(self) -> InspectionPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_inspection(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    *,
+    base: str | Path | None = None,
+    density: float | None = None,
+    sample: int | None = DEFAULT_SAMPLE,
+    allow_crimes: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> InspectionPlan:
+    """Open and check an inspection without reading any tensor (see :func:`inspect_merge`).
+
+    ``out`` and ``overwrite`` check an output folder as the merge checks its
+    own (not an input, not an existing folder without ``overwrite``); every
+    problem of the configuration and its inputs is raised together.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> d = tempfile.mkdtemp()
+    >>> for name in ("base", "a"):
+    ...     save_file({"w": torch.rand(3)}, os.path.join(d, name + ".safetensors"))
+    >>> with plan_inspection({"merge_method": "task_arithmetic",
+    ...                       "base_model": os.path.join(d, "base.safetensors"),
+    ...                       "models": [os.path.join(d, "a.safetensors")]}) as planned:
+    ...     planned.tensors, planned.nbytes
+    (1, 24)
+    """
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ConfigError(
+            f"density: expected a number in (0, 1], got {str(density)[:40]}; pass e.g. 0.2"
+        )
+    if sample is not None and not (isinstance(sample, int) and sample >= 1):
+        raise ConfigError(
+            f"sample: expected a positive number of entries or None, got {str(sample)[:40]}"
+        )
+    given = dict(config) if isinstance(config, Mapping) else config
+    cfg, folder = load_config(given)
+    if cfg.slices is not None:
+        raise ConfigError(
+            "slices: inspect compares whole models; give them as models: (with base_model) "
+            "instead of slices"
+        )
+    plan = plan_merge(given, out, overwrite=overwrite, allow_crimes=allow_crimes)
+    base_checkpoint: Checkpoint | None = None
+    try:
+        base_label, base_checkpoint = _open_base(plan, cfg, folder, base)
+        jobs = _jobs(plan, base_checkpoint, density, sample)
+    except BaseException:
+        close_plan(plan)
+        if base_checkpoint is not None:
+            base_checkpoint.close()
+        raise
+    return InspectionPlan(
+        cfg.merge_method,
+        base_label,
+        tuple(m.label for m in plan.models),
+        sample,
+        plan,
+        jobs,
+        base_checkpoint,
+    )
+
+
 def inspect_merge(
     config: str | Path | Mapping[str, Any] | MergeConfig,
     *,
@@ -501,38 +630,37 @@ def inspect_merge(
     >>> abs(report.overall.mean_cosine) < 0.1, report.recommendation.method
     (True, 'ties')
     """
+    with plan_inspection(
+        config, base=base, density=density, sample=sample, allow_crimes=allow_crimes
+    ) as planned:
+        return run_inspection(
+            planned, threads=threads, progress=progress, loss=loss, pairs=pairs, alphas=alphas
+        )
+
+
+def run_inspection(
+    planned: InspectionPlan,
+    *,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    loss: LossFunction | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    alphas: int = 11,
+) -> MergeInspection:
+    """Measure an inspection planned by :func:`plan_inspection` (arguments as for
+    :func:`inspect_merge`); the plan stays open."""
     started = time.perf_counter()
-    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ConfigError(f"density: expected a number in (0, 1], got {str(density)[:40]}; pass e.g. 0.2")
-    if sample is not None and not (isinstance(sample, int) and sample >= 1):
-        raise ConfigError(f"sample: expected a positive number of entries or None, got {str(sample)[:40]}")
     workers = default_threads() if threads is None else int(threads)
     if workers < 1:
         raise ConfigError(f"threads: expected a positive number, got {threads}")
-    cfg, folder = load_config(config if not isinstance(config, Mapping) else dict(config))
-    if cfg.slices is not None:
-        raise ConfigError(
-            "slices: inspect compares whole models; give them as models: (with base_model) "
-            "instead of slices"
+    jobs, labels = planned.jobs, planned.models
+    measured = _run(jobs, workers, progress)
+    barriers: tuple[Barrier, ...] = ()
+    if loss is not None:
+        base_reads = {job.task.name: job.base for job in jobs}
+        barriers = tuple(
+            _barriers(planned.plan, labels, planned.base, base_reads, loss, pairs, alphas)
         )
-    plan = plan_merge(
-        config if not isinstance(config, Mapping) else dict(config), allow_crimes=allow_crimes
-    )
-    base_checkpoint: Checkpoint | None = None
-    try:
-        base_label, base_checkpoint = _open_base(plan, cfg, folder, base)
-        jobs = _jobs(plan, base_checkpoint, density, sample)
-        labels = tuple(m.label for m in plan.models)
-        measured = _run(jobs, workers, progress)
-        barriers = ()
-        if loss is not None:
-            base_reads = {job.task.name: job.base for job in jobs}
-            barriers = tuple(_barriers(plan, labels, base_label, base_reads, loss, pairs, alphas))
-    finally:
-        close_plan(plan)
-        if base_checkpoint is not None:
-            with contextlib.suppress(Exception):
-                base_checkpoint.close()
     n = len(labels)
     overall = TaskVectorFigures.zeros(n)
     groups = {name: TaskVectorFigures.zeros(n) for name in [*TENSOR_GROUPS, OTHER]}
@@ -565,8 +693,8 @@ def inspect_merge(
         barriers=barriers,
     )
     return MergeInspection(
-        method=cfg.merge_method,
-        base=base_label,
+        method=planned.method,
+        base=planned.base,
         models=labels,
         overall=overall,
         groups=groups,
@@ -578,8 +706,8 @@ def inspect_merge(
         barriers=barriers,
         skipped=tuple(skipped),
         seconds=time.perf_counter() - started,
-        notes=tuple(plan.notes),
-        sample=sample,
+        notes=tuple(planned.plan.notes),
+        sample=planned.sample,
     )
 
 
