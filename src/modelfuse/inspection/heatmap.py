@@ -73,11 +73,13 @@ def inspection_heatmap(inspection: MergeInspection, path: str | Path, *, dpi: in
         1, 2, gridspec_kw={"width_ratios": [max(len(pairs), 1), n]}
     )
     rows = [name for name, _ in scopes]
+    densities = inspection.conflict_density
+    at = f" at density {densities[0]:g}" if len(densities) == 1 else ""
     panels = [
         (left, cosine, [f"{labels[i]} / {labels[j]}" for i, j in pairs], "RdBu_r", (-1.0, 1.0),
          "cosine similarity of task vectors", "pairwise cosine"),
         (right, conflict, labels, "Oranges", (0.0, 1.0),
-         "fraction of non-zero entries rejected", "sign conflict (TIES' election)"),
+         "fraction of non-zero entries rejected", f"sign conflict (TIES' election){at}"),
     ]
     for axes, values, columns, cmap, (low, high), bar_label, title in panels:
         if values.size == 0:  # one model: no pairs
