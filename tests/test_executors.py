@@ -6,11 +6,21 @@ import math
 import operator
 import os
 import sys
+from collections.abc import Callable
 
 import pytest
+import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.executors import LocalExecutor, RayExecutor, resolve_executor
+from modelfuse.executors import ExecutorError, LocalExecutor, RayExecutor, resolve_executor
+from modelfuse.search import (
+    SearchResult,
+    evolutionary_search,
+    greedy_soup,
+    grid_search,
+    random_search,
+)
+from modelfuse.statistics import fisher_diagonal, gram_matrices, sharded_statistics
 
 
 def _square(value: int) -> int:
@@ -56,17 +66,71 @@ def test_resolve_executor() -> None:
         resolve_executor(object())  # type: ignore[arg-type]
 
 
-def test_ray_executor_two_workers() -> None:
+def _state(values: list[float]) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor(values), "steps": torch.tensor([3])}
+
+
+def test_ray_two_workers_runs_searches_and_statistics() -> None:
+    """One local Ray instance with 2 CPUs: the executor, every search and sharded statistics."""
     ray = pytest.importorskip("ray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    target = torch.tensor([2.0, 1.0])
+    models = [_state([1.0, 0.0]), _state([3.0, 2.0]), _state([0.0, 4.0]), _state([2.5, 0.5])]
+    base = _state([0.0, 0.0])
+
+    def closeness(sd: dict[str, torch.Tensor]) -> float:  # a closure: Ray sends those
+        return -float(torch.linalg.vector_norm(sd["w"] - target))
+
+    searches: dict[str, Callable[[object], SearchResult]] = {
+        "grid": lambda ex: grid_search(
+            "task_arithmetic", models[:2], base, {"lambda": [0.25, 0.5, 1.0]}, closeness,
+            executor=ex,
+        ),
+        "random": lambda ex: random_search(
+            "linear", models, None, closeness, n_trials=6, seed=3, executor=ex
+        ),
+        "evolution": lambda ex: evolutionary_search(
+            models, closeness, generations=3, population=4, seed=2, executor=ex
+        ),
+        "soup": lambda ex: greedy_soup(models, closeness, executor=ex),
+    }
+    serial = {name: run(None) for name, run in searches.items()}
+    # hand-worked: lambda 0.5 gives 0.5 * (1, 0) + 0.5 * (3, 2) = (2, 1), the target
+    assert serial["grid"].parameters == {"lambda": 0.5} and serial["grid"].score == 0.0
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    shards = [[(x[:7], y[:7])], [(x[7:12], y[7:12]), (x[12:20], y[12:20])], [(x[20:], y[20:])]]
+    whole = {
+        "fisher": fisher_diagonal(network, [(x, y)]),
+        "gram": gram_matrices(network, [(x, y)]),
+    }
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         executor = RayExecutor()
         assert executor.map(_square, [2, -3, 5]) == [4, 9, 25]
         with pytest.raises(ValueError, match=r"item 2 \(3\): three is refused"):
             executor.map(_fails_on_three, [1, 2, 3])
+        on_ray = {name: run(executor) for name, run in searches.items()}
+        split = {
+            name: sharded_statistics(name, network, shards, executor=executor)  # type: ignore[arg-type]
+            for name in whole
+        }
     finally:
         ray.shutdown()
+    for name, expected in serial.items():
+        got = on_ray[name]
+        assert (got.parameters, got.score, got.trace) == (
+            expected.parameters, expected.score, expected.trace
+        ), name
+        for key in expected.state_dict:
+            assert torch.equal(got.state_dict[key], expected.state_dict[key]), (name, key)
+    for name, expected_stats in whole.items():
+        assert split[name].n_examples == 24
+        for key in expected_stats:
+            torch.testing.assert_close(split[name][key], expected_stats[key], rtol=1e-5, atol=1e-7)
 
 
 def test_ray_executor_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,3 +142,11 @@ def test_ray_executor_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatc
         "pip install 'modelfuse[ray]', or use LocalExecutor"
     )
 
+
+
+def test_a_dying_worker_is_one_executor_error() -> None:
+    with pytest.raises(ExecutorError) as caught:
+        LocalExecutor(workers=2).map(os._exit, [3, 3])  # the worker process exits at once
+    message = str(caught.value)
+    assert message.startswith("LocalExecutor(workers=2): a worker process died while running item 0")
+    assert "use fewer workers" in message and "\n" not in message

@@ -306,6 +306,12 @@ class RayExecutor:
                 except ray.exceptions.RayTaskError as error:
                     cause = getattr(error, "cause", None)
                     _reraise(index, item, cause if isinstance(cause, Exception) else error)
+                except ray.exceptions.RayError as error:  # the cluster, not the function, failed
+                    reason = (str(error).strip().splitlines() or [""])[0][:200]
+                    raise ExecutorError(
+                        f"Ray failed while running {_item_label(index, item)} "
+                        f"({type(error).__name__}: {reason})"
+                    ) from None
             return results
         except BaseException:
             for ref in refs:

@@ -294,3 +294,106 @@ def test_a_failing_factory_is_one_line(tmp_path, monkeypatch, capsys):
         "modelfuse: error: --factory: calling broken_factory:make raised RuntimeError: no GPU here\n"
     )
     assert not (tmp_path / "g.safetensors").exists()
+
+
+FACTORY = (
+    "import torch\n"
+    "def make():\n"
+    "    torch.manual_seed(0)\n"
+    "    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+    "    x = torch.randn(23, 3)\n"
+    "    y = (x[:, 0] > 0).long()\n"
+    "    return model, [(x[:10], y[:10]), (x[10:], y[10:])]\n"
+)
+
+
+def _same_statistics(one: Path, split: Path) -> None:
+    whole, parts = load(one), load(split)
+    assert (parts.kind, parts.estimator, parts.n_examples) == (
+        whole.kind, whole.estimator, whole.n_examples
+    )
+    assert list(parts) == list(whole)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-5, atol=1e-8)
+
+
+def test_workers_on_a_bert_gram_give_the_one_process_file(bert_folder, data_file, tmp_path):
+    common = [
+        "statistics", "gram", "--model", str(bert_folder), "--data", str(data_file),
+        "--text-column", "sentence", "--batch-size", "3", "--quiet",
+    ]
+    assert main([*common, "-o", str(tmp_path / "one.safetensors")]) == 0
+    assert main([*common, "--workers", "2", "-o", str(tmp_path / "two.safetensors")]) == 0
+    _same_statistics(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+
+
+def test_ray_address_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
+    (tmp_path / "parallel_models.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    code = main(
+        ["statistics", "gram", "--factory", "parallel_models:make", "--ray-address", "auto",
+         "-o", "g.safetensors"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "modelfuse: error: --ray-address: Ray is not installed; install it with "
+        "pip install 'modelfuse[ray]', or use --workers N for local processes\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel_models.py"]
+
+
+def test_ray_address_local_gives_the_one_process_file(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    (tmp_path / "parallel_models.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "statistics", "fisher", "--factory", "parallel_models:make", "--n-examples", "21",
+        "--estimator", "empirical",
+    ]
+    assert main([*common, "--quiet", "-o", "one.safetensors"]) == 0
+    capsys.readouterr()
+    args = [*common, "--ray-address", "local", "--workers", "2", "-o", "ray.safetensors"]
+    assert main(args) == 0
+    assert not ray.is_initialized()  # the run started Ray and shut it down
+    captured = capsys.readouterr()
+    assert "over 21 examples" in captured.out
+    assert "21/21" in captured.err and "on 2 shards" in captured.err
+    assert "Traceback" not in captured.err and "warning" not in captured.err
+    _same_statistics(tmp_path / "one.safetensors", tmp_path / "ray.safetensors")
+    # independent reference: the empirical Fisher of the first 21 examples, in one call
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import parallel_models  # type: ignore[import-not-found]
+
+        model, batches = parallel_models.make()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("parallel_models", None)
+    x = torch.cat([b[0] for b in batches])[:21]
+    y = torch.cat([b[1] for b in batches])[:21]
+    expected = fisher_diagonal(model, [(x, y)], kind="empirical")
+    stats = load(tmp_path / "ray.safetensors")
+    for name in expected:
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-5, atol=1e-8)
+
+
+def test_ray_address_nothing_listens_on_is_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ray")
+    (tmp_path / "parallel_models.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "parallel_models.py").stat().st_mtime_ns
+    code = main(
+        ["statistics", "gram", "--factory", "parallel_models:make", "--ray-address",
+         "127.0.0.1:1", "-o", "g.safetensors"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(
+        "modelfuse: error: --ray-address '127.0.0.1:1': nothing answers at 127.0.0.1:1 ("
+    )
+    assert err.count("\n") == 1 and "ray start --head" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel_models.py"]
+    assert (tmp_path / "parallel_models.py").stat().st_mtime_ns == before

@@ -88,6 +88,16 @@ CASES: dict[str, tuple[list[str], list[str], list[str], str]] = {
 }
 
 
+# options of a verb beyond its CASES row: (arguments, the flag the error must name, or "")
+_STATS = ["statistics", "fisher", "--factory", "m:f", "-o", "s.safetensors"]
+MORE_CASES: list[tuple[list[str], str]] = [
+    ([*_STATS, "--workers", "0"], "--workers"),
+    ([*_STATS, "--worker", "2"], "--worker"),
+    ([*_STATS, "--ray-adress", "auto"], "--ray-adress"),
+    ([*_STATS, "--ray-address"], "--ray-address"),
+]
+
+
 def _check_usage_error(err: str, flag: str = "") -> None:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -117,6 +127,16 @@ def test_usage_errors_exit_2_without_traceback(
     argv = {"typo": typo, "missing": missing, "range": out_of_range}[case]
     assert main(argv) == 2
     _check_usage_error(capsys.readouterr().err, flag if case == "range" else "")
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+@pytest.mark.parametrize("argv, flag", MORE_CASES, ids=[" ".join(c[0][6:]) for c in MORE_CASES])
+def test_more_usage_errors_exit_2_without_traceback(
+    argv: list[str], flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    _check_usage_error(capsys.readouterr().err, flag)
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
 import sys
 import types
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.executors import LocalExecutor, RayExecutor
+from modelfuse.executors import LocalExecutor
 from modelfuse.search import evolutionary_search, greedy_soup, nll_score
 from modelfuse.search.parameter_search import grid_search, random_search
 
@@ -154,31 +153,3 @@ def test_function_the_workers_cannot_import_is_refused(monkeypatch) -> None:  # 
     assert "\n" not in message and "module level" in message
     # a partial of a module-level function is sent and gives the direct result
     assert LocalExecutor(workers=2).map(functools.partial(operator.mul, 2), [1, 2, 3]) == [2, 4, 6]
-
-
-def test_searches_on_ray_two_workers(digits) -> None:  # type: ignore[no-untyped-def]
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    models, _ = _digits_setup(digits)
-
-    def closure(sd: dict[str, torch.Tensor]) -> float:  # Ray sends closures
-        return _reference_nll(digits, sd)
-
-    serial = evolutionary_search(models, closure, generations=2, population=4, seed=1)
-    soup = greedy_soup(models, closure)
-    grid = grid_search("task_arithmetic", MODELS, BASE, GRID, _closeness)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        executor = RayExecutor()
-        grid_on_ray = grid_search(
-            "task_arithmetic", MODELS, BASE, GRID, _closeness, executor=executor
-        )
-        on_ray = evolutionary_search(
-            models, closure, generations=2, population=4, seed=1, executor=executor
-        )
-        soup_on_ray = greedy_soup(models, closure, executor=executor)
-    finally:
-        ray.shutdown()
-    _check_same(grid, grid_on_ray)
-    _check_same_all(serial, on_ray)
-    _check_same_all(soup, soup_on_ray)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
 
 from modelfuse.errors import ConfigError
-from modelfuse.executors import LocalExecutor, RayExecutor
-from modelfuse.statistics import Statistics, combine_shards, fisher_diagonal, sharded_statistics
+from modelfuse.executors import LocalExecutor
+from modelfuse.statistics import (
+    Statistics,
+    combine_shards,
+    fisher_diagonal,
+    gram_matrices,
+    shard_batches,
+    sharded_statistics,
+)
 
 
 def _data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -24,9 +29,8 @@ def _shards(x: torch.Tensor, y: torch.Tensor) -> list[list[tuple[torch.Tensor, t
     return [[(x[:7], y[:7])], [(x[7:12], y[7:12]), (x[12:20], y[12:20])], [(x[20:], y[20:])]]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("kind", ["exact", "empirical"])
-def test_fisher_shards_equal_one_run(workers: int, kind: str) -> None:
+@pytest.mark.parametrize("kind, workers", [("exact", 2), ("empirical", 1)])
+def test_fisher_shards_equal_one_run(kind: str, workers: int) -> None:
     model, x, y = _data()
     whole = fisher_diagonal(model, [(x, y)], kind=kind)
     split = sharded_statistics(
@@ -40,7 +44,7 @@ def test_fisher_shards_equal_one_run(workers: int, kind: str) -> None:
 
 def test_gram_shards_equal_closed_form() -> None:
     model, x, y = _data()
-    split = sharded_statistics("gram", model, _shards(x, y), executor=LocalExecutor(2))
+    split = sharded_statistics("gram", model, _shards(x, y), executor=LocalExecutor(1))
     hidden = torch.tanh(model[0](x)).detach()
     torch.testing.assert_close(split["0.weight"], x.T @ x / 24, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(split["2.weight"], hidden.T @ hidden / 24, rtol=1e-5, atol=1e-6)
@@ -71,15 +75,46 @@ def test_bad_shards_are_refused() -> None:
         combine_shards([f, h])
 
 
-def test_sharded_fisher_on_ray_two_workers() -> None:
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+def test_gram_shards_of_different_sequence_lengths_equal_one_run() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2)  # on (batch, positions, features): every position is a row
+    short, long = torch.randn(4, 2, 3), torch.randn(2, 5, 3)  # 8 rows, then 10 rows
+    # closed form: every position is a row, G = (sum of x x^T over all 18 rows) / 18
+    rows = torch.cat([short.reshape(-1, 3), long.reshape(-1, 3)]).double()
+    expected = (rows.T @ rows / 18).float()
+    split = sharded_statistics("gram", model, [[short], [long]], executor=LocalExecutor(1))
+    torch.testing.assert_close(split["weight"], expected, rtol=1e-6, atol=1e-7)
+    assert split.n_examples == 6
+    # the mean of per-shard Grams weighted by examples would be wrong here: 4/6 and 2/6
+    naive = combine_shards([gram_matrices(model, [short]), gram_matrices(model, [long])])
+    assert not torch.allclose(naive["weight"], expected, rtol=1e-3)
+
+
+def test_shard_batches_hand_worked() -> None:
+    x = torch.arange(14.0).reshape(7, 2)
+    y = torch.arange(7)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    # 6 examples kept, 3 shards of 2: the first batch is cut after example 2
+    shards = shard_batches(batches, 3, n_examples=6)
+    assert [[b[1].tolist() for b in shard] for shard in shards] == [[[0, 1]], [[2, 3]], [[4, 5]]]
+    assert [[b[0][:, 0].tolist() for b in shard] for shard in shards] == [
+        [[0.0, 2.0]], [[4.0, 6.0]], [[8.0, 10.0]]
+    ]
+    # more shards than examples: one example each; mappings stay mappings
+    mapped = shard_batches([{"ids": x[:2], "mask": y[:2]}], 5, n_examples=10)
+    assert [[b["mask"].tolist() for b in shard] for shard in mapped] == [[[0]], [[1]]]
+    with pytest.raises(ConfigError, match="n_shards: expected a positive integer, received 0"):
+        shard_batches(batches, 0, n_examples=6)
+
+
+@pytest.mark.parametrize("statistic", ["fisher", "gram"])
+def test_shard_batches_then_sharded_equals_one_run(statistic: str) -> None:
     model, x, y = _data()
-    whole = fisher_diagonal(model, [(x, y)])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        split = sharded_statistics("fisher", model, _shards(x, y), executor=RayExecutor())
-    finally:
-        ray.shutdown()
+    whole = (fisher_diagonal if statistic == "fisher" else gram_matrices)(
+        model, [(x[:10], y[:10]), (x[10:], y[10:])], n_examples=20
+    )
+    shards = shard_batches([(x[:10], y[:10]), (x[10:], y[10:])], 3, n_examples=20)
+    split = sharded_statistics(statistic, model, shards, n_examples=20)
+    assert split.n_examples == whole.n_examples == 20
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from modelfuse.cli._app import app
 from modelfuse.cli._output import check_output
 from modelfuse.errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    from modelfuse.executors import Executor
 
 __all__ = ["load_factory", "statistics_command"]
 
@@ -101,7 +108,13 @@ Examples:
 
     modelfuse statistics fisher --factory my_models:make -o mlp.fisher.safetensors
 
+    modelfuse statistics gram --factory my_models:make --workers 4 -o mlp.gram.safetensors
+
+    modelfuse statistics fisher --factory my_models:make --ray-address auto -o f.safetensors
+
 A factory takes no arguments and returns (model, batches): batches of (inputs, labels) or of inputs.
+With --workers N (or --ray-address) the examples are cut into N shards computed in parallel and
+combined; the result equals one process's up to float rounding.
 """,
 )
 def statistics_command(
@@ -138,6 +151,23 @@ def statistics_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="texts per batch", min=1)] = 16,
     max_length: Annotated[int, typer.Option(help="tokens kept per text", min=1)] = 256,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="data shards computed in parallel: local processes, or Ray tasks with "
+            "--ray-address [default: 1; with --ray-address the cluster's CPUs]",
+            min=1,
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="compute the shards on the Ray cluster at this address ('auto' for the "
+            "cluster started on this machine by `ray start`, 'local' to start one for this "
+            "run); needs pip install 'modelfuse[ray]'",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -173,8 +203,71 @@ def statistics_command(
         n_examples=n_examples or (4096 if what == "fisher" else 1000),
         batch_size=batch_size,
         max_length=max_length,
+        workers=workers,
+        ray_address=ray_address,
         quiet=quiet,
     )
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT address nothing listens on (Ray itself retries for minutes)."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return  # auto, local, or a form Ray checks itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)[:80] or type(exc).__name__
+        raise ConfigError(
+            f"--ray-address {address[:60]!r}: nothing answers at {host[:40]}:{port[:8]} "
+            f"({reason}); give the address `ray start --head` printed, or local to start "
+            "Ray for this run"
+        ) from None
+
+
+@contextlib.contextmanager
+def _executor(workers: int | None, ray_address: str | None) -> Iterator[tuple[Executor, int]]:
+    """The executor for ``--workers``/``--ray-address`` and the number of shards; shut down after."""
+    from modelfuse.executors import LocalExecutor, RayExecutor
+
+    if ray_address is None:
+        with LocalExecutor(workers=workers or 1) as local:
+            yield local, workers or 1
+        return
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--ray-address: Ray is not installed; install it with pip install 'modelfuse[ray]', "
+            "or use --workers N for local processes"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        _check_reachable(ray_address)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Ray's own tips and notices, not the user's
+                ray.init(
+                    address=ray_address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+        except Exception as exc:  # ConnectionError, ValueError, RuntimeError: one line
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(
+                f"--ray-address {ray_address[:60]!r}: cannot connect to a Ray cluster ({reason}); "
+                "give the address of a running cluster (`ray start --head` prints it), auto for "
+                "the cluster started on this machine, or local to start one for this run"
+            ) from None
+    try:
+        shards = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        yield RayExecutor(), shards
+    finally:
+        if started:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unclosed log files of Ray's processes
+                ray.shutdown()
 
 
 def _run(
@@ -191,9 +284,10 @@ def _run(
     batch_size: int,
     max_length: int,
     quiet: bool,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> None:
-    from modelfuse.progress import progress_bar
-    from modelfuse.statistics import fisher_diagonal, gram_matrices, save
+    from modelfuse.statistics import save, shard_batches
 
     needs_labels = what == "fisher" and kind == "empirical"
     if factory is not None:
@@ -237,24 +331,31 @@ def _run(
         total = len(examples.texts)
         source = str(model)
 
-    done = 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with progress_bar(f"{what} statistics", total, enabled=not quiet) as advance:
-
-            def progress(n_seen: int) -> None:
-                nonlocal done
-                advance(n_seen - done, 0)
-                done = n_seen
-
-            if what == "fisher":
-                stats = fisher_diagonal(
-                    network, batches, n_examples=n_examples, kind=kind, progress=progress
+    parallel = ray_address is not None or (workers or 1) > 1
+    with contextlib.ExitStack() as stack:
+        if parallel:  # Ray starts (and stops) outside the warnings recorded for the user
+            executor, n_shards = stack.enter_context(_executor(workers, ray_address))
+        with warnings.catch_warnings(record=True) as caught, _flags_in_data_errors():
+            warnings.simplefilter("always")
+            if not parallel:
+                stats = _one_process(
+                    what, network, batches, kind=kind, n_examples=n_examples, total=total,
+                    quiet=quiet,
                 )
             else:
-                stats = gram_matrices(network, batches, n_examples=n_examples, progress=progress)
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        print(f"modelfuse: warning: {message}", file=sys.stderr)
+                shards = shard_batches(
+                    batches, n_shards, n_examples=n_examples, need_labels=needs_labels
+                )
+                stats = _sharded(
+                    what, network, shards, executor, kind=kind, n_examples=n_examples,
+                    quiet=quiet, flag=(
+                        f"--workers {workers}"
+                        if ray_address is None
+                        else f"--ray-address {ray_address[:60]!r}"
+                    ),
+                )
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"modelfuse: warning: {message}", file=sys.stderr)
     save(stats, output)
     label = "Fisher diagonals" if what == "fisher" else "Gram matrices"
     estimator = f" ({kind})" if what == "fisher" else ""
@@ -262,3 +363,77 @@ def _run(
         f"wrote {label}{estimator} of {len(stats)} tensors of {source}, over "
         f"{stats.n_examples} examples, to {output}"
     )
+
+
+@contextlib.contextmanager
+def _flags_in_data_errors() -> Iterator[None]:
+    """Re-word the library's ``kind='exact'`` advice as the flag ``--estimator exact``."""
+    from modelfuse.errors import DataError
+
+    try:
+        yield
+    except DataError as exc:
+        message = str(exc)
+        if "kind='exact'" not in message:
+            raise
+        raise DataError(message.replace("kind='exact'", "--estimator exact")) from None
+
+
+def _sharded(
+    what: Literal["fisher", "gram"],
+    network: Any,
+    shards: list[list[Any]],
+    executor: Executor,
+    *,
+    kind: Literal["exact", "empirical"],
+    n_examples: int,
+    quiet: bool,
+    flag: str,
+) -> Any:
+    """The statistic computed per shard through ``executor``; the bar moves when all are done."""
+    from modelfuse.executors import ExecutorError
+    from modelfuse.progress import progress_bar
+    from modelfuse.statistics import sharded_statistics
+    from modelfuse.statistics.batches import count_examples
+
+    options: dict[str, Any] = {"n_examples": n_examples}
+    if what == "fisher":
+        options["kind"] = kind
+    total = sum(count_examples(shard) or 0 for shard in shards)
+    description = f"{what} statistics on {len(shards)} shards"
+    with progress_bar(description, total, enabled=not quiet) as advance:
+        try:
+            stats = sharded_statistics(what, network, shards, executor=executor, **options)
+        except ExecutorError as exc:  # a worker process or the cluster failed
+            raise ConfigError(f"{flag}: {exc}; run again") from None
+        advance(total, 0)
+    return stats
+
+
+def _one_process(
+    what: Literal["fisher", "gram"],
+    network: Any,
+    batches: Any,
+    *,
+    kind: Literal["exact", "empirical"],
+    n_examples: int,
+    total: int,
+    quiet: bool,
+) -> Any:
+    """The statistic computed in this process, streaming the batches, with a progress bar."""
+    from modelfuse.progress import progress_bar
+    from modelfuse.statistics import fisher_diagonal, gram_matrices
+
+    done = 0
+    with progress_bar(f"{what} statistics", total, enabled=not quiet) as advance:
+
+        def progress(n_seen: int) -> None:
+            nonlocal done
+            advance(n_seen - done, 0)
+            done = n_seen
+
+        if what == "fisher":
+            return fisher_diagonal(
+                network, batches, n_examples=n_examples, kind=kind, progress=progress
+            )
+        return gram_matrices(network, batches, n_examples=n_examples, progress=progress)

@@ -9,7 +9,7 @@ merge configuration).
 from modelfuse.statistics.batches import evaluation_mode
 from modelfuse.statistics.fisher import FisherKind, fisher_diagonal
 from modelfuse.statistics.gram import UnusedLayerWarning, gram_matrices
-from modelfuse.statistics.sharded import combine_shards, sharded_statistics
+from modelfuse.statistics.sharded import combine_shards, shard_batches, sharded_statistics
 from modelfuse.statistics.storage import Statistics, StatisticsKind, load, save
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "gram_matrices",
     "load",
     "save",
+    "shard_batches",
     "sharded_statistics",
 ]

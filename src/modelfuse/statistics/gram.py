@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from modelfuse.statistics.batches import (
 )
 from modelfuse.statistics.storage import Statistics
 
-__all__ = ["UnusedLayerWarning", "gram_matrices"]
+__all__ = ["GramSums", "UnusedLayerWarning", "add_gram_sums", "gram_matrices", "gram_sums"]
 
 
 class UnusedLayerWarning(UserWarning):
@@ -90,6 +91,104 @@ def gram_matrices(
     tensor([[1., 2.],
             [2., 4.]])
     """
+    return gram_sums(model, batches, n_examples=n_examples, progress=progress).matrices(
+        stacklevel=3
+    )
+
+
+@dataclass(frozen=True)
+class GramSums:
+    """Unnormalised Gram sums of the linear layers' inputs, which add up across data shards.
+
+    Attributes
+    ----------
+    sums : dict name -> Tensor
+        :math:`\\sum x x^\\top` in float64, keyed by each linear layer's weight name
+        (the first name of a shared layer); layers that never ran are absent.
+    rows : dict name -> int
+        The number of rows :math:`x` in each sum.
+    names : tuple of tuple of str
+        Every linear layer's weight names (several for a shared layer), in
+        module order: the names of the result.
+    n_examples : int
+        Examples seen.
+    """
+
+    sums: dict[str, torch.Tensor]
+    rows: dict[str, int]
+    names: tuple[tuple[str, ...], ...]
+    n_examples: int
+
+    def matrices(self, *, stacklevel: int = 2) -> Statistics:
+        """The Gram matrices :math:`G = \\sum x x^\\top / n_{rows}`, float32.
+
+        Layers without rows are left out with an :class:`UnusedLayerWarning`.
+        """
+        result: dict[str, torch.Tensor] = {}
+        for names in self.names:
+            key = names[0]
+            if key not in self.sums or self.rows[key] == 0:
+                warnings.warn(
+                    f"linear layer {key} never ran on the data, so it has no Gram matrix; "
+                    "RegMean will average it",
+                    UnusedLayerWarning,
+                    stacklevel=stacklevel,
+                )
+                continue
+            gram = (self.sums[key] / self.rows[key]).to(torch.float32)
+            for i, name in enumerate(names):
+                result[name] = gram if i == 0 else gram.clone()
+        return Statistics(result, kind="gram", n_examples=self.n_examples)
+
+
+def add_gram_sums(parts: Sequence[GramSums]) -> GramSums:
+    """The sums of disjoint data shards added up: the sums of all their data.
+
+    Examples
+    --------
+    >>> layer = nn.Linear(2, 1)
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    >>> whole = gram_sums(layer, [x]).matrices()["weight"]
+    >>> split = add_gram_sums([gram_sums(layer, [x[:1]]), gram_sums(layer, [x[1:]])])
+    >>> bool(torch.equal(split.matrices()["weight"], whole))
+    True
+    """
+    if not parts:
+        raise ConfigError("shards: expected at least one shard of data, received none")
+    names = parts[0].names
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    for index, part in enumerate(parts):
+        if part.names != names:
+            raise ConfigError(
+                f"shards: shard {index} has other linear layers than shard 0; "
+                "compute every shard with the same model"
+            )
+        for key, value in part.sums.items():
+            if key in sums and sums[key].shape != value.shape:
+                raise ConfigError(
+                    f"shards: shard {index} has a Gram sum of shape {list(value.shape)} for "
+                    f"{key}, shard 0 {list(sums[key].shape)}; compute every shard with the "
+                    "same model"
+                )
+            sums[key] = value.clone() if key not in sums else sums[key].add_(value)
+            rows[key] = rows.get(key, 0) + part.rows[key]
+    return GramSums(sums, rows, names, sum(part.n_examples for part in parts))
+
+
+def gram_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    n_examples: int = 1000,
+    progress: ProgressCallback | None = None,
+) -> GramSums:
+    """The sums behind :func:`gram_matrices`, before the division by the row counts.
+
+    Takes the same arguments as :func:`gram_matrices`; the sums of shards of
+    the data add up (:func:`add_gram_sums`) to the sums of all of it, exactly
+    in the number of rows, whatever each example's sequence length.
+    """
     layers: dict[int, tuple[nn.Linear, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.Linear):
@@ -127,17 +226,9 @@ def gram_matrices(
         for handle in handles:
             handle.remove()
 
-    result: dict[str, torch.Tensor] = {}
-    for key, (_module, names) in layers.items():
-        if key not in sums or rows[key] == 0:
-            warnings.warn(
-                f"linear layer {names[0]} never ran on the data, so it has no Gram matrix; "
-                "RegMean will average it",
-                UnusedLayerWarning,
-                stacklevel=2,
-            )
-            continue
-        gram = (sums[key] / rows[key]).to(torch.float32)
-        for i, name in enumerate(names):
-            result[name] = gram if i == 0 else gram.clone()
-    return Statistics(result, kind="gram", n_examples=n_seen)
+    return GramSums(
+        sums={names[0]: sums[key] for key, (_module, names) in layers.items() if key in sums},
+        rows={names[0]: rows[key] for key, (_module, names) in layers.items() if key in rows},
+        names=tuple(tuple(names) for _module, names in layers.values()),
+        n_examples=n_seen,
+    )
