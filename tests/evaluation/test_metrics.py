@@ -153,3 +153,23 @@ def test_jackknife_of_a_batched_metric_deletes_one_sample_at_a_time():
     expected = [auroc(np.delete(p, i, axis=0), np.delete(y, i)) for i in range(60)]
     np.testing.assert_allclose(values, expected)
     np.testing.assert_array_equal(weights, np.ones(60))
+
+
+def test_ece_from_per_bin_sums_equals_the_calibration_module_on_resamples():
+    # ECE = sum_b |sum_{i in b} (hit_i - conf_i)| / n: the sums path must give the calibration
+    # module's value on any resample (index rows with repeats)
+    from modelfuse.calibration.metrics import expected_calibration_error
+    from modelfuse.evaluation.metrics import METRICS
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(400, 4)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 400)
+    spec = METRICS["ece"]
+    keys = spec.keys(probs, y)
+    assert keys is not None
+    table = spec.rows(keys, 4).toarray()
+    rows = rng.integers(0, 400, size=(50, 400))
+    by_sums = spec.from_sums(table[rows].sum(axis=1), 400)
+    np.testing.assert_allclose(by_sums, expected_calibration_error(probs, y, indices=rows),
+                               rtol=1e-12, atol=1e-14)

@@ -422,6 +422,32 @@ def _ece_on_rows(probs: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.
     return np.asarray(_calibration().expected_calibration_error(probs, labels, indices=rows))
 
 
+_ECE_BINS = 15  # the calibration module's default: equal-width bins, top-label, l1
+
+
+def _ece_keys(probs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    # ECE = sum_b |sum_{i in b} (hit_i - conf_i)| / n: a function of per-bin sums. The keys
+    # (bin, hit - conf) are used only when they reproduce the calibration module's ECE.
+    calibration = _calibration()
+    pred = probs.argmax(axis=1)
+    conf = probs[np.arange(len(labels)), pred]
+    hit = (pred == labels).astype(np.float64)
+    bins = calibration.bin_index(np.linspace(0.0, 1.0, _ECE_BINS + 1), conf)
+    keys = np.stack([bins.astype(np.float64), hit - conf], axis=1)
+    sums = np.bincount(bins, weights=keys[:, 1], minlength=_ECE_BINS)
+    if not np.isclose(np.abs(sums).sum() / len(labels), _ece(probs, labels), rtol=1e-9, atol=1e-12):
+        return None
+    return keys
+
+
+def _ece_rows(keys: np.ndarray, n_classes: int) -> scipy.sparse.csr_matrix:
+    return _onehot_rows(keys[:, 0].astype(np.int64), keys[:, 1], _ECE_BINS)
+
+
+def _ece_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    return np.abs(sums).sum(axis=-1) / n
+
+
 def _matching_per_sample(candidates: list[np.ndarray], reference: float) -> np.ndarray | None:
     """The first per-sample loss whose mean is the calibration module's value."""
     for values in candidates:
@@ -516,7 +542,9 @@ METRICS: dict[str, MetricSpec] = {
     "auroc": MetricSpec("auroc", True, _auroc, on_weights=_auroc_on_weights),
     "nll": MetricSpec("nll", False, _nll, _nll_keys, _value_rows, _mean_from_sums, True),
     "brier": MetricSpec("brier", False, _brier, _brier_keys, _value_rows, _mean_from_sums, True),
-    "ece": MetricSpec("ece", False, _ece, on_rows=_ece_on_rows),
+    "ece": MetricSpec(
+        "ece", False, _ece, _ece_keys, _ece_rows, _ece_from_sums, on_rows=_ece_on_rows
+    ),
 }
 """Every metric by name; :func:`get_metric` looks names up here."""
 
