@@ -3,8 +3,11 @@
 Everything a fused model's claim to be better rests on:
 
 - metrics with bootstrap intervals (:func:`bootstrap_metric`) and the paired
-  bootstrap of a difference (:func:`paired_bootstrap`); .632 / .632+
-  estimates for scikit-learn estimators (:func:`bootstrap_632`);
+  bootstrap of a difference (:func:`paired_bootstrap`), whose p-value inverts
+  its interval (:mod:`modelfuse.evaluation.intervals`: BCa where stable,
+  percentile otherwise; :func:`interval_at_level`); ``groups=`` for a cluster
+  bootstrap; .632 / .632+ estimates for scikit-learn estimators
+  (:func:`bootstrap_632`);
 - paired tests: :func:`mcnemar`, :func:`cochrans_q`, :func:`paired_5x2cv`
   and :func:`compare_estimators`, :func:`corrected_resampled_ttest`,
   :func:`paired_permutation_test`, :func:`metric_permutation_test`;
@@ -12,7 +15,9 @@ Everything a fused model's claim to be better rests on:
   :func:`compare_to_reference` (Holm), :func:`wilcoxon_signed_rank`,
   :func:`mean_ranks`;
 - :func:`nested_cross_validation` for choosing hyperparameters honestly;
-- :func:`compare_predictions`, the core of ``modelfuse compare``.
+- :func:`compare_predictions`, the core of ``modelfuse compare`` (one row per
+  distinct model, Holm-consistent intervals, :func:`resamples_for_family`,
+  :func:`choose_reference`).
 """
 
 from modelfuse.evaluation.bootstrap import (
