@@ -212,3 +212,50 @@ def test_to_dict_holds_every_figure(tmp_path):
     assert data["overall"]["cosine"][0][1] == pytest.approx(float(found.overall.cosine[0, 1]))
     assert set(data["layers"]) == {"0", "1"}
     assert data["recommendation"]["method"] == found.recommendation.method
+
+
+def test_sampled_tensors_are_streamed_in_blocks_of_rows(tmp_path, monkeypatch):
+    """Tensors above the sample size are read by rows (never whole) and give the figures of
+    tensor_figures with the same sample; smaller ones are read whole."""
+    states = _write(tmp_path)
+    whole: list[str] = []
+    blocks: list[tuple[str, int, int]] = []
+    read, read_rows = SafetensorsCheckpoint.read, SafetensorsCheckpoint.read_rows
+
+    def counted_read(self, name):
+        whole.append(name)
+        return read(self, name)
+
+    def counted_rows(self, name, start, stop):
+        blocks.append((name, start, stop))
+        return read_rows(self, name, start, stop)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read", counted_read)
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_rows", counted_rows)
+    monkeypatch.setattr("modelfuse.inspection.merge_inspection.READ_BLOCK", 64)
+    found = inspect_merge(_config(tmp_path, density=0.5), sample=50, threads=1)
+    large = {n for n, s in SHAPES.items() if np.prod(s) > 50}
+    assert set(whole) == set(SHAPES) - large
+    assert {name for name, _, _ in blocks} == large
+    assert max(stop - start for _, start, stop in blocks) == 8  # 64 entries of rows of 8
+    base, models = states["base"], [states["m0"], states["m1"]]
+    want = None
+    for name in SHAPES:
+        f = tensor_figures([m[name] for m in models], base[name], overlap_density=0.5,
+                           conflict_density=0.5, sample=50)
+        want = f if want is None else want + f
+    np.testing.assert_allclose(found.overall.dots, want.dots, rtol=1e-6)
+    np.testing.assert_array_equal(found.overall.dropped, want.dropped)
+    np.testing.assert_array_equal(found.overall.shared, want.shared)
+    assert found.overall.signed_entries == want.signed_entries < want.entries
+
+
+def test_a_non_finite_streamed_tensor_is_named(tmp_path):
+    states = _write(tmp_path)
+    bad = dict(states["base"])
+    bad["lm_head.weight"] = bad["lm_head.weight"].clone()
+    bad["lm_head.weight"][39, 7] = float("inf")
+    save_file(bad, tmp_path / "base.safetensors")
+    with pytest.warns(NonFiniteInputWarning, match=r"lm_head.weight of the base holds NaN"):
+        found = inspect_merge(_config(tmp_path), sample=50)
+    assert found.skipped == ("lm_head.weight",)

@@ -31,7 +31,7 @@ the group's concatenated task vectors, the conflict among all its entries, ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -42,10 +42,13 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_ks
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection, kept_count
 
-__all__ = ["CHUNK", "TaskVectorFigures", "tensor_figures"]
+__all__ = ["CHUNK", "READ_BLOCK", "TaskVectorFigures", "streamed_figures", "tensor_figures"]
 
 CHUNK = 1 << 16
 """Entries per chunk: every temporary is a few chunks, whatever the tensor's size."""
+
+READ_BLOCK = 1 << 18
+"""Entries per block of rows read at once by a streamed inspection."""
 
 _SAMPLED = 1 << 17  # above this many entries the selection brackets from a strided sample
 
@@ -389,8 +392,6 @@ def tensor_figures(
     ([1.0, 0.0], [3.0, 3.0], 0.16666666666666666)
     """
     n_models = len(tensors)
-    if n_models == 0:
-        raise ConfigError("tensor_figures: no models; give at least one tensor besides the base")
     shape = tuple(base.shape)
     for i, tensor in enumerate(tensors):
         if tuple(tensor.shape) != shape:
@@ -398,6 +399,44 @@ def tensor_figures(
                 f"tensor_figures: model {i} has shape {list(tensor.shape)}, the base "
                 f"{list(shape)}; expected the same shape"
             )
+    settings = _settings(
+        n_models, weight, overlap_density, conflict_density, consensus_method, chunk
+    )
+    n = base.numel()
+    if n == 0:
+        return _empty(n_models, settings[1] != settings[2])
+    flats = [t.reshape(-1) for t in tensors]
+    base_flat = base.reshape(-1)
+    if sample is None or n <= int(sample):
+        _check_sample(sample)
+        return _accumulate(flats, base_flat, settings, dots=True, signs=True)
+
+    def blocks() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        for start in range(0, n, settings[4]):
+            stop = min(start + settings[4], n)
+            yield [f[start:stop] for f in flats], base_flat[start:stop]
+
+    return streamed_figures(
+        blocks(), n, n_models, weight=weight, overlap_density=overlap_density,
+        conflict_density=conflict_density, consensus_method=consensus_method, sample=sample,
+        chunk=chunk,
+    )
+
+
+Settings = tuple[np.ndarray, list[float], list[float], Consensus, int]
+
+
+def _settings(
+    n_models: int,
+    weight: Sequence[float] | None,
+    overlap_density: Sequence[float] | float,
+    conflict_density: Sequence[float] | float,
+    consensus_method: Consensus,
+    chunk: int,
+) -> Settings:
+    """The settings checked and one value per model."""
+    if n_models == 0:
+        raise ConfigError("tensor_figures: no models; give at least one tensor besides the base")
     if consensus_method not in ("sum", "count"):
         raise ConfigError(
             f"consensus_method: unknown value {str(consensus_method)[:40]!r}; valid: sum, count"
@@ -407,31 +446,85 @@ def tensor_figures(
     conflict = _per_model(conflict_density, n_models, 1.0, "conflict_density")
     _check_density(overlap, "overlap_density")
     _check_density(conflict, "conflict_density")
-    n = base.numel()
-    if n == 0:
-        return _empty(n_models, overlap != conflict)
+    return weights, overlap, conflict, consensus_method, max(1, int(chunk))
+
+
+def _check_sample(sample: int | None) -> None:
     if sample is not None and int(sample) < 1:
         raise ConfigError(f"sample: expected a positive number of entries, got {sample}")
-    flats = [t.reshape(-1) for t in tensors]
-    base_flat = base.reshape(-1)
-    settings = (weights, overlap, conflict, consensus_method, chunk)
-    if sample is None or n <= int(sample):
-        return _accumulate(flats, base_flat, settings, dots=True, signs=True)
-    stride = -(-n // int(sample))
-    full = _accumulate(flats, base_flat, settings, dots=True, signs=False)
-    picked = _accumulate(
-        [f[::stride] for f in flats], base_flat[::stride], settings, dots=False, signs=True
+
+
+def streamed_figures(
+    blocks: Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]],
+    n: int,
+    n_models: int,
+    *,
+    weight: Sequence[float] | None = None,
+    overlap_density: Sequence[float] | float = 0.2,
+    conflict_density: Sequence[float] | float = 1.0,
+    consensus_method: Consensus = "sum",
+    sample: int,
+    chunk: int = CHUNK,
+) -> TaskVectorFigures:
+    """:func:`tensor_figures` with a ``sample``, from the tensor's entries given block by block.
+
+    One pass: each block (the models' entries and the base's, flat, in index
+    order, of any float dtype) adds to the dot products and gives up its entries
+    at flat indices divisible by ``ceil(n / sample)``; the overlap and the sign
+    conflict are then measured on those (about ``sample`` entries per model).
+    Memory is a block and the sample, so a large tensor can be read in blocks
+    of rows (:meth:`~modelfuse.checkpoint.Checkpoint.read_rows`) and never whole.
+
+    Examples
+    --------
+    >>> base, a = torch.zeros(6), torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    >>> blocks = [([a[:4]], base[:4]), ([a[4:]], base[4:])]
+    >>> f = streamed_figures(blocks, 6, 1, sample=3, overlap_density=0.5)
+    >>> float(f.dots[0, 0]), f.signed_entries  # every entry; entries 0, 2, 4 sampled
+    (19.25, 3)
+    """
+    _check_sample(sample)
+    settings = _settings(
+        n_models, weight, overlap_density, conflict_density, consensus_method, chunk
     )
+    weights, _, _, _, width = settings
+    stride = -(-n // int(sample))
+    gram = np.zeros((n_models, n_models))
+    taus_buffer = torch.empty(n_models, width)
+    base_buffer = torch.empty(width)
+    picked: list[list[torch.Tensor]] = [[] for _ in range(n_models + 1)]
+    start = 0
+    for models, base in blocks:
+        flats = [block.reshape(-1) for block in models]
+        base_flat = base.reshape(-1)
+        length = base_flat.numel()
+        for offset in range(0, length, width):
+            size = min(width, length - offset)
+            taus = taus_buffer[:, :size]
+            for i, flat in enumerate(flats):
+                taus[i].copy_(flat[offset : offset + size])
+            taus.sub_(base_buffer[:size].copy_(base_flat[offset : offset + size]))
+            _gram(taus, gram)
+        first = (-start) % stride
+        for i, flat in enumerate([*flats, base_flat]):
+            picked[i].append(flat[first::stride].to(torch.float32))
+        start += length
+    if start != n:
+        raise ValueError(f"streamed_figures: the blocks hold {start} entries, expected {n}")
+    sampled = [torch.cat(p) for p in picked]
+    figures = _accumulate(sampled[:-1], sampled[-1], settings, dots=False, signs=True)
+    with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
+        projections = weights * (gram @ weights)
+        delta_square = float(weights @ gram @ weights)
     return replace(
-        picked, entries=full.entries, dots=full.dots, projections=full.projections,
-        delta_square=full.delta_square,
+        figures, entries=n, dots=gram, projections=projections, delta_square=delta_square
     )
 
 
 def _accumulate(
     flats: list[torch.Tensor],
     base_flat: torch.Tensor,
-    settings: tuple[np.ndarray, list[float], list[float], Consensus, int],
+    settings: Settings,
     *,
     dots: bool,
     signs: bool,

@@ -3,10 +3,12 @@
 The configuration is read and planned by the merge itself
 (:func:`modelfuse.merge.plan_merge`: the same parsing, path lookup, name and
 shape checks and per-tensor parameters), then every float tensor of the plan
-is read, one tensor of every model at a time, and reduced to the sums of
-:func:`~modelfuse.inspection.figures.tensor_figures`. Memory is bounded by a few
-tensors, as in the merge; only the optional loss barrier loads whole models
-(it has to run them).
+is read once and reduced to the sums of
+:func:`~modelfuse.inspection.figures.tensor_figures`: a tensor whose sign figures
+are sampled in blocks of rows (:func:`~modelfuse.inspection.figures.streamed_figures`),
+any other whole, one tensor of every model at a time. Memory is bounded by a
+few tensors, as in the merge; only the optional loss barrier loads whole
+models (it has to run them).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,12 @@ import torch
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.inspection.barrier import Barrier, LossFunction, interpolation_barrier
-from modelfuse.inspection.figures import TaskVectorFigures, tensor_figures
+from modelfuse.inspection.figures import (
+    READ_BLOCK,
+    TaskVectorFigures,
+    streamed_figures,
+    tensor_figures,
+)
 from modelfuse.inspection.groups import (
     OTHER,
     TENSOR_GROUPS,
@@ -219,7 +226,8 @@ class _Job:
     """One tensor: its name, its inputs and the settings resolved for it."""
 
     task: TensorTask
-    base: Callable[[], torch.Tensor]
+    base_source: Any  # a TensorSource: read(name), read_rows(name, start, stop)
+    base_name: str
     weight: list[float] | None
     overlap: list[float]
     conflict: list[float]
@@ -320,7 +328,8 @@ def _jobs(
         jobs.append(
             _Job(
                 task,
-                lambda source=source, name=name: source.read(name),
+                source,
+                name,
                 _per_model(params.get("weight"), n),
                 overlap,
                 conflict,
@@ -342,33 +351,69 @@ def _nonfinite(tensor: torch.Tensor) -> bool:
     return not (math.isfinite(float(low)) and math.isfinite(float(high)))
 
 
+def _base_reader(job: _Job) -> Callable[[], torch.Tensor]:
+    return lambda: job.base_source.read(job.base_name)
+
+
 def _measure(job: _Job) -> tuple[TaskVectorFigures | None, list[str], int]:
-    """The figures of one tensor, or None and the inputs holding NaN or inf."""
+    """The figures of one tensor, or None and the inputs holding NaN or inf.
+
+    A tensor sampled for the sign figures is read in blocks of rows, one pass,
+    never whole; any other is read whole, one tensor of each input at a time.
+    """
     task = job.task
-    tensors = [m.source.read(name) for m, name in zip(task.models, task.inputs)]
-    base = job.base()
-    if task.shared_rows is not None:
-        tensors = [t[: task.shared_rows] for t in tensors]
-        base = base[: task.shared_rows]
-    nbytes = sum(t.numel() * t.element_size() for t in [*tensors, base])
-    figures = tensor_figures(
-        tensors,
-        base,
-        weight=job.weight,
-        overlap_density=job.overlap,
-        conflict_density=job.conflict,
-        consensus_method=job.consensus,  # type: ignore[arg-type]
-        sample=job.sample,
-    )
-    if np.isfinite(np.diag(figures.dots)).all():
-        return figures, [], nbytes
-    # rare: find which input holds NaN or inf, to name it
+    shape = task.shape
+    rows = task.shared_rows if task.shared_rows is not None else (shape[0] if shape else 0)
+    numel = math.prod(shape[1:]) * rows if shape else 1
+    settings = {
+        "weight": job.weight,
+        "overlap_density": job.overlap,
+        "conflict_density": job.conflict,
+        "consensus_method": job.consensus,
+    }
+    if job.sample is not None and numel > job.sample and len(shape) >= 1 and rows > 1:
+        figures = streamed_figures(
+            _row_blocks(job, rows, numel // rows), numel, len(task.models),
+            sample=job.sample, **settings,  # type: ignore[arg-type]
+        )
+        if np.isfinite(np.diag(figures.dots)).all():
+            return figures, [], job.nbytes
+        tensors, base = _whole(job)  # rare: read whole to name the input holding NaN or inf
+    else:
+        tensors, base = _whole(job)
+        figures = tensor_figures(tensors, base, sample=job.sample, **settings)  # type: ignore[arg-type]
+        if np.isfinite(np.diag(figures.dots)).all():
+            return figures, [], job.nbytes
     bad = [m.label for m, t in zip(task.models, tensors) if _nonfinite(t)]
     if _nonfinite(base):
         bad.insert(0, "the base")
     if not bad:  # finite inputs whose differences overflow float32 when squared
         bad = ["the task vectors (too large to square in float32)"]
-    return None, bad, nbytes
+    return None, bad, job.nbytes
+
+
+def _whole(job: _Job) -> tuple[list[torch.Tensor], torch.Tensor]:
+    task = job.task
+    tensors = [m.source.read(name) for m, name in zip(task.models, task.inputs)]
+    base = job.base_source.read(job.base_name)
+    if task.shared_rows is not None:
+        tensors = [t[: task.shared_rows] for t in tensors]
+        base = base[: task.shared_rows]
+    return tensors, base
+
+
+def _row_blocks(
+    job: _Job, rows: int, row_size: int
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """The task's inputs in blocks of rows of about :data:`READ_BLOCK` entries, in order."""
+    task = job.task
+    step = max(1, READ_BLOCK // max(row_size, 1))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        models = [
+            m.source.read_rows(name, start, stop) for m, name in zip(task.models, task.inputs)
+        ]
+        yield models, job.base_source.read_rows(job.base_name, start, stop)
 
 
 def _run(
@@ -657,7 +702,7 @@ def run_inspection(
     measured = _run(jobs, workers, progress)
     barriers: tuple[Barrier, ...] = ()
     if loss is not None:
-        base_reads = {job.task.name: job.base for job in jobs}
+        base_reads = {job.task.name: _base_reader(job) for job in jobs}
         barriers = tuple(
             _barriers(planned.plan, labels, planned.base, base_reads, loss, pairs, alphas)
         )
