@@ -75,10 +75,20 @@ def child_inspect(
     return {"seconds": seconds, "measure_seconds": measured, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_child(args: argparse.Namespace, what: str, folders: list[Path], config: Path, out: Path) -> dict:
+def run_child(
+    args: argparse.Namespace, what: str, folders: list[Path], config: Path, out: Path
+) -> dict:
     command = [
-        sys.executable, __file__, "--child", what, "--config", str(config), "--out", str(out),
-        "--folders", *[str(f) for f in folders],
+        sys.executable,
+        __file__,
+        "--child",
+        what,
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--folders",
+        *[str(f) for f in folders],
     ]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -94,10 +104,21 @@ def run_child(args: argparse.Namespace, what: str, folders: list[Path], config: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=Path("bench/.cache"), help="where checkpoints are generated once")
-    parser.add_argument("--threads", type=int, default=None, help="inspect threads (default: all cores)")
-    parser.add_argument("--density", type=float, default=None, help="--density of the top-k overlap")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("bench/.cache"),
+        help="where checkpoints are generated once",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="inspect threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--density", type=float, default=None, help="--density of the top-k overlap"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="paired runs (floor, inspect)")
     parser.add_argument("--exact", action="store_true", help="inspect --exact (every entry)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -110,7 +131,9 @@ def main() -> None:
         print(json.dumps(child_io_floor(args.folders, args.threads)))
         return
     if args.child == "inspect":
-        print(json.dumps(child_inspect(args.config, args.out, args.threads, args.density, args.exact)))
+        print(
+            json.dumps(child_inspect(args.config, args.out, args.threads, args.density, args.exact))
+        )
         return
 
     import yaml
@@ -120,15 +143,21 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="modelfuse-bench-inspect-", dir=args.cache))
     try:
         config = scratch / "ties.yaml"
-        config.write_text(yaml.safe_dump({
-            "merge_method": "ties",
-            "base_model": str(folders[0]),
-            "models": [str(f) for f in folders[1:]],
-            "parameters": {"density": 0.5},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "ties",
+                    "base_model": str(folders[0]),
+                    "models": [str(f) for f in folders[1:]],
+                    "parameters": {"density": 0.5},
+                }
+            )
+        )
         out = scratch / "inspect"
-        print(f"3 checkpoints x {size_mb:.0f} MB (base + 2 models, bfloat16); "
-              f"threads={args.threads or 'all cores'}{'; --exact' if args.exact else ''}")
+        print(
+            f"3 checkpoints x {size_mb:.0f} MB (base + 2 models, bfloat16); "
+            f"threads={args.threads or 'all cores'}{'; --exact' if args.exact else ''}"
+        )
         pairs = []
         for _ in range(args.repeat):
             floor = run_child(args, "io-floor", folders, config, out)
@@ -140,20 +169,30 @@ def main() -> None:
         floor_seconds = min(f["seconds"] for f, _ in pairs)
         rss = max(r["peak_rss_mb"] for _, r in pairs)
         print(f"{'what':<34} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'peak RSS MB':>12}")
-        for key, what in [("seconds", "inspect (the whole command)"),
-                          ("measure_seconds", "inspect (reading and measuring)")]:
+        for key, what in [
+            ("seconds", "inspect (the whole command)"),
+            ("measure_seconds", "inspect (reading and measuring)"),
+        ]:
             ratio = statistics.median(r[key] / f["seconds"] for f, r in pairs)
-            print(f"{what:<34} {min(r[key] for _, r in pairs):8.2f} {floor_seconds:8.2f} "
-                  f"{ratio:8.2f} {rss:12.0f}")
-        print("pairs (floor s, command s, measuring s): "
-              f"{[(round(f['seconds'], 2), round(r['seconds'], 2), round(r['measure_seconds'], 2)) for f, r in pairs]}")
-        print("the command also imports torch and matplotlib and draws the heat map; "
-              "reading and measuring is inspection.json's seconds")
+            print(
+                f"{what:<34} {min(r[key] for _, r in pairs):8.2f} {floor_seconds:8.2f} "
+                f"{ratio:8.2f} {rss:12.0f}"
+            )
+        print(
+            "pairs (floor s, command s, measuring s): "
+            f"{[(round(f['seconds'], 2), round(r['seconds'], 2), round(r['measure_seconds'], 2)) for f, r in pairs]}"
+        )
+        print(
+            "the command also imports torch and matplotlib and draws the heat map; "
+            "reading and measuring is inspection.json's seconds"
+        )
         found = json.loads((out / "inspection.json").read_text())
         overall = found["overall"]
-        print(f"figures: mean cosine {overall['mean_cosine']:.4f}, sign conflict {overall['sign_conflict']:.4f} "
-              f"(density {found['conflict_density']}), at overlap density {found['overlap_density']}: "
-              f"{overall['sign_conflict_at_overlap_density']}, mean top-k overlap {overall['mean_overlap']:.4f}")
+        print(
+            f"figures: mean cosine {overall['mean_cosine']:.4f}, sign conflict {overall['sign_conflict']:.4f} "
+            f"(density {found['conflict_density']}), at overlap density {found['overlap_density']}: "
+            f"{overall['sign_conflict_at_overlap_density']}, mean top-k overlap {overall['mean_overlap']:.4f}"
+        )
         print(f"recommendation: {found['recommendation']['summary']}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -80,8 +80,12 @@ def test_inspect_writes_json_and_heatmap_and_prints_the_table(work, capsys):
     states = [load_file(work / f"{n}.safetensors") for n in ("base", "a", "b")]
     total = None
     for name in NAMES:
-        f = tensor_figures([s[name] for s in states[1:]], states[0][name], overlap_density=0.5,
-                           conflict_density=0.5)
+        f = tensor_figures(
+            [s[name] for s in states[1:]],
+            states[0][name],
+            overlap_density=0.5,
+            conflict_density=0.5,
+        )
         total = f if total is None else total + f
     assert data["overall"]["sign_conflict"] == pytest.approx(total.conflict)
     assert data["overall"]["cosine"][0][1] == pytest.approx(float(total.cosine[0, 1]), rel=1e-6)
@@ -99,8 +103,23 @@ def test_quiet_keeps_only_the_wrote_line(work, capsys):
 
 
 def test_base_option_and_density(work, capsys):
-    assert main(["inspect", "linear.yaml", "-o", "r", "--base", "base.safetensors",
-                 "--density", "0.1", "--quiet", "--exact"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "linear.yaml",
+                "-o",
+                "r",
+                "--base",
+                "base.safetensors",
+                "--density",
+                "0.1",
+                "--quiet",
+                "--exact",
+            ]
+        )
+        == 0
+    )
     data = json.loads((work / "r" / "inspection.json").read_text())
     assert data["overlap_density"] == [0.1] and data["conflict_density"] == [1.0]
     assert data["sample"] is None and data["overall"]["sign_entries"] == data["overall"]["entries"]
@@ -121,10 +140,16 @@ def test_overwrite_replaces_only_the_output(work, capsys):
     [
         (["inspect", "nope.yaml", "-o", "r"], "nope.yaml"),
         (["inspect", "linear.yaml", "-o", "r"], "pass --base PATH"),
-        (["inspect", "ties.yaml", "-o", "r", "--density", "0"], "--density: expected a number in (0, 1]"),
+        (
+            ["inspect", "ties.yaml", "-o", "r", "--density", "0"],
+            "--density: expected a number in (0, 1]",
+        ),
         (["inspect", "ties.yaml", "-o", "."], "choose another -o"),
         (["inspect", "ties.yaml", "-o", "base.safetensors", "--overwrite"], "base.safetensors"),
-        (["inspect", "linear.yaml", "-o", "r", "--base", "missing.safetensors"], "missing.safetensors"),
+        (
+            ["inspect", "linear.yaml", "-o", "r", "--base", "missing.safetensors"],
+            "missing.safetensors",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(work, capsys, args, message):

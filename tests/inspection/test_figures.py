@@ -34,9 +34,7 @@ def _reference(models, base, weights, overlap, conflict, consensus="sum"):
     delta = (np.asarray(weights)[:, None] * taus).sum(0)
     share = np.array([weights[i] * taus[i] @ delta for i in range(n_models)]) / (delta @ delta)
     norms = np.sqrt(np.diag(dots))
-    jaccard = np.array(
-        [[(a & b).sum() / (a | b).sum() for b in sets] for a in sets]
-    )
+    jaccard = np.array([[(a & b).sum() / (a | b).sum() for b in sets] for a in sets])
     return {
         "norms": norms,
         "cosine": dots / np.outer(norms, norms),
@@ -60,14 +58,24 @@ def three_models():
 
 @pytest.mark.parametrize(
     ("overlap", "conflict", "consensus", "chunk"),
-    [(0.2, 1.0, "sum", 1000), (0.3, 0.3, "sum", 97), (0.1, 0.5, "count", 4096), (1.0, 1.0, "sum", 512)],
+    [
+        (0.2, 1.0, "sum", 1000),
+        (0.3, 0.3, "sum", 97),
+        (0.1, 0.5, "count", 4096),
+        (1.0, 1.0, "sum", 512),
+    ],
 )
 def test_figures_match_numpy(three_models, overlap, conflict, consensus, chunk):
     models, base = three_models
     weights = [1.0, 0.5, -0.7]
     found = tensor_figures(
-        models, base, weight=weights, overlap_density=overlap, conflict_density=conflict,
-        consensus_method=consensus, chunk=chunk,
+        models,
+        base,
+        weight=weights,
+        overlap_density=overlap,
+        conflict_density=conflict,
+        consensus_method=consensus,
+        chunk=chunk,
     )
     ref = _reference(models, base, weights, overlap, conflict, consensus)
     np.testing.assert_allclose(found.norms, ref["norms"], rtol=1e-5)
@@ -110,22 +118,36 @@ def test_sign_conflict_is_what_ties_election_drops(density, consensus):
     base = torch.randn(64, 16, generator=g)
     models = [base + torch.randn(64, 16, generator=g) * s for s in (1.0, 0.7, 1.3)]
     weights = [1.0, 0.6, 1.4]
-    merged = ties(
-        models, base, weight=weights, density=density, normalize=False,
-        consensus_method=consensus,
-    ) - base
+    merged = (
+        ties(
+            models,
+            base,
+            weight=weights,
+            density=density,
+            normalize=False,
+            consensus_method=consensus,
+        )
+        - base
+    )
     taus = [(m - base).numpy().ravel().astype(np.float64) for m in models]
     x = [w * t * _top_k(t, density) for w, t in zip(weights, taus)]
     # which entries ties kept: the sign group (+ or -) whose sum is ties' output
     positive = sum(np.clip(v, 0, None) for v in x)
     negative = sum(np.clip(v, None, 0) for v in x)
     out = merged.numpy().ravel().astype(np.float64)
-    elected = np.where(np.isclose(out, positive, atol=1e-5) & ~np.isclose(positive, 0), 1.0,
-                       np.where(np.isclose(out, negative, atol=1e-5) & ~np.isclose(negative, 0), -1.0, 0.0))
+    elected = np.where(
+        np.isclose(out, positive, atol=1e-5) & ~np.isclose(positive, 0),
+        1.0,
+        np.where(np.isclose(out, negative, atol=1e-5) & ~np.isclose(negative, 0), -1.0, 0.0),
+    )
     kept = [(v != 0) & (np.sign(v) == elected) for v in x]
     ties_dropped = np.array([((v != 0) & ~k).sum() for v, k in zip(x, kept)])
     found = tensor_figures(
-        models, base, weight=weights, conflict_density=density, consensus_method=consensus,
+        models,
+        base,
+        weight=weights,
+        conflict_density=density,
+        consensus_method=consensus,
     )
     np.testing.assert_array_equal(found.dropped, ties_dropped)
     np.testing.assert_array_equal(found.nonzero, [(v != 0).sum() for v in x])
@@ -187,8 +209,10 @@ def test_a_sample_measures_the_sign_figures_on_strided_entries_only():
     sampled = tensor_figures(models, base, conflict_density=0.5, overlap_density=0.3, sample=1000)
     stride = -(-15000 // 1000)
     on_sample = tensor_figures(
-        [m.reshape(-1)[::stride] for m in models], base.reshape(-1)[::stride],
-        conflict_density=0.5, overlap_density=0.3,
+        [m.reshape(-1)[::stride] for m in models],
+        base.reshape(-1)[::stride],
+        conflict_density=0.5,
+        overlap_density=0.3,
     )
     np.testing.assert_allclose(sampled.dots, exact.dots)  # every entry
     assert sampled.entries == 15000 and sampled.signed_entries == on_sample.entries == 1000

@@ -58,16 +58,20 @@ def test_groups_layers_and_overall_are_sums_of_tensors(tmp_path):
     def figures(names):
         total = None
         for name in names:
-            f = tensor_figures([m[name] for m in models], base[name], overlap_density=0.5,
-                               conflict_density=0.5)
+            f = tensor_figures(
+                [m[name] for m in models], base[name], overlap_density=0.5, conflict_density=0.5
+            )
             total = f if total is None else total + f
         return total
 
     attention = [n for n in SHAPES if "self_attn" in n]
     layer1 = [n for n in SHAPES if ".layers.1." in n]
     assert set(found.groups) == {"embeddings", "attention", "mlp", "norms", "head"}
-    for got, names in [(found.groups["attention"], attention), (found.layers[1], layer1),
-                       (found.overall, list(SHAPES))]:
+    for got, names in [
+        (found.groups["attention"], attention),
+        (found.layers[1], layer1),
+        (found.overall, list(SHAPES)),
+    ]:
         want = figures(names)
         np.testing.assert_allclose(got.dots, want.dots, rtol=1e-6)
         np.testing.assert_array_equal(got.dropped, want.dropped)
@@ -87,8 +91,13 @@ def test_weights_and_densities_come_from_the_configuration(tmp_path):
     base, models = states["base"], [states["m0"], states["m1"]]
     want = None
     for name in SHAPES:
-        f = tensor_figures([m[name] for m in models], base[name], weight=[1.0, -0.5],
-                           overlap_density=0.1, conflict_density=0.3)
+        f = tensor_figures(
+            [m[name] for m in models],
+            base[name],
+            weight=[1.0, -0.5],
+            overlap_density=0.1,
+            conflict_density=0.3,
+        )
         want = f if want is None else want + f
     np.testing.assert_array_equal(found.overall.dropped, want.dropped)
     np.testing.assert_allclose(found.overall.share, want.share, rtol=1e-6)
@@ -176,8 +185,10 @@ def test_bad_inputs_are_refused_before_reading(tmp_path, monkeypatch, change, er
     elif change == "shape":
         save_file({n: torch.zeros(2, 2) for n in SHAPES}, tmp_path / "m1.safetensors")
     elif change == "slices":
-        config = {"merge_method": "passthrough", "slices": [{"sources": [
-            {"model": config["base_model"], "layer_range": [0, 2]}]}]}
+        config = {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": config["base_model"], "layer_range": [0, 2]}]}],
+        }
     else:
         density = 0.0
     reads = []
@@ -207,8 +218,15 @@ def test_to_dict_holds_every_figure(tmp_path):
     _write(tmp_path)
     found = inspect_merge(_config(tmp_path))
     data = found.to_dict()
-    assert set(data["overall"]) >= {"norm", "cosine", "mean_cosine", "sign_conflict",
-                                    "overlap", "mean_overlap", "share"}
+    assert set(data["overall"]) >= {
+        "norm",
+        "cosine",
+        "mean_cosine",
+        "sign_conflict",
+        "overlap",
+        "mean_overlap",
+        "share",
+    }
     assert data["overall"]["cosine"][0][1] == pytest.approx(float(found.overall.cosine[0, 1]))
     assert set(data["layers"]) == {"0", "1"}
     assert data["recommendation"]["method"] == found.recommendation.method
@@ -241,8 +259,13 @@ def test_sampled_tensors_are_streamed_in_blocks_of_rows(tmp_path, monkeypatch):
     base, models = states["base"], [states["m0"], states["m1"]]
     want = None
     for name in SHAPES:
-        f = tensor_figures([m[name] for m in models], base[name], overlap_density=0.5,
-                           conflict_density=0.5, sample=50)
+        f = tensor_figures(
+            [m[name] for m in models],
+            base[name],
+            overlap_density=0.5,
+            conflict_density=0.5,
+            sample=50,
+        )
         want = f if want is None else want + f
     np.testing.assert_allclose(found.overall.dots, want.dots, rtol=1e-6)
     np.testing.assert_array_equal(found.overall.dropped, want.dropped)

@@ -35,9 +35,7 @@ def inspect_command(
     out: Annotated[Path, typer.Option("-o", "--out", help="the folder to write")],
     base: Annotated[
         Path | None,
-        typer.Option(
-            help="the base model, when the configuration has no base_model (e.g. linear)"
-        ),
+        typer.Option(help="the base model, when the configuration has no base_model (e.g. linear)"),
     ] = None,
     density: Annotated[
         float | None,
@@ -57,7 +55,9 @@ def inspect_command(
     ] = False,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", "-j", help="tensors measured at once [default: all cores]", min=1),
+        typer.Option(
+            "--threads", "-j", help="tensors measured at once [default: all cores]", min=1
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="replace OUT if it exists (never an input or a folder holding one)")

@@ -144,10 +144,7 @@ def interpolation_barrier(
                 )
             losses.append(value)
     excess = [
-        value - ((1 - alpha) * losses[0] + alpha * losses[-1])
-        for alpha, value in zip(grid, losses)
+        value - ((1 - alpha) * losses[0] + alpha * losses[-1]) for alpha, value in zip(grid, losses)
     ]
     top = max(range(len(grid)), key=lambda i: excess[i])
-    return Barrier(
-        names[0], names[1], tuple(grid), tuple(losses), max(0.0, excess[top]), grid[top]
-    )
+    return Barrier(names[0], names[1], tuple(grid), tuple(losses), max(0.0, excess[top]), grid[top])

@@ -100,9 +100,16 @@ class TaskVectorFigures:
         """Empty sums for ``n_models`` models."""
         vector = np.zeros(n_models)
         return cls(
-            0, 0, np.zeros((n_models, n_models)), vector, 0.0,
-            np.zeros((n_models, n_models)), vector, vector,
-            vector if trimmed else None, vector if trimmed else None,
+            0,
+            0,
+            np.zeros((n_models, n_models)),
+            vector,
+            0.0,
+            np.zeros((n_models, n_models)),
+            vector,
+            vector,
+            vector if trimmed else None,
+            vector if trimmed else None,
         )
 
     def __add__(self, other: TaskVectorFigures) -> TaskVectorFigures:
@@ -202,7 +209,9 @@ def _mean_off_diagonal(matrix: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def _per_model(value: Sequence[float] | float | None, n: int, default: float, key: str) -> list[float]:
+def _per_model(
+    value: Sequence[float] | float | None, n: int, default: float, key: str
+) -> list[float]:
     if value is None:
         return [default] * n
     if isinstance(value, (int, float)):
@@ -217,9 +226,7 @@ def _per_model(value: Sequence[float] | float | None, n: int, default: float, ke
 def _check_density(values: list[float], key: str) -> None:
     for value in values:
         if not 0.0 < value <= 1.0:
-            raise ConfigError(
-                f"{key}: expected a density in (0, 1], got {value!r}; pass e.g. 0.2"
-            )
+            raise ConfigError(f"{key}: expected a density in (0, 1], got {value!r}; pass e.g. 0.2")
 
 
 class _Chunks:
@@ -247,7 +254,9 @@ class _Chunks:
         if self.n <= _SAMPLED:
             return None
         stride = sample_stride(self.n)
-        return (self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)).abs_()
+        return (
+            self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)
+        ).abs_()
 
 
 _TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # the least positive float32
@@ -417,8 +426,14 @@ def tensor_figures(
             yield [f[start:stop] for f in flats], base_flat[start:stop]
 
     return streamed_figures(
-        blocks(), n, n_models, weight=weight, overlap_density=overlap_density,
-        conflict_density=conflict_density, consensus_method=consensus_method, sample=sample,
+        blocks(),
+        n,
+        n_models,
+        weight=weight,
+        overlap_density=overlap_density,
+        conflict_density=conflict_density,
+        consensus_method=consensus_method,
+        sample=sample,
         chunk=chunk,
     )
 

@@ -50,8 +50,9 @@ def inspection_heatmap(inspection: MergeInspection, path: str | Path, *, dpi: in
     >>> for name, scale in [("base", 0.0), ("a", 0.1), ("b", 0.2)]:
     ...     save_file({"mlp.w": torch.ones(8, 8) + scale * torch.randn(8, 8)},
     ...               os.path.join(d, name + ".safetensors"))
-    >>> found = inspect_merge({"merge_method": "ties", "base_model": os.path.join(d, "base.safetensors"),
-    ...     "models": [os.path.join(d, "a.safetensors"), os.path.join(d, "b.safetensors")]})
+    >>> path = lambda name: os.path.join(d, name + ".safetensors")
+    >>> found = inspect_merge({"merge_method": "ties", "base_model": path("base"),
+    ...                        "models": [path("a"), path("b")]})
     >>> inspection_heatmap(found, os.path.join(d, "map.png")).read_bytes()[:4] == b"\\x89PNG"
     True
     """
@@ -61,25 +62,37 @@ def inspection_heatmap(inspection: MergeInspection, path: str | Path, *, dpi: in
     labels = [_short(m) for m in inspection.models]
     n = len(labels)
     pairs = list(itertools.combinations(range(n), 2))
-    cosine = np.array(
-        [[figures.cosine[i, j] for i, j in pairs] for _, figures in scopes]
-    ).reshape(len(scopes), len(pairs))
+    cosine = np.array([[figures.cosine[i, j] for i, j in pairs] for _, figures in scopes]).reshape(
+        len(scopes), len(pairs)
+    )
     conflict = np.array([figures.conflict_per_model for _, figures in scopes]).reshape(
         len(scopes), n
     )
     width = 3.0 + 1.1 * (max(len(pairs), 1) + n)
     figure = Figure(figsize=(max(width, 7.0), 1.4 + 0.45 * len(scopes)))
-    left, right = figure.subplots(
-        1, 2, gridspec_kw={"width_ratios": [max(len(pairs), 1), n]}
-    )
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(pairs), 1), n]})
     rows = [name for name, _ in scopes]
     densities = inspection.conflict_density
     at = f" at density {densities[0]:g}" if len(densities) == 1 else ""
     panels = [
-        (left, cosine, [f"{labels[i]} / {labels[j]}" for i, j in pairs], "RdBu_r", (-1.0, 1.0),
-         "cosine similarity of task vectors", "pairwise cosine"),
-        (right, conflict, labels, "Oranges", (0.0, 1.0),
-         "fraction of non-zero entries rejected", f"sign conflict (TIES' election){at}"),
+        (
+            left,
+            cosine,
+            [f"{labels[i]} / {labels[j]}" for i, j in pairs],
+            "RdBu_r",
+            (-1.0, 1.0),
+            "cosine similarity of task vectors",
+            "pairwise cosine",
+        ),
+        (
+            right,
+            conflict,
+            labels,
+            "Oranges",
+            (0.0, 1.0),
+            "fraction of non-zero entries rejected",
+            f"sign conflict (TIES' election){at}",
+        ),
     ]
     for axes, values, columns, cmap, (low, high), bar_label, title in panels:
         if values.size == 0:  # one model: no pairs

@@ -182,7 +182,9 @@ class MergeInspection:
             for name, figures in [("overall", self.overall), *self.groups.items()]
         ]
         scopes = format_table(
-            ["scope", "tensors", "mean cosine", "sign conflict", "top-k overlap"], rows, style="text"
+            ["scope", "tensors", "mean cosine", "sign conflict", "top-k overlap"],
+            rows,
+            style="text",
         )
         overall = self.overall
         models = format_table(
@@ -263,7 +265,7 @@ def _open_base(
         if base is not None:
             raise ConfigError(
                 f"base: the configuration names base_model {str(config.base_model)[:80]}; "
-                "give the base once (leave --base out)"
+                "give the base once (leave --base, or base= in Python, out)"
             )
         return plan.base.label, None
     reference = str(base) if base is not None else config.base_model
@@ -271,7 +273,7 @@ def _open_base(
         raise ConfigError(
             f"base_model: merge method {config.merge_method!r} with no base_model; task vectors "
             "are differences from the base: add base_model: PATH (the model the others were "
-            "fine-tuned from) to the configuration, or pass --base PATH"
+            "fine-tuned from) to the configuration, or pass --base PATH (base= in Python)"
         )
     key = "--base" if base is not None else "base_model"
     checkpoint = open_checkpoint(locate(reference, folder if base is None else Path.cwd(), key))
@@ -285,7 +287,9 @@ def _open_base(
         shape = tuple(checkpoint.info(task.name).shape)
         rows = task.shared_rows
         ok = shape == task.shape or (
-            rows is not None and len(shape) == len(task.shape) and shape[1:] == task.shape[1:]
+            rows is not None
+            and len(shape) == len(task.shape)
+            and shape[1:] == task.shape[1:]
             and shape[0] >= rows
         )
         if not ok:
@@ -303,7 +307,9 @@ def _open_base(
 
 
 def _jobs(
-    plan: MergePlan, base_checkpoint: Checkpoint | None, density: float | None,
+    plan: MergePlan,
+    base_checkpoint: Checkpoint | None,
+    density: float | None,
     sample: int | None,
 ) -> list[_Job]:
     jobs = []
@@ -373,15 +379,20 @@ def _measure(job: _Job) -> tuple[TaskVectorFigures | None, list[str], int]:
     }
     if job.sample is not None and numel > job.sample and len(shape) >= 1 and rows > 1:
         figures = streamed_figures(
-            _row_blocks(job, rows, numel // rows), numel, len(task.models),
-            sample=job.sample, **settings,  # type: ignore[arg-type]
+            _row_blocks(job, rows, numel // rows),
+            numel,
+            len(task.models),
+            sample=job.sample,
+            **settings,  # type: ignore[arg-type]
         )
         if np.isfinite(np.diag(figures.dots)).all():
             return figures, [], job.nbytes
         tensors, base = _whole(job)  # rare: read whole to name the input holding NaN or inf
     else:
         tensors, base = _whole(job)
-        figures = tensor_figures(tensors, base, sample=job.sample, **settings)  # type: ignore[arg-type]
+        figures = tensor_figures(
+            tensors, base, sample=job.sample, **settings  # type: ignore[arg-type]
+        )
         if np.isfinite(np.diag(figures.dots)).all():
             return figures, [], job.nbytes
     bad = [m.label for m, t in zip(task.models, tensors) if _nonfinite(t)]
@@ -462,7 +473,9 @@ def _run(
     return results
 
 
-def _state(plan: MergePlan, which: int, base_read: Mapping[str, Callable[[], torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _state(
+    plan: MergePlan, which: int, base_read: Mapping[str, Callable[[], torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Every float tensor of model ``which`` (-1: the base), read whole (for a barrier)."""
     state = {}
     for task in plan.tasks:

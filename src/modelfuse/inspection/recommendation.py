@@ -119,10 +119,14 @@ def recommend(
         if n > 1 and not math.isnan(cosine) and not math.isnan(conflict)
         else ""
     )
-    worst = max(barriers, key=lambda b: b.relative if not math.isnan(b.relative) else -1.0, default=None)
+    worst = max(
+        barriers, key=lambda b: b.relative if not math.isnan(b.relative) else -1.0, default=None
+    )
     if n < 2:
         method = "task_arithmetic"
-        summary = "one model besides the base, so nothing to resolve: task_arithmetic (lambda scales it)"
+        summary = (
+            "one model besides the base, so nothing to resolve: task_arithmetic (lambda scales it)"
+        )
     elif worst is not None and not math.isnan(worst.relative) and worst.relative > t["barrier"]:
         method = "ensemble"
         summary = (
@@ -133,7 +137,9 @@ def recommend(
         )
     elif math.isnan(cosine) or math.isnan(conflict):
         method = "task_arithmetic"
-        summary = "the task vectors are zero: the models equal the base; any method returns the base"
+        summary = (
+            "the task vectors are zero: the models equal the base; any method returns the base"
+        )
     elif cosine >= t["aligned_cosine"]:
         method = "linear"
         summary = (
@@ -150,7 +156,9 @@ def recommend(
             )
     elif conflict < t["low_conflict"]:
         method = "task_arithmetic"
-        summary = f"task vectors nearly orthogonal and low sign conflict ({figures}): task_arithmetic"
+        summary = (
+            f"task vectors nearly orthogonal and low sign conflict ({figures}): task_arithmetic"
+        )
     elif trimmed is not None and trimmed < t["low_conflict"] and overlap_density is not None:
         method = "ties"
         summary = (
@@ -176,9 +184,7 @@ def recommend(
     share = overall.share
     if n > 1 and np.isfinite(share).all() and share.max() > t["dominant_share"]:
         top = int(np.argmax(share))
-        reasons.append(
-            f"{labels[top]} makes {_percent(float(share[top]))} of the merged delta"
-        )
+        reasons.append(f"{labels[top]} makes {_percent(float(share[top]))} of the merged delta")
     for barrier in barriers:
         reasons.append(
             f"loss barrier {barrier.first} - {barrier.second}: {barrier.barrier:.3g} at alpha "
