@@ -84,6 +84,11 @@ def _interval(text: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -93,6 +98,7 @@ def runs(tmp_path_factory):
     with contextlib.redirect_stdout(out):
         code = main(["demo", "--quick", "--out", str(first), "--seed", str(SEED)])
     threads_after = torch.get_num_threads()
+    ray_left_running = _ray_running()
     script = "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run(
         [
@@ -117,6 +123,7 @@ def runs(tmp_path_factory):
         "second": second,
         "proc": proc,
         "threads_after": threads_after,
+        "ray_left_running": ray_left_running,
     }
 
 
@@ -132,6 +139,7 @@ def test_the_command_succeeds_and_writes_the_report(runs):
     assert str(runs["first"] / "report.md") in stdout.replace("\n", "")
     assert not list(runs["first"].parent.glob(".first.*"))  # no temporary folder left
     assert runs["threads_after"] == 2  # the demo trains with one thread, then restores it
+    assert not runs["ray_left_running"]  # the federated scenario shuts down the Ray it started
 
 
 def test_every_method_has_a_row_whose_numbers_parse(runs):
@@ -295,3 +303,64 @@ def test_a_failing_run_leaves_nothing_and_keeps_an_earlier_output(tmp_path, monk
     with pytest.raises(RuntimeError):
         main(["demo", "--quick", "--out", str(tmp_path / "new" / "deeper" / "demo")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no folder made for OUT
+
+
+FEDERATED = ["FedAvg", "FedAvgM", "FedAU", "TIES", "Fisher"]
+
+
+def test_the_federated_scenario_is_reported_from_its_numbers(runs):
+    markdown = (runs["first"] / "report.md").read_text()
+    sections = _sections(markdown)
+    results = json.loads((runs["first"] / "results.json").read_text())["federated"]
+    assert results["settings"]["rounds"] == 6 and results["settings"]["clients"] == 10
+    assert "6 rounds (the full run has 30, --quick fewer)" in sections["Federated scenario: setup"]
+    scenarios = results["scenarios"]
+    assert [s["concentration"] for s in scenarios] == [0.3, 10.0]
+    rows = _table(sections["Federated scenario: global accuracy"])
+    assert [(r["concentration"], r["model"]) for r in rows] == [
+        (c, m) for c in ("0.3", "10") for m in [*FEDERATED, "local models"]
+    ]
+    for scenario in scenarios:
+        assert sum(sum(n) for n in scenario["client_sizes"]) == 1797
+        curves = scenario["accuracy_per_round"]
+        assert list(curves) == FEDERATED
+        assert all([p["round"] for p in c] == list(range(7)) for c in curves.values())
+        assert len({json.dumps(c[0]) for c in curves.values()}) == 1  # the same initial model
+        by_name = {r["name"]: r for r in scenario["rows"]}
+        for name in FEDERATED:  # the table's final accuracy is the curve's last point
+            assert by_name[name]["metrics"]["accuracy"]["value"] == pytest.approx(
+                curves[name][-1]["test"]
+            )
+            low, high = by_name[name]["metrics"]["accuracy"]["ci"]
+            assert low <= by_name[name]["metrics"]["accuracy"]["value"] <= high
+        for row in (r for r in rows if r["concentration"] == f"{scenario['concentration']:g}"):
+            assert float(row["held-out accuracy"]) == pytest.approx(
+                by_name[row["model"]]["metrics"]["accuracy"]["value"], abs=5e-5
+            )
+        per_client = scenario["per_client"]
+        # the global model of the per-client table: the best pooled validation accuracy
+        best_val = max(FEDERATED, key=lambda n: (curves[n][-1]["val"], -FEDERATED.index(n)))
+        assert per_client["global_model"] == best_val
+        heading = f"Federated scenario: local, global or between (concentration {scenario['concentration']:g})"
+        table = _table(sections[heading])
+        assert [r["client"] for r in table] == [f"client {k}" for k in range(10)]
+        gains = [
+            r["client"]
+            for r in table
+            if float(r["p (Holm)"]) < 0.05 and float(r["global - local"]) > 0
+        ]
+        assert gains == per_client["gains"]
+        for r in table:  # global - local is the difference of the two columns
+            assert float(r["global - local"]) == pytest.approx(
+                float(r["global"]) - float(r["local"]), abs=2e-4
+            )
+        n_gain = len(per_client["gains"])
+        n_lose = len(per_client["losses"])
+        sentence = (
+            f"concentration {scenario['concentration']:g}: {n_gain} of 10 clients gain from the "
+            f"global model ({best_val}), {n_lose} lose"
+        )
+        assert sentence in " ".join(sections["Summary"].split())
+    assert "federated_rounds.png" in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert (runs["first"] / "federated_rounds.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Federated scenario, Dirichlet concentration 0.3" in runs["stdout"].replace("\n", " ")

@@ -5,14 +5,20 @@
 family modelfuse offers (soups, Fisher, RegMean, task arithmetic, TIES, DARE,
 Model Stock, WiSE-FT, soft voting, Caruana selection, temperature scaling),
 compares everything with the best individual model on a held-out test split
-(bootstrap intervals, Holm-adjusted paired tests, inference cost) and writes
-``report.md`` and a self-contained ``report.html``.
+(bootstrap intervals, Holm-adjusted paired tests, inference cost), runs a
+federated scenario (the digits over 10 Dirichlet non-IID clients; FedAvg,
+FedAvgM, FedAU, TIES and Fisher aggregation in Flower's simulation engine;
+local, global or between per client) and writes ``report.md`` and a
+self-contained ``report.html``.
 
 Modules: :mod:`~modelfuse.demo.data` (splits and tasks),
 :mod:`~modelfuse.demo.zoo` (models and checkpoints),
 :mod:`~modelfuse.demo.soup` and :mod:`~modelfuse.demo.multitask` (the
 fusions), :mod:`~modelfuse.demo.evaluate` (the test-split comparison),
-:mod:`~modelfuse.demo.report` (the report), :mod:`~modelfuse.demo.run`.
+:mod:`~modelfuse.demo.partition`, :mod:`~modelfuse.demo.federated` and
+:mod:`~modelfuse.demo.flower_run` (the federated scenario),
+:mod:`~modelfuse.demo.report` and :mod:`~modelfuse.demo.federated_report`
+(the report), :mod:`~modelfuse.demo.run`.
 """
 
 from modelfuse.demo.run import DemoResult, run_demo

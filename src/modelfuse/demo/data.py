@@ -16,7 +16,7 @@ import numpy as np
 
 from modelfuse.errors import ConfigError
 
-__all__ = ["TASKS", "Splits", "apply_task", "load_splits", "task_seed"]
+__all__ = ["TASKS", "Splits", "apply_task", "load_digits_scaled", "load_splits", "task_seed"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,21 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     pretrain: np.ndarray
+
+
+def load_digits_scaled() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits: float32 features in [0, 1] (intensity / 16) and int64 labels.
+
+    Examples
+    --------
+    >>> x, y = load_digits_scaled()
+    >>> x.shape, y.dtype.name, float(x.max())
+    ((1797, 64), 'int64', 1.0)
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32), y.astype(np.int64)
 
 
 def load_splits(
@@ -58,12 +73,9 @@ def load_splits(
     >>> len(s.y_train) + len(s.y_val) + len(s.y_test), s.x_train.shape[1]
     (1797, 64)
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int64)
+    x, y = load_digits_scaled()
     x_rest, x_test, y_rest, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y, random_state=seed
     )

@@ -1,4 +1,5 @@
-"""The demo's own figures: the greedy-soup trace, the WiSE-FT curve and per-task accuracy.
+"""The demo's own figures: the greedy-soup trace, the WiSE-FT curve, per-task accuracy and the
+federated accuracy per round.
 
 Drawn on :class:`matplotlib.figure.Figure` (no pyplot state) and saved as PNG.
 Forest plots and reliability diagrams come from :mod:`modelfuse.report` and
@@ -12,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["greedy_trace_plot", "per_task_plot", "wise_ft_plot"]
+__all__ = [
+    "federated_rounds_figure",
+    "federated_rounds_plot",
+    "greedy_trace_plot",
+    "per_task_plot",
+    "wise_ft_plot",
+]
 
 
 def _save(figure, path: Path) -> Path:  # noqa: ANN001
@@ -117,3 +124,50 @@ def per_task_plot(
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", ncols=len(tasks))
     return _save(figure, path)
+
+
+Panel = tuple[str, Mapping[str, Sequence[tuple[int, float, float]]], float | None]
+
+
+def federated_rounds_figure(panels: Sequence[Panel]):  # noqa: ANN201
+    """The figure of :func:`federated_rounds_plot` (a :class:`matplotlib.figure.Figure`)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2 * len(panels), 3.9), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    markers = "osD^vP*X"
+    for ax, (title, curves, local) in zip(axes, panels):
+        for i, (name, curve) in enumerate(curves.items()):
+            ax.plot(
+                [r for r, _, _ in curve],
+                [t for _, _, t in curve],
+                marker=markers[i % len(markers)],
+                markersize=3.5,
+                linewidth=1.3,
+                label=name,
+            )
+        if local is not None:
+            ax.axhline(local, color="grey", linestyle=":", label="local models (own data only)")
+        ax.set_title(title)
+        ax.set_xlabel("round (0: the initial model)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("global model, pooled held-out accuracy")
+    return figure
+
+
+def federated_rounds_plot(panels: Sequence[Panel], path: Path) -> Path:
+    """One panel per partition: the global model's held-out accuracy after each round, one
+    line per aggregator, and a dotted line at the pooled accuracy of the local models.
+
+    Parameters
+    ----------
+    panels : sequence of (title, curves, local accuracy)
+        ``curves[aggregator]`` is a sequence of ``(round, validation accuracy,
+        held-out accuracy)``; the held-out accuracy is drawn. ``local
+        accuracy`` (or None) is drawn as a horizontal line.
+    path : Path
+        The PNG to write.
+    """
+    return _save(federated_rounds_figure(panels), path)

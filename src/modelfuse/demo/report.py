@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from modelfuse.demo.evaluate import MetricRow, accuracy_of, probabilities, verdict
+from modelfuse.demo.federated import FederatedStudy
 from modelfuse.demo.multitask import MultiTaskStudy
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.soup import SoupStudy
@@ -313,8 +314,13 @@ def write_demo_report(
     timings: Mapping[str, float],
     notes: Sequence[str],
     command: str,
+    federated: FederatedStudy | None = None,
 ) -> DemoReport:
-    """Draw every figure into ``folder`` and write ``report.md``, ``report.html`` and ``results.json``."""
+    """Draw every figure into ``folder`` and write ``report.md``, ``report.html`` and ``results.json``.
+
+    ``federated`` is the federated scenario's study, or None when Flower's
+    simulation engine is not installed (the report then says so).
+    """
     from modelfuse.calibration.reliability import reliability_diagram
     from modelfuse.demo.plots import greedy_trace_plot, per_task_plot, wise_ft_plot
     from modelfuse.report import Section, write_report
@@ -359,6 +365,20 @@ def write_demo_report(
 
     soup_lines = headlines(soup_rows, soup.reference, "Soup scenario")
     mt_lines = headlines(multitask_rows, multitask.reference, "Multi-task scenario")
+    if federated is not None:
+        from modelfuse.demo.federated_report import federated_report
+
+        fed = federated_report(
+            federated, n_resamples=settings.n_resamples, interval=settings.interval, image=image
+        )
+        fed_lines, fed_sections, fed_results = fed.headlines, fed.sections, fed.results
+    else:
+        fed_lines = [
+            "Federated scenario: not run; Flower's simulation engine is not installed "
+            "(pip install 'modelfuse[federated]')."
+        ]
+        fed_sections = [Section("Federated scenario", tuple(fed_lines))]
+        fed_results = None
     mt_best = max(multitask_rows, key=lambda r: r.metrics["accuracy"][0])
     soup_by_name = {r.name: r for r in soup_rows}
     total = sum(timings.values())
@@ -375,6 +395,7 @@ def write_demo_report(
                 "below.",
                 *soup_lines,
                 *mt_lines,
+                *fed_lines,
                 f"Inference cost: every merge runs 1 network per prediction; the soft-voting "
                 f"ensemble of the soup scenario runs {k}.",
             ),
@@ -514,6 +535,7 @@ def write_demo_report(
             table=_accuracy_table(multitask_rows),
             images=(("multitask_accuracy.png", "Pooled test accuracy per method"),),
         ),
+        *fed_sections,
         Section(
             "Notes",
             tuple(notes) if notes else ("No warnings were raised during the run.",),
@@ -546,10 +568,13 @@ def write_demo_report(
             "per_task": multitask.per_task,
             "task_arithmetic_lambda": multitask.task_arithmetic.chosen["lambda"],
         },
+        "federated": fed_results,
         "timings": dict(timings),
     }
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return DemoReport(md, folder / "report.html", tuple(images), tuple(soup_lines + mt_lines))
+    return DemoReport(
+        md, folder / "report.html", tuple(images), tuple(soup_lines + mt_lines + fed_lines)
+    )
 
 
 def _row_json(row: MetricRow) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class DemoResult:
     soup_reference, multitask_reference : str
         The best individual model of each scenario (by validation accuracy).
     headlines : tuple of str
+    federated : FederatedStudy or None
+        The federated scenario (None when Flower's simulation engine is not installed).
     """
 
     out: Path
@@ -48,6 +50,14 @@ class DemoResult:
     soup_reference: str
     multitask_reference: str
     headlines: tuple[str, ...]
+    federated: Any = None
+
+
+def _flower_installed() -> bool:
+    """Flower and Ray (its simulation engine's backend) can be imported."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("flwr", "ray"))
 
 
 def _check_target(target: Path) -> None:
@@ -144,8 +154,11 @@ def run_demo(
     fine-tunes for the soup scenario, one model per task for the multi-task
     scenario) and save it as safetensors folders; fuse the soup scenario with
     every family (weight space, prediction space, calibration); fuse the
-    multi-task scenario; compare everything on the test split; write the
-    report. The output folder is built beside ``out`` and moved into place
+    multi-task scenario; compare everything on the test split; run the
+    federated scenario (:mod:`modelfuse.demo.federated`: digits over 10
+    Dirichlet non-IID clients, FedAvg, FedAvgM, FedAU, TIES and Fisher in
+    Flower's simulation engine, local / global / interpolated / FedLabel per
+    client); write the report. The output folder is built beside ``out`` and moved into place
     only when complete; an earlier demo output at ``out`` is then replaced.
 
     Parameters
@@ -183,7 +196,12 @@ def run_demo(
     ECCV 2024; Wortsman et al., "Robust fine-tuning of zero-shot models"
     (WiSE-FT), CVPR 2022; Caruana et al., "Ensemble selection from libraries
     of models", ICML 2004; Guo et al., "On calibration of modern neural
-    networks", ICML 2017.
+    networks", ICML 2017; McMahan et al., "Communication-efficient learning
+    of deep networks from decentralized data" (FedAvg), AISTATS 2017; Hsu, Qi
+    and Brown, arXiv:1909.06335 (FedAvgM, Dirichlet partitions); Wang and Ji,
+    "A lightweight method for tackling unknown participation statistics in
+    federated averaging" (FedAU), ICLR 2024; Cho et al., "Local or Global"
+    (FedLabel), ICCV 2023.
 
     Examples
     --------
@@ -253,6 +271,14 @@ def run_demo(
                     seed=seed,
                 )
                 tick("multi-task scenario")
+            federated = None
+            fed = settings.federated
+            if _flower_installed():
+                from modelfuse.demo.federated import federated_study
+
+                steps = len(fed.concentrations) * (len(fed.aggregators) * fed.rounds + 1)
+                with stages.stage("federated scenario (Flower simulation)", steps) as tick:
+                    federated = federated_study(settings, seed, tick=tick)
             notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
             with stages.stage("report", 1) as tick:
                 report = write_demo_report(
@@ -274,6 +300,7 @@ def run_demo(
                     timings=dict(stages.timings),  # the stages before the report
                     notes=notes,
                     command=command,
+                    federated=federated,
                 )
                 tick("report.md, report.html")
         _install(built, target)
@@ -295,6 +322,7 @@ def run_demo(
         soup_reference=soup.reference,
         multitask_reference=multitask.reference,
         headlines=report.headlines,
+        federated=federated,
     )
     if progress:
         from modelfuse.demo.summary import print_summary

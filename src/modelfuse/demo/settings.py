@@ -5,7 +5,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FULL", "QUICK", "DemoSettings", "settings_for"]
+__all__ = ["FULL", "QUICK", "DemoSettings", "FederatedSettings", "settings_for"]
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """Sizes of the federated scenario.
+
+    Attributes
+    ----------
+    n_clients : int
+        Clients (virtual SuperNodes of Flower's simulation engine).
+    concentrations : tuple of float
+        Dirichlet concentrations of the non-IID partitions compared.
+    rounds : int
+        Federated rounds per aggregator and partition.
+    aggregators : tuple of str
+        Keys of :data:`modelfuse.demo.federated.AGGREGATORS`.
+    hidden : int
+        Width of the MLP's two hidden layers.
+    local_epochs, batch_size, learning_rate
+        Each client's local SGD per round.
+    participation : (float, float)
+        Each client takes part in a round with its own probability, drawn once
+        uniformly from this range.
+    min_client_size : int
+        The fewest examples a client may have (the partition is redrawn until
+        every client has them).
+    fisher_examples : int
+        Examples of a client's diagonal Fisher (for ``Fisher``).
+    """
+
+    n_clients: int
+    concentrations: tuple[float, ...]
+    rounds: int
+    aggregators: tuple[str, ...]
+    hidden: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    participation: tuple[float, float]
+    min_client_size: int
+    fisher_examples: int
 
 
 @dataclass(frozen=True)
@@ -41,6 +82,8 @@ class DemoSettings:
         Points of the WiSE-FT sweep from 0 to 1.
     caruana_rounds : int
         Rounds of Caruana's ensemble selection.
+    federated : FederatedSettings
+        The federated scenario.
     """
 
     name: str
@@ -60,7 +103,10 @@ class DemoSettings:
     inner_splits: int
     wise_alphas: int
     caruana_rounds: int
+    federated: FederatedSettings
 
+
+_AGGREGATORS = ("FedAvg", "FedAvgM", "FedAU", "TIES", "Fisher")
 
 FULL = DemoSettings(
     name="full",
@@ -80,6 +126,19 @@ FULL = DemoSettings(
     inner_splits=3,
     wise_alphas=11,
     caruana_rounds=25,
+    federated=FederatedSettings(
+        n_clients=10,
+        concentrations=(0.3, 10.0),
+        rounds=30,
+        aggregators=_AGGREGATORS,
+        hidden=64,
+        local_epochs=2,
+        batch_size=16,
+        learning_rate=0.2,
+        participation=(0.3, 1.0),
+        min_client_size=40,
+        fisher_examples=256,
+    ),
 )
 """The full study (``make demo``)."""
 
@@ -101,6 +160,19 @@ QUICK = DemoSettings(
     inner_splits=2,
     wise_alphas=6,
     caruana_rounds=10,
+    federated=FederatedSettings(
+        n_clients=10,
+        concentrations=(0.3, 10.0),
+        rounds=6,
+        aggregators=_AGGREGATORS,
+        hidden=64,
+        local_epochs=2,
+        batch_size=16,
+        learning_rate=0.2,
+        participation=(0.3, 1.0),
+        min_client_size=40,
+        fisher_examples=256,
+    ),
 )
 """A smaller run for a first look and for the tests (``--quick``)."""
 

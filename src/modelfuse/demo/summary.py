@@ -17,7 +17,8 @@ _SHORT = {"no significant difference": "n.s.", "reference": "ref"}
 
 
 def print_summary(console: Any, result: DemoResult) -> None:
-    """Print the soup scenario's table, the multi-task headline, stage times and the report path."""
+    """Print the soup scenario's table, the multi-task and federated headlines, stage times and
+    the report path."""
     from rich import box
     from rich.table import Table
 
@@ -63,6 +64,16 @@ def print_summary(console: Any, result: DemoResult) -> None:
         f"{fmt(best.metrics['accuracy'][0])} ({best.cost} net{'s' if best.cost != 1 else ''}); "
         f"best single task model {ref.name} {fmt(ref.metrics['accuracy'][0])}."
     )
+    if result.federated is not None:
+        from modelfuse.demo.federated_report import federated_headlines
+
+        for line in federated_headlines(result.federated):
+            console.print(line)
+    else:
+        console.print(
+            "Federated scenario: not run; Flower's simulation engine is not installed "
+            "(pip install 'modelfuse[federated]')."
+        )
     times = Table(title="Time per stage")
     times.add_column("stage")
     times.add_column("seconds", justify="right")
