@@ -224,8 +224,14 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]):
         "groups with mcnemar": (
             [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
              "-g", str(groups), "--test", "mcnemar"],
-            "McNemar's test treats samples as independent, but --groups was given; "
+            "error: --test mcnemar treats samples as independent, but --groups was given; "
             "pass --test bootstrap or --test permutation",
+        ),
+        "groups with stratify": (
+            [*base, "OUT", "-p", f"soup={paths['soup']}", "--labels", str(paths["y"]),
+             "-g", str(groups), "--stratify"],
+            "error: --stratify resamples within classes and --groups resamples whole groups; "
+            "pass one of them",
         ),
         "a huge name": (
             [*base, "OUT", "-p", f"{'x' * 5000}={paths['soup']}", "--labels", str(paths["y"]),
@@ -243,7 +249,7 @@ CASES = [
     "mcnemar on nll", "probabilities given as logits", "logits given as probabilities",
     "no candidates", "one-dimensional predictions", "path of an unknown user", "one sample",
     "auroc with a rare class, not stratified", "a huge name", "groups of the wrong length",
-    "a single group", "groups with mcnemar",
+    "a single group", "groups with mcnemar", "groups with stratify",
 ]
 
 

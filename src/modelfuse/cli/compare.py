@@ -43,9 +43,7 @@ def _level(value: float) -> float:
 _KEYWORDS_AS_FLAGS = {
     "pass stratify=True (CLI: --stratify)": "pass --stratify",
     "stratify=True": "--stratify",
-    "use test='bootstrap' or test='permutation'": "pass --test bootstrap or --test permutation",
     "use test='bootstrap' or metric='accuracy'": "pass --test bootstrap or --metric accuracy",
-    "but groups were given": "but --groups was given",
 }
 
 
@@ -219,6 +217,16 @@ def compare_command(
         raise ConfigError(
             f"--test mcnemar compares accuracies, but --metric is {metric}; "
             "pass --test bootstrap or --metric accuracy"
+        )
+    if groups is not None and test == "mcnemar":
+        raise ConfigError(
+            "--test mcnemar treats samples as independent, but --groups was given; "
+            "pass --test bootstrap or --test permutation"
+        )
+    if groups is not None and stratify:
+        raise ConfigError(
+            "--stratify resamples within classes and --groups resamples whole groups; "
+            "pass one of them"
         )
     files = named_files(items, option="--predictions")
     if reference is not None and reference not in files:
