@@ -220,7 +220,7 @@ class Comparison:
 
     def __str__(self) -> str:
         head = (
-            f"{self.metric} of {len(self.models)} distinct models on {self.n_samples} samples, "
+            f"{self.metric} of {len(self.models)} distinct model(s) on {self.n_samples} samples, "
             f"reference {self.reference}"
         )
         lines = [head, *(f"  {c}" for c in self.models)]
