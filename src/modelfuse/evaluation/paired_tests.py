@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import scipy.sparse
 from scipy.stats import binom, chi2
 from scipy.stats import t as student_t
 
@@ -510,12 +511,15 @@ def metric_permutation_test(
     units = len(y) if codes is None else int(codes.max()) + 1
     exact = _is_exact(units, n_resamples)
     if plan.vectorised:
-        rows_a, rows_b = _unit_rows(plan, codes)
+        rows_a, rows_b, counts = _unit_rows(plan, codes, compress=not exact)
         if exact:
-            moved = _all_signs(units).astype(float) @ (rows_b - rows_a)
-            null = _sums_difference(plan, rows_a.sum(axis=0), rows_b.sum(axis=0), moved)
+            delta = (rows_b - rows_a).toarray()
+            moved = _all_signs(units).astype(float) @ delta
+            total_a = np.asarray(rows_a.sum(axis=0)).ravel()
+            total_b = np.asarray(rows_b.sum(axis=0)).ravel()
+            null = _sums_difference(plan, total_a, total_b, moved)
         else:
-            null = _swapped_sums_null(plan, rows_a, rows_b, n_resamples, rng)
+            null = _swapped_sums_null(plan, rows_a, rows_b, counts, n_resamples, rng)
     else:
         null = _swapped_samples_null(spec, pa, pb, y, codes, units, exact, n_resamples, rng)
     method = f"paired permutation test ({spec.name})" + (" (exact)" if exact else "")
@@ -530,17 +534,28 @@ def metric_permutation_test(
     )
 
 
-def _unit_rows(plan: _Plan, codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Each model's per-sample sum rows, or per-group sums of them: two (units, d) arrays."""
+def _unit_rows(
+    plan: _Plan, codes: np.ndarray | None, *, compress: bool
+) -> tuple[scipy.sparse.csr_matrix, scipy.sparse.csr_matrix, np.ndarray]:
+    """Each model's sum rows per unit (sample, or group with ``codes``), and units per row.
+
+    With ``compress`` (and no groups) samples with equal keys share one row and
+    ``counts`` says how many they are; otherwise one row per unit and counts of 1.
+    """
     width = plan.widths[0]
+    if codes is None and compress:
+        unique, counts = np.unique(plan.keys, axis=0, return_counts=True)
+        rows_a = plan.spec.rows(unique[:, :width], plan.n_classes)
+        rows_b = plan.spec.rows(unique[:, width:], plan.n_classes)
+        return scipy.sparse.csr_matrix(rows_a), scipy.sparse.csr_matrix(rows_b), counts
     unique, inverse = np.unique(plan.keys, axis=0, return_inverse=True)
     inverse = inverse.ravel()
-    rows_a = plan.spec.rows(unique[:, :width], plan.n_classes)[inverse]
-    rows_b = plan.spec.rows(unique[:, width:], plan.n_classes)[inverse]
+    rows_a = scipy.sparse.csr_matrix(plan.spec.rows(unique[:, :width], plan.n_classes))[inverse]
+    rows_b = scipy.sparse.csr_matrix(plan.spec.rows(unique[:, width:], plan.n_classes))[inverse]
     if codes is not None:
         members = _group_matrix(codes)
         rows_a, rows_b = members @ rows_a, members @ rows_b
-    return np.asarray(rows_a.todense()), np.asarray(rows_b.todense())
+    return rows_a.tocsr(), rows_b.tocsr(), np.ones(rows_a.shape[0], dtype=np.int64)
 
 
 def _sums_difference(
@@ -590,25 +605,25 @@ def _swapped_samples_null(
 
 def _swapped_sums_null(
     plan: _Plan,
-    rows_a: np.ndarray,
-    rows_b: np.ndarray,
+    rows_a: scipy.sparse.csr_matrix,
+    rows_b: scipy.sparse.csr_matrix,
+    counts: np.ndarray,
     n_resamples: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Null differences when each unit's two predictions are swapped with probability 1/2.
 
-    Units with equal rows are interchangeable: the number swapped among them is binomial.
+    ``counts[j]`` interchangeable units share row ``j``: how many of them are swapped is
+    binomial.
     """
-    unique, counts = np.unique(np.hstack([rows_a, rows_b]), axis=0, return_counts=True)
-    d = rows_a.shape[1]
-    unique_a, unique_b = unique[:, :d], unique[:, d:]
-    total_a = counts @ unique_a
-    total_b = counts @ unique_b
-    delta = unique_b - unique_a  # what one swap moves from a's sums to b's
+    total_a = np.asarray(rows_a.T @ counts).ravel()
+    total_b = np.asarray(rows_b.T @ counts).ravel()
+    delta = (rows_b - rows_a).tocsr()  # what one swap moves from a's sums to b's
     null = np.empty(n_resamples)
     chunk = max(1, (1 << 22) // len(counts))
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
         swapped = rng.binomial(counts, 0.5, size=(stop - start, len(counts))).astype(float)
-        null[start:stop] = _sums_difference(plan, total_a, total_b, swapped @ delta)
+        moved = np.asarray(delta.T @ swapped.T).T
+        null[start:stop] = _sums_difference(plan, total_a, total_b, moved)
     return null
