@@ -157,6 +157,15 @@ def test_bad_input_is_one_line_and_writes_nothing(work, capsys, args, message):
     assert message in err
 
 
+def test_a_multi_stage_file_is_refused(work, capsys):
+    (work / "multi.yaml").write_text(
+        "name: soup\nmerge_method: linear\nmodels: [a.safetensors, b.safetensors]\n---\n"
+        "merge_method: ties\nbase_model: base.safetensors\nmodels: [soup, a.safetensors]\n"
+    )
+    err = refused(["inspect", "multi.yaml", "-o", "r"], capsys, work)
+    assert "inspect measures one merge" in err
+
+
 def test_missing_checkpoint_and_mismatched_shapes(work, capsys):
     (work / "gone.yaml").write_text(
         "merge_method: ties\nbase_model: base.safetensors\nmodels:\n  - model: gone.safetensors\n"

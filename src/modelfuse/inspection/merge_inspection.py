@@ -46,6 +46,7 @@ from modelfuse.inspection.recommendation import Recommendation, recommend
 from modelfuse.merge.config import MergeConfig, load_config
 from modelfuse.merge.engine import close_plan, plan_merge
 from modelfuse.merge.execute import NonFiniteInputWarning, default_threads
+from modelfuse.merge.multistage_config import is_multistage
 from modelfuse.merge.open_inputs import locate
 from modelfuse.merge.plan import MergePlan, TensorTask
 
@@ -580,6 +581,11 @@ def plan_inspection(
             f"sample: expected a positive number of entries or None, got {str(sample)[:40]}"
         )
     given = dict(config) if isinstance(config, Mapping) else config
+    if isinstance(given, (str, Path)) and is_multistage(given):
+        raise ConfigError(
+            f"{str(given)[:80]}: a multi-stage file (several '---' documents); inspect measures "
+            "one merge: put the stage to inspect in a file of its own"
+        )
     cfg, folder = load_config(given)
     if cfg.slices is not None:
         raise ConfigError(
