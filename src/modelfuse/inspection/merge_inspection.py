@@ -797,7 +797,7 @@ def _barriers(
             if name not in index:
                 raise ConfigError(
                     f"pairs: {str(name)[:60]!r} is not a model of the configuration; "
-                    f"valid: base, {', '.join(labels)}"
+                    f"valid: base, {', '.join(labels)[:200]}"
                 )
         chosen.append((a, b))
     results = []
