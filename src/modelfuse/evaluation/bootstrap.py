@@ -329,13 +329,12 @@ class _Plan:
             values[b] = self.on_indices(index)
         return values
 
-    def _group_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-group sums of the per-sample rows (G, d), and the group sizes (G,)."""
+    def _group_sums(self) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+        """Per-group sums of the per-sample rows, sparse (G, d), and the group sizes (G,)."""
         members = _group_matrix(self.groups)
         unique, inverse = np.unique(self.keys, axis=0, return_inverse=True)
         per_sample = self.rows(unique)[inverse.ravel()]
-        sums = np.asarray((members @ per_sample).todense())
-        return sums, np.asarray(members.sum(axis=1)).ravel()
+        return (members @ per_sample).tocsr(), np.asarray(members.sum(axis=1)).ravel()
 
     def _cluster_replicates(self, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
         """Resample whole groups with replacement: G draws of a group per resample."""
@@ -348,7 +347,8 @@ class _Plan:
             stop = min(n_resamples, start + chunk)
             draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=stop - start)
             if self.vectorised:
-                values[start:stop] = self.from_sums(draws @ sums, draws @ sizes)
+                resampled = np.asarray(sums.T @ draws.T).T
+                values[start:stop] = self.from_sums(resampled, draws @ sizes)
                 continue
             weights = draws[:, self.groups]  # (c, n): how often each sample is drawn
             if self.spec.on_weights is not None:
@@ -399,8 +399,15 @@ class _Plan:
         n_groups = self.n_groups
         if self.vectorised:
             sums, sizes = self._group_sums()
-            full = sums.sum(axis=0)
-            return self.from_sums(full[None, :] - sums, self.n - sizes), np.ones(n_groups)
+            full = np.asarray(sums.sum(axis=0)).ravel()
+            values = np.empty(n_groups)
+            step = max(1, _CHUNK_ELEMENTS // sums.shape[1])
+            for start in range(0, n_groups, step):
+                left_out = full[None, :] - sums[start : start + step].toarray()
+                values[start : start + step] = self.from_sums(
+                    left_out, self.n - sizes[start : start + step]
+                )
+            return values, np.ones(n_groups)
         if n_groups <= _EXACT_JACKKNIFE_LIMIT:
             deleted = [np.array([g]) for g in range(n_groups)]
         else:
