@@ -340,7 +340,8 @@ class _Plan:
         """Resample whole groups with replacement: G draws of a group per resample."""
         n_groups = self.n_groups
         values = np.empty(n_resamples)
-        chunk = max(1, _CHUNK_ELEMENTS // n_groups)
+        per_resample = n_groups if self.vectorised else max(n_groups, self.n)
+        chunk = max(1, _CHUNK_ELEMENTS // per_resample)
         if self.vectorised:
             sums, sizes = self._group_sums()
         for start in range(0, n_resamples, chunk):
