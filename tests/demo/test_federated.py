@@ -152,7 +152,7 @@ def tiny():
         hidden=8,
         fisher_examples=32,
     )
-    settings = dataclasses.replace(QUICK, federated=fed, n_resamples=50, wise_alphas=3)
+    settings = dataclasses.replace(QUICK, federated=fed, n_resamples=60, wise_alphas=3)
     threads = torch.get_num_threads()
     study = federated_study(settings, 5)
     return settings, study, threads
@@ -216,3 +216,41 @@ def test_the_tiny_study_reports_every_client_and_restores_the_process(tiny):
     import ray
 
     assert not ray.is_initialized()  # the run started Ray and shut it down
+
+
+def test_without_flower_the_report_says_the_scenario_was_not_run(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    import modelfuse.demo.run as run_module
+    import modelfuse.demo.settings as settings_module
+    from modelfuse.demo import run_demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    assert run_module._flower_installed() is False  # Flower's engine needs Ray
+    small = dataclasses.replace(
+        QUICK,
+        n_soup=2,
+        pretrain_epochs=1,
+        finetune_epochs=1,
+        task_epochs=1,
+        n_resamples=50,
+        fisher_examples=32,
+        gram_examples=32,
+        lambdas=(1.0,),
+        outer_splits=2,
+        inner_splits=2,
+        wise_alphas=3,
+        caruana_rounds=2,
+    )
+    monkeypatch.setattr(settings_module, "settings_for", lambda quick: small)
+    result = run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert result.federated is None
+    markdown = result.report.read_text()
+    said = "Federated scenario: not run; Flower's simulation engine is not installed"
+    assert markdown.count(said) == 2  # the summary and the scenario's section
+    assert "## Federated scenario\n" in markdown
+    assert json.loads((result.out / "results.json").read_text())["federated"] is None

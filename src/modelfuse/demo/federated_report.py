@@ -280,8 +280,9 @@ def federated_report(
                 f"{fed.fisher_examples} training examples.",
                 f"Engine: Flower {flower['flower']}, {flower['engine']} with "
                 f"{flower['virtual_supernodes']} virtual SuperNodes on its {flower['backend']} "
-                f"backend; one ServerApp runs the {flower['strategy_runs']} strategy runs one "
-                "after the other and scores the global model after every round. The local "
+                f"backend; one ServerApp runs the {flower['strategy_runs']} strategy runs at "
+                "the same time on one grid (each its own rounds; replies are aggregated in "
+                "client order) and scores the global model after every round. The local "
                 "models are trained in this process on each client's training part alone, "
                 f"for {fed.rounds * fed.local_epochs} epochs (rounds x local epochs).",
                 (
