@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import pickle
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -88,8 +90,8 @@ def _function_label(function: object) -> str:
     """A function's qualified name; another callable's ``repr`` (both shortened)."""
     name = getattr(function, "__qualname__", None)
     if isinstance(name, str):
-        return repr(name)[:60]
-    return repr(function)[:80]
+        return f"the function {repr(name)[:60]}"
+    return repr(function)[:100]
 
 
 # The function of the pool this worker process belongs to, loaded once by _load_function.
@@ -101,8 +103,13 @@ class _FunctionNotLoaded(Exception):
     """The worker process could not unpickle the function (raised in the worker)."""
 
 
-def _load_function(payload: bytes) -> None:
-    """Pool initializer: unpickle the function once per worker process."""
+def _load_function(payload: bytes, threads: int) -> None:
+    """Pool initializer: unpickle the function once per worker process.
+
+    When the function brought torch in, its intra-op threads are limited to
+    this worker's share of the cores, so that the workers do not oversubscribe
+    the machine.
+    """
     global _worker_function, _worker_load_error
     try:
         _worker_function = pickle.loads(payload)
@@ -110,6 +117,9 @@ def _load_function(payload: bytes) -> None:
     except Exception as error:  # reported by _call_function, item by item, as one line
         _worker_function = None
         _worker_load_error = f"{type(error).__name__}: {str(error)[:200]}"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def _call_function(item: Any) -> Any:
@@ -144,6 +154,8 @@ class LocalExecutor:
     a few seconds with torch. The function (with everything it holds, e.g. the
     models of a search) is sent once per process, not once per item, and the
     processes are kept for the next :meth:`map` with the same function object.
+    Each worker gives torch its share of the cores (``os.cpu_count() //
+    workers`` threads), so the workers do not compete for them.
     Call :meth:`close` or use the executor as a context manager to stop them
     early; they also stop when the executor is garbage-collected.
 
@@ -200,7 +212,7 @@ class LocalExecutor:
             payload = pickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # PicklingError, AttributeError, TypeError: one line
             raise ConfigError(
-                f"LocalExecutor(workers={workers}): cannot send the function "
+                f"LocalExecutor(workers={workers}): cannot send "
                 f"{_function_label(function)} to worker processes "
                 f"({type(error).__name__}: {str(error)[:120]}); {_SEND_FIX}"
             ) from None
@@ -208,7 +220,7 @@ class LocalExecutor:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_load_function,
-            initargs=(payload,),
+            initargs=(payload, max(1, (os.cpu_count() or 1) // workers)),
         )
         self._pool, self._pool_function = pool, function
         self._finalizer = weakref.finalize(self, _shutdown, pool)
@@ -243,7 +255,7 @@ class LocalExecutor:
                 except _FunctionNotLoaded as error:
                     raise ConfigError(
                         f"LocalExecutor(workers={workers}): the worker processes cannot load "
-                        f"the function {_function_label(function)} ({error}); {_SEND_FIX}"
+                        f"{_function_label(function)} ({error}); {_SEND_FIX}"
                     ) from None
                 except BrokenProcessPool as error:
                     raise ExecutorError(

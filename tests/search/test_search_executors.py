@@ -124,17 +124,32 @@ def test_unpicklable_score_is_refused_in_one_line() -> None:
     def closure(sd: dict[str, torch.Tensor]) -> float:
         return -abs(float(sd["w"]) - offset)
 
-    for run in (
-        lambda ex: evolutionary_search(models, closure, generations=1, executor=ex),
-        lambda ex: greedy_soup(models, closure, executor=ex),
-        lambda ex: grid_search("linear", models, None, {"weight": [1.0, 2.0]}, closure, executor=ex),
+    for run, what in (
+        (
+            lambda ex: evolutionary_search(models, closure, generations=1, executor=ex),
+            "of checkpoint combinations",
+        ),
+        (
+            lambda ex: greedy_soup(models, closure, executor=ex),
+            "of single models",
+        ),
+        (
+            lambda ex: grid_search(
+                "linear", models, None, {"weight": [1.0, 2.0]}, closure, executor=ex
+            ),
+            "of linear merges",
+        ),
     ):
         with pytest.raises(ConfigError) as caught:
             run(LocalExecutor(workers=2))
         message = str(caught.value)
         assert "\n" not in message
-        assert message.startswith("LocalExecutor(workers=2): cannot send the function")
-        assert "closure" in message  # pickle names the local object
+        # the score's name, cut to 60 characters, and what it scores
+        assert message.startswith(
+            "LocalExecutor(workers=2): cannot send the score 'test_unpicklable_score_is_refused"
+        )
+        assert f"{what} to worker processes (" in message
+        assert "Can't pickle local object" in message  # pickle's own reason
         assert "module level" in message and "functools.partial" in message
         assert "RayExecutor" in message
 

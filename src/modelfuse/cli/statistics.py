@@ -337,6 +337,8 @@ def _run(
             executor, n_shards = stack.enter_context(_executor(workers, ray_address))
         with warnings.catch_warnings(record=True) as caught, _flags_in_data_errors():
             warnings.simplefilter("always")
+            # files left unclosed by other libraries (Ray's logs) are not the user's concern
+            warnings.simplefilter("ignore", ResourceWarning)
             if not parallel:
                 stats = _one_process(
                     what, network, batches, kind=kind, n_examples=n_examples, total=total,

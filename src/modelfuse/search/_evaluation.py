@@ -7,9 +7,21 @@ from typing import TypeVar
 
 from modelfuse.executors import Executor, resolve_executor
 
-__all__ = ["evaluate_all"]
+__all__ = ["describe", "evaluate_all"]
 
 T = TypeVar("T")
+
+
+def describe(score: object) -> str:
+    """A short name for a score in messages: its qualified name, or its ``repr``.
+
+    Examples
+    --------
+    >>> describe(abs), describe(lambda sd: 0.0)
+    ("'abs'", "'<lambda>'")
+    """
+    name = getattr(score, "__qualname__", None)
+    return repr(name)[:60] if isinstance(name, str) else repr(score)[:60]
 
 
 def evaluate_all(

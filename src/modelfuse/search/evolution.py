@@ -11,7 +11,7 @@ import torch
 from modelfuse.errors import ConfigError
 from modelfuse.executors import Executor
 from modelfuse.merge.state_dict import merge_state_dicts
-from modelfuse.search._evaluation import evaluate_all
+from modelfuse.search._evaluation import describe, evaluate_all
 from modelfuse.search._state import check_matching
 from modelfuse.search.results import Candidate, SearchResult
 from modelfuse.search.scores import Score
@@ -34,7 +34,7 @@ class _ScoreCombination:
         self.score = score
 
     def __repr__(self) -> str:
-        return f"score {repr(self.score)[:60]} of checkpoint combinations"
+        return f"the score {describe(self.score)} of checkpoint combinations"
 
     def __call__(self, weights: tuple[float, ...]) -> float:
         return float(self.score(_combine(self.state_dicts, weights)))

@@ -14,6 +14,7 @@ from modelfuse.executors import Executor, resolve_executor
 from modelfuse.merge.merge_method import MergeMethod
 from modelfuse.merge.registry import get_method
 from modelfuse.merge.state_dict import merge_state_dicts
+from modelfuse.search._evaluation import describe
 from modelfuse.search._state import check_matching
 from modelfuse.search.results import Candidate, SearchResult
 from modelfuse.search.scores import Score
@@ -120,7 +121,7 @@ class _Evaluate:
         self.score = score
 
     def __repr__(self) -> str:
-        return f"score {repr(self.score)[:60]} of {self.method} merges"
+        return f"the score {describe(self.score)} of {self.method} merges"
 
     def __call__(self, settings: Mapping[str, Any]) -> float:
         merged = merge_with_settings(self.method, self.state_dicts, self.base, settings)

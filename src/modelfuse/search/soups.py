@@ -8,7 +8,7 @@ import torch
 
 from modelfuse.executors import Executor
 from modelfuse.merge.state_dict import merge_state_dicts
-from modelfuse.search._evaluation import evaluate_all
+from modelfuse.search._evaluation import describe, evaluate_all
 from modelfuse.search._state import check_matching, is_float
 from modelfuse.search.results import Candidate, SearchResult
 from modelfuse.search.scores import Score
@@ -73,7 +73,7 @@ class _ScoreIngredient:
         self.score = score
 
     def __repr__(self) -> str:
-        return f"score {repr(self.score)[:60]} of single models"
+        return f"the score {describe(self.score)} of single models"
 
     def __call__(self, index: int) -> float:
         return float(self.score(self.state_dicts[index]))

@@ -63,7 +63,7 @@ class _ShardTask:
         self.options = options
 
     def __repr__(self) -> str:
-        return f"{self.statistic} statistics of {type(self.model).__name__} per shard"
+        return f"the {self.statistic} statistics of a {type(self.model).__name__} per shard"
 
     def __call__(self, shard: _Shard) -> Statistics | GramSums:
         if self.statistic == "gram":  # sums and row counts, which add up across shards
