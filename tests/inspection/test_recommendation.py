@@ -101,3 +101,13 @@ def test_barrier_refusals():
         interpolation_barrier(a, {"v": torch.ones(2)}, lambda s: 0.0)
     with pytest.raises(DataError, match="expected a finite number"):
         interpolation_barrier(a, b, lambda s: math.nan)
+
+
+def test_low_conflict_at_the_configured_trim_keeps_ties():
+    figures = _figures(_random(0), _random(1), overlap=0.2)
+    trimmed = tensor_figures(
+        [_random(0), _random(1)], torch.zeros(N), overlap_density=0.2, conflict_density=0.2
+    )
+    assert trimmed.conflict < THRESHOLDS["low_conflict"] <= figures.conflict
+    found = recommend(trimmed, ["a", "b"], overlap_density=0.2, conflict_density=0.2)
+    assert found.method == "ties" and "as configured" in found.summary

@@ -755,6 +755,7 @@ def run_inspection(
         overall,
         labels,
         overlap_density=overlap_values[0] if len(overlap_values) == 1 else None,
+        conflict_density=conflict_values[0] if len(conflict_values) == 1 else None,
         barriers=barriers,
     )
     return MergeInspection(

@@ -12,7 +12,9 @@ holds the numbers):
    direction, which averaging keeps: ``linear`` (or ``model_stock``);
 4. sign conflict at or above ``high_conflict``, or mean cosine at or below
    ``opposed_cosine``: ``ties`` or ``dare_ties`` at density ~0.2-0.5;
-5. sign conflict below ``low_conflict``: ``task_arithmetic``;
+5. sign conflict below ``low_conflict``: ``task_arithmetic`` when measured
+   untrimmed, else ``ties`` at the configuration's density (the trim is what
+   keeps it low);
 6. otherwise (moderate conflict): ``ties`` at the overlap density when trimming
    to it brings the conflict below ``low_conflict``, else ``task_arithmetic``
    with ``lambda`` below 1 or ``ties`` at density 0.5.
@@ -83,6 +85,7 @@ def recommend(
     labels: Sequence[str],
     *,
     overlap_density: float | None = None,
+    conflict_density: float | None = None,
     barriers: Sequence[Barrier] = (),
 ) -> Recommendation:
     """The method the figures of the whole model point to.
@@ -95,6 +98,9 @@ def recommend(
         The models' names.
     overlap_density : float, optional
         The density of the top-k sets (named in the trimming advice).
+    conflict_density : float, optional
+        The density the sign conflict was measured at (below 1: the
+        configuration's trim, which a low conflict then recommends keeping).
     barriers : sequence of Barrier
         Loss barriers measured between pairs of models, if any.
 
@@ -154,6 +160,12 @@ def recommend(
                 f"trimming each task vector to density {overlap_density:g} changes the conflict "
                 f"to {_percent(trimmed)}"
             )
+    elif conflict < t["low_conflict"] and conflict_density is not None and conflict_density < 1:
+        method = "ties"
+        summary = (
+            f"low sign conflict once trimmed to density {conflict_density:g} ({figures}): "
+            f"ties (or dare_ties) at density {conflict_density:g}, as configured"
+        )
     elif conflict < t["low_conflict"]:
         method = "task_arithmetic"
         summary = (
