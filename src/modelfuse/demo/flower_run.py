@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -176,17 +177,57 @@ class _DemoStrategy(MergeStrategy):
         return super().aggregate_train(server_round, replies)
 
 
-def _wait_for_nodes(grid: Grid, n: int) -> list[int]:
+class _Stopped(Exception):
+    """The simulation was interrupted: the ServerApp's threads end instead of waiting."""
+
+
+class _StoppableGrid:
+    """Flower's grid, whose ``send_and_receive`` stops waiting once ``stop`` is set.
+
+    Flower's own waits up to its timeout however the simulation ended, and the
+    ServerApp's thread keeps the process alive meanwhile (after Ctrl-C, say);
+    this one pushes and pulls through the grid's public methods and checks
+    ``stop`` between pulls. Everything else is the grid's.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid = grid
+        self._stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        pending = set(self._grid.push_messages(messages))
+        deadline = time.monotonic() + (_TIMEOUT if timeout is None else timeout)
+        replies: list[Message] = []
+        while pending:
+            if self._stop.is_set():
+                raise _Stopped("federated scenario: the simulation was stopped")
+            received = list(self._grid.pull_messages(pending))
+            replies.extend(received)
+            pending -= {m.metadata.reply_to_message_id for m in received}
+            if not pending or time.monotonic() > deadline:
+                break
+            self._stop.wait(0.1)
+        return replies
+
+
+def _wait_for_nodes(grid: Grid, n: int, stop: threading.Event) -> list[int]:
     """The node ids once ``n`` virtual SuperNodes are registered (the engine registers them
     after the ServerApp has started)."""
     deadline = time.monotonic() + _TIMEOUT
     while len(nodes := sorted(grid.get_node_ids())) < n:
+        if stop.is_set():
+            raise _Stopped("federated scenario: the simulation was stopped")
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"federated scenario: {len(nodes)} of {n} virtual SuperNodes registered "
                 f"within {_TIMEOUT:.0f} s"
             )
-        time.sleep(0.05)
+        stop.wait(0.05)
     return nodes
 
 
@@ -201,14 +242,16 @@ def _server_app(
     probabilities: np.ndarray,
     runs: dict[tuple[int, str], RunOutcome],
     on_round: Callable[[str], None],
+    stop: threading.Event,
 ) -> ServerApp:
     from modelfuse.demo.zoo import make_mlp, predict_logits
 
     app = ServerApp()
 
     @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        nodes = _wait_for_nodes(grid, fed.n_clients)
+    def main(flower_grid: Grid, context: Context) -> None:
+        grid = _StoppableGrid(flower_grid, stop)
+        nodes = _wait_for_nodes(flower_grid, fed.n_clients, stop)
         queries = [
             Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for node in nodes
@@ -255,7 +298,7 @@ def _server_app(
                 **AGGREGATORS[name],
             )
             result = strategy.start(
-                grid=grid,
+                grid=grid,  # type: ignore[arg-type]
                 initial_arrays=ArrayRecord({k: v.clone() for k, v in initial.items()}),
                 num_rounds=fed.rounds,
                 timeout=_TIMEOUT,
@@ -273,8 +316,12 @@ def _server_app(
             runs[job] = RunOutcome()
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="demo-strategy") as pool:
             futures = [pool.submit(run_one, s, name) for s, name in jobs]
-            for future in futures:
-                future.result()
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()  # one run failed: the others stop waiting for their replies
+                raise
 
     return app
 
@@ -306,7 +353,7 @@ def _quiet_engine() -> Iterator[None]:
             try:
                 yield
             finally:
-                if started_ray and ray.is_initialized():
+                if started_ray:  # also after an interrupted start: it stops what was started
                     ray.shutdown()
                 gc.collect()  # Ray's process handles are collected while their warning is off
     finally:
@@ -354,14 +401,18 @@ def run_rounds(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
+    stop = threading.Event()
     with _quiet_engine():
-        run_simulation(
-            server_app=_server_app(fed, seed, initial, probabilities, runs, on_round),
-            client_app=_client_app(spec),
-            num_supernodes=fed.n_clients,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        try:
+            run_simulation(
+                server_app=_server_app(fed, seed, initial, probabilities, runs, on_round, stop),
+                client_app=_client_app(spec),
+                num_supernodes=fed.n_clients,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
+        finally:
+            stop.set()  # a ServerApp thread still waiting (after Ctrl-C) ends now
     missing = [
         key
         for key in ((s, n) for s in range(len(fed.concentrations)) for n in fed.aggregators)
