@@ -40,7 +40,7 @@ def inspect_command(
     density: Annotated[
         float | None,
         typer.Option(
-            help="density of the top-k sets compared [default: the configuration's, else 0.2]",
+            help="density of the top-k sets compared (default: the configuration's density, else 0.2)",
             min=0.0,
             max=1.0,
             callback=finite,
@@ -56,7 +56,7 @@ def inspect_command(
     threads: Annotated[
         int | None,
         typer.Option(
-            "--threads", "-j", help="tensors measured at once [default: all cores]", min=1
+            "--threads", "-j", help="tensors measured at once (default: all cores)", min=1
         ),
     ] = None,
     overwrite: Annotated[
