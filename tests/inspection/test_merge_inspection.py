@@ -250,7 +250,7 @@ def test_sampled_tensors_are_streamed_in_blocks_of_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SafetensorsCheckpoint, "read", counted_read)
     monkeypatch.setattr(SafetensorsCheckpoint, "read_rows", counted_rows)
-    monkeypatch.setattr("modelfuse.inspection.merge_inspection.READ_BLOCK", 64)
+    monkeypatch.setattr("modelfuse.inspection.measuring.READ_BLOCK", 64)
     found = inspect_merge(_config(tmp_path, density=0.5), sample=50, threads=1)
     large = {n for n, s in SHAPES.items() if np.prod(s) > 50}
     assert set(whole) == set(SHAPES) - large

@@ -13,16 +13,15 @@ from modelfuse.inspection.barrier import Barrier, interpolation_barrier
 from modelfuse.inspection.figures import TaskVectorFigures, tensor_figures
 from modelfuse.inspection.groups import TENSOR_GROUPS, tensor_group, tensor_layer
 from modelfuse.inspection.heatmap import inspection_heatmap
-from modelfuse.inspection.merge_inspection import (
+from modelfuse.inspection.merge_inspection import inspect_merge, run_inspection
+from modelfuse.inspection.planning import (
     DEFAULT_DENSITY,
     DEFAULT_SAMPLE,
     InspectionPlan,
-    MergeInspection,
-    inspect_merge,
     plan_inspection,
-    run_inspection,
 )
 from modelfuse.inspection.recommendation import THRESHOLDS, Recommendation, recommend
+from modelfuse.inspection.results import MergeInspection
 
 __all__ = [
     "DEFAULT_DENSITY",

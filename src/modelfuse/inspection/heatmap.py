@@ -12,7 +12,7 @@ from modelfuse.errors import OutputError
 from modelfuse.inspection.groups import short_label
 
 if TYPE_CHECKING:
-    from modelfuse.inspection.merge_inspection import MergeInspection
+    from modelfuse.inspection.results import MergeInspection
 
 __all__ = ["inspection_heatmap"]
 
