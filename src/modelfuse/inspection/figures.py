@@ -33,14 +33,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_ks
-from modelfuse.merge.methods.magnitude_threshold import TensorSelection, kept_count
+from modelfuse.inspection.selection import (
+    Consensus,
+    Cut,
+    Election,
+    TaskVectorChunks,
+    find_cuts,
+    members,
+)
+from modelfuse.merge.methods.magnitude_threshold import kept_count
 
 __all__ = ["CHUNK", "READ_BLOCK", "TaskVectorFigures", "streamed_figures", "tensor_figures"]
 
@@ -49,10 +55,6 @@ CHUNK = 1 << 16
 
 READ_BLOCK = 1 << 18
 """Entries per block of rows read at once by a streamed inspection."""
-
-_SAMPLED = 1 << 17  # above this many entries the selection brackets from a strided sample
-
-Consensus = Literal["sum", "count"]
 
 
 @dataclass(frozen=True)
@@ -229,88 +231,6 @@ def _check_density(values: list[float], key: str) -> None:
             raise ConfigError(f"{key}: expected a density in (0, 1], got {value!r}; pass e.g. 0.2")
 
 
-class _Chunks:
-    """Task-vector chunks of one model: each call of :meth:`magnitudes` is one pass."""
-
-    def __init__(self, model: torch.Tensor, base: torch.Tensor, chunk: int) -> None:
-        self.model, self.base, self.chunk = model, base, chunk
-        self.n = base.numel()
-
-    def delta(self, start: int, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Entries ``start:start + chunk`` of the task vector in ``out`` (float32), given
-        that chunk of the base in float32 (every difference is a float32 one)."""
-        stop = min(start + self.chunk, self.n)
-        return out[: stop - start].copy_(self.model[start:stop]).sub_(base)
-
-    def magnitudes(self) -> Any:
-        out = torch.empty(min(self.chunk, self.n))
-        base = torch.empty_like(out)
-        for start in range(0, self.n, self.chunk):
-            stop = min(start + self.chunk, self.n)
-            part = base[: stop - start].copy_(self.base[start:stop])
-            yield self.delta(start, out, part).abs_()
-
-    def sample(self) -> torch.Tensor | None:
-        if self.n <= _SAMPLED:
-            return None
-        stride = sample_stride(self.n)
-        return (
-            self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)
-        ).abs_()
-
-
-_TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # the least positive float32
-
-
-class _Cut:
-    """A top-k set as one comparison per chunk: ``|tau| >= at`` before flat index ``cutoff``
-    and ``|tau| > at`` from it on (ties at the threshold go to the lower index); zeros never
-    belong (the threshold is at least the least positive float32)."""
-
-    def __init__(self, selection: TensorSelection | None) -> None:
-        if selection is None:  # every entry: every non-zero one
-            self.at, self.cutoff = _TINY, None
-        else:
-            self.at, self.cutoff = max(selection.value, _TINY), selection.cutoff
-        self.above = float(torch.nextafter(torch.tensor(self.at), torch.tensor(float("inf"))))
-
-    def bound(self, start: int, length: int) -> float | int:
-        """The threshold of ``>=`` over entries ``start:start + length``, or the position
-        inside them where it changes from ``at`` to ``above``."""
-        if self.cutoff is None or self.cutoff >= start + length:
-            return self.at
-        if self.cutoff <= start:
-            return self.above
-        return self.cutoff - start  # an int: the block is split
-
-
-def _cuts(chunks: _Chunks, counts: list[int]) -> dict[int, _Cut]:
-    """The top-k set of each count, found exactly (see :func:`select_top_ks`)."""
-    wanted = sorted({k for k in counts if k < chunks.n})
-    found = {k: _Cut(None) for k in counts if k >= chunks.n}
-    if wanted:
-        thresholds = select_top_ks(chunks.magnitudes, wanted, chunks.n, chunks.sample())
-        for k, threshold in zip(wanted, thresholds):
-            found[k] = _Cut(TensorSelection.of(threshold, chunks.magnitudes))
-    return found
-
-
-def _members(
-    magnitudes: torch.Tensor, cuts: Sequence[_Cut], start: int, out: torch.Tensor
-) -> torch.Tensor:
-    """0/1 floats (N, L): whether each entry is in its model's top-k set."""
-    length = magnitudes.shape[1]
-    # comparisons into float buffers, row by row: much faster than into bool tensors
-    for i, cut in enumerate(cuts):
-        bound = cut.bound(start, length)
-        if isinstance(bound, float):
-            torch.ge(magnitudes[i], bound, out=out[i])
-        else:
-            torch.ge(magnitudes[i, :bound], cut.at, out=out[i, :bound])
-            torch.ge(magnitudes[i, bound:], cut.above, out=out[i, bound:])
-    return out
-
-
 def _gram(rows: torch.Tensor, into: np.ndarray) -> None:
     """Add the pairwise dot products of ``rows`` (N, L) to ``into``: one dot per pair for a
     few rows (faster than a matrix product of this shape), a matrix product for more."""
@@ -323,31 +243,6 @@ def _gram(rows: torch.Tensor, into: np.ndarray) -> None:
             into[i, j] += value
             if i != j:
                 into[j, i] += value
-
-
-class _Election:
-    """Running counts of non-zero and rejected entries per model, chunk by chunk."""
-
-    def __init__(self, n_models: int, consensus: Consensus) -> None:
-        self.nonzero = np.zeros(n_models)
-        self.dropped = np.zeros(n_models)
-        self.consensus = consensus
-
-    def add(self, values: torch.Tensor, signs: torch.Tensor, tally: torch.Tensor) -> None:
-        """``values`` (N, L): the weighted, trimmed task vectors; ``signs`` a buffer like it
-        and ``tally`` one of length L."""
-        torch.sign(values, out=signs)
-        votes = signs if self.consensus == "count" else values
-        tally.copy_(votes[0])
-        for row in votes[1:]:
-            tally.add_(row)
-        elected = tally.sign_().add_(0.5).sign_()  # +1 where the tally is >= 0 (zero elects +)
-        for i, row in enumerate(signs):
-            # |s| counts the non-zero entries; s . elected is agreeing minus rejected ones
-            # (float sums of +-1 are exact within a chunk)
-            nonzero = float(torch.dot(row, row))
-            self.nonzero[i] += nonzero
-            self.dropped[i] += (nonzero - float(torch.dot(row, elected))) / 2
 
 
 def tensor_figures(
@@ -552,11 +447,11 @@ def _accumulate(
     overlap_k = [kept_count(d, n) for d in overlap]
     conflict_k = [kept_count(d, n) for d in conflict]
     trimmed = overlap_k != conflict_k
-    overlap_cuts: list[_Cut] = []
-    conflict_cuts: list[_Cut] = []
+    overlap_cuts: list[Cut] = []
+    conflict_cuts: list[Cut] = []
     if signs:
-        models = [_Chunks(flat, base_flat, chunk) for flat in flats]
-        cuts = [_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
+        models = [TaskVectorChunks(flat, base_flat, chunk) for flat in flats]
+        cuts = [find_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
         overlap_cuts = [c[k] for c, k in zip(cuts, overlap_k)]
         conflict_cuts = [c[k] for c, k in zip(cuts, conflict_k)]
     untrimmed = all(k >= n for k in conflict_k)  # the election sees every entry
@@ -564,8 +459,8 @@ def _accumulate(
     weight_column = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
     gram = np.zeros((n_models, n_models))
     shared = np.zeros((n_models, n_models))
-    election = _Election(n_models, consensus_method)
-    trimmed_election = _Election(n_models, consensus_method) if trimmed else None
+    election = Election(n_models, consensus_method)
+    trimmed_election = Election(n_models, consensus_method) if trimmed else None
     taus_buffer = torch.empty(n_models, chunk)
     width = chunk if signs else 0  # the buffers of the sign figures, when measured
     magnitudes_buffer = torch.empty(n_models, width)
@@ -585,7 +480,7 @@ def _accumulate(
         if not signs:
             continue
         magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
-        sets = _members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
+        sets = members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
         _gram(sets, shared)
         values = values_buffer[:, :length]
         sign_buffer = signs_buffer[:, :length]
@@ -595,7 +490,7 @@ def _accumulate(
         elif not trimmed:
             torch.mul(taus, sets, out=values)
         else:
-            torch.mul(taus, _members(magnitudes, conflict_cuts, start, values), out=values)
+            torch.mul(taus, members(magnitudes, conflict_cuts, start, values), out=values)
         if not unweighted and not untrimmed:
             values.mul_(weight_column)
         election.add(values, sign_buffer, tally)
