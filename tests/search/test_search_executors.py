@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import pickle
 import sys
 import types
 
@@ -168,3 +169,16 @@ def test_function_the_workers_cannot_import_is_refused(monkeypatch) -> None:  # 
     assert "\n" not in message and "module level" in message
     # a partial of a module-level function is sent and gives the direct result
     assert LocalExecutor(workers=2).map(functools.partial(operator.mul, 2), [1, 2, 3]) == [2, 4, 6]
+
+
+def test_a_score_on_slices_pickles_only_its_own_examples() -> None:
+    x, y = torch.randn(4000, 50), torch.randint(0, 3, (4000,))
+    batches = [(x[i : i + 1000], y[i : i + 1000]) for i in range(0, 4000, 1000)]
+    score = nll_score(torch.nn.Linear(50, 3), batches)
+    data_bytes = x.numel() * 4 + y.numel() * 8
+    # torch pickles a view with its whole storage: four slices would carry x four times
+    assert len(pickle.dumps(score)) < 1.1 * data_bytes
+    again = pickle.loads(pickle.dumps(score))
+    weights = {"weight": torch.randn(3, 50), "bias": torch.zeros(3)}
+    assert again(weights) == score(weights)
+    assert score.data[0][0].data_ptr() == x.data_ptr()  # the score itself keeps the views

@@ -118,3 +118,14 @@ def test_shard_batches_then_sharded_equals_one_run(statistic: str) -> None:
     assert split.n_examples == whole.n_examples == 20
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_shards_hold_their_own_examples_only() -> None:
+    x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    shards = shard_batches([(x[:60], y[:60]), (x[60:], y[60:])], 4, n_examples=100)
+    for shard in shards:
+        for inputs, labels in shard:
+            # a view of x would pickle all of x to its worker
+            assert inputs.untyped_storage().nbytes() == inputs.numel() * 4
+            assert labels.untyped_storage().nbytes() == labels.numel() * 8
+    assert torch.equal(torch.cat([b[0] for shard in shards for b in shard]), x)

@@ -84,6 +84,13 @@ def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a compact copy when it is a view into a larger storage."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 class _ModelScore:
     """``score(state_dict)``: a per-batch sum over fixed batches, divided by the sample count.
 
@@ -106,6 +113,13 @@ class _ModelScore:
 
     def __repr__(self) -> str:
         return f"{self.__name__}({type(self.model).__name__}, {self.total} samples)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A batch that is a slice of a larger tensor would pickle that whole tensor
+        # (torch pickles storages): send each batch's own elements only.
+        state = dict(self.__dict__)
+        state["data"] = [(_own(x), _own(y)) for x, y in self.data]
+        return state
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor]) -> float:
         check_model_keys(self.model, state_dict, self.__name__)

@@ -71,10 +71,21 @@ class _ShardTask:
         return STATISTICS[self.statistic](self.model, shard.batches, **self.options)
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a compact copy when it is a view into a larger storage.
+
+    Pickling a view sends its whole storage: a shard cut from a batch would
+    carry the entire batch (or the entire dataset it was sliced from) to its worker.
+    """
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def _slice(inputs: Inputs, start: int, stop: int) -> Inputs:
     if isinstance(inputs, torch.Tensor):
-        return inputs[start:stop]
-    return {key: value[start:stop] for key, value in inputs.items()}
+        return _own(inputs[start:stop])
+    return {key: _own(value[start:stop]) for key, value in inputs.items()}
 
 
 def shard_batches(
@@ -86,7 +97,9 @@ def shard_batches(
     is bounded by that many examples) and split into shards whose sizes differ
     by at most one; a batch that straddles a boundary is cut in two. Batches
     keep their form: ``(inputs, labels)`` or inputs, a tensor or a mapping of
-    tensors (padding is kept, so a sequence keeps its length).
+    tensors (padding is kept, so a sequence keeps its length). Pieces that are
+    views into larger tensors are copied, so that each shard pickles (to go
+    to a worker) with its own examples only.
 
     Parameters
     ----------
@@ -138,7 +151,7 @@ def shard_batches(
         while start < batch.size:
             stop = start + min(batch.size - start, bounds[shard] - seen)
             inputs = _slice(batch.inputs, start, stop)
-            labels = None if batch.labels is None else batch.labels[start:stop]
+            labels = None if batch.labels is None else _own(batch.labels[start:stop])
             shards[shard].append(inputs if labels is None else (inputs, labels))
             seen += stop - start
             start = stop
