@@ -397,8 +397,11 @@ def run_rounds(
         fisher_examples=fed.fisher_examples,
     )
     runs: dict[tuple[int, str], RunOutcome] = {}
+    # two CPUs per ClientApp actor: one actor on a two-core machine. A client's round takes
+    # milliseconds, while each actor process costs seconds to start (it imports torch and
+    # Flower), which competes with this process for the cores
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": 2, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
     stop = threading.Event()
