@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import operator
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -150,3 +153,18 @@ def test_a_dying_worker_is_one_executor_error() -> None:
     message = str(caught.value)
     assert message.startswith("LocalExecutor(workers=2): a worker process died while running item 0")
     assert "use fewer workers" in message and "\n" not in message
+
+
+def test_a_failing_item_stops_the_items_still_running() -> None:
+    def waited(*_: object) -> None:  # a guard against a hang, not a timing assertion
+        raise AssertionError("map waited for the items still running after one failed")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(300)
+    try:
+        with pytest.raises(ValueError, match=r"item 0 \(-1\): sleep length must be non-negative"):
+            LocalExecutor(workers=2).map(time.sleep, [-1, 3600, 3600])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [p for p in multiprocessing.active_children() if p.is_alive()] == []

@@ -133,6 +133,16 @@ def _shutdown(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Stop the pool at once: pending items cancelled, running ones killed (Ctrl-C, an error)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
+
 class LocalExecutor:
     """Run items in this process (``workers=1``) or on a pool of local processes.
 
@@ -266,10 +276,14 @@ class LocalExecutor:
                 except Exception as error:
                     _reraise(index, item, error)
             return results
-        except BaseException:
+        except BaseException:  # an item failed, or Ctrl-C: do not wait for the others
             for future in futures:
                 future.cancel()
-            self.close()
+            finalizer = self._finalizer
+            self._pool, self._pool_function, self._finalizer = None, None, None
+            if finalizer is not None:
+                finalizer.detach()
+            _terminate(pool)
             raise
 
 
