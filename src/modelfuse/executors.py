@@ -31,6 +31,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -111,6 +112,8 @@ def _load_function(payload: bytes, threads: int) -> None:
     the machine.
     """
     global _worker_function, _worker_load_error
+    # Ctrl-C reaches the whole process group: the caller handles it and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _worker_function = pickle.loads(payload)
         _worker_load_error = None
