@@ -132,6 +132,13 @@ def _call_function(item: Any) -> Any:
     return _worker_function(item)
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system says), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _shutdown(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -167,8 +174,9 @@ class LocalExecutor:
     a few seconds with torch. The function (with everything it holds, e.g. the
     models of a search) is sent once per process, not once per item, and the
     processes are kept for the next :meth:`map` with the same function object.
-    Each worker gives torch its share of the cores (``os.cpu_count() //
-    workers`` threads), so the workers do not compete for them.
+    Each worker gives torch its share of the cores this process may use
+    (their number divided by ``workers``, at least one thread), so the
+    workers do not compete for them.
     Call :meth:`close` or use the executor as a context manager to stop them
     early; they also stop when the executor is garbage-collected.
 
@@ -233,7 +241,7 @@ class LocalExecutor:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_load_function,
-            initargs=(payload, max(1, (os.cpu_count() or 1) // workers)),
+            initargs=(payload, max(1, _usable_cpus() // workers)),
         )
         self._pool, self._pool_function = pool, function
         self._finalizer = weakref.finalize(self, _shutdown, pool)
