@@ -35,6 +35,7 @@ from modelfuse.demo.evaluate import Entry, MetricRow, accuracy_of, log_probabili
 from modelfuse.demo.partition import ClientIndices, client_parts, dirichlet_partition
 from modelfuse.demo.settings import DemoSettings, FederatedSettings
 from modelfuse.errors import ConfigError
+from modelfuse.federated.personalize import PersonalizationResult
 
 __all__ = [
     "AGGREGATORS",
@@ -233,7 +234,7 @@ class ScenarioResult:
     curves: dict[str, list[tuple[int, float, float]]]
     rows: list[MetricRow]
     chosen: str
-    personalization: Any
+    personalization: PersonalizationResult
     skipped: list[str]
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "federated_rounds_figure",
@@ -129,8 +133,8 @@ def per_task_plot(
 Panel = tuple[str, Mapping[str, Sequence[tuple[int, float, float]]], float | None]
 
 
-def federated_rounds_figure(panels: Sequence[Panel]):  # noqa: ANN201
-    """The figure of :func:`federated_rounds_plot` (a :class:`matplotlib.figure.Figure`)."""
+def federated_rounds_figure(panels: Sequence[Panel]) -> Figure:
+    """The figure of :func:`federated_rounds_plot`, not yet saved."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5.2 * len(panels), 3.9), layout="constrained")
