@@ -329,15 +329,16 @@ def _server_app(
 @contextmanager
 def _quiet_engine() -> Iterator[None]:
     """Flower's and Ray's console output off, no telemetry or usage statistics sent (unless
-    the environment asks for them), and everything changed restored afterwards; Ray is shut
-    down when this run started it."""
+    the environment asks for them), and everything changed restored afterwards, except
+    Flower's telemetry switch: Flower sends its run events from threads that may still run
+    when this returns, so it stays off in this process unless ``FLWR_TELEMETRY_ENABLED`` is
+    set. Ray is shut down when this run started it."""
     import ray
     from flwr.supercore import telemetry
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     saved_env = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
-    saved_telemetry = telemetry.FLWR_TELEMETRY_ENABLED
     started_ray = not ray.is_initialized()
     flwr_logger.setLevel(logging.ERROR)
     if "FLWR_TELEMETRY_ENABLED" not in os.environ:
@@ -358,7 +359,6 @@ def _quiet_engine() -> Iterator[None]:
                 gc.collect()  # Ray's process handles are collected while their warning is off
     finally:
         flwr_logger.setLevel(level)
-        telemetry.FLWR_TELEMETRY_ENABLED = saved_telemetry
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
