@@ -191,6 +191,8 @@ def statistics_command(
             f"-o {output}: would replace {replaced}; write the statistics to another file, "
             "e.g. -o fisher.safetensors"
         )
+    if ray_address is not None and not _import_ray().is_initialized():
+        _check_reachable(ray_address)  # before the model and the data are loaded
     _run(
         what,  # type: ignore[arg-type]
         output,
@@ -207,6 +209,18 @@ def statistics_command(
         ray_address=ray_address,
         quiet=quiet,
     )
+
+
+def _import_ray() -> Any:
+    """The ray module, or a ConfigError naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--ray-address: Ray is not installed; install it with pip install 'modelfuse[ray]', "
+            "or use --workers N for local processes"
+        ) from None
+    return ray
 
 
 def _check_reachable(address: str) -> None:
@@ -234,16 +248,9 @@ def _executor(workers: int | None, ray_address: str | None) -> Iterator[tuple[Ex
         with LocalExecutor(workers=workers or 1) as local:
             yield local, workers or 1
         return
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(
-            "--ray-address: Ray is not installed; install it with pip install 'modelfuse[ray]', "
-            "or use --workers N for local processes"
-        ) from None
+    ray = _import_ray()
     started = not ray.is_initialized()
     if started:
-        _check_reachable(ray_address)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Ray's own tips and notices, not the user's
