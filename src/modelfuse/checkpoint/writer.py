@@ -684,13 +684,17 @@ class CheckpointWriter:
             not relative_name
             or relative.is_absolute()
             or ".." in relative.parts
-            or relative_name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+            or (
+                len(relative.parts) == 1
+                and relative_name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+            )
             or relative.parts[0] == MARKER_NAME
         ):
             raise ValueError(
                 f"{self.out}: extra file name {relative_name!r} must be a relative path inside "
-                "the output that does not look like a weight file or shard index (those would "
-                "be mistaken for the checkpoint's own weights)"
+                "the output that does not look like a weight file or shard index beside the "
+                "checkpoint's own (those would be mistaken for its weights; a subfolder may "
+                "hold some)"
             )
         with self._lock:
             self._check_open(f"add_file({relative_name!r})")

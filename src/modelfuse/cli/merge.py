@@ -135,6 +135,13 @@ def merge_command(
             "--allow-crimes); tensor names and shapes must still match"
         ),
     ] = False,
+    allow_prefix: Annotated[
+        bool,
+        typer.Option(
+            help="match models whose tensor names differ by a prefix (a classifier's 'bert.' "
+            "around a BertModel base), as the configuration key allow_prefix: true"
+        ),
+    ] = False,
     random_seed: Annotated[
         int | None,
         typer.Option(
@@ -203,6 +210,11 @@ def merge_command(
     return_freed_memory_promptly()
     from modelfuse.merge.multistage import is_multistage
 
+    if is_multistage(config) and allow_prefix:
+        raise ConfigError(
+            f"--allow-prefix: {config} holds several merges; set allow_prefix: true in the "
+            "documents that need it instead"
+        )
     if is_multistage(config):
         _merge_multistage(
             config,
@@ -236,6 +248,7 @@ def merge_command(
             overwrite=overwrite,
             allow_crimes=allow_crimes,
             random_seed=random_seed,
+            allow_prefix=allow_prefix,
         )
     except ModelfuseError as exc:
         _report_problems(exc)
@@ -268,6 +281,7 @@ def merge_command(
                 copy_tokenizer=copy_tokenizer,
                 allow_crimes=allow_crimes,
                 random_seed=random_seed,
+                allow_prefix=allow_prefix,
             )
     for w in caught:  # one line each, and once: plan_merge may have printed the same already
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -230,6 +230,16 @@ class MergeConfig(BaseModel):
     chat_template: str | None = Field(
         None, description="a built-in chat template name, auto, or a Jinja template"
     )
+    allow_prefix: bool = Field(
+        False,
+        description="match models whose tensor names differ by a prefix (a classifier's "
+        "'bert.' around a BertModel base); the output takes the reference's names",
+    )
+    heads: Literal["keep", "drop"] | None = Field(
+        None,
+        description="tensors only a model has (its task head): keep (written to "
+        "OUT/heads/NAME/) or drop; without it they are an error",
+    )
 
     _finite = field_validator("parameters")(classmethod(lambda cls, v: _finite_settings(v)))
 

@@ -14,6 +14,7 @@ from modelfuse.checkpoint import Checkpoint
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import MergeConfig, ModelEntry
 from modelfuse.merge.merge_method import MergeMethod
+from modelfuse.merge.name_matching import RenamedSource, find_prefix
 from modelfuse.merge.parameters import IgnoredParameterWarning, format_error
 from modelfuse.merge.plan import MergePlan, ModelInput, build_plan
 from modelfuse.merge.plan_parameters import check_keys
@@ -111,6 +112,8 @@ def model_plan(
     base = None
     if base_ckpt is not None and method.uses_base:
         base = ModelInput(label=config.base_model or "base", source=base_ckpt)
+    if config.allow_prefix:
+        match_prefixes(models, base, notes)
     return build_plan(
         method,
         models,
@@ -118,7 +121,25 @@ def model_plan(
         config.parameters or {},
         compute_dtype=compute,
         out_dtype=out_dtype,
+        heads=config.heads,
     )
+
+
+def match_prefixes(models: list[ModelInput], base: ModelInput | None, notes: list[str]) -> None:
+    """Show every model (and its statistics) under the reference's tensor names, where a
+    prefix makes them match (``allow_prefix``); one note per renamed model."""
+    reference = base if base is not None else models[0]
+    names = list(reference.source.keys())
+    for model in models:
+        if model is reference:
+            continue
+        found = find_prefix(names, list(model.source.keys()))
+        if not found:
+            continue
+        model.source = RenamedSource(model.source, found)
+        if model.statistics is not None:
+            model.statistics = RenamedSource(model.statistics, found)
+        notes.append(f"{model.label}: {found.describe()} ({reference.label}); matched by prefix")
 
 
 def _check_base_entry(method: MergeMethod, entry: ModelEntry) -> None:
@@ -146,6 +167,12 @@ def slice_plan(
     compute: torch.dtype | None,
     out_dtype: torch.dtype | None,
 ) -> MergePlan:
+    if config.allow_prefix or config.heads is not None:
+        key = "allow_prefix" if config.allow_prefix else "heads"
+        raise ConfigError(
+            f"{key}: works with models:, not with slices: (a slice names each source's "
+            "layers itself); list the models under models:, or remove it"
+        )
     slices = []
     for number, entry in enumerate(config.slices or []):
         sources = []

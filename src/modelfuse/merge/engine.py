@@ -29,6 +29,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.memory import peak_rss_bytes
 from modelfuse.merge.config import MergeConfig, load_config
 from modelfuse.merge.execute import default_threads, execute_plan
+from modelfuse.merge.heads import head_files
 from modelfuse.merge.open_inputs import open_inputs
 from modelfuse.merge.output_files import model_card_text, resolved_yaml, updated_model_config
 from modelfuse.merge.parameters import short
@@ -93,6 +94,13 @@ def _with_seed(config: MergeConfig, random_seed: int | None) -> MergeConfig:
     return config.model_copy(update={"parameters": parameters})
 
 
+def _with_prefix(config: MergeConfig, allow_prefix: bool) -> MergeConfig:
+    """The configuration with ``allow_prefix`` on when asked (``--allow-prefix``)."""
+    if allow_prefix and not config.allow_prefix:
+        return config.model_copy(update={"allow_prefix": True})
+    return config
+
+
 def plan_merge(
     config: str | Path | dict[str, Any] | MergeConfig,
     out: str | Path | None = None,
@@ -100,6 +108,7 @@ def plan_merge(
     overwrite: bool = False,
     allow_crimes: bool = False,
     random_seed: int | None = None,
+    allow_prefix: bool = False,
 ) -> MergePlan:
     """Open the inputs and plan the merge without merging; every problem is raised together.
 
@@ -110,7 +119,7 @@ def plan_merge(
     out : path, optional
         The output folder: an existing one (without ``overwrite``) or one that
         is or holds an input is a problem too.
-    overwrite, allow_crimes, random_seed
+    overwrite, allow_crimes, random_seed, allow_prefix
         As for :func:`merge`.
 
     Raises
@@ -124,7 +133,7 @@ def plan_merge(
     """
     cfg, folder = load_config(config)
     return open_inputs(
-        _with_seed(cfg, random_seed),
+        _with_prefix(_with_seed(cfg, random_seed), allow_prefix),
         folder,
         out=out,
         overwrite=overwrite,
@@ -202,6 +211,7 @@ def merge(
     copy_tokenizer: bool = True,
     allow_crimes: bool = False,
     random_seed: int | None = None,
+    allow_prefix: bool = False,
 ) -> MergeResult:
     """Merge checkpoints on disk as a configuration says, streaming tensor by tensor.
 
@@ -235,6 +245,12 @@ def merge(
     random_seed : int, optional
         The seed of a method's random draws (DARE's ``random_seed``) when the
         configuration does not set it; recorded in ``modelfuse.yaml``.
+    allow_prefix : bool, default False
+        Turn on the configuration's ``allow_prefix``: models whose tensor names
+        are the reference's behind a prefix (a ``BertForSequenceClassification``
+        fine-tune of a ``BertModel`` base) are matched; the output takes the
+        reference's names. With ``heads: keep`` in the configuration, each
+        model's own tensors (its task head) go to ``OUT/heads/NAME/``.
 
     Returns
     -------
@@ -270,7 +286,7 @@ def merge(
     """
     started = time.perf_counter()
     cfg, folder = load_config(config)
-    cfg = _with_seed(cfg, random_seed)
+    cfg = _with_prefix(_with_seed(cfg, random_seed), allow_prefix)
     budget = parse_size(shard_size)
     workers = default_threads() if threads is None else int(threads)
     if workers < 1:
@@ -324,6 +340,10 @@ def merge(
                 )
                 if copied:
                     notes.append(f"copied {', '.join(copied)} from {opened.files_from}")
+            for folder_name, content in head_files(plan):
+                writer.add_file(folder_name, content)
+            if plan.heads:
+                notes.append(f"task heads of {len(plan.heads)} models written to heads/")
             writer.add_file("modelfuse.yaml", resolved_yaml(cfg, opened.located))
             if model_card:
                 writer.add_file("README.md", model_card_text(cfg, plan, opened.located))

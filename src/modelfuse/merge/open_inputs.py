@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,7 @@ def open_inputs(
             except ModelfuseError as exc:
                 problems.add_error(exc)
         if not allow_crimes:
-            crime = _mixed_architectures(opened)
+            crime = _mixed_architectures(opened, by_family=config.allow_prefix)
             if crime is not None:
                 problems.add(crime, CheckpointError)
         if config_file is not None:
@@ -257,14 +258,24 @@ def _architecture(checkpoint: Checkpoint) -> str | None:
     return short(kind) if isinstance(kind, str) else None
 
 
-def _mixed_architectures(opened: Mapping[str, Checkpoint]) -> str | None:
-    """A problem when the model folders name different architectures, as mergekit refuses."""
+_TASK_CLASS = re.compile(r"(?:For[A-Za-z]+|LMHeadModel|Model)$")
+
+
+def _mixed_architectures(opened: Mapping[str, Checkpoint], *, by_family: bool = False) -> str | None:
+    """A problem when the model folders name different architectures, as mergekit refuses.
+
+    With ``by_family`` (``allow_prefix``), a backbone and task classes around it are one
+    architecture: ``BertModel`` and ``BertForSequenceClassification`` are both ``Bert``.
+    """
     found: dict[str, str] = {}
+    families: set[str] = set()
     for location, checkpoint in opened.items():
         name = _architecture(checkpoint)
         if name is not None:
             found.setdefault(name, location)
-    if len(found) < 2:
+            bare = name.strip("'\"")
+            families.add(_TASK_CLASS.sub("", bare) or bare)
+    if len(found) < 2 or (by_family and len(families) < 2):
         return None
     listed = "; ".join(f"{short(where)}: {name}" for name, where in found.items())
     return (

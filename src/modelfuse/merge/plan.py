@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from modelfuse.merge.merge_method import MergeMethod
+from modelfuse.merge.name_matching import is_buffer
 from modelfuse.merge.plan_parameters import (
     ValueProblem,
     ValueProblems,
@@ -112,6 +113,8 @@ class MergePlan:
     compute_dtype: torch.dtype | None
     notes: list[str] = field(default_factory=list)
     layers: int | None = None  # the output's layer count when slices renumber layers
+    # ``heads: keep``: per model, the tensors only it has (its task head), written beside
+    heads: list[tuple[ModelInput, list[str]]] = field(default_factory=list)
 
     @property
     def reference(self) -> ModelInput:
@@ -230,6 +233,7 @@ def build_plan(
     *,
     compute_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    heads: Literal["keep", "drop"] | None = None,
 ) -> MergePlan:
     """Check the inputs against each other and resolve every tensor's parameters.
 
@@ -238,7 +242,13 @@ def build_plan(
     tensors (``embed``, ``lm_head``, ``wte``, ``word_embeddings``) whose first
     dimension differs between models (a fine-tune that added tokens) are
     merged on their shared rows; the extra rows are kept from the model that
-    has the most, and the plan's notes say so.
+    has the most, and the plan's notes say so. Buffers (integer tensors such as
+    ``position_ids``, caches such as ``inv_freq``; see
+    :func:`~modelfuse.merge.name_matching.is_buffer`) that only some inputs
+    store are copied from the base, else the first model that has one. The
+    tensors only a model has (a task head) are an error unless ``heads`` is
+    ``"keep"`` (listed in the plan's ``heads``, written beside the merge) or
+    ``"drop"``.
 
     Raises
     ------
@@ -260,28 +270,48 @@ def build_plan(
     values = ValueProblems()
 
     reference = base if base is not None else models[0]
-    ref_names = reference.source.keys()
     everyone = ([base] if base is not None else []) + list(models)
     mismatches: list[str] = []
+    notes: list[str] = []
+    carried = carried_buffers(everyone, notes)
+    ref_names = list(reference.source.keys())
+    ref_names += [n for n in carried if n not in reference.source]
     ref_set = set(ref_names)
-    for model in everyone:
+    head_names: dict[int, list[str]] = {}
+    for number, model in enumerate(everyone):
         if model is reference:
             continue
         names = set(model.source.keys())
         for n in ref_names:
-            if n not in names:
+            if n not in names and n not in carried:
                 mismatches.append(
                     f"tensor {n} is in {reference.label} but missing from {model.label}"
                 )
         for n in model.source.keys():
-            if n not in ref_set:
+            if n in ref_set:
+                continue
+            if heads is not None and model is not base:
+                head_names.setdefault(number, []).append(n)
+            else:
+                hint = " (a task head? set heads: keep or heads: drop)" if heads is None else ""
                 mismatches.append(
-                    f"tensor {n} is in {model.label} but missing from {reference.label}"
+                    f"tensor {n} is in {model.label} but missing from {reference.label}{hint}"
                 )
+    kept_heads = [(everyone[i], names) for i, names in head_names.items()]
+    notes += [
+        f"{model.label}: {len(names)} tensors of its own (its head: {_listed(names)}) "
+        + ("written to heads/" if heads == "keep" else "dropped (heads: drop)")
+        for model, names in kept_heads
+    ]
     positions = layer_position(ref_names)
     tasks = []
-    notes: list[str] = []
     for name in ref_names:
+        if name in carried:
+            owner = carried[name]
+            info = owner.source.info(name)
+            shape = tuple(int(x) for x in info.shape)
+            tasks.append(TensorTask(name, shape, info.dtype, "copy", {}, 0.0, (owner,), (name,)))
+            continue
         if not all(name in m.source for m in everyone):
             continue  # reported above
         shape, shared, extra = compare_inputs(name, [(m, name) for m in everyone], mismatches)
@@ -328,4 +358,37 @@ def build_plan(
         )
     raise_all(problems, mismatches, values)
     warn_ignored(ignored)
-    return MergePlan(method, list(models), base, tasks, compute_dtype, notes)
+    plan = MergePlan(method, list(models), base, tasks, compute_dtype, notes)
+    if heads == "keep":
+        plan.heads = kept_heads
+    return plan
+
+
+def carried_buffers(everyone: Sequence[ModelInput], notes: list[str]) -> dict[str, ModelInput]:
+    """Buffers that some inputs store and others do not, each with the input it is copied
+    from (the base, which comes first, else the first model that has it); one note says so.
+    A float tensor that is not a known buffer is never carried (its absence is an error)."""
+    present: dict[str, list[ModelInput]] = {}
+    for model in everyone:
+        for name in model.source.keys():
+            present.setdefault(name, []).append(model)
+    carried: dict[str, ModelInput] = {}
+    for name, holders in present.items():
+        if len(holders) == len(everyone):
+            continue
+        if all(is_buffer(name, m.source.info(name).dtype) for m in holders):
+            carried[name] = holders[0]
+    if carried:
+        by_owner: dict[str, list[str]] = {}
+        for name, owner in carried.items():
+            by_owner.setdefault(owner.label, []).append(name)
+        notes.append(
+            "buffers that not every model stores, carried over: "
+            + "; ".join(f"{_listed(names)} from {label}" for label, names in by_owner.items())
+        )
+    return carried
+
+
+def _listed(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import resolve_dtype
+from modelfuse.merge.config_plan import match_prefixes
 from modelfuse.merge.execute import execute_plan
 from modelfuse.merge.plan import ModelInput, TensorTask, build_plan
 from modelfuse.merge.registry import get_method
@@ -66,6 +67,8 @@ def merge_state_dicts(
     dtype: str | None = None,
     out_dtype: str | None = None,
     threads: int = 1,
+    allow_prefix: bool = False,
+    heads: Literal["drop"] | None = None,
     **parameters: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge state dicts in memory with any registered method.
@@ -91,6 +94,15 @@ def merge_state_dicts(
         (default: the input's). Accumulation is in float32 either way.
     threads : int, default 1
         Tensors merged at once.
+    allow_prefix : bool, default False
+        Match models whose names differ by a prefix (a classifier's ``bert.``
+        around a ``BertModel`` base); the result takes the reference's names
+        (the base's, else the first model's).
+    heads : {"drop"}, optional
+        Leave out the tensors only some models have (their task heads) instead
+        of refusing them; put a head back with
+        :func:`~modelfuse.merge.name_matching.with_merged_backbone`. Buffers
+        (``position_ids``, ...) only some models store are copied either way.
     **parameters
         Global parameter settings (scalars, gradients or name filters), as
         under ``parameters`` in a configuration; ``lambda`` may be given as
@@ -127,6 +139,12 @@ def merge_state_dicts(
         raise ConfigError(f"statistics: {len(stats)} entries for {n} models; give one per model")
     if "lambda_" in parameters:
         parameters["lambda"] = parameters.pop("lambda_")
+    if heads not in (None, "drop"):
+        raise ConfigError(
+            f"heads: {str(heads)[:40]!r} is not an option in memory; heads='drop' leaves them "
+            "out (each model's head stays in its own state dict: with_merged_backbone puts "
+            "one back)"
+        )
 
     models = [
         ModelInput(
@@ -138,6 +156,8 @@ def merge_state_dicts(
         for i, sd in enumerate(state_dicts)
     ]
     base_input = None if base is None else ModelInput("base", StateDictSource(base, "base"))
+    if allow_prefix:
+        match_prefixes(models, base_input, [])
     plan = build_plan(
         merge_method,
         models,
@@ -145,6 +165,7 @@ def merge_state_dicts(
         parameters,
         compute_dtype=resolve_dtype(dtype),
         out_dtype=resolve_dtype(out_dtype, key="out_dtype"),
+        heads=heads,
     )
     out: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
