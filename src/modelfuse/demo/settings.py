@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = ["FULL", "QUICK", "DemoSettings", "FederatedSettings", "settings_for"]
@@ -160,19 +160,7 @@ QUICK = DemoSettings(
     inner_splits=2,
     wise_alphas=6,
     caruana_rounds=10,
-    federated=FederatedSettings(
-        n_clients=10,
-        concentrations=(0.3, 10.0),
-        rounds=6,
-        aggregators=_AGGREGATORS,
-        hidden=64,
-        local_epochs=2,
-        batch_size=16,
-        learning_rate=0.2,
-        participation=(0.3, 1.0),
-        min_client_size=40,
-        fisher_examples=256,
-    ),
+    federated=replace(FULL.federated, rounds=6),
 )
 """A smaller run for a first look and for the tests (``--quick``)."""
 
