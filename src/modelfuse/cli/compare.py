@@ -136,7 +136,7 @@ def compare_command(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="the report folder to create")],
     reference: Annotated[
-        str | None, typer.Option(help="the candidate the others are compared with [default: first]")
+        str | None, typer.Option(help="the candidate the others are compared with (default: first)")
     ] = None,
     metric: Annotated[str, typer.Option(help=METRIC_NAMES)] = "accuracy",
     kind: Annotated[
@@ -162,8 +162,8 @@ def compare_command(
     n_permutations: Annotated[
         int | None,
         typer.Option(
-            help="resamples (or permutations) behind each test's p-value [default: enough "
-            "that the smallest Holm-adjusted p is 0.005, at least --n-resamples]",
+            help="resamples (or permutations) behind each test's p-value (default: enough "
+            "that the smallest Holm-adjusted p is 0.005, at least --n-resamples)",
             min=100,
             max=1_000_000,
             show_default=False,

@@ -94,7 +94,7 @@ def merge_command(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", "-j", help="tensors merged at once [default: all cores]", min=1),
+        typer.Option("--threads", "-j", help="tensors merged at once (default: all cores)", min=1),
     ] = None,
     shard_size: Annotated[
         str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")

@@ -147,7 +147,7 @@ def statistics_command(
     ] = "exact",
     n_examples: Annotated[
         int | None,
-        typer.Option(help="examples used [default: 4096 for fisher, 1000 for gram]", min=1),
+        typer.Option(help="examples used (default: 4096 for fisher, 1000 for gram)", min=1),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="texts per batch", min=1)] = 16,
     max_length: Annotated[int, typer.Option(help="tokens kept per text", min=1)] = 256,
@@ -155,7 +155,7 @@ def statistics_command(
         int | None,
         typer.Option(
             help="data shards computed in parallel: local processes, or Ray tasks with "
-            "--ray-address [default: 1; with --ray-address the cluster's CPUs]",
+            "--ray-address (default: 1; with --ray-address the cluster's CPUs)",
             min=1,
         ),
     ] = None,
