@@ -22,6 +22,7 @@ from modelfuse.merge.open_inputs import locate
 from modelfuse.merge.output_paths import expand_user
 from modelfuse.merge.parameters import short
 from modelfuse.merge.yaml_reading import (
+    MAX_DEPTH,
     read_config_text,
     read_yaml_documents,
 )
@@ -106,10 +107,16 @@ def is_multistage(path: str | Path) -> bool:
         text = read_config_text(Path(path))
     except (ModelfuseError, OSError):
         return False
-    documents = 0
+    documents = depth = 0
     try:  # parser events only: no node is built, no alias expanded
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.DocumentStartEvent):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:  # reading it as one merge says why it is refused
+                    return documents > 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
                     return True
