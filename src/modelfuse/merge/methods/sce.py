@@ -11,6 +11,7 @@ tensor merged in blocks of rows give the same bytes, whatever the threads.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -148,7 +149,7 @@ def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float,
     if masker is not None:  # the masker counts ties in chunk order: masks come in order
         masks: Iterator[torch.Tensor | None] = (masker(v) for v in inputs.variances())
     else:
-        masks = iter([None] * len(slices))
+        masks = itertools.repeat(None)
 
     def squares(item: tuple[slice, torch.Tensor | None]) -> list[float]:
         index, mask = item

@@ -214,8 +214,9 @@ class Sparsifier:
         self.recording = True
 
     def _record(self, keep: torch.Tensor, start: int) -> None:
+        # the mask is allocated once by start_recording, before chunks may run in parallel
         if self.mask is None:
-            self.mask = np.zeros((self.size + 7) // 8, dtype=np.uint8)
+            raise RuntimeError("drop masks are recorded only after start_recording()")
         if start % 8:
             raise RuntimeError(f"drop masks are recorded from chunks at multiples of 8, not {start}")
         bits = np.packbits(keep.reshape(-1).to(torch.uint8).numpy())
