@@ -42,15 +42,40 @@ def _probabilities(tau, d, e):
     return p.reshape(-1) if tau.ndim < 2 else np.moveaxis(p, -1, 1)
 
 
+def _kept(tau, d, e, u):
+    """The documented draw, written out: with v = 1 - u, an entry is kept when
+    v <= d - e, dropped when v > d + e, and otherwise kept when the entry at pick
+    j = ceil((m - 1) w) - 1 among the other m - 1 of its row (positions without its
+    own), w = (v - (d - e)) / 2e, ranks below it (smaller magnitude, or equal and
+    earlier). Rows along the second dimension; a 1-D tensor is one row."""
+    mag = np.abs(tau).astype(np.float32)
+    rows = mag.reshape(1, -1) if tau.ndim < 2 else np.moveaxis(mag, 1, -1)
+    draws = u.reshape(1, -1) if tau.ndim < 2 else np.moveaxis(u, 1, -1)
+    m = rows.shape[-1]
+    low = np.float32(d - e)
+    w = ((np.float32(1) - draws) - low) / np.float32(2 * e)
+    keep = np.zeros(rows.shape, dtype=bool)
+    for index in np.ndindex(rows.shape):
+        *row, i = index
+        if w[index] <= 0:
+            keep[index] = True
+        elif w[index] <= 1:
+            j = min(max(int(np.ceil(w[index] * np.float32(m - 1))) - 1, 0), m - 2)
+            other = j if j < i else j + 1
+            mine, theirs = rows[index], rows[(*row, other)]
+            keep[index] = theirs < mine or (theirs == mine and other < i)
+    keep = keep.reshape(-1) if tau.ndim < 2 else np.moveaxis(keep, -1, 1)
+    return keep.reshape(tau.shape)
+
+
 def _sparsified(tau, d, e, seed, how):
     if d >= 1:
         return tau
     u = _uniforms(tau.size, seed).reshape(tau.shape)
-    p = _probabilities(tau.astype(np.float32), d, e)
-    keep = (u + p >= np.float32(1)).astype(np.float64)
+    keep = _kept(tau.astype(np.float32), d, e, u).astype(np.float64)
     kept = tau * keep
     if how == "exact":
-        return kept / p.astype(np.float64)
+        return kept / _probabilities(tau.astype(np.float32), d, e).astype(np.float64)
     if how == "l1":
         before, after = np.abs(tau).sum(), np.abs(kept).sum()
         return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
@@ -352,3 +377,33 @@ def test_a_bad_epsilon_in_a_file_names_the_key(tmp_path):
         modelfuse.merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("epsilon", [0.4, -0.4])
+def test_equal_magnitudes_are_ranked_by_position(epsilon):
+    """Magnitudes 1, 1, 2, 2, 2, 3 ...: the stable rank is the column, so the kept
+    fraction per column follows the line d - e + 2 e r / (m - 1) with ties too, and
+    falls with the rank when epsilon is negative."""
+    row = torch.tensor([1.0, -1, 2, 2, -2, 3, 3, 3, -3, 3])
+    ramp = row.repeat(40000, 1)
+    out = della_linear([ramp], torch.zeros_like(ramp), density=0.5, epsilon=epsilon,
+                       rescale=False, random_seed=5)
+    rates = (out != 0).double().mean(0).numpy()
+    expected = 0.5 - epsilon + 2 * epsilon * np.arange(10) / 9
+    # Binomial(40000, p): 6 standard deviations is at most 0.015
+    assert np.abs(rates - expected).max() < 0.015
+
+
+def test_keep_rates_of_a_three_dimensional_tensor_follow_the_ranks_along_its_second_dimension():
+    g = torch.Generator().manual_seed(8)
+    tau = torch.randn(6, 5, 4, generator=g)
+    ranks = tau.abs().argsort(dim=1, stable=True).argsort(dim=1, stable=True).double()
+    expected = 0.3 + 0.4 * ranks / 4
+    draws = 6000
+    kept = sum(
+        (della_linear([tau], torch.zeros_like(tau), density=0.5, epsilon=0.2,
+                      rescale=False, random_seed=s) != 0).double()
+        for s in range(draws)
+    ) / draws
+    # Binomial(6000, p <= 0.7): 5 standard deviations is 0.03
+    assert (kept - expected).abs().max() < 0.03

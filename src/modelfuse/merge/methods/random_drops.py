@@ -1,7 +1,8 @@
 """Random drop masks that any block of a tensor draws alone: DARE's and DELLA's.
 
 DARE keeps each entry with probability ``density``; DELLA with a probability
-rising with the entry's magnitude rank in its row (:func:`della_probabilities`).
+rising with the entry's magnitude rank in its row (:func:`della_probabilities`),
+drawn without ranking the row (:func:`della_keep`).
 The draws of flat entry ``e`` come from a generator seeded by
 ``s + e // RANDOM_CHUNK`` (:func:`uniform_draws`), so a block of rows finds its
 own draws without drawing the ones before it.
@@ -18,6 +19,7 @@ __all__ = [
     "DELLA_ONE_ENTRY",
     "RANDOM_CHUNK",
     "della_groups",
+    "della_keep",
     "della_probabilities",
     "uniform_draws",
     "unpack_mask",
@@ -100,6 +102,74 @@ def della_probabilities(
     return probabilities.reshape(magnitudes.shape)
 
 
+def della_keep(
+    magnitudes: torch.Tensor,
+    draws: torch.Tensor,
+    density: float,
+    epsilon: float,
+    groups: tuple[int, int],
+) -> torch.Tensor:
+    r"""DELLA's keep decisions, each entry kept with its :func:`della_probabilities`, drawn
+    without ranking: 1.0 for a kept entry, 0.0 for a dropped one, written into ``draws``.
+
+    ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
+    :func:`uniform_draws`); with :math:`v = 1 - u`, :math:`a = d - \epsilon` and
+    :math:`b = d + \epsilon`, an entry is kept when :math:`v \le a`, dropped when
+    :math:`v > b`, and otherwise compared with one other entry of its group, the
+    one picked by where :math:`v` falls in :math:`(a, b]`: index
+    :math:`j = \lceil (m - 1)(v - a) / (b - a) \rceil - 1` among the :math:`m - 1`
+    others in position order. The entry is kept when that other entry ranks below
+    it (smaller magnitude, or equal and earlier). As the other entry is uniform
+    among the :math:`m - 1`, the entry of rank :math:`r` is kept with probability
+    :math:`a + (b - a)\, r / (m - 1)`, exactly the probability of
+    :func:`della_probabilities`, and independently of the other entries: the same
+    distribution of masks as a Bernoulli draw per entry after a sort of every
+    group, for the cost of one gather. The only difference is the resolution of
+    a float32 draw: each of the :math:`m - 1` picks has probability
+    :math:`(b - a) / (m - 1)` to within :math:`2^{-24}`. Groups of one entry are
+    kept with probability :math:`d` (:data:`DELLA_ONE_ENTRY`); a negative
+    :math:`\epsilon` compares the other way (the entry is kept when the other
+    one ranks above it), as the probabilities then fall with the rank.
+
+    Examples
+    --------
+    >>> ramp = torch.arange(1.0, 11.0).repeat(50000, 1)  # rank = column
+    >>> keep = della_keep(ramp, torch.rand(ramp.shape), 0.5, 0.4, (10, 1))
+    >>> rates = keep.mean(0)  # 0.1 for the smallest, 0.9 for the largest
+    >>> bool((rates - torch.linspace(0.1, 0.9, 10)).abs().max() < 0.02)
+    True
+    """
+    length, stride = groups
+    if length == 1 or epsilon == 0:  # one probability for every entry
+        p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
+        return draws.add_(p.add(density - epsilon)).floor_()
+    # a negative epsilon keeps the smaller magnitudes more often: the ranks run the other way
+    low, high = density - abs(epsilon), density + abs(epsilon)
+    keys = _magnitude_keys(magnitudes).view(-1, length, stride)
+    # where 1 - u falls in (low, high]: at most 0 below it (kept), above 1 beyond it (dropped)
+    band = torch.rsub(draws.view(keys.shape), 1.0).sub_(low).div_(high - low)
+    kept_anyway = band <= 0
+    in_band = band <= 1
+    pick = band.mul_(length - 1).ceil_().sub_(1).clamp_(0, length - 2).to(torch.int64)
+    earlier = pick < torch.arange(length).view(1, length, 1)
+    pick += ~earlier  # the m - 1 others: positions from 0 to m - 1 without this one
+    other = torch.gather(keys, 1, pick)
+    del pick
+    if epsilon > 0:  # the other entry ranks below this one
+        below = torch.lt(other, keys).logical_or_(torch.eq(other, keys).logical_and_(earlier))
+    else:  # ... above it
+        below = torch.gt(other, keys).logical_or_(torch.eq(other, keys).logical_and_(~earlier))
+    keep = below.logical_and_(in_band).logical_or_(kept_anyway)
+    return draws.copy_(keep.view(draws.shape))
+
+
+def _magnitude_keys(magnitudes: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the (non-negative) magnitudes, NaNs above everything and
+    equal among themselves."""
+    bits = magnitudes.to(torch.float32).contiguous().view(torch.int32)
+    return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
+
+
 _NAN_BITS = 0x7F800001
 """Every NaN's bit pattern (sign bit cleared) is clamped to this, just above inf's: NaNs
 rank above every number and among themselves by position, as torch's stable sort ranks them."""
@@ -113,8 +183,7 @@ def _rank_order(groups: torch.Tensor) -> torch.Tensor:
     shift = max(1, (length - 1).bit_length())
     if shift > 32:  # positions do not fit beside the 31 bits of a magnitude
         return torch.argsort(groups, dim=1, stable=True)
-    bits = groups.to(torch.float32).contiguous().view(torch.int32)
-    keys = bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS).to(torch.int64).numpy()
+    keys = _magnitude_keys(groups).to(torch.int64).numpy()
     np.left_shift(keys, shift, out=keys)
     np.bitwise_or(keys, np.arange(length, dtype=np.int64), out=keys)
     keys.sort(axis=1)

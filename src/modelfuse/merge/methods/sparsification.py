@@ -26,7 +26,12 @@ from modelfuse.merge.methods.magnitude_threshold import (
     TensorSelection,
     kept_count,
 )
-from modelfuse.merge.methods.random_drops import della_probabilities, uniform_draws, unpack_mask
+from modelfuse.merge.methods.random_drops import (
+    della_keep,
+    della_probabilities,
+    uniform_draws,
+    unpack_mask,
+)
 
 __all__ = [
     "RescaleMethod",
@@ -265,10 +270,13 @@ class Sparsifier:
                 # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
                 keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
             else:
-                p = della_probabilities(delta.abs(), self.density, self.epsilon, self.groups)
-                keep = uniform_draws(self.seed, start, buffer).add_(p).floor_()
+                magnitudes = delta.abs()
+                draws = uniform_draws(self.seed, start, buffer)
+                keep = della_keep(magnitudes, draws, self.density, self.epsilon, self.groups)
                 if self.per_entry:
-                    keep.div_(p)
+                    keep.div_(
+                        della_probabilities(magnitudes, self.density, self.epsilon, self.groups)
+                    )
             if self.recording:
                 self._record(keep, start)
             kept = delta.mul_(keep)
