@@ -43,27 +43,29 @@ def _probabilities(tau, d, e):
 
 
 def _kept(tau, d, e, u):
-    """The documented draw, written out: with v = 1 - u, an entry is kept when
-    v <= d - e, dropped when v > d + e, and otherwise kept when the entry at pick
-    j = ceil((m - 1) w) - 1 among the other m - 1 of its row (positions without its
-    own), w = (v - (d - e)) / 2e, ranks below it (smaller magnitude, or equal and
-    earlier). Rows along the second dimension; a 1-D tensor is one row."""
+    """The documented draw, written out: with a = d - e, b = d + e and m entries per
+    row, the draw u picks j = ceil((m - 1)(1 - u - a) / (b - a)) - 1; the entry is
+    kept when j < 0, dropped when j >= m, and otherwise kept when entry j of its row
+    (itself included) ranks below it (smaller magnitude, or equal and earlier).
+    When b + (b - a) / (m - 1) > 1 the rows are ranked: kept when u + p >= 1.
+    Rows along the second dimension; a 1-D tensor is one row."""
     mag = np.abs(tau).astype(np.float32)
     rows = mag.reshape(1, -1) if tau.ndim < 2 else np.moveaxis(mag, 1, -1)
     draws = u.reshape(1, -1) if tau.ndim < 2 else np.moveaxis(u, 1, -1)
     m = rows.shape[-1]
-    low = np.float32(d - e)
-    w = ((np.float32(1) - draws) - low) / np.float32(2 * e)
+    if d + e + 2 * e / (m - 1) > 1:
+        return u + _probabilities(tau, d, e) >= np.float32(1)
+    scale = (m - 1) / (2 * e)
+    pick = np.ceil(draws * np.float32(-scale) + np.float32((1 - (d - e)) * scale)) - 1
     keep = np.zeros(rows.shape, dtype=bool)
     for index in np.ndindex(rows.shape):
         *row, i = index
-        if w[index] <= 0:
+        j = pick[index]
+        if j < 0:
             keep[index] = True
-        elif w[index] <= 1:
-            j = min(max(int(np.ceil(w[index] * np.float32(m - 1))) - 1, 0), m - 2)
-            other = j if j < i else j + 1
-            mine, theirs = rows[index], rows[(*row, other)]
-            keep[index] = theirs < mine or (theirs == mine and other < i)
+        elif j < m:
+            mine, theirs = rows[index], rows[(*row, int(j))]
+            keep[index] = theirs < mine or (theirs == mine and j < i)
     keep = keep.reshape(-1) if tau.ndim < 2 else np.moveaxis(keep, -1, 1)
     return keep.reshape(tau.shape)
 

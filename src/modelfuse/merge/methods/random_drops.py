@@ -113,23 +113,25 @@ def della_keep(
     without ranking: 1.0 for a kept entry, 0.0 for a dropped one, written into ``draws``.
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
-    :func:`uniform_draws`); with :math:`v = 1 - u`, :math:`a = d - \epsilon` and
-    :math:`b = d + \epsilon`, an entry is kept when :math:`v \le a`, dropped when
-    :math:`v > b`, and otherwise compared with one other entry of its group, the
-    one picked by where :math:`v` falls in :math:`(a, b]`: index
-    :math:`j = \lceil (m - 1)(v - a) / (b - a) \rceil - 1` among the :math:`m - 1`
-    others in position order. The entry is kept when that other entry ranks below
-    it (smaller magnitude, or equal and earlier). As the other entry is uniform
-    among the :math:`m - 1`, the entry of rank :math:`r` is kept with probability
-    :math:`a + (b - a)\, r / (m - 1)`, exactly the probability of
-    :func:`della_probabilities`, and independently of the other entries: the same
-    distribution of masks as a Bernoulli draw per entry after a sort of every
-    group, for the cost of one gather. The only difference is the resolution of
-    a float32 draw: each of the :math:`m - 1` picks has probability
-    :math:`(b - a) / (m - 1)` to within :math:`2^{-24}`. Groups of one entry are
-    kept with probability :math:`d` (:data:`DELLA_ONE_ENTRY`); a negative
-    :math:`\epsilon` compares the other way (the entry is kept when the other
-    one ranks above it), as the probabilities then fall with the rank.
+    :func:`uniform_draws`). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
+    :math:`b = d + |\epsilon|` and :math:`m` entries in the group, the draw picks
+    :math:`j = \lceil (m - 1)(v - a) / (b - a) \rceil - 1`: the entry is kept
+    when :math:`j < 0` (:math:`v \le a`), dropped when :math:`j \ge m`, and
+    otherwise kept when entry :math:`j` of its group (in position order, itself
+    included) ranks below it: a smaller magnitude, or an equal one at an
+    earlier position (itself does not). Each of the :math:`m` entries is picked
+    with probability :math:`(b - a) / (m - 1)`, so the entry of rank :math:`r`
+    is kept with probability :math:`a + (b - a)\, r / (m - 1)`, exactly the
+    probability of :func:`della_probabilities`, and independently of the other
+    entries: the distribution of masks of a Bernoulli draw per entry after a
+    sort of every group, for the cost of one gather. The only difference is the
+    resolution of a float32 draw: each pick's probability is exact to within
+    :math:`2^{-24}`. A negative :math:`\epsilon` (probabilities falling with the
+    rank) keeps the entry when the picked one ranks above it. Groups of one
+    entry are kept with probability :math:`d` (:data:`DELLA_ONE_ENTRY`); when
+    :math:`b + (b - a) / (m - 1) > 1` (short groups with :math:`b` near 1) the
+    picks would need draws beyond 1, and the groups are ranked instead
+    (:func:`della_probabilities`, kept when :math:`u + p \ge 1`).
 
     Examples
     --------
@@ -143,31 +145,50 @@ def della_keep(
     if length == 1 or epsilon == 0:  # one probability for every entry
         p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
         return draws.add_(p.add(density - epsilon)).floor_()
-    # a negative epsilon keeps the smaller magnitudes more often: the ranks run the other way
     low, high = density - abs(epsilon), density + abs(epsilon)
-    keys = _magnitude_keys(magnitudes).view(-1, length, stride)
-    # where 1 - u falls in (low, high]: at most 0 below it (kept), above 1 beyond it (dropped)
-    band = torch.rsub(draws.view(keys.shape), 1.0).sub_(low).div_(high - low)
-    kept_anyway = band <= 0
-    in_band = band <= 1
-    pick = band.mul_(length - 1).ceil_().sub_(1).clamp_(0, length - 2).to(torch.int64)
-    earlier = pick < torch.arange(length).view(1, length, 1)
-    pick += ~earlier  # the m - 1 others: positions from 0 to m - 1 without this one
-    other = torch.gather(keys, 1, pick)
+    if high + (high - low) / (length - 1) > 1:
+        p = della_probabilities(magnitudes, density, epsilon, groups)
+        return draws.add_(p).floor_()
+    # one key column on each side: picks below the band land on the left one, beyond
+    # it on the right one, whose keys rank below (above) every entry when epsilon > 0
+    rows = magnitudes.numel() // (length * stride)
+    padded = torch.empty((rows, length + 2, stride), dtype=torch.int32)
+    keys = _magnitude_keys(magnitudes, out=padded[:, 1:-1].view(-1, length, stride))
+    below_all, above_all = (-1, torch.iinfo(torch.int32).max)
+    if epsilon < 0:
+        below_all, above_all = above_all, below_all
+    padded[:, 0].fill_(below_all)
+    padded[:, -1].fill_(above_all)
+    if stride == 1:  # a gather along the last dimension is far faster
+        padded, keys = padded.view(rows, length + 2), keys.view(rows, length)
+    exact = torch.float32 if length <= 1 << 24 else torch.float64  # holds every position
+    # column j + 1 of the padded keys: ceil((m - 1)(1 - u - a) / (b - a)), within [0, m + 1]
+    scale = (length - 1) / (high - low)
+    pick = torch.mul(draws.view(keys.shape).to(exact), -scale).add_((1 - low) * scale)
+    pick.ceil_().clamp_(0, length + 1)
+    column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
+    if epsilon > 0:  # ties: the picked entry ranks below this one when it comes earlier
+        precedes = torch.lt(pick, column)
+    else:  # ... above it when it comes later
+        precedes = torch.gt(pick, column)
+    other = torch.gather(padded, 1, pick.to(torch.int64))
     del pick
-    if epsilon > 0:  # the other entry ranks below this one
-        below = torch.lt(other, keys).logical_or_(torch.eq(other, keys).logical_and_(earlier))
-    else:  # ... above it
-        below = torch.gt(other, keys).logical_or_(torch.eq(other, keys).logical_and_(~earlier))
-    keep = below.logical_and_(in_band).logical_or_(kept_anyway)
+    if epsilon > 0:
+        keep = torch.lt(other, keys)
+    else:
+        keep = torch.gt(other, keys)
+    keep.logical_or_(torch.eq(other, keys).logical_and_(precedes))
     return draws.copy_(keep.view(draws.shape))
 
 
-def _magnitude_keys(magnitudes: torch.Tensor) -> torch.Tensor:
+def _magnitude_keys(magnitudes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 keys ordered as the (non-negative) magnitudes, NaNs above everything and
-    equal among themselves."""
+    equal among themselves (written into ``out`` when given, of the same shape)."""
     bits = magnitudes.to(torch.float32).contiguous().view(torch.int32)
-    return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
+    if out is None:
+        return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
+    torch.bitwise_and(bits.view(out.shape), 0x7FFFFFFF, out=out)
+    return out.clamp_(max=_NAN_BITS)
 
 
 _NAN_BITS = 0x7F800001
