@@ -23,20 +23,29 @@ def _models(n, shape=(20, 30), seed=0):
 CHUNK = 2**18  # entries per generator in the documented stream
 
 
+def _uniforms(size, seed):
+    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's
+    PCG64 seeded by seed + j, two entries per 64-bit output (low half first), each the
+    top 24 of its 32 bits times 2**-24."""
+    parts = []
+    for j, a in enumerate(range(0, size, CHUNK)):
+        n = min(CHUNK, size - a)
+        raw = np.random.PCG64(seed + j).random_raw((n + 1) // 2)
+        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
+        parts.append(((halves >> 8) * 2.0**-24).astype(np.float32))
+    return np.concatenate(parts)
+
+
 def _masks(shape, densities, seed, generator=None):
     """The drop masks written out: each model gets a seed s drawn from the tensor's
-    generator; flat entries [j * 2**18, (j + 1) * 2**18) draw from a generator seeded by
-    s + j, one uniform u per entry (float32), kept if u + d >= 1 (probability d)."""
+    generator; flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's PCG64 seeded
+    by s + j, one uniform u per entry (float32), kept if u + d >= 1 (probability d)."""
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     seeds = torch.randint(0, 2**62, (len(densities),), generator=g).tolist()
     size = int(np.prod(shape))
     masks = []
     for s, d in zip(seeds, densities):
-        parts = [
-            torch.rand(min(CHUNK, size - a), generator=torch.Generator().manual_seed(s + j))
-            for j, a in enumerate(range(0, size, CHUNK))
-        ]
-        u = torch.cat(parts).reshape(shape).numpy()
+        u = _uniforms(size, s).reshape(shape)
         masks.append((u + np.float32(d) >= np.float32(1.0)).astype(np.float64))
     return masks
 

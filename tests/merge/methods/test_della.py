@@ -20,13 +20,16 @@ CHUNK = 2**18  # entries per generator in the documented stream
 
 
 def _uniforms(size, seed):
-    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from a
-    generator seeded by seed + j, one float32 uniform per entry."""
-    parts = [
-        torch.rand(min(CHUNK, size - a), generator=torch.Generator().manual_seed(seed + j))
-        for j, a in enumerate(range(0, size, CHUNK))
-    ]
-    return torch.cat(parts).numpy()
+    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's
+    PCG64 seeded by seed + j, two entries per 64-bit output (low half first), each the
+    top 24 of its 32 bits times 2**-24."""
+    parts = []
+    for j, a in enumerate(range(0, size, CHUNK)):
+        n = min(CHUNK, size - a)
+        raw = np.random.PCG64(seed + j).random_raw((n + 1) // 2)
+        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
+        parts.append(((halves >> 8) * 2.0**-24).astype(np.float32))
+    return np.concatenate(parts)
 
 
 def _probabilities(tau, d, e):

@@ -215,15 +215,17 @@ def _rank_order(groups: torch.Tensor) -> torch.Tensor:
 def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` with the uniform draws of flat entries ``start ...`` of a stream.
 
-    Entry ``e`` of the stream is draw ``e % RANDOM_CHUNK`` of a generator seeded
-    by ``seed + e // RANDOM_CHUNK``, so any block of entries is found without
-    drawing the ones before it, and the stream does not depend on how a tensor
-    is split.
+    Entry ``e`` of the stream comes from draw ``e % RANDOM_CHUNK`` of a numpy
+    ``PCG64`` bit generator seeded by ``seed + e // RANDOM_CHUNK``: each 64-bit
+    output gives two entries (its low 32 bits first), and an entry is its 32
+    bits' top 24 times 2**-24, a float32 in [0, 1). So any block of entries is
+    found without drawing the ones before it (``PCG64.advance``), and the
+    stream does not depend on how a tensor is split.
 
     Examples
     --------
     >>> whole = uniform_draws(7, 0, torch.empty(10))
-    >>> torch.equal(uniform_draws(7, 4, torch.empty(6)), whole[4:])
+    >>> torch.equal(uniform_draws(7, 3, torch.empty(7)), whole[3:])
     True
     """
     flat = out.reshape(-1)
@@ -231,11 +233,15 @@ def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
     while done < length:
         chunk, position = divmod(start + done, RANDOM_CHUNK)
         take = min(length - done, RANDOM_CHUNK - position)
-        generator = torch.Generator().manual_seed(seed + chunk)
-        if position == 0:
-            torch.rand(take, generator=generator, out=flat[done : done + take])
-        else:
-            flat[done : done + take] = torch.rand(position + take, generator=generator)[position:]
+        bits = np.random.PCG64(seed + chunk)
+        first = position // 2  # 64-bit outputs before the first one needed
+        if first:
+            bits.advance(first)
+        words = bits.random_raw((position + take + 1) // 2 - first).view(np.uint32)
+        words = words[position - 2 * first : position - 2 * first + take]
+        np.right_shift(words, 8, out=words)
+        # integers below 2**24 and their products with 2**-24 are exact in float32
+        torch.mul(torch.from_numpy(words.view(np.int32)), 2.0**-24, out=flat[done : done + take])
         done += take
     return out
 
