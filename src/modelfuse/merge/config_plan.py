@@ -112,8 +112,13 @@ def model_plan(
     base = None
     if base_ckpt is not None and method.uses_base:
         base = ModelInput(label=config.base_model or "base", source=base_ckpt)
+    # A base the method does not merge (fisher, regmean) still names the backbone when
+    # heads are kept or dropped: the tensors outside it are each model's head.
+    namer = base
+    if base is None and base_ckpt is not None and config.heads is not None:
+        namer = ModelInput(label=config.base_model or "base", source=base_ckpt)
     if config.allow_prefix:
-        match_prefixes(models, base, notes)
+        match_prefixes(models, namer, notes)
     return build_plan(
         method,
         models,
@@ -122,6 +127,7 @@ def model_plan(
         compute_dtype=compute,
         out_dtype=out_dtype,
         heads=config.heads,
+        backbone=None if namer is None or namer is base else set(namer.source.keys()),
     )
 
 

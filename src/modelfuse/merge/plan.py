@@ -8,7 +8,7 @@ invalid parameter values) is collected and reported together.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -234,6 +234,7 @@ def build_plan(
     compute_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     heads: Literal["keep", "drop"] | None = None,
+    backbone: Collection[str] | None = None,
 ) -> MergePlan:
     """Check the inputs against each other and resolve every tensor's parameters.
 
@@ -248,7 +249,9 @@ def build_plan(
     store are copied from the base, else the first model that has one. The
     tensors only a model has (a task head) are an error unless ``heads`` is
     ``"keep"`` (listed in the plan's ``heads``, written beside the merge) or
-    ``"drop"``.
+    ``"drop"``. ``backbone`` (the names of a base model that the method does
+    not merge, such as Fisher's or RegMean's) marks every other name of every
+    model, the first one's included, as its head.
 
     Raises
     ------
@@ -275,18 +278,19 @@ def build_plan(
     notes: list[str] = []
     carried = carried_buffers(everyone, notes)
     ref_names = list(reference.source.keys())
+    if backbone is not None and heads is not None:
+        ref_names = [n for n in ref_names if n in backbone]
     ref_names += [n for n in carried if n not in reference.source]
     ref_set = set(ref_names)
     head_names: dict[int, list[str]] = {}
     for number, model in enumerate(everyone):
-        if model is reference:
-            continue
-        names = set(model.source.keys())
-        for n in ref_names:
-            if n not in names and n not in carried:
-                mismatches.append(
-                    f"tensor {n} is in {reference.label} but missing from {model.label}"
-                )
+        if model is not reference:
+            names = set(model.source.keys())
+            for n in ref_names:
+                if n not in names and n not in carried:
+                    mismatches.append(
+                        f"tensor {n} is in {reference.label} but missing from {model.label}"
+                    )
         for n in model.source.keys():
             if n in ref_set:
                 continue
