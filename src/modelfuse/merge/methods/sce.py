@@ -75,6 +75,12 @@ class SceReduction:
     weights: tuple[float, ...]
 
 
+KEPT_VARIANCES = 1 << 23
+"""Tensors of at most this many entries (32 MB of float32 variances) compute their
+variances once for the reduction's passes (nonzero count, selection, weights); larger
+ones compute them again in each pass, so that memory stays bounded."""
+
+
 class _Inputs:
     """The task vectors of one tensor (or a block of it), chunk by chunk in float32."""
 
@@ -84,6 +90,7 @@ class _Inputs:
         self.size = self.base.numel()
         self.offset = offset
         self.chunk = chunk_size("magnitude", (1, 1), self.size)
+        self._kept: list[torch.Tensor] | None = None
 
     def slices(self) -> Iterator[slice]:
         return chunk_slices(self.size, self.chunk, self.offset)
@@ -96,21 +103,33 @@ class _Inputs:
         return _variance(self.taus(index))
 
     def variances(self) -> Iterator[torch.Tensor]:
-        return ordered_map(self.variance, self.slices())
+        """The variances chunk by chunk; a tensor of at most :data:`KEPT_VARIANCES`
+        entries computes them once and keeps them for the reduction's next passes."""
+        if self._kept is not None:
+            return iter(self._kept)
+        if self.size > KEPT_VARIANCES:
+            return ordered_map(self.variance, self.slices())
+        self._kept = list(ordered_map(self.variance, self.slices()))
+        return iter(self._kept)
 
 
 def _variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """The population variance over the models, entry by entry (float32, two passes)."""
+    return _variance_and_sum(taus)[0]
+
+
+def _variance_and_sum(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The population variance over the models and the sum of the task vectors."""
     n = len(taus)
-    mean = torch.zeros_like(taus[0])
-    for tau in taus:
-        mean.add_(tau)
-    mean.div_(n)
-    variance = torch.zeros_like(taus[0])
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total.add_(tau)
+    mean = total / n
+    variance = torch.zeros_like(total)
     for tau in taus:
         deviation = tau - mean
         variance.addcmul_(deviation, deviation)
-    return variance.div_(n)
+    return variance.div_(n), total
 
 
 def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
@@ -314,15 +333,19 @@ def sce(
     for index in inputs.slices():
         taus = inputs.taus(index)
         if masker is not None:
-            mask = masker(_variance(taus)).to(torch.float32)
+            variance, total = _variance_and_sum(taus)
+            mask = masker(variance).to(torch.float32)
+            del variance
             for tau in taus:
                 tau.mul_(mask)
+            total.mul_(mask)  # the sum of the masked task vectors (a 0/1 mask)
             del mask
-        total = torch.zeros_like(taus[0])
-        for tau in taus:
-            total.add_(tau)
+        else:
+            total = taus[0].clone()
+            for tau in taus[1:]:
+                total.add_(tau)
         # +1 where the sum is >= 0, else -1
-        elected = torch.sign(total).add_(1.0).clamp_(max=1.0).mul_(2.0).sub_(1.0)
+        elected = torch.where(total >= 0, 1.0, -1.0)
         merged = total.zero_()
         divisor = torch.zeros_like(merged)
         for tau, w in zip(taus, reduced.weights):
