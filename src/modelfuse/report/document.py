@@ -13,6 +13,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from modelfuse.errors import DataError, OutputError
 from modelfuse.report.table import format_table
@@ -34,6 +35,8 @@ class Section:
         PNG files in the report's folder.
     preformatted : str
         Text shown verbatim (a code block), e.g. a command line.
+    align : tuple of {"left", "right"} or None
+        Per table column; default: the first column left, the others right.
     """
 
     heading: str
@@ -41,6 +44,7 @@ class Section:
     table: tuple[Sequence[str], Sequence[Sequence[object]]] | None = None
     images: tuple[tuple[str, str], ...] = ()
     preformatted: str = ""
+    align: tuple[Literal["left", "right"], ...] | None = None
 
 
 def render_markdown(title: str, sections: Sequence[Section]) -> str:
@@ -65,16 +69,17 @@ def render_markdown(title: str, sections: Sequence[Section]) -> str:
             out += ["```", s.preformatted, "```", ""]
         if s.table is not None:
             headers, rows = s.table
-            out += [format_table(headers, rows, style="markdown"), ""]
+            out += [format_table(headers, rows, style="markdown", align=s.align), ""]
         for name, caption in s.images:
             out += [f"![{caption}]({name})", ""]
     return "\n".join(out)
 
 
 _STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;"
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
     "color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;"
-    "padding:.3em .6em;text-align:right}th:first-child,td:first-child{text-align:left}"
+    "padding:.3em .6em;text-align:right}td{white-space:nowrap}"
+    "th:first-child,td:first-child{text-align:left}.l{text-align:left}"
     "img{max-width:100%}figcaption{color:#555;font-size:.9em}pre{background:#f5f5f5;"
     "padding:.6em;overflow-x:auto}"
 )
@@ -109,11 +114,15 @@ def render_html(title: str, sections: Sequence[Section], folder: str | Path) -> 
             out.append(f"<pre>{esc(s.preformatted)}</pre>")
         if s.table is not None:
             headers, rows = s.table
+            left = [a == "left" for a in s.align] if s.align else [False] * len(headers)
+            tag = [' class="l"' if is_left else "" for is_left in left]
             out.append("<table><thead><tr>")
-            out.extend(f"<th>{esc(str(h))}</th>" for h in headers)
+            out.extend(f"<th{t}>{esc(str(h))}</th>" for h, t in zip(headers, tag))
             out.append("</tr></thead><tbody>")
             for row in rows:
-                cells = "".join(f"<td>{esc('' if v is None else str(v))}</td>" for v in row)
+                cells = "".join(
+                    f"<td{t}>{esc('' if v is None else str(v))}</td>" for v, t in zip(row, tag)
+                )
                 out.append(f"<tr>{cells}</tr>")
             out.append("</tbody></table>")
         for name, caption in s.images:
