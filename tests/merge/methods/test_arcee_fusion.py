@@ -280,3 +280,21 @@ def test_cli_refuses_three_models_with_one_line(tmp_path, capsys):
     assert "arcee_fusion" in err[0] and "at most 1 models besides the base" in err[0]
     assert not (tmp_path / "out").exists()
     assert [p.stat().st_mtime_ns for p in paths] == before
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "signed zeros and nans", "one value", "tiny"])
+def test_order_statistics_are_those_of_a_sort(case):
+    from modelfuse.merge.methods.arcee_fusion import order_statistics
+
+    rng = np.random.default_rng(3)
+    values = {
+        "normal": rng.standard_normal(100_000),
+        "ties": rng.integers(-3, 4, 50_000) * 0.25,
+        "signed zeros and nans": np.array([0.0, -0.0, np.nan, -np.nan, 1.0, -np.inf, np.inf] * 300),
+        "one value": np.full(1000, 7.5),
+        "tiny": rng.standard_normal(1) * 1e-40,
+    }[case].astype(np.float32)
+    ranks = sorted({0, values.size // 4, values.size // 2, 3 * (values.size - 1) // 4, values.size - 1})
+    expected = np.sort(values)[ranks]
+    got = np.array(order_statistics(values, ranks), dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
