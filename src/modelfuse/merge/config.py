@@ -209,6 +209,11 @@ class MergeConfig(BaseModel):
         None, description="output layer slices (mergekit's slices: syntax) instead of models"
     )
     base_model: str | None = Field(None, description="the base (pre-trained) model")
+    base_statistics: str | None = Field(
+        None,
+        description="safetensors file of the base model's Fisher diagonal, for "
+        "gradient_matching (its precision H_0)",
+    )
     parameters: dict[str, ParameterSetting] | None = Field(
         None, description="global parameter settings"
     )

@@ -84,6 +84,7 @@ def model_plan(
     compute: torch.dtype | None,
     out_dtype: torch.dtype | None,
     notes: list[str],
+    base_statistics: Checkpoint | None = None,
 ) -> MergePlan:
     kept = list(entries)
     if base_ckpt is not None and method.uses_base:
@@ -111,7 +112,9 @@ def model_plan(
         )
     base = None
     if base_ckpt is not None and method.uses_base:
-        base = ModelInput(label=config.base_model or "base", source=base_ckpt)
+        base = ModelInput(
+            label=config.base_model or "base", source=base_ckpt, statistics=base_statistics
+        )
     # A base the method does not merge (fisher, regmean) still names the backbone when
     # heads are kept or dropped: the tensors outside it are each model's head.
     namer = base

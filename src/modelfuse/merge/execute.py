@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from modelfuse.errors import DataError, ModelfuseError
+from modelfuse.errors import ConfigError, DataError, ModelfuseError
 from modelfuse.merge.plan import MergePlan, TensorTask
 from modelfuse.merge.schedule import EXCLUSIVE_BYTES, Piece, Rows, Schedule, working_bytes
 
@@ -94,23 +94,56 @@ def _read(
 def _statistics(
     plan: MergePlan, task: TensorTask, rows: Rows = None
 ) -> dict[str, list[torch.Tensor | None]]:
-    """Each model's statistics tensor of the task's name (or rows of it), None where absent."""
+    """Each model's statistics tensor of the task's name (or rows of it), None where absent.
 
-    def read(source: Any, name: str) -> torch.Tensor | None:
+    When the base model has statistics (``base_statistics``), ``base_KIND`` holds its
+    tensor as a one-entry list.
+    """
+
+    def read(source: Any, name: str, kind: str) -> torch.Tensor | None:
         if source is None or name not in source:
             return None
+        shape = tuple(source.info(name).shape)
+        if kind == "fisher" and shape != tuple(task.shape) and task.shared_rows is None:
+            raise ConfigError(
+                f"{_where(source)}: statistics tensor {name} has shape "
+                f"{list(shape)}, expected {list(task.shape)} (the model's); "
+                "were the statistics computed for another model?"
+            )
         tensor = source.read(name) if rows is None else source.read_rows(name, *rows)
         if _has_nonfinite(tensor):
             raise DataError(
-                f"{source.path}: statistics tensor {name} holds NaN or inf values; expected "
+                f"{_where(source)}: statistics tensor {name} holds NaN or inf values; expected "
                 "finite statistics; compute them again with `modelfuse statistics`"
             )
         return tensor
 
-    return {
-        kind: [read(m.statistics, n) for m, n in zip(task.models, task.inputs)]
+    found: dict[str, list[torch.Tensor | None]] = {
+        kind: [read(m.statistics, n, kind) for m, n in zip(task.models, task.inputs)]
         for kind in plan.method.statistics
     }
+    base = task.base
+    if (
+        plan.method.base_statistics
+        and base is not None
+        and base.statistics is not None
+        and task.base_input is not None
+    ):
+        for kind in plan.method.statistics:
+            if any(entry is not None for entry in found[kind]):
+                if task.base_input not in base.statistics:
+                    raise DataError(
+                        f"{_where(base.statistics)}: the base model's statistics have no tensor "
+                        f"{task.base_input}, which the models' statistics have; compute them "
+                        "with `modelfuse statistics` on the base model itself"
+                    )
+                found[f"base_{kind}"] = [read(base.statistics, task.base_input, kind)]
+    return found
+
+
+def _where(source: Any) -> str:
+    """A statistics source for messages: its file, or the label of an in-memory one."""
+    return str(getattr(source, "path", None) or getattr(source, "label", "statistics"))
 
 
 def _extra_rows(plan: MergePlan, task: TensorTask) -> torch.Tensor:

@@ -119,6 +119,9 @@ class MergeMethod:
         fixed (SLERP interpolates between exactly two).
     statistics : tuple of str
         Statistics each model must provide (``"fisher"``, ``"gram"``).
+    base_statistics : bool
+        Whether the base model may provide statistics of the same kinds
+        (``base_statistics`` in a configuration), passed as ``base_KIND``.
     separable : bool or callable
         Each output row depends only on the same rows of the inputs (true of
         elementwise methods), so the engine may merge large tensors in blocks
@@ -146,6 +149,7 @@ class MergeMethod:
     max_models: int | None = None
     points: int | None = None
     statistics: tuple[str, ...] = ()
+    base_statistics: bool = False
     separable: bool | Callable[[Mapping[str, Any]], bool] = False
     low_precision_inputs: bool = False
     prepare: Callable[[PrepareInput], dict[str, Any]] | None = None

@@ -220,7 +220,13 @@ def _located(config: MergeConfig, folder: Path, names: Sequence[str], where: str
             for i, entry in enumerate(config.patches)
         ]
     located = config.model_copy(
-        update={"base_model": base, "models": models, "slices": slices, "patches": patches}
+        update={
+            "base_model": base,
+            "base_statistics": other(config.base_statistics, "base_statistics"),
+            "models": models,
+            "slices": slices,
+            "patches": patches,
+        }
     )
     return located, tuple(uses)
 

@@ -12,12 +12,12 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
-from modelfuse.errors import CheckpointError, ModelfuseError
+from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError
 from modelfuse.merge.config import MergeConfig, ModelEntry, resolve_dtype
 from modelfuse.merge.config_plan import model_plan, parameter_key_problems, slice_plan
 from modelfuse.merge.merge_method import MergeMethod
@@ -86,6 +86,30 @@ def _statistics_problems(
     return problems
 
 
+def _base_statistics(
+    config: MergeConfig,
+    method: MergeMethod | None,
+    get: Callable[..., Checkpoint | None],
+    problems: Problems,
+) -> Checkpoint | None:
+    """Open ``base_statistics`` when the method reads it; otherwise say why it is refused."""
+    reason = None
+    if config.base_model is None:
+        reason = "there is no base_model; set base_model to the model these statistics describe"
+    elif config.slices is not None:
+        reason = "slices merge no base statistics; list the models under models: instead"
+    elif method is not None and not method.base_statistics:
+        readers = sorted(name for name, m in METHODS.items() if m.base_statistics)
+        reason = (
+            f"merge method {method.name!r} does not read the base model's statistics (read by "
+            f"{', '.join(readers)}); leave base_statistics out"
+        )
+    if reason is not None:
+        problems.add(f"base_statistics: {reason}", ConfigError)
+        return None
+    return get(config.base_statistics, "base_statistics", "statistics file")
+
+
 def open_inputs(
     config: MergeConfig,
     folder: Path,
@@ -146,6 +170,9 @@ def open_inputs(
         base_ckpt = None
         if config.base_model is not None:
             base_ckpt = get(config.base_model, "base_model")
+        base_stats = None
+        if config.base_statistics is not None:
+            base_stats = _base_statistics(config, method, get, problems)
         entries: list[tuple[ModelEntry, Checkpoint | None, Checkpoint | None]] = []
         for number, piece in enumerate(config.slices or []):
             for i, src in enumerate(piece.sources):
@@ -181,6 +208,10 @@ def open_inputs(
                     label = f"models[{i}].statistics {entry.statistics}"
                     for problem in _statistics_problems(method, label, stats, ckpt):
                         problems.add(problem)
+            if base_stats is not None:
+                label = f"base_statistics {config.base_statistics}"
+                for problem in _statistics_problems(method, label, base_stats, base_ckpt):
+                    problems.add(problem)
         for problem in check_vocabulary_keys(config, method):
             problems.add(problem)
         if method is None or failed or len(patch_sources) < len(config.patches or []):
@@ -208,7 +239,9 @@ def open_inputs(
             if config.slices is not None:
                 plan = slice_plan(config, method, get, compute, out_dtype)
             else:
-                plan = model_plan(config, method, entries, base_ckpt, compute, out_dtype, notes)
+                plan = model_plan(
+                    config, method, entries, base_ckpt, compute, out_dtype, notes, base_stats
+                )
         except ModelfuseError as exc:
             problems.add_error(exc)
             problems.raise_now()

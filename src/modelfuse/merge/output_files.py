@@ -104,6 +104,7 @@ def _resolved_config(config: MergeConfig, located: dict[str, str]) -> dict[str, 
             mapping[key] = located[mapping[key]]
 
     fix(data, "base_model")
+    fix(data, "base_statistics")
     for entry in data.get("models", []):
         fix(entry, "model")
         fix(entry, "statistics")

@@ -151,6 +151,7 @@ METHODS: dict[str, MergeMethod] = {
         "base + Fisher-precision-weighted task vectors (needs Fisher diagonals)",
         requires_base=True,
         statistics=("fisher",),
+        base_statistics=True,
         separable=True,
         low_precision_inputs=True,
     ),

@@ -64,6 +64,7 @@ def merge_state_dicts(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     fishers: Sequence[Mapping[str, torch.Tensor]] | None = None,
     grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    base_fisher: Mapping[str, torch.Tensor] | None = None,
     dtype: str | None = None,
     out_dtype: str | None = None,
     threads: int = 1,
@@ -89,6 +90,9 @@ def merge_state_dicts(
         ``models[i].parameters`` in a configuration.
     fishers, grams : sequence of mappings, optional
         Per-model statistics for data-aware methods (Fisher diagonals, Gram matrices).
+    base_fisher : mapping name -> Tensor, optional
+        The base model's Fisher diagonal, for ``gradient_matching`` (its
+        :math:`H_0`); needs ``base`` and ``fishers``.
     dtype, out_dtype : {"float32", "float16", "bfloat16"}, optional
         Compute dtype the inputs are cast to, and dtype of the result
         (default: the input's). Accumulation is in float32 either way.
@@ -137,6 +141,16 @@ def merge_state_dicts(
     stats = fishers if fishers is not None else grams
     if stats is not None and len(stats) != n:
         raise ConfigError(f"statistics: {len(stats)} entries for {n} models; give one per model")
+    if base_fisher is not None and (base is None or fishers is None):
+        raise ConfigError(
+            "base_fisher: the base model's Fisher is read with a base and the models' Fishers; "
+            "pass base= and fishers= too"
+        )
+    if base_fisher is not None and not merge_method.base_statistics:
+        raise ConfigError(
+            f"base_fisher: method {method!r} does not read the base model's Fisher; use "
+            "gradient_matching or leave base_fisher out"
+        )
     if "lambda_" in parameters:
         parameters["lambda"] = parameters.pop("lambda_")
     if heads not in (None, "drop"):
@@ -155,7 +169,12 @@ def merge_state_dicts(
         )
         for i, sd in enumerate(state_dicts)
     ]
-    base_input = None if base is None else ModelInput("base", StateDictSource(base, "base"))
+    base_input = None
+    if base is not None:
+        base_stats = None
+        if base_fisher is not None:
+            base_stats = StateDictSource(base_fisher, "base_fisher")
+        base_input = ModelInput("base", StateDictSource(base, "base"), statistics=base_stats)
     if allow_prefix:
         match_prefixes(models, base_input, [])
     plan = build_plan(
