@@ -112,10 +112,12 @@ def ram_counts(
     base = _check(tensors, base, "ramplus_tl")
     total = torch.zeros(len(tensors), 2, dtype=torch.int64)
     for _index, _taus, masks, counts in _chunks(tensors, base, float(epsilon)):
-        shared, unique = counts > 1, counts == 1
+        unique = counts == 1
         for i, mask in enumerate(masks):
-            total[i, 0] += int(torch.count_nonzero(mask & shared))
-            total[i, 1] += int(torch.count_nonzero(mask & unique))
+            changed = int(torch.count_nonzero(mask))
+            alone = int(torch.count_nonzero(mask.logical_and_(unique)))
+            total[i, 0] += changed - alone  # changed entries that another model changed too
+            total[i, 1] += alone
     return total
 
 
