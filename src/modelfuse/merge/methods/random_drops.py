@@ -110,7 +110,7 @@ def della_keep(
     groups: tuple[int, int],
 ) -> torch.Tensor:
     r"""DELLA's keep decisions, each entry kept with its :func:`della_probabilities`, drawn
-    without ranking: 1.0 for a kept entry, 0.0 for a dropped one, written into ``draws``.
+    without ranking: a bool tensor of the shape of ``draws``, True for a kept entry.
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
     :func:`uniform_draws`). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
@@ -137,18 +137,18 @@ def della_keep(
     --------
     >>> ramp = torch.arange(1.0, 11.0).repeat(50000, 1)  # rank = column
     >>> keep = della_keep(ramp, torch.rand(ramp.shape), 0.5, 0.4, (10, 1))
-    >>> rates = keep.mean(0)  # 0.1 for the smallest, 0.9 for the largest
+    >>> rates = keep.double().mean(0)  # 0.1 for the smallest, 0.9 for the largest
     >>> bool((rates - torch.linspace(0.1, 0.9, 10)).abs().max() < 0.02)
     True
     """
     length, stride = groups
     if length == 1 or epsilon == 0:  # one probability for every entry
         p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
-        return draws.add_(p.add(density - epsilon)).floor_()
+        return torch.add(draws, p.add(density - epsilon)).ge_(1).to(torch.bool)
     low, high = density - abs(epsilon), density + abs(epsilon)
     if high + (high - low) / (length - 1) > 1:
         p = della_probabilities(magnitudes, density, epsilon, groups)
-        return draws.add_(p).floor_()
+        return torch.add(draws, p).ge_(1).to(torch.bool)
     # one key column on each side: picks below the band land on the left one, beyond
     # it on the right one, whose keys rank below (above) every entry when epsilon > 0
     rows = magnitudes.numel() // (length * stride)
@@ -167,18 +167,16 @@ def della_keep(
     pick = torch.mul(draws.view(keys.shape).to(exact), -scale).add_((1 - low) * scale)
     pick.ceil_().clamp_(0, length + 1)
     column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
-    if epsilon > 0:  # ties: the picked entry ranks below this one when it comes earlier
-        precedes = torch.lt(pick, column)
-    else:  # ... above it when it comes later
-        precedes = torch.gt(pick, column)
     other = torch.gather(padded, 1, pick.to(torch.int64))
-    del pick
+    # keys are integers: "smaller, or equal and earlier" is "smaller than key + 1" for a
+    # picked entry before this one (beyond the band, the sentinels never tie)
     if epsilon > 0:
-        keep = torch.lt(other, keys)
-    else:
-        keep = torch.gt(other, keys)
-    keep.logical_or_(torch.eq(other, keys).logical_and_(precedes))
-    return draws.copy_(keep.view(draws.shape))
+        bound = torch.lt(pick, column).to(torch.int32).add_(keys)
+        keep = torch.lt(other, bound)
+    else:  # "larger, or equal and later"
+        bound = torch.gt(pick, column).to(torch.int32).neg_().add_(keys)
+        keep = torch.gt(other, bound)
+    return keep.view(draws.shape)
 
 
 def _magnitude_keys(magnitudes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -224,7 +224,8 @@ class Sparsifier:
             raise RuntimeError("drop masks are recorded only after start_recording()")
         if start % 8:
             raise RuntimeError(f"drop masks are recorded from chunks at multiples of 8, not {start}")
-        bits = np.packbits(keep.reshape(-1).to(torch.uint8).numpy())
+        flat = keep.reshape(-1)
+        bits = np.packbits(flat.numpy() if flat.dtype == torch.bool else flat.to(torch.uint8).numpy())
         self.mask[start // 8 : start // 8 + bits.size] = bits
 
     def take(self, start: int, length: int) -> torch.Tensor | None:
@@ -274,7 +275,7 @@ class Sparsifier:
                 draws = uniform_draws(self.seed, start, buffer)
                 keep = della_keep(magnitudes, draws, self.density, self.epsilon, self.groups)
                 if self.per_entry:
-                    keep.div_(
+                    keep = buffer.copy_(keep).div_(
                         della_probabilities(magnitudes, self.density, self.epsilon, self.groups)
                     )
             if self.recording:
