@@ -10,14 +10,16 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
-__all__ = ["progress_bar"]
+__all__ = ["byte_speed", "progress_bar"]
 
 
 @contextmanager
@@ -50,7 +52,7 @@ def progress_bar(
     ]
     if total_bytes is not None:
         columns.append(TextColumn("{task.fields[gb]:.2f}/{task.fields[total_gb]:.2f} GB"))
-        columns.append(TransferSpeedColumn())
+        columns.append(_ByteSpeedColumn())
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     progress = Progress(*columns, console=console or Console(stderr=True), transient=False)
     done_bytes = 0
@@ -69,3 +71,25 @@ def progress_bar(
         except BaseException:
             progress.remove_task(task)  # an error is reported alone, not under a stale bar
             raise
+
+
+def byte_speed(gigabytes: float, seconds: float | None) -> str:
+    """The rate of ``gigabytes`` done in ``seconds``, as the progress bar shows it.
+
+    Examples
+    --------
+    >>> byte_speed(0.09, 2.0), byte_speed(3.0, 2.0), byte_speed(1.0, None)
+    ('45 MB/s', '1.50 GB/s', '? MB/s')
+    """
+    if not seconds or seconds <= 0:
+        return "? MB/s"
+    rate = gigabytes / seconds
+    return f"{rate:.2f} GB/s" if rate >= 1 else f"{rate * 1000:.0f} MB/s"
+
+
+class _ByteSpeedColumn(ProgressColumn):
+    """Bytes per second from the task's ``gb`` field (the bar itself counts items, so
+    rich's transfer-speed column would show items per second as bytes)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(byte_speed(task.fields.get("gb", 0.0), task.elapsed), style="progress.data.speed")
