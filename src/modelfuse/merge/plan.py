@@ -304,7 +304,7 @@ def build_plan(
     kept_heads = [(everyone[i], names) for i, names in head_names.items()]
     notes += [
         f"{model.label}: {len(names)} tensors of its own (its head: {_listed(names)}) "
-        + ("written to heads/" if heads == "keep" else "dropped (heads: drop)")
+        + ("not merged, kept per model (heads: keep)" if heads == "keep" else "dropped (heads: drop)")
         for model, names in kept_heads
     ]
     positions = layer_position(ref_names)
