@@ -234,3 +234,29 @@ def test_many_models_match_numpy():
     np.testing.assert_allclose(found.overlap, ref["jaccard"], rtol=1e-12)
     np.testing.assert_array_equal(found.dropped, ref["dropped"])
     np.testing.assert_allclose(found.share, ref["share"], rtol=1e-4)
+
+
+def test_a_large_sample_gives_the_figures_of_its_entries_exactly():
+    """A sample above the selection's own sampling size (2**17 entries) is measured on the
+    task vectors picked while the dot products are summed: the same sets and elections as
+    the strided entries measured whole, in bfloat16 with tied magnitudes."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(1200, 500, generator=g).to(torch.bfloat16)
+    models = [
+        (base.float() + torch.randn(1200, 500, generator=g).mul_(0.01)).to(torch.bfloat16)
+        for _ in range(2)
+    ]
+    settings = {"conflict_density": 0.5, "overlap_density": 0.2, "weight": [1.0, 0.7]}
+    sampled = tensor_figures(models, base, sample=200_000, **settings)
+    stride = -(-600_000 // 200_000)
+    on_sample = tensor_figures(
+        [m.reshape(-1)[::stride] for m in models], base.reshape(-1)[::stride], **settings
+    )
+    assert sampled.signed_entries == on_sample.entries == 200_000
+    np.testing.assert_array_equal(sampled.shared, on_sample.shared)
+    np.testing.assert_array_equal(sampled.nonzero, on_sample.nonzero)
+    np.testing.assert_array_equal(sampled.dropped, on_sample.dropped)
+    np.testing.assert_array_equal(sampled.trimmed_dropped, on_sample.trimmed_dropped)
+    # every entry for the dot products, against numpy in float64
+    taus = np.stack([(m.double() - base.double()).numpy().ravel() for m in models])
+    np.testing.assert_allclose(sampled.dots, taus @ taus.T, rtol=1e-5)

@@ -282,3 +282,13 @@ def test_a_non_finite_streamed_tensor_is_named(tmp_path):
     with pytest.warns(NonFiniteInputWarning, match=r"lm_head.weight of the base holds NaN"):
         found = inspect_merge(_config(tmp_path), sample=50)
     assert found.skipped == ("lm_head.weight",)
+
+
+def test_threads_give_the_same_figures_to_the_bit(tmp_path):
+    # the largest tensors are measured first on several threads; sums keep the tensors' order
+    _write(tmp_path, n_models=3)
+    one = inspect_merge(_config(tmp_path, n_models=3, density=0.5), sample=50, threads=1)
+    three = inspect_merge(_config(tmp_path, n_models=3, density=0.5), sample=50, threads=3)
+    first, second = one.to_dict(), three.to_dict()
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second

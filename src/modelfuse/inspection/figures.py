@@ -402,7 +402,8 @@ def streamed_figures(
     gram = np.zeros((n_models, n_models))
     taus_buffer = torch.empty(n_models, width)
     base_buffer = torch.empty(width)
-    picked: list[list[torch.Tensor]] = [[] for _ in range(n_models + 1)]
+    # the sampled task vectors, (N, m) pieces picked from the float32 chunks already computed
+    picked: list[torch.Tensor] = []
     start = 0
     for models, base in blocks:
         flats = [block.reshape(-1) for block in models]
@@ -410,19 +411,16 @@ def streamed_figures(
         length = base_flat.numel()
         for offset in range(0, length, width):
             size = min(width, length - offset)
-            taus = taus_buffer[:, :size]
-            for i, flat in enumerate(flats):
-                taus[i].copy_(flat[offset : offset + size])
-            taus.sub_(base_buffer[:size].copy_(base_flat[offset : offset + size]))
+            taus = _task_vectors(flats, base_flat, offset, size, taus_buffer, base_buffer)
             _gram(taus, gram)
-        first = (-start) % stride
-        for i, flat in enumerate([*flats, base_flat]):
-            picked[i].append(flat[first::stride].to(torch.float32))
+            first = (-(start + offset)) % stride
+            if first < size:
+                picked.append(taus[:, first::stride].clone())
         start += length
     if start != n:
         raise ValueError(f"streamed_figures: the blocks hold {start} entries, expected {n}")
-    sampled = [torch.cat(p) for p in picked]
-    figures = _accumulate(sampled[:-1], sampled[-1], settings, dots=False, signs=True)
+    sampled = torch.cat(picked, dim=1) if picked else torch.empty(n_models, 0)
+    figures = _accumulate(sampled, None, settings, dots=False, signs=True)
     with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
         projections = weights * (gram @ weights)
         delta_square = float(weights @ gram @ weights)
@@ -431,18 +429,47 @@ def streamed_figures(
     )
 
 
+def _task_vectors(
+    flats: Sequence[torch.Tensor],
+    base_flat: torch.Tensor | None,
+    start: int,
+    length: int,
+    taus_buffer: torch.Tensor,
+    base_buffer: torch.Tensor,
+) -> torch.Tensor:
+    """Entries ``start:start + length`` of every task vector, (N, length) float32: the
+    float32 differences of the entries converted to float32 (a subtraction of mixed
+    dtypes would give the same values, at half the speed)."""
+    taus = taus_buffer[:, :length]
+    for i, flat in enumerate(flats):
+        taus[i].copy_(flat[start : start + length])
+    if base_flat is not None:
+        taus.sub_(base_buffer[:length].copy_(base_flat[start : start + length]))
+    return taus
+
+
 def _accumulate(
-    flats: list[torch.Tensor],
-    base_flat: torch.Tensor,
+    flats: Sequence[torch.Tensor],
+    base_flat: torch.Tensor | None,
     settings: Settings,
     *,
     dots: bool,
     signs: bool,
 ) -> TaskVectorFigures:
     """One pass over the entries: the dot products (``dots``) and the top-k sets and
-    elections (``signs``, after the selection pass that finds the thresholds)."""
+    elections (``signs``, after the selection pass that finds the thresholds).
+
+    ``base_flat`` None: ``flats`` is an (N, n) float32 tensor of the task vectors
+    themselves (a sample); their magnitudes are then taken once, for the selection
+    passes and the sets alike, and chunks are views of both.
+    """
     weights, overlap, conflict, consensus_method, chunk = settings
-    n_models, n = len(flats), base_flat.numel()
+    n_models = len(flats)
+    n = flats[0].numel() if base_flat is None else base_flat.numel()
+    given = given_magnitudes = None
+    if base_flat is None:
+        given = flats if isinstance(flats, torch.Tensor) else torch.stack(list(flats))
+        given_magnitudes = given.abs() if signs else None
     chunk = max(1, min(int(chunk), n))
     overlap_k = [kept_count(d, n) for d in overlap]
     conflict_k = [kept_count(d, n) for d in conflict]
@@ -450,7 +477,10 @@ def _accumulate(
     overlap_cuts: list[Cut] = []
     conflict_cuts: list[Cut] = []
     if signs:
-        models = [TaskVectorChunks(flat, base_flat, chunk) for flat in flats]
+        if given_magnitudes is not None:
+            models = [TaskVectorChunks(row, None, chunk, True) for row in given_magnitudes]
+        else:
+            models = [TaskVectorChunks(flat, base_flat, chunk) for flat in flats]
         cuts = [find_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]
         overlap_cuts = [c[k] for c, k in zip(cuts, overlap_k)]
         conflict_cuts = [c[k] for c, k in zip(cuts, conflict_k)]
@@ -471,15 +501,18 @@ def _accumulate(
     tally_buffer = torch.empty(width)
     for start in range(0, n, chunk):
         length = min(chunk, n - start)
-        taus = taus_buffer[:, :length]
-        for i, flat in enumerate(flats):
-            taus[i].copy_(flat[start : start + length])
-        taus.sub_(base_buffer[:length].copy_(base_flat[start : start + length]))
+        if given is not None:
+            taus = given[:, start : start + length]
+        else:
+            taus = _task_vectors(flats, base_flat, start, length, taus_buffer, base_buffer)
         if dots:
             _gram(taus, gram)
         if not signs:
             continue
-        magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
+        if given_magnitudes is not None:
+            magnitudes = given_magnitudes[:, start : start + length]
+        else:
+            magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
         sets = members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
         _gram(sets, shared)
         values = values_buffer[:, :length]

@@ -128,11 +128,15 @@ def measure_all(
         finally:
             torch.set_num_threads(cores)
         return results
+    # The largest tensors first, so that no thread is left with a large one at the end while
+    # the others wait (each result keeps its job's place: the sums are added in job order).
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].nbytes)
     pending: dict[Future[Any], int] = {}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="modelfuse-inspect") as pool:
         try:
             torch.set_num_threads(1)
-            for index, job in enumerate(jobs):
+            for index in order:
+                job = jobs[index]
                 pending[pool.submit(_measure, job)] = index
                 while len(pending) >= threads:  # at most `threads` tensors in memory
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)

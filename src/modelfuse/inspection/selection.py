@@ -20,30 +20,47 @@ Consensus = Literal["sum", "count"]
 
 
 class TaskVectorChunks:
-    """Task-vector chunks of one model: each call of :meth:`magnitudes` is one pass."""
+    """Task-vector chunks of one model: each call of :meth:`magnitudes` is one pass.
 
-    def __init__(self, model: torch.Tensor, base: torch.Tensor, chunk: int) -> None:
+    ``base`` None: ``model`` is the task vector (float32) already, or with
+    ``magnitudes`` true its magnitudes, handed out as views.
+    """
+
+    def __init__(
+        self,
+        model: torch.Tensor,
+        base: torch.Tensor | None,
+        chunk: int,
+        magnitudes: bool = False,
+    ) -> None:
         self.model, self.base, self.chunk = model, base, chunk
-        self.n = base.numel()
-
-    def delta(self, start: int, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Entries ``start:start + chunk`` of the task vector in ``out`` (float32), given
-        that chunk of the base in float32 (every difference is a float32 one)."""
-        stop = min(start + self.chunk, self.n)
-        return out[: stop - start].copy_(self.model[start:stop]).sub_(base)
+        self.given = magnitudes and base is None
+        self.n = model.numel() if base is None else base.numel()
 
     def magnitudes(self) -> Any:
+        if self.given:
+            for start in range(0, self.n, self.chunk):
+                yield self.model[start : start + self.chunk]
+            return
         out = torch.empty(min(self.chunk, self.n))
         base = torch.empty_like(out)
         for start in range(0, self.n, self.chunk):
             stop = min(start + self.chunk, self.n)
+            if self.base is None:
+                yield torch.abs(self.model[start:stop], out=out[: stop - start])
+                continue
             part = base[: stop - start].copy_(self.base[start:stop])
-            yield self.delta(start, out, part).abs_()
+            # every difference is a float32 one, of the float32 entries
+            yield out[: stop - start].copy_(self.model[start:stop]).sub_(part).abs_()
 
     def sample(self) -> torch.Tensor | None:
         if self.n <= _SAMPLED:
             return None
         stride = sample_stride(self.n)
+        if self.given:
+            return self.model[::stride].clone()
+        if self.base is None:
+            return self.model[::stride].abs()
         return (
             self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)
         ).abs_()
