@@ -1,6 +1,15 @@
 """Prediction-space ensembles on arrays (n_models, n_samples, n_classes) and fitted models."""
 
 from modelfuse.ensemble.cascade import CascadeResult, early_exit_cascade
+from modelfuse.ensemble.diversity import (
+    AMBIGUITY_LOSSES,
+    AmbiguityDecomposition,
+    PairwiseDiversity,
+    UncertaintyDecomposition,
+    ambiguity_decomposition,
+    pairwise_diversity,
+    uncertainty_decomposition,
+)
 from modelfuse.ensemble.quantile import QuantileEnsemble, combine_quantiles, conformal_margin
 from modelfuse.ensemble.saved import (
     ENSEMBLE_METHODS,
@@ -21,15 +30,20 @@ from modelfuse.ensemble.weights import learn_weights
 from modelfuse.ensemble.wrappers import SelectionEnsemble, StackingEnsemble, VotingEnsemble
 
 __all__ = [
+    "AMBIGUITY_LOSSES",
     "ENSEMBLE_METHODS",
+    "AmbiguityDecomposition",
     "CascadeResult",
+    "PairwiseDiversity",
     "QuantileEnsemble",
     "SelectionEnsemble",
     "SelectionResult",
     "StackingEnsemble",
     "StackingResult",
     "TwoTierResult",
+    "UncertaintyDecomposition",
     "VotingEnsemble",
+    "ambiguity_decomposition",
     "apply_ensemble",
     "caruana_selection",
     "check_ensemble_predictions",
@@ -41,7 +55,9 @@ __all__ = [
     "fit_stacking",
     "learn_weights",
     "out_of_fold_predictions",
+    "pairwise_diversity",
     "soft_vote",
     "stacking_features",
     "two_tier_ensemble",
+    "uncertainty_decomposition",
 ]

@@ -8,8 +8,10 @@ from typing import Literal
 
 import numpy as np
 
+from modelfuse.arrays import check_labels
 from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, member_probabilities
 from modelfuse.errors import ConfigError
+from modelfuse.evaluation.selective import RiskCoverageCurve, risk_coverage_curve
 
 __all__ = ["CascadeResult", "early_exit_cascade"]
 
@@ -29,12 +31,17 @@ class CascadeResult:
     compute_saved : float
         ``1 - mean cost / cost of running every member``, with the members'
         costs as given (equal by default).
+    risk_coverage : RiskCoverageCurve or None
+        With ``labels``: the risk-coverage curve (AURC, E-AURC) of the
+        cascade's predictions, confidence = their top-label probability, i.e.
+        what abstaining on the least confident samples would cost.
     """
 
     probabilities: np.ndarray
     exit_stage: np.ndarray
     share_per_stage: np.ndarray
     compute_saved: float
+    risk_coverage: RiskCoverageCurve | None = None
 
 
 def early_exit_cascade(
@@ -45,6 +52,7 @@ def early_exit_cascade(
     window: float = 0.25,
     costs: Sequence[float] | None = None,
     combine: Literal["running", "member"] = "running",
+    labels: np.ndarray | None = None,
 ) -> CascadeResult:
     """Members run in order; a sample leaves once its prediction is outside the uncertain window.
 
@@ -72,6 +80,9 @@ def early_exit_cascade(
     costs : sequence of n_models floats, optional
         Cost of running each member (e.g. FLOPs or seconds); equal when omitted.
     combine : {"running", "member"}, default "running"
+    labels : array of shape (n_samples,), optional
+        When given, the result carries the risk-coverage curve of the
+        cascade's predictions.
 
     Returns
     -------
@@ -123,9 +134,14 @@ def early_exit_cascade(
     probabilities = stages[exit_stage, np.arange(n_samples)]
     share = np.bincount(exit_stage, minlength=n_models) / n_samples
     spent = np.cumsum(cost)[exit_stage].mean()
+    curve = None
+    if labels is not None:
+        y = check_labels(labels, n_samples=n_samples, n_classes=n_classes)
+        curve = risk_coverage_curve(probabilities.max(axis=1), probabilities.argmax(axis=1) == y)
     return CascadeResult(
         probabilities=probabilities,
         exit_stage=exit_stage,
         share_per_stage=share,
         compute_saved=float(1.0 - spent / cost.sum()),
+        risk_coverage=curve,
     )

@@ -17,6 +17,7 @@ import numpy as np
 
 from modelfuse.arrays import check_labels
 from modelfuse.calibration.metrics import brier_score, negative_log_likelihood
+from modelfuse.ensemble.diversity import pairwise_diversity, uncertainty_decomposition
 from modelfuse.ensemble.voting import Kind, check_ensemble_predictions, member_probabilities
 from modelfuse.ensemble.weights import true_class_probabilities
 from modelfuse.errors import ConfigError
@@ -46,6 +47,17 @@ class SelectionResult:
     loss : float
         Validation loss of the returned weights.
     metric : str
+    gain : float
+        ``best single member's loss - loss``: what the selection bought
+        (>= 0 without bagging).
+    disagreement : float
+        Mean pairwise disagreement of the selected members (each counted
+        once; 0 when one member is selected), see
+        :func:`modelfuse.ensemble.diversity.pairwise_diversity`.
+    mutual_information : float
+        Mean mutual information (nats) of the selected members under the
+        returned weights, see
+        :func:`modelfuse.ensemble.diversity.uncertainty_decomposition`.
     """
 
     weights: np.ndarray
@@ -54,6 +66,9 @@ class SelectionResult:
     best_iteration: int
     loss: float
     metric: str
+    gain: float = 0.0
+    disagreement: float = 0.0
+    mutual_information: float = 0.0
 
 
 class _Running:
@@ -162,7 +177,9 @@ def caruana_selection(
     probabilities; ties are broken by a seeded random draw. The returned
     ensemble is the trajectory's best prefix (best-iteration truncation), so
     without bagging its validation loss is never above that of the best
-    single member. Weights are ``counts / size``.
+    single member. Weights are ``counts / size``. The result reports the
+    gain over the best single member beside the selected members' diversity
+    (disagreement and mutual information), which is what buys the gain.
 
     Parameters
     ----------
@@ -241,6 +258,12 @@ def caruana_selection(
             first_trajectory, first_best = trajectory, best
     weights /= len(bags)
     loss = SELECTION_METRICS[metric].loss(np.tensordot(weights, p, axes=(0, 0)), y)
+    best_single = float(score(_fresh(running), np.arange(n_models)).min())
+    selected = np.flatnonzero(weights > 0)
+    diversity = pairwise_diversity(p[selected], kind="probabilities")
+    uncertainty = uncertainty_decomposition(
+        p[selected], kind="probabilities", weights=weights[selected]
+    )
     return SelectionResult(
         weights=weights,
         counts=counts,
@@ -248,4 +271,7 @@ def caruana_selection(
         best_iteration=first_best,
         loss=loss,
         metric=metric,
+        gain=best_single - loss,
+        disagreement=diversity.mean_disagreement,
+        mutual_information=uncertainty.mean_epistemic,
     )

@@ -14,6 +14,8 @@ Everything a fused model's claim to be better rests on:
 - many candidates: :func:`friedman_test`, :func:`nemenyi_critical_difference`,
   :func:`compare_to_reference` (Holm), :func:`wilcoxon_signed_rank`,
   :func:`mean_ranks`;
+- selective prediction: :func:`risk_coverage_curve`, AURC and E-AURC for
+  any :func:`confidence_scores`, with intervals by :func:`bootstrap_selective`;
 - :func:`nested_cross_validation` for choosing hyperparameters honestly;
 - :func:`compare_predictions`, the core of ``modelfuse compare`` (one row per
   distinct model, Holm-consistent intervals, :func:`resamples_for_family`,
@@ -79,10 +81,22 @@ from modelfuse.evaluation.results import (
     NestedCVResult,
     TestResult,
 )
+from modelfuse.evaluation.selective import (
+    CONFIDENCE_SCORES,
+    SELECTIVE_METRICS,
+    RiskCoverageCurve,
+    aurc,
+    bootstrap_selective,
+    confidence_scores,
+    e_aurc,
+    entropy,
+    risk_coverage_curve,
+)
 
 __all__ = [
     "BCA_MIN_RESAMPLES",
     "COMPARISON_TESTS",
+    "CONFIDENCE_SCORES",
     "CV_SCHEMES",
     "ESTIMATORS_632",
     "EXACT_SIGN_FLIPS",
@@ -90,6 +104,7 @@ __all__ = [
     "MCNEMAR_METHODS",
     "METRICS",
     "PAIRWISE_TESTS",
+    "SELECTIVE_METRICS",
     "CandidateComparison",
     "Comparison",
     "EstimateResult",
@@ -99,19 +114,25 @@ __all__ = [
     "McNemarResult",
     "MetricSpec",
     "NestedCVResult",
+    "RiskCoverageCurve",
     "TestResult",
     "accuracy",
+    "aurc",
     "auroc",
     "balanced_accuracy",
     "bca_interval",
     "bootstrap_632",
     "bootstrap_metric",
+    "bootstrap_selective",
     "choose_reference",
     "cochrans_q",
     "compare_estimators",
     "compare_predictions",
     "compare_to_reference",
+    "confidence_scores",
     "corrected_resampled_ttest",
+    "e_aurc",
+    "entropy",
     "friedman_test",
     "get_metric",
     "group_codes",
@@ -133,5 +154,6 @@ __all__ = [
     "rank_scores",
     "resample_sums",
     "resamples_for_family",
+    "risk_coverage_curve",
     "wilcoxon_signed_rank",
 ]
