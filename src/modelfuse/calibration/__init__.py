@@ -1,6 +1,14 @@
-"""Post-hoc calibration: calibrators, calibration metrics and reliability diagrams."""
+"""Post-hoc calibration: calibrators, calibration metrics, reliability diagrams, conformal sets."""
 
 from modelfuse.calibration.base import Calibrator, check_calibration_set
+from modelfuse.calibration.conformal import (
+    CONFORMAL_METHODS,
+    ConformalClassifier,
+    average_set_size,
+    conformal_quantile,
+    conformal_scores,
+    empirical_coverage,
+)
 from modelfuse.calibration.cross_validation import (
     CrossValidatedMetrics,
     cross_validated_metrics,
@@ -20,7 +28,9 @@ from modelfuse.calibration.scaling import MatrixScaling, TemperatureScaling, Vec
 
 __all__ = [
     "CALIBRATORS",
+    "CONFORMAL_METHODS",
     "Calibrator",
+    "ConformalClassifier",
     "CrossValidatedMetrics",
     "HistogramBinning",
     "IsotonicCalibration",
@@ -29,11 +39,15 @@ __all__ = [
     "TemperatureScaling",
     "VectorScaling",
     "adaptive_calibration_error",
+    "average_set_size",
     "brier_score",
     "calibration_bins",
     "calibrator_from_json",
     "check_calibration_set",
+    "conformal_quantile",
+    "conformal_scores",
     "cross_validated_metrics",
+    "empirical_coverage",
     "expected_calibration_error",
     "make_calibrator",
     "maximum_calibration_error",
