@@ -260,3 +260,19 @@ def test_a_large_sample_gives_the_figures_of_its_entries_exactly():
     # every entry for the dot products, against numpy in float64
     taus = np.stack([(m.double() - base.double()).numpy().ravel() for m in models])
     np.testing.assert_allclose(sampled.dots, taus @ taus.T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+def test_streamed_dot_products_match_numpy(n_models):
+    from modelfuse.inspection.figures import streamed_figures
+
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(70, 30, generator=g)
+    models = [base + torch.randn(70, 30, generator=g) for _ in range(n_models)]
+    blocks = [([m[a:b] for m in models], base[a:b]) for a, b in [(0, 33), (33, 34), (34, 70)]]
+    found = streamed_figures(blocks, 2100, n_models, sample=500, chunk=256)  # partial chunks
+    taus = np.stack([(m.double() - base.double()).numpy().ravel() for m in models])
+    np.testing.assert_allclose(found.dots, taus @ taus.T, rtol=1e-5)
+    if n_models <= 3:  # one dot per pair (a matrix product for more)
+        np.testing.assert_array_equal(found.dots, found.dots.T)
+    assert found.signed_entries == 2100 // 5  # every 5th entry: ceil(2100 / 500) = 5

@@ -399,9 +399,7 @@ def streamed_figures(
     )
     weights, _, _, _, width = settings
     stride = -(-n // int(sample))
-    gram = np.zeros((n_models, n_models))
-    taus_buffer = torch.empty(n_models, width)
-    base_buffer = torch.empty(width)
+    dots = _ChunkDots(n_models, width)
     # the sampled task vectors, (N, m) pieces picked from the float32 chunks already computed
     picked: list[torch.Tensor] = []
     start = 0
@@ -411,14 +409,14 @@ def streamed_figures(
         length = base_flat.numel()
         for offset in range(0, length, width):
             size = min(width, length - offset)
-            taus = _task_vectors(flats, base_flat, offset, size, taus_buffer, base_buffer)
-            _gram(taus, gram)
+            taus = dots.add(flats, base_flat, offset, size)
             first = (-(start + offset)) % stride
             if first < size:
                 picked.append(taus[:, first::stride].clone())
         start += length
     if start != n:
         raise ValueError(f"streamed_figures: the blocks hold {start} entries, expected {n}")
+    gram = dots.sums()
     sampled = torch.cat(picked, dim=1) if picked else torch.empty(n_models, 0)
     figures = _accumulate(sampled, None, settings, dots=False, signs=True)
     with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
@@ -427,6 +425,52 @@ def streamed_figures(
     return replace(
         figures, entries=n, dots=gram, projections=projections, delta_square=delta_square
     )
+
+
+class _ChunkDots:
+    """The task vectors of a tensor chunk by chunk and their pairwise dot products, as
+    :func:`_gram` sums them (each chunk's float32 dot added to a float64 total, in chunk
+    order; a matrix product per chunk for more than three models), in fewer calls per
+    chunk: the full-width row views are made once and the totals are Python floats."""
+
+    def __init__(self, n_models: int, width: int) -> None:
+        self.n, self.width = n_models, width
+        self.buffer = torch.empty(n_models, width)
+        self.rows = list(self.buffer)
+        self.base = torch.empty(width)
+        self.pairs = [(i, j) for i in range(n_models) for j in range(i + 1)]
+        self.totals = [0.0] * len(self.pairs)
+        self.matrix = np.zeros((n_models, n_models))
+
+    def add(
+        self, flats: Sequence[torch.Tensor], base_flat: torch.Tensor, start: int, size: int
+    ) -> torch.Tensor:
+        """Add entries ``start:start + size``; return their task vectors, (N, size)."""
+        if size == self.width:
+            taus, rows, base = self.buffer, self.rows, self.base
+        else:
+            taus = self.buffer[:, :size]
+            rows, base = list(taus), self.base[:size]
+        stop = start + size
+        for row, flat in zip(rows, flats):
+            row.copy_(flat[start:stop])
+        taus.sub_(base.copy_(base_flat[start:stop]))
+        if self.n > 3:
+            _gram(taus, self.matrix)
+            return taus
+        totals = self.totals
+        for p, (i, j) in enumerate(self.pairs):
+            totals[p] += float(torch.dot(rows[i], rows[j]))
+        return taus
+
+    def sums(self) -> np.ndarray:
+        """The (N, N) dot products of everything added."""
+        if self.n > 3:
+            return self.matrix
+        out = np.zeros((self.n, self.n))
+        for (i, j), total in zip(self.pairs, self.totals):
+            out[i, j] = out[j, i] = total
+        return out
 
 
 def _task_vectors(
