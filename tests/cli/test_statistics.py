@@ -141,11 +141,20 @@ def test_gram_of_a_bert_classifier_with_n_examples_and_csv(bert_folder, tmp_path
     model, batches = _reference_batches(bert_folder, None)
     # per text, positions are rows: G = sum over the 5 texts' tokens of x x^T / number of tokens
     expected = gram_matrices(model, batches[:5])
-    assert set(stats) == set(expected)
-    for name in expected:
+    # by default the backbone's linear layers only: the task head is not merged with RegMean
+    assert set(stats) == set(expected) - {"classifier.weight"}
+    assert all(name.startswith("bert.") for name in stats)
+    for name in stats:
         torch.testing.assert_close(stats[name], expected[name], rtol=1e-4, atol=1e-6)
-    classifier = stats["classifier.weight"].double().numpy()
-    assert np.all(np.linalg.eigvalsh(classifier) > -1e-6)  # a Gram matrix is PSD
+    pooler = stats["bert.pooler.dense.weight"].double().numpy()
+    assert np.all(np.linalg.eigvalsh(pooler) > -1e-6)  # a Gram matrix is PSD
+    every = tmp_path / "every.safetensors"
+    argv = ["statistics", "gram", "--model", str(bert_folder), "--data", str(data)]
+    assert main([*argv, "--n-examples", "5", "--layers", "all", "--quiet", "-o", str(every)]) == 0
+    assert set(load(every)) == set(expected)
+    torch.testing.assert_close(
+        load(every)["classifier.weight"], expected["classifier.weight"], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_factory_for_any_model_end_to_end_through_a_subprocess(tmp_path):

@@ -21,11 +21,11 @@ from modelfuse.errors import ConfigError, OutputError
 if TYPE_CHECKING:
     from modelfuse.executors import Executor
 
-__all__ = ["load_factory", "statistics_command"]
+__all__ = ["call_factory", "load_factory", "statistics_command"]
 
 
-def load_factory(spec: str) -> tuple[Any, Any]:
-    """Call ``package.module:function`` and check it returns ``(model, batches)``.
+def call_factory(spec: str) -> Any:
+    """Import ``package.module:function``, call it without arguments and return its result.
 
     The working directory is importable, so ``--factory my_models:make`` finds
     ``./my_models.py``.
@@ -33,11 +33,9 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     Raises
     ------
     ConfigError
-        The spec is malformed, the module or function cannot be found, or the
-        result is not an ``(nn.Module, iterable)`` pair.
+        The spec is malformed, the module or function cannot be found, or
+        calling the function raised.
     """
-    from torch import nn
-
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise ConfigError(
@@ -59,11 +57,27 @@ def load_factory(spec: str) -> tuple[Any, Any]:
             "give package.module:function"
         )
     try:
-        result = function()
+        return function()
     except Exception as exc:  # the user's factory failed: say where, in one line
         raise ConfigError(
             f"--factory: calling {spec} raised {type(exc).__name__}: {str(exc)[:200]}"
         ) from None
+
+
+def load_factory(spec: str) -> tuple[Any, Any]:
+    """Call ``package.module:function`` and check it returns ``(model, batches)``.
+
+    See :func:`call_factory`.
+
+    Raises
+    ------
+    ConfigError
+        The spec is malformed, the module or function cannot be found, or the
+        result is not an ``(nn.Module, iterable)`` pair.
+    """
+    from torch import nn
+
+    result = call_factory(spec)
     if (
         not isinstance(result, (tuple, list))
         or len(result) != 2
@@ -168,6 +182,17 @@ def statistics_command(
             "run); needs pip install 'modelfuse[ray]'",
         ),
     ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="gram only: backbone (the linear layers a merge of backbones uses: a Hugging "
+            "Face classifier's encoder, not its task head) or all (default: backbone)"
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(help="seeds a classification head the --model folder does not have", min=0),
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if it exists")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -176,6 +201,13 @@ def statistics_command(
     if kind not in ("exact", "empirical"):
         raise ConfigError(
             f"--estimator: unknown Fisher estimator {kind[:40]!r}; valid: exact, empirical"
+        )
+    if layers is not None and layers not in ("backbone", "all"):
+        raise ConfigError(f"--layers: unknown choice {layers[:40]!r}; valid: backbone, all")
+    if layers is not None and what != "gram":
+        raise ConfigError(
+            f"--layers {layers}: applies to gram only (a Fisher covers every parameter); "
+            "leave it out"
         )
     if factory is not None and (model is not None or data is not None):
         raise ConfigError("give either --factory, or --model with --data, not both")
@@ -208,6 +240,8 @@ def statistics_command(
         workers=workers,
         ray_address=ray_address,
         quiet=quiet,
+        layers=layers or "backbone",  # type: ignore[arg-type]
+        seed=seed,
     )
 
 
@@ -293,8 +327,11 @@ def _run(
     quiet: bool,
     workers: int | None = None,
     ray_address: str | None = None,
+    layers: Literal["backbone", "all"] = "backbone",
+    seed: int = 0,
 ) -> None:
     from modelfuse.statistics import save, shard_batches
+    from modelfuse.statistics.huggingface import backbone_name
 
     needs_labels = what == "fisher" and kind == "empirical"
     if factory is not None:
@@ -326,18 +363,21 @@ def _run(
                 f"{data}: no column {label_column!r}, but the empirical Fisher needs labels; "
                 "choose it with --label-column or use --estimator exact"
             )
-        network, tokenizer = load_sequence_classifier(model)
+        network, tokenizer = load_sequence_classifier(model, seed=seed)
         labels = (
             None
             if examples.labels is None
             else label_ids(examples.labels, network.config, source=str(data))
         )
-        batches = length_grouped_batches(
-            tokenizer, examples.texts, labels, batch_size=batch_size, max_length=max_length
+        batches = list(
+            length_grouped_batches(
+                tokenizer, examples.texts, labels, batch_size=batch_size, max_length=max_length
+            )
         )
         total = len(examples.texts)
         source = str(model)
 
+    within = backbone_name(network) if what == "gram" and layers == "backbone" else None
     parallel = ray_address is not None or (workers or 1) > 1
     with contextlib.ExitStack() as stack:
         if parallel:  # Ray starts (and stops) outside the warnings recorded for the user
@@ -348,8 +388,8 @@ def _run(
             warnings.simplefilter("ignore", ResourceWarning)
             if not parallel:
                 stats = _one_process(
-                    what, network, batches, kind=kind, n_examples=n_examples, total=total,
-                    quiet=quiet,
+                    what, network, batches, output, kind=kind, n_examples=n_examples,
+                    total=total, quiet=quiet, within=within,
                 )
             else:
                 shards = shard_batches(
@@ -357,7 +397,7 @@ def _run(
                 )
                 stats = _sharded(
                     what, network, shards, executor, kind=kind, n_examples=n_examples,
-                    quiet=quiet, flag=(
+                    quiet=quiet, within=within, flag=(
                         f"--workers {workers}"
                         if ray_address is None
                         else f"--ray-address {ray_address[:60]!r}"
@@ -365,7 +405,8 @@ def _run(
                 )
         for message in dict.fromkeys(str(w.message) for w in caught):
             print(f"modelfuse: warning: {message}", file=sys.stderr)
-    save(stats, output)
+    if parallel or what == "fisher":  # a gram in this process is already written, layer by layer
+        save(stats, output)
     label = "Fisher diagonals" if what == "fisher" else "Gram matrices"
     estimator = f" ({kind})" if what == "fisher" else ""
     print(
@@ -397,6 +438,7 @@ def _sharded(
     kind: Literal["exact", "empirical"],
     n_examples: int,
     quiet: bool,
+    within: str | None,
     flag: str,
 ) -> Any:
     """The statistic computed per shard through ``executor``; the bar moves when all are done."""
@@ -408,6 +450,8 @@ def _sharded(
     options: dict[str, Any] = {"n_examples": n_examples}
     if what == "fisher":
         options["kind"] = kind
+    else:
+        options["within"] = within
     total = sum(count_examples(shard) or 0 for shard in shards)
     description = f"{what} statistics on {len(shards)} shards"
     with progress_bar(description, total, enabled=not quiet) as advance:
@@ -423,18 +467,27 @@ def _one_process(
     what: Literal["fisher", "gram"],
     network: Any,
     batches: Any,
+    output: Path,
     *,
     kind: Literal["exact", "empirical"],
     n_examples: int,
     total: int,
     quiet: bool,
+    within: str | None,
 ) -> Any:
-    """The statistic computed in this process, streaming the batches, with a progress bar."""
-    from modelfuse.progress import progress_bar
-    from modelfuse.statistics import fisher_diagonal, gram_matrices
+    """The statistic computed in this process, streaming the batches, with a progress bar.
 
+    Gram matrices are written to ``output`` here, group of layers by group
+    (memory bounded by the sums of one group); a Fisher is returned for the
+    caller to write.
+    """
+    from modelfuse.progress import progress_bar
+    from modelfuse.statistics import fisher_diagonal
+    from modelfuse.statistics.gram import gram_passes, write_gram_matrices
+
+    passes = 1 if what == "fisher" else len(gram_passes(network, within=within))
     done = 0
-    with progress_bar(f"{what} statistics", total, enabled=not quiet) as advance:
+    with progress_bar(f"{what} statistics", total * passes, enabled=not quiet) as advance:
 
         def progress(n_seen: int) -> None:
             nonlocal done
@@ -445,4 +498,6 @@ def _one_process(
             return fisher_diagonal(
                 network, batches, n_examples=n_examples, kind=kind, progress=progress
             )
-        return gram_matrices(network, batches, n_examples=n_examples, progress=progress)
+        return write_gram_matrices(
+            network, batches, output, n_examples=n_examples, within=within, progress=progress
+        )

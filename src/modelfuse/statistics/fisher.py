@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,7 @@ from modelfuse.statistics.batches import (
     model_device,
 )
 from modelfuse.statistics.linear_taps import LinearTaps
+from modelfuse.statistics.padding import unpadded
 from modelfuse.statistics.storage import Statistics
 
 __all__ = ["FisherKind", "fisher_diagonal"]
@@ -34,6 +35,24 @@ def _single(inputs: Inputs) -> Inputs:
     if isinstance(inputs, torch.Tensor):
         return inputs.unsqueeze(0)
     return {key: value.unsqueeze(0) for key, value in inputs.items()}
+
+
+def _constant_mask(inputs: Inputs) -> tuple[Inputs, Any]:
+    """Inputs for ``vmap`` and their ``in_dims``: an all-1 ``attention_mask`` as one shared row.
+
+    The mask of an unpadded batch is all 1s and the same for every example;
+    handed to ``vmap`` unbatched, models that inspect it (Hugging Face's mask
+    builders test ``mask.all()``) see a plain tensor instead of a batched one,
+    on which such data-dependent checks fail.
+    """
+    if not isinstance(inputs, Mapping):
+        return inputs, 0
+    mask = inputs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool((mask != 0).all()):
+        return inputs, 0
+    shared = dict(inputs)
+    shared["attention_mask"] = mask[0]
+    return shared, {key: None if key == "attention_mask" else 0 for key in shared}
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -100,6 +119,11 @@ def fisher_diagonal(
         Batches of ``(inputs, labels)`` or of inputs alone (then only
         ``kind="exact"`` works). Inputs are a tensor (``model(inputs)``) or a
         mapping of tensors (``model(**inputs)``); labels are class indices.
+        A mapping with a 2-D ``attention_mask`` (a padded batch of texts) is
+        run without its padding: examples are regrouped by their number of
+        real tokens and each group runs on those tokens only
+        (:func:`modelfuse.statistics.padding.unpadded`), so padding changes
+        no entry of the Fisher.
     n_examples : int, default 4096
         Use the first ``n_examples`` examples (fewer if the batches run out; the
         number used is in the result's ``n_examples``). 4096 is the reference
@@ -128,7 +152,8 @@ def fisher_diagonal(
         ``kind`` is unknown or ``chunk_size`` is not positive.
     DataError
         The batches are malformed, labels are missing for the empirical Fisher
-        or out of range, or the model does not return ``(batch, classes)`` logits.
+        or out of range, an ``attention_mask`` is not a padding mask, or the
+        model does not return ``(batch, classes)`` logits.
 
     Notes
     -----
@@ -171,22 +196,14 @@ def fisher_diagonal(
         for batch in iterate_batches(
             batches, n_examples, device=device, need_labels=kind == "empirical"
         ):
-            taps.reset_counts()
-            with torch.no_grad():
-                logits = extract_logits(
-                    call_model(model, batch.inputs), where=f"model output (after {n_seen} examples)"
-                ).to(torch.float32)
-            probs = torch.softmax(logits, dim=-1)
-            residuals = _residuals(probs, batch.labels, kind, n_seen)
-            if per_example is None:  # first batch: choose and check the linear shortcut
-                fast = taps.qualified() if linear_shortcut else []
-                per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
-                per_example = per_example.checked(batch.inputs, residuals[0])
-            elif not set(per_example.fast) <= set(taps.qualified()):
-                # a layer ran differently on this batch: take it off the shortcut from now on
-                fast = [layer for layer in per_example.fast if layer in taps.qualified()]
-                per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
-            per_example.accumulate(batch.inputs, batch.size, residuals, sums)
+            for inputs, labels in unpadded(
+                batch.inputs, batch.labels, where=f"batches (after {n_seen} examples)"
+            ):
+                per_example = _accumulate_part(
+                    model, params, buffers, taps, per_example, inputs, labels,
+                    kind=kind, n_seen=n_seen, chunk_size=chunk_size,
+                    linear_shortcut=linear_shortcut, sums=sums,
+                )
             n_seen += batch.size
             if progress is not None:
                 progress(n_seen)
@@ -197,6 +214,41 @@ def fisher_diagonal(
         for i, alias in enumerate(aliases.get(name, [name])):
             result[alias] = mean if i == 0 else mean.clone()
     return Statistics(result, kind="fisher", n_examples=n_seen, estimator=kind)
+
+
+def _accumulate_part(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    taps: LinearTaps,
+    per_example: _PerExample | None,
+    inputs: Inputs,
+    labels: torch.Tensor | None,
+    *,
+    kind: FisherKind,
+    n_seen: int,
+    chunk_size: int | None,
+    linear_shortcut: bool,
+    sums: dict[str, torch.Tensor],
+) -> _PerExample:
+    """Add one unpadded part of a batch to ``sums``; the per-example runner for the next part."""
+    taps.reset_counts()
+    with torch.no_grad():
+        logits = extract_logits(
+            call_model(model, inputs), where=f"model output (after {n_seen} examples)"
+        ).to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    residuals = _residuals(probs, labels, kind, n_seen)
+    if per_example is None:  # first batch: choose and check the linear shortcut
+        fast = taps.qualified() if linear_shortcut else []
+        per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
+        per_example = per_example.checked(inputs, residuals[0])
+    elif not set(per_example.fast) <= set(taps.qualified()):
+        # a layer ran differently on this batch: take it off the shortcut from now on
+        fast = [layer for layer in per_example.fast if layer in taps.qualified()]
+        per_example = _PerExample(model, params, buffers, taps, fast, chunk_size)
+    per_example.accumulate(inputs, int(logits.shape[0]), residuals, sums)
+    return per_example
 
 
 def _residuals(
@@ -246,11 +298,8 @@ class _PerExample:
         slow_bytes = 4 * sum(p.numel() for p in self.slow.values())
         if chunk_size is None:
             chunk_size = max(1, _CHUNK_BYTES // slow_bytes) if slow_bytes else None
-        self.function = vmap(
-            grad(self._weighted_logits, argnums=(0, 1), has_aux=True),
-            in_dims=(None, 0, 0, 0),
-            chunk_size=chunk_size,
-        )
+        self.vmap_chunk = chunk_size
+        self.gradients = grad(self._weighted_logits, argnums=(0, 1), has_aux=True)
 
     def _weighted_logits(
         self,
@@ -294,7 +343,9 @@ class _PerExample:
         self, inputs: Inputs, size: int, r: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-example slow-parameter gradients, output gradients and inputs of fast layers."""
-        (slow_grads, deltas), recorded = self.function(self.slow, self._probes(size), inputs, r)
+        inputs, dims = _constant_mask(inputs)
+        function = vmap(self.gradients, in_dims=(None, 0, dims, 0), chunk_size=self.vmap_chunk)
+        (slow_grads, deltas), recorded = function(self.slow, self._probes(size), inputs, r)
         deltas = {k: v.reshape(size, -1).to(torch.float32) for k, v in deltas.items()}
         recorded = {k: v.reshape(size, -1).to(torch.float32) for k, v in recorded.items()}
         return slow_grads, deltas, recorded
