@@ -85,16 +85,32 @@ CASES: dict[str, tuple[list[str], list[str], list[str], str]] = {
         ["calibration-report", "-p", "p.npy", "-y", "y.npy", "-o", "r", "--n-bins", "0"],
         "--n-bins",
     ),
+    "distill": (
+        ["distill", "--factory", "m:f", "-x", "x.npy", "-t", "a.pt", "-o", "s.safetensors",
+         "--epoch", "2"],
+        ["distill", "--factory", "m:f", "-o", "s.safetensors"],
+        ["distill", "--factory", "m:f", "-x", "x.npy", "-t", "a.pt", "-o", "s.safetensors",
+         "--temperature", "0"],
+        "--temperature",
+    ),
 }
 
 
 # options of a verb beyond its CASES row: (arguments, the flag the error must name, or "")
 _STATS = ["statistics", "fisher", "--factory", "m:f", "-o", "s.safetensors"]
+_REPORT = ["calibration-report", "-p", "p.npy", "-y", "y.npy", "-o", "r"]
 MORE_CASES: list[tuple[list[str], str]] = [
     ([*_STATS, "--workers", "0"], "--workers"),
     ([*_STATS, "--worker", "2"], "--worker"),
     ([*_STATS, "--ray-adress", "auto"], "--ray-adress"),
     ([*_STATS, "--ray-address"], "--ray-address"),
+    ([*_REPORT, "--conformal", "0"], "--conformal"),
+    ([*_REPORT, "--conformal", "1.5"], "--conformal"),
+    ([*_REPORT, "--conformal", "nan"], "--conformal"),
+    ([*_REPORT, "--conformal", "abc"], "--conformal"),
+    ([*_REPORT, "--conformal"], "--conformal"),
+    ([*_REPORT, "--conformal", "0.1", "--seed", "-1"], "--seed"),
+    ([*_REPORT, "--risk-coverag"], "--risk-coverag"),
 ]
 
 

@@ -38,7 +38,12 @@ from modelfuse.cli.ensemble import (
 from modelfuse.errors import ConfigError, DataError, OutputError
 from modelfuse.limits import MAX_BINS
 
-__all__ = ["calibrate_command", "calibration_report_command", "report_metrics"]
+__all__ = [
+    "calibrate_command",
+    "calibration_report_command",
+    "conformal_table",
+    "report_metrics",
+]
 
 # The methods that take each tuning option.
 _REG_METHODS = ("vector", "matrix")
@@ -267,6 +272,109 @@ def report_metrics(
     ]
 
 
+def _open_unit(value: float | None) -> float | None:
+    """Option callback: a number strictly between 0 and 1 (a miscoverage level)."""
+    if value is not None and not 0 < value < 1:
+        raise typer.BadParameter(f"expected a number strictly between 0 and 1, got {value}")
+    return value
+
+
+_CONFORMAL_METHODS = ("lac", "aps", "raps")
+
+
+def conformal_table(
+    probs: dict[str, np.ndarray], labels: np.ndarray, *, alpha: float, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Coverage and set size of conformal sets, calibrated on a seeded random half.
+
+    The samples are permuted with ``numpy.random.default_rng(seed)``; the
+    first ``floor(n / 2)`` calibrate, the rest measure. Every input uses the
+    same split. Returns the rows and the split's sizes.
+    """
+    import math
+
+    from modelfuse.calibration.conformal import (
+        ConformalClassifier,
+        average_set_size,
+        empirical_coverage,
+    )
+
+    n = labels.shape[0]
+    n_cal = n // 2
+    if alpha < 1 / (n_cal + 1):
+        needed = math.ceil(1 / alpha - 1)
+        raise ConfigError(
+            f"--conformal {alpha:g}: the calibration half holds {n_cal} of the {n} samples, "
+            f"and alpha = {alpha:g} needs at least 1/alpha - 1 = {needed}; "
+            "pass a larger --conformal or more samples"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    cal, test = order[:n_cal], order[n_cal:]
+    rows: list[dict[str, Any]] = []
+    for name, p in probs.items():
+        for method in _CONFORMAL_METHODS:
+            model = ConformalClassifier(method, alpha=alpha).fit(p[cal], labels[cal])
+            sets = model.predict_sets(p[test])
+            per_class = empirical_coverage(sets, labels[test], per_class=True)
+            rows.append(
+                {
+                    "input": name,
+                    "method": method,
+                    "coverage": empirical_coverage(sets, labels[test]),
+                    "mean_set_size": average_set_size(sets),
+                    "worst_class_coverage": float(np.nanmin(per_class)),
+                    "empty_sets": float((sets.sum(axis=1) == 0).mean()),
+                }
+            )
+    return rows, {"n_calibration": n_cal, "n_test": n - n_cal}
+
+
+_CONFORMAL_COLUMNS = ("coverage", "mean_set_size", "worst_class_coverage", "empty_sets")
+
+
+def _conformal_caption(alpha: float | None, split: dict[str, int], seed: int) -> str:
+    return (
+        f"Conformal sets, alpha = {alpha:g} (target coverage >= {1 - alpha:g}): calibrated on "
+        f"{split['n_calibration']} samples, measured on the other {split['n_test']} "
+        f"(random halves, --seed {seed}); RAPS with k_reg = 1, lambda = 0.01"
+    )
+
+
+def _conformal_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    width = max(8, *(len(r["input"]) for r in rows))
+    header = f"{'input':<{width}}  {'method':<6}  " + "  ".join(
+        f"{c:>20}" for c in _CONFORMAL_COLUMNS
+    )
+    body = [
+        f"{r['input']:<{width}}  {r['method']:<6}  "
+        + "  ".join(f"{r[c]:>20.4f}" for c in _CONFORMAL_COLUMNS)
+        for r in rows
+    ]
+    return [header, *body]
+
+
+def _conformal_markdown(
+    rows: list[dict[str, Any]], alpha: float | None, split: dict[str, int], seed: int
+) -> list[str]:
+    return [
+        "## Conformal prediction sets",
+        "",
+        _conformal_caption(alpha, split, seed) + ".",
+        "",
+        "| input | method | " + " | ".join(_CONFORMAL_COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(_CONFORMAL_COLUMNS),
+        *(
+            f"| {r['input']} | {r['method']} | "
+            + " | ".join(f"{r[c]:.4f}" for c in _CONFORMAL_COLUMNS)
+            + " |"
+            for r in rows
+        ),
+        "",
+    ]
+
+
 def _diagram_names(names: list[str]) -> dict[str, str]:
     """The PNG of each input: ``reliability.png`` for one, ``reliability-NAME.png`` for several."""
     if len(names) == 1:
@@ -299,6 +407,16 @@ Inputs are NAME=FILE or FILE, repeated or space-separated. --kind auto (the
 default) takes rows summing to 1 as probabilities and softmaxes others.
 ECE uses 15 equal-width bins by default (Guo et al. 2017, torchmetrics);
 --n-bins 10 matches netcal.
+
+--risk-coverage adds AURC and E-AURC (confidence = top-label probability;
+ties in confidence count as one block) to the table and writes
+OUT/risk-coverage.png. --conformal ALPHA adds a table of conformal
+prediction sets (LAC, APS, RAPS): the samples are split at random into two
+halves (a permutation seeded by --seed; the calibration half has
+floor(n/2) samples), the sets are calibrated on the first half, and their
+coverage (target >= 1 - ALPHA) and mean size are measured on the second:
+
+    modelfuse calibration-report -p p.npy -y y.npy -o r --risk-coverage --conformal 0.1
 """,
 )
 def calibration_report_command(
@@ -319,6 +437,27 @@ def calibration_report_command(
     kind: Annotated[str, typer.Option(help=KIND_HELP)] = "auto",
     n_bins: Annotated[int, typer.Option(help="number of bins", min=1, max=MAX_BINS)] = 15,
     binning: Annotated[str, typer.Option(help="uniform or quantile")] = "uniform",
+    risk_coverage: Annotated[
+        bool,
+        typer.Option(
+            "--risk-coverage",
+            help="add AURC and E-AURC to the table and write risk-coverage.png",
+        ),
+    ] = False,
+    conformal: Annotated[
+        float | None,
+        typer.Option(
+            metavar="ALPHA",
+            help="miscoverage in (0, 1), e.g. 0.1: add a coverage and set-size table of "
+            "conformal sets calibrated on a seeded random half of the samples",
+            min=0.0,
+            max=1.0,
+            callback=_open_unit,
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="seed of the --conformal calibration split", min=0, max=SEED_MAX)
+    ] = 0,
     quiet: Annotated[
         bool, typer.Option(help="no table; errors, warnings and 'wrote' stay")
     ] = False,
@@ -353,6 +492,18 @@ def calibration_report_command(
         name: dict(report_metrics(p, y, n_bins=n_bins, binning=binning))
         for name, p in probs.items()
     }
+    curves = {}
+    if risk_coverage:
+        from modelfuse.evaluation.selective import risk_coverage_curve
+
+        for name, p in probs.items():
+            curves[name] = risk_coverage_curve(p.max(axis=1), p.argmax(axis=1) == y)
+            metrics[name]["aurc"] = curves[name].aurc
+            metrics[name]["e_aurc"] = curves[name].e_aurc
+    conformal_rows: list[dict[str, Any]] = []
+    split: dict[str, int] = {}
+    if conformal is not None:
+        conformal_rows, split = conformal_table(probs, y, alpha=conformal, seed=seed)
     rows = list(next(iter(metrics.values())))
     names = list(metrics)
     width = max(len(r) for r in rows)
@@ -362,10 +513,16 @@ def calibration_report_command(
     for row in rows:
         values = "  ".join(f"{metrics[n][row]:>{c}.4f}" for n, c in zip(names, columns))
         lines.append(f"{row:<{width}}  {values}")
+    conformal_lines = _conformal_lines(conformal_rows)
     if not quiet:
         typer.echo("\n".join(lines))
+        if conformal_rows:
+            typer.echo("")
+            typer.echo(_conformal_caption(conformal, split, seed))
+            typer.echo("\n".join(conformal_lines))
 
     diagrams = _diagram_names(names)
+    pictures = list(diagrams.values()) + (["risk-coverage.png"] if curves else [])
     markdown = [
         "# Calibration report",
         "",
@@ -380,16 +537,35 @@ def calibration_report_command(
             for row in rows
         ),
         "",
+        *(
+            [
+                "AURC and E-AURC: the risk-coverage curve with the top-label probability as "
+                "confidence (ties in confidence as one block; Geifman et al. 2019).",
+                "",
+            ]
+            if curves
+            else []
+        ),
+        *(_conformal_markdown(conformal_rows, conformal, split, seed) if conformal_rows else []),
         *(f"![reliability diagram: {name}]({diagrams[name]})" for name in names),
+        *(["", "![risk-coverage curves](risk-coverage.png)"] if curves else []),
         "",
     ]
-    summary = {
+    summary: dict[str, Any] = {
         "predictions": dict(named),
         "labels": str(labels),
         "n_bins": n_bins,
         "binning": binning,
         "metrics": metrics,
     }
+    if conformal_rows:
+        summary["conformal"] = {
+            "alpha": conformal,
+            "seed": seed,
+            "split": "random halves; calibration = the first floor(n/2) of a seeded permutation",
+            **split,
+            "rows": conformal_rows,
+        }
     try:
         summary_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
     except ValueError:
@@ -407,10 +583,14 @@ def calibration_report_command(
                 binning=binning,
                 title=f"Reliability: {name[:60]}",
             )
+        if curves:
+            from modelfuse.evaluation.selective import risk_coverage_plot
+
+            risk_coverage_plot(curves, staging / "risk-coverage.png")
         publish_folder(staging, out)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    typer.echo(f"wrote {out}/metrics.md, metrics.json, {', '.join(diagrams.values())}")
+    typer.echo(f"wrote {out}/metrics.md, metrics.json, {', '.join(pictures)}")

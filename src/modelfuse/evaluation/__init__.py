@@ -91,6 +91,7 @@ from modelfuse.evaluation.selective import (
     e_aurc,
     entropy,
     risk_coverage_curve,
+    risk_coverage_plot,
 )
 
 __all__ = [
@@ -155,5 +156,6 @@ __all__ = [
     "resample_sums",
     "resamples_for_family",
     "risk_coverage_curve",
+    "risk_coverage_plot",
     "wilcoxon_signed_rank",
 ]
