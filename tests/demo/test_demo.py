@@ -1,9 +1,11 @@
 """End to end: ``modelfuse demo --quick``, once in-process and once in a subprocess.
 
-The two runs share the seed, so they also check that equal seeds give
-identical tables. Independent references: the uniform soup on disk against
-numpy's mean of the fine-tunes' safetensors, and an individual model's test
-accuracy against a numpy forward pass on a split rebuilt with scikit-learn.
+The subprocess runs ``--seeds 3,4`` (without the federated scenario), so the
+two runs share seed 3's study: equal seeds give identical tables, and the
+cross-seed summary is checked against the per-seed numbers. Independent
+references: the uniform soup on disk against numpy's mean of the
+fine-tunes' safetensors, and an individual model's accuracy on both test
+splits against a numpy forward pass on a split rebuilt with scikit-learn.
 """
 
 from __future__ import annotations
@@ -38,9 +40,15 @@ SOUP_METHODS = [
     "DARE",
     "Model Stock",
     "WiSE-FT",
+    "DaWin",
+    "AdaMerging",
+    "gradient matching",
     "soft vote",
     "Caruana ensemble",
 ]
+SHIFT = "tilted by 15 to 30 degrees either way"
+TEST_ACCURACY = "Soup scenario, test split: accuracy"
+SHIFT_ACCURACY = f"Soup scenario, shifted test split ({SHIFT}): accuracy"
 MULTITASK_METHODS = [
     "task-original",
     "task-rotated",
@@ -79,7 +87,7 @@ def _raw_rows(section: str) -> list[list[str]]:
 
 
 def _interval(text: str) -> tuple[float, float]:
-    match = re.fullmatch(r"\[(-?\d+\.\d+), (-?\d+\.\d+)\]", text)
+    match = re.fullmatch(r"\[(-inf|-?\d+\.\d+), (inf|-?\d+\.\d+)\]", text)
     assert match, text
     return float(match.group(1)), float(match.group(2))
 
@@ -99,7 +107,10 @@ def runs(tmp_path_factory):
         code = main(["demo", "--quick", "--out", str(first), "--seed", str(SEED)])
     threads_after = torch.get_num_threads()
     ray_left_running = _ray_running()
-    script = "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"
+    script = (
+        "import sys; import modelfuse.demo.run as run; run._flower_installed = lambda: False; "
+        "from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -109,8 +120,8 @@ def runs(tmp_path_factory):
             "--quick",
             "--out",
             str(second),
-            "--seed",
-            str(SEED),
+            "--seeds",
+            f"{SEED},{SEED + 1}",
         ],
         capture_output=True,
         text=True,
@@ -142,21 +153,24 @@ def test_the_command_succeeds_and_writes_the_report(runs):
     assert not runs["ray_left_running"]  # the federated scenario shuts down the Ray it started
 
 
-def test_every_method_has_a_row_whose_numbers_parse(runs):
-    sections = _sections((runs["first"] / "report.md").read_text())
-    rows = _table(sections["Soup scenario: accuracy"])
-    names = [r["method"] for r in rows]
-    calibrated = [n for n in names if n.endswith(" + temperature")]
-    assert names[: len(SOUP_METHODS)] == SOUP_METHODS
-    assert len(calibrated) == 2 and len(names) == len(SOUP_METHODS) + 2
-    raw = _raw_rows(sections["Soup scenario: accuracy"])
+def _names(rows: list[dict[str, str]]) -> list[str]:
+    """Every candidate's name; a row of identical models lists them joined by ' = '."""
+    return [n for r in rows for n in r["method"].split(" = ")]
+
+
+def _check_metric_table(raw: list[list[str]], bounded: bool) -> list[str]:
+    """Each row's numbers parse, the verdict follows from the Holm-adjusted p and the sign, and
+    the Holm-consistent interval of the difference excludes 0 exactly when the verdict is
+    significant. Returns the verdicts."""
     references = 0
+    verdicts = []
     for cells in raw:
-        name, family, cost, acc, ci, diff, diff_ci, p, said = cells
-        value = float(acc)
+        name, family, cost, value, ci, diff, diff_ci, p, said = cells
+        verdicts.append(said)
         low, high = _interval(ci)
-        assert 0 <= low <= high <= 1 and 0 <= value <= 1
-        assert int(cost) >= 1
+        assert low <= high and int(cost) >= 1
+        if bounded:
+            assert 0 <= low <= high <= 1 and 0 <= float(value) <= 1
         if said == "reference":
             references += 1
             assert diff == diff_ci == p == ""
@@ -164,33 +178,126 @@ def test_every_method_has_a_row_whose_numbers_parse(runs):
         d, pv = float(diff), float(p)
         d_low, d_high = _interval(diff_ci)
         assert d_low <= d_high and 0 <= pv <= 1
-        # the verdict follows from the Holm-adjusted p-value and the sign of the difference
-        if pv < 0.05 and d > 0:
-            assert said == "better"
-        elif pv < 0.05 and d < 0:
-            assert said == "worse"
+        excludes_zero = d_low > 0 or d_high < 0
+        if pv <= 0.05 and d != 0:
+            assert said in ("better", "worse")
+            assert excludes_zero, cells
         else:
             assert said == "no significant difference"
+            assert not excludes_zero, cells
     assert references == 1
     reference = next(r for r in raw if r[-1] == "reference")
-    for cells in raw:  # each difference is the candidate's accuracy minus the reference's
+    for cells in raw:  # each difference is the candidate's value minus the reference's
         if cells[-1] != "reference":
             assert float(cells[5]) == pytest.approx(float(cells[3]) - float(reference[3]), abs=2e-4)
+    return verdicts
+
+
+def test_every_method_has_a_row_whose_numbers_parse(runs):
+    sections = _sections((runs["first"] / "report.md").read_text())
+    rows = _table(sections[TEST_ACCURACY])
+    names = _names(rows)
+    calibrated = [n for n in names if n.endswith(" + temperature")]
+    assert sorted(n for n in names if n not in calibrated) == sorted(SOUP_METHODS)
+    assert len(calibrated) <= 2 and len(names) == len(SOUP_METHODS) + len(calibrated)
+    labels = [r["method"] for r in rows]
+    for section in (TEST_ACCURACY, SHIFT_ACCURACY):
+        raw = _raw_rows(sections[section])
+        assert [r[0] for r in raw] == labels
+        verdicts = _check_metric_table(raw, bounded=True)
+        assert verdicts.count("reference") == 1
     soft = next(r for r in rows if r["method"] == "soft vote")
     assert soft["networks run"] == str(QUICK_SOUP)  # an ensemble runs every member
-    probs = _raw_rows(sections["Soup scenario: probabilities (NLL and ECE)"])
-    assert [r[0] for r in probs] == names
-    for cells in probs:
-        assert float(cells[1]) > 0 and 0 <= float(cells[5]) <= 1
+    dawin = next(r for r in rows if "DaWin" in r["method"].split(" = "))
+    assert dawin["networks run"] == "3"
+    for split in ("test split", f"shifted test split ({SHIFT})"):
+        for metric in ("NLL", "ECE"):
+            raw = _raw_rows(sections[f"Soup scenario, {split}: {metric}"])
+            assert [r[0] for r in raw] == labels
+            _check_metric_table(raw, bounded=metric == "ECE")
+            assert all(float(r[3]) > 0 for r in raw) or metric == "ECE"
     per_task = _table(sections["Multi-task scenario: accuracy per task"])
     assert [r["method"] for r in per_task] == MULTITASK_METHODS
     for r in per_task:
         accs = [float(r[t]) for t in ("original", "rotated", "inverted", "noisy")]
         assert float(r["mean"]) == pytest.approx(np.mean(accs), abs=1e-4)
-    pooled = _table(sections["Multi-task scenario: comparison with the best task model"])
-    assert [r["method"] for r in pooled] == MULTITASK_METHODS
+    pooled = _raw_rows(sections["Multi-task scenario: comparison with the best task model"])
+    assert sorted(n for r in pooled for n in r[0].split(" = ")) == sorted(MULTITASK_METHODS)
+    _check_metric_table(pooled, bounded=True)
     results = json.loads((runs["first"] / "results.json").read_text())
-    assert [r["name"] for r in results["soup"]["rows"]] == names
+    assert [r["name"] for r in results["soup"]["rows"]] == labels
+    assert [r["name"] for r in results["soup"]["shifted"]["rows"]] == labels
+
+
+def test_the_summary_sentences_follow_the_tables(runs):
+    sections = _sections((runs["first"] / "report.md").read_text())
+    summary = " ".join(sections["Summary"].split())
+    for section, split in ((TEST_ACCURACY, "test"), (SHIFT_ACCURACY, "shifted")):
+        rows = _table(sections[section])
+        reference = next(r["method"] for r in rows if r["verdict"] == "reference")
+        for word in ("better", "worse"):
+            listed = [r["method"] for r in rows if r["verdict"] == word]
+            if listed:
+                assert (
+                    f"Significantly {word} than {reference} in {split} accuracy (Holm-adjusted "
+                    f"p <= 0.05): "
+                    + ", ".join(
+                        f"{r['method']} ({r[f'difference to {reference}']})"
+                        for r in rows
+                        if r["verdict"] == word
+                    )
+                ) in summary
+            else:
+                assert (
+                    f"No candidate is significantly {word} than {reference} in {split}" in summary
+                )
+        top = max(float(r["accuracy"]) for r in rows)
+        winner = next(r for r in rows if float(r["accuracy"]) == top)
+        head = f"Highest {split} accuracy: {winner['method']} ({top:.4f}"
+        assert head in summary
+        tail = summary[summary.index(head) :]
+        assert f"picked on the {split} split it is scored on" in tail.split(".")[1] + tail
+        if winner["verdict"] == "reference":
+            assert "it is the reference itself" in tail.split(". ")[0]
+        elif winner["verdict"] == "better":
+            assert "is significant (Holm-adjusted p" in tail.split(". ")[0] + tail
+        else:
+            assert "is not significant (Holm-adjusted p =" in tail
+    # where fusion helps: each merge or ensemble is classed by its two verdicts
+    test = {r["method"]: r for r in _table(sections[TEST_ACCURACY])}
+    shift = {r["method"]: r for r in _table(sections[SHIFT_ACCURACY])}
+    expected = {"both": [], "test": [], "shift": [], "hurts": [], "neither": []}
+    for name, row in test.items():
+        if row["family"] == "individual":
+            continue
+        a, b = row["verdict"], shift[name]["verdict"]
+        key = (
+            "both"
+            if a == b == "better"
+            else "test"
+            if a == "better" and b != "worse"
+            else "shift"
+            if b == "better" and a != "worse"
+            else "hurts"
+            if "worse" in (a, b)
+            else "neither"
+        )
+        expected[key].append(name)
+    lines = {
+        "both": "Helps on both test splits: ",
+        "test": "Helps only in distribution (test split): ",
+        "shift": "Helps only under the shift: ",
+        "hurts": "Significantly worse on at least one split (and better on neither): ",
+        "neither": "No significant difference on either split: ",
+    }
+    for key, names in expected.items():
+        if not names:
+            if key in ("both", "test", "shift"):
+                assert lines[key] + "none." in summary
+            continue
+        start = summary.index(lines[key]) + len(lines[key])
+        said = summary[start : summary.index(".", summary.index(names[-1], start))]
+        assert [part.split(" (test ")[0] for part in said.split("), ")] == names
 
 
 def test_every_image_referenced_exists_and_is_embedded_in_the_html(runs):
@@ -198,6 +305,8 @@ def test_every_image_referenced_exists_and_is_embedded_in_the_html(runs):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     expected = {
         "soup_accuracy.png",
+        "soup_shift_accuracy.png",
+        "dawin_lambdas.png",
         "greedy_soup_trace.png",
         "wise_ft_curve.png",
         "multitask_per_task.png",
@@ -214,24 +323,72 @@ def test_every_image_referenced_exists_and_is_embedded_in_the_html(runs):
 
 
 def test_same_seed_gives_identical_tables(runs):
-    def without_timing(folder: Path) -> str:
+    def soup_and_multitask(folder: Path) -> str:
         sections = _sections((folder / "report.md").read_text())
-        sections.pop("Time per stage")
-        return "\n".join(f"{k}\n{v}" for k, v in sections.items()).replace(str(folder), "OUT")
+        kept = {
+            k: v
+            for k, v in sections.items()
+            if k.startswith(("Soup scenario,", "Multi-task", "WiSE-FT", "DaWin", "Model zoo"))
+        }
+        return "\n".join(f"{k}\n{v}" for k, v in kept.items()).replace(str(folder), "OUT")
 
-    first, second = without_timing(runs["first"]), without_timing(runs["second"])
-    assert first.count("|") > 200
+    first, second = soup_and_multitask(runs["first"]), soup_and_multitask(runs["second"])
+    assert first.count("|") > 400
     assert first == second
 
-    def numbers(folder: Path) -> dict:
-        data = json.loads((folder / "results.json").read_text())
-        data.pop("timings")
-        return data
-
-    assert numbers(runs["first"]) == numbers(runs["second"])
+    a = json.loads((runs["first"] / "results.json").read_text())
+    b = json.loads((runs["second"] / "results.json").read_text())
+    assert a["soup"] == b["soup"] and a["multitask"] == b["multitask"]
+    assert b["seeds"] == [SEED, SEED + 1] and b["federated"] is None
     for model in ("ft-1", "task-rotated", "pretrained"):
-        a = (runs["first"] / "models" / model / "model.safetensors").read_bytes()
-        assert a == (runs["second"] / "models" / model / "model.safetensors").read_bytes()
+        x = (runs["first"] / "models" / model / "model.safetensors").read_bytes()
+        assert x == (runs["second"] / "models" / model / "model.safetensors").read_bytes()
+    assert not list(runs["second"].glob(".seed-*"))  # the other seed's files are removed
+
+
+def test_the_cross_seed_summary_is_computed_from_each_seeds_numbers(runs):
+    second = runs["second"]
+    data = json.loads((second / "results.json").read_text())
+    across = data["across_seeds"]
+    first_rows = {
+        split: {r["name"]: r for r in rows}
+        for split, rows in (
+            ("test", data["soup"]["rows"]),
+            ("shift", data["soup"]["shifted"]["rows"]),
+        )
+    }
+    reference = data["soup"]["reference"]
+    methods = [s["method"] for s in across if s["split"] == "test"]
+    assert methods[0].startswith("reference") and "uniform soup" in methods and "DaWin" in methods
+    assert not any(m.startswith("ft-") or m.endswith("temperature") for m in methods)
+    for s in across:
+        accs = s["accuracies"]
+        assert len(accs) == 2
+        assert s["mean"] == pytest.approx(np.mean(accs))
+        assert s["sd"] == pytest.approx(np.std(accs, ddof=1))
+        assert 0 <= s["better"] + s["worse"] + s["same_as_reference"] <= 2
+        # seed 3 is the study reported in full: its numbers are the tables'
+        rows = first_rows[s["split"]]
+        name = (
+            reference
+            if s["method"].startswith("reference")
+            else next(n for n in rows if s["method"] in n.split(" = "))
+        )
+        assert accs[0] == pytest.approx(rows[name]["metrics"]["accuracy"]["value"])
+        ref_acc = rows[reference]["metrics"]["accuracy"]["value"]
+        assert s["differences"][0] == pytest.approx(accs[0] - ref_acc)
+    sections = _sections((second / "report.md").read_text())
+    table = _table(sections["Soup scenario across seeds: test split"])
+    assert [r["method"] for r in table] == methods
+    for row, s in zip(table, (s for s in across if s["split"] == "test")):
+        assert float(row["mean accuracy"]) == pytest.approx(s["mean"], abs=5e-5)
+        assert float(row["SD across seeds"]) == pytest.approx(s["sd"], abs=5e-5)
+    summary = " ".join(sections["Summary"].split())
+    for split, label in (("test", "the test split"), ("shift", "the shifted test split")):
+        always = [s["method"] for s in across if s["split"] == split and s["better"] == 2]
+        said = summary[summary.index(f"On {label}, across 2 seeds") :]
+        part = said.split("on every seed: ")[1].split(". Better on some")[0]
+        assert [p.split(" (mean difference")[0] for p in part.split("), ")] == (always or ["none"])
 
 
 def test_the_uniform_soup_on_disk_is_the_mean_of_the_fine_tunes(runs):
@@ -254,22 +411,26 @@ def test_the_uniform_soup_on_disk_is_the_mean_of_the_fine_tunes(runs):
     assert "../models/ft-1" in (folder / "configs" / "fisher.yaml").read_text()
 
 
-def test_an_individual_models_test_accuracy_matches_a_numpy_forward_pass(runs):
+def test_an_individual_models_accuracy_matches_a_numpy_forward_pass_on_both_splits(runs):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from modelfuse.demo.data import shifted
+
     x, y = load_digits(return_X_y=True)
     _, x_test, _, y_test = train_test_split(
-        x / 16.0, y, test_size=0.3, stratify=y, random_state=SEED
+        (x / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=SEED
     )
     weights = load_file(runs["first"] / "models" / "ft-2" / "model.safetensors")
-    h = np.maximum(x_test @ weights["0.weight"].T + weights["0.bias"], 0)
-    h = np.maximum(h @ weights["2.weight"].T + weights["2.bias"], 0)
-    logits = h @ weights["4.weight"].T + weights["4.bias"]
-    expected = float(np.mean(logits.argmax(1) == y_test))
-    rows = _table(_sections((runs["first"] / "report.md").read_text())["Soup scenario: accuracy"])
-    reported = float(next(r for r in rows if r["method"] == "ft-2")["accuracy"])
-    assert reported == pytest.approx(expected, abs=6e-5)
+    sections = _sections((runs["first"] / "report.md").read_text())
+    for images, section in ((x_test, TEST_ACCURACY), (shifted(x_test, SEED), SHIFT_ACCURACY)):
+        h = np.maximum(images @ weights["0.weight"].T + weights["0.bias"], 0)
+        h = np.maximum(h @ weights["2.weight"].T + weights["2.bias"], 0)
+        logits = h @ weights["4.weight"].T + weights["4.bias"]
+        expected = float(np.mean(logits.argmax(1) == y_test))
+        rows = _table(sections[section])
+        reported = float(next(r for r in rows if "ft-2" in r["method"].split(" = "))["accuracy"])
+        assert reported == pytest.approx(expected, abs=6e-5)
 
 
 def test_an_existing_folder_that_is_not_a_demo_is_refused(tmp_path, capsys):
@@ -286,7 +447,7 @@ def test_an_existing_folder_that_is_not_a_demo_is_refused(tmp_path, capsys):
 def test_a_failing_run_leaves_nothing_and_keeps_an_earlier_output(tmp_path, monkeypatch):
     import modelfuse.demo.zoo
 
-    def broken_zoo(splits, settings, folder, seed, *, on_model=None):
+    def broken_zoo(splits, settings, folder, seed, *, on_model=None, soup_only=False):
         folder.mkdir(parents=True)
         (folder / "half-written.safetensors").write_bytes(b"x")
         raise RuntimeError("training failed")

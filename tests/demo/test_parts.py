@@ -143,14 +143,18 @@ def test_verdicts_and_headlines_follow_the_numbers():
     ]
     lines = headlines([ref, up, same, down], "ref", "Test")
     assert (
-        "Significantly better than ref in accuracy (Holm-adjusted p < 0.05): up (+0.0500)." in lines
-    )
-    assert (
-        "Significantly worse than ref in accuracy (Holm-adjusted p < 0.05): down (-0.1000)."
+        "Significantly better than ref in test accuracy (Holm-adjusted p <= 0.05): up (+0.0500)."
         in lines
     )
-    assert "Not significantly different from the reference: same." in lines
-    assert lines[-1].startswith("Highest test accuracy: up with 0.9500")
+    assert (
+        "Significantly worse than ref in test accuracy (Holm-adjusted p <= 0.05): down (-0.1000)."
+        in lines
+    )
+    assert "Not significantly different from the reference in test accuracy: same." in lines
+    assert lines[-1].startswith("Highest test accuracy: up (0.9500, 1 network per prediction)")
+    assert lines[-1].endswith(
+        "its edge over ref (+0.0500) is significant (Holm-adjusted p = 0.0100 <= 0.05)."
+    )
 
 
 def test_log_probabilities_match_torch():

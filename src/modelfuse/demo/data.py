@@ -4,7 +4,8 @@ Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn.
 Images are 8x8 with intensities 0..16, scaled to [0, 1] and flattened to 64
 features. The multi-task scenario derives three more tasks from the same
 images and labels: rotated by 90 degrees, inverted intensities, and Gaussian
-noise.
+noise. The soup scenario's shifted test split (:func:`shifted`) tilts the
+test images by 15 to 30 degrees either way: a shift no model saw in training.
 """
 
 from __future__ import annotations
@@ -16,14 +17,24 @@ import numpy as np
 
 from modelfuse.errors import ConfigError
 
-__all__ = ["TASKS", "Splits", "apply_task", "load_digits_scaled", "load_splits", "task_seed"]
+__all__ = [
+    "SHIFT",
+    "TASKS",
+    "Splits",
+    "apply_task",
+    "load_digits_scaled",
+    "load_splits",
+    "shifted",
+    "task_seed",
+]
 
 
 @dataclass(frozen=True)
 class Splits:
     """Train, validation and test parts of the digits (float32 features in [0, 1]).
 
-    ``pretrain`` indexes the part of the training split the pre-trained model sees.
+    ``pretrain`` indexes the part of the training split the pre-trained model sees;
+    ``x_shift`` is the test split's images tilted by :func:`shifted` (labels ``y_test``).
     """
 
     x_train: np.ndarray
@@ -33,6 +44,7 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     pretrain: np.ndarray
+    x_shift: np.ndarray | None = None
 
 
 def load_digits_scaled() -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +104,9 @@ def load_splits(
         stratify=y_train,
         random_state=seed + 2,
     )
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, np.sort(pretrain))
+    return Splits(
+        x_train, y_train, x_val, y_val, x_test, y_test, np.sort(pretrain), shifted(x_test, seed)
+    )
 
 
 def _original(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -160,3 +174,46 @@ def task_seed(seed: int, task_index: int, split: str) -> int:
             f"split: unknown split {split!r}; expected one of {', '.join(_SPLIT_CODES)}"
         )
     return seed * 1000 + 10 * task_index + _SPLIT_CODES[split]
+
+
+SHIFT = "tilted by 15 to 30 degrees either way"
+"""How :func:`shifted` changes the images, as the report states it."""
+
+
+def shifted(x: np.ndarray, seed: int, *, low: float = 15.0, high: float = 30.0) -> np.ndarray:
+    """The images ``x`` tilted by a random angle between ``low`` and ``high`` degrees either way.
+
+    Each image gets its own angle and direction, drawn from ``seed`` (the same
+    seed gives the same images); it is rotated about its centre with bilinear
+    interpolation, and pixels rotated in from outside the image are 0. No
+    model of the demo is trained on tilted images (the fine-tunes' augmentations
+    are one-pixel shifts and weak noise), so this is a distribution shift.
+
+    Parameters
+    ----------
+    x : array of shape (n, 64)
+        Flattened 8x8 images in [0, 1]. Not modified.
+    seed : int
+    low, high : float
+        The range of the angle's size, in degrees.
+
+    Returns
+    -------
+    array of shape (n, 64), float32 in [0, 1]
+
+    Examples
+    --------
+    >>> x = np.zeros((1, 64), dtype=np.float32); x[0, 27] = 1.0  # a pixel near the centre
+    >>> y = shifted(x, 0)
+    >>> y.shape, bool(np.array_equal(y, shifted(x, 0))), bool(np.array_equal(y, x))
+    ((1, 64), True, False)
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng([seed, 7])
+    angles = rng.uniform(low, high, size=len(x)) * rng.choice([-1.0, 1.0], size=len(x))
+    images = np.asarray(x, dtype=np.float32).reshape(-1, 8, 8)
+    out = np.empty_like(images)
+    for i, (image, angle) in enumerate(zip(images, angles)):
+        out[i] = ndimage.rotate(image, angle, reshape=False, order=1, mode="constant", cval=0.0)
+    return np.clip(out, 0.0, 1.0).reshape(-1, 64)

@@ -2,16 +2,18 @@
 
 Every candidate (a single model, a merge, an ensemble or a calibrated
 predictor) is reduced to its log-probabilities on the validation and test
-splits. Choices (hyperparameters, greedy soups, ensemble weights,
-temperatures, the reference model) use the validation split only; the test
-split is touched once, here, for the metrics with their bootstrap intervals
-and the Holm-adjusted paired tests against the best individual model.
+splits (and, for the soup scenario, a shifted test split). Choices
+(hyperparameters, greedy soups, ensemble weights, temperatures, the reference
+model) use the validation split only; the test splits are touched once,
+here, for the metrics with their bootstrap intervals and the Holm-adjusted
+paired bootstrap tests against the best individual model. Candidates with
+identical predictions are one model (:func:`merge_duplicates`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -23,16 +25,21 @@ __all__ = [
     "Entry",
     "Family",
     "MetricRow",
+    "SplitComparison",
     "accuracy_of",
     "compare_entries",
+    "compare_split",
     "log_probabilities",
+    "merge_duplicates",
     "model_entry",
+    "same_predictions",
     "probabilities",
     "verdict",
     "vote_entry",
 ]
 
 Family = Literal["individual", "merge", "ensemble", "calibrated"]
+Split = Literal["val", "test", "shift"]
 
 
 def log_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -78,6 +85,8 @@ class Entry:
         How it was built and what was chosen on the validation split.
     val, test : arrays of shape (n_samples, n_classes)
         Log-probabilities on the validation and test splits.
+    shift : array of shape (n_samples, n_classes) or None
+        Log-probabilities on the shifted test split (the soup scenario's).
     """
 
     name: str
@@ -86,6 +95,16 @@ class Entry:
     details: str
     val: np.ndarray
     test: np.ndarray
+    shift: np.ndarray | None = field(default=None, repr=False)
+
+    def split(self, name: Split) -> np.ndarray:
+        """The log-probabilities on ``"val"``, ``"test"`` or ``"shift"``."""
+        out = {"val": self.val, "test": self.test, "shift": self.shift}[name]
+        if out is None:
+            from modelfuse.errors import DataError
+
+            raise DataError(f"{self.name}: no predictions on the {name!r} split")
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,7 +113,9 @@ class MetricRow:
 
     ``metrics[m]`` is ``(value, (low, high))``; ``differences[m]`` is
     ``(candidate - reference, (low, high), Holm-adjusted p)``, absent for the
-    reference itself.
+    reference itself. The interval of the difference is the Holm-consistent
+    one when the comparison gives it (``adjusted[m]`` is then True): it
+    excludes 0 exactly when the Holm-adjusted p is at most 0.05.
     """
 
     name: str
@@ -103,6 +124,7 @@ class MetricRow:
     details: str
     metrics: dict[str, tuple[float, tuple[float, float]]]
     differences: dict[str, tuple[float, tuple[float, float], float]]
+    adjusted: dict[str, bool] = field(default_factory=dict)
 
 
 def model_entry(
@@ -114,9 +136,10 @@ def model_entry(
     state_dict: dict[str, torch.Tensor],
     x_val: np.ndarray,
     x_test: np.ndarray,
+    x_shift: np.ndarray | None = None,
 ) -> Entry:
     """The entry of ``model`` run with the weights ``state_dict``: its log-probabilities on
-    ``x_val`` and ``x_test``.
+    ``x_val``, ``x_test`` (and ``x_shift`` when given).
 
     Examples
     --------
@@ -131,7 +154,10 @@ def model_entry(
 
     val = log_probabilities(predict_logits(model, state_dict, x_val))
     test = log_probabilities(predict_logits(model, state_dict, x_test))
-    return Entry(name, family, cost, details, val, test)
+    shift = None
+    if x_shift is not None:
+        shift = log_probabilities(predict_logits(model, state_dict, x_shift))
+    return Entry(name, family, cost, details, val, test, shift)
 
 
 def vote_entry(
@@ -158,13 +184,194 @@ def vote_entry(
 
     val = log_vote([m.val for m in members])
     test = log_vote([m.test for m in members])
-    return Entry(name, "ensemble", cost, details, val, test)
+    shift = None
+    if all(m.shift is not None for m in members):
+        shift = log_vote([m.shift for m in members])  # type: ignore[misc]
+    return Entry(name, "ensemble", cost, details, val, test, shift)
 
 
-_TESTS = {"accuracy": "mcnemar", "nll": "permutation", "ece": "permutation"}
-"""The paired test against the reference per metric: exact McNemar for accuracy,
-a paired permutation test (swapping the two models' predictions sample by
-sample) for NLL and ECE."""
+SAME_TOLERANCE = 1e-9
+"""Largest difference of any class probability between two predictions of the same model."""
+
+
+def same_predictions(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two log-probability arrays are the same model's: every class probability equal
+    to :data:`SAME_TOLERANCE` (float rounding, e.g. a one-member vote or a merge with weights
+    0 and 1).
+
+    Examples
+    --------
+    >>> a = np.log([[0.8, 0.2]])
+    >>> same_predictions(a, a + 1e-12), same_predictions(a, np.log([[0.7, 0.3]]))
+    (True, False)
+    """
+    if a.shape != b.shape:
+        return False
+    return bool(np.max(np.abs(probabilities(a) - probabilities(b)), initial=0.0) <= SAME_TOLERANCE)
+
+
+def merge_duplicates(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, str]]:
+    """One entry per distinct model: entries with identical predictions on every split merge.
+
+    A merged entry keeps the first one's place, family and cost; its name
+    lists every name (``"ft-1 = WiSE-FT"``) and its details say which are
+    the same model. Identical means :func:`same_predictions` on the
+    validation, test and (when present) shifted splits.
+
+    Returns
+    -------
+    entries : list of Entry
+    renamed : dict
+        Every input name to the name of its merged entry.
+
+    Examples
+    --------
+    >>> a = Entry("a", "individual", 1, "x", np.log([[0.8, 0.2]]), np.log([[0.6, 0.4]]))
+    >>> b = Entry("b", "merge", 1, "y", a.val.copy(), a.test.copy())
+    >>> merged, renamed = merge_duplicates([a, b])
+    >>> [e.name for e in merged], renamed["b"]
+    (['a = b'], 'a = b')
+    """
+
+    def same(x: Entry, y: Entry) -> bool:
+        return all(
+            (u is None and v is None)
+            or (u is not None and v is not None and same_predictions(u, v))
+            for u, v in ((x.val, y.val), (x.test, y.test), (x.shift, y.shift))
+        )
+
+    groups: list[list[Entry]] = []
+    for entry in entries:
+        for group in groups:
+            if same(group[0], entry):
+                group.append(entry)
+                break
+        else:
+            groups.append([entry])
+    out, renamed = [], {}
+    for group in groups:
+        head = group[0]
+        if len(group) == 1:
+            out.append(head)
+            renamed[head.name] = head.name
+            continue
+        name = " = ".join(e.name for e in group)
+        details = (
+            head.details
+            + "; "
+            + "; ".join(
+                f"{e.name} ({e.details}) has identical predictions and is the same model"
+                for e in group[1:]
+            )
+        )
+        out.append(replace(head, name=name, details=details))
+        renamed.update({e.name: name for e in group})
+    return out, renamed
+
+
+@dataclass(frozen=True)
+class SplitComparison:
+    """The comparison of every entry on one labelled split.
+
+    Attributes
+    ----------
+    rows : list of MetricRow
+        One per entry, in order.
+    notes : tuple of str
+        What the statistics say beyond the table, for a reader: floors of the
+        p-values when they matter, percentile fall-backs, the leader picked
+        on the samples it is scored on (from
+        :func:`modelfuse.evaluation.compare_predictions`), one per metric,
+        each starting with the metric.
+    family_size : int
+        Distinct models compared with the reference.
+    n_test_resamples : int
+        Paired bootstrap resamples behind each test.
+    p_floor : float or None
+        The smallest Holm-adjusted p-value those resamples can give.
+    """
+
+    rows: list[MetricRow]
+    notes: tuple[str, ...]
+    family_size: int
+    n_test_resamples: int
+    p_floor: float | None
+
+
+def compare_split(
+    entries: Sequence[Entry],
+    labels: np.ndarray,
+    reference: str,
+    *,
+    split: Literal["test", "shift"] = "test",
+    metrics: Sequence[str] = ("accuracy", "nll", "ece"),
+    n_resamples: int,
+    seed: int,
+    interval: Literal["bca", "percentile"] = "bca",
+    groups: np.ndarray | None = None,
+) -> SplitComparison:
+    """Metrics of every entry on one split with 95% bootstrap intervals and paired bootstrap tests.
+
+    One :func:`modelfuse.evaluation.compare_predictions` per metric, each over
+    all entries, with the paired bootstrap test: the p-value is read off the
+    same resampled differences as the interval, Holm-adjusted over the
+    distinct models, and the difference's interval is the Holm-consistent one
+    (it excludes 0 exactly when the adjusted p is at most 0.05). ``groups``
+    (e.g. the image each view of the multi-task scenario comes from)
+    resamples whole groups. Entries should be distinct models
+    (:func:`merge_duplicates`).
+    """
+    from modelfuse.evaluation import compare_predictions
+
+    predictions = {e.name: probabilities(e.split(split)) for e in entries}
+    results = {}
+    for i, metric in enumerate(metrics):
+        results[metric] = compare_predictions(
+            predictions,
+            labels,
+            reference=reference,
+            metric=metric,
+            test="bootstrap",
+            n_resamples=n_resamples,
+            interval=interval,
+            random_state=seed + i,
+            groups=groups,
+        )
+    rows = []
+    for j, entry in enumerate(entries):
+        values: dict[str, tuple[float, tuple[float, float]]] = {}
+        diffs: dict[str, tuple[float, tuple[float, float], float]] = {}
+        adjusted: dict[str, bool] = {}
+        for metric, comparison in results.items():
+            candidate = comparison.candidates[j]
+            ci = candidate.estimate.ci
+            values[metric] = (float(candidate.estimate.statistic), (float(ci[0]), float(ci[1])))
+            if candidate.difference is not None and candidate.test is not None:
+                d = candidate.adjusted_difference or candidate.difference
+                diffs[metric] = (
+                    float(d.statistic),
+                    (float(d.ci[0]), float(d.ci[1])),
+                    float(candidate.test.pvalue),
+                )
+                adjusted[metric] = candidate.adjusted_difference is not None
+        rows.append(
+            MetricRow(entry.name, entry.family, entry.cost, entry.details, values, diffs, adjusted)
+        )
+    notes = tuple(
+        f"{metric}: {note}"
+        for metric, comparison in results.items()
+        for note in comparison.notes
+        if "identical predictions" not in note
+    )
+    first = next(iter(results.values()))
+    floors = [c.p_floor for c in results.values() if c.p_floor is not None]
+    return SplitComparison(
+        rows,
+        notes,
+        first.family_size,
+        int(first.n_test_resamples or 0),
+        max(floors) if floors else None,
+    )
 
 
 def compare_entries(
@@ -176,45 +383,19 @@ def compare_entries(
     n_resamples: int,
     seed: int,
     interval: Literal["bca", "percentile"] = "bca",
+    groups: np.ndarray | None = None,
 ) -> list[MetricRow]:
-    """Test-split metrics of every entry with 95% bootstrap intervals and Holm-adjusted paired tests.
-
-    One :func:`modelfuse.evaluation.compare_predictions` per metric, each over
-    all entries, so the Holm adjustment covers every candidate compared with
-    ``reference``.
-    """
-    from modelfuse.evaluation import compare_predictions
-
-    predictions = {e.name: probabilities(e.test) for e in entries}
-    results = {}
-    for i, metric in enumerate(metrics):
-        results[metric] = compare_predictions(
-            predictions,
-            labels,
-            reference=reference,
-            metric=metric,
-            test=_TESTS.get(metric, "permutation"),
-            n_resamples=n_resamples,
-            interval=interval,
-            random_state=seed + i,
-        )
-    rows = []
-    for j, entry in enumerate(entries):
-        values: dict[str, tuple[float, tuple[float, float]]] = {}
-        diffs: dict[str, tuple[float, tuple[float, float], float]] = {}
-        for metric, comparison in results.items():
-            candidate = comparison.candidates[j]
-            ci = candidate.estimate.ci
-            values[metric] = (float(candidate.estimate.statistic), (float(ci[0]), float(ci[1])))
-            if candidate.difference is not None and candidate.test is not None:
-                d = candidate.difference
-                diffs[metric] = (
-                    float(d.statistic),
-                    (float(d.ci[0]), float(d.ci[1])),
-                    float(candidate.test.pvalue),
-                )
-        rows.append(MetricRow(entry.name, entry.family, entry.cost, entry.details, values, diffs))
-    return rows
+    """The rows of :func:`compare_split` on the test split."""
+    return compare_split(
+        entries,
+        labels,
+        reference,
+        metrics=metrics,
+        n_resamples=n_resamples,
+        seed=seed,
+        interval=interval,
+        groups=groups,
+    ).rows
 
 
 def verdict(
@@ -222,8 +403,9 @@ def verdict(
 ) -> str:
     """``"better"``, ``"worse"``, ``"no significant difference"`` or ``"reference"``.
 
-    Significant means a Holm-adjusted p below ``alpha``; the direction is the
-    sign of the difference to the reference.
+    Significant means a Holm-adjusted p at most ``alpha`` (as
+    :func:`modelfuse.evaluation.compare_predictions` decides it); the
+    direction is the sign of the difference to the reference.
 
     Examples
     --------
@@ -234,6 +416,6 @@ def verdict(
     if metric not in row.differences:
         return "reference"
     diff, _, p = row.differences[metric]
-    if p >= alpha or diff == 0:
+    if p > alpha or diff == 0:
         return "no significant difference"
     return "better" if (diff > 0) == greater_is_better else "worse"

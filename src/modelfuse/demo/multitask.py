@@ -47,7 +47,8 @@ class MultiTaskStudy:
     per_task : dict
         ``per_task[name][task]`` is the test accuracy of candidate ``name`` on ``task``.
     reference : str
-        The task model with the best pooled validation accuracy.
+        The task model with the best pooled validation accuracy (ties: the lower pooled
+        validation NLL, then task order).
     y_test : array
         Pooled test labels.
     task_arithmetic : NestedChoice
@@ -74,6 +75,7 @@ def multitask_study(
 ) -> MultiTaskStudy:
     """Merge the task models every way and score each candidate per task; see the module docstring."""
     import modelfuse
+    from modelfuse.evaluation import choose_reference
     from modelfuse.search import accuracy_score
     from modelfuse.statistics import fisher_diagonal, gram_matrices
 
@@ -101,8 +103,10 @@ def multitask_study(
 
     for task, f in zip(tasks, task_models):
         add(f.name, "individual", 1, f"fine-tuned on {task} digits", f.state_dict)
-    individual_val = [accuracy_of(e.val, y_val) for e in entries]
-    reference = entries[int(np.argmax(individual_val))].name
+    reference = choose_reference(
+        {e.name: accuracy_of(e.val, y_val) for e in entries},
+        tie_breaker={e.name: float(-np.mean(e.val[np.arange(len(y_val)), y_val])) for e in entries},
+    )
     add("pre-trained", "individual", 1, "pre-trained on original digits only", base)
     add(
         "average",

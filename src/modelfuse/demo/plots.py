@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "dawin_plot",
     "federated_rounds_figure",
     "federated_rounds_plot",
     "greedy_trace_plot",
@@ -84,20 +85,59 @@ def greedy_trace_plot(trace: Sequence[tuple[str, float, str]], path: Path) -> Pa
 
 
 def wise_ft_plot(
-    curve: Sequence[tuple[float, float, float]], chosen: float, endpoint: str, path: Path
+    curve: Sequence[tuple[float, float, float, float]], chosen: float, endpoint: str, path: Path
 ) -> Path:
-    """Validation and test accuracy along (1 - alpha) pre-trained + alpha fine-tuned."""
+    """Validation, test and shifted test accuracy along (1 - alpha) pre-trained + alpha
+    fine-tuned; ``curve`` holds ``(alpha, validation, test, shifted test)``."""
     from matplotlib.figure import Figure
 
-    alphas = [a for a, _, _ in curve]
+    alphas = [c[0] for c in curve]
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = figure.add_subplot()
-    ax.plot(alphas, [v for _, v, _ in curve], "o-", label="validation (used to choose alpha)")
-    ax.plot(alphas, [t for _, _, t in curve], "s--", label="test (reported only)")
+    ax.plot(alphas, [c[1] for c in curve], "o-", label="validation (used to choose alpha)")
+    ax.plot(alphas, [c[2] for c in curve], "s--", label="test (reported only)")
+    ax.plot(alphas, [c[3] for c in curve], "^:", label="shifted test (reported only)")
     ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen alpha = {chosen:.2g}")
     ax.set_xlabel(f"alpha (0: pre-trained, 1: {endpoint})")
     ax.set_ylabel("accuracy")
     ax.set_title("WiSE-FT: interpolating the pre-trained and the fine-tuned weights")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def dawin_plot(lambdas: Mapping[str, np.ndarray], endpoint: str, path: Path) -> Path:
+    """Histograms of DaWin's per-input coefficient on the test and the shifted test split.
+
+    Parameters
+    ----------
+    lambdas : mapping
+        ``"test"`` and ``"shift"`` to the coefficient of each input (0: the
+        pre-trained model, 1: ``endpoint``).
+    endpoint : str
+    path : Path
+        The PNG to write.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.4), layout="constrained")
+    ax = figure.add_subplot()
+    bins = np.linspace(0.0, 1.0, 26)
+    for key, label, color in (
+        ("test", "test split", "tab:blue"),
+        ("shift", "shifted test split", "tab:orange"),
+    ):
+        values = np.asarray(lambdas[key])
+        ax.hist(
+            values,
+            bins=bins,
+            alpha=0.55,
+            color=color,
+            label=f"{label} (mean {values.mean():.2f})",
+        )
+    ax.set_xlabel(f"lambda(x) (0: pre-trained, 1: {endpoint})")
+    ax.set_ylabel("inputs")
+    ax.set_title("DaWin: each input's interpolation coefficient")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(figure, path)

@@ -15,14 +15,33 @@ from typing import Any
 
 import numpy as np
 
-from modelfuse.demo.evaluate import MetricRow, accuracy_of, probabilities, verdict
+from modelfuse.demo.data import SHIFT
+from modelfuse.demo.evaluate import (
+    MetricRow,
+    SplitComparison,
+    accuracy_of,
+    probabilities,
+    verdict,
+)
 from modelfuse.demo.federated import FederatedStudy
 from modelfuse.demo.multitask import MultiTaskStudy
+from modelfuse.demo.seeds import SeedResult, seed_sentences, seed_table, summarize_seeds
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.soup import SoupStudy
 from modelfuse.demo.zoo import Zoo
 
-__all__ = ["DemoReport", "fmt", "fmt_ci", "headlines", "write_demo_report"]
+__all__ = [
+    "DemoReport",
+    "fmt",
+    "fmt_ci",
+    "headlines",
+    "helps_sentences",
+    "highest_sentence",
+    "write_demo_report",
+]
+
+_METRIC_WORDS = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE"}
+_GREATER = {"accuracy": True, "nll": False, "ece": False}
 
 TIMING_HEADING = "Time per stage"
 """The report section holding wall-clock times (the only part that varies between runs)."""
@@ -83,7 +102,51 @@ class DemoReport:
     headlines: tuple[str, ...]
 
 
-def headlines(rows: Sequence[MetricRow], reference: str, scenario: str) -> list[str]:
+def highest_sentence(
+    rows: Sequence[MetricRow], reference: str, metric: str = "accuracy", split: str = "test"
+) -> str:
+    """The best value of ``metric`` among ``rows``, said as what it is: a winner picked on the
+    split it is scored on, whose edge over the reference is significant or not.
+
+    Examples
+    --------
+    >>> ref = MetricRow("a", "individual", 1, "", {"accuracy": (0.90, (0.88, 0.92))}, {})
+    >>> b = MetricRow("b", "merge", 1, "", {"accuracy": (0.91, (0.89, 0.93))},
+    ...               {"accuracy": (0.01, (-0.01, 0.03), 0.4)})
+    >>> highest_sentence([ref, b], "a")
+    'Highest test accuracy: b (0.9100, 1 network per prediction), picked on the test split it is scored on; its edge over a (+0.0100) is not significant (Holm-adjusted p = 0.4000 > 0.05), so the test split does not show that b is better than a.'
+    """
+    greater = _GREATER[metric]
+    word = ("Highest" if greater else "Lowest") + f" {split} {_METRIC_WORDS[metric]}"
+    best_value = (max if greater else min)(r.metrics[metric][0] for r in rows)
+    top = next(r for r in rows if r.metrics[metric][0] == best_value)
+    head = (
+        f"{word}: {top.name} ({fmt(best_value)}, {_networks(top.cost)}"
+        f" per prediction), picked on the {split} split it is scored on"
+    )
+    if top.name == reference:
+        return f"{head}; it is the reference itself."
+    diff, _, p = top.differences[metric]
+    if verdict(top, metric, greater_is_better=greater) == "better":
+        return (
+            f"{head}; its edge over {reference} ({_signed(diff)}) is significant "
+            f"(Holm-adjusted p = {_p(p)} <= 0.05)."
+        )
+    return (
+        f"{head}; its edge over {reference} ({_signed(diff)}) is not significant "
+        f"(Holm-adjusted p = {_p(p)} > 0.05), so the {split} split does not show that "
+        f"{top.name} is better than {reference}."
+    )
+
+
+def headlines(
+    rows: Sequence[MetricRow],
+    reference: str,
+    scenario: str,
+    *,
+    split: str = "test",
+    rule: str = "the best individual model by validation accuracy",
+) -> list[str]:
     """Sentences that state the comparison with the reference as the numbers say it.
 
     Examples
@@ -92,13 +155,13 @@ def headlines(rows: Sequence[MetricRow], reference: str, scenario: str) -> list[
     >>> b = MetricRow("b", "merge", 1, "", {"accuracy": (0.8, (0.77, 0.83))},
     ...               {"accuracy": (-0.1, (-0.13, -0.07), 0.001)})
     >>> headlines([ref, b], "a", "soup")[2]
-    'Significantly worse than a in accuracy (Holm-adjusted p < 0.05): b (-0.1000).'
+    'Significantly worse than a in test accuracy (Holm-adjusted p <= 0.05): b (-0.1000).'
     """
     ref = next(r for r in rows if r.name == reference)
     acc, ci = ref.metrics["accuracy"]
     out = [
-        f"{scenario}: the reference is {reference}, the best individual model by validation "
-        f"accuracy; its test accuracy is {fmt(acc)} {fmt_ci(ci)}."
+        f"{scenario}: the reference is {reference}, {rule}; its {split} accuracy is "
+        f"{fmt(acc)} {fmt_ci(ci)}."
     ]
     groups: dict[str, list[MetricRow]] = {
         "better": [],
@@ -115,88 +178,191 @@ def headlines(rows: Sequence[MetricRow], reference: str, scenario: str) -> list[
                 f"{r.name} ({_signed(r.differences['accuracy'][0])})" for r in members
             )
             out.append(
-                f"Significantly {label} than {reference} in accuracy (Holm-adjusted p < 0.05): "
-                f"{listed}."
+                f"Significantly {label} than {reference} in {split} accuracy (Holm-adjusted "
+                f"p <= 0.05): {listed}."
             )
         else:
             out.append(
-                f"No candidate is significantly {label} than {reference} in accuracy "
-                "(Holm-adjusted p < 0.05)."
+                f"No candidate is significantly {label} than {reference} in {split} accuracy "
+                "(Holm-adjusted p <= 0.05)."
             )
     if groups["no significant difference"]:
         out.append(
-            "Not significantly different from the reference: "
+            f"Not significantly different from the reference in {split} accuracy: "
             + ", ".join(r.name for r in groups["no significant difference"])
             + "."
         )
-    top = max(rows, key=lambda r: r.metrics["accuracy"][0])
-    out.append(
-        f"Highest test accuracy: {top.name} with {fmt(top.metrics['accuracy'][0])} "
-        f"(runs {_networks(top.cost)} per prediction)."
-    )
+    out.append(highest_sentence(rows, reference, "accuracy", split))
     if "nll" in ref.metrics:
-        best_nll = min(rows, key=lambda r: r.metrics["nll"][0])
-        best_ece = min(rows, key=lambda r: r.metrics["ece"][0])
-        out.append(
-            f"Lowest test NLL: {best_nll.name} ({fmt(best_nll.metrics['nll'][0])}); lowest ECE: "
-            f"{best_ece.name} ({fmt(best_ece.metrics['ece'][0])})."
-        )
+        out.append(highest_sentence(rows, reference, "nll", split))
+        out.append(highest_sentence(rows, reference, "ece", split))
     return out
 
 
-def _accuracy_table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[str]]]:
+def helps_sentences(
+    test_rows: Sequence[MetricRow], shift_rows: Sequence[MetricRow], reference: str
+) -> list[str]:
+    """Where each fusion helps in accuracy: on both test splits, only in distribution, only
+    under the shift, or on neither, from the two splits' Holm-adjusted verdicts.
+
+    Examples
+    --------
+    >>> ref = MetricRow("a", "individual", 1, "", {"accuracy": (0.9, (0.88, 0.92))}, {})
+    >>> b = MetricRow("b", "merge", 1, "", {"accuracy": (0.89, (0.86, 0.92))},
+    ...               {"accuracy": (-0.01, (-0.03, 0.01), 0.5)})
+    >>> c = MetricRow("b", "merge", 1, "", {"accuracy": (0.7, (0.6, 0.8))},
+    ...               {"accuracy": (0.1, (0.05, 0.15), 0.001)})
+    >>> helps_sentences([ref, b], [ref, c], "a")[2]
+    'Helps only under the shift: b (test -0.0100, shifted +0.1000).'
+    """
+    shift = {r.name: r for r in shift_rows}
+    classes: dict[str, list[str]] = {
+        "both": [],
+        "test": [],
+        "shift": [],
+        "hurts": [],
+        "neither": [],
+    }
+    for row in test_rows:
+        if row.name == reference or row.family == "individual":
+            continue
+        other = shift[row.name]
+        a, b = verdict(row), verdict(other)
+        said = (
+            f"{row.name} (test {_signed(row.differences['accuracy'][0])}, shifted "
+            f"{_signed(other.differences['accuracy'][0])})"
+        )
+        if a == "better" and b == "better":
+            classes["both"].append(said)
+        elif a == "better" and b != "worse":
+            classes["test"].append(said)
+        elif b == "better" and a != "worse":
+            classes["shift"].append(said)
+        elif "worse" in (a, b):
+            classes["hurts"].append(said)
+        else:
+            classes["neither"].append(said)
+    words = {
+        "both": "Helps on both test splits",
+        "test": "Helps only in distribution (test split)",
+        "shift": "Helps only under the shift",
+        "hurts": "Significantly worse on at least one split (and better on neither)",
+        "neither": "No significant difference on either split",
+    }
+    return [
+        f"{words[key]}: {', '.join(items) if items else 'none'}."
+        for key, items in classes.items()
+        if items or key in ("both", "test", "shift")
+    ]
+
+
+_LEFT, _RIGHT = "left", "right"
+
+
+def _metric_table(
+    rows: Sequence[MetricRow], metric: str, reference: str
+) -> tuple[tuple[list[str], list[list[str]]], tuple[str, ...]]:
+    """One metric of every row: value, its interval, the difference to the reference, the
+    Holm-consistent interval of the difference, the Holm-adjusted p and the verdict."""
+    word = _METRIC_WORDS[metric]
     headers = [
         "method",
         "family",
         "networks run",
-        "accuracy",
-        "95% CI",
-        "diff vs reference",
-        "95% CI",
+        word,
+        f"95% CI of {word}",
+        f"difference to {reference}",
+        "95% CI of the difference (Holm-consistent)",
         "p (Holm)",
         "verdict",
     ]
     body = []
     for r in rows:
-        acc, ci = r.metrics["accuracy"]
+        value, ci = r.metrics[metric]
         body.append(
             [
                 r.name,
                 r.family,
                 str(r.cost),
-                fmt(acc),
-                fmt_ci(ci),
-                *_vs_reference(r.differences.get("accuracy"), interval=True),
-                verdict(r),
-            ]
-        )
-    return headers, body
-
-
-def _probability_table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[str]]]:
-    headers = [
-        "method",
-        "NLL",
-        "95% CI",
-        "diff NLL",
-        "p (Holm)",
-        "ECE",
-        "95% CI",
-        "diff ECE",
-        "p (Holm)",
-    ]
-    body = []
-    for r in rows:
-        cells = [r.name]
-        for metric in ("nll", "ece"):
-            value, ci = r.metrics[metric]
-            cells += [
                 fmt(value),
                 fmt_ci(ci),
-                *_vs_reference(r.differences.get(metric), interval=False),
+                *_vs_reference(r.differences.get(metric), interval=True),
+                verdict(r, metric, greater_is_better=_GREATER[metric]),
+            ]
+        )
+    align = (_LEFT, _LEFT, *(_RIGHT,) * 6, _LEFT)
+    return (headers, body), align
+
+
+def _both_splits_table(
+    test_rows: Sequence[MetricRow], shift_rows: Sequence[MetricRow], reference: str
+) -> tuple[tuple[list[str], list[list[str]]], tuple[str, ...]]:
+    shift = {r.name: r for r in shift_rows}
+    headers = [
+        "method",
+        "networks run",
+        "test accuracy",
+        f"test: difference to {reference}",
+        "test verdict",
+        "shifted accuracy",
+        f"shifted: difference to {reference}",
+        "shifted verdict",
+    ]
+    body = []
+    for r in test_rows:
+        o = shift[r.name]
+        cells = [r.name, str(r.cost)]
+        for row in (r, o):
+            diff = row.differences.get("accuracy")
+            cells += [
+                fmt(row.metrics["accuracy"][0]),
+                "" if diff is None else _signed(diff[0]),
+                verdict(row),
             ]
         body.append(cells)
-    return headers, body
+    align = (_LEFT, _RIGHT, _RIGHT, _RIGHT, _LEFT, _RIGHT, _RIGHT, _LEFT)
+    return (headers, body), align
+
+
+def _statistics_notes(
+    comparison: SplitComparison, where: str, metric_shown: str | None = None
+) -> tuple[str, ...]:
+    """The comparison's notes a reader needs (floors, fall-backs) on ``metric_shown`` (all
+    when None), naming the scenario and split; the leader notes are said by the headline
+    sentences instead."""
+    out = []
+    for note in comparison.notes:
+        metric, _, text = note.partition(": ")
+        if text.startswith(("highest", "lowest")):
+            continue
+        if metric_shown is not None and metric != metric_shown:
+            continue
+        out.append(f"{where}, {_METRIC_WORDS.get(metric, metric)}: {text}.")
+    return tuple(out)
+
+
+def _tests_paragraph(comparison: SplitComparison, interval: str, n_resamples: int) -> str:
+    floor = comparison.p_floor
+    floor_text = (
+        f"the smallest Holm-adjusted p-value they can give is {floor:.4f}, far below 0.05"
+        if floor is not None and floor <= 0.005
+        else (
+            f"the smallest Holm-adjusted p-value they can give is {floor:.4f}"
+            if floor is not None
+            else "no p-value floor applies"
+        )
+    )
+    return (
+        f"Intervals of each metric: 95% {interval} bootstrap ({n_resamples} resamples; "
+        "percentile where BCa is unstable, noted below). Each candidate's difference to the "
+        f"reference is tested by a paired bootstrap of {comparison.n_test_resamples} resamples, "
+        f"Holm-adjusted over the {comparison.family_size} distinct models ({floor_text}). The "
+        "interval of the difference is the Holm-consistent one read off the same resamples: it "
+        "excludes 0 exactly when the Holm-adjusted p is at most 0.05, so interval and verdict "
+        "always agree; an end the resamples cannot resolve at the Holm level is shown as inf or "
+        "-inf. Models with identical predictions share one row (names joined by '=') and count "
+        "once."
+    )
 
 
 def _zoo_table(
@@ -268,7 +434,9 @@ def _per_task_rows(multitask: MultiTaskStudy) -> list[list[str]]:
     return rows
 
 
-def _forest(rows: Sequence[MetricRow], reference: str, path: Path, title: str) -> None:
+def _forest(
+    rows: Sequence[MetricRow], reference: str, path: Path, title: str, split: str = "test"
+) -> None:
     from modelfuse.report import forest_plot
 
     ref = next(r for r in rows if r.name == reference)
@@ -278,7 +446,7 @@ def _forest(rows: Sequence[MetricRow], reference: str, path: Path, title: str) -
         [r.metrics["accuracy"][1] for r in rows],
         path,
         reference_value=ref.metrics["accuracy"][0],
-        xlabel="test accuracy, 95% CI (dashed: reference)",
+        xlabel=f"{split} accuracy, 95% CI (dashed: {reference})",
         title=title,
     )
 
@@ -293,7 +461,7 @@ def _differences(rows: Sequence[MetricRow], reference: str, path: Path, title: s
         [r.differences["accuracy"][1] for r in others],
         path,
         reference_value=0.0,
-        xlabel=f"accuracy minus {reference}'s, paired 95% CI",
+        xlabel=f"accuracy minus {reference}'s, Holm-consistent 95% CI",
         title=title,
     )
 
@@ -306,8 +474,13 @@ def write_demo_report(
     zoo: Zoo,
     soup: SoupStudy,
     soup_rows: Sequence[MetricRow],
+    soup_shift: SplitComparison,
+    soup_test_notes: Sequence[str],
+    soup_reference: str,
     multitask: MultiTaskStudy,
     multitask_rows: Sequence[MetricRow],
+    multitask_reference: str,
+    multitask_notes: Sequence[str],
     y_val: np.ndarray,
     y_test: np.ndarray,
     n_samples: Mapping[str, int],
@@ -315,14 +488,20 @@ def write_demo_report(
     notes: Sequence[str],
     command: str,
     federated: FederatedStudy | None = None,
+    seeds: Sequence[SeedResult] = (),
 ) -> DemoReport:
     """Draw every figure into ``folder`` and write ``report.md``, ``report.html`` and ``results.json``.
 
-    ``federated`` is the federated scenario's study, or None when Flower's
-    simulation engine is not installed (the report then says so).
+    ``soup_rows`` and ``soup_shift`` are the soup scenario's comparisons on the
+    test and the shifted test split (one row per distinct model; the
+    reference row is ``soup_reference``); ``soup_test_notes`` the test
+    comparison's notes. ``seeds`` holds the soup scenario of every seed
+    when more than one ran. ``federated`` is the federated scenario's study,
+    or None when Flower's simulation engine is not installed (the report
+    then says so).
     """
     from modelfuse.calibration.reliability import reliability_diagram
-    from modelfuse.demo.plots import greedy_trace_plot, per_task_plot, wise_ft_plot
+    from modelfuse.demo.plots import dawin_plot, greedy_trace_plot, per_task_plot, wise_ft_plot
     from modelfuse.report import Section, write_report
 
     images: list[str] = []
@@ -332,20 +511,38 @@ def write_demo_report(
         return folder / name
 
     k = len(zoo.soup)
+    shift_rows = soup_shift.rows
+    test_cmp = SplitComparison(
+        list(soup_rows),
+        tuple(soup_test_notes),
+        soup_shift.family_size,
+        soup_shift.n_test_resamples,
+        soup_shift.p_floor,
+    )
+    ref = soup_reference
+    _forest(soup_rows, ref, image("soup_accuracy.png"), "Soup scenario: test accuracy per method")
     _forest(
-        soup_rows,
-        soup.reference,
-        image("soup_accuracy.png"),
-        "Soup scenario: test accuracy per method",
+        shift_rows,
+        ref,
+        image("soup_shift_accuracy.png"),
+        f"Soup scenario: shifted test accuracy per method ({SHIFT})",
+        split="shifted test",
     )
     _differences(
         soup_rows,
-        soup.reference,
+        ref,
         image("soup_differences.png"),
-        f"Soup scenario: difference to {soup.reference}",
+        f"Soup scenario, test split: difference to {ref}",
+    )
+    _differences(
+        shift_rows,
+        ref,
+        image("soup_shift_differences.png"),
+        f"Soup scenario, shifted test split: difference to {ref}",
     )
     greedy_trace_plot(soup.greedy_trace, image("greedy_soup_trace.png"))
     wise_ft_plot(soup.wise_curve, soup.wise_alpha, soup.wise_endpoint, image("wise_ft_curve.png"))
+    dawin_plot(soup.dawin.lambdas, soup.dawin.endpoint, image("dawin_lambdas.png"))
     entries = {e.name: e for e in soup.entries}
     reliability: list[tuple[str, str]] = []
     for i, (before, after, _) in enumerate(soup.calibration):
@@ -357,14 +554,35 @@ def write_demo_report(
             reliability.append((file, f"Reliability diagram on the test split: {name}"))
     _forest(
         multitask_rows,
-        multitask.reference,
+        multitask_reference,
         image("multitask_accuracy.png"),
         "Multi-task scenario: pooled test accuracy",
     )
     per_task_plot(multitask.per_task, multitask.tasks, image("multitask_per_task.png"))
 
-    soup_lines = headlines(soup_rows, soup.reference, "Soup scenario")
-    mt_lines = headlines(multitask_rows, multitask.reference, "Multi-task scenario")
+    rule = f"chosen as {soup.reference_rule}"
+    soup_lines = headlines(soup_rows, ref, "Soup scenario, test split", rule=rule)
+    shift_lines = headlines(
+        shift_rows, ref, f"Soup scenario, shifted test split ({SHIFT})", split="shifted", rule=rule
+    )
+    helps = helps_sentences(soup_rows, shift_rows, ref)
+    mt_lines = headlines(
+        multitask_rows,
+        multitask_reference,
+        "Multi-task scenario",
+        split="pooled test",
+        rule="the task model with the best pooled validation accuracy (ties: lower validation NLL)",
+    )
+    seed_lines: list[str] = []
+    seed_summaries = []
+    if len(seeds) > 1:
+        methods = [
+            e.name
+            for e in soup.entries
+            if e.family in ("merge", "ensemble") or e.name == "pre-trained"
+        ]
+        seed_summaries = summarize_seeds(seeds, methods)
+        seed_lines = seed_sentences(seed_summaries, len(seeds))
     if federated is not None:
         from modelfuse.demo.federated_report import federated_report
 
@@ -379,25 +597,114 @@ def write_demo_report(
         ]
         fed_sections = [Section("Federated scenario", tuple(fed_lines))]
         fed_results = None
-    mt_best = max(multitask_rows, key=lambda r: r.metrics["accuracy"][0])
     soup_by_name = {r.name: r for r in soup_rows}
+    label_of = {name: r.name for r in soup_rows for name in r.name.split(" = ")}
     total = sum(timings.values())
     interval = {"bca": "BCa", "percentile": "percentile"}[settings.interval]
+    seeds_text = (
+        f"seed {seed}"
+        if len(seeds) <= 1
+        else f"seeds {', '.join(str(r.seed) for r in seeds)} (the full study on seed {seed}, "
+        "the soup scenario on every seed)"
+    )
+    wise_at = next(c for c in soup.wise_curve if c[0] == soup.wise_alpha)
+    dawin_row = soup_by_name[label_of["DaWin"]]
+    dawin_shift = next(r for r in shift_rows if r.name == dawin_row.name)
+    lam = soup.dawin.lambdas
+    table_sections = []
+    for metric in ("accuracy", "nll", "ece"):
+        for split_name, comparison, rows in (
+            ("test split", test_cmp, soup_rows),
+            (f"shifted test split ({SHIFT})", soup_shift, shift_rows),
+        ):
+            table, align = _metric_table(rows, metric, ref)
+            word = _METRIC_WORDS[metric]
+            lower = "" if metric == "accuracy" else " Lower is better."
+            extra = (
+                " ECE: 15 equal-width bins of the top label's probability."
+                if metric == "ece"
+                else ""
+            )
+            table_sections.append(
+                Section(
+                    f"Soup scenario, {split_name}: {word}",
+                    (
+                        f"{word[0].upper()}{word[1:]} of each method on the {split_name} "
+                        f"({n_samples['test']} images) "
+                        f"against the reference {ref}.{lower}{extra}",
+                        _tests_paragraph(comparison, interval, settings.n_resamples),
+                        *_statistics_notes(comparison, f"Soup scenario, {split_name}", metric),
+                    ),
+                    table=table,
+                    align=align,
+                    images=(
+                        (
+                            (
+                                ("soup_accuracy.png", "Test accuracy per method (95% intervals)"),
+                                ("soup_differences.png", f"Test accuracy difference to {ref}"),
+                            )
+                            if split_name == "test split"
+                            else (
+                                (
+                                    "soup_shift_accuracy.png",
+                                    "Shifted test accuracy per method (95% intervals)",
+                                ),
+                                (
+                                    "soup_shift_differences.png",
+                                    f"Shifted test accuracy difference to {ref}",
+                                ),
+                            )
+                        )
+                        if metric == "accuracy"
+                        else ()
+                    ),
+                )
+            )
+    both_table, both_align = _both_splits_table(soup_rows, shift_rows, ref)
+    seed_sections = []
+    if seed_summaries:
+        for split, label in (("test", "test split"), ("shift", "shifted test split")):
+            headers, body, align = seed_table(seed_summaries, split)
+            seed_sections.append(
+                Section(
+                    f"Soup scenario across seeds: {label}",
+                    (
+                        f"The soup scenario on each of {len(seeds)} seeds (each seed draws its "
+                        "own split, fine-tunes and resamples): each method's accuracy on the "
+                        f"{label}, its mean and standard deviation across seeds, its difference "
+                        "to that seed's reference, and on how many seeds it was significantly "
+                        "better or worse (Holm-adjusted paired bootstrap, 0.05) or the same "
+                        "model as the reference. Calibrated candidates are left out (a "
+                        "different model per seed).",
+                        *(line for line in seed_lines if label in line),
+                    ),
+                    table=(headers, body),
+                    align=tuple(align),  # type: ignore[arg-type]
+                )
+            )
     sections = [
         Section(
             "Summary",
             (
-                f"Settings: {settings.name} run, seed {seed}. Data: scikit-learn's digits "
+                f"Settings: {settings.name} run, {seeds_text}. Data: scikit-learn's digits "
                 f"(8x8 images, 10 classes), stratified split into {n_samples['train']} training, "
-                f"{n_samples['val']} validation and {n_samples['test']} test images. Every choice "
-                "(hyperparameters, greedy soup, ensemble weights, temperatures, the reference "
-                "model) uses the validation split; the test split is used once, for the tables "
-                "below.",
+                f"{n_samples['val']} validation and {n_samples['test']} test images; the soup "
+                f"scenario is also scored on a shifted test split: the test images {SHIFT}, a "
+                "shift no model saw in training. Every choice (hyperparameters, greedy soup, "
+                "ensemble weights, temperatures, AdaMerging's coefficients, the reference "
+                "model) uses the validation split; the test splits are used once, for the "
+                "tables below.",
                 *soup_lines,
+                *shift_lines,
+                "Where fusion helps (soup scenario, accuracy against "
+                f"{ref}, Holm-adjusted on each split):",
+                *helps,
+                *seed_lines,
                 *mt_lines,
                 *fed_lines,
-                f"Inference cost: every merge runs 1 network per prediction; the soft-voting "
-                f"ensemble of the soup scenario runs {k}.",
+                f"Inference cost: every merge runs 1 network per prediction; DaWin runs 3 "
+                f"(both endpoints, then each input's interpolation); the soft-voting ensemble "
+                f"of the soup scenario runs {k}.",
             ),
             preformatted=command,
         ),
@@ -413,33 +720,20 @@ def write_demo_report(
                 "config.json).",
             ),
             table=_zoo_table(zoo, soup, multitask, y_val),
+            align=(_LEFT, _LEFT, *(_RIGHT,) * 4, _LEFT, _RIGHT, _RIGHT),
         ),
         Section(
-            "Soup scenario: accuracy",
+            "Soup scenario: both test splits at a glance",
             (
-                f"Test accuracy of each method with its 95% {interval} bootstrap interval "
-                f"({settings.n_resamples} resamples), its difference to the reference "
-                f"{soup.reference} with a paired bootstrap interval, and the exact McNemar test "
-                "against the reference, Holm-adjusted over all candidates. 'networks run' is "
-                "the inference cost: 1 for one model or a merge, the number of members for an "
-                "ensemble.",
+                f"Accuracy of each method on the test split and on the shifted test split "
+                f"({SHIFT}), with its difference to the reference {ref} ({soup.reference_rule}) "
+                "and the Holm-adjusted verdict of each split. Details and intervals follow.",
+                *helps,
             ),
-            table=_accuracy_table(soup_rows),
-            images=(
-                ("soup_accuracy.png", "Test accuracy per method (95% bootstrap intervals)"),
-                ("soup_differences.png", f"Accuracy difference to {soup.reference}"),
-            ),
+            table=both_table,
+            align=both_align,
         ),
-        Section(
-            "Soup scenario: probabilities (NLL and ECE)",
-            (
-                "Negative log-likelihood and expected calibration error (15 equal-width bins, "
-                f"top label) on the test split with 95% {interval} intervals; differences to the "
-                "reference with Holm-adjusted p-values (paired permutation tests). Lower is "
-                "better for both.",
-            ),
-            table=_probability_table(soup_rows),
-        ),
+        *table_sections,
         Section(
             "How each method was built",
             tuple(f"{r.name}: {r.details}." for r in soup_rows if r.family != "individual")
@@ -463,14 +757,31 @@ def write_demo_report(
             (
                 f"(1 - alpha) x pre-trained + alpha x {soup.wise_endpoint}, swept over "
                 f"{len(soup.wise_curve)} values of alpha; alpha {soup.wise_alpha:.2g} has the best "
-                "validation accuracy (the smallest on ties). The test curve is shown for "
-                "information only; it played no part in the choice.",
+                "validation accuracy (the smallest on ties). The test and shifted test curves "
+                "are shown for information only; they played no part in the choice. At the "
+                f"chosen alpha: test {fmt(wise_at[2])}, shifted {fmt(wise_at[3])}; at alpha 1 "
+                f"({soup.wise_endpoint} alone): test {fmt(soup.wise_curve[-1][2])}, shifted "
+                f"{fmt(soup.wise_curve[-1][3])}.",
             ),
             table=(
-                ["alpha", "validation accuracy", "test accuracy"],
-                [[f"{a:.2f}", fmt(v), fmt(t)] for a, v, t in soup.wise_curve],
+                ["alpha", "validation accuracy", "test accuracy", "shifted test accuracy"],
+                [[f"{a:.2f}", fmt(v), fmt(t), fmt(sh)] for a, v, t, sh in soup.wise_curve],
             ),
-            images=(("wise_ft_curve.png", "WiSE-FT curve"),),
+            images=(("wise_ft_curve.png", "WiSE-FT curve on the validation and both test splits"),),
+        ),
+        Section(
+            "DaWin: an interpolation per input",
+            (
+                f"DaWin interpolates the pre-trained model and {soup.dawin.endpoint} separately "
+                "for each input: lambda(x) = exp(-H_ft) / (exp(-H_pre) + exp(-H_ft)), with H "
+                "the entropy of each endpoint's prediction, so the more confident endpoint "
+                "weighs more. Nothing is fitted (no labels are used). Mean lambda: validation "
+                f"{lam['val'].mean():.3f}, test {lam['test'].mean():.3f}, shifted "
+                f"{lam['shift'].mean():.3f}. Accuracy: test "
+                f"{fmt(dawin_row.metrics['accuracy'][0])} ({verdict(dawin_row)} against {ref}), "
+                f"shifted {fmt(dawin_shift.metrics['accuracy'][0])} ({verdict(dawin_shift)}).",
+            ),
+            images=(("dawin_lambdas.png", "DaWin's per-input coefficient on both test splits"),),
         ),
         Section(
             "Task arithmetic: lambda by nested cross-validation",
@@ -492,16 +803,19 @@ def write_demo_report(
         Section(
             "Calibration: temperature scaling",
             tuple(
-                f"{before} (the best {'merge' if i == 0 else 'ensemble'} by validation NLL): "
+                f"{before} (the best {'merge' if i == 0 else 'ensemble'} by validation NLL, "
+                "copies of a fine-tune left out): "
                 f"temperature {t:.3g} fitted on the validation split; test ECE "
-                f"{fmt(soup_by_name[before].metrics['ece'][0])} -> "
-                f"{fmt(soup_by_name[after].metrics['ece'][0])}, "
-                f"test NLL {fmt(soup_by_name[before].metrics['nll'][0])}"
-                f" -> {fmt(soup_by_name[after].metrics['nll'][0])}."
+                f"{fmt(soup_by_name[label_of[before]].metrics['ece'][0])} -> "
+                f"{fmt(soup_by_name[label_of[after]].metrics['ece'][0])}, "
+                f"test NLL {fmt(soup_by_name[label_of[before]].metrics['nll'][0])}"
+                f" -> {fmt(soup_by_name[label_of[after]].metrics['nll'][0])}."
                 for i, (before, after, t) in enumerate(soup.calibration)
-            ),
+            )
+            or ("Every merge and ensemble is a copy of a fine-tune: nothing was calibrated.",),
             images=tuple(reliability),
         ),
+        *seed_sections,
         Section(
             "Multi-task scenario: accuracy per task",
             (
@@ -511,8 +825,6 @@ def write_demo_report(
                 "images; 'mean' is the pooled accuracy; 'normalized mean' averages, over the "
                 "tasks, the accuracy divided by that of the task's own model on its task (1 "
                 "means as good as every task's own model).",
-                f"Best pooled test accuracy: {mt_best.name} ({fmt(mt_best.metrics['accuracy'][0])}"
-                f", {_networks(mt_best.cost)} per prediction).",
                 f"Task arithmetic: lambda {multitask.task_arithmetic.chosen['lambda']:g} chosen "
                 f"by CV on the pooled validation split; nested-CV estimate "
                 f"{fmt(multitask.task_arithmetic.nested.statistic)} "
@@ -527,18 +839,30 @@ def write_demo_report(
         Section(
             "Multi-task scenario: comparison with the best task model",
             (
-                f"Pooled test accuracy over all tasks ({len(multitask.y_test)} predictions) with "
-                f"95% {interval} intervals, difference to {multitask.reference} (the task model with "
-                "the best pooled validation accuracy) and exact McNemar tests, Holm-adjusted.",
+                f"Pooled test accuracy over all tasks ({len(multitask.y_test)} predictions of "
+                f"{len(multitask.y_test) // max(1, len(multitask.tasks))} images, one view per "
+                f"task) with 95% {interval} intervals and the difference to "
+                f"{multitask_reference}. The {len(multitask.tasks)} views of one image are not "
+                "independent: intervals and the paired bootstrap tests resample whole images "
+                "(a cluster bootstrap), Holm-adjusted over the distinct models, and the "
+                "interval of the difference is Holm-consistent.",
                 *mt_lines,
+                *(
+                    f"Multi-task scenario, pooled accuracy: {n.partition(': ')[2]}."
+                    for n in multitask_notes
+                    if not n.partition(": ")[2].startswith(("highest", "lowest"))
+                ),
             ),
-            table=_accuracy_table(multitask_rows),
+            table=_metric_table(multitask_rows, "accuracy", multitask_reference)[0],
+            align=_metric_table(multitask_rows, "accuracy", multitask_reference)[1],
             images=(("multitask_accuracy.png", "Pooled test accuracy per method"),),
         ),
         *fed_sections,
         Section(
             "Notes",
-            tuple(notes) if notes else ("No warnings were raised during the run.",),
+            tuple(_reader_note(n) for n in notes)
+            if notes
+            else ("No warnings were raised during the run.",),
         ),
         Section(
             TIMING_HEADING,
@@ -554,16 +878,46 @@ def write_demo_report(
         "format": "modelfuse-demo",
         "settings": settings.name,
         "seed": seed,
+        "seeds": [r.seed for r in seeds] if seeds else [seed],
         "soup": {
-            "reference": soup.reference,
+            "reference": ref,
+            "reference_rule": soup.reference_rule,
             "rows": [_row_json(r) for r in soup_rows],
+            "shifted": {
+                "shift": SHIFT,
+                "rows": [_row_json(r) for r in shift_rows],
+            },
+            "where_fusion_helps": helps,
             "greedy_ingredients": list(soup.greedy_ingredients),
-            "wise_ft": {"alpha": soup.wise_alpha, "curve": soup.wise_curve},
+            "wise_ft": {
+                "alpha": soup.wise_alpha,
+                "curve": [
+                    {"alpha": a, "val": v, "test": t, "shifted": sh}
+                    for a, v, t, sh in soup.wise_curve
+                ],
+            },
+            "dawin": {k2: float(v.mean()) for k2, v in lam.items()},
+            "adamerging_lambdas": list(soup.adamerging_lambdas),
+            "gradient_matching_prior_scale": soup.prior_scale,
             "task_arithmetic_lambda": soup.task_arithmetic.chosen["lambda"],
             "caruana_weights": soup.caruana_weights,
         },
+        "across_seeds": [
+            {
+                "method": s.method,
+                "split": s.split,
+                "accuracies": list(s.accuracies),
+                "mean": s.mean,
+                "sd": s.spread,
+                "differences": list(s.differences),
+                "better": s.better,
+                "worse": s.worse,
+                "same_as_reference": s.same_as_reference,
+            }
+            for s in seed_summaries
+        ],
         "multitask": {
-            "reference": multitask.reference,
+            "reference": multitask_reference,
             "rows": [_row_json(r) for r in multitask_rows],
             "per_task": multitask.per_task,
             "task_arithmetic_lambda": multitask.task_arithmetic.chosen["lambda"],
@@ -573,8 +927,18 @@ def write_demo_report(
     }
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return DemoReport(
-        md, folder / "report.html", tuple(images), tuple(soup_lines + mt_lines + fed_lines)
+        md,
+        folder / "report.html",
+        tuple(images),
+        tuple(soup_lines + shift_lines + helps + seed_lines + mt_lines + fed_lines),
     )
+
+
+def _reader_note(note: str) -> str:
+    """A warning raised during the run, as one sentence for a reader."""
+    category, _, message = note.partition(": ")
+    kind = "A warning" if category.endswith("Warning") else category
+    return f"{kind} was raised during the run ({category}): {message}"
 
 
 def _row_json(row: MetricRow) -> dict[str, Any]:

@@ -6,14 +6,17 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelfuse.demo.evaluate import MetricRow
-from modelfuse.errors import OutputError
+from modelfuse.demo.seeds import SeedResult
+from modelfuse.errors import ConfigError, OutputError
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -33,12 +36,16 @@ class DemoResult:
     timings : dict
         Seconds per stage.
     soup_rows, multitask_rows : list of MetricRow
-        The test-split comparisons of both scenarios.
+        The test-split comparisons of both scenarios (one row per distinct model).
     soup_reference, multitask_reference : str
         The best individual model of each scenario (by validation accuracy).
     headlines : tuple of str
     federated : FederatedStudy or None
         The federated scenario (None when Flower's simulation engine is not installed).
+    soup_shift_rows : list of MetricRow
+        The soup scenario's comparison on the shifted test split.
+    seeds : tuple of SeedResult
+        The soup scenario's comparisons on every seed (the first is ``soup_rows``'s).
     """
 
     out: Path
@@ -51,6 +58,8 @@ class DemoResult:
     multitask_reference: str
     headlines: tuple[str, ...]
     federated: Any = None
+    soup_shift_rows: list[MetricRow] = field(default_factory=list)
+    seeds: tuple[Any, ...] = ()
 
 
 def _flower_installed() -> bool:
@@ -140,6 +149,99 @@ class _Stages:
             self.console.print(f"[green]done[/green] {title} [dim]({seconds:.1f} s)[/dim]")
 
 
+SOUP_STEPS = 14
+"""Progress steps of :func:`modelfuse.demo.soup.soup_study`."""
+
+MAX_SEEDS = 10
+"""The most seeds one run takes (each repeats the soup scenario)."""
+
+
+def check_seeds(seeds: Sequence[int], *, flag: str = "seeds") -> tuple[int, ...]:
+    """The seeds as a tuple, refused when empty, too many, repeated or out of range.
+
+    ``flag`` names the setting in messages (``--seeds`` on the command line).
+
+    Examples
+    --------
+    >>> check_seeds([0, 1, 2])
+    (0, 1, 2)
+    """
+    values = tuple(seeds)
+    if not values:
+        raise ConfigError(f"{flag}: expected at least one seed, got none; pass e.g. 0,1,2")
+    if len(values) > MAX_SEEDS:
+        raise ConfigError(
+            f"{flag}: {len(values)} seeds; at most {MAX_SEEDS} (each repeats the soup scenario)"
+        )
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{flag}: expected integers, got {repr(value)[:60]}")
+        if not 0 <= value <= 2**32 - 1:
+            raise ConfigError(f"{flag}: {value} is out of range; expected 0 to {2**32 - 1}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{flag}: seed {repeated[0]} is given twice; give each seed once, e.g. 0,1,2"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _soup(
+    zoo: Any, splits: Any, settings: Any, folder: Path, seed: int, tick: Callable[[str], None]
+) -> tuple[Any, list[Any], dict[str, str]]:
+    """The soup study and its entries with identical models merged into one row."""
+    from modelfuse.demo.evaluate import merge_duplicates
+    from modelfuse.demo.soup import soup_study
+
+    soup = soup_study(zoo, splits, settings, folder, seed, tick=tick)
+    entries, renamed = merge_duplicates(soup.entries)
+    return soup, entries, renamed
+
+
+def _soup_comparisons(
+    entries: Sequence[Any], splits: Any, reference: str, settings: Any, seed: int
+) -> dict[str, Any]:
+    from modelfuse.demo.evaluate import compare_split
+
+    return {
+        split: compare_split(
+            entries,
+            splits.y_test,
+            reference,
+            split=split,
+            n_resamples=settings.n_resamples,
+            interval=settings.interval,
+            seed=seed + offset,
+        )
+        for split, offset in (("test", 0), ("shift", 10))
+    }
+
+
+def _rows(comparisons: dict[str, Any]) -> dict[str, list[MetricRow]]:
+    return {split: list(c.rows) for split, c in comparisons.items()}
+
+
+def _soup_on_seed(settings: Any, folder: Path, seed: int, tick: Callable[[str], None]) -> Any:
+    """The soup scenario on another seed, its files in a folder removed afterwards."""
+    from modelfuse.demo.data import load_splits
+    from modelfuse.demo.seeds import SeedResult
+    from modelfuse.demo.zoo import build_zoo
+
+    scratch = folder / f".seed-{seed}"
+    scratch.mkdir()
+    try:
+        splits = load_splits(seed)
+        zoo = build_zoo(splits, settings, scratch / "models", seed, soup_only=True)
+        tick("model zoo")
+        soup, entries, renamed = _soup(zoo, splits, settings, scratch, seed, tick)
+        reference = renamed[soup.reference]
+        comparisons = _soup_comparisons(entries, splits, reference, settings, seed)
+        tick("comparisons")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SeedResult(seed, reference, _rows(comparisons), renamed)
+
+
 def run_demo(
     out: str | os.PathLike[str] = "modelfuse-demo",
     *,
@@ -147,6 +249,7 @@ def run_demo(
     seed: int = 0,
     console: Any = None,
     progress: bool = True,
+    seeds: Sequence[int] | None = None,
 ) -> DemoResult:
     """Run the end-to-end fusion study on scikit-learn's digits and write its report.
 
@@ -171,6 +274,11 @@ def run_demo(
     seed : int
         Fixes the splits, the training, the searches and the bootstrap:
         equal seeds give equal results.
+    seeds : sequence of int, optional
+        Run the study on each seed (``seed`` is then ignored): the first
+        seed's study is reported in full, and the soup scenario is repeated
+        on the others (data, zoo, fusions, comparisons on both test splits)
+        for a table of each method's mean and spread across seeds.
     console : rich.console.Console, optional
         Where progress and the final summary go (default: standard output).
     progress : bool
@@ -184,6 +292,8 @@ def run_demo(
     ------
     OutputError
         ``out`` exists and is not an earlier demo's output.
+    ConfigError
+        ``seeds`` is empty, repeats a seed or holds a negative one.
 
     References
     ----------
@@ -214,13 +324,14 @@ def run_demo(
     from rich.console import Console
 
     from modelfuse.demo.data import load_splits
-    from modelfuse.demo.evaluate import compare_entries
+    from modelfuse.demo.evaluate import compare_split, merge_duplicates
     from modelfuse.demo.multitask import multitask_study
     from modelfuse.demo.report import write_demo_report
     from modelfuse.demo.settings import settings_for
-    from modelfuse.demo.soup import soup_study
     from modelfuse.demo.zoo import build_zoo
 
+    seed_list = check_seeds(seeds if seeds is not None else (seed,))
+    seed = seed_list[0]
     target = Path(out)
     _check_target(target)
     settings = settings_for(quick)
@@ -235,9 +346,14 @@ def run_demo(
     if built.exists():
         shutil.rmtree(built)
     built.mkdir()
-    command = f"modelfuse demo --out {target} --seed {seed}" + (" --quick" if quick else "")
+    command = (
+        f"modelfuse demo --out {target} "
+        + (f"--seed {seed}" if len(seed_list) == 1 else "--seeds " + ",".join(map(str, seed_list)))
+        + (" --quick" if quick else "")
+    )
     if progress:
-        console.print(f"[bold]modelfuse demo[/bold] ({settings.name}, seed {seed}) -> {target}")
+        which = f"seed {seed}" if len(seed_list) == 1 else f"seeds {', '.join(map(str, seed_list))}"
+        console.print(f"[bold]modelfuse demo[/bold] ({settings.name}, {which}) -> {target}")
     try:
         with _one_thread(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -247,30 +363,32 @@ def run_demo(
             n_models = 1 + settings.n_soup + len(settings.tasks)
             with stages.stage("model zoo", n_models) as tick:
                 zoo = build_zoo(splits, settings, built / "models", seed, on_model=tick)
-            with stages.stage("soup scenario: fusions", 11) as tick:
-                soup = soup_study(zoo, splits, settings, built, seed, tick=tick)
+            with stages.stage("soup scenario: fusions", SOUP_STEPS) as tick:
+                soup, soup_entries, renamed = _soup(zoo, splits, settings, built, seed, tick)
             with stages.stage("multi-task scenario: fusions", 4) as tick:
                 multitask = multitask_study(zoo, splits, settings, seed, tick=tick)
-            with stages.stage("test-split comparison", 2) as tick:
-                soup_rows = compare_entries(
-                    soup.entries,
-                    splits.y_test,
-                    soup.reference,
-                    n_resamples=settings.n_resamples,
-                    interval=settings.interval,
-                    seed=seed,
-                )
-                tick("soup scenario")
-                mt_rows = compare_entries(
-                    multitask.entries,
+            with stages.stage("test-split comparisons", 3) as tick:
+                soup_reference = renamed[soup.reference]
+                soup_cmp = _soup_comparisons(soup_entries, splits, soup_reference, settings, seed)
+                tick("soup scenario, both test splits")
+                n_test = len(splits.y_test)
+                mt_entries, mt_renamed = merge_duplicates(multitask.entries)
+                multitask_reference = mt_renamed[multitask.reference]
+                mt_cmp = compare_split(
+                    mt_entries,
                     multitask.y_test,
-                    multitask.reference,
+                    multitask_reference,
                     metrics=("accuracy",),
                     n_resamples=settings.n_resamples,
                     interval=settings.interval,
                     seed=seed,
+                    groups=np.tile(np.arange(n_test), len(multitask.tasks)),
                 )
                 tick("multi-task scenario")
+            seed_results = [SeedResult(seed, soup_reference, _rows(soup_cmp), renamed)]
+            for other in seed_list[1:]:
+                with stages.stage(f"soup scenario, seed {other}", SOUP_STEPS + 2) as tick:
+                    seed_results.append(_soup_on_seed(settings, built, other, tick))
             federated = None
             fed = settings.federated
             if _flower_installed():
@@ -287,9 +405,15 @@ def run_demo(
                     seed=seed,
                     zoo=zoo,
                     soup=soup,
-                    soup_rows=soup_rows,
+                    soup_rows=soup_cmp["test"].rows,
+                    soup_shift=soup_cmp["shift"],
+                    soup_test_notes=soup_cmp["test"].notes,
+                    soup_reference=soup_reference,
                     multitask=multitask,
-                    multitask_rows=mt_rows,
+                    multitask_rows=mt_cmp.rows,
+                    multitask_reference=multitask_reference,
+                    multitask_notes=mt_cmp.notes,
+                    seeds=tuple(seed_results),
                     y_val=splits.y_val,
                     y_test=splits.y_test,
                     n_samples={
@@ -317,12 +441,14 @@ def run_demo(
         report=target / report.markdown.name,
         html=target / report.html.name,
         timings=dict(stages.timings),
-        soup_rows=list(soup_rows),
-        multitask_rows=list(mt_rows),
-        soup_reference=soup.reference,
-        multitask_reference=multitask.reference,
+        soup_rows=list(soup_cmp["test"].rows),
+        multitask_rows=list(mt_cmp.rows),
+        soup_reference=soup_reference,
+        multitask_reference=multitask_reference,
         headlines=report.headlines,
         federated=federated,
+        soup_shift_rows=list(soup_cmp["shift"].rows),
+        seeds=tuple(seed_results),
     )
     if progress:
         from modelfuse.demo.summary import print_summary

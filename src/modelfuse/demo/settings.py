@@ -82,6 +82,8 @@ class DemoSettings:
         Points of the WiSE-FT sweep from 0 to 1.
     caruana_rounds : int
         Rounds of Caruana's ensemble selection.
+    adamerging_steps : int
+        Adam steps of AdaMerging on the validation images.
     federated : FederatedSettings
         The federated scenario.
     """
@@ -103,6 +105,7 @@ class DemoSettings:
     inner_splits: int
     wise_alphas: int
     caruana_rounds: int
+    adamerging_steps: int
     federated: FederatedSettings
 
 
@@ -126,6 +129,7 @@ FULL = DemoSettings(
     inner_splits=3,
     wise_alphas=11,
     caruana_rounds=25,
+    adamerging_steps=100,
     federated=FederatedSettings(
         n_clients=10,
         concentrations=(0.3, 10.0),
@@ -160,6 +164,7 @@ QUICK = DemoSettings(
     inner_splits=2,
     wise_alphas=6,
     caruana_rounds=10,
+    adamerging_steps=40,
     federated=replace(FULL.federated, rounds=6),
 )
 """A smaller run for a first look and for the tests (``--quick``)."""

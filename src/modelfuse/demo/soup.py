@@ -4,9 +4,14 @@ Weight space: uniform soup (through the file engine, ``modelfuse.merge`` on a
 YAML configuration), greedy soup, Fisher-weighted averaging (Fisher
 diagonals saved as statistics files and merged by the file engine), RegMean,
 task arithmetic with lambda chosen by nested cross-validation, TIES, DARE,
-Model Stock and the WiSE-FT sweep. Prediction space: soft voting and
-Caruana's ensemble selection. Then temperature scaling of the best merge and
-of the best ensemble. Every choice uses the validation split.
+Model Stock, the WiSE-FT sweep, DaWin (a per-sample interpolation between
+the pre-trained model and the reference), AdaMerging (coefficients learned
+on the unlabeled validation images) and gradient matching (Fisher-weighted
+task vectors with a prior precision chosen on validation). Prediction space:
+soft voting and Caruana's ensemble selection. Then temperature scaling of
+the best merge and of the best ensemble. Every choice uses the validation
+split; every candidate is scored on the test split and on a shifted test
+split (the test images tilted, :func:`modelfuse.demo.data.shifted`).
 """
 
 from __future__ import annotations
@@ -28,19 +33,46 @@ from modelfuse.demo.choice import (
     describe_nested,
     search_ties_and_dare,
 )
-from modelfuse.demo.data import Splits
+from modelfuse.demo.data import Splits, shifted
 from modelfuse.demo.evaluate import (
     Entry,
     Family,
     accuracy_of,
     log_probabilities,
     model_entry,
+    same_predictions,
     vote_entry,
 )
 from modelfuse.demo.settings import DemoSettings
 from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits, read_checkpoint
 
-__all__ = ["SoupStudy", "config_reference", "run_file_merge", "soup_study"]
+__all__ = ["DaWinSummary", "SoupStudy", "config_reference", "run_file_merge", "soup_study"]
+
+REFERENCE_RULE = (
+    "the fine-tune with the highest validation accuracy, ties broken by the lower validation "
+    "NLL, then by name order"
+)
+"""How the soup scenario's reference is chosen (stated in the report)."""
+
+PRIOR_SCALES = (0.0, 0.1, 1.0, 10.0)
+"""Gradient matching's prior precisions tried, in units of the mean Fisher entry."""
+
+
+@dataclass(frozen=True)
+class DaWinSummary:
+    """DaWin's per-sample coefficients (0: the pre-trained model, 1: the fine-tune).
+
+    Attributes
+    ----------
+    lambdas : dict
+        ``"val"``, ``"test"`` and ``"shift"`` to the coefficient of every sample.
+    endpoint : str
+        The fine-tune interpolated with the pre-trained model.
+    """
+
+    lambdas: dict[str, np.ndarray]
+    endpoint: str
+
 
 StateDict = dict[str, torch.Tensor]
 
@@ -55,11 +87,13 @@ class SoupStudy:
         Every candidate, individuals first.
     reference : str
         The best individual fine-tune by validation accuracy.
+    reference_rule : str
+        How ``reference`` was chosen.
     greedy_trace : list of (label, validation accuracy, status)
         Each model alone (status ``"alone"``, in input order), then each soup
         tried (``"accepted"`` or ``"rejected"``), in the order tried.
     greedy_ingredients : tuple of str
-    wise_curve : list of (alpha, validation accuracy, test accuracy)
+    wise_curve : list of (alpha, validation, test, shifted test accuracy)
     wise_alpha : float
         Chosen on the validation split.
     wise_endpoint : str
@@ -71,13 +105,19 @@ class SoupStudy:
     calibration : list of (name, calibrated name, temperature)
     configs : list of Path
         YAML configurations merged through the file engine.
+    dawin : DaWinSummary
+    adamerging_lambdas : tuple of float
+        AdaMerging's mean coefficient of each fine-tune (over its layers).
+    prior_scale : float
+        Gradient matching's chosen prior precision, in units of the mean Fisher entry.
     """
 
     entries: list[Entry]
     reference: str
+    reference_rule: str
     greedy_trace: list[tuple[str, float, str]]
     greedy_ingredients: tuple[str, ...]
-    wise_curve: list[tuple[float, float, float]]
+    wise_curve: list[tuple[float, float, float, float]]
     wise_alpha: float
     wise_endpoint: str
     task_arithmetic: NestedChoice
@@ -85,6 +125,9 @@ class SoupStudy:
     caruana_weights: dict[str, float]
     calibration: list[tuple[str, str, float]]
     configs: list[Path]
+    dawin: DaWinSummary
+    adamerging_lambdas: tuple[float, ...]
+    prior_scale: float
 
 
 def config_reference(path: Path, folder: Path) -> str:
@@ -124,7 +167,9 @@ def soup_study(
     import modelfuse
     from modelfuse.calibration import TemperatureScaling
     from modelfuse.ensemble import caruana_selection
-    from modelfuse.search import accuracy_score, greedy_soup, wise_ft_sweep
+    from modelfuse.evaluation import choose_reference
+    from modelfuse.search import DaWinClassifier, accuracy_score, greedy_soup, wise_ft_sweep
+    from modelfuse.search.adamerging import adamerging
     from modelfuse.statistics import fisher_diagonal, gram_matrices
     from modelfuse.statistics import save as save_statistics
 
@@ -136,6 +181,7 @@ def soup_study(
     base = zoo.pretrained.state_dict
     k = len(sds)
     x_val, y_val = splits.x_val, splits.y_val
+    x_shift = splits.x_shift if splits.x_shift is not None else shifted(splits.x_test, seed)
     val_batches = [(torch.as_tensor(x_val), torch.as_tensor(y_val))]
     val_accuracy = accuracy_score(model, val_batches)
     train_batches = batches(splits.x_train, splits.y_train)
@@ -143,7 +189,9 @@ def soup_study(
     entries: list[Entry] = []
 
     def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> None:
-        entries.append(model_entry(name, family, cost, details, model, sd, x_val, splits.x_test))
+        entries.append(
+            model_entry(name, family, cost, details, model, sd, x_val, splits.x_test, x_shift)
+        )
 
     # individuals
     for f in fine_tunes:
@@ -156,8 +204,10 @@ def soup_study(
             f"augmentation {hp['augment']}, seed {hp['seed']}",
             f.state_dict,
         )
-    individual_val = [accuracy_of(e.val, y_val) for e in entries]
-    reference = names[int(np.argmax(individual_val))]
+    reference = choose_reference(
+        {e.name: accuracy_of(e.val, y_val) for e in entries},
+        tie_breaker={e.name: _nll(e.val, y_val) for e in entries},
+    )
     add("pre-trained", "individual", 1, "the starting point of every fine-tune", base)
     step("individual models")
 
@@ -205,12 +255,14 @@ def soup_study(
 
     # Fisher: diagonals saved as statistics files, merged by the file engine
     fisher_models = []
+    fishers = []
     (folder / "statistics").mkdir(parents=True, exist_ok=True)
     for f in fine_tunes:
         net = load_mlp(settings.hidden, f.state_dict)
         stats = fisher_diagonal(
             net, train_batches, n_examples=settings.fisher_examples, kind="exact"
         )
+        fishers.append(dict(stats))
         n_fisher = stats.n_examples
         stats_path = save_statistics(stats, folder / "statistics" / f"{f.name}.fisher.safetensors")
         fisher_models.append(
@@ -280,19 +332,17 @@ def soup_study(
     step("Model Stock")
 
     # WiSE-FT: the pre-trained model interpolated with the best fine-tune
-    wise = wise_ft_sweep(
-        base, sds[names.index(reference)], val_accuracy, alphas=settings.wise_alphas
-    )
+    endpoint = sds[names.index(reference)]
+    wise = wise_ft_sweep(base, endpoint, val_accuracy, alphas=settings.wise_alphas)
     curve = []
     for candidate in wise.trace:
         alpha = float(candidate.parameters["alpha"])
-        sd = modelfuse.merge_state_dicts(
-            "linear", [base, sds[names.index(reference)]], weights=[1 - alpha, alpha]
+        sd = modelfuse.merge_state_dicts("linear", [base, endpoint], weights=[1 - alpha, alpha])
+        test_acc, shift_acc = (
+            accuracy_of(predict_logits(model, sd, x), splits.y_test)
+            for x in (splits.x_test, x_shift)
         )
-        test_acc = accuracy_of(
-            log_probabilities(predict_logits(model, sd, splits.x_test)), splits.y_test
-        )
-        curve.append((alpha, float(candidate.score), test_acc))
+        curve.append((alpha, float(candidate.score), test_acc, shift_acc))
     wise_alpha = float(wise.parameters["alpha"])
     add(
         "WiSE-FT",
@@ -303,6 +353,82 @@ def soup_study(
         wise.state_dict,
     )
     step("WiSE-FT sweep")
+
+    # DaWin: each input gets its own interpolation, from the two endpoints' entropies
+    dawin = DaWinClassifier(model, base, endpoint, mode="sample").fit()
+    inputs = {"val": x_val, "test": splits.x_test, "shift": x_shift}
+    logits = {
+        k: dawin.decision_function(torch.as_tensor(x)).double().numpy() for k, x in inputs.items()
+    }
+    lambdas = {k: dawin.lambdas(torch.as_tensor(x)).numpy() for k, x in inputs.items()}
+    entries.append(
+        Entry(
+            "DaWin",
+            "merge",
+            3,
+            f"per input, lambda(x) pre-trained -> {reference} from the two models' prediction "
+            f"entropies (training-free; mean lambda {lambdas['test'].mean():.2f} on test, "
+            f"{lambdas['shift'].mean():.2f} shifted); runs both endpoints, then each input's "
+            "interpolated model: 3 networks per prediction",
+            *(log_probabilities(logits[k]) for k in ("val", "test", "shift")),
+        )
+    )
+    step("DaWin")
+
+    # AdaMerging: layer-wise coefficients by entropy minimisation on unlabeled validation images
+    ada = adamerging(
+        model,
+        base,
+        sds,
+        [torch.as_tensor(x_val)],
+        granularity="layer",
+        init_lambda=1.0 / k,
+        steps=settings.adamerging_steps,
+        lr=0.01,
+        bounds=(0.0, 1.0),
+    )
+    per_layer = ada.parameters["lambdas"]
+    ada_lambdas = tuple(
+        float(np.mean([layer[i] for layer in per_layer.values()])) for i in range(k)
+    )
+    add(
+        "AdaMerging",
+        "merge",
+        1,
+        f"layer-wise task-vector coefficients from 1/{k}, {settings.adamerging_steps} Adam steps "
+        "minimising the merge's prediction entropy on the validation images (labels unused); "
+        "mean coefficient per fine-tune "
+        + ", ".join(f"{n} {v:.2f}" for n, v in zip(names, ada_lambdas)),
+        ada.state_dict,
+    )
+    step("AdaMerging")
+
+    # gradient matching: Fisher-weighted task vectors, the prior precision chosen on validation
+    mean_fisher = float(np.mean([float(t.double().mean()) for f in fishers for t in f.values()]))
+    tried = []
+    for scale in PRIOR_SCALES:
+        sd = modelfuse.merge_state_dicts(
+            "gradient_matching",
+            sds,
+            base,
+            fishers=fishers,
+            prior_precision=scale * mean_fisher,
+        )
+        val_lp = log_probabilities(predict_logits(model, sd, x_val))
+        tried.append((accuracy_of(val_lp, y_val), -_nll(val_lp, y_val), scale, sd))
+    best_gm = max(tried, key=lambda t: t[:2])  # the first of equals
+    prior_scale = best_gm[2]
+    add(
+        "gradient matching",
+        "merge",
+        1,
+        f"task vectors weighted by each fine-tune's Fisher (the Fisher merge's), prior "
+        f"precision {prior_scale:g} x the mean Fisher entry chosen among "
+        + ", ".join(f"{x:g}" for x in PRIOR_SCALES)
+        + " by validation accuracy (then NLL)",
+        best_gm[3],
+    )
+    step("gradient matching")
 
     # ensembles
     members = entries[:k]
@@ -330,15 +456,27 @@ def soup_study(
     step("ensembles")
 
     # temperature scaling of the best merge and the best ensemble (by validation NLL)
-    def best(family: Family) -> Entry:
-        pool = [e for e in entries if e.family == family]
-        return min(pool, key=lambda e: float(-np.mean(e.val[np.arange(len(y_val)), y_val])))
+    individuals = [e for e in entries if e.family == "individual"]
+
+    def copy_of_individual(entry: Entry) -> bool:
+        return any(
+            same_predictions(entry.val, i.val) and same_predictions(entry.test, i.test)
+            for i in individuals
+        )
+
+    def best(family: Family) -> Entry | None:
+        pool = [e for e in entries if e.family == family and not copy_of_individual(e)]
+        return min(pool, key=lambda e: _nll(e.val, y_val)) if pool else None
 
     calibration = []
     for entry in (best("merge"), best("ensemble")):
+        if entry is None:  # every candidate of the family is a copy of a fine-tune
+            continue
         scaler = TemperatureScaling(kind="logits").fit(entry.val, y_val)
-        val = np.log(np.clip(scaler.predict_proba(entry.val), 1e-300, None))
-        test = np.log(np.clip(scaler.predict_proba(entry.test), 1e-300, None))
+        val, test, shift = (
+            np.log(np.clip(scaler.predict_proba(x), 1e-300, None))
+            for x in (entry.val, entry.test, entry.shift)
+        )
         temperature = float(scaler.temperature_)
         name = f"{entry.name} + temperature"
         entries.append(
@@ -349,6 +487,7 @@ def soup_study(
                 f"temperature {temperature:.3g} fitted on validation",
                 val,
                 test,
+                shift,
             )
         )
         calibration.append((entry.name, name, temperature))
@@ -356,6 +495,7 @@ def soup_study(
     return SoupStudy(
         entries=entries,
         reference=reference,
+        reference_rule=REFERENCE_RULE,
         greedy_trace=trace,
         greedy_ingredients=ingredients,
         wise_curve=curve,
@@ -366,4 +506,13 @@ def soup_study(
         caruana_weights=caruana_weights,
         calibration=calibration,
         configs=configs,
+        dawin=DaWinSummary(lambdas, reference),
+        adamerging_lambdas=ada_lambdas,
+        prior_scale=prior_scale,
     )
+
+
+def _nll(log_probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels under (normalised) log-probabilities."""
+    lp = log_probabilities(log_probs)
+    return float(-np.mean(lp[np.arange(len(y)), y]))

@@ -23,40 +23,52 @@ def print_summary(console: Any, result: DemoResult) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"Soup scenario, test split (reference: {result.soup_reference})",
+        title=f"Soup scenario: test and shifted test split (reference: {result.soup_reference})",
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
         collapse_padding=True,
         pad_edge=False,
     )
-    widths = {"nets": 4, "acc": 6, "diff": 7, "p Holm": 6, "NLL": 5, "ECE": 5, "verdict": 7}
+    widths = {
+        "nets": 4,
+        "test acc": 8,
+        "diff": 7,
+        "verdict": 7,
+        "shifted acc": 11,
+        "diff ": 7,
+        "verdict ": 7,
+    }
     # numbers never shrink; a long method name is cut to what is left of the line
     room = max(12, int(console.width) - sum(widths.values()) - 2 * len(widths) - 2)
     table.add_column("method", no_wrap=True, overflow="ellipsis", max_width=room)
     for header, width in widths.items():
         table.add_column(
-            header,
-            justify="left" if header == "verdict" else "right",
+            header.strip(),
+            justify="left" if header.startswith("verdict") else "right",
             no_wrap=True,
             min_width=width,
         )
+    shifted = {r.name: r for r in result.soup_shift_rows}
     for row in result.soup_rows:
-        acc, _ = row.metrics["accuracy"]
-        diff = row.differences.get("accuracy")
-        said = verdict(row)
-        short = _SHORT.get(said, said)
-        style = _STYLE.get(said, "")
-        table.add_row(
-            row.name,
-            str(row.cost),
-            fmt(acc),
-            "" if diff is None else f"{diff[0]:+.4f}",
-            "" if diff is None else f"{diff[2]:.3f}",
-            fmt(row.metrics["nll"][0], 3),
-            fmt(row.metrics["ece"][0], 3),
-            f"[{style}]{short}[/{style}]" if style else short,
-        )
+        cells = [row.name, str(row.cost)]
+        for r in (row, shifted.get(row.name)):
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            diff = r.differences.get("accuracy")
+            said = verdict(r)
+            short = _SHORT.get(said, said)
+            style = _STYLE.get(said, "")
+            cells += [
+                fmt(r.metrics["accuracy"][0]),
+                "" if diff is None else f"{diff[0]:+.4f}",
+                f"[{style}]{short}[/{style}]" if style else short,
+            ]
+        table.add_row(*cells)
     console.print(table)
+    for line in result.headlines:
+        if line.startswith("On the ") and " seeds: " in line:
+            console.print(line)
     best = max(result.multitask_rows, key=lambda r: r.metrics["accuracy"][0])
     ref = next(r for r in result.multitask_rows if r.name == result.multitask_reference)
     console.print(
@@ -82,7 +94,7 @@ def print_summary(console: Any, result: DemoResult) -> None:
     times.add_row("[bold]total[/bold]", f"[bold]{sum(result.timings.values()):.1f}[/bold]")
     console.print(times)
     console.print(
-        "verdict: better / worse = Holm-adjusted p < 0.05 against the reference; n.s. = no "
-        "significant difference. Intervals, NLL and ECE tests: see the report."
+        "verdict: better / worse = Holm-adjusted p <= 0.05 against the reference (paired "
+        "bootstrap); n.s. = no significant difference. Intervals, NLL and ECE: see the report."
     )
     console.print(f"Report: {result.report} (and {result.html.name}, self-contained)")

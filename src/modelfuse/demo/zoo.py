@@ -235,10 +235,12 @@ def build_zoo(
     seed: int,
     *,
     on_model: Callable[[str], None] | None = None,
+    soup_only: bool = False,
 ) -> Zoo:
     """Pre-train, fine-tune and save every model of the demo into ``folder``.
 
-    ``on_model(name)`` is called after each model is saved (for progress).
+    ``on_model(name)`` is called after each model is saved (for progress);
+    ``soup_only`` leaves out the multi-task scenario's task models.
     """
     tick = on_model or (lambda name: None)
     torch.manual_seed(seed)
@@ -293,7 +295,7 @@ def build_zoo(
         hp = {"data": "digits, training split", **hp}
         soup.append(fine_tune(f"ft-{i + 1}", splits.x_train, hp, settings.finetune_epochs))
     tasks = {}
-    for j, task in enumerate(settings.tasks):
+    for j, task in enumerate(() if soup_only else settings.tasks):
         hp = {
             "data": f"digits ({task}), training split",
             "task": task,
