@@ -137,7 +137,16 @@ def _statistics(
                         f"{task.base_input}, which the models' statistics have; compute them "
                         "with `modelfuse statistics` on the base model itself"
                     )
-                found[f"base_{kind}"] = [read(base.statistics, task.base_input, kind)]
+                tensor = read(base.statistics, task.base_input, kind)
+                if kind == "fisher" and tensor is not None and tensor.numel():
+                    low = float(tensor.min())
+                    if low < 0:
+                        raise ConfigError(
+                            f"{_where(base.statistics)}: statistics tensor {task.base_input} "
+                            f"holds negative entries (minimum {low:g}); a Fisher diagonal is a "
+                            "mean of squares: compute it again with `modelfuse statistics fisher`"
+                        )
+                found[f"base_{kind}"] = [tensor]
     return found
 
 

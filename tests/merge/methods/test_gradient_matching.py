@@ -264,8 +264,15 @@ def test_base_fisher_problems_name_the_tensor_and_the_source():
     ):
         merge_state_dicts("gradient_matching", models, base, fishers=fishers, base_fisher=missing)
     negative = {**f0, "b": -f0["b"] - 0.1}
-    with pytest.raises(ConfigError, match="tensor b: the base model's Fisher has negative"):
+    with pytest.raises(ConfigError, match="base_fisher: statistics tensor b holds negative"):
         merge_state_dicts("gradient_matching", models, base, fishers=fishers, base_fisher=negative)
+    with pytest.raises(ConfigError, match="tensor b: the base model's Fisher has negative"):
+        gradient_matching(
+            [models[0]["b"]],
+            base["b"],
+            statistics={"fisher": [fishers[0]["b"]], "base_fisher": [negative["b"]]},
+            name="b",
+        )
     bad_model = [fishers[0], {**fishers[1], "w": torch.rand(2, 2)}, fishers[2]]
     with pytest.raises(ConfigError, match=r"statistics 1: statistics tensor w has shape \[2, 2\]"):
         merge_state_dicts("gradient_matching", models, base, fishers=bad_model)
