@@ -36,6 +36,7 @@ from modelfuse.cli import calibrate as _calibrate  # noqa: E402,F401  isort: ski
 from modelfuse.cli import extract_lora as _extract_lora  # noqa: E402,F401  isort: skip
 from modelfuse.cli import moe as _moe  # noqa: E402,F401  isort: skip
 from modelfuse.cli import inspect as _inspect  # noqa: E402,F401  isort: skip
+from modelfuse.cli import distill as _distill  # noqa: E402,F401  isort: skip
 
 
 __all__ = ["app", "main"]

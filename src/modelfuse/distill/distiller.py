@@ -150,6 +150,10 @@ class Distiller(BaseEstimator):
     n_epochs_ : int
         Epochs run (fewer than ``max_epochs`` when stopped early).
     n_classes_ : int
+    n_train_ : int
+        Training rows per epoch (after the validation split).
+    n_val_ : int
+        Validation rows (0 without validation data).
     train_agreement_ : float or None
         Fraction of training rows where the student's top class is the
         teacher's (None when the teacher ran batch by batch).
@@ -537,6 +541,7 @@ class Distiller(BaseEstimator):
                         count += xb.shape[0]
                 if count == 0:
                     raise DataError("X: the DataLoader yields no batches; expected data")
+                n_train = count
                 history["train_loss"].append(total / count)
                 if validation is not None:
                     val_loss, val_agree = self._evaluate(student, validation, loss_options)
@@ -560,6 +565,8 @@ class Distiller(BaseEstimator):
         self.history_ = history
         self.best_epoch_ = best_epoch
         self.n_epochs_ = len(history["train_loss"])
+        self.n_train_ = n_train
+        self.n_val_ = 0 if validation is None else int(validation[0].shape[0])
         self.n_classes_ = n_classes if n_classes is not None else int(tb.shape[1])
         self.train_agreement_ = (
             None if train is None else self._evaluate(student, train, loss_options)[1]
