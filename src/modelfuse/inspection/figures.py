@@ -522,7 +522,7 @@ def _accumulate(
     conflict_cuts: list[Cut] = []
     if signs:
         if given_magnitudes is not None:
-            models = [TaskVectorChunks(row, None, chunk, True) for row in given_magnitudes]
+            models = [TaskVectorChunks(row, None, chunk) for row in given_magnitudes]
         else:
             models = [TaskVectorChunks(flat, base_flat, chunk) for flat in flats]
         cuts = [find_cuts(model, [ko, kc]) for model, ko, kc in zip(models, overlap_k, conflict_k)]

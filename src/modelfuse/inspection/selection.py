@@ -20,25 +20,18 @@ Consensus = Literal["sum", "count"]
 
 
 class TaskVectorChunks:
-    """Task-vector chunks of one model: each call of :meth:`magnitudes` is one pass.
+    """Task-vector magnitudes of one model, chunk by chunk: each call of :meth:`magnitudes`
+    is one pass.
 
-    ``base`` None: ``model`` is the task vector (float32) already, or with
-    ``magnitudes`` true its magnitudes, handed out as views.
+    ``base`` None: ``model`` holds the magnitudes already (float32), handed out as views.
     """
 
-    def __init__(
-        self,
-        model: torch.Tensor,
-        base: torch.Tensor | None,
-        chunk: int,
-        magnitudes: bool = False,
-    ) -> None:
+    def __init__(self, model: torch.Tensor, base: torch.Tensor | None, chunk: int) -> None:
         self.model, self.base, self.chunk = model, base, chunk
-        self.given = magnitudes and base is None
         self.n = model.numel() if base is None else base.numel()
 
     def magnitudes(self) -> Any:
-        if self.given:
+        if self.base is None:
             for start in range(0, self.n, self.chunk):
                 yield self.model[start : start + self.chunk]
             return
@@ -46,9 +39,6 @@ class TaskVectorChunks:
         base = torch.empty_like(out)
         for start in range(0, self.n, self.chunk):
             stop = min(start + self.chunk, self.n)
-            if self.base is None:
-                yield torch.abs(self.model[start:stop], out=out[: stop - start])
-                continue
             part = base[: stop - start].copy_(self.base[start:stop])
             # every difference is a float32 one, of the float32 entries
             yield out[: stop - start].copy_(self.model[start:stop]).sub_(part).abs_()
@@ -57,10 +47,8 @@ class TaskVectorChunks:
         if self.n <= _SAMPLED:
             return None
         stride = sample_stride(self.n)
-        if self.given:
-            return self.model[::stride].clone()
         if self.base is None:
-            return self.model[::stride].abs()
+            return self.model[::stride].clone()
         return (
             self.model[::stride].to(torch.float32) - self.base[::stride].to(torch.float32)
         ).abs_()
