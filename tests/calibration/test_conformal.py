@@ -211,6 +211,10 @@ def test_bad_inputs() -> None:
         empirical_coverage(np.ones((2, 2)), np.zeros(2, dtype=int))
     with pytest.raises(ConfigError, match="labels: per_class=True needs"):
         average_set_size(np.ones((2, 2), dtype=bool), per_class=True)
+    with pytest.raises(DataError, match=r"u: expected 10 numbers in \[0, 1\]"):
+        conformal_scores(p, method="aps", u=np.full(10, 2.0))
+    with pytest.raises(DataError, match="probs"):
+        conformal_scores(np.full((3, 2), 0.7))
     before = p.copy()
     model.predict_sets(p)
     np.testing.assert_array_equal(p, before)

@@ -107,9 +107,23 @@ def conformal_scores(
         raise ConfigError(
             f"method: unknown {str(method)[:40]!r}; expected one of {', '.join(CONFORMAL_METHODS)}"
         )
-    p = np.asarray(probs, dtype=np.float64)
-    draws = np.ones(p.shape[0]) if u is None else np.asarray(u, dtype=np.float64)
-    return CONFORMAL_METHODS[method](p, draws, k_reg, lambda_reg if method == "raps" else 0.0)
+    p = _check_probabilities(probs, "probs")
+    if u is None:
+        draws = np.ones(p.shape[0])
+    else:
+        draws = np.asarray(u, dtype=np.float64)
+        if draws.shape != (p.shape[0],) or not ((draws >= 0) & (draws <= 1)).all():
+            raise DataError(
+                f"u: expected {p.shape[0]} numbers in [0, 1] (one per sample), "
+                f"got shape {draws.shape}"
+            )
+    return _all_scores(p, draws, method, k_reg, lambda_reg)
+
+
+def _all_scores(
+    p: np.ndarray, u: np.ndarray, method: str, k_reg: int, lambda_reg: float
+) -> np.ndarray:
+    return CONFORMAL_METHODS[method](p, u, k_reg, lambda_reg if method == "raps" else 0.0)
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
@@ -253,13 +267,8 @@ class ConformalClassifier:
         return rng.random(n)
 
     def _scores(self, p: np.ndarray, stream: int) -> np.ndarray:
-        return conformal_scores(
-            p,
-            method=self.method,
-            k_reg=int(self.k_reg),
-            lambda_reg=float(self.lambda_reg),
-            u=self._draws(p.shape[0], stream),
-        )
+        draws = self._draws(p.shape[0], stream)
+        return _all_scores(p, draws, self.method, int(self.k_reg), float(self.lambda_reg))
 
     def fit(self, cal_probs: np.ndarray, cal_labels: np.ndarray) -> ConformalClassifier:
         """Compute the threshold(s) from a calibration set.
