@@ -166,7 +166,9 @@ def distill_command(
     seed: Annotated[
         int,
         typer.Option(
-            help="seed of the validation split, shuffling and dropout", min=0, max=SEED_MAX
+            help="seed of the factory's weights, the validation split, shuffling and dropout",
+            min=0,
+            max=SEED_MAX,
         ),
     ] = 0,
     threads: Annotated[
