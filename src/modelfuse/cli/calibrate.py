@@ -450,9 +450,7 @@ def calibration_report_command(
             metavar="ALPHA",
             help="miscoverage in (0, 1), e.g. 0.1: add a coverage and set-size table of "
             "conformal sets calibrated on a seeded random half of the samples",
-            min=0.0,
-            max=1.0,
-            callback=_open_unit,
+            callback=_open_unit,  # an open range, which click's FloatRange cannot show
         ),
     ] = None,
     seed: Annotated[
