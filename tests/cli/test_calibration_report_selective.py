@@ -63,9 +63,12 @@ def test_report_with_risk_coverage_and_conformal(files, tmp_path, capsys) -> Non
     order = np.random.default_rng(5).permutation(400)
     cal, test = order[:200], order[200:]
     rows = {r["method"]: r for r in conformal["rows"]}
-    assert set(rows) == {"lac", "aps", "raps"}
-    for method, row in rows.items():
-        sets = ConformalClassifier(method, alpha=0.2).fit(p[cal], y[cal]).predict_sets(p[test])
+    assert set(rows) == {"lac", "aps", "raps", "lac-mondrian"}
+    for label, row in rows.items():
+        model = ConformalClassifier(
+            label.removesuffix("-mondrian"), alpha=0.2, class_conditional=label == "lac-mondrian"
+        )
+        sets = model.fit(p[cal], y[cal]).predict_sets(p[test])
         assert row["coverage"] == pytest.approx(empirical_coverage(sets, y[test]))
         assert row["mean_set_size"] == pytest.approx(average_set_size(sets))
         per_class = empirical_coverage(sets, y[test], per_class=True)
