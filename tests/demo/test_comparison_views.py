@@ -217,8 +217,8 @@ def test_the_cross_seed_summary_is_mean_and_sample_sd_of_each_seed():
     lines = seed_sentences(summaries, 3)
     assert lines[0] == (
         "On the test split, across 3 seeds: significantly better than the reference on every "
-        "seed: none. Better on some seeds only: soup (mean difference +0.0200). Worse on at "
-        "least one seed: none."
+        "seed: none. Better on some seeds only: soup (1 of 3 seeds, mean difference +0.0200). "
+        "Worse on at least one seed: none."
     )
 
 

@@ -388,7 +388,15 @@ def test_the_cross_seed_summary_is_computed_from_each_seeds_numbers(runs):
         always = [s["method"] for s in across if s["split"] == split and s["better"] == 2]
         said = summary[summary.index(f"On {label}, across 2 seeds") :]
         part = said.split("on every seed: ")[1].split(". Better on some")[0]
-        assert [p.split(" (mean difference")[0] for p in part.split("), ")] == (always or ["none"])
+        assert [p.split(" (")[0] for p in part.split("), ")] == (always or ["none"])
+        some = [s for s in across if s["split"] == split and 0 < s["better"] < 2]
+        part = said.split("Better on some seeds only: ")[1].split(". Worse on")[0]
+        expected = [f"{s['method']} ({s['better']} of 2 seeds" for s in some] or ["none"]
+        assert [p.split(", mean")[0] for p in part.split("), ")] == expected
+    for label in ("test split", "shifted test split"):
+        heading = f"Soup scenario across seeds: {label}"
+        said = [line for line in sections[heading].split("\n\n") if line.startswith("On the ")]
+        assert len(said) == 1 and said[0].startswith(f"On the {label}, across 2 seeds")
 
 
 def test_the_uniform_soup_on_disk_is_the_mean_of_the_fine_tunes(runs):
@@ -525,3 +533,21 @@ def test_the_federated_scenario_is_reported_from_its_numbers(runs):
     assert "federated_rounds.png" in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert (runs["first"] / "federated_rounds.png").read_bytes()[:4] == b"\x89PNG"
     assert "Federated scenario, Dirichlet concentration 0.3" in runs["stdout"].replace("\n", " ")
+
+
+def test_notes_name_the_stage_each_warning_came_from(runs):
+    notes = _sections((runs["first"] / "report.md").read_text())["Notes"]
+    paragraphs = [p.strip() for p in notes.split("\n\n") if p.strip()]
+    assert paragraphs
+    stages = (
+        "data",
+        "model zoo",
+        "soup scenario",
+        "multi-task scenario",
+        "test-split",
+        "federated",
+    )
+    for p in paragraphs:
+        assert p == "No warnings were raised during the run." or (
+            p.startswith("During the ") and p[len("During the ") :].startswith(stages)
+        ), p

@@ -186,7 +186,7 @@ def test_entries_hold_the_networks_log_softmax_and_the_weighted_vote():
 
 @pytest.mark.parametrize(
     "module",
-    ["choice", "data", "evaluate", "report", "settings", "zoo"],
+    ["choice", "data", "evaluate", "report", "run", "seeds", "settings", "zoo"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(f"modelfuse.demo.{module}")

@@ -14,7 +14,7 @@ on the clients' pooled validation and held-out parts after every round.
 Afterwards, in this process: each client's *local* model (trained on its own
 data alone, with as many epochs as its federated training had rounds times
 local epochs); the final global models and the local models compared on the
-pooled held-out parts (bootstrap intervals, McNemar tests against FedAvg,
+pooled held-out parts (bootstrap intervals, paired bootstrap tests against FedAvg,
 Holm-adjusted); and, per client, local / global / interpolated / FedLabel
 (:class:`modelfuse.federated.Personalizer`) with the global model of the
 aggregator with the best pooled validation accuracy.

@@ -76,7 +76,7 @@ def federated_headlines(study: FederatedStudy) -> list[str]:
         )
     out.append(
         "Clients gaining from the global model (accuracy, global against local, "
-        "Holm-adjusted p < 0.05): " + "; ".join(_gain_sentence(s) for s in study.scenarios) + "."
+        "Holm-adjusted p <= 0.05): " + "; ".join(_gain_sentence(s) for s in study.scenarios) + "."
     )
     return out
 
@@ -116,9 +116,9 @@ def _accuracy_table(study: FederatedStudy) -> tuple[list[str], list[list[str]]]:
         "concentration",
         "model",
         "held-out accuracy",
-        "95% CI",
-        "diff vs FedAvg",
-        "95% CI",
+        "95% CI of accuracy",
+        "difference to FedAvg",
+        "95% CI of the difference (Holm-consistent)",
         "p (Holm)",
         "verdict",
         "NLL",
@@ -155,7 +155,7 @@ def _client_table(scenario: ScenarioResult) -> tuple[list[str], list[list[str]]]
         "alpha (local share)",
         *(names.get(c, c) for c in CANDIDATES),
         "global - local",
-        "95% CI",
+        "95% CI of global - local",
         "p (Holm)",
     ]
     body = []
@@ -299,11 +299,13 @@ def federated_report(
                 *lines[:-1],
                 "Final global models and the local models on the pooled held-out data, with "
                 f"95% {interval_name} bootstrap intervals ({n_resamples} resamples); "
-                "differences to FedAvg with paired intervals and exact McNemar tests, "
-                "Holm-adjusted within each partition. 'local models' predicts each "
+                "differences to FedAvg with paired bootstrap tests, Holm-adjusted within each "
+                "partition, and the Holm-consistent interval of each difference (it excludes 0 "
+                "exactly when the verdict is significant). 'local models' predicts each "
                 "client's held-out data with that client's own model.",
             ),
             table=_accuracy_table(study),
+            align=("left", "left", *("right",) * 5, "left", "right", "right"),
             images=(
                 (
                     "federated_rounds.png",

@@ -676,7 +676,7 @@ def write_demo_report(
                         "better or worse (Holm-adjusted paired bootstrap, 0.05) or the same "
                         "model as the reference. Calibrated candidates are left out (a "
                         "different model per seed).",
-                        *(line for line in seed_lines if label in line),
+                        *(line for line in seed_lines if line.startswith(f"On the {label},")),
                     ),
                     table=(headers, body),
                     align=tuple(align),  # type: ignore[arg-type]
@@ -935,10 +935,22 @@ def write_demo_report(
 
 
 def _reader_note(note: str) -> str:
-    """A warning raised during the run, as one sentence for a reader."""
-    category, _, message = note.partition(": ")
-    kind = "A warning" if category.endswith("Warning") else category
-    return f"{kind} was raised during the run ({category}): {message}"
+    """A warning raised during one stage of the run (``"stage: Category: message"``), as a
+    sentence naming the stage (the scenario) it came from.
+
+    Examples
+    --------
+    >>> _reader_note("soup scenario: fusions: UserWarning: regmean: tensor 0.weight: singular")
+    'During the soup scenario: fusions, a UserWarning was raised: regmean: tensor 0.weight: singular.'
+    """
+    for category_end in range(len(note)):
+        head, sep, message = note[category_end:].partition(": ")
+        if sep and head.endswith(("Warning", "Error")) and " " not in head:
+            stage = note[:category_end].removesuffix(": ")
+            where = f"During the {stage}, " if stage else ""
+            text = message.rstrip(".")
+            return f"{where}{'a' if where else 'A'} {head} was raised: {text}."
+    return note
 
 
 def _row_json(row: MetricRow) -> dict[str, Any]:

@@ -110,6 +110,8 @@ class _Stages:
         self.console = console
         self.enabled = enabled
         self.timings: dict[str, float] = {}
+        self.caught: list[Any] = []  # the warnings recorded so far (set by run_demo)
+        self.notes: dict[str, None] = {}  # "stage: Category: message", in order, once each
 
     @contextmanager
     def stage(self, title: str, steps: int) -> Iterator[Callable[[str], None]]:
@@ -123,6 +125,7 @@ class _Stages:
         )
 
         start = time.perf_counter()
+        start_warnings = len(self.caught)
         if not (self.enabled and self.console.is_terminal):  # no bars in pipes and files
             yield lambda step: None
         else:
@@ -145,6 +148,8 @@ class _Stages:
                 yield tick
         seconds = time.perf_counter() - start
         self.timings[title] = seconds
+        for w in self.caught[start_warnings:]:
+            self.notes.setdefault(f"{title}: {w.category.__name__}: {w.message}")
         if self.enabled:
             self.console.print(f"[green]done[/green] {title} [dim]({seconds:.1f} s)[/dim]")
 
@@ -357,6 +362,7 @@ def run_demo(
     try:
         with _one_thread(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            stages.caught = caught
             with stages.stage("data", 1) as tick:
                 splits = load_splits(seed)
                 tick("digits split")
@@ -397,7 +403,7 @@ def run_demo(
                 steps = len(fed.concentrations) * (len(fed.aggregators) * fed.rounds + 1)
                 with stages.stage("federated scenario (Flower simulation)", steps) as tick:
                     federated = federated_study(settings, seed, tick=tick)
-            notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+            notes = list(stages.notes)
             with stages.stage("report", 1) as tick:
                 report = write_demo_report(
                     built,

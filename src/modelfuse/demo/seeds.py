@@ -171,7 +171,7 @@ def seed_sentences(summaries: Sequence[SeedSummary], n_seeds: int) -> list[str]:
     Examples
     --------
     >>> s = SeedSummary("soup", "test", (0.95, 0.96), (0.01, 0.02), 2, 0, 0)
-    >>> seed_sentences([s], 2)[0]
+    >>> seed_sentences([s], 2)[0]  # doctest: +NORMALIZE_WHITESPACE
     'On the test split, across 2 seeds: significantly better than the reference on every seed: soup (mean difference +0.0150). Better on some seeds only: none. Worse on at least one seed: none.'
     """
     out = []
@@ -180,11 +180,14 @@ def seed_sentences(summaries: Sequence[SeedSummary], n_seeds: int) -> list[str]:
         if not rows:
             continue
 
-        def listed(items: list[SeedSummary]) -> str:
+        def listed(items: list[SeedSummary], count: str = "") -> str:
             if not items:
                 return "none"
             return ", ".join(
-                f"{s.method} (mean difference {s.mean_difference:+.4f})" for s in items
+                f"{s.method} ("
+                + (f"{getattr(s, count)} of {n_seeds} seeds, " if count else "")
+                + f"mean difference {s.mean_difference:+.4f})"
+                for s in items
             )
 
         always = [s for s in rows if s.better == n_seeds]
@@ -192,7 +195,7 @@ def seed_sentences(summaries: Sequence[SeedSummary], n_seeds: int) -> list[str]:
         worse = [s for s in rows if s.worse > 0]
         out.append(
             f"On {label}, across {n_seeds} seeds: significantly better than the reference on "
-            f"every seed: {listed(always)}. Better on some seeds only: {listed(some)}. "
-            f"Worse on at least one seed: {listed(worse)}."
+            f"every seed: {listed(always)}. Better on some seeds only: {listed(some, 'better')}. "
+            f"Worse on at least one seed: {listed(worse, 'worse')}."
         )
     return out

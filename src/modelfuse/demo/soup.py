@@ -425,7 +425,13 @@ def soup_study(
         f"task vectors weighted by each fine-tune's Fisher (the Fisher merge's), prior "
         f"precision {prior_scale:g} x the mean Fisher entry chosen among "
         + ", ".join(f"{x:g}" for x in PRIOR_SCALES)
-        + " by validation accuracy (then NLL)",
+        + " by validation accuracy (then NLL)"
+        + (
+            "; with prior 0 it is Fisher-weighted averaging, the Fisher merge up to the floor "
+            "of the Fisher entries"
+            if prior_scale == 0
+            else ""
+        ),
         best_gm[3],
     )
     step("gradient matching")
