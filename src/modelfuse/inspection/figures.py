@@ -400,24 +400,28 @@ def streamed_figures(
     weights, _, _, _, width = settings
     stride = -(-n // int(sample))
     dots = _ChunkDots(n_models, width)
-    # the sampled task vectors, (N, m) pieces picked from the float32 chunks already computed
-    picked: list[torch.Tensor] = []
-    start = 0
+    # the sampled task vectors (flat indices divisible by the stride), picked from the
+    # float32 chunks already computed into one buffer
+    sampled = torch.empty(n_models, -(-n // stride))
+    start = picked = 0
     for models, base in blocks:
         flats = [block.reshape(-1) for block in models]
         base_flat = base.reshape(-1)
         length = base_flat.numel()
+        if start + length > n:
+            raise ValueError(f"streamed_figures: the blocks hold more than {n} entries")
         for offset in range(0, length, width):
             size = min(width, length - offset)
             taus = dots.add(flats, base_flat, offset, size)
             first = (-(start + offset)) % stride
             if first < size:
-                picked.append(taus[:, first::stride].clone())
+                count = -(-(size - first) // stride)
+                sampled[:, picked : picked + count].copy_(taus[:, first::stride])
+                picked += count
         start += length
     if start != n:
         raise ValueError(f"streamed_figures: the blocks hold {start} entries, expected {n}")
     gram = dots.sums()
-    sampled = torch.cat(picked, dim=1) if picked else torch.empty(n_models, 0)
     figures = _accumulate(sampled, None, settings, dots=False, signs=True)
     with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
         projections = weights * (gram @ weights)
