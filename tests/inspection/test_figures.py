@@ -276,3 +276,13 @@ def test_streamed_dot_products_match_numpy(n_models):
     if n_models <= 3:  # one dot per pair (a matrix product for more)
         np.testing.assert_array_equal(found.dots, found.dots.T)
     assert found.signed_entries == 2100 // 5  # every 5th entry: ceil(2100 / 500) = 5
+
+
+def test_blocks_of_another_size_than_announced_are_refused():
+    from modelfuse.inspection.figures import streamed_figures
+
+    base, model = torch.zeros(10), torch.ones(10)
+    with pytest.raises(ValueError, match="more than 8 entries"):
+        streamed_figures([([model[:5]], base[:5]), ([model[5:]], base[5:])], 8, 1, sample=4)
+    with pytest.raises(ValueError, match="hold 10 entries, expected 12"):
+        streamed_figures([([model], base)], 12, 1, sample=4)
