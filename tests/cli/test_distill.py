@@ -384,3 +384,17 @@ def test_out_of_range_numbers_are_usage_errors(extra, flag, work: Path, capsys) 
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert _snapshot(work) == before
+
+
+def test_interrupt_exits_130_and_writes_nothing(
+    work: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Distiller, "fit", interrupted)
+    before = _snapshot(work)
+    assert main([*BASE, *TEACHERS, "-o", "s.safetensors"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert _snapshot(work) == before
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []

@@ -296,8 +296,34 @@ def test_bad_inputs(args, options, error, words) -> None:
 
 def test_diverging_training_is_one_error() -> None:
     X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32) * 1e3
-    teacher = nn.Linear(4, 3)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.arange(12.0).reshape(3, 4) / 12)
+        for p in (teacher.bias, student.weight, student.bias):
+            p.zero_()
     with pytest.raises(DataError, match="lower lr"):
-        Distiller(
-            nn.Linear(4, 3), teacher, lr=1e30, optimizer="sgd", max_epochs=5, n_threads=1
-        ).fit(X, np.zeros(64, dtype=int))
+        Distiller(student, teacher, lr=1e38, optimizer="sgd", max_epochs=5, n_threads=1).fit(
+            X, np.zeros(64, dtype=int)
+        )
+
+
+def test_integer_inputs_stay_integers_for_an_embedding() -> None:
+    """Token ids reach the student and the teacher as int64, not as floats."""
+
+    def bag(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Embedding(20, 6), nn.Flatten(), nn.Linear(18, 4))
+
+    with torch.random.fork_rng(devices=[]):
+        teacher, student = bag(0), bag(1)
+    tokens = np.random.default_rng(0).integers(0, 20, size=(64, 3))
+    d = Distiller(student, teacher, max_epochs=25, lr=0.1, n_threads=1).fit(tokens)
+    assert d.history_["train_loss"][-1] < d.history_["train_loss"][0] / 10
+    assert d.train_agreement_ > 0.7  # chance is about 0.25
+    with pytest.raises(DataError, match="save them as floats"):
+        Distiller(nn.Linear(3, 4), teacher, n_threads=1).fit(tokens)
+
+
+def test_validation_fraction_must_be_a_fraction() -> None:
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        Distiller(nn.Linear(4, 3), nn.Linear(4, 3), validation_fraction="0.2").fit(X4)

@@ -355,6 +355,11 @@ def distill_command(
     )
 
 
+def _spec(factory: str) -> str:
+    """The --factory value as messages show it (at most 80 characters)."""
+    return factory if len(factory) <= 80 else factory[:77] + "..."
+
+
 def _model(factory: str, seed: int) -> nn.Module:
     """The factory's model: its result, or the first item of a (model, batches) pair.
 
@@ -373,7 +378,7 @@ def _model(factory: str, seed: int) -> nn.Module:
         result = result[0]
     if not isinstance(result, nn.Module):
         raise ConfigError(
-            f"--factory: {factory} returned {type(result).__name__}; expected a torch.nn.Module "
+            f"--factory: {_spec(factory)} returned {type(result).__name__}; expected a torch.nn.Module "
             "(or a pair (model, batches) as for modelfuse statistics)"
         )
     return result
@@ -425,7 +430,7 @@ def _load(model: nn.Module, path: Path | str, option: str, factory: str) -> nn.M
         ]
         if problems:
             raise CheckpointError(
-                f"{option}: does not fit the model of --factory {factory} "
+                f"{option}: does not fit the model of --factory {_spec(factory)} "
                 f"({'; '.join(problems)}); give a checkpoint of that architecture"
             )
         state = {name: checkpoint.read(name) for name in names}
@@ -434,7 +439,7 @@ def _load(model: nn.Module, path: Path | str, option: str, factory: str) -> nn.M
     except (RuntimeError, ValueError) as exc:  # e.g. a dtype the model cannot take
         text = " ".join(str(exc).split())
         raise CheckpointError(
-            f"{option}: cannot be loaded into the model of --factory {factory} ({text[:120]})"
+            f"{option}: cannot be loaded into the model of --factory {_spec(factory)} ({text[:120]})"
         ) from None
     return model
 
@@ -459,9 +464,12 @@ def _run_teachers(
         if isinstance(exc, ModelfuseError):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (
+            "" if x.is_floating_point() else " (as int64: save them as floats if it takes floats)"
+        )
         raise DataError(
             f"--teacher {next(iter(members.values()))}: the factory's model cannot run on "
-            f"{path} of shape {tuple(x.shape)} ({first[:160]}); give inputs it takes"
+            f"{path} of shape {tuple(x.shape)} ({first[:160]}); give inputs it takes{hint}"
         ) from None
 
 
@@ -492,7 +500,7 @@ def _given_logits(
 def _reworded(message: str, *, factory: str, inputs: Path) -> str:
     """The library's keyword names in a message as the command line's flags."""
     prefixes = {
-        "student:": f"--factory {factory}: the model",
+        "student:": f"--factory {_spec(factory)}: the model",
         "validation_fraction:": "--validation-fraction:",
         "X:": f"--inputs {inputs}:",
     }

@@ -23,42 +23,46 @@ __all__ = [
 
 
 def as_inputs(value: Any, *, source: str = "X") -> torch.Tensor:
-    """``value`` as a float32 tensor of at least one row, every entry finite.
+    """``value`` as a tensor of at least one row: float32, or int64 for integer inputs.
 
-    Float32 tensors are used as they are (never modified); anything else is
-    converted into a new tensor.
+    Floating-point inputs become float32 and must be finite; integer inputs
+    (token ids for an embedding, say) stay integers, as int64. A tensor
+    already of the target dtype is used as it is (never modified); anything
+    else is converted into a new tensor.
 
     Raises
     ------
     DataError
-        Not numeric, empty, zero-dimensional, or holding NaN or inf.
+        Not real numbers, empty, zero-dimensional, or holding NaN or inf.
 
     Examples
     --------
-    >>> as_inputs([[1, 2], [3, 4]]).dtype
-    torch.float32
+    >>> as_inputs([[1.0, 2.0], [3.0, 4.0]]).dtype, as_inputs([[1, 2], [3, 4]]).dtype
+    (torch.float32, torch.int64)
     """
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
-        if tensor.is_complex():
+        if tensor.is_complex() or tensor.dtype == torch.bool:
             raise DataError(f"{source}: expected real numbers, got dtype {tensor.dtype}")
-        tensor = tensor.to(torch.float32)
+        tensor = tensor.to(torch.float32 if tensor.is_floating_point() else torch.int64)
     else:
         array = np.asarray(value)
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise DataError(f"{source}: expected real numbers, got dtype {array.dtype}")
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+        integer = np.issubdtype(array.dtype, np.integer)
+        tensor = torch.from_numpy(np.array(array, dtype=np.int64 if integer else np.float32))
     if tensor.ndim == 0 or tensor.shape[0] == 0 or tensor.numel() == 0:
         raise DataError(
             f"{source}: expected inputs of shape (n_samples, ...), got {tuple(tensor.shape)}"
         )
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        where = tuple(int(i) for i in torch.nonzero(~finite)[0])
-        raise DataError(
-            f"{source}: {int((~finite).sum())} NaN or inf values, the first at index {where}; "
-            "remove or repair them"
-        )
+    if tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            where = tuple(int(i) for i in torch.nonzero(~finite)[0])
+            raise DataError(
+                f"{source}: {int((~finite).sum())} NaN or inf values, the first at index "
+                f"{where}; remove or repair them"
+            )
     return tensor
 
 

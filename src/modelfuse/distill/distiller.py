@@ -255,6 +255,15 @@ class Distiller(BaseEstimator):
             ):
                 low = "> 0" if name == "lr" else ">= 0"
                 raise ConfigError(f"{name}: expected a finite number {low}, got {value!r}")
+        fraction = self.validation_fraction
+        if fraction is not None and (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0.0 < fraction < 1.0
+        ):
+            raise ConfigError(
+                f"validation_fraction: expected a number in (0, 1) or None, got {fraction!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"optimizer: unknown optimizer {str(self.optimizer)[:40]!r}; valid: "
@@ -637,9 +646,14 @@ def _guarded(run: Callable[[], Any], who: str, x: torch.Tensor) -> Any:
         if isinstance(exc, DataError):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (
+            "; integer inputs are passed as int64: save them as floats if the model takes floats"
+            if not x.is_floating_point()
+            else ""
+        )
         raise DataError(
             f"{who}: cannot run on inputs of shape {tuple(x.shape)} ({first[:160]}); "
-            "give inputs the model's architecture takes"
+            f"give inputs the model's architecture takes{hint}"
         ) from None
 
 
