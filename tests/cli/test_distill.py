@@ -398,3 +398,14 @@ def test_interrupt_exits_130_and_writes_nothing(
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert _snapshot(work) == before
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == []
+
+
+def test_progress_bar_on_stderr_unless_quiet(work: Path, capsys) -> None:
+    argv = [word for word in BASE if word != "--quiet"]
+    out = _ok([*argv, *TEACHERS, "-o", "s.safetensors"], capsys)
+    assert out.startswith("wrote the student")
+    # rich writes the bar to standard error (not a terminal here: drawn once at the end)
+    assert main([*argv, *TEACHERS, "-o", "s.safetensors", "--overwrite"]) == 0
+    captured = capsys.readouterr()
+    assert "distilling" in captured.err and "Traceback" not in captured.err
+    assert "distilling" not in captured.out
