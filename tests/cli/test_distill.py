@@ -231,6 +231,7 @@ def _prepare(folder: Path) -> None:
     np.save(folder / "x_wide.npy", np.zeros((120, 9), dtype=np.float32))
     np.save(folder / "t_short.npy", np.zeros((119, 4), dtype=np.float32))
     np.save(folder / "probs.npy", np.full((120, 4), 0.25))
+    np.save(folder / "one_class.npy", np.ones((120, 1)))
     (folder / "exists.safetensors").write_bytes(b"keep")
 
 
@@ -305,6 +306,24 @@ BAD: list[tuple[list[str], str]] = [
         "pass --kind probabilities",
     ),
     ([*BASE, *TEACHERS, "--teacher-logits", "probs.npy", "-o", "s.safetensors"], "not both"),
+    (
+        [*BASE, "--teacher-logits", "one_class.npy", "-o", "s.safetensors"],
+        "with at least 2 classes",
+    ),
+    (
+        [
+            "distill",
+            "--factory",
+            "distill_models:wide",
+            "-x",
+            "x.npy",
+            "--teacher-logits",
+            "probs.npy",
+            "-o",
+            "s.safetensors",
+        ],
+        "--factory distill_models:wide: the model returned (64, 5) for a batch of 64 inputs",
+    ),
     ([*BASE, "-o", "s.safetensors"], "no teacher"),
     (
         [

@@ -486,10 +486,10 @@ def _given_logits(
     array = load_array(path)
     found = resolve_kind(array, kind, source=source)
     checked = check_predictions(array, found, source=source, option="--kind")
-    if checked.ndim != 2 or checked.shape[0] != rows:
+    if checked.ndim != 2 or checked.shape[0] != rows or checked.shape[1] < 2:
         raise DataError(
             f"{source}: shape {checked.shape}, but {against} has {rows} rows; expected the "
-            f"teacher's outputs on it, shaped ({rows}, n_classes)"
+            f"teacher's outputs on it, shaped ({rows}, n_classes) with at least 2 classes"
         )
     if found == "probabilities":
         with np.errstate(divide="ignore"):
