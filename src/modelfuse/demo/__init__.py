@@ -3,9 +3,12 @@
 :func:`run_demo` trains a small model zoo on the 1,797 handwritten digits of
 ``sklearn.datasets.load_digits`` (nothing is downloaded), fuses it with every
 family modelfuse offers (soups, Fisher, RegMean, task arithmetic, TIES, DARE,
-Model Stock, WiSE-FT, soft voting, Caruana selection, temperature scaling),
-compares everything with the best individual model on a held-out test split
-(bootstrap intervals, Holm-adjusted paired tests, inference cost), runs a
+Model Stock, WiSE-FT, DaWin, AdaMerging, gradient matching, soft voting,
+Caruana selection, temperature scaling), compares everything with the best
+individual model on a held-out test split and on a shifted copy of it (tilted
+digits; bootstrap intervals, Holm-adjusted paired bootstrap tests with
+Holm-consistent intervals, inference cost), optionally over several seeds
+(:mod:`~modelfuse.demo.seeds`), runs a
 federated scenario (the digits over 10 Dirichlet non-IID clients; FedAvg,
 FedAvgM, FedAU, TIES and Fisher aggregation in Flower's simulation engine;
 local, global or between per client) and writes ``report.md`` and a
