@@ -218,6 +218,14 @@ def test_existing_folder_is_refused_and_untouched(tmp_path: Path) -> None:
     assert (target / "notes.txt").read_text() == "keep" and sorted(os.listdir(tmp_path)) == before
 
 
+def test_out_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("keep")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        run_text_demo(tmp_path / "file.txt" / "out", base=tmp_path, tasks=tiny_tasks(),
+                      settings=TINY, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
