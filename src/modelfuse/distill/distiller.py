@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -24,9 +23,16 @@ from modelfuse.distill.data import (
     split_validation,
 )
 from modelfuse.distill.losses import _check_alpha, _check_temperature, agreement, distillation_loss
+from modelfuse.distill.running import (
+    given_logits,
+    guarded,
+    student_logits,
+    student_output,
+    torch_threads,
+    training_mode,
+)
 from modelfuse.distill.teacher import (
     check_logits,
-    evaluation_mode,
     forward_in_batches,
     teacher_function,
 )
@@ -47,31 +53,6 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     ),
 }
 """The optimizers ``Distiller(optimizer=...)`` knows (SGD with momentum 0.9)."""
-
-
-@contextmanager
-def _torch_threads(n_threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n_threads`` (unchanged for None), restored after."""
-    if n_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(n_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
-def _training_mode(module: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        module.train()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class Distiller(BaseEstimator):
@@ -330,7 +311,7 @@ class Distiller(BaseEstimator):
             ``init_state_dict`` does not fit the student.
         """
         self._check_params()
-        with _torch_threads(self.n_threads):
+        with torch_threads(self.n_threads):
             return self._fit_data(X, y, X_val, y_val, teacher_logits, val_teacher_logits)
 
     def _fit_data(
@@ -402,14 +383,14 @@ class Distiller(BaseEstimator):
         data: str,
     ) -> torch.Tensor:
         if given is not None:
-            logits = _given_logits(given, source=name)
+            logits = given_logits(given, source=name)
             check_logits(logits, rows=x.shape[0], source=name)
             return logits
         if teacher is None:
             raise ConfigError(
                 f"{name}: no teacher to run on {data}; give {name}= or Distiller(..., teacher)"
             )
-        return _guarded(
+        return guarded(
             lambda: forward_in_batches(
                 teacher, x, batch_size=int(self.eval_batch_size), source="teacher"
             ),
@@ -475,11 +456,12 @@ class Distiller(BaseEstimator):
             for rows in shuffled_batches(x.shape[0], int(self.batch_size), generator):
                 yield x[rows], t[rows], None if labels is None else labels[rows]
             return
-        assert teacher is not None  # fit refuses streaming without a teacher
+        if teacher is None:  # fit refuses it first; kept as a guard for subclasses
+            raise ConfigError("teacher: a DataLoader needs a teacher to label its batches")
         for i, batch in enumerate(X):
             xb_raw, yb_raw = split_batch(batch, source="X")
             xb = as_inputs(xb_raw, source=f"X (batch {i})")
-            tb = _guarded(
+            tb = guarded(
                 lambda xb=xb: forward_in_batches(
                     teacher, xb, batch_size=int(self.eval_batch_size), source="teacher"
                 ),
@@ -533,9 +515,9 @@ class Distiller(BaseEstimator):
             torch.manual_seed(int(self.random_state))  # dropout; restored by fork_rng
             for epoch in range(1, int(self.max_epochs) + 1):
                 total, count = 0.0, 0
-                with _training_mode(student):
+                with training_mode(student):
                     for xb, tb, yb in self._batches(X, train, teacher, generator):
-                        out = student(xb) if checked else _student_output(student, xb, tb)
+                        out = student(xb) if checked else student_output(student, xb, tb)
                         checked = True
                         loss = distillation_loss(out, tb, yb, **loss_options)
                         if not torch.isfinite(loss):
@@ -592,7 +574,7 @@ class Distiller(BaseEstimator):
     ) -> tuple[float, float]:
         """``(loss, agreement with the teacher)`` of ``student`` on ``data``."""
         x, t, labels = data
-        logits = _logits(student, x, int(self.eval_batch_size))
+        logits = student_logits(student, x, int(self.eval_batch_size))
         loss = float(distillation_loss(logits, t, labels, **loss_options))
         return loss, agreement(logits, t)
 
@@ -605,7 +587,7 @@ class Distiller(BaseEstimator):
     def predict_logits(self, X: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The student's logits on ``X``, shape (n_samples, n_classes), without gradients."""
         student = self._check_fitted()
-        return _logits(student, as_inputs(X, source="X"), int(self.eval_batch_size))
+        return student_logits(student, as_inputs(X, source="X"), int(self.eval_batch_size))
 
     def predict_proba(self, X: torch.Tensor | np.ndarray) -> np.ndarray:
         """The student's probabilities on ``X`` as a NumPy array (n_samples, n_classes)."""
@@ -614,56 +596,3 @@ class Distiller(BaseEstimator):
     def predict(self, X: torch.Tensor | np.ndarray) -> np.ndarray:
         """The student's top class for every row of ``X``."""
         return self.predict_logits(X).argmax(dim=1).numpy()
-
-
-def _logits(student: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad(), evaluation_mode([student]):
-        return _guarded(
-            lambda: forward_in_batches(student, x, batch_size=batch_size, source="student"),
-            "student",
-            x,
-        )
-
-
-def _student_output(student: nn.Module, x: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """The student's first output, checked against the teacher's shape."""
-    out = _guarded(lambda: student(x), "student", x)
-    if not isinstance(out, torch.Tensor) or out.shape != teacher.shape:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(
-            f"student: returned {shape} for a batch of {x.shape[0]} inputs, the teacher "
-            f"{tuple(teacher.shape)}; the student must predict the teacher's "
-            f"{teacher.shape[1]} classes"
-        )
-    return out
-
-
-def _guarded(run: Callable[[], Any], who: str, x: torch.Tensor) -> Any:
-    """``run()``, a shape error of a model on the inputs as one DataError."""
-    try:
-        return run()
-    except (RuntimeError, ValueError, IndexError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = (
-            "; integer inputs are passed as int64: save them as floats if the model takes floats"
-            if not x.is_floating_point()
-            else ""
-        )
-        raise DataError(
-            f"{who}: cannot run on inputs of shape {tuple(x.shape)} ({first[:160]}); "
-            f"give inputs the model's architecture takes{hint}"
-        ) from None
-
-
-def _given_logits(value: Any, *, source: str) -> torch.Tensor:
-    """Precomputed logits as float32 (``-inf`` allowed: log-probabilities of zero)."""
-    if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.dtype == torch.bool:
-            raise DataError(f"{source}: expected real numbers, got dtype {value.dtype}")
-        return value.detach().to(torch.float32)
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise DataError(f"{source}: expected real numbers, got dtype {array.dtype}")
-    return torch.from_numpy(np.array(array, dtype=np.float32))
