@@ -574,3 +574,32 @@ def test_a_non_finite_result_is_never_written(tmp_path, capsys) -> None:
     with pytest.raises(DataError, match="holds NaN or infinite values; nothing was written"):
         write_saved_json(out, {"weights": [0.5, float("nan")]})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_caruana_reports_its_gain_and_the_selected_members_diversity(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    n, k = 300, 4
+    y = rng.integers(0, k, n)
+    files = []
+    for i in range(3):
+        logits = rng.normal(size=(n, k))
+        logits[np.arange(n), y] += 1.0 + 0.3 * i
+        files.append(tmp_path / f"m{i}.npy")
+        np.save(files[-1], logits)
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "ens.json"
+    argv = ["ensemble", "-p", *map(str, files), "-y", str(tmp_path / "y.npy")]
+    assert main([*argv, "--method", "caruana", "-o", str(out)]) == 0
+    selection = json.loads(out.read_text())["selection"]
+    # the best member's validation NLL, written out
+    logits = np.stack([np.load(f) for f in files])
+    logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    best = min(-logp[i, np.arange(n), y].mean() for i in range(3))
+    assert selection["gain"] == pytest.approx(best - selection["loss"], rel=1e-9)
+    assert selection["gain"] > 0
+    chosen = [i for i, c in enumerate(selection["counts"]) if c > 0]
+    top = logits.argmax(axis=2)
+    pairs = [(a, b) for a in chosen for b in chosen if a < b]
+    expected = np.mean([(top[a] != top[b]).mean() for a, b in pairs]) if pairs else 0.0
+    assert selection["disagreement"] == pytest.approx(expected)
+    assert "better than the best member" in capsys.readouterr().out

@@ -342,6 +342,14 @@ def ensemble_command(
     if saved.get("weights") is not None and not quiet:
         shown = ", ".join(f"{name} {w:.3f}" for name, w in zip(named, saved["weights"]))
         typer.echo(f"weights: {shown}")
+    selection = saved.get("selection")
+    if selection is not None and not quiet:
+        typer.echo(
+            f"selection: {selection['metric']} {selection['loss']:.4f}, "
+            f"{selection['gain']:.4f} better than the best member; selected members' "
+            f"disagreement {selection['disagreement']:.3f}, mutual information "
+            f"{selection['mutual_information']:.4f} nats"
+        )
     write_saved_json(out, saved)
     typer.echo(f"wrote {out}")
 

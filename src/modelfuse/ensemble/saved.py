@@ -70,6 +70,9 @@ def _caruana(p: np.ndarray, y: np.ndarray | None, kind: Kind, options: dict[str,
             "best_iteration": result.best_iteration,
             "loss": result.loss,
             "metric": result.metric,
+            "gain": result.gain,
+            "disagreement": result.disagreement,
+            "mutual_information": result.mutual_information,
         },
     }
 
