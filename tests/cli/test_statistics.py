@@ -35,12 +35,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     folder = tmp_path_factory.mktemp("bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    assert tokenizer("good film")["input_ids"] == [2, 7, 10, 3]  # words, not [UNK]
     config = BertConfig(
         vocab_size=5 + len(WORDS),
         hidden_size=16,
