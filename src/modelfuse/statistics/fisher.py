@@ -349,9 +349,14 @@ class _PerExample:
         return next(iter(self.params.values())).device
 
     def run(
-        self, inputs: Inputs, size: int, r: torch.Tensor
+        self, inputs: Inputs, size: int, r: torch.Tensor, *, slow: bool = True
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per-example slow-parameter gradients, output gradients and inputs of fast layers."""
+        """Per-example slow-parameter gradients, output gradients and inputs of fast layers.
+
+        ``slow=False`` leaves the slow parameters out (no gradients for them):
+        only the fast layers' output gradients and inputs.
+        """
+        differentiated = self.slow if slow else {}
         inputs, dims = _constant_mask(inputs)
         if size == 1:  # one example: plain gradients, without vmap's batching overhead
             probes = {k: v[0] for k, v in self._probes(1).items()}
@@ -360,11 +365,11 @@ class _PerExample:
                 if isinstance(inputs, torch.Tensor)
                 else {k: v if dims != 0 and dims[k] is None else v[0] for k, v in inputs.items()}
             )
-            (slow_grads, deltas), recorded = self.gradients(self.slow, probes, one, r[0])
+            (slow_grads, deltas), recorded = self.gradients(differentiated, probes, one, r[0])
             slow_grads = {k: v.unsqueeze(0) for k, v in slow_grads.items()}
         else:
             function = vmap(self.gradients, in_dims=(None, 0, dims, 0), chunk_size=self.vmap_chunk)
-            (slow_grads, deltas), recorded = function(self.slow, self._probes(size), inputs, r)
+            (slow_grads, deltas), recorded = function(differentiated, self._probes(size), inputs, r)
         deltas = {k: v.reshape(size, -1).to(torch.float32) for k, v in deltas.items()}
         recorded = {k: v.reshape(size, -1).to(torch.float32) for k, v in recorded.items()}
         return slow_grads, deltas, recorded
@@ -378,7 +383,9 @@ class _PerExample:
         if not self.fast:
             return self
         size = int(r.shape[0])
-        _, deltas, recorded = self.run(inputs, size, r)
+        # the fast layers alone: the slow parameters' per-example gradients of a whole batch
+        # would be held at once (gigabytes for a transformer)
+        _, deltas, recorded = self.run(inputs, size, r, slow=False)
         weights = {layer: self.taps.parameter_names(layer)[0] for layer in self.fast}
 
         def batch_objective(chosen: dict[str, torch.Tensor]) -> torch.Tensor:
