@@ -286,3 +286,19 @@ def test_blocks_of_another_size_than_announced_are_refused():
         streamed_figures([([model[:5]], base[:5]), ([model[5:]], base[5:])], 8, 1, sample=4)
     with pytest.raises(ValueError, match="hold 10 entries, expected 12"):
         streamed_figures([([model], base)], 12, 1, sample=4)
+
+
+def test_a_block_wider_than_a_conversion_piece_is_measured_in_pieces():
+    from modelfuse.inspection.figures import READ_BLOCK, streamed_figures
+
+    g = torch.Generator().manual_seed(13)
+    n = READ_BLOCK + 70_000  # one block (a single wide row), converted in two pieces
+    base = torch.randn(n, generator=g)
+    models = [base + torch.randn(n, generator=g) for _ in range(2)]
+    found = streamed_figures([(models, base)], n, 2, sample=50_000, overlap_density=0.3)
+    stride = -(-n // 50_000)
+    on_sample = tensor_figures([m[::stride] for m in models], base[::stride], overlap_density=0.3)
+    np.testing.assert_array_equal(found.shared, on_sample.shared)
+    np.testing.assert_array_equal(found.dropped, on_sample.dropped)
+    taus = np.stack([(m.double() - base.double()).numpy() for m in models])
+    np.testing.assert_allclose(found.dots, taus @ taus.T, rtol=1e-5)

@@ -400,6 +400,7 @@ def streamed_figures(
     weights, _, _, _, width = settings
     stride = -(-n // int(sample))
     dots = _ChunkDots(n_models, width)
+    span = max(width, READ_BLOCK - READ_BLOCK % width)  # entries converted at once
     # the sampled task vectors (flat indices divisible by the stride), picked from the
     # float32 chunks already computed into one buffer
     sampled = torch.empty(n_models, -(-n // stride))
@@ -410,12 +411,14 @@ def streamed_figures(
         length = base_flat.numel()
         if start + length > n:
             raise ValueError(f"streamed_figures: the blocks hold more than {n} entries")
-        for offset in range(0, length, width):
-            size = min(width, length - offset)
-            taus = dots.add(flats, base_flat, offset, size)
+        # pieces of whole chunks: the chunks start where they did in the block, and the
+        # float32 buffers stay small whatever the block's size
+        for offset in range(0, length, span):
+            stop = min(offset + span, length)
+            taus = dots.add([f[offset:stop] for f in flats], base_flat[offset:stop])
             first = (-(start + offset)) % stride
-            if first < size:
-                count = -(-(size - first) // stride)
+            if first < stop - offset:
+                count = -(-(stop - offset - first) // stride)
                 sampled[:, picked : picked + count].copy_(taus[:, first::stride])
                 picked += count
         start += length
@@ -432,39 +435,40 @@ def streamed_figures(
 
 
 class _ChunkDots:
-    """The task vectors of a tensor chunk by chunk and their pairwise dot products, as
-    :func:`_gram` sums them (each chunk's float32 dot added to a float64 total, in chunk
-    order; a matrix product per chunk for more than three models), in fewer calls per
-    chunk: the full-width row views are made once and the totals are Python floats."""
+    """The task vectors of a tensor block by block and their pairwise dot products, as
+    :func:`_gram` sums them chunk by chunk (each chunk's float32 dot added to a float64
+    total, in chunk order; a matrix product per chunk for more than three models), in
+    fewer calls: a piece of whole chunks is converted at once, the totals are Python
+    floats."""
 
     def __init__(self, n_models: int, width: int) -> None:
         self.n, self.width = n_models, width
-        self.buffer = torch.empty(n_models, width)
-        self.rows = list(self.buffer)
-        self.base = torch.empty(width)
+        self.buffer = torch.empty(n_models, 0)
+        self.base = torch.empty(0)
         self.pairs = [(i, j) for i in range(n_models) for j in range(i + 1)]
         self.totals = [0.0] * len(self.pairs)
         self.matrix = np.zeros((n_models, n_models))
 
-    def add(
-        self, flats: Sequence[torch.Tensor], base_flat: torch.Tensor, start: int, size: int
-    ) -> torch.Tensor:
-        """Add entries ``start:start + size``; return their task vectors, (N, size)."""
-        if size == self.width:
-            taus, rows, base = self.buffer, self.rows, self.base
-        else:
-            taus = self.buffer[:, :size]
-            rows, base = list(taus), self.base[:size]
-        stop = start + size
-        for row, flat in zip(rows, flats):
-            row.copy_(flat[start:stop])
-        taus.sub_(base.copy_(base_flat[start:stop]))
-        if self.n > 3:
-            _gram(taus, self.matrix)
-            return taus
+    def add(self, flats: Sequence[torch.Tensor], base_flat: torch.Tensor) -> torch.Tensor:
+        """Add a piece of entries (the models' and the base's, flat) starting a chunk;
+        return its task vectors, (N, length) float32, valid until the next call."""
+        length = base_flat.numel()
+        if self.buffer.shape[1] < length:  # the largest block so far
+            self.buffer = torch.empty(self.n, length)
+            self.base = torch.empty(length)
+        taus = self.buffer[:, :length]
+        for row, flat in zip(taus, flats):
+            row.copy_(flat)
+        taus.sub_(self.base[:length].copy_(base_flat))
+        rows = list(taus)
         totals = self.totals
-        for p, (i, j) in enumerate(self.pairs):
-            totals[p] += float(torch.dot(rows[i], rows[j]))
+        for start in range(0, length, self.width):
+            if self.n > 3:
+                _gram(taus[:, start : start + self.width], self.matrix)
+                continue
+            chunk = [row[start : start + self.width] for row in rows]
+            for p, (i, j) in enumerate(self.pairs):
+                totals[p] += float(torch.dot(chunk[i], chunk[j]))
         return taus
 
     def sums(self) -> np.ndarray:
