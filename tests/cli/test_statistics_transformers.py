@@ -315,3 +315,29 @@ def test_packaged_minilm_padded_batches_match_each_text_alone(tmp_path, one_thre
         "bert.embeddings.word_embeddings.weight",
     ):
         torch.testing.assert_close(batched[name], one_by_one[name], rtol=1e-3, atol=1e-9)
+
+
+def test_texts_longer_than_the_models_positions_are_cut_with_a_warning(tmp_path, capsys):
+    config = transformers.BertConfig(**{**_config(2).to_dict(), "max_position_embeddings": 8})
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    folder = tmp_path / "short"
+    model.save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    data = tmp_path / "long.csv"
+    data.write_text("text\n" + "good film " * 10 + "\nbad film\n")
+    out = tmp_path / "g.safetensors"
+    argv = ["statistics", "gram", "--model", str(folder), "--data", str(data), "--quiet"]
+    assert main([*argv, "-o", str(out)]) == 0  # --max-length 256 by default
+    err = capsys.readouterr().err
+    assert "--max-length 256: " in err and "takes at most 8 tokens" in err
+    tokenizer = _tokenizer()
+    alone = [
+        dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=8))
+        for t in ["good film " * 10, "bad film"]
+    ]
+    assert alone[0]["input_ids"].shape == (1, 8)
+    expected = gram_matrices(model.eval(), alone, within="bert")
+    stats = load(out)
+    for name in expected:
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-4, atol=1e-6)

@@ -347,6 +347,7 @@ def _run(
             label_ids,
             length_grouped_batches,
             load_sequence_classifier,
+            position_limit,
         )
         from modelfuse.statistics.text_data import read_text_examples
 
@@ -369,6 +370,16 @@ def _run(
             if examples.labels is None
             else label_ids(examples.labels, network.config, source=str(data))
         )
+        limit = position_limit(network, tokenizer)
+        if limit is not None and limit < max_length:
+            longest = max(len(ids) for ids in tokenizer(examples.texts)["input_ids"])
+            if longest > limit:
+                print(
+                    f"modelfuse: warning: --max-length {max_length}: {model} takes at most "
+                    f"{limit} tokens; texts longer than that were cut to {limit}",
+                    file=sys.stderr,
+                )
+            max_length = limit
         batches = list(
             length_grouped_batches(
                 tokenizer, examples.texts, labels, batch_size=batch_size, max_length=max_length
@@ -382,7 +393,11 @@ def _run(
     with contextlib.ExitStack() as stack:
         if parallel:  # Ray starts (and stops) outside the warnings recorded for the user
             executor, n_shards = stack.enter_context(_executor(workers, ray_address))
-        with warnings.catch_warnings(record=True) as caught, _flags_in_data_errors():
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            _flags_in_data_errors(),
+            _model_failures(None if factory is not None else model),
+        ):
             warnings.simplefilter("always")
             # files left unclosed by other libraries (Ray's logs) are not the user's concern
             warnings.simplefilter("ignore", ResourceWarning)
@@ -413,6 +428,24 @@ def _run(
         f"wrote {label}{estimator} of {len(stats)} tensors of {source}, over "
         f"{stats.n_examples} examples, to {output}"
     )
+
+
+@contextlib.contextmanager
+def _model_failures(folder: Path | None) -> Iterator[None]:
+    """A Hugging Face model that fails on its texts (a shape or index error inside it): one line."""
+    from modelfuse.errors import CheckpointError
+
+    if folder is None:
+        yield
+        return
+    try:
+        yield
+    except (RuntimeError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            f"--model {folder}: the model failed on the texts ({type(exc).__name__}: {reason}); "
+            "check that the tokenizer and the model were saved together"
+        ) from None
 
 
 @contextlib.contextmanager

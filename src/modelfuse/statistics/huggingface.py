@@ -22,6 +22,7 @@ __all__ = [
     "label_ids",
     "length_grouped_batches",
     "load_sequence_classifier",
+    "position_limit",
 ]
 
 
@@ -150,6 +151,33 @@ def load_sequence_classifier(folder: str | os.PathLike[str], *, seed: int = 0) -
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def position_limit(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens a text may have for this model: its positions, or its tokenizer's limit.
+
+    None when neither says (a model without learned positions and a
+    tokenizer without ``model_max_length``).
+
+    Examples
+    --------
+    >>> class Config:
+    ...     max_position_embeddings = 512
+    >>> class Model:
+    ...     config = Config()
+    >>> class Tokenizer:
+    ...     model_max_length = 10**30  # transformers' "no limit"
+    >>> position_limit(Model(), Tokenizer())
+    512
+    """
+    limits = []
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated < 10**9:
+        limits.append(stated)
+    return min(limits) if limits else None
 
 
 def backbone_name(model: Any) -> str | None:
