@@ -113,6 +113,20 @@ class _Stages:
 
 
 @contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch computes on one thread during the study: results repeat bit for bit, and on a
+    busy machine two threads waiting on each other cost about ten times the CPU time."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No progress bars from transformers (loading, saving) while the study runs."""
     from transformers.utils import logging
@@ -229,7 +243,7 @@ def run_text_demo(
     say(f"[bold]modelfuse demo --scenario text[/bold] ({settings.name}, seed {seed}) -> {target}")
     stages = _Stages(say)
     try:
-        with warnings.catch_warnings(record=True) as caught, _quiet_transformers():
+        with warnings.catch_warnings(record=True) as caught, _quiet_transformers(), _one_thread():
             warnings.simplefilter("always")
             result = _study(
                 built, target, stages, settings, seed,
