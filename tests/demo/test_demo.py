@@ -45,6 +45,7 @@ SOUP_METHODS = [
     "gradient matching",
     "soft vote",
     "Caruana ensemble",
+    "distilled ensemble",
 ]
 SHIFT = "tilted by 15 to 30 degrees either way"
 TEST_ACCURACY = "Soup scenario, test split: accuracy"
@@ -62,6 +63,7 @@ MULTITASK_METHODS = [
     "Fisher merge",
     "RegMean",
     "soft vote",
+    "distilled ensemble",
 ]
 
 
@@ -312,6 +314,7 @@ def test_every_image_referenced_exists_and_is_embedded_in_the_html(runs):
         "multitask_per_task.png",
         "reliability_1_before.png",
         "reliability_1_after.png",
+        "soup_risk_coverage.png",
     }
     assert expected <= set(images)
     for name in images:
@@ -551,3 +554,238 @@ def test_notes_name_the_stage_each_warning_came_from(runs):
         assert p == "No warnings were raised during the run." or (
             p.startswith("During the ") and p[len("During the ") :].startswith(stages)
         ), p
+
+
+# --- the distilled rows, diversity and risk-coverage (issue 16) ---------------------------------
+
+DISTILLED = "Distilled ensembles: K networks back to one"
+DIVERSITY = "Ensembles: diversity beside the gain"
+SELECTIVE = "Selective prediction: risk-coverage on the test split"
+
+
+def _test_split():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    _, x_test, _, y_test = train_test_split(
+        (x / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=SEED
+    )
+    return x_test, y_test
+
+
+def _forward(weights: dict, images: np.ndarray) -> np.ndarray:
+    """The MLP's log-probabilities by numpy, in float64."""
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    h = np.maximum(images @ w["0.weight"].T + w["0.bias"], 0)
+    h = np.maximum(h @ w["2.weight"].T + w["2.bias"], 0)
+    z = h @ w["4.weight"].T + w["4.bias"]
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    top = probs.max(axis=1)
+    right = probs.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for i in range(bins):
+        inside = (top > edges[i]) & (top <= edges[i + 1])
+        if inside.any():
+            total += inside.mean() * abs(right[inside].mean() - top[inside].mean())
+    return total
+
+
+def test_the_distilled_rows_match_a_numpy_forward_pass_of_their_saved_weights(runs):
+    from modelfuse.demo.data import apply_task, shifted, task_seed
+
+    folder = runs["first"]
+    x_test, y_test = _test_split()
+    sections = _sections((folder / "report.md").read_text())
+    weights = load_file(folder / "distilled" / "soup" / "model.safetensors")
+    config = json.loads((folder / "distilled" / "soup" / "config.json").read_text())
+    assert config["distilled"]["teacher"] == "soft vote"
+    assert 1 <= config["distilled"]["best_epoch"] <= config["distilled"]["epochs"] <= 10
+    results = json.loads((folder / "results.json").read_text())
+    for images, section in ((x_test, TEST_ACCURACY), (shifted(x_test, SEED), SHIFT_ACCURACY)):
+        lp = _forward(weights, images)
+        row = next(r for r in _table(sections[section]) if r["method"] == "distilled ensemble")
+        assert row["networks run"] == "1" and row["family"] == "distilled"
+        assert float(row["accuracy"]) == pytest.approx(np.mean(lp.argmax(1) == y_test), abs=6e-5)
+        nll_section = section.replace(": accuracy", ": NLL")
+        nll_row = next(r for r in _table(sections[nll_section]) if r["method"] == row["method"])
+        nll = -np.mean(lp[np.arange(len(y_test)), y_test])
+        assert float(nll_row["NLL"]) == pytest.approx(nll, abs=1e-4)
+    # the multi-task student on the pooled test images of every task
+    tasks = ("original", "rotated", "inverted", "noisy")
+    pooled = np.concatenate(
+        [apply_task(t, x_test, task_seed(SEED, j, "test")) for j, t in enumerate(tasks)]
+    )
+    mt = load_file(folder / "distilled" / "multitask" / "model.safetensors")
+    lp = _forward(mt, pooled)
+    pooled_rows = _table(sections["Multi-task scenario: comparison with the best task model"])
+    row = next(r for r in pooled_rows if r["method"] == "distilled ensemble")
+    expected = np.mean(lp.argmax(1) == np.tile(y_test, len(tasks)))
+    assert float(row["accuracy"]) == pytest.approx(expected, abs=6e-5)
+    mt_values = next(d for d in results["distilled"] if d["where"].startswith("Multi-task"))
+    y_pooled = np.tile(y_test, len(tasks))
+    assert mt_values["values"]["distilled"]["nll"] == pytest.approx(
+        -np.mean(lp[np.arange(len(y_pooled)), y_pooled]), abs=1e-6
+    )
+    assert mt_values["values"]["distilled"]["ece"] == pytest.approx(
+        _ece(np.exp(lp), y_pooled), abs=1e-6
+    )
+
+
+def test_the_distilled_sentences_agree_with_their_table(runs):
+    sections = _sections((runs["first"] / "report.md").read_text())
+    text = " ".join(sections[DISTILLED].split())
+    table = _table(sections[DISTILLED])
+    accuracy = {r["method"]: r for r in _table(sections[TEST_ACCURACY])}
+    wheres = list(dict.fromkeys(r["where"] for r in table))
+    assert len(wheres) == 3 and len(table) == 9
+    for where in wheres:
+        rows = {r["role"]: r for r in table if r["where"] == where}
+        ensemble, merge, student = (
+            rows["ensemble (teacher)"],
+            rows["best merge (start)"],
+            rows["distilled"],
+        )
+        assert student["networks run"] == "1" and merge["networks run"] == "1"
+        assert ensemble["networks run"] == "4" and ensemble["model"] == "soft vote"
+        if where == "Soup scenario, test split":  # the same numbers as the comparison table
+            for r in (ensemble, merge, student):
+                assert r["accuracy"] == accuracy[r["model"]]["accuracy"]
+        for metric, greater in (("accuracy", True), ("NLL", False), ("ECE", False)):
+            d = float(student[metric])
+            for other, label in ((ensemble, "the ensemble"), (merge, merge["model"])):
+                o = float(other[metric])
+                pattern = (
+                    rf"{metric} {re.escape(student[metric])}, [^;]*?(the same as|better than|"
+                    rf"worse than) {re.escape(label)} \({re.escape(other[metric])}, difference "
+                    r"([+-]\d\.\d{4})\)"
+                )
+                found = re.search(f"{re.escape(where)}: the distilled ensemble .*?{pattern}", text)
+                assert found, (where, metric, label)
+                word, diff = found.group(1), float(found.group(2))
+                assert diff == pytest.approx(d - o, abs=1.1e-4)  # of the unrounded values
+                if abs(d - o) > 1e-4:
+                    assert word == ("better than" if (d > o) == greater else "worse than")
+                elif diff == 0:
+                    assert word == "the same as"
+        gain = float(ensemble["accuracy"]) - float(merge["accuracy"])
+        kept = float(student["accuracy"]) - float(merge["accuracy"])
+        number = r"([+-]\d\.\d{4})"
+        if gain > 1e-4 and kept > gain + 1e-4:
+            found = re.search(
+                f"{re.escape(where)}: the distilled ensemble is more accurate than the ensemble "
+                f"itself: {number} over {re.escape(merge['model'])} where the ensemble gains "
+                f"{number}",
+                text,
+            )
+            assert found and float(found.group(1)) == pytest.approx(kept, abs=1.1e-4)
+            assert float(found.group(2)) == pytest.approx(gain, abs=1.1e-4)
+        elif gain > 1e-4 and kept < gain - 1e-4:
+            found = re.search(
+                f"{re.escape(where)}: the distilled ensemble keeps (-?\\d+)% of the ensemble's "
+                f"accuracy gain over {re.escape(merge['model'])} \\({number} of {number}\\)",
+                text,
+            )
+            assert found, where
+            share, k_said, g_said = (float(g) for g in found.groups())
+            assert k_said == pytest.approx(kept, abs=1.1e-4)
+            assert g_said == pytest.approx(gain, abs=1.1e-4)
+            assert share == pytest.approx(100 * k_said / g_said, abs=1.5)
+        elif gain < -1e-4:
+            assert f"{where}: the ensemble is not more accurate than {merge['model']}" in text
+    summary = " ".join(_sections((runs["first"] / "report.md").read_text())["Summary"].split())
+    assert f"{wheres[0]}: the distilled ensemble (1 network per prediction)" in summary
+
+
+def test_the_diversity_numbers_follow_their_formulas(runs):
+    folder = runs["first"]
+    x_test, y_test = _test_split()
+    members = [
+        np.exp(_forward(load_file(folder / "models" / f"ft-{i}" / "model.safetensors"), x_test))
+        for i in range(1, QUICK_SOUP + 1)
+    ]
+    p = np.stack(members)  # (K, n, classes)
+    k, n = p.shape[:2]
+    results = json.loads((folder / "results.json").read_text())
+    row = next(
+        r
+        for r in results["diversity"]
+        if r["ensemble"] == "soup scenario: soft vote" and r["split"] == "test split"
+    )
+    top = p.argmax(axis=2)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    assert row["disagreement"] == pytest.approx(
+        np.mean([np.mean(top[i] != top[j]) for i, j in pairs]), abs=1e-12
+    )
+    mean = p.mean(axis=0)
+
+    def h(q):
+        return -np.sum(q * np.log(np.clip(q, 1e-300, None)), axis=-1)
+
+    assert row["mutual_information"] == pytest.approx(
+        np.mean(h(mean) - h(p).mean(axis=0)), abs=1e-6
+    )
+    member_nll = -np.log(p[:, np.arange(n), y_test]).mean(axis=1)
+    ensemble_nll = -np.log(mean[np.arange(n), y_test]).mean()
+    assert row["nll"]["ensemble"] == pytest.approx(ensemble_nll, abs=1e-6)
+    assert row["nll"]["ambiguity"] == pytest.approx(member_nll.mean() - ensemble_nll, abs=1e-6)
+    assert row["nll"]["gain"] == pytest.approx(member_nll.min() - ensemble_nll, abs=1e-6)
+    onehot = np.eye(10)[y_test]
+    spread = np.mean([((q - mean) ** 2).sum(axis=1) for q in p], axis=0).mean()
+    assert row["brier"]["ambiguity"] == pytest.approx(spread, abs=1e-8)
+    member_brier = ((p - onehot) ** 2).sum(axis=2).mean(axis=1)
+    ensemble_brier = ((mean - onehot) ** 2).sum(axis=1).mean()
+    assert row["brier"]["gain"] == pytest.approx(member_brier.min() - ensemble_brier, abs=1e-8)
+    # the report's table and sentences say the same numbers
+    section = _sections((folder / "report.md").read_text())[DIVERSITY]
+    shown = next(
+        r
+        for r in _table(section)
+        if r["ensemble"] == "soup scenario: soft vote" and r["split"] == "test split"
+    )
+    assert float(shown["disagreement"]) == pytest.approx(row["disagreement"], abs=5e-5)
+    assert float(shown["NLL ambiguity"]) == pytest.approx(row["nll"]["ambiguity"], abs=5e-5)
+    assert shown["members"] == str(k)
+    text = " ".join(section.split())
+    assert (
+        f"soup scenario: soft vote, test split: its {k} members disagree on "
+        f"{row['disagreement']:.1%} of the images"
+    ) in text
+    caruana = [r for r in results["diversity"] if "Caruana" in r["ensemble"]]
+    assert len(caruana) == 2 and all(r["members"] for r in caruana)
+
+
+def test_the_risk_coverage_table_follows_the_predictions(runs):
+    folder = runs["first"]
+    x_test, y_test = _test_split()
+    results = json.loads((folder / "results.json").read_text())
+    rows = {r["model"]: r for r in results["risk_coverage"]}
+    assert list(rows)[-2:] == ["soft vote", "distilled ensemble"]
+    lp = _forward(load_file(folder / "distilled" / "soup" / "model.safetensors"), x_test)
+    probs = np.exp(lp)
+    confidence = probs.max(axis=1)
+    errors = probs.argmax(axis=1) != y_test
+    assert len(np.unique(confidence)) == len(confidence)  # no ties: a plain sort is the curve
+    ordered = errors[np.argsort(-confidence)]
+    risks = np.cumsum(ordered) / np.arange(1, len(ordered) + 1)
+    aurc = risks.mean()
+    m = int(errors.sum())
+    covered = np.arange(1, len(ordered) + 1)
+    oracle = np.mean(np.maximum(covered - (len(ordered) - m), 0) / covered)
+    said = rows["distilled ensemble"]
+    assert said["aurc"]["value"] == pytest.approx(aurc, abs=1e-6)
+    assert said["e_aurc"]["value"] == pytest.approx(aurc - oracle, abs=1e-6)
+    section = _sections((folder / "report.md").read_text())[SELECTIVE]
+    table = {r["model"]: r for r in _table(section)}
+    assert list(table) == list(rows)
+    for name, r in rows.items():
+        low, high = _interval(table[name]["95% CI of AURC"])
+        assert low <= r["aurc"]["value"] <= high
+        assert float(table[name]["AURC"]) == pytest.approx(r["aurc"]["value"], abs=5e-5)
+    best = min(rows, key=lambda n: rows[n]["aurc"]["value"])
+    assert f"Lowest AURC: {best} ({rows[best]['aurc']['value']:.4f})" in " ".join(section.split())

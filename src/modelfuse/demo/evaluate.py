@@ -38,7 +38,7 @@ __all__ = [
     "vote_entry",
 ]
 
-Family = Literal["individual", "merge", "ensemble", "calibrated"]
+Family = Literal["individual", "merge", "ensemble", "distilled", "calibrated"]
 Split = Literal["val", "test", "shift"]
 
 
@@ -78,9 +78,10 @@ class Entry:
     Attributes
     ----------
     name : str
-    family : {"individual", "merge", "ensemble", "calibrated"}
+    family : {"individual", "merge", "ensemble", "distilled", "calibrated"}
     cost : int
-        Networks run per prediction at inference (1 for a merge, K for a K-member ensemble).
+        Networks run per prediction at inference (1 for a merge or a distilled ensemble, K for
+        a K-member ensemble).
     details : str
         How it was built and what was chosen on the validation split.
     val, test : arrays of shape (n_samples, n_classes)

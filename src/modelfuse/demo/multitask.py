@@ -5,14 +5,17 @@ every tensor, the classifier head included, can be merged. Candidates: each
 task model, the pre-trained model, the plain average, task arithmetic with
 lambda chosen by nested cross-validation, TIES and DARE (grids on the
 validation split), Fisher (each model's Fisher on its own task) and RegMean
-(each model's Gram matrices on its own task), and the soft-voting ensemble of
-the task models. Every candidate is scored on each task's test images.
+(each model's Gram matrices on its own task), the soft-voting ensemble of
+the task models, and that ensemble distilled into one network started from
+the best merge (:mod:`modelfuse.demo.distilled`, on the pooled training
+images of every task). Every candidate is scored on each task's test images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +28,15 @@ from modelfuse.demo.choice import (
     search_ties_and_dare,
 )
 from modelfuse.demo.data import Splits, apply_task, task_seed
+from modelfuse.demo.distilled import (
+    DistilledSummary,
+    best_merge,
+    distil_ensemble,
+    soft_vote_log_probabilities,
+)
 from modelfuse.demo.evaluate import Entry, Family, accuracy_of, model_entry, vote_entry
 from modelfuse.demo.settings import DemoSettings
-from modelfuse.demo.zoo import Zoo, batches, load_mlp
+from modelfuse.demo.zoo import Zoo, batches, load_mlp, predict_logits
 
 __all__ = ["MultiTaskStudy", "multitask_study"]
 
@@ -54,6 +63,8 @@ class MultiTaskStudy:
     task_arithmetic : NestedChoice
     experts : dict
         Task to the name of the model fine-tuned on it.
+    distilled : DistilledSummary
+        How the distilled ensemble was made.
     """
 
     tasks: tuple[str, ...]
@@ -63,6 +74,7 @@ class MultiTaskStudy:
     y_test: np.ndarray
     task_arithmetic: NestedChoice
     experts: dict[str, str]
+    distilled: DistilledSummary
 
 
 def multitask_study(
@@ -72,8 +84,13 @@ def multitask_study(
     seed: int,
     *,
     tick: Callable[[str], None] | None = None,
+    folder: Path | None = None,
 ) -> MultiTaskStudy:
-    """Merge the task models every way and score each candidate per task; see the module docstring."""
+    """Merge the task models every way and score each candidate per task; see the module docstring.
+
+    With ``folder``, the distilled ensemble's weights are written to
+    ``folder/distilled/multitask``.
+    """
     import modelfuse
     from modelfuse.evaluation import choose_reference
     from modelfuse.search import accuracy_score
@@ -97,9 +114,12 @@ def multitask_study(
     val_accuracy = accuracy_score(model, [(torch.as_tensor(pooled_val), torch.as_tensor(y_val))])
 
     entries: list[Entry] = []
+    merged_weights: dict[str, StateDict] = {}
 
     def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> None:
         entries.append(model_entry(name, family, cost, details, model, sd, pooled_val, pooled_test))
+        if family == "merge":
+            merged_weights[name] = sd
 
     for task, f in zip(tasks, task_models):
         add(f.name, "individual", 1, f"fine-tuned on {task} digits", f.state_dict)
@@ -133,10 +153,12 @@ def multitask_study(
     step("multi-task: TIES and DARE")
 
     fishers, grams = [], []
-    for j, (task, f) in enumerate(zip(tasks, task_models)):
+    x_train = {
+        t: apply_task(t, splits.x_train, task_seed(seed, j, "train")) for j, t in enumerate(tasks)
+    }
+    for task, f in zip(tasks, task_models):
         net = load_mlp(settings.hidden, f.state_dict)
-        x_train = apply_task(task, splits.x_train, task_seed(seed, j, "train"))
-        train_batches = batches(x_train, splits.y_train)
+        train_batches = batches(x_train[task], splits.y_train)
         fisher = fisher_diagonal(
             net, train_batches, n_examples=settings.fisher_examples, kind="exact"
         )
@@ -159,9 +181,29 @@ def multitask_study(
     step("multi-task: Fisher and RegMean")
 
     k = n_tasks
-    entries.append(
-        vote_entry("soft vote", entries[:k], k, f"mean probabilities of the {k} task models")
+    vote = vote_entry("soft vote", entries[:k], k, f"mean probabilities of the {k} task models")
+    entries.append(vote)
+    pooled_train = np.concatenate([x_train[t] for t in tasks])
+    start = best_merge(entries, merged_weights, y_val)
+    distilled, distilled_summary, _ = distil_ensemble(
+        name="distilled ensemble",
+        hidden=settings.hidden,
+        teacher=vote,
+        teacher_train=soft_vote_log_probabilities(
+            [predict_logits(model, sd, pooled_train) for sd in sds]
+        ),
+        start=start,
+        start_weights=merged_weights[start],
+        x_train=pooled_train,
+        y_train=np.tile(splits.y_train, n_tasks),
+        x_val=pooled_val,
+        x_test=pooled_test,
+        x_shift=None,
+        max_epochs=settings.distill_epochs,
+        seed=seed,
+        folder=None if folder is None else folder / "distilled" / "multitask",
     )
+    entries.append(distilled)
     n = len(splits.y_test)
     per_task = {
         e.name: {
@@ -169,6 +211,8 @@ def multitask_study(
         }
         for e in entries
     }
-    step("multi-task: ensemble")
+    step("multi-task: ensemble and its distillation")
     experts = {t: f.name for t, f in zip(tasks, task_models)}
-    return MultiTaskStudy(tasks, entries, per_task, reference, y_test, choice, experts)
+    return MultiTaskStudy(
+        tasks, entries, per_task, reference, y_test, choice, experts, distilled_summary
+    )

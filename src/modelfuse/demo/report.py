@@ -579,7 +579,7 @@ def write_demo_report(
         methods = [
             e.name
             for e in soup.entries
-            if e.family in ("merge", "ensemble") or e.name == "pre-trained"
+            if e.family in ("merge", "ensemble", "distilled") or e.name == "pre-trained"
         ]
         seed_summaries = summarize_seeds(seeds, methods)
         seed_lines = seed_sentences(seed_summaries, len(seeds))
@@ -597,6 +597,28 @@ def write_demo_report(
         ]
         fed_sections = [Section("Federated scenario", tuple(fed_lines))]
         fed_results = None
+    from modelfuse.demo.ensemble_report import ensemble_report
+
+    ens = ensemble_report(
+        soup_entries=soup.entries,
+        soup_rows=soup_rows,
+        soup_shift_rows=shift_rows,
+        soup_distilled=soup.distilled,
+        soup_reference=soup.reference,
+        caruana_weights=soup.caruana_weights,
+        n_soup=k,
+        y_test=y_test,
+        multitask_entries=multitask.entries,
+        multitask_rows=multitask_rows,
+        multitask_distilled=multitask.distilled,
+        multitask_y_test=multitask.y_test,
+        n_tasks=len(multitask.tasks),
+        shift_label=SHIFT,
+        n_resamples=settings.n_resamples,
+        interval=settings.interval,
+        seed=seed,
+        image=image,
+    )
     soup_by_name = {r.name: r for r in soup_rows}
     label_of = {name: r.name for r in soup_rows for name in r.name.split(" = ")}
     total = sum(timings.values())
@@ -701,10 +723,13 @@ def write_demo_report(
                 *helps,
                 *seed_lines,
                 *mt_lines,
+                "Distilled ensembles (one network trained to reproduce the soft vote, started "
+                "from the best merge):",
+                *ens.headlines,
                 *fed_lines,
                 f"Inference cost: every merge runs 1 network per prediction; DaWin runs 3 "
                 f"(both endpoints, then each input's interpolation); the soft-voting ensemble "
-                f"of the soup scenario runs {k}.",
+                f"of the soup scenario runs {k}, the distilled ensembles 1.",
             ),
             preformatted=command,
         ),
@@ -734,6 +759,7 @@ def write_demo_report(
             align=both_align,
         ),
         *table_sections,
+        *ens.sections,
         Section(
             "How each method was built",
             tuple(f"{r.name}: {r.details}." for r in soup_rows if r.family != "individual")
@@ -923,6 +949,7 @@ def write_demo_report(
             "task_arithmetic_lambda": multitask.task_arithmetic.chosen["lambda"],
         },
         "federated": fed_results,
+        **ens.results,
         "timings": dict(timings),
     }
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -930,7 +957,7 @@ def write_demo_report(
         md,
         folder / "report.html",
         tuple(images),
-        tuple(soup_lines + shift_lines + helps + seed_lines + mt_lines + fed_lines),
+        tuple(soup_lines + shift_lines + helps + seed_lines + mt_lines + ens.headlines + fed_lines),
     )
 
 

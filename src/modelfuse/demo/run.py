@@ -154,7 +154,7 @@ class _Stages:
             self.console.print(f"[green]done[/green] {title} [dim]({seconds:.1f} s)[/dim]")
 
 
-SOUP_STEPS = 14
+SOUP_STEPS = 15
 """Progress steps of :func:`modelfuse.demo.soup.soup_study`."""
 
 MAX_SEEDS = 10
@@ -372,7 +372,7 @@ def run_demo(
             with stages.stage("soup scenario: fusions", SOUP_STEPS) as tick:
                 soup, soup_entries, renamed = _soup(zoo, splits, settings, built, seed, tick)
             with stages.stage("multi-task scenario: fusions", 4) as tick:
-                multitask = multitask_study(zoo, splits, settings, seed, tick=tick)
+                multitask = multitask_study(zoo, splits, settings, seed, tick=tick, folder=built)
             with stages.stage("test-split comparisons", 3) as tick:
                 soup_reference = renamed[soup.reference]
                 soup_cmp = _soup_comparisons(soup_entries, splits, soup_reference, settings, seed)

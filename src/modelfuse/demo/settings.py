@@ -84,6 +84,8 @@ class DemoSettings:
         Rounds of Caruana's ensemble selection.
     adamerging_steps : int
         Adam steps of AdaMerging on the validation images.
+    distill_epochs : int
+        Most epochs of the distilled ensemble (early stopping on validation may stop sooner).
     federated : FederatedSettings
         The federated scenario.
     """
@@ -106,6 +108,7 @@ class DemoSettings:
     wise_alphas: int
     caruana_rounds: int
     adamerging_steps: int
+    distill_epochs: int
     federated: FederatedSettings
 
 
@@ -130,6 +133,7 @@ FULL = DemoSettings(
     wise_alphas=11,
     caruana_rounds=25,
     adamerging_steps=100,
+    distill_epochs=30,
     federated=FederatedSettings(
         n_clients=10,
         concentrations=(0.3, 10.0),
@@ -165,6 +169,7 @@ QUICK = DemoSettings(
     wise_alphas=6,
     caruana_rounds=10,
     adamerging_steps=40,
+    distill_epochs=10,
     federated=replace(FULL.federated, rounds=6),
 )
 """A smaller run for a first look and for the tests (``--quick``)."""

@@ -8,8 +8,10 @@ Model Stock, the WiSE-FT sweep, DaWin (a per-sample interpolation between
 the pre-trained model and the reference), AdaMerging (coefficients learned
 on the unlabeled validation images) and gradient matching (Fisher-weighted
 task vectors with a prior precision chosen on validation). Prediction space:
-soft voting and Caruana's ensemble selection. Then temperature scaling of
-the best merge and of the best ensemble. Every choice uses the validation
+soft voting and Caruana's ensemble selection. Back to one network: the soft
+vote distilled into one MLP started from the best merge
+(:mod:`modelfuse.demo.distilled`). Then temperature scaling of the best
+merge and of the best ensemble. Every choice uses the validation
 split; every candidate is scored on the test split and on a shifted test
 split (the test images tilted, :func:`modelfuse.demo.data.shifted`).
 """
@@ -34,6 +36,12 @@ from modelfuse.demo.choice import (
     search_ties_and_dare,
 )
 from modelfuse.demo.data import Splits, shifted
+from modelfuse.demo.distilled import (
+    DistilledSummary,
+    best_merge,
+    distil_ensemble,
+    soft_vote_log_probabilities,
+)
 from modelfuse.demo.evaluate import (
     Entry,
     Family,
@@ -110,6 +118,8 @@ class SoupStudy:
         AdaMerging's mean coefficient of each fine-tune (over its layers).
     prior_scale : float
         Gradient matching's chosen prior precision, in units of the mean Fisher entry.
+    distilled : DistilledSummary
+        How the distilled ensemble was made.
     """
 
     entries: list[Entry]
@@ -128,6 +138,7 @@ class SoupStudy:
     dawin: DaWinSummary
     adamerging_lambdas: tuple[float, ...]
     prior_scale: float
+    distilled: DistilledSummary
 
 
 def config_reference(path: Path, folder: Path) -> str:
@@ -187,11 +198,14 @@ def soup_study(
     train_batches = batches(splits.x_train, splits.y_train)
 
     entries: list[Entry] = []
+    merged_weights: dict[str, StateDict] = {}  # every one-network merge's weights
 
     def add(name: str, family: Family, cost: int, details: str, sd: StateDict) -> None:
         entries.append(
             model_entry(name, family, cost, details, model, sd, x_val, splits.x_test, x_shift)
         )
+        if family == "merge":
+            merged_weights[name] = sd
 
     # individuals
     for f in fine_tunes:
@@ -461,7 +475,6 @@ def soup_study(
     )
     step("ensembles")
 
-    # temperature scaling of the best merge and the best ensemble (by validation NLL)
     individuals = [e for e in entries if e.family == "individual"]
 
     def copy_of_individual(entry: Entry) -> bool:
@@ -469,6 +482,37 @@ def soup_study(
             same_predictions(entry.val, i.val) and same_predictions(entry.test, i.test)
             for i in individuals
         )
+
+    # the soft vote distilled into one network, started from the best merge
+    vote = next(e for e in entries if e.name == "soft vote")
+    starts = {
+        e.name: merged_weights[e.name]
+        for e in entries
+        if e.name in merged_weights and not copy_of_individual(e)
+    } or merged_weights
+    start = best_merge(entries, starts, y_val)
+    distilled, distilled_summary, _ = distil_ensemble(
+        name="distilled ensemble",
+        hidden=settings.hidden,
+        teacher=vote,
+        teacher_train=soft_vote_log_probabilities(
+            [predict_logits(model, sd, splits.x_train) for sd in sds]
+        ),
+        start=start,
+        start_weights=starts[start],
+        x_train=splits.x_train,
+        y_train=splits.y_train,
+        x_val=x_val,
+        x_test=splits.x_test,
+        x_shift=x_shift,
+        max_epochs=settings.distill_epochs,
+        seed=seed,
+        folder=folder / "distilled" / "soup",
+    )
+    entries.append(distilled)
+    step("distilled ensemble")
+
+    # temperature scaling of the best merge and the best ensemble (by validation NLL)
 
     def best(family: Family) -> Entry | None:
         pool = [e for e in entries if e.family == family and not copy_of_individual(e)]
@@ -515,6 +559,7 @@ def soup_study(
         dawin=DaWinSummary(lambdas, reference),
         adamerging_lambdas=ada_lambdas,
         prior_scale=prior_scale,
+        distilled=distilled_summary,
     )
 
 
