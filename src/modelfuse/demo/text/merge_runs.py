@@ -89,13 +89,13 @@ def run_merges(
         text = path.read_text(encoding="utf-8")
         comment = (f"{label}: lambda {value:g} chosen on the validation splits (mean accuracy "
                    f"per lambda: {scores})\nrerun from the output folder: modelfuse merge "
-                   f"configs/{name}.yaml merges/{name}")
+                   f"configs/{name}.yaml merges/{name} --overwrite")
         path.write_text("".join(f"# {line}\n" for line in comment.splitlines()) + text,
                         encoding="utf-8")
         details = f"{what}, lambda {value:g} chosen on validation (mean accuracy per lambda: {scores})"
         return keep(name, path, folder, logits, details)
 
-    rerun = "rerun from the output folder: modelfuse merge configs/{0}.yaml merges/{0}"
+    rerun = "rerun from the output folder: modelfuse merge configs/{0}.yaml merges/{0} --overwrite"
     out.append(
         grid(
             "task_arithmetic", "task arithmetic",
