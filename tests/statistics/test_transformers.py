@@ -89,8 +89,7 @@ def _loop_fisher(model, tokenizer, kind: str) -> dict[str, torch.Tensor]:
     return {n: s / len(TEXTS) for n, s in sums.items()}
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("kind", ["exact", "empirical"])
+@pytest.mark.parametrize(("kind", "side"), [("exact", "right"), ("empirical", "left")])
 def test_padded_fisher_equals_each_text_alone(classifier, kind, side):
     model, tokenizer = classifier
     tokenizer.padding_side = side
