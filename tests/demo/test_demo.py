@@ -149,6 +149,7 @@ def test_the_command_succeeds_and_writes_the_report(runs):
     stdout = runs["stdout"]
     assert "Time per stage" in stdout
     assert "Caruana ensemble" in stdout
+    assert "Multi-task scenario, pooled test split: the" in stdout.replace("\n", " ")
     assert str(runs["first"] / "report.md") in stdout.replace("\n", "")
     assert not list(runs["first"].parent.glob(".first.*"))  # no temporary folder left
     assert runs["threads_after"] == 2  # the demo trains with one thread, then restores it

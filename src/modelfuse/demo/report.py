@@ -925,6 +925,9 @@ def write_demo_report(
             "dawin": {k2: float(v.mean()) for k2, v in lam.items()},
             "adamerging_lambdas": list(soup.adamerging_lambdas),
             "gradient_matching_prior_scale": soup.prior_scale,
+            "gradient_matching_prior": (
+                "pre-trained model's Fisher" if soup.prior_scale is None else "scalar"
+            ),
             "task_arithmetic_lambda": soup.task_arithmetic.chosen["lambda"],
             "caruana_weights": soup.caruana_weights,
         },

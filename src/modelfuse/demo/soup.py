@@ -7,7 +7,8 @@ task arithmetic with lambda chosen by nested cross-validation, TIES, DARE,
 Model Stock, the WiSE-FT sweep, DaWin (a per-sample interpolation between
 the pre-trained model and the reference), AdaMerging (coefficients learned
 on the unlabeled validation images) and gradient matching (Fisher-weighted
-task vectors with a prior precision chosen on validation). Prediction space:
+task vectors with the pre-trained model's Fisher as the prior, or a scalar
+prior precision when that does better on validation). Prediction space:
 soft voting and Caruana's ensemble selection. Back to one network: the soft
 vote distilled into one MLP started from the best merge
 (:mod:`modelfuse.demo.distilled`). Then temperature scaling of the best
@@ -116,8 +117,9 @@ class SoupStudy:
     dawin : DaWinSummary
     adamerging_lambdas : tuple of float
         AdaMerging's mean coefficient of each fine-tune (over its layers).
-    prior_scale : float
-        Gradient matching's chosen prior precision, in units of the mean Fisher entry.
+    prior_scale : float or None
+        Gradient matching's chosen scalar prior precision, in units of the mean Fisher
+        entry; None when the pre-trained model's Fisher (the paper's estimator) was chosen.
     distilled : DistilledSummary
         How the distilled ensemble was made.
     """
@@ -137,7 +139,7 @@ class SoupStudy:
     configs: list[Path]
     dawin: DaWinSummary
     adamerging_lambdas: tuple[float, ...]
-    prior_scale: float
+    prior_scale: float | None
     distilled: DistilledSummary
 
 
@@ -417,37 +419,64 @@ def soup_study(
     )
     step("AdaMerging")
 
-    # gradient matching: Fisher-weighted task vectors, the prior precision chosen on validation
+    # gradient matching: the paper's estimator, with the pre-trained model's Fisher H0 (on its
+    # pre-training images) and the dataset sizes; the scalar prior precision is the fallback
+    pre = splits.pretrain
+    base_stats = fisher_diagonal(
+        load_mlp(settings.hidden, base),
+        batches(splits.x_train[pre], splits.y_train[pre]),
+        n_examples=settings.fisher_examples,
+        kind="exact",
+    )
+    n_base, n_train = len(pre), len(splits.y_train)
     mean_fisher = float(np.mean([float(t.double().mean()) for f in fishers for t in f.values()]))
     tried = []
-    for scale in PRIOR_SCALES:
-        sd = modelfuse.merge_state_dicts(
-            "gradient_matching",
-            sds,
-            base,
-            fishers=fishers,
-            prior_precision=scale * mean_fisher,
-        )
+    for scale in (None, *PRIOR_SCALES):  # None: the pre-trained model's Fisher
+        if scale is None:
+            sd = modelfuse.merge_state_dicts(
+                "gradient_matching",
+                sds,
+                base,
+                fishers=fishers,
+                base_fisher=dict(base_stats),
+                model_parameters=[{"dataset_size": n_train}] * k,
+                base_dataset_size=n_base,
+            )
+        else:
+            sd = modelfuse.merge_state_dicts(
+                "gradient_matching",
+                sds,
+                base,
+                fishers=fishers,
+                prior_precision=scale * mean_fisher,
+            )
         val_lp = log_probabilities(predict_logits(model, sd, x_val))
         tried.append((accuracy_of(val_lp, y_val), -_nll(val_lp, y_val), scale, sd))
-    best_gm = max(tried, key=lambda t: t[:2])  # the first of equals
+    best_gm = max(tried, key=lambda t: t[:2])  # the first of equals: the base Fisher first
     prior_scale = best_gm[2]
-    add(
-        "gradient matching",
-        "merge",
-        1,
-        f"task vectors weighted by each fine-tune's Fisher (the Fisher merge's), prior "
-        f"precision {prior_scale:g} x the mean Fisher entry chosen among "
-        + ", ".join(f"{x:g}" for x in PRIOR_SCALES)
-        + " by validation accuracy (then NLL)"
-        + (
-            "; with prior 0 it is Fisher-weighted averaging, the Fisher merge up to the floor "
-            "of the Fisher entries"
-            if prior_scale == 0
-            else ""
-        ),
-        best_gm[3],
-    )
+    scalars = ", ".join(f"{x:g}" for x in PRIOR_SCALES)
+    if prior_scale is None:
+        how = (
+            f"the paper's estimator: precision H0 = {n_base} x the pre-trained model's exact "
+            f"diagonal Fisher on its {base_stats.n_examples} pre-training images, each "
+            f"fine-tune's H_t = {n_train} x its Fisher (the Fisher merge's); chosen by "
+            "validation accuracy (then NLL) over the scalar prior precisions "
+            f"{scalars} x the mean Fisher entry"
+        )
+    else:
+        how = (
+            f"task vectors weighted by each fine-tune's Fisher (the Fisher merge's), scalar prior "
+            f"precision {prior_scale:g} x the mean Fisher entry, chosen by validation accuracy "
+            f"(then NLL) among {scalars} and the paper's estimator with the pre-trained model's "
+            "Fisher (the fallback: the scalar prior did better on validation)"
+            + (
+                "; with prior 0 it is Fisher-weighted averaging, the Fisher merge up to the floor "
+                "of the Fisher entries"
+                if prior_scale == 0
+                else ""
+            )
+        )
+    add("gradient matching", "merge", 1, how, best_gm[3])
     step("gradient matching")
 
     # ensembles

@@ -17,8 +17,8 @@ _SHORT = {"no significant difference": "n.s.", "reference": "ref"}
 
 
 def print_summary(console: Any, result: DemoResult) -> None:
-    """Print the soup scenario's table, the multi-task and federated headlines, stage times and
-    the report path."""
+    """Print the soup scenario's table, the multi-task, distilled-ensemble and federated
+    headlines, stage times and the report path."""
     from rich import box
     from rich.table import Table
 
@@ -76,6 +76,16 @@ def print_summary(console: Any, result: DemoResult) -> None:
         f"{fmt(best.metrics['accuracy'][0])} ({best.cost} net{'s' if best.cost != 1 else ''}); "
         f"best single task model {ref.name} {fmt(ref.metrics['accuracy'][0])}."
     )
+    for line in result.headlines:  # what the distilled ensembles keep of their ensemble's gain
+        if any(
+            said in line
+            for said in (
+                ": the distilled ensemble keeps ",
+                ": the distilled ensemble is more accurate than the ensemble itself",
+                ": the ensemble is not more accurate than ",
+            )
+        ):
+            console.print(line)
     if result.federated is not None:
         from modelfuse.demo.federated_report import federated_headlines
 
