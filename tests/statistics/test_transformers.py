@@ -263,5 +263,7 @@ def test_loading_a_backbone_seeds_its_head_and_refuses_a_missing_tokenizer(tmp_p
     mismatched = _save_folder(tmp_path / "small", small, tokenizer)
     with pytest.raises(CheckpointError, match="20 tokens but the model has 8 embedding rows"):
         load_sequence_classifier(mismatched)
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no such model folder"):
         load_sequence_classifier(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no config.json there"):
+        load_sequence_classifier(tmp_path)

@@ -90,6 +90,11 @@ def load_sequence_classifier(folder: str | os.PathLike[str], *, seed: int = 0) -
         The classification head was not in the folder and was initialised.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder}: no such model folder; give a Hugging Face folder written by "
+            "save_pretrained"
+        )
     if not (folder / "config.json").is_file():
         raise CheckpointError(
             f"{folder}: no config.json there; give a Hugging Face model folder written by "
