@@ -790,3 +790,16 @@ def test_the_risk_coverage_table_follows_the_predictions(runs):
         assert float(table[name]["AURC"]) == pytest.approx(r["aurc"]["value"], abs=5e-5)
     best = min(rows, key=lambda n: rows[n]["aurc"]["value"])
     assert f"Lowest AURC: {best} ({rows[best]['aurc']['value']:.4f})" in " ".join(section.split())
+
+
+def test_gradient_matching_says_which_prior_it_chose(runs):
+    results = json.loads((runs["first"] / "results.json").read_text())["soup"]
+    built = _sections((runs["first"] / "report.md").read_text())["How each method was built"]
+    said = " ".join(next(p for p in built.split("\n\n") if "gradient matching" in p).split())
+    if results["gradient_matching_prior"] == "scalar":
+        scale = results["gradient_matching_prior_scale"]
+        assert f"scalar prior precision {scale:g} x the mean Fisher entry" in said
+    else:
+        assert results["gradient_matching_prior_scale"] is None
+        assert "the paper's estimator: precision H0 = " in said
+        assert "x the pre-trained model's exact diagonal Fisher" in said
