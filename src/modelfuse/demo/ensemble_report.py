@@ -404,7 +404,7 @@ def ensemble_report(
     risk_coverage_plot(
         {label: row.curve for label, _, row in selective},
         image("soup_risk_coverage.png"),
-        title="Soup scenario, test split: risk-coverage (confidence: top probability)",
+        title="Soup scenario, test split (confidence: top probability)",
     )
     best_aurc = min(selective, key=lambda t: t[2].aurc[0])
     best_e = min(selective, key=lambda t: t[2].e_aurc[0])
