@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-text test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/modelfuse demo
+
+# the text study on the packaged all-MiniLM-L6-v2 (the dev extra installs it)
+demo-text: $(STAMP)
+	$(BIN)/modelfuse demo --scenario text
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
