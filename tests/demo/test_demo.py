@@ -456,6 +456,19 @@ def test_an_existing_folder_that_is_not_a_demo_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_an_out_folder_under_a_file_is_refused_naming_the_file(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    before = file.stat().st_mtime_ns
+    assert main(["demo", "--quick", "--out", str(file / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("modelfuse: error: ") and f"{file} is a file, not a folder" in err
+    assert "--out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert file.read_text() == "keep me" and file.stat().st_mtime_ns == before
+
+
 def test_a_failing_run_leaves_nothing_and_keeps_an_earlier_output(tmp_path, monkeypatch):
     import modelfuse.demo.zoo
 

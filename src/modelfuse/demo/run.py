@@ -70,6 +70,11 @@ def _flower_installed() -> bool:
 
 
 def _check_target(target: Path) -> None:
+    existing = next((p for p in target.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(
+            f"{target}: {existing} is a file, not a folder; choose another --out folder"
+        )
     if not target.exists():
         return
     if target.is_dir() and (target / _MARKER).is_file() and (target / "report.md").is_file():
