@@ -278,7 +278,9 @@ def ensemble_report(
             "4, weight 0.9) with the training labels (cross-entropy, weight 0.1), and early "
             "stopping on the validation images keeps its best epoch. It is scored like every "
             "other row (the comparison tables, intervals and Holm families above); here it is "
-            "set beside the ensemble it came from and the merge it started from. The "
+            "set beside the ensemble it came from and the merge it started from; these "
+            "differences are between point estimates on one split, not tested (each row's "
+            "test is against the reference, in the tables above). The "
             "multi-task comparison table holds accuracy only; its NLL and ECE here are point "
             "values from the same metric functions.",
             f"Soup scenario: epoch {soup_distilled.best_epoch} of {soup_distilled.epochs} run "
