@@ -51,3 +51,16 @@ def combine(base, taus, weights, lam, normalize, consensus):
             divisor[divisor == 0] = 1.0
             merged = merged / divisor
     return base + lam * merged
+
+
+def uniforms(size, seed):
+    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's
+    PCG64 seeded by seed + j, two entries per 64-bit output (low half first), each the
+    top 24 of its 32 bits times 2**-24."""
+    parts = []
+    for j, a in enumerate(range(0, size, 2**18)):
+        n = min(2**18, size - a)
+        raw = np.random.PCG64(seed + j).random_raw((n + 1) // 2)
+        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
+        parts.append(((halves >> 8) * 2.0**-24).astype(np.float32))
+    return np.concatenate(parts)

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from modelfuse.demo.evaluate import MetricRow
+from modelfuse.demo.output_folder import check_demo_target, install_folder
 from modelfuse.demo.seeds import SeedResult
-from modelfuse.errors import ConfigError, OutputError
+from modelfuse.errors import ConfigError
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -70,29 +71,7 @@ def _flower_installed() -> bool:
 
 
 def _check_target(target: Path) -> None:
-    existing = next((p for p in target.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputError(
-            f"{target}: {existing} is a file, not a folder; choose another --out folder"
-        )
-    if not target.exists():
-        return
-    if target.is_dir() and (target / _MARKER).is_file() and (target / "report.md").is_file():
-        return  # a previous demo's output: replaced once the new one is complete
-    raise OutputError(
-        f"{target}: exists and is not the output of an earlier `modelfuse demo`; "
-        "choose another --out folder or remove it"
-    )
-
-
-def _install(built: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    check_demo_target(target, _MARKER, "modelfuse demo")
 
 
 @contextmanager
@@ -438,7 +417,7 @@ def run_demo(
                     federated=federated,
                 )
                 tick("report.md, report.html")
-        _install(built, target)
+        install_folder(built, target)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         for folder in created:  # deepest first: the folders this run made for OUT

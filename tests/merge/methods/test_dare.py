@@ -12,7 +12,7 @@ from modelfuse.merge.methods.dare import (
 )
 from modelfuse.merge.methods.rescaling import rescale_factors
 
-from .._reference import combine
+from .._reference import combine, uniforms
 
 
 def _models(n, shape=(20, 30), seed=0):
@@ -20,20 +20,6 @@ def _models(n, shape=(20, 30), seed=0):
     return [torch.randn(shape, generator=g) for _ in range(n + 1)]
 
 
-CHUNK = 2**18  # entries per generator in the documented stream
-
-
-def _uniforms(size, seed):
-    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's
-    PCG64 seeded by seed + j, two entries per 64-bit output (low half first), each the
-    top 24 of its 32 bits times 2**-24."""
-    parts = []
-    for j, a in enumerate(range(0, size, CHUNK)):
-        n = min(CHUNK, size - a)
-        raw = np.random.PCG64(seed + j).random_raw((n + 1) // 2)
-        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
-        parts.append(((halves >> 8) * 2.0**-24).astype(np.float32))
-    return np.concatenate(parts)
 
 
 def _masks(shape, densities, seed, generator=None):
@@ -45,7 +31,7 @@ def _masks(shape, densities, seed, generator=None):
     size = int(np.prod(shape))
     masks = []
     for s, d in zip(seeds, densities):
-        u = _uniforms(size, s).reshape(shape)
+        u = uniforms(size, s).reshape(shape)
         masks.append((u + np.float32(d) >= np.float32(1.0)).astype(np.float64))
     return masks
 

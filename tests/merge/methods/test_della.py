@@ -14,22 +14,7 @@ from modelfuse.merge.methods.della import (
     della_rescale_factors,
 )
 
-from .._reference import combine
-
-CHUNK = 2**18  # entries per generator in the documented stream
-
-
-def _uniforms(size, seed):
-    """The documented stream: flat entries [j * 2**18, (j + 1) * 2**18) draw from numpy's
-    PCG64 seeded by seed + j, two entries per 64-bit output (low half first), each the
-    top 24 of its 32 bits times 2**-24."""
-    parts = []
-    for j, a in enumerate(range(0, size, CHUNK)):
-        n = min(CHUNK, size - a)
-        raw = np.random.PCG64(seed + j).random_raw((n + 1) // 2)
-        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:n]
-        parts.append(((halves >> 8) * 2.0**-24).astype(np.float32))
-    return np.concatenate(parts)
+from .._reference import combine, uniforms
 
 
 def _probabilities(tau, d, e):
@@ -76,7 +61,7 @@ def _kept(tau, d, e, u):
 def _sparsified(tau, d, e, seed, how):
     if d >= 1:
         return tau
-    u = _uniforms(tau.size, seed).reshape(tau.shape)
+    u = uniforms(tau.size, seed).reshape(tau.shape)
     keep = _kept(tau.astype(np.float32), d, e, u).astype(np.float64)
     kept = tau * keep
     if how == "exact":

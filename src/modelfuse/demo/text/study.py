@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from modelfuse.demo.output_folder import check_demo_target, install_folder
 from modelfuse.demo.text.candidates import Candidate, TaskScorer
 from modelfuse.demo.text.settings import TextSettings, text_settings_for
 from modelfuse.demo.text.tasks import TextTask
-from modelfuse.errors import OutputError
 
 __all__ = ["TextResult", "run_text_demo"]
 
@@ -69,29 +69,7 @@ class TextResult:
 
 
 def _check_target(target: Path) -> None:
-    existing = next((p for p in target.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputError(
-            f"{target}: {existing} is a file, not a folder; choose another --out folder"
-        )
-    if not target.exists():
-        return
-    if target.is_dir() and (target / _MARKER).is_file() and (target / "report.md").is_file():
-        return
-    raise OutputError(
-        f"{target}: exists and is not the output of an earlier `modelfuse demo --scenario text`; "
-        "choose another --out folder or remove it"
-    )
-
-
-def _install(built: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    check_demo_target(target, _MARKER, "modelfuse demo --scenario text")
 
 
 class _Stages:
@@ -254,7 +232,7 @@ def run_text_demo(
 
             with stages.stage("report"):
                 report = write_text_report(built, result, notes=notes, command=command)
-        _install(built, target)
+        install_folder(built, target)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         for folder in created:
