@@ -147,6 +147,10 @@ def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Stop the pool at once: pending items cancelled, running ones killed (Ctrl-C, an error)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
+    # a worker the pool started while shutting down is stopped too
+    processes += [
+        p for p in (getattr(pool, "_processes", None) or {}).values() if p not in processes
+    ]
     for process in processes:
         process.terminate()
     for process in processes:
