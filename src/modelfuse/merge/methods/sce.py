@@ -121,15 +121,21 @@ def _variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
 def _variance_and_sum(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The population variance over the models and the sum of the task vectors."""
     n = len(taus)
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total.add_(tau)
+    total = _summed(taus)
     mean = total / n
     variance = torch.zeros_like(total)
     for tau in taus:
         deviation = tau - mean
         variance.addcmul_(deviation, deviation)
     return variance.div_(n), total
+
+
+def _summed(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A new tensor holding the task vectors' sum, added in model order."""
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total.add_(tau)
+    return total
 
 
 def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
@@ -341,9 +347,7 @@ def sce(
             total.mul_(mask)  # the sum of the masked task vectors (a 0/1 mask)
             del mask
         else:
-            total = taus[0].clone()
-            for tau in taus[1:]:
-                total.add_(tau)
+            total = _summed(taus)
         # +1 where the sum is >= 0, else -1
         elected = torch.where(total >= 0, 1.0, -1.0)
         merged = total.zero_()
