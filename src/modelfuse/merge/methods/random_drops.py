@@ -103,7 +103,7 @@ def della_probabilities(
 
 
 def della_keep(
-    magnitudes: torch.Tensor,
+    values: torch.Tensor,
     draws: torch.Tensor,
     density: float,
     epsilon: float,
@@ -111,6 +111,7 @@ def della_keep(
 ) -> torch.Tensor:
     r"""DELLA's keep decisions, each entry kept with its :func:`della_probabilities`, drawn
     without ranking: a bool tensor of the shape of ``draws``, True for a kept entry.
+    ``values`` may be signed: their magnitudes are ranked.
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
     :func:`uniform_draws`). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
@@ -147,13 +148,13 @@ def della_keep(
         return torch.add(draws, p.add(density - epsilon)).ge_(1).to(torch.bool)
     low, high = density - abs(epsilon), density + abs(epsilon)
     if high + (high - low) / (length - 1) > 1:
-        p = della_probabilities(magnitudes, density, epsilon, groups)
+        p = della_probabilities(values.abs(), density, epsilon, groups)
         return torch.add(draws, p).ge_(1).to(torch.bool)
     # one key column on each side: picks below the band land on the left one, beyond
     # it on the right one, whose keys rank below (above) every entry when epsilon > 0
-    rows = magnitudes.numel() // (length * stride)
+    rows = values.numel() // (length * stride)
     padded = torch.empty((rows, length + 2, stride), dtype=torch.int32)
-    keys = _magnitude_keys(magnitudes, out=padded[:, 1:-1].view(-1, length, stride))
+    keys = _magnitude_keys(values, out=padded[:, 1:-1])
     below_all, above_all = (-1, torch.iinfo(torch.int32).max)
     if epsilon < 0:
         below_all, above_all = above_all, below_all
@@ -179,10 +180,11 @@ def della_keep(
     return keep.view(draws.shape)
 
 
-def _magnitude_keys(magnitudes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 keys ordered as the (non-negative) magnitudes, NaNs above everything and
-    equal among themselves (written into ``out`` when given, of the same shape)."""
-    bits = magnitudes.to(torch.float32).contiguous().view(torch.int32)
+def _magnitude_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 keys ordered as the values' magnitudes (the sign bit cleared), NaNs above
+    everything and equal among themselves (written into ``out`` when given, of the same
+    number of entries)."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
     if out is None:
         return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
     torch.bitwise_and(bits.view(out.shape), 0x7FFFFFFF, out=out)

@@ -271,12 +271,11 @@ class Sparsifier:
                 # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
                 keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
             else:
-                magnitudes = delta.abs()
                 draws = uniform_draws(self.seed, start, buffer)
-                keep = della_keep(magnitudes, draws, self.density, self.epsilon, self.groups)
+                keep = della_keep(delta, draws, self.density, self.epsilon, self.groups)
                 if self.per_entry:
                     keep = buffer.copy_(keep).div_(
-                        della_probabilities(magnitudes, self.density, self.epsilon, self.groups)
+                        della_probabilities(delta.abs(), self.density, self.epsilon, self.groups)
                     )
             if self.recording:
                 self._record(keep, start)
