@@ -78,13 +78,11 @@ def _check_target(target: Path) -> None:
 def _one_thread() -> Iterator[None]:
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit repeatable training and merges
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    from modelfuse.distill.running import torch_threads
+
+    # one thread: bit-for-bit repeatable training and merges
+    with torch_threads(1), torch.random.fork_rng(devices=[]):
+        yield
 
 
 class _Stages:

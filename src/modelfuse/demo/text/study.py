@@ -94,14 +94,10 @@ class _Stages:
 def _one_thread() -> Iterator[None]:
     """Torch computes on one thread during the study: results repeat bit for bit, and on a
     busy machine two threads waiting on each other cost about ten times the CPU time."""
-    import torch
+    from modelfuse.distill.running import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
