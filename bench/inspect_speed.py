@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument(
         "--density", type=float, default=None, help="--density of the top-k overlap"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="paired runs (floor, inspect)")
+    parser.add_argument("--repeat", type=int, default=5, help="paired runs (floor, inspect)")
     parser.add_argument("--exact", action="store_true", help="inspect --exact (every entry)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folders", nargs="*", type=Path, help=argparse.SUPPRESS)

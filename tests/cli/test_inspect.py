@@ -74,7 +74,7 @@ def test_inspect_writes_json_and_heatmap_and_prints_the_table(work, capsys):
     assert (work / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((work / "report" / "inspection.json").read_text())
     assert data["overlap_density"] == [0.5] and data["conflict_density"] == [0.5]
-    assert data["sample"] == 262144
+    assert data["sample"] == 65536
     from safetensors.torch import load_file
 
     states = [load_file(work / f"{n}.safetensors") for n in ("base", "a", "b")]

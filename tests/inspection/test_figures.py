@@ -289,10 +289,10 @@ def test_blocks_of_another_size_than_announced_are_refused():
 
 
 def test_a_block_wider_than_a_conversion_piece_is_measured_in_pieces():
-    from modelfuse.inspection.figures import READ_BLOCK, streamed_figures
+    from modelfuse.inspection.figures import CHUNK, streamed_figures
 
     g = torch.Generator().manual_seed(13)
-    n = READ_BLOCK + 70_000  # one block (a single wide row), converted in two pieces
+    n = CHUNK + 70_000  # one block (a single wide row), converted in two pieces
     base = torch.randn(n, generator=g)
     models = [base + torch.randn(n, generator=g) for _ in range(2)]
     found = streamed_figures([(models, base)], n, 2, sample=50_000, overlap_density=0.3)

@@ -50,7 +50,7 @@ def inspect_command(
         bool,
         typer.Option(
             help="measure overlap and sign conflict on every entry (default: a strided sample "
-            "of 262144 entries of larger tensors; norms, cosines and shares use every entry)"
+            "of 65536 entries of larger tensors; norms, cosines and shares use every entry)"
         ),
     ] = False,
     threads: Annotated[

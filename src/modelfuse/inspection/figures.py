@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.inspection.sample_signs import WHOLE_ROWS, add_gram, sample_sign_sums
 from modelfuse.inspection.selection import (
     Consensus,
     Cut,
@@ -50,11 +51,14 @@ from modelfuse.merge.methods.magnitude_threshold import kept_count
 
 __all__ = ["CHUNK", "READ_BLOCK", "TaskVectorFigures", "streamed_figures", "tensor_figures"]
 
-CHUNK = 1 << 16
-"""Entries per chunk: every temporary is a few chunks, whatever the tensor's size."""
+CHUNK = 1 << 18
+"""Entries per chunk: every temporary is a few chunks, whatever the tensor's size. Few,
+long operations: with several threads measuring at once, many short ones spend their
+time waiting for each other (each takes the interpreter's lock to start)."""
 
-READ_BLOCK = 1 << 18
-"""Entries per block of rows read at once by a streamed inspection."""
+READ_BLOCK = 1 << 20
+"""Entries per block of rows read at once by a streamed inspection (converted to float32
+a chunk at a time)."""
 
 
 @dataclass(frozen=True)
@@ -231,20 +235,6 @@ def _check_density(values: list[float], key: str) -> None:
             raise ConfigError(f"{key}: expected a density in (0, 1], got {value!r}; pass e.g. 0.2")
 
 
-def _gram(rows: torch.Tensor, into: np.ndarray) -> None:
-    """Add the pairwise dot products of ``rows`` (N, L) to ``into``: one dot per pair for a
-    few rows (faster than a matrix product of this shape), a matrix product for more."""
-    if rows.shape[0] > 3:
-        into += (rows @ rows.T).double().numpy()
-        return
-    for i in range(rows.shape[0]):
-        for j in range(i + 1):
-            value = float(torch.dot(rows[i], rows[j]))
-            into[i, j] += value
-            if i != j:
-                into[j, i] += value
-
-
 def tensor_figures(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -400,7 +390,7 @@ def streamed_figures(
     weights, _, _, _, width = settings
     stride = -(-n // int(sample))
     dots = _ChunkDots(n_models, width)
-    span = max(width, READ_BLOCK - READ_BLOCK % width)  # entries converted at once
+    span = max(width, CHUNK - CHUNK % width)  # entries converted at once
     # the sampled task vectors (flat indices divisible by the stride), picked from the
     # float32 chunks already computed into one buffer
     sampled = torch.empty(n_models, -(-n // stride))
@@ -425,7 +415,7 @@ def streamed_figures(
     if start != n:
         raise ValueError(f"streamed_figures: the blocks hold {start} entries, expected {n}")
     gram = dots.sums()
-    figures = _accumulate(sampled, None, settings, dots=False, signs=True)
+    figures = _sample_figures(sampled, settings)
     with np.errstate(all="ignore"):  # NaN or inf inputs: the caller checks the norms
         projections = weights * (gram @ weights)
         delta_square = float(weights @ gram @ weights)
@@ -434,9 +424,38 @@ def streamed_figures(
     )
 
 
+def _sample_figures(sampled: torch.Tensor, settings: Settings) -> TaskVectorFigures:
+    """The sign figures of the sampled task vectors (N, m): whole rows when they are short
+    enough, else chunk by chunk."""
+    weights, overlap, conflict, consensus_method, _ = settings
+    n_models, m = sampled.shape
+    if m > WHOLE_ROWS:
+        return _accumulate(sampled, None, settings, dots=False, signs=True)
+    sums = sample_sign_sums(
+        sampled,
+        weights,
+        [kept_count(d, m) for d in overlap],
+        [kept_count(d, m) for d in conflict],
+        consensus_method,
+    )
+    return TaskVectorFigures(
+        1,
+        m,
+        np.zeros((n_models, n_models)),
+        np.zeros(n_models),
+        0.0,
+        sums.shared,
+        sums.nonzero,
+        sums.dropped,
+        sums.trimmed_nonzero,
+        sums.trimmed_dropped,
+        m,
+    )
+
+
 class _ChunkDots:
     """The task vectors of a tensor block by block and their pairwise dot products, as
-    :func:`_gram` sums them chunk by chunk (each chunk's float32 dot added to a float64
+    :func:`~modelfuse.inspection.sample_signs.add_gram` sums them chunk by chunk (each chunk's float32 dot added to a float64
     total, in chunk order; a matrix product per chunk for more than three models), in
     fewer calls: a piece of whole chunks is converted at once, the totals are Python
     floats."""
@@ -460,15 +479,16 @@ class _ChunkDots:
         for row, flat in zip(taus, flats):
             row.copy_(flat)
         taus.sub_(self.base[:length].copy_(base_flat))
-        rows = list(taus)
+        if self.n > 3:
+            for start in range(0, length, self.width):
+                add_gram(taus[:, start : start + self.width], self.matrix)
+            return taus
+        rows = taus.numpy()  # numpy's float32 dot: faster than torch's on these lengths
         totals = self.totals
         for start in range(0, length, self.width):
-            if self.n > 3:
-                _gram(taus[:, start : start + self.width], self.matrix)
-                continue
-            chunk = [row[start : start + self.width] for row in rows]
+            chunk = rows[:, start : start + self.width]
             for p, (i, j) in enumerate(self.pairs):
-                totals[p] += float(torch.dot(chunk[i], chunk[j]))
+                totals[p] += float(np.dot(chunk[i], chunk[j]))
         return taus
 
     def sums(self) -> np.ndarray:
@@ -558,7 +578,7 @@ def _accumulate(
         else:
             taus = _task_vectors(flats, base_flat, start, length, taus_buffer, base_buffer)
         if dots:
-            _gram(taus, gram)
+            add_gram(taus, gram)
         if not signs:
             continue
         if given_magnitudes is not None:
@@ -566,7 +586,7 @@ def _accumulate(
         else:
             magnitudes = torch.abs(taus, out=magnitudes_buffer[:, :length])
         sets = members(magnitudes, overlap_cuts, start, sets_buffer[:, :length])
-        _gram(sets, shared)
+        add_gram(sets, shared)
         values = values_buffer[:, :length]
         sign_buffer = signs_buffer[:, :length]
         tally = tally_buffer[:length]

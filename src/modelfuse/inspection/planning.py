@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_DENSITY", "DEFAULT_SAMPLE", "InspectionPlan", "TensorJob", "
 DEFAULT_DENSITY = 0.2
 """The density of the top-k sets when neither the caller nor the configuration gives one."""
 
-DEFAULT_SAMPLE = 1 << 18
+DEFAULT_SAMPLE = 1 << 16
 """Entries above which a tensor's overlap and sign conflict are measured on a strided sample."""
 
 

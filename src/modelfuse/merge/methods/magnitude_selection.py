@@ -44,6 +44,8 @@ from modelfuse.merge.methods.magnitude_threshold import (
 )
 
 __all__ = [
+    "bracket_ranks",
+    "guess_chance",
     "kth_largest",
     "sample_stride",
     "select_top_k",
@@ -168,7 +170,9 @@ class _Sample:
     def __init__(self, values: torch.Tensor, presort: bool = False) -> None:
         self.values = values
         self.m = values.numel()
-        self.ascending = np.sort(values.numpy()) if presort and values.dtype == torch.float32 else None
+        self.ascending = (
+            np.sort(values.numpy()) if presort and values.dtype == torch.float32 else None
+        )
 
     def largest(self, rank: int) -> float:
         """The ``rank``-th largest (from 1)."""
@@ -186,22 +190,53 @@ def _tracker(sample: _Sample, k: int, n: int) -> _Band | _BitRange | _Guess:
     exactly (:class:`_Guess`). Otherwise the answer is bracketed between two
     order statistics of the sample.
     """
+    guess = _likely(sample, k, n)
+    if guess is not None:
+        return _Guess(k, n, guess, sample)
+    return _bracket(sample, k, n)
+
+
+def _likely(sample: _Sample, k: int, n: int) -> float | None:
+    """The sample's value at rank ``k / n`` when it is more likely than not the k-th
+    largest of all ``n`` values, else None."""
     m = sample.m
-    q = k / n
-    sigma = (q * (1.0 - q) / m) ** 0.5
-    rank = min(m, max(1, round(q * m)))
-    guess = sample.largest(rank)
+    guess = sample.largest(min(m, max(1, round(k / n * m))))
     scratch = torch.empty(m)
     above = count_ones(torch.gt(sample.values, guess, out=scratch))
     equal = count_ones(torch.eq(sample.values, guess, out=scratch))
-    # The k-th largest falls at a sample rank ~ Normal(q m, sigma m): the chance that it is
-    # the guess. Counting costs about a third of gathering a band, so a wrong guess (one
-    # more pass) is worth the risk from an even chance on.
-    spread = max(sigma * m, 1.0)
-    chance = _normal_cdf((above + equal - q * m) / spread) - _normal_cdf((above - q * m) / spread)
-    if chance >= 0.5:
-        return _Guess(k, n, guess, sample)
-    return _bracket(sample, k, n)
+    return guess if guess_chance(above, equal, k, n, m) >= 0.5 else None
+
+
+def guess_chance(above: int, equal: int, k: int, n: int, m: int) -> float:
+    """The chance that a value is the k-th largest of ``n`` values when, in a sample of
+    ``m`` of them, ``above`` exceed it and ``equal`` equal it.
+
+    The k-th largest falls at a sample rank ~ Normal(q m, sigma m), q = k / n. Counting
+    the values above and equal to a guess costs about a third of gathering a band, so a
+    wrong guess (one more pass) is worth the risk from an even chance on.
+
+    Examples
+    --------
+    >>> round(guess_chance(400, 200, 500, 1000, 1000), 3)  # rank 500 falls inside 401..600
+    1.0
+    """
+    q = k / n
+    spread = max((q * (1.0 - q) / m) ** 0.5 * m, 1.0)
+    return _normal_cdf((above + equal - q * m) / spread) - _normal_cdf((above - q * m) / spread)
+
+
+def bracket_ranks(k: int, n: int, m: int) -> tuple[int, int]:
+    """The ranks from the top, in a sample of ``m`` of ``n`` values, of two order statistics
+    that bracket the k-th largest of all of them (a six-sigma margin), the larger first.
+
+    Examples
+    --------
+    >>> bracket_ranks(500, 1000, 1000)
+    (401, 599)
+    """
+    q = k / n
+    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
+    return max(1, int((q - margin) * m)), min(m, int((q + margin) * m) + 1)
 
 
 def _normal_cdf(z: float) -> float:
@@ -210,11 +245,7 @@ def _normal_cdf(z: float) -> float:
 
 def _bracket(sample: _Sample, k: int, n: int) -> _Band | _BitRange:
     """Bracket the k-th largest between two order statistics of the sample."""
-    m = sample.m
-    q = k / n
-    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 4.0 / m
-    hi_rank = max(1, int((q - margin) * m))  # fewer from the top: a larger value
-    lo_rank = min(m, int((q + margin) * m) + 1)
+    hi_rank, lo_rank = bracket_ranks(k, n, sample.m)
     upper = sample.largest(hi_rank)
     lower = sample.largest(lo_rank)
     low_bits = _float_bits(lower)
@@ -283,7 +314,9 @@ class _Band:
         flags = torch.gt(chunk, self.upper, out=scratch_buffer(scratch, "flags", chunk.numel()))
         self.above += count_ones(flags)
         inside = torch.ge(chunk, self.lower, out=flags)
-        inside.mul_(torch.le(chunk, self.upper, out=scratch_buffer(scratch, "upper", chunk.numel())))
+        inside.mul_(
+            torch.le(chunk, self.upper, out=scratch_buffer(scratch, "upper", chunk.numel()))
+        )
         self.bands.append(_compress(inside, chunk))
 
     def result(self, chunks: Chunks) -> MagnitudeThreshold:

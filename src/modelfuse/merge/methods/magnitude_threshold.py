@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "count_ones",
     "kept_count",
     "magnitude_bits",
+    "position_of_one",
     "scratch_buffer",
 ]
 
@@ -221,8 +223,7 @@ class TensorSelection:
             equal = torch.eq(flat, threshold.value, out=scratch_buffer(scratch, "eq", flat.numel()))
             count = count_ones(equal)
             if count >= quota:
-                ties = equal.nonzero().view(-1)
-                return cls(threshold.value, seen + int(ties[quota - 1]) + 1)
+                return cls(threshold.value, seen + position_of_one(equal, quota) + 1)
             quota -= count
             seen += flat.numel()
         return cls(threshold.value, seen)
@@ -242,7 +243,9 @@ class TensorSelection:
         for chunk in chunks():
             flat = chunk.reshape(-1)
             part = flat[: max(0, limit - seen)]
-            quota += count_ones(torch.eq(part, self.value, out=scratch_buffer(scratch, "eq", part.numel())))
+            quota += count_ones(
+                torch.eq(part, self.value, out=scratch_buffer(scratch, "eq", part.numel()))
+            )
             seen += flat.numel()
             if seen >= limit:
                 break
@@ -264,6 +267,34 @@ def count_ones(flags: torch.Tensor) -> int:
     if flags.numel() < (1 << 24):
         return int(flags.sum())
     return int(flags.sum(dtype=torch.float64))
+
+
+_BLOCK = 4096  # entries per block summed by position_of_one
+
+
+def position_of_one(flags: torch.Tensor, q: int) -> int:
+    """The flat index of the ``q``-th 1 (from 1) among the 0/1 float ``flags``, which hold at
+    least ``q`` ones.
+
+    Blocks of entries are counted first, so only the block holding it is searched: on a
+    long tensor several times faster than listing every 1 with ``nonzero``.
+
+    Examples
+    --------
+    >>> position_of_one(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0]), 3)
+    4
+    """
+    flat = flags.reshape(-1)
+    whole = flat.numel() - flat.numel() % _BLOCK
+    if whole >= 4 * _BLOCK:
+        # float sums of at most 4096 ones are exact
+        totals = np.cumsum(flat[:whole].view(-1, _BLOCK).sum(1).numpy().astype(np.int64))
+        block = int(np.searchsorted(totals, q))  # the first block whose running total reaches q
+        before = int(totals[block - 1]) if block > 0 else 0
+        start = block * _BLOCK
+        rest = flat[start : start + _BLOCK] if block < len(totals) else flat[whole:]
+        return start + int(rest.nonzero()[q - before - 1])
+    return int(flat.nonzero()[q - 1])
 
 
 def count_at_or_above(counts: torch.Tensor) -> torch.Tensor:
