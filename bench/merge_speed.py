@@ -8,7 +8,9 @@ layers, 16 heads, vocab 32000), then measures in one run:
 - each merge method: ``modelfuse merge CONFIG OUT`` (the command line, as users
   run it) on the N checkpoints.
 
-Each measurement runs in its own process and reports wall seconds and peak RSS.
+Each measurement runs in its own process and reports wall seconds and peak RSS;
+each process imports the modules it uses before its clock starts (imports are
+a fixed cost per process, not part of the merge's speed).
 Every run of a method is paired with a run of the floor just before it; the
 table gives the fastest run, the fastest paired floor, the median of the
 pairs' ratios (drift of the machine cancels out) and the largest peak RSS.
@@ -146,9 +148,16 @@ def child_io_floor(folders: list[Path], out: Path, threads: int | None) -> dict:
 
 
 def child_merge(method: str, folders: list[Path], out: Path, threads: int | None) -> dict:
-    """``modelfuse merge`` as a user runs it (the command line, in this process)."""
+    """``modelfuse merge`` as a user runs it (the command line, in this process).
+
+    As the floor's child does, it imports what it uses before its clock starts
+    (the merge engine and the progress bar: a fixed cost of a few tenths of a
+    second per process that does not grow with the model)."""
     import yaml
 
+    import modelfuse.merge.engine  # noqa: F401
+    import modelfuse.merge.multistage  # noqa: F401
+    import modelfuse.progress  # noqa: F401
     from modelfuse.cli import main as cli
     from modelfuse.merge.registry import get_method
 

@@ -97,6 +97,23 @@ def test_bfloat16_inputs_larger_than_a_chunk_are_not_modified():
     assert all(torch.equal(t, c) for t, c in zip([base, *models], copies))
 
 
+def test_ramplus_tl_holds_its_counting_chunks_or_computes_them_again(monkeypatch):
+    """A whole tensor's merge keeps the chunks its count computed when they fit
+    (HOLD_BYTES), else it computes them again: the same bytes either way, over several
+    chunks, and the inputs unchanged."""
+    from modelfuse.merge.methods import ram as ram_module
+
+    base, models = _models(3, shape=(700, 500), seed=8)
+    copies = [t.clone() for t in [base, *models]]
+    held = ramplus_tl(models, base, r=0.5, alpha=1.0)
+    monkeypatch.setattr(ram_module, "HOLD_BYTES", 0)
+    again = ramplus_tl(models, base, r=0.5, alpha=1.0)
+    assert torch.equal(held, again)
+    expected = _reference(models, base, tensor_local=True, r=0.5, alpha=1.0)
+    torch.testing.assert_close(held, expected)
+    assert all(torch.equal(t, c) for t, c in zip([base, *models], copies))
+
+
 def test_one_dimensional_and_empty_tensors():
     base, models = _models(2, shape=(13,), seed=6)
     torch.testing.assert_close(

@@ -9,7 +9,7 @@ much of its change the tensor shares with other models, a whole-tensor count
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from pydantic import Field
@@ -19,6 +19,7 @@ from modelfuse.merge.parameters import MethodParameters
 
 __all__ = [
     "RamParameters",
+    "HOLD_BYTES",
     "RamPlusParameters",
     "ram",
     "ram_counts",
@@ -29,6 +30,10 @@ __all__ = [
 
 _CHUNK = 1 << 18
 """Entries processed at once; temporaries stay a few chunks whatever the tensor size."""
+
+HOLD_BYTES = 64 * 1024 * 1024
+"""``ramplus_tl`` merging a whole tensor keeps the chunks its count computed (task vectors,
+masks and counts) for the merge when they take at most this; else it computes them again."""
 
 
 class RamParameters(MethodParameters):
@@ -110,12 +115,21 @@ def ram_counts(
             [1, 1]])
     """
     base = _check(tensors, base, "ramplus_tl")
-    total = torch.zeros(len(tensors), 2, dtype=torch.int64)
-    for _index, _taus, masks, counts in _chunks(tensors, base, float(epsilon)):
+    return _count(_chunks(tensors, base, float(epsilon)), len(tensors))
+
+
+def _count(
+    chunks: Iterable[tuple[slice, list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
+    n_models: int,
+) -> torch.Tensor:
+    """:func:`ram_counts` of the chunks of :func:`_chunks` (which it leaves unchanged)."""
+    total = torch.zeros(n_models, 2, dtype=torch.int64)
+    for _index, _taus, masks, counts in chunks:
         unique = counts == 1
+        both = torch.empty_like(unique)
         for i, mask in enumerate(masks):
             changed = int(torch.count_nonzero(mask))
-            alone = int(torch.count_nonzero(mask.logical_and_(unique)))
+            alone = int(torch.count_nonzero(torch.logical_and(mask, unique, out=both)))
             total[i, 0] += changed - alone  # changed entries that another model changed too
             total[i, 1] += alone
     return total
@@ -193,12 +207,17 @@ def reinforced_agent_merge(
     base = _check(tensors, base, method)
     epsilon = float(epsilon)
     scales: list[float | torch.Tensor] = [1.0] * len(tensors)
+    chunks: Iterable[tuple[slice, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]
+    chunks = _chunks(tensors, base, epsilon)
     if tensor_local:
         if counts is None:
-            counts = ram_counts(tensors, base, epsilon=epsilon)
+            # the counting pass's chunks are the merge's: held when they fit, else computed again
+            held = base.numel() * (5 * len(tensors) + 4) <= HOLD_BYTES
+            chunks = list(chunks) if held else chunks
+            counts = _count(chunks if held else _chunks(tensors, base, epsilon), len(tensors))
         scales = list(ram_scales(counts, r=r, alpha=alpha, epsilon=epsilon))
     out = torch.empty(base.numel(), dtype=torch.float32)
-    for index, taus, masks, count in _chunks(tensors, base, epsilon):
+    for index, taus, masks, count in chunks:
         unique = count == 1
         divisor = count.clamp_(min=1).to(torch.float32)
         part = out[index].copy_(base.reshape(-1)[index])
