@@ -87,6 +87,32 @@ def test_inputs_are_not_modified_and_low_precision_inputs_work():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_held_task_vectors_and_variances_give_the_bytes_of_computing_them_again(
+    monkeypatch, select_topk
+):
+    """A whole tensor keeps its chunks' task vectors and variances from the reduction for
+    the merge when they fit; computed again in every pass, the bytes are the same, and
+    the inputs are left unchanged either way (several chunks)."""
+    from modelfuse.merge.methods import sce as sce_module
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(900, 700, generator=g).to(torch.bfloat16)
+    tensors = [
+        (base.float() + 0.01 * torch.randn(900, 700, generator=g)).to(torch.bfloat16)
+        for _ in range(3)
+    ]
+    copies = [t.clone() for t in tensors]
+    held = sce(tensors, base, select_topk=select_topk)
+    monkeypatch.setattr(sce_module, "HELD_TASK_VECTORS", 0)
+    monkeypatch.setattr(sce_module, "KEPT_VARIANCES", 0)
+    again = sce(tensors, base, select_topk=select_topk)
+    assert torch.equal(held, again)
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies))
+    expected = _ref(base.float(), [t.float() for t in tensors], select_topk)
+    torch.testing.assert_close(held, expected)
+
+
 def test_select_topk_out_of_range_is_refused():
     base, tensors = _models(1)
     with pytest.raises(ConfigError, match="select_topk"):

@@ -11,7 +11,6 @@ tensor merged in blocks of rows give the same bytes, whatever the threads.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
 from modelfuse.merge.parameters import MethodParameters
 
 __all__ = [
+    "HELD_TASK_VECTORS",
     "SceParameters",
     "SceReduction",
     "WEIGHT_EPS",
@@ -81,26 +81,59 @@ variances once for the reduction's passes (nonzero count, selection, weights); l
 ones compute them again in each pass, so that memory stays bounded."""
 
 
-class _Inputs:
-    """The task vectors of one tensor (or a block of it), chunk by chunk in float32."""
+HELD_TASK_VECTORS = 64 * 1024 * 1024
+"""A tensor merged whole keeps its float32 task vectors for the passes of its reduction and
+merge when they take at most this many bytes; larger ones compute them in each pass."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, offset: int) -> None:
+
+class _Inputs:
+    """The task vectors of one tensor (or a block of it), chunk by chunk in float32.
+
+    With ``hold`` (and task vectors of at most :data:`HELD_TASK_VECTORS` bytes) each
+    chunk's task vectors are computed once and handed out again; callers then must not
+    modify them, but the last pass (:meth:`release` says which chunk it is done with).
+    """
+
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], base: torch.Tensor, offset: int, hold: bool = False
+    ) -> None:
         self.flats = [t.reshape(-1) for t in tensors]
         self.base = base.reshape(-1)
         self.size = self.base.numel()
         self.offset = offset
         self.chunk = chunk_size("magnitude", (1, 1), self.size)
         self._kept: list[torch.Tensor] | None = None
+        held = hold and 4 * self.size * len(self.flats) <= HELD_TASK_VECTORS
+        self._held: dict[int, list[torch.Tensor]] | None = {} if held else None
 
     def slices(self) -> Iterator[slice]:
         return chunk_slices(self.size, self.chunk, self.offset)
 
     def taus(self, index: slice) -> list[torch.Tensor]:
+        if self._held is None or index.step is not None:
+            return self._taus(index)
+        taus = self._held.get(index.start)
+        if taus is None:
+            taus = self._held[index.start] = self._taus(index)
+        return taus
+
+    def release(self, index: slice) -> list[torch.Tensor]:
+        """The chunk's task vectors for its last use: the caller may modify them."""
+        if self._held is None:
+            return self._taus(index)
+        taus = self._held.pop(index.start, None)
+        return self._taus(index) if taus is None else taus
+
+    def _taus(self, index: slice) -> list[torch.Tensor]:
         base = self.base[index].to(torch.float32)
         return [flat[index].to(torch.float32) - base for flat in self.flats]
 
     def variance(self, index: slice) -> torch.Tensor:
         return _variance(self.taus(index))
+
+    def kept_variances(self) -> Iterator[torch.Tensor] | None:
+        """The variances the reduction kept (see :meth:`variances`), or None."""
+        return None if self._kept is None else iter(self._kept)
 
     def variances(self) -> Iterator[torch.Tensor]:
         """The variances chunk by chunk; a tensor of at most :data:`KEPT_VARIANCES`
@@ -171,24 +204,30 @@ def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float,
     sums = [0.0] * len(inputs.flats)
     masker = _masker(selection, inputs)
     slices = list(inputs.slices())
-    if masker is not None:  # the masker counts ties in chunk order: masks come in order
-        masks: Iterator[torch.Tensor | None] = (masker(v) for v in inputs.variances())
+    if masker is None:
+
+        def squares(index: slice) -> list[float]:
+            return [_square_sum(tau) for tau in inputs.taus(index)]
+
+        shares: Iterator[list[float]] = ordered_map(squares, slices)
     else:
-        masks = itertools.repeat(None)
+        kept = inputs.kept_variances()
 
-    def squares(item: tuple[slice, torch.Tensor | None]) -> list[float]:
-        index, mask = item
-        taus = inputs.taus(index)
-        if mask is not None:
-            keep = mask.to(torch.float32)
-            for tau in taus:
-                tau.mul_(keep)
-        return [_square_sum(tau) for tau in taus]
+        def chunk(index: slice) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            taus = inputs.taus(index)  # may be held for the merge: left unchanged
+            return taus, None if kept is not None else _variance(taus)
 
+        def masked(item: tuple[list[torch.Tensor], torch.Tensor | None]) -> list[float]:
+            # the masker counts ties in chunk order: masks are made here, in order
+            taus, variance = item
+            keep = masker(next(kept) if kept is not None else variance).to(torch.float32)
+            return [_square_sum(torch.mul(tau, keep)) for tau in taus]
+
+        shares = map(masked, ordered_map(chunk, slices))
     # chunk shares added in chunk order: the same sums on any number of threads
-    for shares in ordered_map(squares, zip(slices, masks)):
-        for i, share in enumerate(shares):
-            sums[i] += share
+    for share in shares:
+        for i, value in enumerate(share):
+            sums[i] += value
     return _normalised([s / inputs.size for s in sums] if inputs.size else sums)
 
 
@@ -227,7 +266,10 @@ def sce_reduction(
     >>> sce_reduction(taus, torch.zeros(3)).weights  # mean squares 3 and 7
     (0.3, 0.7)
     """
-    inputs = _Inputs(tensors, _check(tensors, base), 0)
+    return _reduction(_Inputs(tensors, _check(tensors, base), 0), select_topk)
+
+
+def _reduction(inputs: _Inputs, select_topk: float) -> SceReduction:
     selection = _select(inputs, select_topk)
     return SceReduction(selection, _weights(inputs, selection))
 
@@ -330,16 +372,23 @@ def sce(
     del int8_mask
     base = _check(tensors, base)
     if reduced is None:
-        reduced = sce_reduction(tensors, base, select_topk=select_topk)
+        # the reduction's chunks (task vectors and variances) serve the merge too
+        inputs = _Inputs(tensors, base, offset, hold=True)
+        reduced = _reduction(inputs, select_topk)
+    else:
+        inputs = _Inputs(tensors, base, offset)
     if len(reduced.weights) != len(tensors):
         raise ConfigError(f"sce: {len(reduced.weights)} weights for {len(tensors)} models")
-    inputs = _Inputs(tensors, base, offset)
     masker = _masker(reduced.selection, inputs)
     out = torch.empty(inputs.size, dtype=torch.float32)
+    kept = inputs.kept_variances() if masker is not None else None
     for index in inputs.slices():
-        taus = inputs.taus(index)
+        taus = inputs.release(index)
         if masker is not None:
-            variance, total = _variance_and_sum(taus)
+            if kept is not None:  # the reduction's, of these same task vectors
+                variance, total = next(kept), _summed(taus)
+            else:
+                variance, total = _variance_and_sum(taus)
             mask = masker(variance).to(torch.float32)
             del variance
             for tau in taus:
