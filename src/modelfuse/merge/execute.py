@@ -360,7 +360,7 @@ def execute_plan(
             schedule.reduced(task)
 
     def exclusive(piece: Piece) -> bool:
-        return working_bytes(plan, piece[1], piece[2]) > EXCLUSIVE_BYTES
+        return working_bytes(plan, piece[1], piece[2], piece[0]) > EXCLUSIVE_BYTES
 
     if threads <= 1:
         while (piece := schedule.next()) is not None:

@@ -36,8 +36,10 @@ EXCLUSIVE_BYTES = 256 * 1024 * 1024
 """A piece whose working memory exceeds this is merged alone, so two never add up."""
 
 
-def working_bytes(plan: MergePlan, task: TensorTask, rows: Rows) -> int:
-    """Rough memory a piece needs: its inputs as handed over, a float32 result and the output."""
+def working_bytes(plan: MergePlan, task: TensorTask, rows: Rows, kind: str = "merge") -> int:
+    """Rough memory a piece needs: its inputs as handed over and, for a merge, a float32
+    result and the output (a reduction's values are a few numbers per model, or a bit per
+    entry, and it works chunk by chunk)."""
     numel = 1
     for size in task.shape:
         numel *= size
@@ -45,6 +47,8 @@ def working_bytes(plan: MergePlan, task: TensorTask, rows: Rows) -> int:
         numel = numel // task.shape[0] * (rows[1] - rows[0])
     inputs = len(task.models) + (1 if task.base is not None else 0)
     width = 2 if plan.method.low_precision_inputs else 4
+    if kind == "reduce":
+        return numel * inputs * width
     return numel * (inputs * width + 4 + task.out_dtype.itemsize)
 
 
