@@ -397,3 +397,23 @@ def test_keep_rates_of_a_three_dimensional_tensor_follow_the_ranks_along_its_sec
     ) / draws
     # Binomial(6000, p <= 0.7): 5 standard deviations is 0.03
     assert (kept - expected).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("epsilon", [0.15, -0.15, 0.0])
+@pytest.mark.parametrize("shape", [(30, 40), (6, 10, 3)])
+def test_keep_decisions_as_bools_or_into_a_float_buffer_are_the_same(epsilon, shape):
+    from modelfuse.merge.methods.random_drops import della_groups, della_keep
+
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(shape, generator=g)
+    draws = torch.from_numpy(uniforms(values.numel(), 3).reshape(shape))
+    groups = della_groups(shape)
+    kept = della_keep(values, draws, 0.4, epsilon, groups)
+    buffer = draws.clone()  # the draws' own buffer takes the decisions
+    into = della_keep(values, buffer, 0.4, epsilon, groups, out=buffer)
+    assert kept.dtype == torch.bool and into.dtype == torch.float32
+    assert into.data_ptr() == buffer.data_ptr()
+    assert torch.equal(kept.float(), into)
+    expected = _kept(values.numpy(), 0.4, abs(epsilon), draws.numpy()) if epsilon > 0 else None
+    if expected is not None:
+        assert np.array_equal(kept.numpy(), expected)

@@ -108,9 +108,12 @@ def della_keep(
     density: float,
     epsilon: float,
     groups: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""DELLA's keep decisions, each entry kept with its :func:`della_probabilities`, drawn
-    without ranking: a bool tensor of the shape of ``draws``, True for a kept entry.
+    without ranking: a bool tensor of the shape of ``draws``, True for a kept entry, or
+    with ``out`` (a float32 tensor of as many entries, which may be ``draws`` itself)
+    0/1 floats written there, which multiply a chunk several times faster than bools.
     ``values`` may be signed: their magnitudes are ranked.
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
@@ -145,11 +148,11 @@ def della_keep(
     length, stride = groups
     if length == 1 or epsilon == 0:  # one probability for every entry
         p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
-        return torch.add(draws, p.add(density - epsilon)).ge_(1).to(torch.bool)
+        return _decided(torch.add(draws, p.add(density - epsilon)).ge_(1), draws, out)
     low, high = density - abs(epsilon), density + abs(epsilon)
     if high + (high - low) / (length - 1) > 1:
         p = della_probabilities(values.abs(), density, epsilon, groups)
-        return torch.add(draws, p).ge_(1).to(torch.bool)
+        return _decided(torch.add(draws, p).ge_(1), draws, out)
     # one key column on each side: picks below the band land on the left one, beyond
     # it on the right one, whose keys rank below (above) every entry when epsilon > 0
     rows = values.numel() // (length * stride)
@@ -168,16 +171,35 @@ def della_keep(
     pick = torch.mul(draws.view(keys.shape).to(exact), -scale).add_((1 - low) * scale)
     pick.ceil_().clamp_(0, length + 1)
     column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
-    other = torch.gather(padded, 1, pick.to(torch.int64))
+    if stride == 1 and padded.numel() < 1 << 31:
+        # the picked keys by flat position: int32 positions, far faster than gather's int64
+        position = pick.to(torch.int32)
+        position.add_(torch.arange(0, padded.numel(), length + 2, dtype=torch.int32).view(rows, 1))
+        other = torch.index_select(padded.view(-1), 0, position.view(-1)).view(keys.shape)
+    else:
+        other = torch.gather(padded, 1, pick.to(torch.int64))
     # keys are integers: "smaller, or equal and earlier" is "smaller than key + 1" for a
-    # picked entry before this one (beyond the band, the sentinels never tie)
+    # picked entry before this one (beyond the band, the sentinels never tie); comparisons
+    # into int32 and float32 tensors: several times faster than into bools
+    bound = torch.empty(keys.shape, dtype=torch.int32)
+    if out is not None:
+        keep = out.view(keys.shape)
+    else:
+        keep = torch.empty(keys.shape, dtype=torch.bool)
     if epsilon > 0:
-        bound = torch.lt(pick, column).to(torch.int32).add_(keys)
-        keep = torch.lt(other, bound)
+        torch.lt(pick, column, out=bound).add_(keys)
+        torch.lt(other, bound, out=keep)
     else:  # "larger, or equal and later"
-        bound = torch.gt(pick, column).to(torch.int32).neg_().add_(keys)
-        keep = torch.gt(other, bound)
+        torch.gt(pick, column, out=bound).neg_().add_(keys)
+        torch.gt(other, bound, out=keep)
     return keep.view(draws.shape)
+
+
+def _decided(kept: torch.Tensor, draws: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The 0/1 float decisions ``kept`` as :func:`della_keep` returns them."""
+    if out is None:
+        return kept.to(torch.bool)
+    return out.view(draws.shape).copy_(kept)
 
 
 def _magnitude_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -272,9 +272,10 @@ class Sparsifier:
                 keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
             else:
                 draws = uniform_draws(self.seed, start, buffer)
-                keep = della_keep(delta, draws, self.density, self.epsilon, self.groups)
+                # 0/1 floats into the draws' buffer (spent once the picks are made)
+                keep = della_keep(delta, draws, self.density, self.epsilon, self.groups, out=buffer)
                 if self.per_entry:
-                    keep = buffer.copy_(keep).div_(
+                    keep = keep.div_(
                         della_probabilities(delta.abs(), self.density, self.epsilon, self.groups)
                     )
             if self.recording:
