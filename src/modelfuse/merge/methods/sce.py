@@ -218,10 +218,11 @@ def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float,
             return taus, None if kept is not None else _variance(taus)
 
         def masked(item: tuple[list[torch.Tensor], torch.Tensor | None]) -> list[float]:
-            # the masker counts ties in chunk order: masks are made here, in order
+            # the masker counts ties in chunk order: masks are made here, in order; the
+            # squares are summed over the selected entries only (the others are zeros)
             taus, variance = item
-            keep = masker(next(kept) if kept is not None else variance).to(torch.float32)
-            return [_square_sum(torch.mul(tau, keep)) for tau in taus]
+            keep = masker(next(kept) if kept is not None else variance).numpy()
+            return [_square_sum(torch.from_numpy(np.compress(keep, tau.numpy()))) for tau in taus]
 
         shares = map(masked, ordered_map(chunk, slices))
     # chunk shares added in chunk order: the same sums on any number of threads
@@ -397,12 +398,14 @@ def sce(
             del mask
         else:
             total = _summed(taus)
-        # +1 where the sum is >= 0, else -1
-        elected = torch.where(total >= 0, 1.0, -1.0)
+        # +1 where the sum is >= 0, else -1 (comparisons into float32: no bool tensors)
+        elected = torch.ge(total, 0.0, out=torch.empty_like(total)).mul_(2.0).sub_(1.0)
         merged = total.zero_()
         divisor = torch.zeros_like(merged)
+        agree = torch.empty_like(merged)
         for tau, w in zip(taus, reduced.weights):
-            agree = torch.eq(torch.sign(tau), elected).to(torch.float32)
+            # sign(tau) == elected: tau * elected > 0 (a zero agrees with no sign)
+            torch.gt(torch.mul(tau, elected, out=agree), 0.0, out=agree)
             merged.addcmul_(tau, agree, value=w)
             divisor.add_(agree, alpha=w)
         merged.div_(divisor.clamp_(min=WEIGHT_EPS))
