@@ -1,4 +1,5 @@
-"""TIES' sign election and disjoint sum, chunk by chunk from running sums."""
+"""TIES' sign election and disjoint sum, chunk by chunk: the sum elects the signs, then
+each model's agreeing entries are added."""
 
 from __future__ import annotations
 
@@ -25,52 +26,54 @@ def elect_signs(
     normalize: bool,
     workspace: Workspace,
 ) -> torch.Tensor:
-    """TIES' sign election and disjoint sum over one chunk, from running sums.
+    """TIES' sign election and disjoint sum over one chunk, in two passes over the
+    models' weighted task vectors (kept for the second: a chunk each).
 
-    Only float arithmetic (no bool tensors, which are slow to build): the sum
-    T = sum x_i and the positive part P = sum max(x_i, 0) give the negative part
-    T - P; with s_i = sign(x_i), the weight of the models voting + is
-    (S2 + S1) / 2 and of those voting - is (S2 - S1) / 2, where
-    S1 = sum w_i s_i and S2 = sum w_i |s_i|.
+    The first pass sums them (``"sum"``) or their signs (``"count"``), which
+    elects a sign per entry, ties to +; the second adds each model's entries
+    whose sign is the elected one, and (``normalize``) the weights of the models
+    that contributed them, as mergekit 0.1.5 does; a zero sum of weights counts
+    as one. Only float arithmetic: comparisons write float32, never bools.
     """
     length = base_part.numel()
-    positive = workspace.zeros("positive", length)
     total = workspace.zeros("total", length)
-    signed = workspace.zeros("signed", length) if normalize else None
-    unsigned = workspace.zeros("unsigned", length) if normalize else None
     votes = workspace.zeros("votes", length) if consensus_method == "count" else None
     scratch = workspace.get("scratch", length)
+    deltas = []
     for i, w in enumerate(weights):
         sparsifier = sparsifiers[i]
         kept = None if sparsifier is None else sparsifier.take(index.start, length)
-        scale = w
         if kept is not None and sparsifier is not None:  # held by the norm pass
             scale = w * sparsifier.factor
             delta = kept if scale == 1.0 else kept.mul_(scale)
         else:
-            delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
+            own = workspace.get(f"delta{i}", length)
+            delta = torch.sub(flats[i][index], base_part, out=own)
+            scale = w
             if sparsifier is not None:
                 delta = sparsifier(delta, start)
                 scale = w * sparsifier.factor
+                if delta.data_ptr() != own.data_ptr():  # in the sparsifier's own buffer
+                    delta = own.copy_(delta)
             if scale != 1.0:
                 delta.mul_(scale)
         total.add_(delta)
-        positive.add_(torch.clamp(delta, min=0, out=scratch))
-        if votes is not None or (signed is not None and unsigned is not None):
-            sign = torch.sign(delta, out=scratch)
-            if votes is not None:
-                votes.add_(sign)
-            if signed is not None and unsigned is not None:
-                signed.add_(sign, alpha=w)
-                unsigned.add_(sign.abs_(), alpha=w)
+        if votes is not None:
+            votes.add_(torch.sign(delta, out=scratch))
+        deltas.append(delta)
     tally = votes if votes is not None else total
-    # 1 where the tally is >= 0, else 0
-    elected = torch.sign(tally, out=scratch).add_(1.0).clamp_(max=1.0)
-    negative = total.sub_(positive)
-    merged = torch.lerp(negative, positive, elected, out=workspace.get("merged", length))
-    if signed is not None and unsigned is not None:
-        # agreeing weight: (S2 - S1) / 2 + elected * S1; a zero sum counts as one
-        divisor = unsigned.sub_(signed).mul_(0.5).add_(elected.mul_(signed))
-        zero = torch.sign(divisor, out=positive).abs_().neg_().add_(1.0)
+    # +1 where the tally is >= 0, else -1
+    elected = torch.ge(tally, 0.0, out=scratch).mul_(2.0).sub_(1.0)
+    merged = total.zero_()
+    divisor = workspace.zeros("divisor", length) if normalize else None
+    agree = workspace.get("agree", length)
+    for w, delta in zip(weights, deltas):
+        # the sign of delta is the elected one: delta * elected > 0 (zeros agree with neither)
+        torch.gt(torch.mul(delta, elected, out=agree), 0.0, out=agree)
+        merged.addcmul_(delta, agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
+        zero = torch.sign(divisor, out=agree).abs_().neg_().add_(1.0)
         merged.div_(divisor.add_(zero))
     return merged

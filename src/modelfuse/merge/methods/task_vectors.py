@@ -19,8 +19,9 @@ Every method of the family is a setting of :func:`generalized_task_arithmetic`:
 6. :math:`\theta = \theta_b + \lambda \tau_m`.
 
 Each tensor is processed in chunks of 2**18 entries: for every chunk the models
-are visited one at a time and only running sums are kept, so the temporaries
-are a few chunks whatever the tensor's size or the number of models (the
+are visited one at a time and only running sums are kept (an election visits
+them twice, keeping a chunk per model), so the temporaries are a few chunks
+per model whatever the tensor's size (the
 magnitude thresholds are found first, exactly, by a selection that reads the
 task vector chunk by chunk; see :mod:`modelfuse.merge.methods.magnitude_selection`).
 
