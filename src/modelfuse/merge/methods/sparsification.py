@@ -12,6 +12,7 @@ reduction of TIES and breadcrumbs), so that any block of rows merges alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -42,6 +43,7 @@ __all__ = [
     "chunk_slices",
     "model_sparsifiers",
     "per_model",
+    "task_vector_chunk",
     "tensor_selections",
 ]
 
@@ -304,6 +306,18 @@ def per_model(
     return out
 
 
+def task_vector_chunk(
+    flat: torch.Tensor, base_flat: torch.Tensor, index: slice, out: torch.Tensor | None
+) -> torch.Tensor:
+    """The float32 task vector ``flat - base_flat`` at ``index``, written into ``out`` (a new
+    tensor when None): the model's entries converted, then the base's subtracted (no
+    float32 copy of the base is made; the same values as a subtraction in float32)."""
+    part = flat[index]
+    if out is None:
+        out = torch.empty(part.shape, dtype=torch.float32)
+    return out.copy_(part).sub_(base_flat[index])
+
+
 def model_sparsifiers(
     flats: Sequence[torch.Tensor],
     base_flat: torch.Tensor,
@@ -331,10 +345,7 @@ def model_sparsifiers(
     gammas = per_model(gamma, 0.0, n, "gamma", method)
     epsilons = per_model(epsilon, 0.0, n, "epsilon", method)
     deltas: list[Callable[[slice, torch.Tensor | None], torch.Tensor]] = [
-        lambda index, out, flat=flat: torch.sub(
-            flat[index], base_flat[index].to(torch.float32), out=out
-        )
-        for flat in flats
+        functools.partial(task_vector_chunk, flat, base_flat) for flat in flats
     ]
     sparsifiers: list[Sparsifier | None] = [None] * n
     if sparsification is None:
@@ -404,8 +415,7 @@ def tensor_selections(
     for i in range(n):
         flat = tensors[i].reshape(-1)
 
-        def delta_of(index: slice, out: torch.Tensor | None, flat: torch.Tensor = flat) -> torch.Tensor:
-            return torch.sub(flat[index], base_flat[index].to(torch.float32), out=out)
+        delta_of = functools.partial(task_vector_chunk, flat, base_flat)
 
         def magnitudes(delta_of: Callable[..., torch.Tensor] = delta_of) -> Iterator[torch.Tensor]:
             for start in range(0, size, chunk):
