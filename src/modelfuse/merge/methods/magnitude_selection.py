@@ -44,7 +44,6 @@ from modelfuse.merge.methods.magnitude_threshold import (
 )
 
 __all__ = [
-    "band_threshold",
     "bracket_ranks",
     "guess_chance",
     "kth_largest",
@@ -67,19 +66,6 @@ def sample_stride(n: int) -> int:
     """
     target = min(_SAMPLE, max(1024, int((3 * n) ** (2 / 3))))
     return max(1, n // target)
-
-
-def band_threshold(band: torch.Tensor, above: int, k: int, n: int) -> MagnitudeThreshold:
-    """The k-th largest of ``n`` values, knowing that ``above`` of them exceed every entry of
-    ``band`` (float32, in index order) and that it is in the band (``above < k <= above +
-    band.numel()``).
-
-    Examples
-    --------
-    >>> band_threshold(torch.tensor([2.0, 1.0, 2.0]), 3, 4, 10).value  # 3 above, then 2
-    2.0
-    """
-    return _finish(band, above, k, n)
 
 
 def _finish(band: torch.Tensor, above: int, k: int, n: int) -> MagnitudeThreshold:

@@ -22,7 +22,6 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.chunk_threads import ordered_map
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
-from modelfuse.merge.methods.nonzero_fraction import select_nonzero_fraction
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
 from modelfuse.merge.parameters import MethodParameters
 
@@ -178,21 +177,16 @@ def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
         return None
     if select_topk <= 0:
         return TensorSelection(float("inf"), 0)
+    nonzero = sum(int(torch.count_nonzero(v)) for v in inputs.variances())
+    k = int(nonzero * select_topk)
+    if k == 0:
+        return TensorSelection(float("inf"), 0)
     n = inputs.size
     sample = None
     if n > 2 * (1 << 16):
         stride = sample_stride(n)
         sample = _variance(inputs.taus(slice(None, None, stride)))
-    threshold = None
-    if sample is not None and n > KEPT_VARIANCES:
-        # variances computed again in each pass: count and select in the same one
-        k, threshold = select_nonzero_fraction(inputs.variances, select_topk, n, sample)
-    else:
-        k = int(sum(int(torch.count_nonzero(v)) for v in inputs.variances()) * select_topk)
-    if k == 0:
-        return TensorSelection(float("inf"), 0)
-    if threshold is None:
-        threshold = select_top_k(inputs.variances, k, n, sample)
+    threshold = select_top_k(inputs.variances, k, n, sample)
     return TensorSelection.of(threshold, inputs.variances)
 
 
