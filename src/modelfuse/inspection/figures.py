@@ -455,10 +455,10 @@ def _sample_figures(sampled: torch.Tensor, settings: Settings) -> TaskVectorFigu
 
 class _ChunkDots:
     """The task vectors of a tensor block by block and their pairwise dot products, as
-    :func:`~modelfuse.inspection.sample_signs.add_gram` sums them chunk by chunk (each chunk's float32 dot added to a float64
-    total, in chunk order; a matrix product per chunk for more than three models), in
-    fewer calls: a piece of whole chunks is converted at once, the totals are Python
-    floats."""
+    :func:`~modelfuse.inspection.sample_signs.add_gram` sums them chunk by chunk (each
+    chunk's float32 dot added to a float64 total, in chunk order; a matrix product per
+    chunk for more than three models), in fewer calls: a piece of whole chunks is
+    converted at once, the totals are Python floats."""
 
     def __init__(self, n_models: int, width: int) -> None:
         self.n, self.width = n_models, width

@@ -18,8 +18,8 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.parameters import MethodParameters
 
 __all__ = [
-    "RamParameters",
     "HOLD_BYTES",
+    "RamParameters",
     "RamPlusParameters",
     "ram",
     "ram_counts",
@@ -210,11 +210,11 @@ def reinforced_agent_merge(
     chunks: Iterable[tuple[slice, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]
     chunks = _chunks(tensors, base, epsilon)
     if tensor_local:
-        if counts is None:
-            # the counting pass's chunks are the merge's: held when they fit, else computed again
-            held = base.numel() * (5 * len(tensors) + 4) <= HOLD_BYTES
-            chunks = list(chunks) if held else chunks
-            counts = _count(chunks if held else _chunks(tensors, base, epsilon), len(tensors))
+        if counts is None and base.numel() * (5 * len(tensors) + 4) <= HOLD_BYTES:
+            chunks = list(chunks)  # the counting pass's chunks serve the merge too
+            counts = _count(chunks, len(tensors))
+        elif counts is None:  # too large to hold: the merge computes them again
+            counts = _count(_chunks(tensors, base, epsilon), len(tensors))
         scales = list(ram_scales(counts, r=r, alpha=alpha, epsilon=epsilon))
     out = torch.empty(base.numel(), dtype=torch.float32)
     for index, taus, masks, count in chunks:
