@@ -417,3 +417,31 @@ def test_keep_decisions_as_bools_or_into_a_float_buffer_are_the_same(epsilon, sh
     expected = _kept(values.numpy(), 0.4, abs(epsilon), draws.numpy()) if epsilon > 0 else None
     if expected is not None:
         assert np.array_equal(kept.numpy(), expected)
+
+
+@pytest.mark.parametrize("epsilon", [0.15, -0.15, 0.0, 0.34])
+@pytest.mark.parametrize("shape", [(30, 40), (6, 10, 3), (50, 3)])
+def test_keep_decisions_from_integer_draws_are_those_of_the_float_draws(epsilon, shape):
+    """uniform_words' integers w stand for the draws w * 2**-24: the same decisions,
+    in every branch (the picks, one probability for all, ranked short rows), also when
+    the decisions overwrite the integers' own buffer."""
+    from modelfuse.merge.methods.random_drops import (
+        della_groups,
+        della_keep,
+        uniform_draws,
+        uniform_words,
+    )
+
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(shape, generator=g).to(torch.bfloat16).float()  # equal magnitudes
+    groups = della_groups(shape)
+    words = uniform_words(9, 100, torch.empty(shape, dtype=torch.int32))
+    draws = uniform_draws(9, 100, torch.empty(shape))
+    assert torch.equal(words.double() * 2.0**-24, draws.double())
+    expected = della_keep(values, draws, 0.6, epsilon, groups)
+    assert torch.equal(della_keep(values, words, 0.6, epsilon, groups), expected)
+    buffer = torch.empty(shape)
+    into = della_keep(
+        values, uniform_words(9, 100, buffer.view(torch.int32)), 0.6, epsilon, groups, out=buffer
+    )
+    assert torch.equal(into, expected.float())

@@ -10,10 +10,12 @@ own draws without drawing the ones before it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+
+from modelfuse.merge.methods.workspace import Workspace
 
 __all__ = [
     "DELLA_ONE_ENTRY",
@@ -22,6 +24,7 @@ __all__ = [
     "della_keep",
     "della_probabilities",
     "uniform_draws",
+    "uniform_words",
     "unpack_mask",
 ]
 
@@ -109,6 +112,7 @@ def della_keep(
     epsilon: float,
     groups: tuple[int, int],
     out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     r"""DELLA's keep decisions, each entry kept with its :func:`della_probabilities`, drawn
     without ranking: a bool tensor of the shape of ``draws``, True for a kept entry, or
@@ -117,7 +121,8 @@ def della_keep(
     ``values`` may be signed: their magnitudes are ranked.
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
-    :func:`uniform_draws`). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
+    :func:`uniform_draws`), or as an int32 tensor the integers :math:`2^{24} u`
+    (from :func:`uniform_words`, which saves converting them). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
     :math:`b = d + |\epsilon|` and :math:`m` entries in the group, the draw picks
     :math:`j = \lceil (m - 1)(v - a) / (b - a) \rceil - 1`: the entry is kept
     when :math:`j < 0` (:math:`v \le a`), dropped when :math:`j \ge m`, and
@@ -128,7 +133,8 @@ def della_keep(
     is kept with probability :math:`a + (b - a)\, r / (m - 1)`, exactly the
     probability of :func:`della_probabilities`, and independently of the other
     entries: the distribution of masks of a Bernoulli draw per entry after a
-    sort of every group, for the cost of one gather. The only difference is the
+    sort of every group, for the cost of one gather (its temporaries taken from
+    ``workspace`` when given, so that chunk after chunk reuses them). The only difference is the
     resolution of a float32 draw: each pick's probability is exact to within
     :math:`2^{-24}`. A negative :math:`\epsilon` (probabilities falling with the
     rank) keeps the entry when the picked one ranks above it. Groups of one
@@ -146,18 +152,30 @@ def della_keep(
     True
     """
     length, stride = groups
-    if length == 1 or epsilon == 0:  # one probability for every entry
-        p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
-        return _decided(torch.add(draws, p.add(density - epsilon)).ge_(1), draws, out)
+    # draws as integers w stand for w * 2**-24 (exact in float32, and so are products
+    # by it: w * (c * 2**-24) rounds as (w * 2**-24) * c)
+    unit = 2.0**-24 if draws.dtype == torch.int32 else 1.0
     low, high = density - abs(epsilon), density + abs(epsilon)
-    if high + (high - low) / (length - 1) > 1:
-        p = della_probabilities(values.abs(), density, epsilon, groups)
-        return _decided(torch.add(draws, p).ge_(1), draws, out)
+    if length == 1 or epsilon == 0 or high + (high - low) / (length - 1) > 1:
+        uniform = draws if unit == 1.0 else draws.to(torch.float32).mul_(unit)
+        if length == 1 or epsilon == 0:  # one probability for every entry
+            p = torch.tensor(DELLA_ONE_ENTRY, dtype=torch.float32).mul(2).mul(epsilon)
+            p = p.add(density - epsilon)
+        else:
+            p = della_probabilities(values.abs(), density, epsilon, groups)
+        return _decided(torch.add(uniform, p).ge_(1), draws, out)
     # one key column on each side: picks below the band land on the left one, beyond
     # it on the right one, whose keys rank below (above) every entry when epsilon > 0
     rows = values.numel() // (length * stride)
-    padded = torch.empty((rows, length + 2, stride), dtype=torch.int32)
-    keys = _magnitude_keys(values, out=padded[:, 1:-1])
+    space = workspace if workspace is not None else Workspace(0)
+    size = rows * length * stride
+    padded = space.get("della padded", rows * (length + 2) * stride, torch.int32)
+    padded = padded.view(rows, length + 2, stride)
+    # the magnitudes' bits: a NaN's key depends on its payload here (it ranks above every
+    # number all the same), which changes only its own decision, and that multiplies a NaN
+    keys = padded[:, 1:-1]
+    bits = values.to(torch.float32).contiguous().view(torch.int32).view(keys.shape)
+    torch.bitwise_and(bits, 0x7FFFFFFF, out=keys)
     below_all, above_all = (-1, torch.iinfo(torch.int32).max)
     if epsilon < 0:
         below_all, above_all = above_all, below_all
@@ -168,20 +186,28 @@ def della_keep(
     exact = torch.float32 if length <= 1 << 24 else torch.float64  # holds every position
     # column j + 1 of the padded keys: ceil((m - 1)(1 - u - a) / (b - a)), within [0, m + 1]
     scale = (length - 1) / (high - low)
-    pick = torch.mul(draws.view(keys.shape).to(exact), -scale).add_((1 - low) * scale)
+    pick = space.get("della pick", size, exact).view(keys.shape)
+    if exact == torch.float32:
+        torch.mul(draws.view(keys.shape), -scale * unit, out=pick)
+    else:
+        pick.copy_(draws.view(keys.shape)).mul_(-scale * unit)
+    pick.add_((1 - low) * scale)
     pick.ceil_().clamp_(0, length + 1)
     column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
     if stride == 1 and padded.numel() < 1 << 31:
         # the picked keys by flat position: int32 positions, far faster than gather's int64
-        position = pick.to(torch.int32)
+        position = space.get("della position", size, torch.int32).view(keys.shape)
+        position.copy_(pick)
         position.add_(torch.arange(0, padded.numel(), length + 2, dtype=torch.int32).view(rows, 1))
-        other = torch.index_select(padded.view(-1), 0, position.view(-1)).view(keys.shape)
+        other = space.get("della other", size, torch.int32)
+        torch.index_select(padded.view(-1), 0, position.view(-1), out=other)
+        other = other.view(keys.shape)
     else:
         other = torch.gather(padded, 1, pick.to(torch.int64))
     # keys are integers: "smaller, or equal and earlier" is "smaller than key + 1" for a
     # picked entry before this one (beyond the band, the sentinels never tie); comparisons
     # into int32 and float32 tensors: several times faster than into bools
-    bound = torch.empty(keys.shape, dtype=torch.int32)
+    bound = space.get("della bound", size, torch.int32).view(keys.shape)
     if out is not None:
         keep = out.view(keys.shape)
     else:
@@ -251,7 +277,42 @@ def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
     True
     """
     flat = out.reshape(-1)
-    length, done = flat.numel(), 0
+    for done, words in _stream_words(seed, start, flat.numel()):
+        np.right_shift(words, 8, out=words)
+        # integers below 2**24 and their products with 2**-24 are exact in float32 (a
+        # conversion, then a product in float32: twice as fast as a mixed product)
+        part = flat[done : done + words.size].copy_(torch.from_numpy(words.view(np.int32)))
+        part.mul_(2.0**-24)
+    return out
+
+
+def uniform_words(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill the int32 tensor ``out`` with the draws of :func:`uniform_draws` times 2**24:
+    the integers ``w`` below 2**24 whose ``w * 2**-24`` are those draws.
+
+    For the callers that scale the draws anyway (:func:`della_keep`): the
+    conversion and the product by 2**-24 fold into their own product, exactly
+    (a product by a power of two rounds as the unscaled one).
+
+    Examples
+    --------
+    >>> words = uniform_words(7, 0, torch.empty(10, dtype=torch.int32))
+    >>> torch.equal(words * 2.0**-24, uniform_draws(7, 0, torch.empty(10)))
+    True
+    """
+    flat = out.reshape(-1)
+    if flat.dtype != torch.int32 or not flat.is_contiguous():
+        raise ValueError(f"uniform_words writes a contiguous int32 tensor, not {flat.dtype}")
+    target = flat.numpy().view(np.uint32)
+    for done, words in _stream_words(seed, start, flat.numel()):
+        np.right_shift(words, 8, out=target[done : done + words.size])
+    return out
+
+
+def _stream_words(seed: int, start: int, length: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The stream's 32-bit words of flat entries ``start ... start + length``, in pieces
+    that each come from one generator: ``(offset within the entries, uint32 words)``."""
+    done = 0
     while done < length:
         chunk, position = divmod(start + done, RANDOM_CHUNK)
         take = min(length - done, RANDOM_CHUNK - position)
@@ -260,14 +321,8 @@ def uniform_draws(seed: int, start: int, out: torch.Tensor) -> torch.Tensor:
         if first:
             bits.advance(first)
         words = bits.random_raw((position + take + 1) // 2 - first).view(np.uint32)
-        words = words[position - 2 * first : position - 2 * first + take]
-        np.right_shift(words, 8, out=words)
-        # integers below 2**24 and their products with 2**-24 are exact in float32 (a
-        # conversion, then a product in float32: twice as fast as a mixed product)
-        part = flat[done : done + take].copy_(torch.from_numpy(words.view(np.int32)))
-        part.mul_(2.0**-24)
+        yield done, words[position - 2 * first : position - 2 * first + take]
         done += take
-    return out
 
 
 def unpack_mask(mask: np.ndarray, start: int, out: torch.Tensor) -> torch.Tensor:

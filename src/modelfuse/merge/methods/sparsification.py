@@ -31,8 +31,10 @@ from modelfuse.merge.methods.random_drops import (
     della_keep,
     della_probabilities,
     uniform_draws,
+    uniform_words,
     unpack_mask,
 )
+from modelfuse.merge.methods.workspace import Workspace
 
 __all__ = [
     "RescaleMethod",
@@ -83,28 +85,6 @@ def chunk_slices(size: int, chunk: int, offset: int) -> Iterator[slice]:
         stop = min(size, start + chunk - (offset + start) % chunk)
         yield slice(start, stop)
         start = stop
-
-
-class Workspace:
-    """Chunk-sized buffers reused from chunk to chunk.
-
-    Few, reused allocations keep the allocator's heap small: freed chunk-sized
-    temporaries interleaved with the engine's large tensors fragment it.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = max(1, size)
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < length:
-            buffer = torch.empty(max(self.size, length), dtype=dtype)
-            self._buffers[key] = buffer
-        return buffer[:length]
-
-    def zeros(self, key: str, length: int) -> torch.Tensor:
-        return self.get(key, length).zero_()
 
 
 class Sparsifier:
@@ -273,9 +253,18 @@ class Sparsifier:
                 # floor(u + d) is 1 with probability d for u ~ U[0, 1): the kept entries.
                 keep = uniform_draws(self.seed, start, buffer).add_(self.density).floor_()
             else:
-                draws = uniform_draws(self.seed, start, buffer)
-                # 0/1 floats into the draws' buffer (spent once the picks are made)
-                keep = della_keep(delta, draws, self.density, self.epsilon, self.groups, out=buffer)
+                # the draws as integers, then 0/1 floats into their buffer (spent once the
+                # picks are made)
+                words = uniform_words(self.seed, start, buffer.view(torch.int32))
+                keep = della_keep(
+                    delta,
+                    words,
+                    self.density,
+                    self.epsilon,
+                    self.groups,
+                    out=buffer,
+                    workspace=workspace or self.workspace,
+                )
                 if self.per_entry:
                     keep = keep.div_(
                         della_probabilities(delta.abs(), self.density, self.epsilon, self.groups)
