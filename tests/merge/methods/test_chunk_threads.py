@@ -85,7 +85,7 @@ def test_norm_rescale_reduction_is_the_same_on_one_and_two_threads(threads, redu
     tau = (tensors[0].float() - base.float()).reshape(-1)
     kept = tau * bits[: tau.numel()]
     expected = tau.double().abs().sum() / kept.double().abs().sum()
-    assert one.factors[0] == pytest.approx(float(expected), rel=1e-9)
+    assert one.factors[0] == pytest.approx(float(expected), rel=1e-6)  # float32 row sums
 
 
 def test_sce_reduction_is_the_same_on_one_and_two_threads(threads):

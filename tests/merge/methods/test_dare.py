@@ -262,7 +262,8 @@ def test_a_block_of_rows_gets_the_whole_tensors_draws():
     masks = _masks(base.shape, [0.4, 0.7], 3)
     for factor, packed, model, m in zip(factors.factors, factors.masks, (a, b), masks):
         tau = (model - base).double().numpy()
-        assert abs(factor - np.abs(tau).sum() / np.abs(tau * m).sum()) < 1e-9 * factor
+        # the norms are float32 sums of rows of 2048 entries, added in float64: about 1e-7
+        assert abs(factor - np.abs(tau).sum() / np.abs(tau * m).sum()) < 1e-6 * factor
         # the masks the factors were found with, one bit per entry, for the blocks to apply
         assert packed.nbytes == (700 * 600 + 7) // 8
         assert np.array_equal(np.unpackbits(packed)[: 700 * 600], m.reshape(-1))

@@ -22,6 +22,7 @@ import torch
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.chunk_threads import chunk_workers, ordered_map
+from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.random_drops import della_groups
 from modelfuse.merge.methods.sparsification import (
@@ -63,10 +64,13 @@ def elementwise_rescale(parameters: Mapping[str, Any]) -> bool:
 class _NormSum:
     """A norm accumulated chunk by chunk, the same whatever the torch thread count.
 
-    Chunk sums are numpy's pairwise float64 sums (single-threaded), added in
-    chunk order: a tensor's norm is the same number whether its merge runs
-    whole or as the engine's reduction before its row blocks, and whether the
-    chunks were computed one after another or in parallel.
+    A chunk's share sums its magnitudes (l1) or squares (l2) with
+    :func:`~modelfuse.merge.methods.float_sums.row_sum` (float32 rows, then
+    float64), whatever the torch thread count; the shares are added in chunk
+    order. So a tensor's norm is the same number whether its merge runs whole
+    or as the engine's reduction before its row blocks, and whether the chunks
+    were computed one after another or in parallel; its relative error is
+    that of float32 sums of 2048 entries, about 1e-7 at worst.
     """
 
     def __init__(self, method: RescaleMethod) -> None:
@@ -81,13 +85,12 @@ class _NormSum:
         """One chunk's share: its sum of magnitudes (l1), of squares (l2) or its maximum."""
         if values.numel() == 0:
             return 0.0
-        magnitudes = torch.abs(values.reshape(-1), out=scratch).numpy()
-        if self.method == "l1":
-            return float(np.sum(magnitudes, dtype=np.float64))
+        magnitudes = torch.abs(values.reshape(-1), out=scratch)
+        if self.method == "linf":
+            return float(magnitudes.max())
         if self.method == "l2":
-            wide = magnitudes.astype(np.float64)
-            return float(np.sum(wide * wide))
-        return float(magnitudes.max())
+            magnitudes.mul_(magnitudes)
+        return row_sum(magnitudes)
 
     def add(self, share: float) -> None:
         if self.method == "linf":
@@ -161,6 +164,8 @@ def set_norm_factors(
         random = sparsifier.method in ("random", "della_magprune")
         if random and not keep:
             sparsifier.start_recording()
+        # what the chunks keep is written in place into one tensor, chunk by chunk
+        held = torch.empty(size, dtype=torch.float32) if keep else None
         if keep:
             sparsifier.kept = {}
 
@@ -171,14 +176,18 @@ def set_norm_factors(
             delta_of: Callable[[slice, torch.Tensor | None], torch.Tensor] = delta_of,
             before: _NormSum = before,
             after: _NormSum = after,
+            held: torch.Tensor | None = held,
         ) -> tuple[float, float]:
             length = index.stop - index.start
             scratch = space.get("norm", length)
-            delta = delta_of(index, space.get("delta", length))
+            target = space.get("delta", length) if held is None else held[index]
+            delta = delta_of(index, target)
             norm_before = before.chunk(delta, scratch)
             kept = sparsifier(delta, index.start, space)
-            if sparsifier.kept is not None:
-                sparsifier.kept[index.start] = kept.clone()
+            if held is not None and sparsifier.kept is not None:
+                if kept.data_ptr() != target.data_ptr():  # a magnitude trim's own buffer
+                    kept = target.copy_(kept)
+                sparsifier.kept[index.start] = kept
             return norm_before, after.chunk(kept, scratch)
 
         if workers > 1 and sparsifier.stateless:
