@@ -27,7 +27,9 @@ def elect_signs(
     workspace: Workspace,
 ) -> torch.Tensor:
     """TIES' sign election and disjoint sum over one chunk, in two passes over the
-    models' weighted task vectors (kept for the second: a chunk each).
+    models' weighted task vectors (kept for the second: a chunk each). A positive
+    weight (times the rescale factor) multiplies a task vector where it is added,
+    not in a pass of its own; a weight of zero or below first (it changes signs).
 
     The first pass sums them (``"sum"``) or their signs (``"count"``), which
     elects a sign per entry, ties to +; the second adds each model's entries
@@ -40,12 +42,12 @@ def elect_signs(
     votes = workspace.zeros("votes", length) if consensus_method == "count" else None
     scratch = workspace.get("scratch", length)
     deltas = []
+    scales = []
     for i, w in enumerate(weights):
         sparsifier = sparsifiers[i]
         kept = None if sparsifier is None else sparsifier.take(index.start, length)
         if kept is not None and sparsifier is not None:  # held by the norm pass
-            scale = w * sparsifier.factor
-            delta = kept if scale == 1.0 else kept.mul_(scale)
+            delta, scale = kept, w * sparsifier.factor
         else:
             own = workspace.get(f"delta{i}", length)
             delta = torch.sub(flats[i][index], base_part, out=own)
@@ -55,25 +57,27 @@ def elect_signs(
                 scale = w * sparsifier.factor
                 if delta.data_ptr() != own.data_ptr():  # in the sparsifier's own buffer
                     delta = own.copy_(delta)
-            if scale != 1.0:
-                delta.mul_(scale)
-        total.add_(delta)
+        if scale <= 0:  # the weighted values' signs differ from the values': weigh them first
+            delta, scale = delta.mul_(scale), 1.0
+        # a positive weight keeps the signs: it multiplies where the values are added
+        total.add_(delta, alpha=scale)
         if votes is not None:
             votes.add_(torch.sign(delta, out=scratch))
         deltas.append(delta)
+        scales.append(scale)
     tally = votes if votes is not None else total
     # +1 where the tally is >= 0, else -1
     elected = torch.ge(tally, 0.0, out=scratch).mul_(2.0).sub_(1.0)
     merged = total.zero_()
     divisor = workspace.zeros("divisor", length) if normalize else None
     agree = workspace.get("agree", length)
-    for w, delta in zip(weights, deltas):
+    for w, delta, scale in zip(weights, deltas, scales):
         # the sign of delta is the elected one: delta * elected > 0 (zeros agree with neither)
         torch.gt(torch.mul(delta, elected, out=agree), 0.0, out=agree)
-        merged.addcmul_(delta, agree)
+        merged.addcmul_(delta, agree, value=scale)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
     if divisor is not None:
-        zero = torch.sign(divisor, out=agree).abs_().neg_().add_(1.0)
-        merged.div_(divisor.add_(zero))
+        # a zero sum of weights counts as one
+        merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=agree)))
     return merged
