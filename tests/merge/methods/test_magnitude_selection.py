@@ -155,3 +155,24 @@ def test_global_top_k_keeps_one_entry_at_a_tiny_density():
     [selection] = global_top_k(lambda: iter(chunks), [1e-6])
     assert (selection.kept, selection.value) == (1, 4.0)
     assert selection.mask(torch.tensor([0.5, 4.0]), "a").tolist() == [False, True]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_float_masks_keep_the_same_entries_as_bool_masks(in_place):
+    """Masks as 0/1 floats (sce's), also written over the magnitudes themselves, keep
+    exactly the top k with ties in index order, across chunks that split the ties."""
+    g = torch.Generator().manual_seed(4)
+    values = torch.randint(0, 50, (300_000,), generator=g).float()  # ties everywhere
+    chunks = [values[i : i + 70_000] for i in range(0, 300_000, 70_000)]
+    k = 150_001
+    selection = select_top_k(lambda: iter(chunks), k, 300_000, values[::7])
+    masker = selection.masker(dtype=torch.float32)
+    pieces = []
+    for c in chunks:
+        c = c.clone()
+        pieces.append(masker(c, out=c) if in_place else masker(c))
+    mask = torch.cat(pieces)
+    assert mask.dtype == torch.float32
+    expected = np.zeros(300_000, dtype=np.float32)
+    expected[top_k_positions(values.numpy(), k)] = 1
+    assert np.array_equal(mask.numpy(), expected)

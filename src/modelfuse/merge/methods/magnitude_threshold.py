@@ -96,25 +96,53 @@ class MagnitudeThreshold:
             f"tie_quota={self.tie_quota!r})"
         )
 
-    def masker(self, name: str = "") -> Callable[[torch.Tensor], torch.Tensor]:
+    def masker(self, name: str = "", dtype: torch.dtype = torch.bool) -> Callable[..., torch.Tensor]:
         """A function masking the chunks of tensor ``name``, given in index order.
 
-        Each call takes the magnitudes of the next chunk and returns a bool mask.
+        Each call takes the magnitudes of the next chunk and returns a mask of
+        ``dtype``: bools, or with ``torch.float32`` 0/1 floats (compared into
+        floats: several times faster than bools converted), written into
+        ``out`` when given (which may be the magnitudes themselves).
         """
         value = self.value
         quota = None if self.tie_quota is None else [self.tie_quota.get(name, 0)]
+        if dtype == torch.bool:
 
-        def mask(magnitudes: torch.Tensor) -> torch.Tensor:
+            def mask(magnitudes: torch.Tensor) -> torch.Tensor:
+                if quota is None:
+                    return magnitudes >= value
+                kept = magnitudes > value
+                if quota[0] > 0:
+                    positions = (magnitudes.reshape(-1) == value).nonzero().view(-1)[: quota[0]]
+                    kept.view(-1)[positions] = True
+                    quota[0] -= positions.numel()
+                return kept
+
+            return mask
+
+        scratch: dict[str, torch.Tensor] = {}
+
+        def float_mask(magnitudes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            kept = torch.empty(magnitudes.shape, dtype=dtype) if out is None else out
             if quota is None:
-                return magnitudes >= value
-            kept = magnitudes > value
-            if quota[0] > 0:
-                positions = (magnitudes.reshape(-1) == value).nonzero().view(-1)[: quota[0]]
-                kept.view(-1)[positions] = True
-                quota[0] -= positions.numel()
+                return torch.ge(magnitudes, value, out=kept)
+            ties = None
+            if quota[0] > 0:  # found before the magnitudes may be overwritten
+                flat = magnitudes.reshape(-1)
+                ties = torch.eq(flat, value, out=scratch_buffer(scratch, "ties", flat.numel()))
+            torch.gt(magnitudes, value, out=kept)
+            if ties is not None:
+                count = count_ones(ties)
+                if count <= quota[0]:
+                    kept.view(-1).add_(ties)
+                    quota[0] -= count
+                else:
+                    positions = ties.nonzero().view(-1)[: quota[0]]
+                    kept.view(-1)[positions] = 1
+                    quota[0] = 0
             return kept
 
-        return mask
+        return float_mask
 
     def selector(self, name: str = "") -> Callable[..., torch.Tensor]:
         """A function zeroing the unselected entries of the chunks of tensor ``name``.

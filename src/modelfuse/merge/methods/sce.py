@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.chunk_threads import ordered_map
+from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
@@ -105,6 +105,8 @@ class _Inputs:
         self._kept: list[torch.Tensor] | None = None
         held = hold and 4 * self.size * len(self.flats) <= HELD_TASK_VECTORS
         self._held: dict[int, list[torch.Tensor]] | None = {} if held else None
+        # with held task vectors, the selection's 0/1 masks made by the weights pass
+        self._masks: dict[int, torch.Tensor] | None = {} if held else None
 
     def slices(self) -> Iterator[slice]:
         return chunk_slices(self.size, self.chunk, self.offset)
@@ -123,6 +125,23 @@ class _Inputs:
             return self._taus(index)
         taus = self._held.pop(index.start, None)
         return self._taus(index) if taus is None else taus
+
+    def hold_mask(self, index: slice, mask: torch.Tensor) -> None:
+        """Keep the chunk's selection mask for the merge (when the task vectors are held)."""
+        if self._masks is not None:
+            self._masks[index.start] = mask
+
+    @property
+    def holds_masks(self) -> bool:
+        return self._masks is not None
+
+    def forget_variances(self) -> None:
+        """Drop the kept variances (the held masks took their place)."""
+        self._kept = None
+
+    def take_mask(self, index: slice) -> torch.Tensor | None:
+        """The chunk's selection mask kept by the weights pass (handed out once), or None."""
+        return None if self._masks is None else self._masks.pop(index.start, None)
 
     def _taus(self, index: slice) -> list[torch.Tensor]:
         base = self.base[index].to(torch.float32)
@@ -190,13 +209,12 @@ def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
     return TensorSelection.of(threshold, inputs.variances)
 
 
-def _masker(
-    selection: TensorSelection | None, inputs: _Inputs
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _masker(selection: TensorSelection | None, inputs: _Inputs) -> Callable[..., torch.Tensor] | None:
     """Masks the variances of the inputs' chunks, given in order (None: all kept)."""
     if selection is None:
         return None
-    return selection.within(inputs.offset, inputs.size, inputs.variances).masker()
+    within = selection.within(inputs.offset, inputs.size, inputs.variances)
+    return within.masker(dtype=torch.float32)
 
 
 def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float, ...]:
@@ -207,36 +225,43 @@ def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float,
     if masker is None:
 
         def squares(index: slice) -> list[float]:
-            return [_square_sum(tau) for tau in inputs.taus(index)]
+            taus = inputs.taus(index)  # may be held for the merge: left unchanged
+            scratch = torch.empty_like(taus[0])
+            return [row_sum(torch.mul(tau, tau, out=scratch)) for tau in taus]
 
         shares: Iterator[list[float]] = ordered_map(squares, slices)
     else:
         kept = inputs.kept_variances()
 
-        def chunk(index: slice) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        def chunk(index: slice) -> tuple[slice, list[torch.Tensor], torch.Tensor | None]:
             taus = inputs.taus(index)  # may be held for the merge: left unchanged
-            return taus, None if kept is not None else _variance(taus)
+            return index, taus, None if kept is not None else _variance(taus)
 
-        def masked(item: tuple[list[torch.Tensor], torch.Tensor | None]) -> list[float]:
-            # the masker counts ties in chunk order: masks are made here, in order; the
-            # squares are summed over the selected entries only (the others are zeros)
-            taus, variance = item
-            keep = masker(next(kept) if kept is not None else variance).numpy()
-            return [_square_sum(torch.from_numpy(np.compress(keep, tau.numpy()))) for tau in taus]
+        def masked(item: tuple[slice, list[torch.Tensor], torch.Tensor | None]) -> list[float]:
+            # the masker counts ties in chunk order: masks are made here, in order (and
+            # kept for the merge when the task vectors are)
+            index, taus, variance = item
+            if kept is not None:
+                variance = next(kept)
+            # the variances are spent once masked, unless the merge needs them again
+            spent = kept is None or inputs.holds_masks
+            mask = masker(variance, out=variance if spent else None)
+            inputs.hold_mask(index, mask)
+            scratch = torch.empty_like(mask)
+            shares = []
+            for tau in taus:
+                torch.mul(tau, mask, out=scratch)
+                shares.append(row_sum(scratch.mul_(scratch)))
+            return shares
 
         shares = map(masked, ordered_map(chunk, slices))
     # chunk shares added in chunk order: the same sums on any number of threads
     for share in shares:
         for i, value in enumerate(share):
             sums[i] += value
+    if masker is not None and inputs.holds_masks:
+        inputs.forget_variances()  # overwritten by the masks
     return _normalised([s / inputs.size for s in sums] if inputs.size else sums)
-
-
-def _square_sum(values: torch.Tensor) -> float:
-    """The sum of squares in float64: numpy's pairwise sum, the same whatever the torch
-    threads (a float32 square is exact in float64)."""
-    wide = values.numpy().astype(np.float64)
-    return float(np.sum(wide * wide))
 
 
 def _normalised(squares: Sequence[float]) -> tuple[float, ...]:
@@ -380,23 +405,32 @@ def sce(
         inputs = _Inputs(tensors, base, offset)
     if len(reduced.weights) != len(tensors):
         raise ConfigError(f"sce: {len(reduced.weights)} weights for {len(tensors)} models")
-    masker = _masker(reduced.selection, inputs)
+    selecting = reduced.selection is not None
+    masker: Callable[..., torch.Tensor] | None = None
+    kept = inputs.kept_variances() if selecting else None
     out = torch.empty(inputs.size, dtype=torch.float32)
-    kept = inputs.kept_variances() if masker is not None else None
     for index in inputs.slices():
         taus = inputs.release(index)
-        if masker is not None:
-            if kept is not None:  # the reduction's, of these same task vectors
-                variance, total = next(kept), _summed(taus)
-            else:
-                variance, total = _variance_and_sum(taus)
-            mask = masker(variance).to(torch.float32)
-            del variance
+        total: torch.Tensor | None = None
+        if selecting:
+            mask = inputs.take_mask(index)  # the weights pass's, when it held them
+            if mask is None:
+                if masker is None:
+                    masker = _masker(reduced.selection, inputs)
+                    if masker is None:
+                        raise RuntimeError("sce: a selection without a masker")
+                if kept is not None:  # the reduction's, of these same task vectors
+                    variance = next(kept)
+                else:
+                    variance, total = _variance_and_sum(taus)
+                mask = masker(variance)
+                del variance
             for tau in taus:
                 tau.mul_(mask)
-            total.mul_(mask)  # the sum of the masked task vectors (a 0/1 mask)
+            if total is not None:
+                total.mul_(mask)  # the sum of the masked task vectors (a 0/1 mask)
             del mask
-        else:
+        if total is None:
             total = _summed(taus)
         # +1 where the sum is >= 0, else -1 (comparisons into float32: no bool tensors)
         elected = torch.ge(total, 0.0, out=torch.empty_like(total)).mul_(2.0).sub_(1.0)
