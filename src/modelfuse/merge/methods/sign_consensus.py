@@ -38,7 +38,7 @@ def elect_signs(
     as one. Only float arithmetic: comparisons write float32, never bools.
     """
     length = base_part.numel()
-    total = workspace.zeros("total", length)
+    total = workspace.get("total", length)
     votes = workspace.zeros("votes", length) if consensus_method == "count" else None
     scratch = workspace.get("scratch", length)
     deltas = []
@@ -59,8 +59,12 @@ def elect_signs(
                     delta = own.copy_(delta)
         if scale <= 0:  # the weighted values' signs differ from the values': weigh them first
             delta, scale = delta.mul_(scale), 1.0
-        # a positive weight keeps the signs: it multiplies where the values are added
-        total.add_(delta, alpha=scale)
+        # a positive weight keeps the signs: it multiplies where the values are added (the
+        # first model's start the sum: 0 + x is x)
+        if i == 0:
+            torch.mul(delta, scale, out=total)
+        else:
+            total.add_(delta, alpha=scale)
         if votes is not None:
             votes.add_(torch.sign(delta, out=scratch))
         deltas.append(delta)
@@ -68,12 +72,18 @@ def elect_signs(
     tally = votes if votes is not None else total
     # +1 where the tally is >= 0, else -1
     elected = torch.ge(tally, 0.0, out=scratch).mul_(2.0).sub_(1.0)
-    merged = total.zero_()
-    divisor = workspace.zeros("divisor", length) if normalize else None
+    merged = total  # spent once the signs are elected
+    divisor = workspace.get("divisor", length) if normalize else None
     agree = workspace.get("agree", length)
-    for w, delta, scale in zip(weights, deltas, scales):
+    zero = torch.zeros((), dtype=torch.float32)
+    for i, (w, delta, scale) in enumerate(zip(weights, deltas, scales)):
         # the sign of delta is the elected one: delta * elected > 0 (zeros agree with neither)
         torch.gt(torch.mul(delta, elected, out=agree), 0.0, out=agree)
+        if i == 0:  # the sums start from zero
+            torch.addcmul(zero, delta, agree, value=scale, out=merged)
+            if divisor is not None:
+                torch.mul(agree, w, out=divisor)
+            continue
         merged.addcmul_(delta, agree, value=scale)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
