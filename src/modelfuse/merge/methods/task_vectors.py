@@ -278,19 +278,22 @@ def generalized_task_arithmetic(
         length = base_part.numel()
         start = offset + index.start
         if consensus_method is None:
-            merged = workspace.zeros("merged", length)
+            merged = workspace.get("merged", length)
             for i in range(n):
                 sparsifier = sparsifiers[i]
                 kept = None if sparsifier is None else sparsifier.take(index.start, length)
                 if kept is not None and sparsifier is not None:
-                    merged.add_(kept, alpha=weights[i] * sparsifier.factor)
-                    continue
-                delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
-                if sparsifier is not None:
-                    delta = sparsifier(delta, start)
-                    merged.add_(delta, alpha=weights[i] * sparsifier.factor)
+                    delta, alpha = kept, weights[i] * sparsifier.factor
                 else:
-                    merged.add_(delta, alpha=weights[i])
+                    delta = torch.sub(flats[i][index], base_part, out=workspace.get("delta", length))
+                    alpha = weights[i]
+                    if sparsifier is not None:
+                        delta = sparsifier(delta, start)
+                        alpha *= sparsifier.factor
+                if i == 0:  # the first model's values start the sum (0 + x is x)
+                    torch.mul(delta, alpha, out=merged)
+                else:
+                    merged.add_(delta, alpha=alpha)
         else:
             merged = elect_signs(
                 flats,
