@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from modelfuse.merge.methods.workspace import Workspace
+from modelfuse.merge.methods.workspace import TRANSIENT, Workspace
 
 __all__ = [
     "DELLA_ONE_ENTRY",
@@ -184,9 +184,22 @@ def della_keep(
     if stride == 1:  # a gather along the last dimension is far faster
         padded, keys = padded.view(rows, length + 2), keys.view(rows, length)
     exact = torch.float32 if length <= 1 << 24 else torch.float64  # holds every position
+    # the picks go where the decisions will: the draws' own buffer when it takes them (its
+    # draws are read once, entry by entry, before the picks are written over them)
+    shared = (
+        out is not None
+        and exact == torch.float32
+        and out.data_ptr() == draws.data_ptr()
+        and out.numel() == draws.numel()
+        and draws.element_size() == 4
+        and out.dtype == torch.float32
+    )
+    if shared and out is not None:
+        pick = out.view(keys.shape)
+    else:
+        pick = space.get("della pick", size, exact).view(keys.shape)
     # column j + 1 of the padded keys: ceil((m - 1)(1 - u - a) / (b - a)), within [0, m + 1]
     scale = (length - 1) / (high - low)
-    pick = space.get("della pick", size, exact).view(keys.shape)
     if exact == torch.float32:
         torch.mul(draws.view(keys.shape), -scale * unit, out=pick)
     else:
@@ -194,29 +207,34 @@ def della_keep(
     pick.add_((1 - low) * scale)
     pick.ceil_().clamp_(0, length + 1)
     column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
-    if stride == 1 and padded.numel() < 1 << 31:
-        # the picked keys by flat position: int32 positions, far faster than gather's int64
-        position = space.get("della position", size, torch.int32).view(keys.shape)
-        position.copy_(pick)
-        position.add_(torch.arange(0, padded.numel(), length + 2, dtype=torch.int32).view(rows, 1))
-        other = space.get("della other", size, torch.int32)
-        torch.index_select(padded.view(-1), 0, position.view(-1), out=other)
-        other = other.view(keys.shape)
-    else:
-        other = torch.gather(padded, 1, pick.to(torch.int64))
     # keys are integers: "smaller, or equal and earlier" is "smaller than key + 1" for a
     # picked entry before this one (beyond the band, the sentinels never tie); comparisons
     # into int32 and float32 tensors: several times faster than into bools
     bound = space.get("della bound", size, torch.int32).view(keys.shape)
+    if epsilon > 0:
+        torch.lt(pick, column, out=bound).add_(keys)
+    else:  # "larger, or equal and later"
+        torch.gt(pick, column, out=bound).neg_().add_(keys)
+    if stride == 1 and padded.numel() < 1 << 31:
+        # the picked keys by flat position: int32 positions, far faster than gather's int64
+        # (written over the picks, entry by entry, as they are converted)
+        position = pick.view(torch.int32) if exact == torch.float32 else None
+        if position is None:
+            position = space.get("della position", size, torch.int32).view(keys.shape)
+        position.copy_(pick)
+        position.add_(torch.arange(0, padded.numel(), length + 2, dtype=torch.int32).view(rows, 1))
+        other = space.get(TRANSIENT, size, torch.int32)
+        torch.index_select(padded.view(-1), 0, position.view(-1), out=other)
+        other = other.view(keys.shape)
+    else:
+        other = torch.gather(padded, 1, pick.to(torch.int64))
     if out is not None:
         keep = out.view(keys.shape)
     else:
         keep = torch.empty(keys.shape, dtype=torch.bool)
     if epsilon > 0:
-        torch.lt(pick, column, out=bound).add_(keys)
         torch.lt(other, bound, out=keep)
-    else:  # "larger, or equal and later"
-        torch.gt(pick, column, out=bound).neg_().add_(keys)
+    else:
         torch.gt(other, bound, out=keep)
     return keep.view(draws.shape)
 

@@ -35,6 +35,7 @@ from modelfuse.merge.methods.sparsification import (
     model_sparsifiers,
     tensor_selections,
 )
+from modelfuse.merge.methods.workspace import TRANSIENT
 
 __all__ = [
     "KEEP_BYTES",
@@ -179,7 +180,7 @@ def set_norm_factors(
             held: torch.Tensor | None = held,
         ) -> tuple[float, float]:
             length = index.stop - index.start
-            scratch = space.get("norm", length)
+            scratch = space.get(TRANSIENT, length)
             target = space.get("delta", length) if held is None else held[index]
             delta = delta_of(index, target)
             norm_before = before.chunk(delta, scratch)

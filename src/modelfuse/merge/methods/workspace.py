@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Workspace"]
+__all__ = ["TRANSIENT", "Workspace"]
+
+TRANSIENT = "transient"
+"""The key of a buffer that any stage of a chunk may use for values it has consumed
+before it returns or calls another stage (the norm pass's magnitudes, DELLA's picked
+keys): one buffer for all of them keeps the chunk's working set small."""
 
 
 class Workspace:
@@ -21,6 +26,8 @@ class Workspace:
     >>> a = space.get("keys", 100, torch.int32)
     >>> space.get("keys", 200, torch.int32).data_ptr() == a.data_ptr()  # the same buffer
     True
+    >>> space.get("keys", 200, torch.float32).data_ptr() == a.data_ptr()  # the same bytes
+    True
     """
 
     def __init__(self, size: int) -> None:
@@ -28,11 +35,18 @@ class Workspace:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, key: str, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``length`` entries of buffer ``key`` as ``dtype``.
+
+        Dtypes of one size share the buffer's memory (a float32 and an int32 request
+        of one key get the same bytes), so stages that never overlap in time can
+        share a key and keep the chunk's working set small.
+        """
+        width = torch.empty((), dtype=dtype).element_size()
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < length:
+        if buffer is None or buffer.element_size() != width or buffer.numel() < length:
             buffer = torch.empty(max(self.size, length), dtype=dtype)
             self._buffers[key] = buffer
-        return buffer[:length]
+        return buffer[:length].view(dtype)
 
     def zeros(self, key: str, length: int) -> torch.Tensor:
         return self.get(key, length).zero_()
