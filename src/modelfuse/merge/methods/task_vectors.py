@@ -274,7 +274,9 @@ def generalized_task_arithmetic(
         scale /= divisor if abs(divisor) >= 1e-8 else 1.0
     out = torch.empty(size, dtype=torch.float32)
     for index in chunk_slices(size, chunk, offset):
-        base_part = base_flat[index].to(torch.float32)
+        base_part = base_flat[index]
+        if base_part.dtype != torch.float32:  # converted into a reused buffer
+            base_part = workspace.get("base", base_part.numel()).copy_(base_part)
         length = base_part.numel()
         start = offset + index.start
         if consensus_method is None:
