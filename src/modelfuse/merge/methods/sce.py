@@ -23,6 +23,7 @@ from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
+from modelfuse.merge.methods.workspace import Workspace
 from modelfuse.merge.parameters import MethodParameters
 
 __all__ = [
@@ -409,6 +410,8 @@ def sce(
     masker: Callable[..., torch.Tensor] | None = None
     kept = inputs.kept_variances() if selecting else None
     out = torch.empty(inputs.size, dtype=torch.float32)
+    space = Workspace(inputs.chunk)
+    zero = torch.zeros((), dtype=torch.float32)
     for index in inputs.slices():
         taus = inputs.release(index)
         total: torch.Tensor | None = None
@@ -433,13 +436,18 @@ def sce(
         if total is None:
             total = _summed(taus)
         # +1 where the sum is >= 0, else -1 (comparisons into float32: no bool tensors)
-        elected = torch.ge(total, 0.0, out=torch.empty_like(total)).mul_(2.0).sub_(1.0)
-        merged = total.zero_()
-        divisor = torch.zeros_like(merged)
-        agree = torch.empty_like(merged)
-        for tau, w in zip(taus, reduced.weights):
+        length = total.numel()
+        elected = torch.ge(total, 0.0, out=space.get("elected", length)).mul_(2.0).sub_(1.0)
+        merged = total  # spent once the signs are elected
+        divisor = space.get("divisor", length)
+        agree = space.get("agree", length)
+        for i, (tau, w) in enumerate(zip(taus, reduced.weights)):
             # sign(tau) == elected: tau * elected > 0 (a zero agrees with no sign)
             torch.gt(torch.mul(tau, elected, out=agree), 0.0, out=agree)
+            if i == 0:  # the sums start from zero (0 + x is x)
+                torch.addcmul(zero, tau, agree, value=w, out=merged)
+                torch.mul(agree, w, out=divisor)
+                continue
             merged.addcmul_(tau, agree, value=w)
             divisor.add_(agree, alpha=w)
         merged.div_(divisor.clamp_(min=WEIGHT_EPS))
