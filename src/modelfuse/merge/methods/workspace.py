@@ -41,12 +41,12 @@ class Workspace:
         of one key get the same bytes), so stages that never overlap in time can
         share a key and keep the chunk's working set small.
         """
-        width = torch.empty((), dtype=dtype).element_size()
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.element_size() != width or buffer.numel() < length:
+        if buffer is None or buffer.dtype.itemsize != dtype.itemsize or buffer.numel() < length:
             buffer = torch.empty(max(self.size, length), dtype=dtype)
             self._buffers[key] = buffer
-        return buffer[:length].view(dtype)
+        part = buffer[:length]
+        return part if buffer.dtype == dtype else part.view(dtype)
 
     def zeros(self, key: str, length: int) -> torch.Tensor:
         return self.get(key, length).zero_()
