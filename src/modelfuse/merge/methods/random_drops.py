@@ -122,8 +122,8 @@ def della_keep(
 
     ``draws`` holds one uniform draw :math:`u \in [0, 1)` per entry (from
     :func:`uniform_draws`), or as an int32 tensor the integers :math:`2^{24} u`
-    (from :func:`uniform_words`, which saves converting them). With :math:`v = 1 - u`, :math:`a = d - |\epsilon|`,
-    :math:`b = d + |\epsilon|` and :math:`m` entries in the group, the draw picks
+    (from :func:`uniform_words`, which saves converting them). With
+    :math:`v = 1 - u`, :math:`a = d - |\epsilon|`, :math:`b = d + |\epsilon|` and :math:`m` entries in the group, the draw picks
     :math:`j = \lceil (m - 1)(v - a) / (b - a) \rceil - 1`: the entry is kept
     when :math:`j < 0` (:math:`v \le a`), dropped when :math:`j \ge m`, and
     otherwise kept when entry :math:`j` of its group (in position order, itself
@@ -134,8 +134,8 @@ def della_keep(
     probability of :func:`della_probabilities`, and independently of the other
     entries: the distribution of masks of a Bernoulli draw per entry after a
     sort of every group, for the cost of one gather (its temporaries taken from
-    ``workspace`` when given, so that chunk after chunk reuses them). The only difference is the
-    resolution of a float32 draw: each pick's probability is exact to within
+    ``workspace`` when given, so that chunk after chunk reuses them). The only
+    difference is the resolution of a float32 draw: each pick's probability is exact to within
     :math:`2^{-24}`. A negative :math:`\epsilon` (probabilities falling with the
     rank) keeps the entry when the picked one ranks above it. Groups of one
     entry are kept with probability :math:`d` (:data:`DELLA_ONE_ENTRY`); when
@@ -246,15 +246,11 @@ def _decided(kept: torch.Tensor, draws: torch.Tensor, out: torch.Tensor | None) 
     return out.view(draws.shape).copy_(kept)
 
 
-def _magnitude_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     """int32 keys ordered as the values' magnitudes (the sign bit cleared), NaNs above
-    everything and equal among themselves (written into ``out`` when given, of the same
-    number of entries)."""
+    everything and equal among themselves."""
     bits = values.to(torch.float32).contiguous().view(torch.int32)
-    if out is None:
-        return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
-    torch.bitwise_and(bits.view(out.shape), 0x7FFFFFFF, out=out)
-    return out.clamp_(max=_NAN_BITS)
+    return bits.bitwise_and(0x7FFFFFFF).clamp_(max=_NAN_BITS)
 
 
 _NAN_BITS = 0x7F800001
