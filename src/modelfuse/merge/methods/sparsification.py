@@ -207,7 +207,13 @@ class Sparsifier:
         if start % 8:
             raise RuntimeError(f"drop masks are recorded from chunks at multiples of 8, not {start}")
         flat = keep.reshape(-1)
-        bits = np.packbits(flat.numpy() if flat.dtype == torch.bool else flat.to(torch.uint8).numpy())
+        if flat.dtype == torch.bool:
+            flags = flat.numpy()
+        elif flat.dtype == torch.float32:  # 0/1 floats: nonzero bit patterns (a conversion
+            flags = flat.numpy().view(np.int32) != 0  # to uint8 costs several times more)
+        else:
+            flags = flat.to(torch.uint8).numpy()
+        bits = np.packbits(flags)
         self.mask[start // 8 : start // 8 + bits.size] = bits
 
     def take(self, start: int, length: int) -> torch.Tensor | None:
