@@ -22,6 +22,7 @@ from modelfuse.merge.methods.chunk_threads import ordered_map
 from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
+from modelfuse.merge.methods.sign_consensus import agreeing_sums
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
 from modelfuse.merge.methods.workspace import Workspace
 from modelfuse.merge.parameters import MethodParameters
@@ -210,10 +211,8 @@ def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
     return TensorSelection.of(threshold, inputs.variances)
 
 
-def _masker(selection: TensorSelection | None, inputs: _Inputs) -> Callable[..., torch.Tensor] | None:
-    """Masks the variances of the inputs' chunks, given in order (None: all kept)."""
-    if selection is None:
-        return None
+def _masker(selection: TensorSelection, inputs: _Inputs) -> Callable[..., torch.Tensor]:
+    """Masks the variances of the inputs' chunks, given in order, as 0/1 floats."""
     within = selection.within(inputs.offset, inputs.size, inputs.variances)
     return within.masker(dtype=torch.float32)
 
@@ -221,7 +220,7 @@ def _masker(selection: TensorSelection | None, inputs: _Inputs) -> Callable[...,
 def _weights(inputs: _Inputs, selection: TensorSelection | None) -> tuple[float, ...]:
     """The calculation step over a whole tensor, chunk by chunk (see :func:`sce_weights`)."""
     sums = [0.0] * len(inputs.flats)
-    masker = _masker(selection, inputs)
+    masker = None if selection is None else _masker(selection, inputs)
     slices = list(inputs.slices())
     if masker is None:
 
@@ -314,12 +313,11 @@ def sce_selection(taus: Sequence[torch.Tensor], select_topk: float) -> torch.Ten
     tensor([1., 0., 0., 0.])
     """
     inputs = _Inputs(taus, torch.zeros_like(taus[0]), 0)
-    masker = _masker(_select(inputs, select_topk), inputs)
-    if masker is None:
+    selection = _select(inputs, select_topk)
+    if selection is None:
         return None
-    return torch.cat([masker(v).to(torch.float32) for v in inputs.variances()]).reshape(
-        taus[0].shape
-    )
+    masker = _masker(selection, inputs)
+    return torch.cat([masker(v) for v in inputs.variances()]).reshape(taus[0].shape)
 
 
 def sce_weights(taus: Sequence[torch.Tensor]) -> list[float]:
@@ -406,22 +404,19 @@ def sce(
         inputs = _Inputs(tensors, base, offset)
     if len(reduced.weights) != len(tensors):
         raise ConfigError(f"sce: {len(reduced.weights)} weights for {len(tensors)} models")
-    selecting = reduced.selection is not None
+    selection = reduced.selection
     masker: Callable[..., torch.Tensor] | None = None
-    kept = inputs.kept_variances() if selecting else None
+    kept = inputs.kept_variances() if selection is not None else None
     out = torch.empty(inputs.size, dtype=torch.float32)
     space = Workspace(inputs.chunk)
-    zero = torch.zeros((), dtype=torch.float32)
     for index in inputs.slices():
         taus = inputs.release(index)
         total: torch.Tensor | None = None
-        if selecting:
+        if selection is not None:
             mask = inputs.take_mask(index)  # the weights pass's, when it held them
             if mask is None:
                 if masker is None:
-                    masker = _masker(reduced.selection, inputs)
-                    if masker is None:
-                        raise RuntimeError("sce: a selection without a masker")
+                    masker = _masker(selection, inputs)
                 if kept is not None:  # the reduction's, of these same task vectors
                     variance = next(kept)
                 else:
@@ -435,21 +430,10 @@ def sce(
             del mask
         if total is None:
             total = _summed(taus)
-        # +1 where the sum is >= 0, else -1 (comparisons into float32: no bool tensors)
-        length = total.numel()
-        elected = torch.ge(total, 0.0, out=space.get("elected", length)).mul_(2.0).sub_(1.0)
-        merged = total  # spent once the signs are elected
-        divisor = space.get("divisor", length)
-        agree = space.get("agree", length)
-        for i, (tau, w) in enumerate(zip(taus, reduced.weights)):
-            # sign(tau) == elected: tau * elected > 0 (a zero agrees with no sign)
-            torch.gt(torch.mul(tau, elected, out=agree), 0.0, out=agree)
-            if i == 0:  # the sums start from zero (0 + x is x)
-                torch.addcmul(zero, tau, agree, value=w, out=merged)
-                torch.mul(agree, w, out=divisor)
-                continue
-            merged.addcmul_(tau, agree, value=w)
-            divisor.add_(agree, alpha=w)
+        # the sum elects the signs (ties to +), then is spent: it takes the result
+        divisor = space.get("divisor", total.numel())
+        weights = reduced.weights
+        merged = agreeing_sums(taus, weights, weights, total, total, divisor, space)
         merged.div_(divisor.clamp_(min=WEIGHT_EPS))
         torch.add(merged, inputs.base[index].to(torch.float32), out=out[index])
     return out.reshape(base.shape)

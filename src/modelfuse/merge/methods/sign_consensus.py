@@ -10,7 +10,7 @@ import torch
 
 from modelfuse.merge.methods.sparsification import Sparsifier, Workspace
 
-__all__ = ["ConsensusMethod", "elect_signs"]
+__all__ = ["ConsensusMethod", "agreeing_sums", "elect_signs"]
 
 ConsensusMethod = Literal["sum", "count"]
 
@@ -34,8 +34,8 @@ def elect_signs(
     The first pass sums them (``"sum"``) or their signs (``"count"``), which
     elects a sign per entry, ties to +; the second adds each model's entries
     whose sign is the elected one, and (``normalize``) the weights of the models
-    that contributed them, as mergekit 0.1.5 does; a zero sum of weights counts
-    as one. Only float arithmetic: comparisons write float32, never bools.
+    that contributed them, as mergekit 0.1.5 does (:func:`agreeing_sums`); a zero
+    sum of weights counts as one.
     """
     length = base_part.numel()
     total = workspace.get("total", length)
@@ -70,24 +70,54 @@ def elect_signs(
         deltas.append(delta)
         scales.append(scale)
     tally = votes if votes is not None else total
-    # +1 where the tally is >= 0, else -1
-    elected = torch.ge(tally, 0.0, out=scratch).mul_(2.0).sub_(1.0)
-    merged = total  # spent once the signs are elected
     divisor = workspace.get("divisor", length) if normalize else None
+    # the tally's buffer (the sum) is spent once the signs are elected: it takes the result
+    merged = agreeing_sums(deltas, scales, weights, tally, total, divisor, workspace)
+    if divisor is not None:
+        # a zero sum of weights counts as one
+        merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=workspace.get("agree", length))))
+    return merged
+
+
+def agreeing_sums(
+    values: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    weights: Sequence[float],
+    tally: torch.Tensor,
+    merged: torch.Tensor,
+    divisor: torch.Tensor | None,
+    workspace: Workspace,
+) -> torch.Tensor:
+    """TIES' disjoint sum of one chunk, once the ``tally`` elects the signs (+ where it is
+    >= 0, else -): ``merged`` becomes the sum of ``scales[i] * values[i]`` over the
+    entries whose sign is the elected one (zeros agree with neither) and ``divisor``,
+    when given, the sum of ``weights[i]`` over them. ``merged`` may be the tally's own
+    buffer. Only float arithmetic: comparisons write float32, never bools.
+
+    Examples
+    --------
+    >>> from modelfuse.merge.methods.workspace import Workspace
+    >>> a, b = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([-3.0, -1.0, 2.0])
+    >>> divisor = torch.empty(3)
+    >>> agreeing_sums([a, b], [1.0, 1.0], [1.0, 1.0], a + b, torch.empty(3), divisor, Workspace(3))
+    tensor([-3., -3.,  2.])
+    >>> divisor
+    tensor([1., 2., 1.])
+    """
+    length = merged.numel()
+    # +1 where the tally is >= 0, else -1
+    elected = torch.ge(tally, 0.0, out=workspace.get("scratch", length)).mul_(2.0).sub_(1.0)
     agree = workspace.get("agree", length)
     zero = torch.zeros((), dtype=torch.float32)
-    for i, (w, delta, scale) in enumerate(zip(weights, deltas, scales)):
-        # the sign of delta is the elected one: delta * elected > 0 (zeros agree with neither)
-        torch.gt(torch.mul(delta, elected, out=agree), 0.0, out=agree)
-        if i == 0:  # the sums start from zero
-            torch.addcmul(zero, delta, agree, value=scale, out=merged)
+    for i, (value, scale, w) in enumerate(zip(values, scales, weights)):
+        # the sign of value is the elected one: value * elected > 0
+        torch.gt(torch.mul(value, elected, out=agree), 0.0, out=agree)
+        if i == 0:  # the sums start from zero (0 + x is x)
+            torch.addcmul(zero, value, agree, value=scale, out=merged)
             if divisor is not None:
                 torch.mul(agree, w, out=divisor)
             continue
-        merged.addcmul_(delta, agree, value=scale)
+        merged.addcmul_(value, agree, value=scale)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
-    if divisor is not None:
-        # a zero sum of weights counts as one
-        merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=agree)))
     return merged
