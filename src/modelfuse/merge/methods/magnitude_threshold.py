@@ -136,9 +136,9 @@ class MagnitudeThreshold:
                 if count <= quota[0]:
                     kept.view(-1).add_(ties)
                     quota[0] -= count
-                else:
-                    positions = ties.nonzero().view(-1)[: quota[0]]
-                    kept.view(-1)[positions] = 1
+                else:  # the ties up to the quota-th one
+                    last = position_of_one(ties, quota[0]) + 1
+                    kept.view(-1)[:last].add_(ties[:last])
                     quota[0] = 0
             return kept
 
