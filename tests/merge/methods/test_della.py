@@ -445,3 +445,26 @@ def test_keep_decisions_from_integer_draws_are_those_of_the_float_draws(epsilon,
         values, uniform_words(9, 100, buffer.view(torch.int32)), 0.6, epsilon, groups, out=buffer
     )
     assert torch.equal(into, expected.float())
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (6, 10, 3)])
+def test_one_workspace_for_chunks_of_other_sizes_and_signs_decides_as_a_fresh_one(shape):
+    """della_keep sets its views and sentinel keys up once per workspace: chunks of
+    fewer rows and models with an epsilon of the other sign (which share the
+    workspace's memory) still get the decisions of a workspace of their own."""
+    from modelfuse.merge.methods.random_drops import della_groups, della_keep
+    from modelfuse.merge.methods.workspace import Workspace
+
+    g = torch.Generator().manual_seed(8)
+    groups = della_groups(shape)
+    space = Workspace(int(np.prod(shape)))
+    full = shape[0]
+    chunks = [(full, 0.2), (full, 0.2), (full, -0.2), (2, -0.2), (full, -0.2), (full, 0.2), (3, 0.1)]
+    for rows, epsilon in chunks:
+        part = (rows, *shape[1:])
+        values = torch.randn(part, generator=g).to(torch.bfloat16).float()
+        draws = torch.rand(part, generator=g)
+        expected = della_keep(values, draws, 0.5, epsilon, groups).float()
+        into = draws.clone()  # as the merge calls it: the decisions in the draws' buffer
+        kept = della_keep(values, into, 0.5, epsilon, groups, out=into, workspace=space)
+        assert torch.equal(kept, expected)

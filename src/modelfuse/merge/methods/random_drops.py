@@ -164,26 +164,19 @@ def della_keep(
         else:
             p = della_probabilities(values.abs(), density, epsilon, groups)
         return _decided(torch.add(uniform, p).ge_(1), draws, out)
-    # one key column on each side: picks below the band land on the left one, beyond
-    # it on the right one, whose keys rank below (above) every entry when epsilon > 0
     rows = values.numel() // (length * stride)
     space = workspace if workspace is not None else Workspace(0)
-    size = rows * length * stride
-    padded = space.get("della padded", rows * (length + 2) * stride, torch.int32)
-    padded = padded.view(rows, length + 2, stride)
+    exact = torch.float32 if length <= 1 << 24 else torch.float64  # holds every position
+    layout = space.derived(
+        ("della", rows, length, stride, exact),
+        lambda: _Layout(space, rows, length, stride, exact),
+    )
+    layout.set_sentinels(space, epsilon > 0)
+    keys = layout.keys
     # the magnitudes' bits: a NaN's key depends on its payload here (it ranks above every
     # number all the same), which changes only its own decision, and that multiplies a NaN
-    keys = padded[:, 1:-1]
     bits = values.to(torch.float32).contiguous().view(torch.int32).view(keys.shape)
     torch.bitwise_and(bits, 0x7FFFFFFF, out=keys)
-    below_all, above_all = (-1, torch.iinfo(torch.int32).max)
-    if epsilon < 0:
-        below_all, above_all = above_all, below_all
-    padded[:, 0].fill_(below_all)
-    padded[:, -1].fill_(above_all)
-    if stride == 1:  # a gather along the last dimension is far faster
-        padded, keys = padded.view(rows, length + 2), keys.view(rows, length)
-    exact = torch.float32 if length <= 1 << 24 else torch.float64  # holds every position
     # the picks go where the decisions will: the draws' own buffer when it takes them (its
     # draws are read once, entry by entry, before the picks are written over them)
     shared = (
@@ -197,7 +190,7 @@ def della_keep(
     if shared and out is not None:
         pick = out.view(keys.shape)
     else:
-        pick = space.get("della pick", size, exact).view(keys.shape)
+        pick = space.get("della pick", keys.numel(), exact).view(keys.shape)
     # column j + 1 of the padded keys: ceil((m - 1)(1 - u - a) / (b - a)), within [0, m + 1]
     scale = (length - 1) / (high - low)
     if exact == torch.float32:
@@ -206,28 +199,25 @@ def della_keep(
         pick.copy_(draws.view(keys.shape)).mul_(-scale * unit)
     pick.add_((1 - low) * scale)
     pick.ceil_().clamp_(0, length + 1)
-    column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (keys.dim() - 2))
     # keys are integers: "smaller, or equal and earlier" is "smaller than key + 1" for a
     # picked entry before this one (beyond the band, the sentinels never tie); comparisons
     # into int32 and float32 tensors: several times faster than into bools
-    bound = space.get("della bound", size, torch.int32).view(keys.shape)
+    bound = layout.bound
     if epsilon > 0:
-        torch.lt(pick, column, out=bound).add_(keys)
+        torch.lt(pick, layout.column, out=bound).add_(keys)
     else:  # "larger, or equal and later"
-        torch.gt(pick, column, out=bound).neg_().add_(keys)
-    if stride == 1 and padded.numel() < 1 << 31:
+        torch.gt(pick, layout.column, out=bound).neg_().add_(keys)
+    if layout.starts is not None and layout.picked is not None:
         # the picked keys by flat position: int32 positions, far faster than gather's int64
         # (written over the picks, entry by entry, as they are converted)
         position = pick.view(torch.int32) if exact == torch.float32 else None
         if position is None:
-            position = space.get("della position", size, torch.int32).view(keys.shape)
-        position.copy_(pick)
-        position.add_(torch.arange(0, padded.numel(), length + 2, dtype=torch.int32).view(rows, 1))
-        other = space.get(TRANSIENT, size, torch.int32)
-        torch.index_select(padded.view(-1), 0, position.view(-1), out=other)
-        other = other.view(keys.shape)
+            position = space.get("della position", keys.numel(), torch.int32).view(keys.shape)
+        position.copy_(pick).add_(layout.starts)
+        other = layout.picked
+        torch.index_select(layout.flat, 0, position.view(-1), out=other.view(-1))
     else:
-        other = torch.gather(padded, 1, pick.to(torch.int64))
+        other = torch.gather(layout.padded, 1, pick.to(torch.int64))
     if out is not None:
         keep = out.view(keys.shape)
     else:
@@ -237,6 +227,52 @@ def della_keep(
     else:
         torch.gt(other, bound, out=keep)
     return keep.view(draws.shape)
+
+
+class _Layout:
+    """The views :func:`della_keep` works in for chunks of ``rows`` groups: set up once
+    per workspace (:meth:`Workspace.derived`), not chunk after chunk.
+
+    The keys sit in ``padded`` with one key column on each side: picks below the
+    band land on the left one, beyond it on the right one, whose sentinel keys
+    rank below (above) every entry when epsilon > 0. A gather along the last
+    dimension (``stride`` 1) is far faster: then ``padded`` is 2-D and the picks
+    are gathered by int32 flat positions (the row ``starts`` added to the
+    columns) into ``picked``.
+    """
+
+    def __init__(
+        self, space: Workspace, rows: int, length: int, stride: int, exact: torch.dtype
+    ) -> None:
+        size = rows * length * stride
+        padded = space.get("della padded", rows * (length + 2) * stride, torch.int32)
+        self.padded = padded.view(rows, length + 2, stride)
+        self.keys = self.padded[:, 1:-1]
+        self.bound = space.get("della bound", size, torch.int32).view(self.keys.shape)
+        self.column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (stride > 1))
+        self.starts: torch.Tensor | None = None
+        self.picked: torch.Tensor | None = None
+        if stride == 1:
+            self.padded, self.keys = self.padded.view(rows, length + 2), self.keys.view(rows, length)
+            self.bound = self.bound.view(rows, length)
+            if self.padded.numel() < 1 << 31:
+                step = length + 2
+                self.starts = torch.arange(0, rows * step, step, dtype=torch.int32).view(rows, 1)
+                self.picked = space.get(TRANSIENT, size, torch.int32).view(rows, length)
+        self.flat = self.padded.view(-1)
+
+    def set_sentinels(self, space: Workspace, rising: bool) -> None:
+        """Write the sentinel columns for epsilon > 0 (``rising``) or < 0, unless this
+        layout last wrote them for the same sign (layouts of one workspace share memory)."""
+        written = space.derived("della sentinels", dict)
+        if written.get("by") is self and written.get("rising") == rising:
+            return
+        below_all, above_all = (-1, torch.iinfo(torch.int32).max)
+        if not rising:
+            below_all, above_all = above_all, below_all
+        self.padded[:, 0].fill_(below_all)
+        self.padded[:, -1].fill_(above_all)
+        written.update(by=self, rising=rising)
 
 
 def _decided(kept: torch.Tensor, draws: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

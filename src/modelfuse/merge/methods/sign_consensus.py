@@ -14,6 +14,12 @@ __all__ = ["ConsensusMethod", "agreeing_sums", "elect_signs"]
 
 ConsensusMethod = Literal["sum", "count"]
 
+_SIGN_BIT = -(2**31)
+"""A float32's sign bit, as an int32."""
+
+_SMALLEST = 2.0**-149
+"""The smallest positive float32: clamping to it changes only zeros."""
+
 
 def elect_signs(
     flats: Sequence[torch.Tensor],
@@ -74,8 +80,12 @@ def elect_signs(
     # the tally's buffer (the sum) is spent once the signs are elected: it takes the result
     merged = agreeing_sums(deltas, scales, weights, tally, total, divisor, workspace)
     if divisor is not None:
-        # a zero sum of weights counts as one
-        merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=workspace.get("agree", length))))
+        if min(weights) >= 0:
+            # a zero sum of weights counts as one: with no negative weight, the sum is zero
+            # only where no model agreed, where the merged value is zero (0 / x is 0 / 1)
+            merged.div_(divisor.clamp_(min=_SMALLEST))
+        else:
+            merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=workspace.get("agree", length))))
     return merged
 
 
@@ -105,13 +115,18 @@ def agreeing_sums(
     tensor([1., 2., 1.])
     """
     length = merged.numel()
-    # +1 where the tally is >= 0, else -1
-    elected = torch.ge(tally, 0.0, out=workspace.get("scratch", length)).mul_(2.0).sub_(1.0)
+    # the tally's sign bit, set where the elected sign is -: where the tally is below 0, or
+    # -0 (a sum of zeros, which agree with neither sign)
+    flip = torch.bitwise_and(
+        tally.view(torch.int32), _SIGN_BIT, out=workspace.get("scratch", length, torch.int32)
+    )
     agree = workspace.get("agree", length)
     zero = torch.zeros((), dtype=torch.float32)
     for i, (value, scale, w) in enumerate(zip(values, scales, weights)):
-        # the sign of value is the elected one: value * elected > 0
-        torch.gt(torch.mul(value, elected, out=agree), 0.0, out=agree)
+        # the sign of value is the elected one: value with its sign bit flipped by the
+        # tally's is above 0 (as value * (+1 or -1) > 0, in one integer pass)
+        torch.bitwise_xor(value.view(torch.int32), flip, out=agree.view(torch.int32))
+        torch.gt(agree, 0.0, out=agree)
         if i == 0:  # the sums start from zero (0 + x is x)
             torch.addcmul(zero, value, agree, value=scale, out=merged)
             if divisor is not None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
 import torch
 
 __all__ = ["TRANSIENT", "Workspace"]
+
+_T = TypeVar("_T")
 
 TRANSIENT = "transient"
 """The key of a buffer that any stage of a chunk may use for values it has consumed
@@ -33,6 +38,7 @@ class Workspace:
     def __init__(self, size: int) -> None:
         self.size = max(1, size)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._derived: dict[Hashable, Any] = {}
 
     def get(self, key: str, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``length`` entries of buffer ``key`` as ``dtype``.
@@ -45,8 +51,26 @@ class Workspace:
         if buffer is None or buffer.dtype.itemsize != dtype.itemsize or buffer.numel() < length:
             buffer = torch.empty(max(self.size, length), dtype=dtype)
             self._buffers[key] = buffer
+            self._derived.clear()  # they may be views of the buffer this one replaces
         part = buffer[:length]
         return part if buffer.dtype == dtype else part.view(dtype)
 
     def zeros(self, key: str, length: int) -> torch.Tensor:
         return self.get(key, length).zero_()
+
+    def derived(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """What ``make()`` builds from this workspace's buffers (views of them shaped for
+        a chunk, constants), built once per ``key`` and kept until a buffer is replaced,
+        so that chunk after chunk skips building them again.
+
+        Examples
+        --------
+        >>> space = Workspace(8)
+        >>> grid = space.derived(("grid", 2), lambda: space.get("a", 8).view(2, 4))
+        >>> space.derived(("grid", 2), lambda: None) is grid
+        True
+        """
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
