@@ -249,7 +249,9 @@ class _Layout:
         self.padded = padded.view(rows, length + 2, stride)
         self.keys = self.padded[:, 1:-1]
         self.bound = space.get("della bound", size, torch.int32).view(self.keys.shape)
-        self.column = torch.arange(1, length + 1, dtype=exact).view(length, *[1] * (stride > 1))
+        # each entry's column, broadcast along the rows (and the stride)
+        shape = (length, 1) if stride > 1 else (length,)
+        self.column = torch.arange(1, length + 1, dtype=exact).view(shape)
         self.starts: torch.Tensor | None = None
         self.picked: torch.Tensor | None = None
         if stride == 1:
