@@ -39,9 +39,11 @@ def test_elect_signs_is_the_disjoint_mean_of_the_formula(weights):
     values = _values(500, 3, 0)
     base = torch.zeros(500)
     workspace = Workspace(500)
-    merged = elect_signs(
+    sums, divisor = elect_signs(
         values, base, slice(0, 500), 0, [None] * 3, weights, "sum", True, workspace
     )
+    assert divisor is not None
+    merged = sums / divisor
     # a weight of zero or below first weighs its values (it changes their signs)
     weighted = [v.numpy() * np.float32(w) if w <= 0 else v.numpy() for v, w in zip(values, weights)]
     scales = [1.0 if w <= 0 else w for w in weights]

@@ -31,7 +31,7 @@ def elect_signs(
     consensus_method: ConsensusMethod,
     normalize: bool,
     workspace: Workspace,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES' sign election and disjoint sum over one chunk, in two passes over the
     models' weighted task vectors (kept for the second: a chunk each). A positive
     weight (times the rescale factor) multiplies a task vector where it is added,
@@ -40,8 +40,10 @@ def elect_signs(
     The first pass sums them (``"sum"``) or their signs (``"count"``), which
     elects a sign per entry, ties to +; the second adds each model's entries
     whose sign is the elected one, and (``normalize``) the weights of the models
-    that contributed them, as mergekit 0.1.5 does (:func:`agreeing_sums`); a zero
-    sum of weights counts as one.
+    that contributed them, as mergekit 0.1.5 does (:func:`agreeing_sums`). Returns
+    the sums and, with ``normalize``, the sums of weights that divide them (a zero
+    sum of weights counts as one), else None: the caller divides, so that the
+    division may share a pass with what follows it.
     """
     length = base_part.numel()
     total = workspace.get("total", length)
@@ -83,10 +85,10 @@ def elect_signs(
         if min(weights) >= 0:
             # a zero sum of weights counts as one: with no negative weight, the sum is zero
             # only where no model agreed, where the merged value is zero (0 / x is 0 / 1)
-            merged.div_(divisor.clamp_(min=_SMALLEST))
+            divisor.clamp_(min=_SMALLEST)
         else:
-            merged.div_(divisor.add_(torch.eq(divisor, 0.0, out=workspace.get("agree", length))))
-    return merged
+            divisor.add_(torch.eq(divisor, 0.0, out=workspace.get("agree", length)))
+    return merged, divisor
 
 
 def agreeing_sums(

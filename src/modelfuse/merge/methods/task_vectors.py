@@ -279,6 +279,7 @@ def generalized_task_arithmetic(
             base_part = workspace.get("base", base_part.numel()).copy_(base_part)
         length = base_part.numel()
         start = offset + index.start
+        divisor = None
         if consensus_method is None:
             merged = workspace.get("merged", length)
             for i in range(n):
@@ -297,7 +298,7 @@ def generalized_task_arithmetic(
                 else:
                     merged.add_(delta, alpha=alpha)
         else:
-            merged = elect_signs(
+            merged, divisor = elect_signs(
                 flats,
                 base_part,
                 index,
@@ -308,6 +309,12 @@ def generalized_task_arithmetic(
                 normalize,
                 workspace,
             )
+        if divisor is not None and scale == 1.0:
+            # base + merged / divisor in one pass, rounded as the division, then the sum
+            torch.addcdiv(base_part, merged, divisor, out=out[index])
+            continue
+        if divisor is not None:
+            merged.div_(divisor)
         torch.add(base_part, merged, alpha=scale, out=out[index])
     return out.reshape(base.shape)
 
