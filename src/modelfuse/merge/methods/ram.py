@@ -80,7 +80,12 @@ def _chunks(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float
 ) -> Iterator[tuple[slice, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
     """``(index, task vectors, masks, counts)`` chunk by chunk, in float32: the task vectors
-    ``x_i - b``, the masks ``|tau_i| > epsilon`` and how many models changed each entry."""
+    ``x_i - b``, the masks ``|tau_i| > epsilon`` and how many models changed each entry.
+
+    The masks are 0/1 floats and the counts float integers: comparisons into float32
+    and float arithmetic are several times faster than into and with bools, and every
+    count (below 2**24) is exact.
+    """
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     size = flat_base.numel()
@@ -88,9 +93,12 @@ def _chunks(
         index = slice(start, min(size, start + _CHUNK))
         b = flat_base[index].to(torch.float32)
         taus = [flat[index].to(torch.float32) - b for flat in flats]
-        masks = [tau.abs() > epsilon for tau in taus]
-        counts = torch.zeros(b.shape, dtype=torch.int32)
-        for mask in masks:
+        masks = []
+        for tau in taus:
+            magnitude = tau.abs()
+            masks.append(torch.gt(magnitude, epsilon, out=magnitude))
+        counts = masks[0].clone()
+        for mask in masks[1:]:
             counts.add_(mask)
         yield index, taus, masks, counts
 
@@ -125,11 +133,11 @@ def _count(
     """:func:`ram_counts` of the chunks of :func:`_chunks` (which it leaves unchanged)."""
     total = torch.zeros(n_models, 2, dtype=torch.int64)
     for _index, _taus, masks, counts in chunks:
-        unique = counts == 1
-        both = torch.empty_like(unique)
+        unique = torch.eq(counts, 1.0, out=torch.empty_like(counts))
         for i, mask in enumerate(masks):
-            changed = int(torch.count_nonzero(mask))
-            alone = int(torch.count_nonzero(torch.logical_and(mask, unique, out=both)))
+            # sums of 0/1 floats (and their products) of a chunk: integers below 2**24, exact
+            changed = int(mask.sum())
+            alone = int(torch.dot(mask, unique))
             total[i, 0] += changed - alone  # changed entries that another model changed too
             total[i, 1] += alone
     return total
@@ -210,7 +218,7 @@ def reinforced_agent_merge(
     chunks: Iterable[tuple[slice, list[torch.Tensor], list[torch.Tensor], torch.Tensor]]
     chunks = _chunks(tensors, base, epsilon)
     if tensor_local:
-        if counts is None and base.numel() * (5 * len(tensors) + 4) <= HOLD_BYTES:
+        if counts is None and base.numel() * (8 * len(tensors) + 4) <= HOLD_BYTES:
             chunks = list(chunks)  # the counting pass's chunks serve the merge too
             counts = _count(chunks, len(tensors))
         elif counts is None:  # too large to hold: the merge computes them again
@@ -218,15 +226,17 @@ def reinforced_agent_merge(
         scales = list(ram_scales(counts, r=r, alpha=alpha, epsilon=epsilon))
     out = torch.empty(base.numel(), dtype=torch.float32)
     for index, taus, masks, count in chunks:
-        unique = count == 1
-        divisor = count.clamp_(min=1).to(torch.float32)
+        unique = torch.eq(count, 1.0, out=torch.empty_like(count))  # 0/1 floats
+        shared = torch.rsub(unique, 1.0) if tensor_local else None
+        divisor = count.clamp_(min=1)
         part = out[index].copy_(base.reshape(-1)[index])
         merged = torch.zeros_like(part)
         for tau, mask, scale in zip(taus, masks, scales):
             term = tau.mul_(mask)
-            if tensor_local:
-                # tau * lambda on unique entries, tau * 1 elsewhere: both exact as mergekit's
-                term.mul_(torch.where(unique, scale, 1.0))
+            if shared is not None:
+                # tau * lambda on unique entries, tau * 1 elsewhere, as mergekit's: the factor
+                # shared + lambda * unique is exactly one or lambda (one of its terms is 0)
+                term.mul_(torch.add(shared, unique, alpha=float(scale)))
             merged.add_(term.div_(divisor))
         part.add_(merged)
     return out.reshape(base.shape)
