@@ -155,13 +155,22 @@ def test_a_dying_worker_is_one_executor_error() -> None:
     assert "use fewer workers" in message and "\n" not in message
 
 
-def test_a_failing_item_stops_the_items_still_running() -> None:
+def test_a_failing_item_stops_the_items_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelfuse.executors as executors
+
     def waited(*_: object) -> None:  # a guard against a hang, not a timing assertion
         raise AssertionError("map waited for the items still running after one failed")
 
-    # other tests' executors may keep their workers until they are collected: only this
-    # map's processes must be gone
-    earlier = set(multiprocessing.active_children())
+    # the workers of this map's pool, as the executor stops them (other tests' executors may
+    # keep their own workers, and start them, until they are collected)
+    workers: list[multiprocessing.process.BaseProcess] = []
+    terminate = executors._terminate
+
+    def recorded(pool: object) -> None:
+        workers.extend((getattr(pool, "_processes", None) or {}).values())
+        terminate(pool)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executors, "_terminate", recorded)
     previous = signal.signal(signal.SIGALRM, waited)
     signal.alarm(300)
     try:
@@ -170,5 +179,5 @@ def test_a_failing_item_stops_the_items_still_running() -> None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    left = [p for p in multiprocessing.active_children() if p.is_alive() and p not in earlier]
-    assert left == []
+    assert workers  # the pool was stopped, with the workers sleeping through the others
+    assert [p for p in workers if p.is_alive()] == []
