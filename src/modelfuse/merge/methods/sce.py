@@ -442,6 +442,7 @@ def sce(
         divisor = space.get("divisor", total.numel())
         weights = reduced.weights
         merged = agreeing_sums(taus, weights, weights, total, total, divisor, space)
-        merged.div_(divisor.clamp_(min=WEIGHT_EPS))
-        torch.add(merged, inputs.base[index].to(torch.float32), out=out[index])
+        # base + merged / divisor in one pass, rounded as the division, then the sum
+        base_part = inputs.base[index].to(torch.float32)
+        torch.addcdiv(base_part, merged, divisor.clamp_(min=WEIGHT_EPS), out=out[index])
     return out.reshape(base.shape)
