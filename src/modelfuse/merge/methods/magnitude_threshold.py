@@ -49,9 +49,11 @@ def kept_count(density: float, n: int) -> int:
 
 
 def check_magnitudes(values: torch.Tensor) -> torch.Tensor:
+    """The values as a flat, contiguous float32 tensor outside autograd (a selection
+    reads them, often through numpy)."""
     if values.dtype != torch.float32:
         values = values.to(torch.float32)
-    return values.reshape(-1).contiguous()
+    return values.detach().reshape(-1).contiguous()
 
 
 def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:

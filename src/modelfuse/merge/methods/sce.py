@@ -147,7 +147,17 @@ class _Inputs:
 
     def _taus(self, index: slice) -> list[torch.Tensor]:
         base = self.base[index].to(torch.float32)
-        return [flat[index].to(torch.float32) - base for flat in self.flats]
+        taus = []
+        for flat in self.flats:
+            part = flat[index]
+            # one new tensor per model, converted and then subtracted in place (a conversion
+            # and a subtraction each into a new tensor cost a fresh allocation each)
+            tau = torch.empty(part.shape, dtype=torch.float32)
+            if part.dtype == torch.float32:
+                taus.append(torch.sub(part, base, out=tau))
+            else:
+                taus.append(tau.copy_(part).sub_(base))
+        return taus
 
     def variance(self, index: slice) -> torch.Tensor:
         return _variance(self.taus(index))
@@ -177,17 +187,24 @@ def _variance_and_sum(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch
     n = len(taus)
     total = _summed(taus)
     mean = total / n
-    variance = torch.zeros_like(total)
-    for tau in taus:
-        deviation = tau - mean
+    # the first square starts the sum (0 + x is x); the last deviation is written over
+    # the mean, which it no longer needs
+    variance = torch.sub(taus[0], mean, out=torch.empty_like(total))
+    variance.mul_(variance)
+    deviation: torch.Tensor | None = None
+    for i in range(1, n):
+        if i == n - 1:
+            deviation = torch.sub(taus[i], mean, out=mean)
+        else:
+            deviation = torch.sub(taus[i], mean, out=deviation)
         variance.addcmul_(deviation, deviation)
     return variance.div_(n), total
 
 
 def _summed(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """A new tensor holding the task vectors' sum, added in model order."""
-    total = taus[0].clone()
-    for tau in taus[1:]:
+    total = taus[0].clone() if len(taus) == 1 else torch.add(taus[0], taus[1])
+    for tau in taus[2:]:
         total.add_(tau)
     return total
 
