@@ -11,6 +11,7 @@ tensor merged in blocks of rows give the same bytes, whatever the threads.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods.chunk_threads import ordered_map
+from modelfuse.merge.methods.chunk_threads import chunk_workers, ordered_map
 from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
 from modelfuse.merge.methods.magnitude_threshold import TensorSelection
@@ -109,6 +110,16 @@ class _Inputs:
         self._held: dict[int, list[torch.Tensor]] | None = {} if held else None
         # with held task vectors, the selection's 0/1 masks made by the weights pass
         self._masks: dict[int, torch.Tensor] | None = {} if held else None
+        # task vectors spent as soon as they are computed go to buffers reused from chunk
+        # to chunk, one set per thread: new tensors for every chunk of a large tensor leave
+        # the allocator's heaps fragmented (over 200 MB kept after one embedding)
+        self._spaces = threading.local()
+
+    def _space(self) -> Workspace:
+        space: Workspace | None = getattr(self._spaces, "space", None)
+        if space is None:
+            space = self._spaces.space = Workspace(self.chunk)
+        return space
 
     def slices(self) -> Iterator[slice]:
         return chunk_slices(self.size, self.chunk, self.offset)
@@ -122,9 +133,10 @@ class _Inputs:
         return taus
 
     def release(self, index: slice) -> list[torch.Tensor]:
-        """The chunk's task vectors for its last use: the caller may modify them."""
+        """The chunk's task vectors for its last use: the caller may modify them, until it
+        asks for the next chunk's (in the same thread)."""
         if self._held is None:
-            return self._taus(index)
+            return self._taus(index, self._space(), "merge")
         taus = self._held.pop(index.start, None)
         return self._taus(index) if taus is None else taus
 
@@ -145,14 +157,22 @@ class _Inputs:
         """The chunk's selection mask kept by the weights pass (handed out once), or None."""
         return None if self._masks is None else self._masks.pop(index.start, None)
 
-    def _taus(self, index: slice) -> list[torch.Tensor]:
-        base = self.base[index].to(torch.float32)
+    def _taus(
+        self, index: slice, space: Workspace | None = None, use: str = ""
+    ) -> list[torch.Tensor]:
+        """The chunk's task vectors: new tensors, or with ``space`` its buffers for ``use``."""
+        base = self.base[index]
+        if base.dtype != torch.float32:
+            buffer = torch.empty(base.shape) if space is None else space.get("base", base.numel())
+            base = buffer.copy_(base)
         taus = []
-        for flat in self.flats:
+        for i, flat in enumerate(self.flats):
             part = flat[index]
-            # one new tensor per model, converted and then subtracted in place (a conversion
-            # and a subtraction each into a new tensor cost a fresh allocation each)
-            tau = torch.empty(part.shape, dtype=torch.float32)
+            # converted, then the base subtracted in place: one tensor per model
+            if space is None:
+                tau = torch.empty(part.shape)
+            else:
+                tau = space.get(f"{use} task vector {i}", part.numel())
             if part.dtype == torch.float32:
                 taus.append(torch.sub(part, base, out=tau))
             else:
@@ -160,7 +180,14 @@ class _Inputs:
         return taus
 
     def variance(self, index: slice) -> torch.Tensor:
+        if self._held is None and index.step is None:  # spent at once: in this thread's buffers
+            return _variance(self._taus(index, self._space(), "variance"))
         return _variance(self.taus(index))
+
+    def _spent_variance(self, index: slice) -> torch.Tensor:
+        """The chunk's variances in this thread's buffers, valid until the next call."""
+        space = self._space()
+        return _variance_and_sum(self._taus(index, space, "variance"), space)[0]
 
     def kept_variances(self) -> Iterator[torch.Tensor] | None:
         """The variances the reduction kept (see :meth:`variances`), or None."""
@@ -172,6 +199,8 @@ class _Inputs:
         if self._kept is not None:
             return iter(self._kept)
         if self.size > KEPT_VARIANCES:
+            if chunk_workers() <= 1:  # each chunk's spent before the next: buffers reused
+                return map(self._spent_variance, self.slices())
             return ordered_map(self.variance, self.slices())
         self._kept = list(ordered_map(self.variance, self.slices()))
         return iter(self._kept)
@@ -182,28 +211,40 @@ def _variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return _variance_and_sum(taus)[0]
 
 
-def _variance_and_sum(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The population variance over the models and the sum of the task vectors."""
+def _variance_and_sum(
+    taus: Sequence[torch.Tensor], space: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The population variance over the models and the sum of the task vectors: new
+    tensors, or with ``space`` its buffers."""
     n = len(taus)
-    total = _summed(taus)
-    mean = total / n
+    length = taus[0].numel()
+
+    def buffer(key: str) -> torch.Tensor:
+        return torch.empty(taus[0].shape) if space is None else space.get(key, length)
+
+    total = _summed(taus, buffer("sum"))
+    mean = torch.div(total, n, out=buffer("mean"))
     # the first square starts the sum (0 + x is x); the last deviation is written over
     # the mean, which it no longer needs
-    variance = torch.sub(taus[0], mean, out=torch.empty_like(total))
+    variance = torch.sub(taus[0], mean, out=buffer("variance"))
     variance.mul_(variance)
     deviation: torch.Tensor | None = None
     for i in range(1, n):
         if i == n - 1:
             deviation = torch.sub(taus[i], mean, out=mean)
         else:
+            if deviation is None:
+                deviation = buffer("deviation")
             deviation = torch.sub(taus[i], mean, out=deviation)
         variance.addcmul_(deviation, deviation)
     return variance.div_(n), total
 
 
-def _summed(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A new tensor holding the task vectors' sum, added in model order."""
-    total = taus[0].clone() if len(taus) == 1 else torch.add(taus[0], taus[1])
+def _summed(taus: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The task vectors' sum, added in model order, in a new tensor or ``out``."""
+    if out is None:
+        out = torch.empty_like(taus[0])
+    total = out.copy_(taus[0]) if len(taus) == 1 else torch.add(taus[0], taus[1], out=out)
     for tau in taus[2:]:
         total.add_(tau)
     return total
