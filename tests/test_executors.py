@@ -180,4 +180,46 @@ def test_a_failing_item_stops_the_items_still_running(monkeypatch: pytest.Monkey
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert workers  # the pool was stopped, with the workers sleeping through the others
-    assert [p for p in workers if p.is_alive()] == []
+    assert [p.pid for p in workers if _running(p)] == []
+
+
+def test_workers_that_ignore_sigterm_are_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelfuse.executors as executors
+
+    workers: list[multiprocessing.process.BaseProcess] = []
+    terminate = executors._terminate
+
+    def recorded(pool: object) -> None:
+        workers.extend((getattr(pool, "_processes", None) or {}).values())
+        terminate(pool)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executors, "_terminate", recorded)
+    monkeypatch.setattr(executors, "_TERMINATE_SECONDS", 1.0)
+    # workers started now inherit an ignored SIGTERM (kept across exec): only SIGKILL stops them
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with pytest.raises(ValueError, match=r"item 0 \(-1\): sleep length must be non-negative"):
+            LocalExecutor(workers=2).map(time.sleep, [-1, 3600, 3600])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert workers
+    assert [p.pid for p in workers if _running(p)] == []
+    assert all(p.exitcode is None or p.exitcode < 0 for p in workers)  # killed, not finished
+
+
+def _running(process: multiprocessing.process.BaseProcess) -> bool:
+    """Whether a worker process still runs: by its handle, and by its PID, which must
+    exist and not be a zombie. ``is_alive()`` alone says alive for a child that something
+    else in this test process reaped (its own wait then fails, and it cannot tell)."""
+    if process.exitcode is not None:
+        return False
+    try:
+        os.kill(process.pid, 0)  # type: ignore[arg-type]
+    except ProcessLookupError:
+        return False
+    stat = f"/proc/{process.pid}/stat"
+    if os.path.exists(stat):
+        with open(stat) as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return True

@@ -33,6 +33,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -144,17 +145,25 @@ def _shutdown(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 
 def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Stop the pool at once: pending items cancelled, running ones killed (Ctrl-C, an error)."""
+    """Stop the pool at once: pending items cancelled, running ones killed (Ctrl-C, an error).
+
+    Each worker gets SIGTERM, and SIGKILL when it is still running 10 s later
+    (a worker in native code that blocks SIGTERM, say).
+    """
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    # a worker the pool started while shutting down is stopped too
-    processes += [
-        p for p in (getattr(pool, "_processes", None) or {}).values() if p not in processes
-    ]
     for process in processes:
         process.terminate()
+    deadline = time.monotonic() + _TERMINATE_SECONDS
     for process in processes:
-        process.join(timeout=10)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=_TERMINATE_SECONDS)
+
+
+_TERMINATE_SECONDS = 10.0
 
 
 class LocalExecutor:
