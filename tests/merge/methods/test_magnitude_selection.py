@@ -176,3 +176,32 @@ def test_float_masks_keep_the_same_entries_as_bool_masks(in_place):
     expected = np.zeros(300_000, dtype=np.float32)
     expected[top_k_positions(values.numpy(), k)] = 1
     assert np.array_equal(mask.numpy(), expected)
+
+
+@pytest.mark.parametrize("form", ["strided", "bfloat16", "autograd"])
+def test_chunks_of_any_layout_select_as_their_float32_values(form):
+    """The band (continuous values) and the guess (tied values) read each chunk through
+    numpy: strided, low-precision and autograd chunks give the selection of their float32
+    values, and the masks keep exactly the k largest (ties by position)."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(400_000, 2, generator=g).abs()
+    for tied in (False, True):
+        values = wide[:, 0].contiguous()
+        if tied or form == "bfloat16":
+            values = values.to(torch.bfloat16).float()
+        plain = [values[i : i + 65_536] for i in range(0, 400_000, 65_536)]
+        if form == "strided":
+            source = wide.clone()
+            source[:, 0] = values
+            chunks = [source[i : i + 65_536, 0] for i in range(0, 400_000, 65_536)]
+        elif form == "bfloat16":
+            chunks = [c.to(torch.bfloat16) for c in plain]
+        else:
+            chunks = [c.clone().requires_grad_(True) for c in plain]
+        k = 123_457
+        expected = np.zeros(400_000, dtype=bool)
+        expected[top_k_positions(values.numpy(), k)] = True
+        selection = select_top_k(lambda chunks=chunks: iter(chunks), k, 400_000, values[::7])
+        masker = selection.masker()
+        mask = torch.cat([masker(c.detach().float()) for c in chunks]).numpy()
+        assert np.array_equal(mask, expected)

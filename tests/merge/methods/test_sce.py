@@ -87,15 +87,26 @@ def test_inputs_are_not_modified_and_low_precision_inputs_work():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("torch_threads", [1, 2])
 @pytest.mark.parametrize("select_topk", [1.0, 0.3])
 def test_held_task_vectors_and_variances_give_the_bytes_of_computing_them_again(
-    monkeypatch, select_topk
+    monkeypatch, select_topk, torch_threads
 ):
     """A whole tensor keeps its chunks' task vectors and variances from the reduction for
-    the merge when they fit; computed again in every pass, the bytes are the same, and
-    the inputs are left unchanged either way (several chunks)."""
+    the merge when they fit; computed again in every pass (on one thread in buffers reused
+    from chunk to chunk, on two in new tensors), the bytes are the same, and the inputs
+    are left unchanged either way (several chunks)."""
     from modelfuse.merge.methods import sce as sce_module
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        _held_and_computed_again(monkeypatch, select_topk, sce_module)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _held_and_computed_again(monkeypatch, select_topk, sce_module):
     g = torch.Generator().manual_seed(4)
     base = torch.randn(900, 700, generator=g).to(torch.bfloat16)
     tensors = [
