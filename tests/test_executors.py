@@ -155,14 +155,13 @@ def test_a_dying_worker_is_one_executor_error() -> None:
     assert "use fewer workers" in message and "\n" not in message
 
 
-def test_a_failing_item_stops_the_items_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def stopped_workers(monkeypatch: pytest.MonkeyPatch) -> list[multiprocessing.process.BaseProcess]:
+    """The workers of the pools the executor stops during the test, recorded as it stops
+    them (other tests' executors may keep their own workers, and start them, until they
+    are collected)."""
     import modelfuse.executors as executors
 
-    def waited(*_: object) -> None:  # a guard against a hang, not a timing assertion
-        raise AssertionError("map waited for the items still running after one failed")
-
-    # the workers of this map's pool, as the executor stops them (other tests' executors may
-    # keep their own workers, and start them, until they are collected)
     workers: list[multiprocessing.process.BaseProcess] = []
     terminate = executors._terminate
 
@@ -171,6 +170,16 @@ def test_a_failing_item_stops_the_items_still_running(monkeypatch: pytest.Monkey
         terminate(pool)  # type: ignore[arg-type]
 
     monkeypatch.setattr(executors, "_terminate", recorded)
+    return workers
+
+
+def test_a_failing_item_stops_the_items_still_running(
+    stopped_workers: list[multiprocessing.process.BaseProcess],
+) -> None:
+    def waited(*_: object) -> None:  # a guard against a hang, not a timing assertion
+        raise AssertionError("map waited for the items still running after one failed")
+
+    workers = stopped_workers
     previous = signal.signal(signal.SIGALRM, waited)
     signal.alarm(300)
     try:
@@ -183,17 +192,12 @@ def test_a_failing_item_stops_the_items_still_running(monkeypatch: pytest.Monkey
     assert [p.pid for p in workers if _running(p)] == []
 
 
-def test_workers_that_ignore_sigterm_are_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_that_ignore_sigterm_are_killed(
+    monkeypatch: pytest.MonkeyPatch, stopped_workers: list[multiprocessing.process.BaseProcess]
+) -> None:
     import modelfuse.executors as executors
 
-    workers: list[multiprocessing.process.BaseProcess] = []
-    terminate = executors._terminate
-
-    def recorded(pool: object) -> None:
-        workers.extend((getattr(pool, "_processes", None) or {}).values())
-        terminate(pool)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(executors, "_terminate", recorded)
+    workers = stopped_workers
     monkeypatch.setattr(executors, "_TERMINATE_SECONDS", 1.0)
     # workers started now inherit an ignored SIGTERM (kept across exec): only SIGKILL stops them
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
