@@ -144,6 +144,10 @@ def _shutdown(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+_TERMINATE_SECONDS = 10.0
+"""How long a worker is given to stop after SIGTERM, then after SIGKILL."""
+
+
 def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Stop the pool at once: pending items cancelled, running ones killed (Ctrl-C, an error).
 
@@ -161,9 +165,6 @@ def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=_TERMINATE_SECONDS)
-
-
-_TERMINATE_SECONDS = 10.0
 
 
 class LocalExecutor:

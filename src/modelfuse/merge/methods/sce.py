@@ -163,7 +163,10 @@ class _Inputs:
         """The chunk's task vectors: new tensors, or with ``space`` its buffers for ``use``."""
         base = self.base[index]
         if base.dtype != torch.float32:
-            buffer = torch.empty(base.shape) if space is None else space.get("base", base.numel())
+            if space is None:
+                buffer = torch.empty(base.shape)
+            else:
+                buffer = space.get(f"{use} base", base.numel())
             base = buffer.copy_(base)
         taus = []
         for i, flat in enumerate(self.flats):
