@@ -13,7 +13,8 @@ each process imports the modules it uses before its clock starts (imports are
 a fixed cost per process, not part of the merge's speed).
 Every run of a method is paired with a run of the floor just before it; the
 table gives the fastest run, the fastest paired floor, the median of the
-pairs' ratios (drift of the machine cancels out) and the largest peak RSS.
+pairs' ratios (drift of the machine cancels out), the lowest and highest of
+those ratios, and the largest peak RSS.
 
     python bench/merge_speed.py                 # every data-free method
     python bench/merge_speed.py --methods linear ties --scale 2
@@ -230,8 +231,10 @@ def main() -> None:
     try:
         # Each run of a method is paired with a run of the floor just before it; the ratio
         # is the median of the pairs' ratios, so that the machine's drift (this VM's floor
-        # moves between 0.8 and 2 s) cancels out.
-        print(f"{'method':<18} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'peak RSS MB':>12}")
+        # moves between 0.7 and 2 s) cancels out; the pairs' lowest and highest ratios show
+        # how far a single pair can be off.
+        print(f"{'method':<18} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'pairs':>11} "
+              f"{'peak RSS MB':>12}")
         for method in methods:
             pairs = []
             for _ in range(args.repeat):
@@ -246,12 +249,14 @@ def main() -> None:
             if "error" in pairs[0][1]:
                 print(f"{method:<18} failed: {pairs[0][1]['error']}")
                 continue
-            ratio = statistics.median(r["seconds"] / f["seconds"] for f, r in pairs)
+            ratios = [r["seconds"] / f["seconds"] for f, r in pairs]
+            ratio = statistics.median(ratios)
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
             seconds = min(r["seconds"] for _, r in pairs)
             floor_seconds = min(f["seconds"] for f, _ in pairs)
             rss = max(r["peak_rss_mb"] for _, r in pairs)
-            print(f"{method:<18} {seconds:8.2f} {floor_seconds:8.2f} {ratio:8.2f} {rss:12.0f}",
-                  flush=True)
+            print(f"{method:<18} {seconds:8.2f} {floor_seconds:8.2f} {ratio:8.2f} {spread:>11} "
+                  f"{rss:12.0f}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
