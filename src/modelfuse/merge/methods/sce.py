@@ -22,7 +22,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.methods.chunk_threads import chunk_workers, ordered_map
 from modelfuse.merge.methods.float_sums import row_sum
 from modelfuse.merge.methods.magnitude_selection import sample_stride, select_top_k
-from modelfuse.merge.methods.magnitude_threshold import TensorSelection
+from modelfuse.merge.methods.magnitude_threshold import TensorSelection, count_ones, scratch_buffer
 from modelfuse.merge.methods.sign_consensus import agreeing_sums
 from modelfuse.merge.methods.sparsification import chunk_size, chunk_slices
 from modelfuse.merge.methods.workspace import Workspace
@@ -260,14 +260,12 @@ def _select(inputs: _Inputs, select_topk: float) -> TensorSelection | None:
     if select_topk <= 0:
         return TensorSelection(float("inf"), 0)
     nonzero = 0
-    flags: torch.Tensor | None = None
+    scratch: dict[str, torch.Tensor] = {}
     for variance in inputs.variances():
-        if flags is None or flags.numel() < variance.numel():
-            flags = torch.empty(variance.numel())
         # compared into floats and summed (a chunk's count is below 2**24: exact), many
         # times faster than count_nonzero, whose loop over floats is not vectorised
-        part = flags[: variance.numel()].view(variance.shape)
-        nonzero += int(torch.ne(variance, 0.0, out=part).sum())
+        flags = scratch_buffer(scratch, "nonzero", variance.numel()).view(variance.shape)
+        nonzero += count_ones(torch.ne(variance, 0.0, out=flags))
     k = int(nonzero * select_topk)
     if k == 0:
         return TensorSelection(float("inf"), 0)
@@ -503,7 +501,10 @@ def sce(
         divisor = space.get("divisor", total.numel())
         weights = reduced.weights
         merged = agreeing_sums(taus, weights, weights, total, total, divisor, space)
-        # base + merged / divisor in one pass, rounded as the division, then the sum
-        base_part = inputs.base[index].to(torch.float32)
+        # base + merged / divisor in one pass, rounded as the division, then the sum (the
+        # base converted into a reused buffer, as the task-vector merges do)
+        base_part = inputs.base[index]
+        if base_part.dtype != torch.float32:
+            base_part = space.get("base", base_part.numel()).copy_(base_part)
         torch.addcdiv(base_part, merged, divisor.clamp_(min=WEIGHT_EPS), out=out[index])
     return out.reshape(base.shape)
