@@ -56,8 +56,9 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
     return err
 
 
-def test_rank_1_writes_the_adapter_and_reports_the_error(work, capsys) -> None:
-    assert main(["extract-lora", "base", "tuned.safetensors", "-o", "lora", "--rank", "1"]) == 0
+@pytest.mark.parametrize("out", [["lora"], ["-o", "lora"]], ids=["OUT", "-o OUT"])
+def test_rank_1_writes_the_adapter_and_reports_the_error(work, capsys, out: list[str]) -> None:
+    assert main(["extract-lora", "base", "tuned.safetensors", *out, "--rank", "1"]) == 0
     captured = capsys.readouterr()
     # the norm changed and cannot be factored: stored whole, said on stderr, once
     assert captured.err.count("modelfuse: ") == 1 and "modules_to_save: norm" in captured.err
@@ -117,6 +118,10 @@ def test_bad_numbers_are_usage_errors(work, capsys, extra: list[str], message: s
          "is the fine-tuned checkpoint"),
         (["base", "tuned.safetensors", "-o", ".", "--rank", "2", "--overwrite"], "contains"),
         (["base", "tuned.safetensors", "-o", "wide.safetensors", "--rank", "2"], "already exists"),
+        (["base", "tuned.safetensors", "--rank", "2"],
+         "missing the adapter folder: modelfuse extract-lora BASE FINETUNED OUT (or -o/--out OUT)"),
+        (["base", "tuned.safetensors", "lora", "-o", "lora2", "--rank", "2"],
+         "give the adapter folder once"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(work, capsys, argv: list[str], message: str) -> None:

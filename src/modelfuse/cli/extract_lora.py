@@ -31,13 +31,18 @@ peft.PeftModel.from_pretrained(base_model, OUT).
 
 Example:
 
-    modelfuse extract-lora ./base ./finetuned -o ./lora --rank 16
+    modelfuse extract-lora ./base ./finetuned ./lora --rank 16
 """,
 )
 def extract_lora_command(
     base: Annotated[Path, typer.Argument(help="the base checkpoint (file or model folder)")],
     finetuned: Annotated[Path, typer.Argument(help="the fine-tuned checkpoint")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="the adapter folder to write")],
+    out: Annotated[
+        Path | None, typer.Argument(help="the adapter folder to write (or give -o/--out)")
+    ] = None,
+    out_option: Annotated[
+        Path | None, typer.Option("-o", "--out", help="the adapter folder to write")
+    ] = None,
     rank: Annotated[
         int | None, typer.Option(help="rank of every module (largest rank with --energy)", min=1)
     ] = None,
@@ -80,21 +85,29 @@ def extract_lora_command(
     from modelfuse.merge.output_paths import check_output_path, expand_user
     from modelfuse.progress import progress_bar
 
+    if (out is None) == (out_option is None):
+        raise ConfigError(
+            "give the adapter folder once: as the third argument (modelfuse extract-lora BASE "
+            "FINETUNED OUT) or with -o/--out, not both"
+            if out is not None
+            else "missing the adapter folder: modelfuse extract-lora BASE FINETUNED OUT "
+            "(or -o/--out OUT)"
+        )
     check_choice(embeddings, ("full", "lora", "skip"), "--embeddings")
     if rank is None and energy is None:
         raise ConfigError("expected --rank, --energy or both; pass e.g. --rank 16 or --energy 0.9")
     if energy is not None and not energy > 0:
         raise ConfigError(f"--energy: expected a fraction in (0, 1], got {energy:g}; pass e.g. 0.9")
-    out = expand_user(str(out), key="--out")
+    target = expand_user(str(out if out is not None else out_option), key="OUT")
     inputs = [("base checkpoint", base), ("fine-tuned checkpoint", finetuned)]
-    check_output_path(out, inputs, overwrite=overwrite, flag="--out")
+    check_output_path(target, inputs, overwrite=overwrite, flag="OUT")
     return_freed_memory_promptly()
 
     with open_checkpoint(base) as first, open_checkpoint(finetuned) as second:
         total = len(matching_tensors(first, second))  # a mismatch is refused before the bar shows
     with progress_bar("extract-lora", total, enabled=not quiet) as advance:
         result = extract_lora(
-            base, finetuned, out, rank=rank, energy=energy, embeddings=embeddings,  # type: ignore[arg-type]
+            base, finetuned, target, rank=rank, energy=energy, embeddings=embeddings,  # type: ignore[arg-type]
             skip_undecomposable=skip_undecomposable, overwrite=overwrite, progress=advance,
         )
     for note in result.notes():
