@@ -40,6 +40,31 @@ def test_ordered_map_keeps_order_and_uses_threads():
     assert list(ordered_map(square, range(5), workers=1)) == [0, 1, 4, 9, 16]
 
 
+def _threads_of_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_ordered_map_workers_use_one_torch_thread_and_leave_counts_alone(threads, stop_early):
+    # with torch's own threads in each chunk thread, two chunk threads would run four
+    # threads on two cores; torch's count is per thread, and a thread started later begins
+    # with the count last set anywhere
+    def work():
+        items = ordered_map(lambda _: torch.get_num_threads(), range(20), workers=2)
+        counts = [next(items) for _ in range(3)] if stop_early else list(items)
+        if stop_early:
+            items.close()
+        return counts, torch.get_num_threads(), _threads_of_a_new_thread()
+
+    counts, caller, new_thread = threads(3, work)
+    assert set(counts) == {1}
+    assert caller == 3 and new_thread == 3
+
+
 def test_ordered_map_stops_early_and_reraises():
     started = []
 

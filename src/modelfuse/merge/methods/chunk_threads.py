@@ -5,7 +5,10 @@ piece every core (a very large tensor, merged alone), chunks whose results do
 not depend on one another are computed by :func:`ordered_map` on that many
 threads: torch and numpy release the GIL in their kernels, and the results
 come back in chunk order, so sums over them are added in the same order as
-on one thread and give the same bits.
+on one thread and give the same bits. Each of those threads runs its torch
+operations on one thread: with torch's own threads as well, the cores would
+be oversubscribed (two chunk threads of two torch threads each on two cores
+switched thousands of times per tensor).
 """
 
 from __future__ import annotations
@@ -50,21 +53,33 @@ def ordered_map(
         return
     pending: collections.deque[Future[R]] = collections.deque()
     upcoming = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelfuse-chunks") as pool:
-        try:
-            for item in upcoming:
-                pending.append(pool.submit(function, item))
-                if len(pending) > workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                following = next(upcoming, _END)
-                if following is not _END:
-                    pending.append(pool.submit(function, following))  # type: ignore[arg-type]
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+    # torch's thread count is per thread, but setting it also sets the count that threads
+    # started later begin with: the caller's own is set again at the end
+    caller_threads = torch.get_num_threads()
+
+    def on_one_thread(item: T) -> R:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        return function(item)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelfuse-chunks") as pool:
+            try:
+                for item in upcoming:
+                    pending.append(pool.submit(on_one_thread, item))
+                    if len(pending) > workers:
+                        break
+                while pending:
+                    result = pending.popleft().result()
+                    following = next(upcoming, _END)
+                    if following is not _END:
+                        pending.append(pool.submit(on_one_thread, following))  # type: ignore[arg-type]
+                    yield result
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:  # once every worker has stopped
+        torch.set_num_threads(caller_threads)
 
 
 _END = object()
