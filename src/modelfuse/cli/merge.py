@@ -315,6 +315,7 @@ def _merge_multistage(
             overwrite=options["overwrite"],
             allow_crimes=options["allow_crimes"],
             random_seed=options["random_seed"],
+            copy_tokenizer=options["copy_tokenizer"],
         )
     except ModelfuseError as exc:
         _report_problems(exc)

@@ -30,7 +30,7 @@ from modelfuse.memory import peak_rss_bytes
 from modelfuse.merge.config import MergeConfig, load_config
 from modelfuse.merge.execute import default_threads, execute_plan
 from modelfuse.merge.heads import head_files
-from modelfuse.merge.open_inputs import open_inputs
+from modelfuse.merge.open_inputs import OpenedInputs, open_inputs
 from modelfuse.merge.output_files import model_card_text, resolved_yaml, updated_model_config
 from modelfuse.merge.parameters import short
 from modelfuse.merge.plan import MergePlan, TensorTask
@@ -131,6 +131,27 @@ def plan_merge(
     The checkpoints stay open through the returned plan's sources; close them
     with :func:`close_plan`.
     """
+    return open_merge(
+        config,
+        out,
+        overwrite=overwrite,
+        allow_crimes=allow_crimes,
+        random_seed=random_seed,
+        allow_prefix=allow_prefix,
+    ).plan
+
+
+def open_merge(
+    config: str | Path | dict[str, Any] | MergeConfig,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    allow_crimes: bool = False,
+    random_seed: int | None = None,
+    allow_prefix: bool = False,
+) -> OpenedInputs:
+    """:func:`plan_merge`, with what else the merge writes beside the tensors: the folder
+    its model files are copied from and the vocabulary step's tokenizer files."""
     cfg, folder = load_config(config)
     return open_inputs(
         _with_prefix(_with_seed(cfg, random_seed), allow_prefix),
@@ -139,7 +160,7 @@ def plan_merge(
         overwrite=overwrite,
         config_file=_config_file(config),
         allow_crimes=allow_crimes,
-    ).plan
+    )
 
 
 def close_plan(plan: MergePlan) -> None:

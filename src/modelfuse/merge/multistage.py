@@ -185,6 +185,7 @@ def merge_multistage(
         allow_crimes=allow_crimes,
         random_seed=random_seed,
         show_warnings=False,
+        copy_tokenizer=copy_tokenizer,
     )
     results: list[tuple[PlannedStage, MergeResult]] = []
     with intermediate_folder(target, folder) as where:

@@ -26,6 +26,7 @@ from modelfuse.merge.yaml_reading import (
     read_config_text,
     read_yaml_documents,
 )
+from modelfuse.vocabulary.settings import with_model_references
 
 __all__ = [
     "Stage",
@@ -219,6 +220,12 @@ def _located(config: MergeConfig, folder: Path, names: Sequence[str], where: str
             entry.model_copy(update={"patch": other(entry.patch, f"patches[{i}].patch")})
             for i, entry in enumerate(config.patches)
         ]
+    # the vocabulary's sources name models of the merge: stages, or paths beside the file
+    tokenizer_source, tokenizer = with_model_references(
+        config.tokenizer_source,
+        config.tokenizer,
+        lambda reference, key: reference if reference in names else other(reference, key) or reference,
+    )
     located = config.model_copy(
         update={
             "base_model": base,
@@ -226,6 +233,8 @@ def _located(config: MergeConfig, folder: Path, names: Sequence[str], where: str
             "models": models,
             "slices": slices,
             "patches": patches,
+            "tokenizer_source": tokenizer_source,
+            "tokenizer": tokenizer,
         }
     )
     return located, tuple(uses)
@@ -252,6 +261,9 @@ def bind(config: MergeConfig, outputs: Mapping[str, str]) -> MergeConfig:
             )
             for piece in config.slices
         ]
+    update["tokenizer_source"], update["tokenizer"] = with_model_references(
+        config.tokenizer_source, config.tokenizer, lambda reference, _: outputs.get(reference, reference)
+    )
     return config.model_copy(update=update)
 
 

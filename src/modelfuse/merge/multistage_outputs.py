@@ -13,12 +13,19 @@ from typing import Any
 import yaml
 
 from modelfuse.checkpoint.safetensors_format import encode_header
-from modelfuse.checkpoint.writer import MARKER_NAME, _make_sibling, _marker_text
+from modelfuse.checkpoint.writer import (
+    MARKER_NAME,
+    _make_sibling,
+    _marker_text,
+    is_model_file,
+    is_tokenizer_file,
+)
 from modelfuse.errors import OutputError
 from modelfuse.merge.multistage_config import Stage
+from modelfuse.merge.open_inputs import OpenedInputs
+from modelfuse.merge.output_files import updated_model_config
 from modelfuse.merge.output_paths import check_output_path, expand_user
 from modelfuse.merge.parameters import short
-from modelfuse.merge.plan import MergePlan
 
 __all__ = ["check_outputs", "intermediate_folder", "record_stages", "write_planned_output"]
 
@@ -93,12 +100,18 @@ def check_outputs(
             )
 
 
-def write_planned_output(plan: MergePlan, folder: Path) -> None:
-    """A model folder with the tensor names, shapes and dtypes ``plan`` writes, and no data.
+def write_planned_output(opened: OpenedInputs, folder: Path, *, copy_tokenizer: bool = True) -> None:
+    """A model folder with what the merge of ``opened`` writes, except the tensors' data.
 
-    The safetensors file is extended to its full size without writing its
-    data (a sparse file), so that a later stage can be planned against it.
+    The safetensors file holds the tensor names, shapes and dtypes and is
+    extended to its full size without writing its data (a sparse file); the
+    other files are the merge's own (:func:`~modelfuse.merge.engine.merge`):
+    its config.json, a built vocabulary's tokenizer (or the base's with a chat
+    template) and the files copied from the base model's folder, tokenizer
+    files included unless ``copy_tokenizer`` is off. So a later stage is
+    planned against what it will read, tokenizer and all.
     """
+    plan = opened.plan
     folder.mkdir()
     tensors, offset = [], 0
     for task in plan.tasks:
@@ -108,10 +121,28 @@ def write_planned_output(plan: MergePlan, folder: Path) -> None:
     with open(folder / "model.safetensors", "wb") as handle:
         handle.write(header)
         handle.truncate(len(header) + offset)
-    source = plan.base if plan.base is not None else plan.models[0]
-    origin = getattr(source.source, "folder", None)
-    if origin is not None and (origin / "config.json").is_file():
-        shutil.copyfile(origin / "config.json", folder / "config.json")
+    step = opened.vocabulary
+    files: dict[str, str | bytes | Path] = {}
+    updated = updated_model_config(
+        opened.files_from, plan, step.vocab_size if step is not None else None
+    )
+    if updated is not None:
+        files["config.json"] = updated[0]
+    own = step is not None and bool(step.files) and (step.built or copy_tokenizer)
+    if own and step is not None:
+        files.update(step.files)
+    source = opened.files_from
+    if source is not None and source.is_dir():
+        for path in sorted(source.iterdir()):
+            if is_tokenizer_file(path.name) and not (copy_tokenizer and not own):
+                continue
+            if path.is_file() and is_model_file(path.name) and path.name not in files:
+                files[path.name] = path
+    for name, content in files.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, folder / name)
+        else:
+            (folder / name).write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,8 @@
 
 A later stage is planned against stand-ins for the earlier stages' outputs
 (:func:`~modelfuse.merge.multistage_outputs.write_planned_output`: the tensor
-names, shapes and dtypes they will write), so that every problem of the file
-shows before the first merge starts. The rules of multi-stage files are in
+names, shapes and dtypes they will write, their config.json and tokenizer), so
+that every problem of the file shows before the first merge starts. The rules of multi-stage files are in
 :mod:`modelfuse.merge.multistage`.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelfuse.errors import ModelfuseError
-from modelfuse.merge.engine import close_plan, describe_plan, plan_merge
+from modelfuse.merge.engine import close_plan, describe_plan, open_merge
 from modelfuse.merge.multistage_config import Stage, bind, read_stages, stage_label, stage_where
 from modelfuse.merge.multistage_outputs import check_outputs, write_planned_output
 from modelfuse.merge.plan import MergePlan
@@ -115,6 +115,7 @@ def prepare_stages(
     allow_crimes: bool,
     random_seed: int | None,
     show_warnings: bool,
+    copy_tokenizer: bool = True,
 ) -> tuple[list[Stage], list[PlannedStage]]:
     """The stages in run order, each checked; warnings of the checks shown or dropped."""
     path = Path(config)
@@ -130,20 +131,23 @@ def prepare_stages(
             named = {folder_: name for name, folder_ in stand_ins.items()}
             try:
                 with stage_warnings(stage_where(path, stage), named, show=show_warnings):
-                    plan = plan_merge(
+                    opened = open_merge(
                         bind(stage.config, stand_ins),
                         target if final else None,
                         overwrite=overwrite,
                         allow_crimes=allow_crimes,
                         random_seed=random_seed,
                     )
+                    plan = opened.plan
             except ModelfuseError as exc:
                 raise restated(exc, stage_where(path, stage), named) from None
             try:
                 description = renamed(describe_plan(plan), named)
                 if not final and stage.name is not None:
                     stand_ins[stage.name] = str(Path(scratch) / stage.name)
-                    write_planned_output(plan, Path(stand_ins[stage.name]))
+                    write_planned_output(
+                        opened, Path(stand_ins[stage.name]), copy_tokenizer=copy_tokenizer
+                    )
                 planned.append(
                     PlannedStage(
                         name=stage.name,
@@ -174,6 +178,7 @@ def plan_multistage(
     overwrite: bool = False,
     allow_crimes: bool = False,
     random_seed: int | None = None,
+    copy_tokenizer: bool = True,
 ) -> list[PlannedStage]:
     """Check every stage of a multi-stage file without merging; list them in run order.
 
@@ -187,7 +192,7 @@ def plan_multistage(
     intermediate_dir : path, optional
         Where the named stages are written and kept (``intermediate_dir/NAME``,
         none of which may exist yet); otherwise they go to a temporary folder.
-    overwrite, allow_crimes, random_seed
+    overwrite, allow_crimes, random_seed, copy_tokenizer
         As for :func:`modelfuse.merge.merge`, applied to every stage
         (``overwrite`` replaces ``out`` only).
 
@@ -229,6 +234,7 @@ def plan_multistage(
         allow_crimes=allow_crimes,
         random_seed=random_seed,
         show_warnings=True,
+        copy_tokenizer=copy_tokenizer,
     )[1]
 
 

@@ -24,6 +24,7 @@ Two spellings, never both::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -48,6 +49,7 @@ __all__ = [
     "model_reference",
     "reference_value",
     "tokenizer_settings",
+    "with_model_references",
 ]
 
 MODEL_PREFIX = "model:"
@@ -245,3 +247,44 @@ def tokenizer_settings(
             )
         return TokenizerSettings(source=tokenizer_source)
     return None
+
+
+def with_model_references(
+    tokenizer_source: str | None,
+    tokenizer: TokenizerSettings | None,
+    replace: Callable[[str, str], str],
+) -> tuple[str | None, TokenizerSettings | None]:
+    """``tokenizer_source`` and ``tokenizer`` with every model they name replaced by
+    ``replace(reference, key)`` (``key`` says where, for messages): the vocabulary's
+    source (not ``union`` or ``base``) and each token's source model. A multi-stage
+    merge locates and binds these as it does the merged models.
+
+    Examples
+    --------
+    >>> settings = TokenizerSettings(tokens={"<x>": {"source": "chat"}})
+    >>> _, done = with_model_references(None, settings, lambda r, key: "./" + r)
+    >>> done.tokens["<x>"].source
+    './chat'
+    """
+
+    def model(reference: str, key: str) -> str:
+        return reference if reference in ("union", "base") else replace(reference, key)
+
+    if tokenizer_source is not None:
+        tokenizer_source = model(tokenizer_source, "tokenizer_source")
+    if tokenizer is None:
+        return tokenizer_source, None
+    tokens = None
+    if tokenizer.tokens is not None:
+        tokens = {}
+        for token, setting in tokenizer.tokens.items():
+            key = f"tokenizer.tokens.{token!r}.source"
+            source = setting.source
+            if isinstance(source, str):
+                source = replace(source, key)
+            elif isinstance(source, ModelTokenSource):
+                source = source.model_copy(update={"model": replace(source.model, key + ".model")})
+            tokens[token] = setting.model_copy(update={"source": source})
+    return tokenizer_source, tokenizer.model_copy(
+        update={"source": model(tokenizer.source, "tokenizer.source"), "tokens": tokens}
+    )
