@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from modelfuse.cli import main
 from modelfuse.errors import ConfigError
 from modelfuse.merge.config import load_config
+from modelfuse.merge.registry import METHODS
 from modelfuse.statistics.storage import save as save_statistics
 
 RUN = [sys.executable, "-c", "import sys; from modelfuse.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -540,11 +541,17 @@ def test_long_values_are_cut_in_messages(work, capsys, text, expected):
     assert expected in err and len(err) < 600
 
 
+def test_a_long_message_keeps_its_end(work, capsys):
+    # the list of valid methods, and a fix, come last: a one-line error keeps them
+    err = refused(_merge(work, "merge_method: Linear\nmodels: [m0.safetensors]\n"), capsys, work)
+    assert err.rstrip().endswith(", ".join(sorted(METHODS)[-3:])), err
+
+
 def test_thousands_of_unknown_keys_are_counted_not_listed(work, capsys):
     keys = "".join(f"key{i}: 1\n" for i in range(5000))
     text = "merge_method: linear\nmodels: [m0.safetensors, m1.safetensors]\n" + keys
     err = refused(_merge(work, text), capsys, work)
-    assert "key0: unknown key" in err and len(err) < 600
+    assert "key0: unknown key" in err and len(err) < 1100  # one line, with the valid keys
     with pytest.raises(ConfigError) as info:
         load_config(work / "merge.yaml")
     message = str(info.value)

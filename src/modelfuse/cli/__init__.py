@@ -71,10 +71,12 @@ _ABORT = _abort_classes()
 
 
 def _one_line(message: object) -> str:
-    """The first non-empty line of ``message``, at most 300 characters."""
+    """The first non-empty line of ``message``, at most 1000 characters (a message names
+    its key, what it got and the fix, with paths cut to 200 characters each: the fix comes
+    last and must not be cut off)."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     text = lines[0] if lines else type(message).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 @contextmanager
