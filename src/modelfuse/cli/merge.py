@@ -25,7 +25,10 @@ MERGEKIT_ONLY = {
     "--trust-remote-code": "modelfuse runs no code from model folders; ignored",
     "--safe-serialization": "the output is always safetensors; ignored",
     "--transformers-cache": "modelfuse never downloads (models are local paths); ignored",
-    "--lora-merge-cache": "modelfuse never downloads (models are local paths); ignored",
+    "--lora-merge-cache": "a MODEL+LORA reference's adapter is applied as its tensors are "
+    "read, nothing is cached; ignored",
+    "--lora-merge-dtype": "a MODEL+LORA reference's adapter is applied in float32 (mergekit's "
+    "default); the configuration's dtype sets the merge's; ignored",
 }
 """mergekit-yaml's options that have no use in modelfuse, and what it does instead."""
 
@@ -168,6 +171,7 @@ def merge_command(
     safe_serialization: Annotated[bool, typer.Option(hidden=True)] = False,
     transformers_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
     lora_merge_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     from modelfuse.checkpoint import parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
@@ -185,6 +189,7 @@ def merge_command(
         "--safe-serialization": safe_serialization,
         "--transformers-cache": transformers_cache is not None,
         "--lora-merge-cache": lora_merge_cache is not None,
+        "--lora-merge-dtype": lora_merge_dtype is not None,
     }
     for flag in (flag for flag, used in given.items() if used):
         print(f"modelfuse: {flag} is mergekit's; {MERGEKIT_ONLY[flag]}", file=sys.stderr)

@@ -175,11 +175,26 @@ def _located(config: MergeConfig, folder: Path, names: Sequence[str], where: str
             uses[reference] = None
             return reference
         if path is None:
+            adapted = _adapted(reference, key)
+            if adapted is not None:
+                return adapted
             raise ConfigError(
                 f"{where}: {key}: {short(reference)} is neither a stage's name (names: "
                 f"{_listed(names)}) nor an existing path; fix the name or the path"
             )
         return path
+
+    def _adapted(reference: str, key: str) -> str | None:
+        # mergekit's MODEL+LORA: the model a stage's name or a path, the adapter a path
+        head, _, tail = reference.partition("+")
+        adapter = _found(tail, folder, key) if head and tail and "+" not in tail else None
+        if adapter is None:
+            return None
+        if head in names:
+            uses[head] = None
+            return f"{head}+{adapter}"
+        found = _found(head, folder, key)
+        return f"{found}+{adapter}" if found is not None else None
 
     def other(reference: str | None, key: str) -> str | None:
         if reference is None:
@@ -244,7 +259,10 @@ def bind(config: MergeConfig, outputs: Mapping[str, str]) -> MergeConfig:
     """``config`` with every reference to a stage replaced by the stage's output folder."""
 
     def swap(reference: str | None) -> str | None:
-        return outputs.get(reference, reference) if reference is not None else None
+        if reference is None or reference in outputs:
+            return outputs.get(reference, reference) if reference is not None else None
+        head, plus, tail = reference.partition("+")  # STAGE+LORA: the stage's output
+        return f"{outputs[head]}+{tail}" if plus and head in outputs else reference
 
     update: dict[str, Any] = {"base_model": swap(config.base_model)}
     if config.models is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
+from modelfuse.checkpoint.adapted import open_adapted
 from modelfuse.errors import CheckpointError, ConfigError, ModelfuseError
 from modelfuse.merge.config import MergeConfig, ModelEntry, resolve_dtype
 from modelfuse.merge.config_plan import model_plan, parameter_key_problems, slice_plan
@@ -29,7 +30,36 @@ from modelfuse.merge.problems import Problems
 from modelfuse.merge.registry import METHODS, get_method
 from modelfuse.merge.vocabulary_step import VocabularyStep, check_vocabulary_keys, open_vocabulary
 
-__all__ = ["OpenedInputs", "locate", "open_inputs"]
+__all__ = ["OpenedInputs", "adapter_reference", "locate", "open_inputs"]
+
+
+def adapter_reference(
+    reference: str, location: str, folder: Path, key: str = "model"
+) -> tuple[str, str] | None:
+    """``(model, adapter)`` located when ``reference`` is mergekit's ``MODEL+LORA`` (no
+    path of that name exists and it has one ``+``), else None.
+
+    Raises
+    ------
+    CheckpointError
+        More than one ``+``, or a part that is not found.
+    """
+    if "+" not in reference or Path(location).exists():
+        return None
+    parts = reference.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(
+            f"{key}: {short(reference)}: neither a path nor MODEL+LORA (one model and one "
+            "LoRA adapter folder joined by '+'); check the reference"
+        )
+    model, adapter = (locate(part, folder, key) for part in parts)
+    for part, found in ((parts[0], model), (parts[1], adapter)):
+        if not Path(found).exists():
+            raise CheckpointError(
+                f"{key}: {short(reference)}: {short(part)} is not found (read as MODEL+LORA, "
+                "mergekit's model with a LoRA adapter applied); check the path"
+            )
+    return model, adapter
 
 
 def locate(reference: str, folder: Path, key: str = "model") -> str:
@@ -140,10 +170,21 @@ def open_inputs(
             return None
         try:
             location = locate(reference, folder, key)
-            resolved = Path(location).resolve() if Path(location).exists() else None
-            opened_key = str(resolved) if resolved is not None else location
-            if opened_key not in opened:
-                opened[opened_key] = open_checkpoint(location)
+            adapted = adapter_reference(reference, location, folder, key)
+            if adapted is not None:  # mergekit's MODEL+LORA
+                model, adapter = adapted
+                opened_key = f"{Path(model).resolve()}+{Path(adapter).resolve()}"
+                if opened_key not in opened:
+                    opened[opened_key] = open_adapted(model, adapter)
+                absolute = f"{os.path.abspath(model)}+{os.path.abspath(adapter)}"
+                used = [(what, model), ("LoRA adapter", adapter)]
+            else:
+                resolved = Path(location).resolve() if Path(location).exists() else None
+                opened_key = str(resolved) if resolved is not None else location
+                if opened_key not in opened:
+                    opened[opened_key] = open_checkpoint(location)
+                absolute = os.path.abspath(location)
+                used = [(what, location)]
         except ModelfuseError as exc:
             failed.add(reference)
             problems.add_error(exc)
@@ -155,8 +196,8 @@ def open_inputs(
                 CheckpointError,
             )
             return None
-        located[reference] = os.path.abspath(location)
-        inputs.append((what, location))
+        located[reference] = absolute
+        inputs.extend(used)
         return opened[opened_key]
 
     def close_all() -> None:
