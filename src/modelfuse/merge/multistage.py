@@ -51,7 +51,7 @@ from pathlib import Path
 
 from modelfuse.errors import ModelfuseError
 from modelfuse.merge.engine import MergeResult, merge
-from modelfuse.merge.multistage_config import bind, is_multistage, stage_where
+from modelfuse.merge.multistage_config import is_multistage, stage_where
 from modelfuse.merge.multistage_outputs import intermediate_folder, record_stages
 from modelfuse.merge.multistage_plan import (
     PlannedStage,
@@ -61,6 +61,7 @@ from modelfuse.merge.multistage_plan import (
     restated,
     stage_warnings,
 )
+from modelfuse.merge.multistage_references import bind
 
 __all__ = [
     "MultistageResult",

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from modelfuse.errors import ModelfuseError
 from modelfuse.merge.engine import close_plan, describe_plan, open_merge
-from modelfuse.merge.multistage_config import Stage, bind, read_stages, stage_label, stage_where
+from modelfuse.merge.multistage_config import Stage, read_stages, stage_label, stage_where
 from modelfuse.merge.multistage_outputs import check_outputs, write_planned_output
+from modelfuse.merge.multistage_references import bind
 from modelfuse.merge.plan import MergePlan
 
 __all__ = ["PlannedStage", "plan_multistage", "prepare_stages", "renamed", "restated", "stage_warnings"]
