@@ -170,6 +170,16 @@ BAD_CONFIGS = {
         },
         "experts[0].source_model: 'nope': no such model folder",
     ),
+    "a model with a LoRA adapter": (
+        {
+            "experts": [
+                {"source_model": "./e0+./e1", "positive_prompts": ["a"]},
+                {"source_model": "./e1", "positive_prompts": ["b"]},
+            ]
+        },
+        "experts[0].source_model: './e0+./e1' is a model with a LoRA adapter (MODEL+LORA); "
+        "modelfuse moe reads model folders: write the adapted model first (modelfuse merge",
+    ),
     "other MLP shape": (
         {
             "experts": [

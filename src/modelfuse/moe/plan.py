@@ -135,12 +135,31 @@ def _locate(reference: str, folder: Path, key: str) -> Path:
         if path.is_absolute() or path.exists():
             return path
         beside = folder / path
-        return beside if beside.exists() else path
+        if beside.exists():
+            return beside
+        if "+" in reference:
+            _refuse_adapted(reference, folder, key)
+        return path
     except OSError as exc:
         raise CheckpointError(
             f"{key}: {short(reference)}: cannot be looked up ({exc.strerror or exc}); "
             "give the path of a model folder"
         ) from None
+
+
+def _refuse_adapted(reference: str, folder: Path, key: str) -> None:
+    """Refuse mergekit's MODEL+LORA (both parts found) with what to do instead."""
+    parts = reference.split("+")
+    found = [
+        expand_user(part, key=key).exists() or (folder / expand_user(part, key=key)).exists()
+        for part in parts
+    ]
+    if len(parts) == 2 and all(found):
+        raise CheckpointError(
+            f"{key}: {short(reference)} is a model with a LoRA adapter (MODEL+LORA); modelfuse "
+            "moe reads model folders: write the adapted model first (modelfuse merge with "
+            f"merge_method: linear and models: [{short(reference)[1:-1]}]) and name its folder"
+        )
 
 
 def _model_config(path: Path, key: str) -> dict[str, Any]:
