@@ -196,3 +196,25 @@ def test_a_folder_without_an_adapter_is_refused(tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
         AdaptedCheckpoint(open_checkpoint(model), adapter)
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["fan_in_fan_out", "flag left false"])
+def test_gpt2_conv1d_adapters_are_transposed_as_peft_does(tmp_path, flag):
+    # GPT-2 stores c_attn as Conv1D, weight (in, out); PEFT transposes its update even when
+    # the adapter's configuration leaves fan_in_fan_out false (it warns and sets it)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    adapter = _adapter(tmp_path / "model", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    settings["fan_in_fan_out"] = flag
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    expected = _merged_by_peft(tmp_path / "model", adapter)
+    with open_adapted(tmp_path / "model", adapter) as ckpt:
+        assert "transformer.h.0.attn.c_attn.weight" in ckpt.updated()
+        for name in ckpt.updated():
+            whole = ckpt.read(name)
+            torch.testing.assert_close(whole, expected[name], rtol=1e-6, atol=1e-6, msg=name)
+            assert torch.equal(ckpt.read_rows(name, 5, 20), whole[5:20]), name

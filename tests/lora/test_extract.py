@@ -116,6 +116,48 @@ def test_rank_2_reproduces_the_finetune_through_peft(llama, tmp_path: Path) -> N
         torch.testing.assert_close(parameter, expected[name], atol=2e-6, rtol=0)
 
 
+def _gpt2(folder: Path, seed: int, update: bool) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    if update:  # a rank-2 change of each attention's c_attn, stored (in, out) as Conv1D
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("c_attn.weight"):
+                    p.add_(torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) * 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_gpt2_conv1d_layers_are_factored_as_peft_stores_them(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    base, tuned = _gpt2(tmp_path / "base", 0, False), _gpt2(tmp_path / "tuned", 1, True)
+    result = extract_lora(base, tuned, tmp_path / "lora", rank=2)
+    assert sorted(result.modules) == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    assert result.max_error < 1e-5
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    # Conv1D(in=32, out=96): lora_A is (r, in), lora_B (out, r), and B @ A is the weight's transpose
+    a = stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    b = stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert tuple(a.shape) == (2, 32) and tuple(b.shape) == (96, 2)
+    deltas = _deltas(base, tuned)
+    torch.testing.assert_close(
+        (b @ a).T.double(), deltas["transformer.h.0.attn.c_attn.weight"], atol=2e-6, rtol=0
+    )
+    merged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tmp_path / "lora")
+    expected = dict(GPT2LMHeadModel.from_pretrained(tuned).named_parameters())
+    for name, parameter in merged.merge_and_unload().named_parameters():
+        torch.testing.assert_close(parameter, expected[name], atol=2e-6, rtol=0)
+
+
 def test_embeddings_and_norms_can_be_left_out(llama, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import LlamaForCausalLM

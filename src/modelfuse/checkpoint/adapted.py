@@ -10,7 +10,7 @@ rounded once to float32: within a float32 rounding of PEFT's float32 products,
 and a block of rows is exactly those rows of the whole tensor):
 
 - a LoRA linear weight: ``W + transpose(B @ A) * scale`` (``transpose`` when
-  ``fan_in_fan_out``), with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with
+  ``fan_in_fan_out``, and for GPT-2's ``Conv1D`` layers, as PEFT does), with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with
   ``use_rslora``; ``rank_pattern`` and ``alpha_pattern`` per module);
 - its bias, with ``lora_bias``: ``b + lora_B.bias * scale``;
 - a LoRA embedding: ``W + (lora_embedding_B @ lora_embedding_A)^T * scale``;
@@ -35,12 +35,34 @@ from modelfuse.checkpoint.base import Checkpoint, TensorInfo
 from modelfuse.checkpoint.reader import open_checkpoint
 from modelfuse.errors import CheckpointError
 
-__all__ = ["ADAPTER_PREFIX", "AdaptedCheckpoint", "open_adapted"]
+__all__ = ["ADAPTER_PREFIX", "AdaptedCheckpoint", "conv1d_modules", "open_adapted"]
 
 ADAPTER_PREFIX = "base_model.model."
 """What PEFT puts before a module's name in an adapter's tensor names."""
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+def conv1d_modules(folder: Path | None) -> frozenset[str]:
+    """The last name parts of the modules stored as transformers' ``Conv1D`` (weight
+    ``(in, out)``, the transpose of a linear layer's) in the model folder's architecture:
+    GPT-2's ``c_attn``, ``c_proj``, ``c_fc`` and ``q_attn``; none for other models.
+
+    PEFT treats these as ``fan_in_fan_out`` whatever the adapter's configuration says.
+    """
+    if folder is None or not (folder / "config.json").is_file():
+        return frozenset()
+    try:
+        if (folder / "config.json").stat().st_size > _MAX_CONFIG_BYTES:
+            return frozenset()
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return frozenset()
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return _CONV1D_NAMES if kind in _CONV1D_MODEL_TYPES else frozenset()
 _MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -183,6 +205,7 @@ class AdaptedCheckpoint(Checkpoint):
         alpha = _number(config, "lora_alpha", path, 8)
         rslora = bool(config.get("use_rslora", False))
         fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        conv1d = conv1d_modules(self.model.folder)  # PEFT transposes these whatever the flag
         names = set(self.adapter.keys())
         updates: dict[str, _Update] = {}
         used: set[str] = set()
@@ -212,7 +235,7 @@ class AdaptedCheckpoint(Checkpoint):
                     f"{self.adapter.path}: {name!r} has shape {list(a)}; only linear and embedding "
                     "LoRA (2-D factors) are applied: merge this adapter with PEFT first"
                 )
-            transpose = kind == "embedding" or fan_in_fan_out
+            transpose = kind == "embedding" or fan_in_fan_out or module.rsplit(".", 1)[-1] in conv1d
             rows, columns = (a[1], b[0]) if transpose else (b[0], a[1])
             if a[0] != b[1] or tuple(weight.shape) != (rows, columns):
                 raise CheckpointError(

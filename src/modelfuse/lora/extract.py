@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from modelfuse.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint
+from modelfuse.checkpoint.adapted import conv1d_modules
 from modelfuse.checkpoint.writer import is_tokenizer_file
 from modelfuse.errors import CheckpointError, ConfigError
 from modelfuse.lora.adapter import (
@@ -216,6 +217,7 @@ def extract_lora(
     with open_checkpoint(base) as cb, open_checkpoint(finetuned) as ct, torch.no_grad():
         names = matching_tensors(cb, ct)
         task = task_type(cb.folder)
+        conv1d = conv1d_modules(cb.folder)  # GPT-2's weights are stored (in, out)
         for name in names:
             module, kind = _split(name)
             if kind == "bias":
@@ -244,8 +246,10 @@ def extract_lora(
                 elif embedding and embeddings == "skip":
                     skipped.append(name)
                 elif linear:
-                    # an embedding's weight is (vocab, dim); PEFT stores its update transposed
-                    matrix = delta.T if embedding else delta
+                    # an embedding's weight is (vocab, dim) and a Conv1D's (in, out): PEFT
+                    # stores their updates transposed
+                    transposed = embedding or module.rsplit(".", 1)[-1] in conv1d
+                    matrix = delta.T if transposed else delta
                     b, a = low_rank_factors(matrix, rank=rank, energy=energy)
                     error = float(
                         torch.linalg.matrix_norm(matrix - b @ a) / torch.linalg.matrix_norm(matrix)
@@ -283,6 +287,7 @@ def extract_lora(
         plan = [(n, tuple(t.shape), t.dtype) for n, t in factors.items()]
         plan += [(_PREFIX + n, _shapes(ct, n), ct.info(n).dtype) for n in whole]
         config = adapter_config(os.fspath(base), fits, sorted(full), task, lora_bias=lora_bias)
+        config["fan_in_fan_out"] = any(m.rsplit(".", 1)[-1] in conv1d for m in fits)
         with CheckpointWriter(
             out, plan, overwrite=overwrite, file_name=ADAPTER_WEIGHTS
         ) as writer:
