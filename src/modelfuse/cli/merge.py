@@ -29,6 +29,13 @@ MERGEKIT_ONLY = {
     "read, nothing is cached; ignored",
     "--lora-merge-dtype": "a MODEL+LORA reference's adapter is applied in float32 (mergekit's "
     "default); the configuration's dtype sets the merge's; ignored",
+    "--read-to-gpu": "modelfuse reads into CPU memory, a block of rows at a time; ignored",
+    "--multi-gpu": "modelfuse merges on the CPU, in row blocks on every core; ignored",
+    "--gpu-rich": "modelfuse merges on the CPU, in row blocks on every core; ignored",
+    "--device": "modelfuse merges on the CPU, in row blocks on every core; ignored",
+    "--async-write": "tensors are written as they are merged, from every thread; ignored",
+    "--write-threads": "tensors are written as they are merged, from every thread; ignored",
+    "-v": "modelfuse prints its notes and a summary line (--quiet: the summary only); ignored",
 }
 """mergekit-yaml's options that have no use in modelfuse, and what it does instead."""
 
@@ -97,7 +104,10 @@ def merge_command(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", "-j", help="tensors merged at once (default: all cores)", min=1),
+        typer.Option(
+            "--threads", "-j", "--num-threads", help="tensors merged at once (default: all cores)",
+            min=1,
+        ),
     ] = None,
     shard_size: Annotated[
         str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")
@@ -172,6 +182,13 @@ def merge_command(
     transformers_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
     lora_merge_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
     lora_merge_dtype: Annotated[str | None, typer.Option(hidden=True)] = None,
+    read_to_gpu: Annotated[bool, typer.Option(hidden=True)] = False,
+    multi_gpu: Annotated[bool, typer.Option(hidden=True)] = False,
+    gpu_rich: Annotated[bool, typer.Option("--gpu-rich", hidden=True)] = False,
+    device: Annotated[str | None, typer.Option(hidden=True)] = None,
+    async_write: Annotated[bool, typer.Option(hidden=True)] = False,
+    write_threads: Annotated[int | None, typer.Option(hidden=True)] = None,
+    verbosity: Annotated[int, typer.Option("-v", count=True, hidden=True)] = 0,
 ) -> None:
     from modelfuse.checkpoint import parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
@@ -190,6 +207,13 @@ def merge_command(
         "--transformers-cache": transformers_cache is not None,
         "--lora-merge-cache": lora_merge_cache is not None,
         "--lora-merge-dtype": lora_merge_dtype is not None,
+        "--read-to-gpu": read_to_gpu,
+        "--multi-gpu": multi_gpu,
+        "--gpu-rich": gpu_rich,
+        "--device": device is not None and device != "cpu",
+        "--async-write": async_write,
+        "--write-threads": write_threads is not None,
+        "-v": verbosity > 0,
     }
     for flag in (flag for flag, used in given.items() if used):
         print(f"modelfuse: {flag} is mergekit's; {MERGEKIT_ONLY[flag]}", file=sys.stderr)
