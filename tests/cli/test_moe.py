@@ -352,3 +352,23 @@ def test_modelfuse_merge_points_a_mergekit_moe_file_here(work, capsys) -> None:
     err = refused(["merge", write_config(work), "out"], capsys, work)
     assert "a mergekit-moe configuration" in err
     assert "run it with modelfuse moe CONFIG OUT" in err
+
+
+def test_mergekit_s_options_are_accepted_with_one_line_each(work, capsys) -> None:
+    from modelfuse.cli.merge import MERGEKIT_ONLY
+    from modelfuse.cli.moe import MOE_ONLY
+
+    flags = ["--load-in-4bit", "--load-in-8bit", "--num-threads", "2", "--allow-crimes", "--cuda",
+             "--low-cpu-memory", "--lazy-unpickle", "--clone-tensors", "--trust-remote-code",
+             "--safe-serialization", "--transformers-cache", "x", "--lora-merge-cache", "y",
+             "--lora-merge-dtype", "bfloat16", "--read-to-gpu", "--multi-gpu", "--gpu-rich",
+             "--async-write", "--write-threads", "2", "-v"]
+    config = write_config(work, gate_mode="random")
+    assert main(["moe", config, "out", "--quiet", *flags]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    named = [f for f in flags if f.startswith("-")]
+    assert lines == [
+        f"modelfuse: {flag} is mergekit's; {MOE_ONLY.get(flag) or MERGEKIT_ONLY[flag]}"
+        for flag in named
+    ]
+    assert (work / "out" / "model.safetensors").is_file()

@@ -13,6 +13,16 @@ from modelfuse.cli._app import app
 
 __all__ = ["moe_command"]
 
+MOE_ONLY = {
+    "--load-in-4bit": "the base model runs in its own dtype on the CPU for hidden gates; ignored",
+    "--load-in-8bit": "the base model runs in its own dtype on the CPU for hidden gates; ignored",
+    "--num-threads": "torch's threads run the base model and write the experts; ignored",
+    "--allow-crimes": "the output architecture decides which models fit, as in mergekit-moe, "
+    "which reads no --allow-crimes either; ignored",
+}
+"""mergekit-moe's own options that have no use in modelfuse (the rest are mergekit-yaml's,
+:data:`modelfuse.cli.merge.MERGEKIT_ONLY`), and what it does instead."""
+
 DEVICES = ("cpu", "auto")
 """``--device`` values: the base model runs on the CPU either way."""
 
@@ -94,8 +104,54 @@ def moe_command(
         bool, typer.Option(help="replace OUT if it exists (never an input or a folder holding one)")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    # mergekit-moe's options that have no use here: accepted, with one line saying why
+    load_in_4bit: Annotated[bool, typer.Option(hidden=True)] = False,
+    load_in_8bit: Annotated[bool, typer.Option(hidden=True)] = False,
+    threads: Annotated[int | None, typer.Option("--num-threads", "-j", hidden=True)] = None,
+    allow_crimes: Annotated[bool, typer.Option(hidden=True)] = False,
+    cuda: Annotated[bool, typer.Option("--cuda/--no-cuda", hidden=True)] = False,
+    low_cpu_memory: Annotated[bool, typer.Option(hidden=True)] = False,
+    lazy_unpickle: Annotated[bool, typer.Option(hidden=True)] = False,
+    clone_tensors: Annotated[bool, typer.Option(hidden=True)] = False,
+    trust_remote_code: Annotated[bool, typer.Option(hidden=True)] = False,
+    safe_serialization: Annotated[bool, typer.Option(hidden=True)] = False,
+    transformers_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
+    lora_merge_cache: Annotated[str | None, typer.Option(hidden=True)] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(hidden=True)] = None,
+    read_to_gpu: Annotated[bool, typer.Option(hidden=True)] = False,
+    multi_gpu: Annotated[bool, typer.Option(hidden=True)] = False,
+    gpu_rich: Annotated[bool, typer.Option("--gpu-rich", hidden=True)] = False,
+    async_write: Annotated[bool, typer.Option(hidden=True)] = False,
+    write_threads: Annotated[int | None, typer.Option(hidden=True)] = None,
+    verbosity: Annotated[int, typer.Option("-v", count=True, hidden=True)] = 0,
 ) -> None:
     from modelfuse.cli._memory import return_freed_memory_promptly
+    from modelfuse.cli.merge import MERGEKIT_ONLY
+
+    given = {
+        "--load-in-4bit": load_in_4bit,
+        "--load-in-8bit": load_in_8bit,
+        "--num-threads": threads is not None,
+        "--allow-crimes": allow_crimes,
+        "--cuda": cuda,
+        "--low-cpu-memory": low_cpu_memory,
+        "--lazy-unpickle": lazy_unpickle,
+        "--clone-tensors": clone_tensors,
+        "--trust-remote-code": trust_remote_code,
+        "--safe-serialization": safe_serialization,
+        "--transformers-cache": transformers_cache is not None,
+        "--lora-merge-cache": lora_merge_cache is not None,
+        "--lora-merge-dtype": lora_merge_dtype is not None,
+        "--read-to-gpu": read_to_gpu,
+        "--multi-gpu": multi_gpu,
+        "--gpu-rich": gpu_rich,
+        "--async-write": async_write,
+        "--write-threads": write_threads is not None,
+        "-v": verbosity > 0,
+    }
+    for flag in (flag for flag, used in given.items() if used):
+        why = MOE_ONLY.get(flag) or MERGEKIT_ONLY[flag]
+        print(f"modelfuse: {flag} is mergekit's; {why}", file=sys.stderr)
     from modelfuse.cli.merge import parse_parameter_count
     from modelfuse.errors import ConfigError
     from modelfuse.merge.output_paths import expand_user
