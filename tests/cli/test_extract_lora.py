@@ -182,3 +182,35 @@ def test_skip_undecomposable_leaves_the_norm_out(work, capsys) -> None:
     assert sorted(load_file(work / "lora" / "adapter_model.safetensors")) == [
         "base_model.model.fc.lora_A.weight", "base_model.model.fc.lora_B.weight"
     ]
+
+
+def test_mergekit_extract_lora_spellings(work, capsys) -> None:
+    # mergekit-extract-lora --model FT --base-model BASE --out-path OUT --max-rank R ...
+    argv = ["extract-lora", "--model", "tuned.safetensors", "--base-model", "base",
+            "--out-path", "lora", "--max-rank", "3", "--sv-epsilon", "1.5", "--embed-lora",
+            "--no-distribute-scale", "--quiet"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "--no-distribute-scale is mergekit's" in captured.err
+    config = json.loads((work / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 2  # singular values 3, 2, 1: the two above 1.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["base", "tuned.safetensors", "lora", "--base-model", "base", "--rank", "1"],
+         "give the base checkpoint once"),
+        (["base", "--out-path", "lora", "--rank", "1"], "missing the fine-tuned checkpoint"),
+        (["base", "tuned.safetensors", "lora", "--out-path", "x", "--rank", "1"],
+         "give the adapter folder once"),
+        (["base", "tuned.safetensors", "lora", "--rank", "1", "--embeddings", "skip", "--embed-lora"],
+         "--embeddings skip and --embed-lora disagree"),
+        (["base", "tuned.safetensors", "lora", "--rank", "1", "-e", "("], "--exclude-regex: '('"),
+        (["base", "tuned.safetensors", "lora", "--rank", "1", "-i", "nothing"], "leave out all 1"),
+        (["base", "tuned.safetensors", "lora", "--rank", "1", "--sv-epsilon", "-1"], "--sv-epsilon"),
+    ],
+)
+def test_bad_mergekit_spellings_are_one_line(work, capsys, argv, message) -> None:
+    err = refused(["extract-lora", *argv], capsys, work)
+    assert message in err, err

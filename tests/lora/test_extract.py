@@ -158,6 +158,36 @@ def test_gpt2_conv1d_layers_are_factored_as_peft_stores_them(tmp_path: Path) -> 
         torch.testing.assert_close(parameter, expected[name], atol=2e-6, rtol=0)
 
 
+def test_module_filters_and_modules_saved_whole_as_mergekit_reads_them(llama, tmp_path: Path) -> None:
+    base, tuned = llama
+    result = extract_lora(
+        base, tuned, tmp_path / "lora", rank=2,
+        include=[r"self_attn\.[qv]_proj", "mlp"], exclude=[r"layers\.1\."], save_modules=["lm_head"],
+    )
+    expected = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj")]
+    expected += [f"model.layers.0.mlp.{p}" for p in LINEAR[4:7]]
+    assert sorted(result.modules) == sorted(expected)
+    # lm_head whole as asked; the embedding whole as always (include does not leave it out)
+    assert result.full == ["lm_head", "model.embed_tokens"]
+    left_out = {n.rsplit(".", 1)[0] for n in result.skipped}
+    assert "model.layers.0.self_attn.k_proj" in left_out and "model.layers.1.mlp.up_proj" in left_out
+    assert "model.norm" in left_out  # a norm no include pattern finds
+    stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert not [k for k in stored if "layers.1." in k or "k_proj" in k]
+    with pytest.raises(ConfigError, match="leave out all"):
+        extract_lora(base, tuned, tmp_path / "none", rank=2, include=["nothing-matches"])
+    with pytest.raises(ConfigError, match="--include-regex: '\\[' is not a regular expression"):
+        extract_lora(base, tuned, tmp_path / "bad", rank=2, include=["["])
+
+
+def test_sv_epsilon_keeps_singular_values_above_it(two_layers, tmp_path: Path) -> None:
+    base, tuned, _ = two_layers  # fc1's singular values 3, 2, 1; fc2's 4, 0.5, 0.25
+    result = extract_lora(base, tuned, tmp_path / "lora", rank=3, sv_epsilon=1.5)
+    assert result.modules["fc1"].rank == 2 and result.modules["fc2"].rank == 1
+    with pytest.raises(ConfigError, match="--sv-epsilon"):
+        extract_lora(base, tuned, tmp_path / "bad", rank=3, sv_epsilon=-1.0)
+
+
 def test_embeddings_and_norms_can_be_left_out(llama, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import LlamaForCausalLM

@@ -35,8 +35,10 @@ Example:
 """,
 )
 def extract_lora_command(
-    base: Annotated[Path, typer.Argument(help="the base checkpoint (file or model folder)")],
-    finetuned: Annotated[Path, typer.Argument(help="the fine-tuned checkpoint")],
+    base: Annotated[
+        Path | None, typer.Argument(help="the base checkpoint (file or model folder)")
+    ] = None,
+    finetuned: Annotated[Path | None, typer.Argument(help="the fine-tuned checkpoint")] = None,
     out: Annotated[
         Path | None, typer.Argument(help="the adapter folder to write (or give -o/--out)")
     ] = None,
@@ -44,7 +46,10 @@ def extract_lora_command(
         Path | None, typer.Option("-o", "--out", help="the adapter folder to write")
     ] = None,
     rank: Annotated[
-        int | None, typer.Option(help="rank of every module (largest rank with --energy)", min=1)
+        int | None,
+        typer.Option(
+            "--rank", "--max-rank", help="rank of every module (largest rank with --energy)", min=1
+        ),
     ] = None,
     energy: Annotated[
         float | None,
@@ -76,6 +81,30 @@ def extract_lora_command(
         typer.Option(help="replace OUT if it exists (never BASE, FINETUNED or a folder holding them)"),
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    sv_epsilon: Annotated[
+        float,
+        typer.Option(help="per module, keep only singular values above this", min=0.0, callback=finite),
+    ] = 0.0,
+    include_regex: Annotated[
+        list[str] | None,
+        typer.Option("--include-regex", "-i", help="factor only modules this pattern finds (repeatable)"),
+    ] = None,
+    exclude_regex: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-regex", "-e", help="leave out modules this pattern finds (repeatable)"),
+    ] = None,
+    save_module: Annotated[
+        list[str] | None,
+        typer.Option(help="store this module whole, by name or last part: lm_head (repeatable)"),
+    ] = None,
+    # mergekit-extract-lora's spellings
+    model_option: Annotated[Path | None, typer.Option("--model", hidden=True)] = None,
+    base_option: Annotated[Path | None, typer.Option("--base-model", hidden=True)] = None,
+    out_path: Annotated[Path | None, typer.Option("--out-path", hidden=True)] = None,
+    embed_lora: Annotated[bool | None, typer.Option("--embed-lora/--no-embed-lora", hidden=True)] = None,
+    distribute_scale: Annotated[
+        bool, typer.Option("--distribute-scale/--no-distribute-scale", hidden=True)
+    ] = True,
 ) -> None:
     from modelfuse.checkpoint import open_checkpoint
     from modelfuse.cli._memory import return_freed_memory_promptly
@@ -85,20 +114,37 @@ def extract_lora_command(
     from modelfuse.merge.output_paths import check_output_path, expand_user
     from modelfuse.progress import progress_bar
 
-    if (out is None) == (out_option is None):
+    base = _once(base, base_option, "the base checkpoint", "BASE", "--base-model")
+    finetuned = _once(finetuned, model_option, "the fine-tuned checkpoint", "FINETUNED", "--model")
+    given = [p for p in (out, out_option, out_path) if p is not None]
+    if len(given) != 1:
         raise ConfigError(
             "give the adapter folder once: as the third argument (modelfuse extract-lora BASE "
             "FINETUNED OUT) or with -o/--out, not both"
-            if out is not None
+            if given
             else "missing the adapter folder: modelfuse extract-lora BASE FINETUNED OUT "
             "(or -o/--out OUT)"
+        )
+    if embed_lora is not None:
+        if embeddings != "full" and embeddings != ("lora" if embed_lora else "full"):
+            raise ConfigError(
+                f"--embeddings {embeddings} and --{'' if embed_lora else 'no-'}embed-lora disagree; "
+                "give one of them"
+            )
+        embeddings = "lora" if embed_lora else "full"
+    if not distribute_scale:
+        print(
+            "modelfuse: --no-distribute-scale is mergekit's; the singular values are split "
+            "evenly between lora_A and lora_B, and PEFT applies their product, which is the "
+            "same; ignored",
+            file=sys.stderr,
         )
     check_choice(embeddings, ("full", "lora", "skip"), "--embeddings")
     if rank is None and energy is None:
         raise ConfigError("expected --rank, --energy or both; pass e.g. --rank 16 or --energy 0.9")
     if energy is not None and not energy > 0:
         raise ConfigError(f"--energy: expected a fraction in (0, 1], got {energy:g}; pass e.g. 0.9")
-    target = expand_user(str(out if out is not None else out_option), key="OUT")
+    target = expand_user(str(given[0]), key="OUT")
     inputs = [("base checkpoint", base), ("fine-tuned checkpoint", finetuned)]
     check_output_path(target, inputs, overwrite=overwrite, flag="OUT")
     return_freed_memory_promptly()
@@ -109,6 +155,8 @@ def extract_lora_command(
         result = extract_lora(
             base, finetuned, target, rank=rank, energy=energy, embeddings=embeddings,  # type: ignore[arg-type]
             skip_undecomposable=skip_undecomposable, overwrite=overwrite, progress=advance,
+            sv_epsilon=sv_epsilon, include=include_regex or (), exclude=exclude_regex or (),
+            save_modules=save_module or (),
         )
     for note in result.notes():
         print(f"modelfuse: {note}", file=sys.stderr)
@@ -118,3 +166,16 @@ def extract_lora_command(
         for name, fit in worst:
             print(f"{name[:50]:<50} {fit.rank:>5}  {fit.error:.3g}")
     print(result.summary())
+
+
+def _once(argument: Path | None, option: Path | None, what: str, name: str, flag: str) -> Path:
+    """A checkpoint given as an argument or with mergekit's option, exactly once."""
+    from modelfuse.errors import ConfigError
+
+    if (argument is None) == (option is None):
+        raise ConfigError(
+            f"give {what} once: as {name} or with {flag} (mergekit's), not both"
+            if argument is not None
+            else f"missing {what}: modelfuse extract-lora BASE FINETUNED OUT (or {flag})"
+        )
+    return argument if argument is not None else option  # type: ignore[return-value]

@@ -24,9 +24,11 @@ an interrupted run leaves nothing and a killed one is cleaned up by the next.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -138,6 +140,10 @@ def extract_lora(
     skip_undecomposable: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    sv_epsilon: float = 0.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    save_modules: Sequence[str] = (),
 ) -> LoraResult:
     """Write the LoRA adapter that best turns ``base`` into ``finetuned`` at a given rank.
 
@@ -163,6 +169,16 @@ def extract_lora(
         Replace an existing ``out`` (never one that is or holds an input).
     progress : callable, optional
         Called ``progress(1, nbytes)`` after each tensor.
+    sv_epsilon : float, default 0
+        Per module, keep only singular values above this (at least one).
+    include, exclude : sequence of str
+        Regular expressions searched in module names, as mergekit-extract-lora's
+        ``--include-regex`` and ``--exclude-regex``: a module that ``exclude``
+        matches is left out, and with ``include`` so is a module none of them
+        match (embeddings stored whole excepted, as in mergekit).
+    save_modules : sequence of str
+        Modules stored whole (PEFT ``modules_to_save``), named in full or by
+        their last part (``lm_head``), changed or not.
 
     Returns
     -------
@@ -202,6 +218,9 @@ def extract_lora(
             f"--embeddings: expected one of {', '.join(_EMBEDDING_MODES)}, got "
             f"{repr(embeddings)[:60]}"
         )
+    if not (isinstance(sv_epsilon, float | int) and math.isfinite(sv_epsilon) and sv_epsilon >= 0):
+        raise ConfigError(f"--sv-epsilon: expected a number of at least 0, got {repr(sv_epsilon)[:60]}")
+    included, excluded = _patterns(include, "--include-regex"), _patterns(exclude, "--exclude-regex")
     out = Path(out)
     inputs = [("base checkpoint", base), ("fine-tuned checkpoint", finetuned)]
     check_output_path(out, inputs, overwrite=overwrite, flag="--out")
@@ -213,6 +232,7 @@ def extract_lora(
     skipped: list[str] = []
     loose: list[str] = []  # changed, not factorable: whole module or skipped
     full: set[str] = set()
+    filtered = 0  # changed linear weights the module filters leave out
     vocabulary: tuple[int, int] | None = None
     with open_checkpoint(base) as cb, open_checkpoint(finetuned) as ct, torch.no_grad():
         names = matching_tensors(cb, ct)
@@ -238,7 +258,17 @@ def extract_lora(
                 _finite(delta, name, base, finetuned)
                 linear = delta.dim() == 2 and kind == "weight"
                 embedding = linear and _is_embedding(module)
-                if not bool(torch.any(delta != 0)):
+                changed = bool(torch.any(delta != 0))
+                whole_embedding = embedding and embeddings == "full"
+                if module in save_modules or module.rsplit(".", 1)[-1] in save_modules:
+                    full.add(module)  # asked for at full rank, changed or not
+                elif any(p.search(module) for p in excluded) or (
+                    included and not whole_embedding and not any(p.search(module) for p in included)
+                ):
+                    if changed:
+                        skipped.append(name)
+                        filtered += linear and not embedding
+                elif not changed:
                     if linear and not (embedding and embeddings != "lora"):
                         unchanged.append(module)
                 elif embedding and embeddings == "full":
@@ -250,7 +280,7 @@ def extract_lora(
                     # stores their updates transposed
                     transposed = embedding or module.rsplit(".", 1)[-1] in conv1d
                     matrix = delta.T if transposed else delta
-                    b, a = low_rank_factors(matrix, rank=rank, energy=energy)
+                    b, a = low_rank_factors(matrix, rank=rank, energy=energy, sv_epsilon=sv_epsilon)
                     error = float(
                         torch.linalg.matrix_norm(matrix - b @ a) / torch.linalg.matrix_norm(matrix)
                     )
@@ -277,6 +307,11 @@ def extract_lora(
         for module in full & set(fits):  # a module stored whole needs no factors
             _drop_factors(factors, module)
             del fits[module]
+        if not fits and filtered:
+            raise ConfigError(
+                f"--include-regex/--exclude-regex leave out all {filtered} changed linear weights; "
+                "nothing is left to factor: loosen the patterns"
+            )
         if not fits:
             raise CheckpointError(
                 f"{finetuned}: every linear weight equals the base's ({base}); the task vector is "
@@ -308,6 +343,18 @@ def extract_lora(
         out, fits, size, unchanged, skipped, sorted(full), vocabulary, lora_bias,
         time.perf_counter() - started, removed,
     )
+
+
+def _patterns(expressions: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for expression in expressions:
+        try:
+            compiled.append(re.compile(expression))
+        except re.error as exc:
+            raise ConfigError(
+                f"{flag}: {expression[:60]!r} is not a regular expression ({exc}); fix the pattern"
+            ) from None
+    return compiled
 
 
 def _drop_factors(factors: dict[str, torch.Tensor], module: str) -> None:

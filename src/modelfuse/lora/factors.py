@@ -12,11 +12,13 @@ __all__ = ["check_rank_energy", "low_rank_factors"]
 _LOWRANK_SIDE = 4096
 
 
-def _chosen_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+def _chosen_rank(
+    s: torch.Tensor, rank: int | None, energy: float | None, sv_epsilon: float = 0.0
+) -> int:
     """The rank kept for singular values ``s`` (descending), at most their numerical rank."""
     # singular values below numpy's matrix_rank tolerance are rounding noise: never kept
     tolerance = float(s[0]) * max(s.numel(), 1) * torch.finfo(torch.float32).eps * 4 if s.numel() else 0
-    numerical = max(1, int((s > tolerance).sum()))
+    numerical = max(1, int((s > max(tolerance, sv_epsilon)).sum()))
     limit = numerical if rank is None else min(rank, numerical)
     if energy is None:
         return limit
@@ -28,7 +30,11 @@ def _chosen_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int
 
 
 def low_rank_factors(
-    delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None
+    delta: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_epsilon: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``B`` (out x k) and ``A`` (k x in) with ``B @ A`` the truncated SVD of ``delta``.
 
@@ -45,6 +51,9 @@ def low_rank_factors(
     energy : float, optional
         Keep the smallest rank whose squared singular values reach this
         fraction of their sum (capped by ``rank`` when both are given).
+    sv_epsilon : float, default 0
+        Keep only singular values above this (mergekit-extract-lora's
+        ``--sv-epsilon``), at least one.
 
     Returns
     -------
@@ -67,7 +76,7 @@ def low_rank_factors(
         vh = v.T
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = _chosen_rank(s, rank, energy)
+    k = _chosen_rank(s, rank, energy, sv_epsilon)
     root = s[:k].sqrt()
     b = (u[:, :k] * root).contiguous()
     a = (root[:, None] * vh[:k]).contiguous()
