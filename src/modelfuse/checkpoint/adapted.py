@@ -299,40 +299,45 @@ class AdaptedCheckpoint(Checkpoint):
         return sorted(self._updates)
 
     def read(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        return self._adapted(name, self.model.read(name), None).to(info.dtype)
+        return self._read(name, None)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        info = self._check_rows(name, start, stop)
-        return self._adapted(name, self.model.read_rows(name, start, stop), (start, stop)).to(info.dtype)
+        self._check_rows(name, start, stop)
+        return self._read(name, (start, stop))
 
-    def _adapted(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    @staticmethod
+    def _part(source: Checkpoint, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Tensor ``name`` of ``source``, or only those rows of it (only their bytes read)."""
+        return source.read(name) if rows is None else source.read_rows(name, *rows)
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        dtype = self.info(name).dtype
         update = self._updates.get(name)
         if update is None:
-            return tensor
-        if update.base is not None:
-            own = self.adapter.read(update.base)
-            tensor = own if rows is None else own[rows[0] : rows[1]]
+            return self._part(self.model, name, rows).to(dtype)
         if update.kind == "whole":
-            whole = self.adapter.read(update.first)
-            return whole if rows is None else whole[rows[0] : rows[1]]
-        first = self.adapter.read(update.first).float()
+            return self._part(self.adapter, update.first, rows).to(dtype)
+        start = (
+            self._part(self.adapter, update.base, rows)
+            if update.base is not None
+            else self._part(self.model, name, rows)
+        )
         if update.kind == "bias":
-            delta = first * update.scale
-            delta = delta if rows is None else delta[rows[0] : rows[1]]
-            return tensor.float() + delta
+            return (start.float() + self._part(self.adapter, update.first, rows).float() * update.scale).to(dtype)
         # float64 products, rounded once: a block of rows then gets the bits of those rows of
         # the whole tensor (float32 products of other shapes take other kernels, which round
         # differently), and the result is within a float32 rounding of PEFT's
-        a, b = first.double(), self.adapter.read(update.second or "").double()
-        if rows is not None:  # the rows of the product: of B, or (transposed) of A's columns
-            if update.transpose:
-                a = a[:, rows[0] : rows[1]]
-            else:
-                b = b[rows[0] : rows[1]]
+        second = update.second or ""
+        if update.transpose:  # the rows of the product are columns of A (small: r x rows)
+            a = self.adapter.read(update.first).double()
+            a = a if rows is None else a[:, rows[0] : rows[1]]
+            b = self.adapter.read(second).double()
+        else:  # the rows of B
+            a = self.adapter.read(update.first).double()
+            b = self._part(self.adapter, second, rows).double()
         product = b @ a
         delta = (product.T if update.transpose else product) * update.scale
-        return (tensor.double() + delta).float()
+        return (start.double() + delta).float().to(dtype)
 
     def close(self) -> None:
         self.model.close()
