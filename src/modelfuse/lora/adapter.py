@@ -161,8 +161,10 @@ def adapter_config(
     task: str | None,
     *,
     lora_bias: bool,
+    fan_in_fan_out: bool = False,
 ) -> dict[str, object]:
-    """PEFT's ``adapter_config.json`` for these fits: ``lora_alpha = r`` so the scaling is 1."""
+    """PEFT's ``adapter_config.json`` for these fits: ``lora_alpha = r`` so the scaling is 1;
+    ``fan_in_fan_out`` for modules whose weights are stored ``(in, out)`` (GPT-2's Conv1D)."""
     r = max((fit.rank for fit in fits.values()), default=1)
     pattern = {name: fit.rank for name, fit in fits.items() if fit.rank != r}
     return {
@@ -177,7 +179,7 @@ def adapter_config(
         "lora_dropout": 0.0,
         "bias": "none",
         "lora_bias": lora_bias,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,

@@ -321,8 +321,10 @@ def extract_lora(
         whole = [n for n in names if _split(n)[0] in full and _split(n)[1] is not None]
         plan = [(n, tuple(t.shape), t.dtype) for n, t in factors.items()]
         plan += [(_PREFIX + n, _shapes(ct, n), ct.info(n).dtype) for n in whole]
-        config = adapter_config(os.fspath(base), fits, sorted(full), task, lora_bias=lora_bias)
-        config["fan_in_fan_out"] = any(m.rsplit(".", 1)[-1] in conv1d for m in fits)
+        config = adapter_config(
+            os.fspath(base), fits, sorted(full), task, lora_bias=lora_bias,
+            fan_in_fan_out=any(m.rsplit(".", 1)[-1] in conv1d for m in fits),
+        )
         with CheckpointWriter(
             out, plan, overwrite=overwrite, file_name=ADAPTER_WEIGHTS
         ) as writer:

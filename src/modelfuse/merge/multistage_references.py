@@ -33,8 +33,6 @@ def listed(names: Sequence[str]) -> str:
     return ", ".join(names[:10]) + more
 
 
-
-
 def _found(reference: str, folder: Path, key: str) -> str | None:
     """Where the engine finds ``reference`` (:func:`locate`: from the working directory,
     else beside the configuration file); None when it is neither."""
@@ -68,16 +66,16 @@ def located(config: MergeConfig, folder: Path, names: Sequence[str], where: str)
             uses[reference] = None
             return reference
         if path is None:
-            adapted = _adapted(reference, key)
-            if adapted is not None:
-                return adapted
+            with_adapter = adapted(reference, key)
+            if with_adapter is not None:
+                return with_adapter
             raise ConfigError(
                 f"{where}: {key}: {short(reference)} is neither a stage's name (names: "
                 f"{listed(names)}) nor an existing path; fix the name or the path"
             )
         return path
 
-    def _adapted(reference: str, key: str) -> str | None:
+    def adapted(reference: str, key: str) -> str | None:
         # mergekit's MODEL+LORA: the model a stage's name or a path, the adapter a path
         head, _, tail = reference.partition("+")
         adapter = _found(tail, folder, key) if head and tail and "+" not in tail else None
@@ -132,9 +130,10 @@ def located(config: MergeConfig, folder: Path, names: Sequence[str], where: str)
     tokenizer_source, tokenizer = with_model_references(
         config.tokenizer_source,
         config.tokenizer,
-        lambda reference, key: reference if reference in names else other(reference, key) or reference,
+        lambda reference, key: reference if reference in names else _found(reference, folder, key)
+        or reference,
     )
-    located = config.model_copy(
+    result = config.model_copy(
         update={
             "base_model": base,
             "base_statistics": other(config.base_statistics, "base_statistics"),
@@ -145,7 +144,7 @@ def located(config: MergeConfig, folder: Path, names: Sequence[str], where: str)
             "tokenizer": tokenizer,
         }
     )
-    return located, tuple(uses)
+    return result, tuple(uses)
 
 
 def bind(config: MergeConfig, outputs: Mapping[str, str]) -> MergeConfig:
@@ -153,7 +152,7 @@ def bind(config: MergeConfig, outputs: Mapping[str, str]) -> MergeConfig:
 
     def swap(reference: str | None) -> str | None:
         if reference is None or reference in outputs:
-            return outputs.get(reference, reference) if reference is not None else None
+            return None if reference is None else outputs[reference]
         head, plus, tail = reference.partition("+")  # STAGE+LORA: the stage's output
         return f"{outputs[head]}+{tail}" if plus and head in outputs else reference
 
