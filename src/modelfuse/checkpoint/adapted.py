@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +278,7 @@ class AdaptedCheckpoint(Checkpoint):
                 whole = target(own, name)
                 _same_shape(self.adapter.info(name), whole, self.adapter.path)
                 present = updates.get(own)
-                updates[own] = (
-                    _Update("whole", name)
-                    if present is None
-                    else _Update(present.kind, present.first, present.second, present.scale,
-                                 present.transpose, base=name)
-                )
+                updates[own] = _Update("whole", name) if present is None else replace(present, base=name)
                 continue
             if ".lora_" in rest:
                 raise CheckpointError(
