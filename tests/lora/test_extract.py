@@ -168,7 +168,10 @@ def test_module_filters_and_modules_saved_whole_as_mergekit_reads_them(llama, tm
     expected += [f"model.layers.0.mlp.{p}" for p in LINEAR[4:7]]
     assert sorted(result.modules) == sorted(expected)
     # lm_head whole as asked; the embedding whole as always (include does not leave it out)
-    assert result.full == ["lm_head", "model.embed_tokens"]
+    assert result.full == ["lm_head", "model.embed_tokens"] and result.requested == ["lm_head"]
+    notes = " ".join(result.notes())
+    assert "1 changed modules cannot be factored" in notes and ": model.embed_tokens" in notes
+    assert "1 modules are stored whole as asked (--save-module), as PEFT modules_to_save: lm_head" in notes
     left_out = {n.rsplit(".", 1)[0] for n in result.skipped}
     assert "model.layers.0.self_attn.k_proj" in left_out and "model.layers.1.mlp.up_proj" in left_out
     assert "model.norm" in left_out  # a norm no include pattern finds

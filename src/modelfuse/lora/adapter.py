@@ -69,6 +69,9 @@ class LoraResult:
     removed : list of str
         Temporary folders of killed earlier runs to the same ``out`` that
         were removed, one sentence each.
+    requested : list of str
+        The modules of ``full`` stored whole because they were asked for
+        (``save_modules``), changed or not.
     """
 
     out: Path
@@ -81,6 +84,7 @@ class LoraResult:
     lora_bias: bool = False
     seconds: float = 0.0
     removed: list[str] = field(default_factory=list)
+    requested: list[str] = field(default_factory=list)
 
     @property
     def max_error(self) -> float:
@@ -104,10 +108,16 @@ class LoraResult:
                 f"stored whole and its tokenizer is copied into {self.out}; call "
                 f"base_model.resize_token_embeddings({after}) before PeftModel.from_pretrained"
             )
-        if self.full:
+        needed = [m for m in self.full if m not in self.requested]
+        if needed:
             notes.append(
-                f"{len(self.full)} changed modules cannot be factored and are stored whole as "
-                f"PEFT modules_to_save: {_names(self.full)}"
+                f"{len(needed)} changed modules cannot be factored and are stored whole as "
+                f"PEFT modules_to_save: {_names(needed)}"
+            )
+        if self.requested:
+            notes.append(
+                f"{len(self.requested)} modules are stored whole as asked (--save-module), as "
+                f"PEFT modules_to_save: {_names(self.requested)}"
             )
         if self.unchanged:
             notes.append(

@@ -341,9 +341,10 @@ def extract_lora(
             writer.commit()
             removed = list(writer.notes)
     size = (out / ADAPTER_WEIGHTS).stat().st_size
+    requested = sorted(m for m in full if m in save_modules or m.rsplit(".", 1)[-1] in save_modules)
     return LoraResult(
         out, fits, size, unchanged, skipped, sorted(full), vocabulary, lora_bias,
-        time.perf_counter() - started, removed,
+        time.perf_counter() - started, removed, requested,
     )
 
 
