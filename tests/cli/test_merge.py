@@ -774,7 +774,7 @@ def test_mergekit_only_options_are_accepted_with_one_line_each(tmp_path, capsys)
              "--trust-remote-code", "--safe-serialization", "--transformers-cache", "x",
              "--lora-merge-cache", "y", "--lora-merge-dtype", "bfloat16", "--read-to-gpu",
              "--multi-gpu", "--gpu-rich", "--device", "auto", "--async-write",
-             "--write-threads", "2", "-vv", "--num-threads", "1"]  # the last is -j's name
+             "--write-threads", "2", "-vv", "--lazy", "--num-threads", "1"]  # the last: -j
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet", *flags]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"modelfuse: {flag} is mergekit's; {why}" for flag, why in MERGEKIT_ONLY.items()]

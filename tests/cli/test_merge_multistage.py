@@ -123,6 +123,27 @@ def test_intermediate_dir_keeps_the_stages(chain, capsys):
     assert "kept/a already exists (the output of stage 'a'); remove it" in message
 
 
+def test_mergekit_multi_s_command_line(chain, capsys):
+    # mergekit-multi FILE --intermediate-dir DIR --out-path OUT [--lazy]
+    argv = ["merge", "chain.yaml", "--out-path", "out", "-I", "kept", "--lazy", "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "modelfuse: --lazy is mergekit's; an intermediate output is never reused" in err
+    assert sorted(os.listdir(chain / "kept")) == ["a", "b"] and (chain / "out").is_dir()
+    # without OUT, a final merge with a name goes to DIR/NAME, as mergekit-multi writes it
+    named = CHAIN.replace("merge_method: task_arithmetic", "name: last\nmerge_method: task_arithmetic")
+    (chain / "named.yaml").write_text(named)
+    assert main(["merge", "named.yaml", "-I", "all", "--no-lazy", "--quiet"]) == 0
+    assert sorted(os.listdir(chain / "all")) == ["a", "b", "last"]
+    assert (chain / "all" / "last" / "model.safetensors").read_bytes() == (
+        chain / "out" / "model.safetensors"
+    ).read_bytes()
+    # a final merge without a name has nowhere to go but OUT
+    message = _refused(chain, capsys, ["merge", "chain.yaml", "-I", "elsewhere"])
+    assert "the final merge of chain.yaml has no name" in message
+    assert "give OUT (mergekit-multi's --out-path)" in message
+
+
 def test_dry_run_checks_every_stage_lists_the_order_and_writes_nothing(chain, capsys):
     before = _snapshot(chain)
     assert main(["merge", "chain.yaml", "out", "--dry-run"]) == 0

@@ -36,6 +36,8 @@ MERGEKIT_ONLY = {
     "--async-write": "tensors are written as they are merged, from every thread; ignored",
     "--write-threads": "tensors are written as they are merged, from every thread; ignored",
     "-v": "modelfuse prints its notes and a summary line (--quiet: the summary only); ignored",
+    "--lazy": "an intermediate output is never reused, since nothing would say it came from "
+    "the same configuration: DIR/NAME must not exist yet; ignored",
 }
 """mergekit-yaml's options that have no use in modelfuse, and what it does instead."""
 
@@ -100,7 +102,8 @@ def merge_command(
         Path | None, typer.Argument(help="the output model folder (or give -o/--out)")
     ] = None,
     out_option: Annotated[
-        Path | None, typer.Option("-o", "--out", help="the output model folder")
+        Path | None,
+        typer.Option("-o", "--out", "--out-path", help="the output model folder"),
     ] = None,
     threads: Annotated[
         int | None,
@@ -189,6 +192,7 @@ def merge_command(
     async_write: Annotated[bool, typer.Option(hidden=True)] = False,
     write_threads: Annotated[int | None, typer.Option(hidden=True)] = None,
     verbosity: Annotated[int, typer.Option("-v", count=True, hidden=True)] = 0,
+    lazy: Annotated[bool, typer.Option("--lazy/--no-lazy", hidden=True)] = False,
 ) -> None:
     from modelfuse.checkpoint import parse_size
     from modelfuse.cli._memory import return_freed_memory_promptly
@@ -214,9 +218,12 @@ def merge_command(
         "--async-write": async_write,
         "--write-threads": write_threads is not None,
         "-v": verbosity > 0,
+        "--lazy": lazy,
     }
     for flag in (flag for flag, used in given.items() if used):
         print(f"modelfuse: {flag} is mergekit's; {MERGEKIT_ONLY[flag]}", file=sys.stderr)
+    if out is None and out_option is None and intermediate_dir is not None:
+        out = _named_final_output(config, intermediate_dir)
     if (out is None) == (out_option is None):
         raise ConfigError(
             "give the output folder once: as the second argument (modelfuse merge CONFIG OUT) "
@@ -432,3 +439,21 @@ def methods_command(
         print("no parameters")
     for key, scope, default, description in rows:
         print(f"  {key:<14} {scope:<10} default {default:<8} {description}")
+
+
+def _named_final_output(config: Path, intermediate_dir: Path) -> Path | None:
+    """Where mergekit-multi writes a file's final merge when it has a name and no output
+    folder is given: ``DIR/NAME``; None when the file is not multi-stage."""
+    from modelfuse.errors import ConfigError
+    from modelfuse.merge.multistage import is_multistage
+    from modelfuse.merge.multistage_config import read_stages
+
+    if not is_multistage(config):
+        return None
+    final = read_stages(Path(config), keep_all=True)[-1]
+    if final.name is None:
+        raise ConfigError(
+            f"missing the output folder: the final merge of {config} has no name, so it is not "
+            "written to --intermediate-dir; give OUT (mergekit-multi's --out-path)"
+        )
+    return intermediate_dir / final.name

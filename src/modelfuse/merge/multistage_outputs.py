@@ -85,7 +85,7 @@ def check_outputs(
                 f"{what.rstrip(':')}; choose a folder of its own"
             )
     for stage in stages:
-        if stage.name is None:
+        if stage.name is None or stage is stages[-1]:  # the final merge is written to out
             continue
         target = intermediate_dir / stage.name
         if os.path.realpath(target) == real_out:
@@ -93,7 +93,7 @@ def check_outputs(
                 f"--intermediate-dir {intermediate_dir}: stage {stage.name!r} would be written "
                 f"to the output folder {out}; choose another output folder or --intermediate-dir"
             )
-        if os.path.lexists(target) and stage is not stages[-1]:
+        if os.path.lexists(target):
             raise OutputError(
                 f"--intermediate-dir {intermediate_dir}: {target} already exists (the output "
                 f"of stage {stage.name!r}); remove it, or choose another --intermediate-dir"
