@@ -148,13 +148,15 @@ def _locate(reference: str, folder: Path, key: str) -> Path:
 
 
 def _refuse_adapted(reference: str, folder: Path, key: str) -> None:
-    """Refuse mergekit's MODEL+LORA (both parts found) with what to do instead."""
-    parts = reference.split("+")
-    found = [
-        expand_user(part, key=key).exists() or (folder / expand_user(part, key=key)).exists()
-        for part in parts
-    ]
-    if len(parts) == 2 and all(found):
+    """Refuse mergekit's MODEL+LORA (both parts found, as a merge reads it) with what to do
+    instead; any other reference goes on to the usual checks."""
+    from modelfuse.merge.open_inputs import adapter_reference
+
+    try:
+        adapted = adapter_reference(reference, reference, folder, key)
+    except CheckpointError:
+        return
+    if adapted is not None:
         raise CheckpointError(
             f"{key}: {short(reference)} is a model with a LoRA adapter (MODEL+LORA); modelfuse "
             "moe reads model folders: write the adapted model first (modelfuse merge with "
