@@ -10,8 +10,9 @@ rounded once to float32: within a float32 rounding of PEFT's float32 products,
 and a block of rows is exactly those rows of the whole tensor):
 
 - a LoRA linear weight: ``W + transpose(B @ A) * scale`` (``transpose`` when
-  ``fan_in_fan_out``, and for GPT-2's ``Conv1D`` layers, as PEFT does), with ``scale = lora_alpha / r`` (``/ sqrt(r)`` with
-  ``use_rslora``; ``rank_pattern`` and ``alpha_pattern`` per module);
+  ``fan_in_fan_out``, and for GPT-2's ``Conv1D`` layers, as PEFT does), with
+  ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``; ``rank_pattern``
+  and ``alpha_pattern`` per module);
 - its bias, with ``lora_bias``: ``b + lora_B.bias * scale``;
 - a LoRA embedding: ``W + (lora_embedding_B @ lora_embedding_A)^T * scale``;
 - a module stored whole (``modules_to_save``): the adapter's tensor.
@@ -90,7 +91,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc}); expected PEFT's adapter_config.json") from None
+        raise CheckpointError(
+            f"{path}: not readable JSON ({exc}); expected PEFT's adapter_config.json"
+        ) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     kind = config.get("peft_type", "LORA")
@@ -109,7 +112,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def _number(config: dict[str, Any], key: str, path: Path, default: float | None = None) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise CheckpointError(
             f"{path}: {key}: expected a positive number, got {str(value)[:40]!r}; fix "
             "adapter_config.json"
@@ -128,7 +132,9 @@ def _pattern_value(patterns: Any, module: str, default: float, key: str, path: P
         try:
             matched = re.match(rf"(.*\.)?({pattern})$", module)
         except re.error as exc:
-            raise CheckpointError(f"{path}: {key}: {str(pattern)[:60]!r} is not a pattern ({exc})") from None
+            raise CheckpointError(
+                f"{path}: {key}: {str(pattern)[:60]!r} is not a pattern ({exc})"
+            ) from None
         if matched:
             return _number({key: value}, key, path)
     return default
@@ -262,7 +268,9 @@ class AdaptedCheckpoint(Checkpoint):
             elif name.endswith(".lora_embedding_A"):
                 pair(name, ".lora_embedding_A", ".lora_embedding_B", "embedding")
             elif "lora_magnitude_vector" in name:
-                raise CheckpointError(f"{self.adapter.path}: {name!r} is DoRA's; only LoRA is applied")
+                raise CheckpointError(
+                    f"{self.adapter.path}: {name!r} is DoRA's; only LoRA is applied"
+                )
         for name in sorted(names - used):
             if name.endswith((".lora_B.weight", ".lora_embedding_B")):
                 raise CheckpointError(f"{self.adapter.path}: {name!r} has no lora_A beside it")
@@ -278,7 +286,9 @@ class AdaptedCheckpoint(Checkpoint):
                 whole = target(own, name)
                 _same_shape(self.adapter.info(name), whole, self.adapter.path)
                 present = updates.get(own)
-                updates[own] = _Update("whole", name) if present is None else replace(present, base=name)
+                updates[own] = (
+                    _Update("whole", name) if present is None else replace(present, base=name)
+                )
                 continue
             if ".lora_" in rest:
                 raise CheckpointError(
@@ -318,7 +328,8 @@ class AdaptedCheckpoint(Checkpoint):
             else self._part(self.model, name, rows)
         )
         if update.kind == "bias":
-            return (start.float() + self._part(self.adapter, update.first, rows).float() * update.scale).to(dtype)
+            change = self._part(self.adapter, update.first, rows).float() * update.scale
+            return (start.float() + change).to(dtype)
         # float64 products, rounded once: a block of rows then gets the bits of those rows of
         # the whole tensor (float32 products of other shapes take other kernels, which round
         # differently), and the result is within a float32 rounding of PEFT's

@@ -83,15 +83,21 @@ def extract_lora_command(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     sv_epsilon: Annotated[
         float,
-        typer.Option(help="per module, keep only singular values above this", min=0.0, callback=finite),
+        typer.Option(
+            help="per module, keep only singular values above this", min=0.0, callback=finite
+        ),
     ] = 0.0,
     include_regex: Annotated[
         list[str] | None,
-        typer.Option("--include-regex", "-i", help="factor only modules this pattern finds (repeatable)"),
+        typer.Option(
+            "--include-regex", "-i", help="factor only modules this pattern finds (repeatable)"
+        ),
     ] = None,
     exclude_regex: Annotated[
         list[str] | None,
-        typer.Option("--exclude-regex", "-e", help="leave out modules this pattern finds (repeatable)"),
+        typer.Option(
+            "--exclude-regex", "-e", help="leave out modules this pattern finds (repeatable)"
+        ),
     ] = None,
     save_module: Annotated[
         list[str] | None,
@@ -101,7 +107,9 @@ def extract_lora_command(
     model_option: Annotated[Path | None, typer.Option("--model", hidden=True)] = None,
     base_option: Annotated[Path | None, typer.Option("--base-model", hidden=True)] = None,
     out_path: Annotated[Path | None, typer.Option("--out-path", hidden=True)] = None,
-    embed_lora: Annotated[bool | None, typer.Option("--embed-lora/--no-embed-lora", hidden=True)] = None,
+    embed_lora: Annotated[
+        bool | None, typer.Option("--embed-lora/--no-embed-lora", hidden=True)
+    ] = None,
     distribute_scale: Annotated[
         bool, typer.Option("--distribute-scale/--no-distribute-scale", hidden=True)
     ] = True,
@@ -128,8 +136,8 @@ def extract_lora_command(
     if embed_lora is not None:
         if embeddings != "full" and embeddings != ("lora" if embed_lora else "full"):
             raise ConfigError(
-                f"--embeddings {embeddings} and --{'' if embed_lora else 'no-'}embed-lora disagree; "
-                "give one of them"
+                f"--embeddings {embeddings} and --{'' if embed_lora else 'no-'}embed-lora "
+                "disagree; give one of them"
             )
         embeddings = "lora" if embed_lora else "full"
     if not distribute_scale:

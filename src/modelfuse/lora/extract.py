@@ -219,8 +219,11 @@ def extract_lora(
             f"{repr(embeddings)[:60]}"
         )
     if not (isinstance(sv_epsilon, float | int) and math.isfinite(sv_epsilon) and sv_epsilon >= 0):
-        raise ConfigError(f"--sv-epsilon: expected a number of at least 0, got {repr(sv_epsilon)[:60]}")
-    included, excluded = _patterns(include, "--include-regex"), _patterns(exclude, "--exclude-regex")
+        raise ConfigError(
+            f"--sv-epsilon: expected a number of at least 0, got {repr(sv_epsilon)[:60]}"
+        )
+    included = _patterns(include, "--include-regex")
+    excluded = _patterns(exclude, "--exclude-regex")
     out = Path(out)
     inputs = [("base checkpoint", base), ("fine-tuned checkpoint", finetuned)]
     check_output_path(out, inputs, overwrite=overwrite, flag="--out")

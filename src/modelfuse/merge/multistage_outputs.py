@@ -100,7 +100,9 @@ def check_outputs(
             )
 
 
-def write_planned_output(opened: OpenedInputs, folder: Path, *, copy_tokenizer: bool = True) -> None:
+def write_planned_output(
+    opened: OpenedInputs, folder: Path, *, copy_tokenizer: bool = True
+) -> None:
     """A model folder with what the merge of ``opened`` writes, except the tensors' data.
 
     The safetensors file holds the tensor names, shapes and dtypes and is

@@ -3,8 +3,8 @@
 A later stage is planned against stand-ins for the earlier stages' outputs
 (:func:`~modelfuse.merge.multistage_outputs.write_planned_output`: the tensor
 names, shapes and dtypes they will write, their config.json and tokenizer), so
-that every problem of the file shows before the first merge starts. The rules of multi-stage files are in
-:mod:`modelfuse.merge.multistage`.
+that every problem of the file shows before the first merge starts. The rules of
+multi-stage files are in :mod:`modelfuse.merge.multistage`.
 """
 
 from __future__ import annotations

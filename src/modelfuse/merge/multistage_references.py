@@ -172,6 +172,8 @@ def bind(config: MergeConfig, outputs: Mapping[str, str]) -> MergeConfig:
             for piece in config.slices
         ]
     update["tokenizer_source"], update["tokenizer"] = with_model_references(
-        config.tokenizer_source, config.tokenizer, lambda reference, _: outputs.get(reference, reference)
+        config.tokenizer_source,
+        config.tokenizer,
+        lambda reference, _: outputs.get(reference, reference),
     )
     return config.model_copy(update=update)
