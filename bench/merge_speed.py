@@ -13,11 +13,14 @@ each process imports the modules it uses before its clock starts (imports are
 a fixed cost per process, not part of the merge's speed).
 Every run of a method is paired with a run of the floor just before it; the
 table gives the fastest run, the fastest paired floor, the median of the
-pairs' ratios (drift of the machine cancels out), the lowest and highest of
-those ratios, and the largest peak RSS.
+pairs' ratios (drift of the machine cancels out), a 95 % confidence interval
+of that median (distribution-free, from the ratios' order statistics: it
+needs six pairs or more), the lowest and highest of those ratios, and the
+largest peak RSS.
 
     python bench/merge_speed.py                 # every data-free method
     python bench/merge_speed.py --methods linear ties --scale 2
+    python bench/merge_speed.py --methods della sce --repeat 15   # a narrower interval
 """
 
 from __future__ import annotations
@@ -184,6 +187,32 @@ def child_merge(method: str, folders: list[Path], out: Path, threads: int | None
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median of ``values``.
+
+    The order statistics ``x_(k)`` and ``x_(n+1-k)`` (1-based, sorted) cover
+    the median with probability ``1 - 2 P(B <= k - 1)``, ``B ~ Binomial(n, 1/2)``,
+    whatever the distribution; ``k`` is the largest for which that is at least
+    ``level``. None when even the lowest and highest values are not enough
+    (fewer than six values at 95 %).
+
+    >>> median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0])
+    (1.0, 6.0)
+    >>> median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    True
+    """
+    from scipy.stats import binom
+
+    ordered = sorted(values)
+    n = len(ordered)
+    k = 0
+    while k < n // 2 and 2 * binom.cdf(k, n, 0.5) <= 1 - level:
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
 def run_child(args: argparse.Namespace, what: str, folders: list[Path], out: Path) -> dict:
     command = [
         sys.executable, __file__, "--child", what, "--out", str(out),
@@ -233,8 +262,8 @@ def main() -> None:
         # is the median of the pairs' ratios, so that the machine's drift (this VM's floor
         # moves between 0.7 and 2 s) cancels out; the pairs' lowest and highest ratios show
         # how far a single pair can be off.
-        print(f"{'method':<18} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'pairs':>11} "
-              f"{'peak RSS MB':>12}")
+        print(f"{'method':<18} {'seconds':>8} {'floor s':>8} {'x floor':>8} {'95% CI':>11} "
+              f"{'pairs':>11} {'peak RSS MB':>12}")
         for method in methods:
             pairs = []
             for _ in range(args.repeat):
@@ -252,11 +281,13 @@ def main() -> None:
             ratios = [r["seconds"] / f["seconds"] for f, r in pairs]
             ratio = statistics.median(ratios)
             spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            interval = median_interval(ratios)
+            within = "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
             seconds = min(r["seconds"] for _, r in pairs)
             floor_seconds = min(f["seconds"] for f, _ in pairs)
             rss = max(r["peak_rss_mb"] for _, r in pairs)
-            print(f"{method:<18} {seconds:8.2f} {floor_seconds:8.2f} {ratio:8.2f} {spread:>11} "
-                  f"{rss:12.0f}", flush=True)
+            print(f"{method:<18} {seconds:8.2f} {floor_seconds:8.2f} {ratio:8.2f} {within:>11} "
+                  f"{spread:>11} {rss:12.0f}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
