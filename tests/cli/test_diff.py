@@ -38,7 +38,7 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[0].startswith("modelfuse: error:") or lines[0].startswith("Usage:"), err
+    assert lines[0].startswith("modelfuse: error:"), err
     assert sum(line.startswith("modelfuse: error:") for line in lines) <= 1
     assert sorted(os.listdir(folder)) == names and _snapshot(folder) == before
     return err

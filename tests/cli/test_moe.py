@@ -82,10 +82,7 @@ def refused(args: list[str], capsys: pytest.CaptureFixture[str], folder: Path) -
     assert code == 2, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    if lines[0].startswith("Usage:"):
-        assert any(line.startswith("Error:") for line in lines) and len(lines) <= 4, err
-    else:
-        assert len(lines) == 1 and lines[0].startswith("modelfuse: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("modelfuse: error: "), err
     assert sorted(os.listdir(folder)) == names and _snapshot(folder) == before
     return err
 

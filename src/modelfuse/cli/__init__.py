@@ -4,14 +4,15 @@ Each command lives in a module of this package named after it and registers
 itself on the shared :data:`app`. Whatever goes wrong because of the input ends
 the program with one line on standard error and exit code 2: errors of the
 library's own checks (:class:`modelfuse.errors.ModelfuseError`), usage errors
-(typer/click's usage message) and files the system cannot read. Ctrl-C and
-SIGTERM end it with exit code 130 after the command has removed its temporary
-files. Warnings are printed as one line each.
+(click's message, naming the flag, and the command's ``--help``) and files the
+system cannot read. Ctrl-C and SIGTERM end it with exit code 130 after the
+command has removed its temporary files. Warnings are printed as one line each.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import warnings
@@ -58,6 +59,7 @@ def _click_class(name: str) -> type[BaseException]:
 
 
 _CLICK_EXCEPTION = _click_class("ClickException")
+_USAGE_ERROR = _click_class("UsageError")
 
 
 def _abort_classes() -> tuple[type[BaseException], ...]:
@@ -123,9 +125,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _run(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, prog_name="modelfuse", standalone_mode=False)
-    except _CLICK_EXCEPTION as exc:  # usage errors: click's own message, exit 2
-        exc.show()  # type: ignore[attr-defined]
-        return int(getattr(exc, "exit_code", 2)) or 2
+    except _CLICK_EXCEPTION as exc:  # usage errors: click's message on one line, exit 2
+        return _usage_error(exc, sys.argv[1:] if argv is None else argv)
     except ModelfuseError as exc:
         print(f"modelfuse: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -141,6 +142,32 @@ def _run(argv: list[str] | None) -> int:
         # typer turns KeyboardInterrupt into an exit code of 130 and returns it
         print(INTERRUPTED, file=sys.stderr)
     return result if isinstance(result, int) else 0
+
+
+def _usage_error(exc: BaseException, argv: list[str]) -> int:
+    """Print a usage error as ``modelfuse: error: MESSAGE (see 'modelfuse VERB --help')``.
+
+    click's own display adds a usage line and a hint line around the message;
+    every other bad input is one line, and so is this. With no arguments at all
+    click's error is the help itself (no message): that is shown as it is.
+    """
+    message = str(exc.format_message()).strip()  # type: ignore[attr-defined]
+    code = int(getattr(exc, "exit_code", 2)) or 2
+    if not message:
+        exc.show()  # type: ignore[attr-defined]
+        return code
+    # typer's suggestion of a close command name repeats click's own
+    message = re.sub(r"( Did you mean [^?]*\?)\1+", r"\1", message)
+    context = getattr(exc, "ctx", None)
+    if context is not None:
+        where = context.command_path
+    elif argv and argv[0] in {command.name for command in app.registered_commands}:
+        where = f"modelfuse {argv[0]}"  # an option missing its value: no context is given
+    else:
+        where = "modelfuse"
+    hint = f" (see '{where} --help')" if isinstance(exc, _USAGE_ERROR) else ""
+    print(f"modelfuse: error: {_one_line(message)}{hint}", file=sys.stderr)
+    return code
 
 
 def _system_error(exc: BaseException) -> str:
